@@ -1,0 +1,95 @@
+//! The built-in demo model: needs no files, so `oxserve` with no arguments serves a real prediction.
+//!
+//! It is a tiny sentiment scorer: it counts positive and negative words of the text it gets and
+//! answers `{"label": ..., "score": ...}`. JSON bodies may be `{"text": "..."}` or any JSON string.
+
+use async_trait::async_trait;
+
+use super::{Backend, BackendError, BackendLoader, InferRequest, InferResponse, StreamSink, WorkerSpec};
+
+const POSITIVE: &[&str] = &["good", "great", "love", "excellent", "happy", "fast", "nice", "best", "awesome", "fine"];
+const NEGATIVE: &[&str] = &["bad", "terrible", "hate", "awful", "sad", "slow", "worst", "poor", "broken", "ugly"];
+
+/// Loads [`DemoModel`]s.
+pub struct DemoLoader;
+
+#[async_trait]
+impl BackendLoader for DemoLoader {
+    fn runtime(&self) -> &str {
+        "builtin"
+    }
+    async fn load(&self, _spec: &WorkerSpec) -> Result<Box<dyn Backend>, BackendError> {
+        Ok(Box::new(DemoModel))
+    }
+}
+
+/// The demo model itself (stateless).
+pub struct DemoModel;
+
+/// Scores one text: (label, score in 0..1).
+pub fn score(text: &str) -> (&'static str, f64) {
+    let (mut pos, mut neg) = (0u32, 0u32);
+    for word in text.split(|c: char| !c.is_alphanumeric()) {
+        let w = word.to_ascii_lowercase();
+        if POSITIVE.contains(&w.as_str()) {
+            pos += 1;
+        } else if NEGATIVE.contains(&w.as_str()) {
+            neg += 1;
+        }
+    }
+    let score = (f64::from(pos) + 1.0) / (f64::from(pos + neg) + 2.0);
+    let label = if score > 0.5 {
+        "positive"
+    } else if score < 0.5 {
+        "negative"
+    } else {
+        "neutral"
+    };
+    (label, (score * 1000.0).round() / 1000.0)
+}
+
+fn infer_one(req: &InferRequest) -> InferResponse {
+    let Some(payload) = req.payload() else {
+        return InferResponse::error(400, "BadRequestException", "empty request: send text or {\"text\": ...}");
+    };
+    let text = if payload.content_type.starts_with("application/json") {
+        match serde_json::from_slice::<serde_json::Value>(&payload.value) {
+            Ok(serde_json::Value::String(s)) => s,
+            Ok(serde_json::Value::Object(o)) => match o.get("text").and_then(|t| t.as_str()) {
+                Some(t) => t.to_string(),
+                None => {
+                    return InferResponse::error(400, "BadRequestException", "JSON body needs a string field \"text\"")
+                }
+            },
+            Ok(_) => return InferResponse::error(400, "BadRequestException", "JSON body must be a string or {\"text\": ...}"),
+            Err(e) => return InferResponse::error(400, "BadRequestException", &format!("invalid JSON body: {e}")),
+        }
+    } else {
+        match std::str::from_utf8(&payload.value) {
+            Ok(s) => s.to_string(),
+            Err(_) => return InferResponse::error(400, "BadRequestException", "body is not UTF-8 text"),
+        }
+    };
+    let (label, score) = score(&text);
+    let body = format!("{{\"label\":\"{label}\",\"score\":{score}}}");
+    InferResponse::ok("application/json", body)
+}
+
+#[async_trait]
+impl Backend for DemoModel {
+    async fn infer(&mut self, batch: &[InferRequest], _sink: &dyn StreamSink) -> Result<Vec<InferResponse>, BackendError> {
+        Ok(batch.iter().map(infer_one).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scores_words() {
+        assert_eq!(score("I love this, great!").0, "positive");
+        assert_eq!(score("terrible and slow").0, "negative");
+        assert_eq!(score("a table").0, "neutral");
+    }
+}

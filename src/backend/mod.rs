@@ -1,0 +1,167 @@
+//! The seam between the worker pool and whatever computes a prediction.
+//!
+//! A [`Backend`] is one loaded copy of a model owned by one worker: an in-process Rust model or the
+//! socket to a Python worker process. The pool never knows which: it hands a batch in and gets one
+//! reply per request back, so batching, queueing, supervision and metrics live in one place
+//! (`crate::worker`) for every kind of model.
+
+pub mod builtin;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::model::archive::Manifest;
+
+/// One request of a batch, in the shape TorchServe's worker protocol carries it.
+#[derive(Debug, Clone, Default)]
+pub struct InferRequest {
+    /// Request id, unique per request; echoed back by Python workers.
+    pub id: String,
+    /// HTTP headers as received, plus TorchServe's synthetic ones (`url_path`, `explain`).
+    pub headers: Vec<(String, String)>,
+    /// The body as parameter `body`, or one parameter per form field / multipart part / query pair.
+    pub params: Vec<Param>,
+}
+
+/// A named input of a request.
+#[derive(Debug, Clone, Default)]
+pub struct Param {
+    pub name: String,
+    pub content_type: String,
+    pub value: Bytes,
+}
+
+impl InferRequest {
+    /// The value of the first parameter with this name.
+    pub fn param(&self, name: &str) -> Option<&Param> {
+        self.params.iter().find(|p| p.name == name)
+    }
+
+    /// The request's payload: `body` (or `data`, TorchServe's alias), else the first parameter.
+    pub fn payload(&self) -> Option<&Param> {
+        self.param("body")
+            .or_else(|| self.param("data"))
+            .or_else(|| self.params.first())
+    }
+
+    /// A header by case-insensitive name.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// The reply to one request (a whole reply, or one streamed part of it).
+#[derive(Debug, Clone)]
+pub struct InferResponse {
+    pub status: u16,
+    pub content_type: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Bytes,
+}
+
+impl InferResponse {
+    pub fn ok(content_type: &str, body: impl Into<Bytes>) -> Self {
+        InferResponse {
+            status: 200,
+            content_type: content_type.to_string(),
+            headers: Vec::new(),
+            body: body.into(),
+        }
+    }
+
+    /// A per-request error in TorchServe's JSON error shape.
+    pub fn error(status: u16, kind: &str, message: &str) -> Self {
+        let body = serde_json::json!({"code": status, "type": kind, "message": message});
+        InferResponse {
+            status,
+            content_type: "application/json".into(),
+            headers: Vec::new(),
+            body: Bytes::from(body.to_string()),
+        }
+    }
+}
+
+/// Receives intermediate (streamed) parts while a batch is being computed.
+pub trait StreamSink: Send + Sync {
+    /// A part for request `index` of the batch; the final part is the backend's return value.
+    fn send_partial(&self, index: usize, part: InferResponse);
+}
+
+/// A sink for callers that do not stream.
+pub struct NoStream;
+
+impl StreamSink for NoStream {
+    fn send_partial(&self, _index: usize, _part: InferResponse) {}
+}
+
+/// Why a whole batch failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The model could not be loaded (bad file, handler import error, startup timeout).
+    #[error("{0}")]
+    Load(String),
+    /// The handler failed this batch; the worker is still usable.
+    #[error("{message}")]
+    Failed { status: u16, message: String },
+    /// The worker is gone (process died, socket closed): the pool restarts it.
+    #[error("worker died: {0}")]
+    Died(String),
+}
+
+/// One loaded model instance, owned by one worker.
+#[async_trait]
+pub trait Backend: Send {
+    /// Computes one reply per request of `batch`, in order. Streaming backends send earlier parts
+    /// through `sink` and return the last part of each request.
+    async fn infer(
+        &mut self,
+        batch: &[InferRequest],
+        sink: &dyn StreamSink,
+    ) -> Result<Vec<InferResponse>, BackendError>;
+
+    /// The OS process serving this backend, if it is a separate process.
+    fn pid(&self) -> Option<u32> {
+        None
+    }
+
+    /// Releases the model: stops the worker process, if any. Called once, when the worker retires.
+    async fn shutdown(self: Box<Self>) {}
+}
+
+/// What a worker needs to load its model.
+#[derive(Clone)]
+pub struct WorkerSpec {
+    /// The worker's port-like id (`initial_worker_port` counting up), also used in socket names.
+    pub port: u32,
+    /// `W-<port>-<model>_<version>`, TorchServe's worker name.
+    pub name: String,
+    pub model_name: String,
+    pub model_version: String,
+    /// The unpacked model folder (the working directory of Python workers).
+    pub model_dir: PathBuf,
+    pub manifest: Arc<Manifest>,
+    pub batch_size: u32,
+    /// GPU the worker should use, -1 for none.
+    pub gpu_id: i32,
+    pub startup_timeout: Duration,
+    pub response_timeout: Duration,
+    /// Where backend-emitted metrics go.
+    pub metrics: Arc<crate::metrics::Metrics>,
+    /// Server-wide settings backends may need (python interpreter, runtime folder, metrics config).
+    pub settings: Arc<crate::config::Config>,
+}
+
+/// Creates backends of one kind; one loader per model version, called once per worker (re)start.
+#[async_trait]
+pub trait BackendLoader: Send + Sync {
+    /// A short name shown in describe's `runtime` field.
+    fn runtime(&self) -> &str;
+    async fn load(&self, spec: &WorkerSpec) -> Result<Box<dyn Backend>, BackendError>;
+}

@@ -1,0 +1,121 @@
+//! The `[METRICS]` lines handler workers print on stdout.
+//!
+//! `<name>.<unit>:<value>|#<dim>:<val>,...|#type:<TYPE>|#hostname:<host>,<epoch>[,<request ids>]`
+//! (the `[METRICS]` prefix already removed). TorchServe drops lines it cannot parse without a word;
+//! the parser here says what is wrong so the registry can count and log it.
+
+use super::spec::{valid_label_name, valid_metric_name, Kind};
+
+/// One parsed backend metric line.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MetricLine {
+    pub name: String,
+    pub unit: String,
+    pub value: f64,
+    pub dimensions: Vec<(String, String)>,
+    /// `None` when the line carries no `#type:` (TorchServe before 0.8).
+    pub kind: Option<Kind>,
+    pub hostname: String,
+    pub timestamp: Option<u64>,
+    pub request_ids: Vec<String>,
+}
+
+/// Parses a line without its `[METRICS]` prefix.
+pub fn parse(line: &str) -> Result<MetricLine, String> {
+    let line = line.trim_end_matches(['\r', '\n']);
+    let mut segments = line.split("|#");
+    let head = segments.next().unwrap_or_default();
+    let (name_unit, value) = head
+        .rsplit_once(':')
+        .ok_or_else(|| format!("no ':<value>' in {head:?}"))?;
+    let (name, unit) = name_unit
+        .split_once('.')
+        .ok_or_else(|| format!("no '.<unit>' after the name in {name_unit:?}"))?;
+    if !valid_metric_name(name) {
+        return Err(format!("invalid metric name {name:?}"));
+    }
+    let value: f64 = value
+        .trim()
+        .parse()
+        .map_err(|_| format!("value {value:?} is not a number"))?;
+    let mut out = MetricLine {
+        name: name.to_string(),
+        unit: unit.to_string(),
+        value,
+        dimensions: Vec::new(),
+        kind: None,
+        hostname: String::new(),
+        timestamp: None,
+        request_ids: Vec::new(),
+    };
+    let dims = segments
+        .next()
+        .ok_or_else(|| "no '|#' dimensions part".to_string())?;
+    for pair in dims.split(',').filter(|p| !p.is_empty()) {
+        let (k, v) = pair
+            .split_once(':')
+            .ok_or_else(|| format!("dimension {pair:?} has no ':'"))?;
+        if !valid_label_name(k) {
+            return Err(format!("invalid dimension name {k:?}"));
+        }
+        out.dimensions.push((k.to_string(), v.to_string()));
+    }
+    for segment in segments {
+        if let Some(t) = segment.strip_prefix("type:") {
+            out.kind = Some(Kind::from_line_type(t).ok_or_else(|| format!("unknown type {t:?}"))?);
+        } else if let Some(rest) = segment.strip_prefix("hostname:") {
+            let mut parts = rest.split(',');
+            out.hostname = parts.next().unwrap_or_default().to_string();
+            if let Some(ts) = parts.next() {
+                out.timestamp = Some(
+                    ts.trim()
+                        .parse()
+                        .map_err(|_| format!("timestamp {ts:?} is not a whole number"))?,
+                );
+            }
+            out.request_ids = parts
+                .filter(|p| !p.is_empty())
+                .map(|p| p.to_string())
+                .collect();
+        } else {
+            return Err(format!("unexpected part {segment:?}"));
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_torchserve_lines() {
+        let l = parse("HandlerTime.ms:82.93|#ModelName:m,Level:Model|#type:GAUGE|#hostname:h,1717105563,req-1").unwrap();
+        assert_eq!(l.name, "HandlerTime");
+        assert_eq!(l.unit, "ms");
+        assert_eq!(l.value, 82.93);
+        assert_eq!(l.dimensions, [("ModelName".into(), "m".into()), ("Level".into(), "Model".into())]);
+        assert_eq!(l.kind, Some(Kind::Gauge));
+        assert_eq!(l.hostname, "h");
+        assert_eq!(l.timestamp, Some(1717105563));
+        assert_eq!(l.request_ids, ["req-1"]);
+    }
+
+    #[test]
+    fn accepts_exponents_inf_nan_and_spaces() {
+        assert_eq!(parse("A.Count:1e-3|#|#hostname:h,1").unwrap().value, 0.001);
+        assert!(parse("A.Count:inf|#|#hostname:h,1").unwrap().value.is_infinite());
+        assert!(parse("A.Count:nan|#|#hostname:h,1").unwrap().value.is_nan());
+        let l = parse("A.Count:2|#Region:us east 1|#type:COUNTER|#hostname:h,1,a,b").unwrap();
+        assert_eq!(l.dimensions[0].1, "us east 1");
+        assert_eq!(l.request_ids, ["a", "b"]);
+    }
+
+    #[test]
+    fn rejects_garbage_with_a_reason() {
+        assert!(parse("garbage").is_err());
+        assert!(parse("A.Count:x|#|#hostname:h,1").unwrap_err().contains("not a number"));
+        assert!(parse("9A.Count:1|#|#hostname:h,1").unwrap_err().contains("invalid metric name"));
+        assert!(parse("A.Count:1|#|#type:SUMMARY|#hostname:h,1").is_err());
+    }
+}

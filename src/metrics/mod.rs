@@ -1,0 +1,778 @@
+//! The one metric registry. Everything that records a metric records it here; /metrics and the log
+//! files read it from here.
+//!
+//! Families come from metrics.yaml (TorchServe's names, types and dimensions, exactly) plus oxserve's
+//! own `oxserve_` families. Recorders hold pre-resolved [`Handle`]s ([`ModelMetrics`] per model
+//! version, [`HostMetrics`] for the server), so the request path does atomic adds and nothing else.
+
+pub mod line;
+pub mod log;
+pub mod registry;
+pub mod spec;
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use crate::config::{Config, MetricsMode};
+use log::LogSink;
+use registry::{Family, Series};
+use spec::{Kind, MetricSpec, Origin, Spec};
+
+/// A series to update, or nothing when metrics.yaml does not declare the metric.
+#[derive(Debug, Clone, Default)]
+pub struct Handle(Option<Arc<Series>>);
+
+impl Handle {
+    #[inline]
+    pub fn inc(&self) {
+        if let Some(s) = &self.0 {
+            s.inc()
+        }
+    }
+    #[inline]
+    pub fn inc_by(&self, v: f64) {
+        if let Some(s) = &self.0 {
+            s.inc_by(v)
+        }
+    }
+    #[inline]
+    pub fn set(&self, v: f64) {
+        if let Some(s) = &self.0 {
+            s.set(v)
+        }
+    }
+    #[inline]
+    pub fn observe(&self, v: f64) {
+        if let Some(s) = &self.0 {
+            s.observe(v)
+        }
+    }
+    /// Current value (counters and gauges), for tests.
+    pub fn value(&self) -> Option<f64> {
+        self.0.as_ref().map(|s| s.value())
+    }
+}
+
+/// Worker states counted by `oxserve_workers`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerState {
+    Starting = 0,
+    Ready = 1,
+    Busy = 2,
+    Stopping = 3,
+}
+
+impl WorkerState {
+    pub const ALL: [WorkerState; 4] = [
+        WorkerState::Starting,
+        WorkerState::Ready,
+        WorkerState::Busy,
+        WorkerState::Stopping,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkerState::Starting => "starting",
+            WorkerState::Ready => "ready",
+            WorkerState::Busy => "busy",
+            WorkerState::Stopping => "stopping",
+        }
+    }
+}
+
+/// When each step of one request happened. Filled where each step happens (api: arrival and
+/// response; worker: queue, batch and backend) and recorded once, by [`ModelMetrics::record_request`].
+#[derive(Debug, Clone, Copy)]
+pub struct Timings {
+    pub arrival: Instant,
+    pub enqueued: Option<Instant>,
+    pub batch_start: Option<Instant>,
+    pub backend_start: Option<Instant>,
+    pub backend_end: Option<Instant>,
+    pub first_chunk: Option<Instant>,
+    pub responded: Option<Instant>,
+}
+
+impl Timings {
+    pub fn new(arrival: Instant) -> Timings {
+        Timings {
+            arrival,
+            enqueued: None,
+            batch_start: None,
+            backend_start: None,
+            backend_end: None,
+            first_chunk: None,
+            responded: None,
+        }
+    }
+
+    /// Time spent waiting for a worker (enqueue to batch start, batching delay included).
+    pub fn queue_wait(&self) -> Option<Duration> {
+        Some(self.batch_start?.saturating_duration_since(self.enqueued?))
+    }
+}
+
+/// The three ts_* counters of one model, for one `model_version` label value.
+#[derive(Debug, Clone, Default)]
+struct TsCounters {
+    requests: Handle,
+    latency_us: Handle,
+    queue_latency_us: Handle,
+}
+
+/// Every series one model version records into, resolved once at registration.
+#[derive(Debug)]
+pub struct ModelMetrics {
+    pub model_name: String,
+    pub model_version: String,
+    /// ts_* counters labelled `model_version="default"` (URL without a version).
+    url_default: TsCounters,
+    /// ts_* counters labelled with the version named in the URL.
+    url_version: TsCounters,
+    request_duration: Handle,
+    queue_wait: Handle,
+    pub backend_duration: Handle,
+    pub batch_size: Handle,
+    pub first_chunk: Handle,
+    pub queue_depth: Handle,
+    pub queue_capacity: Handle,
+    pub workers_min: Handle,
+    pub workers_max: Handle,
+    workers: [Handle; 4],
+    responses: [Handle; 3],
+    /// TorchServe's HandlerTime / PredictionTime, recorded by in-process backends' workers.
+    pub handler_time: Handle,
+    pub prediction_time: Handle,
+    host: Arc<HostMetrics>,
+}
+
+impl ModelMetrics {
+    /// Records a finished prediction request (any status) with its timings.
+    pub fn record_request(&self, t: &Timings, status: u16, version_in_url: bool) {
+        let ts = if version_in_url {
+            &self.url_version
+        } else {
+            &self.url_default
+        };
+        ts.requests.inc();
+        let end = t.responded.unwrap_or_else(Instant::now);
+        let total = end.saturating_duration_since(t.arrival);
+        if (200..300).contains(&status) {
+            ts.latency_us.inc_by(total.as_micros() as f64);
+        }
+        if let Some(wait) = t.queue_wait() {
+            ts.queue_latency_us.inc_by(wait.as_micros() as f64);
+            self.queue_wait.observe(wait.as_secs_f64());
+            self.host.queue_time.set(wait.as_millis() as f64);
+        }
+        self.request_duration.observe(total.as_secs_f64());
+        if let Some(first) = t.first_chunk {
+            self.first_chunk
+                .observe(first.saturating_duration_since(t.arrival).as_secs_f64());
+        }
+        self.responses[status_class(status)].inc();
+    }
+
+    /// Sets the worker count of one state.
+    pub fn set_workers(&self, state: WorkerState, n: usize) {
+        self.workers[state as usize].set(n as f64);
+    }
+}
+
+fn status_class(status: u16) -> usize {
+    match status {
+        200..=299 => 0,
+        400..=499 => 1,
+        _ => 2,
+    }
+}
+
+/// Server-level series.
+#[derive(Debug, Default)]
+pub struct HostMetrics {
+    requests: [Handle; 3],
+    pub queue_time: Handle,
+    pub worker_thread_time: Handle,
+    pub cpu_utilization: Handle,
+    pub memory_used: Handle,
+    pub memory_available: Handle,
+    pub memory_utilization: Handle,
+    pub disk_usage: Handle,
+    pub disk_available: Handle,
+    pub disk_utilization: Handle,
+}
+
+impl HostMetrics {
+    /// Counts one HTTP response of any listener by status class (Requests2XX/4XX/5XX).
+    #[inline]
+    pub fn count_response(&self, status: u16) {
+        self.requests[status_class(status)].inc();
+    }
+}
+
+/// One GPU's series.
+#[derive(Debug, Default)]
+pub struct GpuMetrics {
+    pub utilization: Handle,
+    pub memory_utilization: Handle,
+    pub memory_used: Handle,
+}
+
+/// The registry.
+pub struct Metrics {
+    pub hostname: String,
+    pub mode: MetricsMode,
+    spec: Spec,
+    auto_detect: bool,
+    buckets: Vec<f64>,
+    log: Option<Arc<LogSink>>,
+    families: RwLock<BTreeMap<String, Arc<Family>>>,
+    pub host: Arc<HostMetrics>,
+    dropped_malformed: Handle,
+    dropped_undeclared: Handle,
+    /// Metric names already reported as dropped, so each is logged once.
+    warned: Mutex<HashSet<String>>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").field("mode", &self.mode).finish()
+    }
+}
+
+/// The ts_* counters that legacy mode keeps on /metrics.
+const LEGACY_EXPOSED: &[&str] = &[
+    "ts_inference_requests_total",
+    "ts_inference_latency_microseconds",
+    "ts_queue_latency_microseconds",
+];
+
+/// oxserve's own per-model families: name, kind, help, extra label.
+const OXSERVE_MODEL_FAMILIES: &[(&str, Kind, &str)] = &[
+    ("oxserve_request_duration_seconds", Kind::Histogram, "Time from a prediction request's arrival to its response, in seconds."),
+    ("oxserve_queue_wait_seconds", Kind::Histogram, "Time a prediction request waited in the model's queue (batching delay included), in seconds."),
+    ("oxserve_backend_duration_seconds", Kind::Histogram, "Time the backend (handler) spent on one batch, in seconds."),
+    ("oxserve_time_to_first_chunk_seconds", Kind::Histogram, "Time from a streamed request's arrival to its first chunk, in seconds."),
+    ("oxserve_batch_size", Kind::Histogram, "Requests per batch handed to a worker."),
+    ("oxserve_queue_depth", Kind::Gauge, "Requests waiting in the model's queue."),
+    ("oxserve_queue_capacity", Kind::Gauge, "Capacity of the model's queue (job_queue_size)."),
+    ("oxserve_workers_min", Kind::Gauge, "Configured minimum number of workers."),
+    ("oxserve_workers_max", Kind::Gauge, "Configured maximum number of workers."),
+];
+
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
+
+impl Metrics {
+    /// Builds the registry from the configuration: metrics.yaml (built-in or `metrics_config`),
+    /// mode, buckets, and the log sink for log and legacy modes.
+    pub fn from_config(config: &Config) -> Result<Metrics, String> {
+        let spec = match &config.metrics_config {
+            Some(path) => Spec::load(path)?,
+            None => Spec::builtin(),
+        };
+        let log = match config.metrics_mode {
+            MetricsMode::Prometheus => None,
+            _ => Some(Arc::new(
+                LogSink::open(&config.metrics_log_dir, config.metrics_log_max_bytes).map_err(
+                    |e| {
+                        format!(
+                            "cannot create metrics log folder {}: {e}",
+                            config.metrics_log_dir.display()
+                        )
+                    },
+                )?,
+            )),
+        };
+        Ok(Metrics::new(
+            spec,
+            config.metrics_mode,
+            config.model_metrics_auto_detect,
+            config.histogram_buckets.clone(),
+            log,
+            hostname(),
+        ))
+    }
+
+    pub fn new(
+        spec: Spec,
+        mode: MetricsMode,
+        auto_detect: bool,
+        buckets: Vec<f64>,
+        log: Option<Arc<LogSink>>,
+        hostname: String,
+    ) -> Metrics {
+        let mut m = Metrics {
+            hostname,
+            mode,
+            spec: Spec::default(),
+            auto_detect,
+            buckets,
+            log,
+            families: RwLock::new(BTreeMap::new()),
+            host: Arc::new(HostMetrics::default()),
+            dropped_malformed: Handle::default(),
+            dropped_undeclared: Handle::default(),
+            warned: Mutex::new(HashSet::new()),
+        };
+        for s in &spec.metrics {
+            m.add_declared(s);
+        }
+        m.spec = spec;
+        let name_buckets = m.buckets.clone();
+        for (name, kind, help) in OXSERVE_MODEL_FAMILIES {
+            let buckets = match (*kind, *name) {
+                (Kind::Histogram, "oxserve_batch_size") => BATCH_BUCKETS.to_vec(),
+                (Kind::Histogram, _) => name_buckets.clone(),
+                _ => Vec::new(),
+            };
+            m.add_family(name, *kind, "", help.to_string(), &["model_name", "model_version"], buckets, false);
+        }
+        m.add_family("oxserve_workers", Kind::Gauge, "", "Workers of a model version by state (starting, ready, busy, stopping).".into(), &["model_name", "model_version", "state"], vec![], false);
+        m.add_family("oxserve_model_responses_total", Kind::Counter, "", "Prediction responses per model version by status class (2xx, 4xx, 5xx).".into(), &["model_name", "model_version", "status_class"], vec![], false);
+        m.add_family("oxserve_backend_metric_lines_dropped_total", Kind::Counter, "", "Backend [METRICS] lines that were dropped: malformed, or undeclared in metrics.yaml.".into(), &["reason"], vec![], false);
+        m.add_family("oxserve_build_info", Kind::Gauge, "", "Always 1; labels carry the oxserve version.".into(), &["version"], vec![], false);
+        m.series("oxserve_build_info", &[env!("CARGO_PKG_VERSION")]).set(1.0);
+        m.dropped_malformed = m.series("oxserve_backend_metric_lines_dropped_total", &["malformed"]);
+        m.dropped_undeclared = m.series("oxserve_backend_metric_lines_dropped_total", &["undeclared"]);
+        m.dropped_malformed.inc_by(0.0);
+        m.dropped_undeclared.inc_by(0.0);
+        let host = HostMetrics {
+            requests: [
+                m.ts("Requests2XX", &[]),
+                m.ts("Requests4XX", &[]),
+                m.ts("Requests5XX", &[]),
+            ],
+            queue_time: m.ts("QueueTime", &[]),
+            worker_thread_time: m.ts("WorkerThreadTime", &[]),
+            cpu_utilization: m.ts("CPUUtilization", &[]),
+            memory_used: m.ts("MemoryUsed", &[]),
+            memory_available: m.ts("MemoryAvailable", &[]),
+            memory_utilization: m.ts("MemoryUtilization", &[]),
+            disk_usage: m.ts("DiskUsage", &[]),
+            disk_available: m.ts("DiskAvailable", &[]),
+            disk_utilization: m.ts("DiskUtilization", &[]),
+        };
+        m.host = Arc::new(host);
+        m
+    }
+
+    /// A registry with the built-in metric set, for tests and benchmarks.
+    pub fn for_tests() -> Metrics {
+        Metrics::new(
+            Spec::builtin(),
+            MetricsMode::Prometheus,
+            false,
+            crate::config::DEFAULT_BUCKETS.to_vec(),
+            None,
+            "testhost".into(),
+        )
+    }
+
+    fn add_declared(&self, s: &MetricSpec) {
+        let help = format!(
+            "Torchserve prometheus {} metric with unit: {}",
+            s.kind.as_str(),
+            s.unit
+        );
+        let buckets = s.buckets.clone().unwrap_or_else(|| {
+            // TorchServe's (Prometheus client's) default buckets, for compatibility.
+            vec![0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0]
+        });
+        let dims: Vec<&str> = s.dimensions.iter().map(String::as_str).collect();
+        self.add_family(
+            &s.name,
+            s.kind,
+            &s.unit,
+            help,
+            &dims,
+            if s.kind == Kind::Histogram { buckets } else { Vec::new() },
+            s.origin == Origin::Model,
+        );
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn add_family(
+        &self,
+        name: &str,
+        kind: Kind,
+        unit: &str,
+        help: String,
+        labels: &[&str],
+        buckets: Vec<f64>,
+        model_origin: bool,
+    ) -> Arc<Family> {
+        let (exposed, logged) = match self.mode {
+            MetricsMode::Prometheus => (true, false),
+            MetricsMode::Log => (false, true),
+            MetricsMode::Legacy => {
+                let kept = LEGACY_EXPOSED.contains(&name);
+                (kept, !kept)
+            }
+        };
+        let family = Arc::new(Family::new(
+            name,
+            kind,
+            unit,
+            help,
+            labels.iter().map(|s| s.to_string()).collect(),
+            buckets,
+            exposed,
+            logged,
+            model_origin,
+        ));
+        self.families
+            .write()
+            .unwrap()
+            .entry(name.to_string())
+            .or_insert(family)
+            .clone()
+    }
+
+    /// A family by name.
+    pub fn family(&self, name: &str) -> Option<Arc<Family>> {
+        self.families.read().unwrap().get(name).cloned()
+    }
+
+    /// The series of family `name` with these label values; nothing if the family does not exist.
+    pub fn series(&self, name: &str, values: &[&str]) -> Handle {
+        Handle(self.family(name).map(|f| f.series(values, &self.log)))
+    }
+
+    /// A frontend series whose label values are filled by dimension name: Level -> Host,
+    /// Hostname -> this host, the rest from `known`; a dimension nobody knows gets "".
+    pub fn ts(&self, name: &str, known: &[(&str, &str)]) -> Handle {
+        let Some(family) = self.family(name) else {
+            return Handle::default();
+        };
+        let values: Vec<&str> = family
+            .meta
+            .label_names
+            .iter()
+            .map(|label| match label.as_str() {
+                "Level" => "Host",
+                "Hostname" | "hostname" => self.hostname.as_str(),
+                other => known
+                    .iter()
+                    .find(|(k, _)| *k == other)
+                    .map(|(_, v)| *v)
+                    .unwrap_or(""),
+            })
+            .collect();
+        Handle(Some(family.series(&values, &self.log)))
+    }
+
+    /// Resolves every series a model version records into.
+    pub fn model(&self, model_name: &str, model_version: &str) -> Arc<ModelMetrics> {
+        let ts_counters = |label_version: &str| {
+            let k = [("model_name", model_name), ("model_version", label_version)];
+            TsCounters {
+                requests: self.ts("ts_inference_requests_total", &k),
+                latency_us: self.ts("ts_inference_latency_microseconds", &k),
+                queue_latency_us: self.ts("ts_queue_latency_microseconds", &k),
+            }
+        };
+        let mv = [model_name, model_version];
+        let s = |name: &str| self.series(name, &mv);
+        let state = |st: WorkerState| {
+            let h = self.series("oxserve_workers", &[model_name, model_version, st.as_str()]);
+            h.set(0.0);
+            h
+        };
+        let class = |c: &str| {
+            let h = self.series(
+                "oxserve_model_responses_total",
+                &[model_name, model_version, c],
+            );
+            h.inc_by(0.0);
+            h
+        };
+        let model_dims = [("ModelName", model_name), ("Level", "Model")];
+        let model_gauge = |name: &str| {
+            let Some(f) = self.family(name) else {
+                return Handle::default();
+            };
+            let values: Vec<&str> = f
+                .meta
+                .label_names
+                .iter()
+                .map(|l| match l.as_str() {
+                    "Hostname" => self.hostname.as_str(),
+                    other => model_dims
+                        .iter()
+                        .find(|(k, _)| *k == other)
+                        .map(|(_, v)| *v)
+                        .unwrap_or(""),
+                })
+                .collect();
+            Handle(Some(f.series(&values, &self.log)))
+        };
+        Arc::new(ModelMetrics {
+            model_name: model_name.to_string(),
+            model_version: model_version.to_string(),
+            url_default: ts_counters("default"),
+            url_version: ts_counters(model_version),
+            request_duration: s("oxserve_request_duration_seconds"),
+            queue_wait: s("oxserve_queue_wait_seconds"),
+            backend_duration: s("oxserve_backend_duration_seconds"),
+            batch_size: s("oxserve_batch_size"),
+            first_chunk: s("oxserve_time_to_first_chunk_seconds"),
+            queue_depth: s("oxserve_queue_depth"),
+            queue_capacity: s("oxserve_queue_capacity"),
+            workers_min: s("oxserve_workers_min"),
+            workers_max: s("oxserve_workers_max"),
+            workers: WorkerState::ALL.map(state),
+            responses: ["2xx", "4xx", "5xx"].map(class),
+            handler_time: model_gauge("HandlerTime"),
+            prediction_time: model_gauge("PredictionTime"),
+            host: self.host.clone(),
+        })
+    }
+
+    /// Removes a model version's gauges (queue, workers) once it is unregistered. Counters and
+    /// histograms stay: they are cumulative, and Prometheus' rate() needs them not to vanish.
+    pub fn forget_model(&self, model_name: &str, model_version: &str) {
+        for name in [
+            "oxserve_queue_depth",
+            "oxserve_queue_capacity",
+            "oxserve_workers_min",
+            "oxserve_workers_max",
+        ] {
+            if let Some(f) = self.family(name) {
+                f.remove(&[model_name, model_version]);
+            }
+        }
+        if let Some(f) = self.family("oxserve_workers") {
+            for st in WorkerState::ALL {
+                f.remove(&[model_name, model_version, st.as_str()]);
+            }
+        }
+    }
+
+    /// WorkerLoadTime of one worker, in ms.
+    pub fn worker_load_time(&self, worker_name: &str) -> Handle {
+        self.ts("WorkerLoadTime", &[("WorkerName", worker_name)])
+    }
+
+    /// Removes a retired worker's WorkerLoadTime series.
+    pub fn forget_worker(&self, worker_name: &str) {
+        if let Some(f) = self.family("WorkerLoadTime") {
+            f.remove_where("WorkerName", worker_name);
+        }
+    }
+
+    /// The series of one GPU.
+    pub fn gpu(&self, device_id: u32) -> GpuMetrics {
+        let id = device_id.to_string();
+        let k = [("DeviceId", id.as_str())];
+        GpuMetrics {
+            utilization: self.ts("GPUUtilization", &k),
+            memory_utilization: self.ts("GPUMemoryUtilization", &k),
+            memory_used: self.ts("GPUMemoryUsed", &k),
+        }
+    }
+
+    /// Records one `[METRICS]` line from a handler of `model_name`: declared metrics per
+    /// metrics.yaml, undeclared ones only with model_metrics_auto_detect, the rest counted as dropped.
+    pub fn record_backend_line(&self, text: &str, model_name: &str) {
+        let parsed = match line::parse(text) {
+            Ok(l) => l,
+            Err(reason) => {
+                self.dropped_malformed.inc();
+                self.warn_once(
+                    &format!("malformed:{reason}"),
+                    &format!("dropped a malformed backend metric line ({reason}): {text:?}"),
+                );
+                return;
+            }
+        };
+        let family = match self.family(&parsed.name) {
+            Some(f) if f.meta.model_origin => f,
+            Some(_) => {
+                self.drop_undeclared(&parsed.name, "it is a frontend metric");
+                return;
+            }
+            None if self.auto_detect => {
+                let kind = parsed.kind.unwrap_or(Kind::Gauge);
+                let mut dims: Vec<&str> =
+                    parsed.dimensions.iter().map(|(k, _)| k.as_str()).collect();
+                if !dims.contains(&"Hostname") {
+                    dims.push("Hostname");
+                }
+                let help = format!(
+                    "Torchserve prometheus {} metric with unit: {}",
+                    kind.as_str(),
+                    parsed.unit
+                );
+                let buckets = if kind == Kind::Histogram {
+                    self.buckets.clone()
+                } else {
+                    Vec::new()
+                };
+                self.add_family(&parsed.name, kind, &parsed.unit, help, &dims, buckets, true)
+            }
+            None => {
+                self.drop_undeclared(&parsed.name, "it is not declared in metrics.yaml");
+                return;
+            }
+        };
+        let mut values = Vec::with_capacity(family.meta.label_names.len());
+        for label in &family.meta.label_names {
+            let v = parsed
+                .dimensions
+                .iter()
+                .find(|(k, _)| k == label)
+                .map(|(_, v)| v.as_str());
+            let v = match (label.as_str(), v) {
+                (_, Some(v)) => v,
+                ("Hostname", None) => self.hostname.as_str(),
+                ("ModelName", None) => model_name,
+                ("Level", None) => "Model",
+                (other, None) => {
+                    self.drop_undeclared(
+                        &parsed.name,
+                        &format!("the line lacks dimension {other:?} declared in metrics.yaml"),
+                    );
+                    return;
+                }
+            };
+            values.push(v);
+        }
+        let series = family.series(&values, &self.log);
+        match &self.log {
+            Some(sink) if family.meta.logged => {
+                // Log the event with its request id rather than through the handle's plain log line.
+                if let registry::Cells::Value(_) = &series.cells {
+                    series_record_silently(&series, parsed.value);
+                }
+                sink.record_with_request(
+                    &series,
+                    parsed.value,
+                    parsed.request_ids.first().map(String::as_str),
+                );
+            }
+            _ => series.record(parsed.value),
+        }
+    }
+
+    fn drop_undeclared(&self, name: &str, why: &str) {
+        self.dropped_undeclared.inc();
+        self.warn_once(
+            &format!("undeclared:{name}"),
+            &format!("dropped backend metric {name}: {why} (set model_metrics_auto_detect=true to accept undeclared metrics)"),
+        );
+    }
+
+    fn warn_once(&self, key: &str, message: &str) {
+        if self.warned.lock().unwrap().insert(key.to_string()) {
+            tracing::warn!("{message}");
+        }
+    }
+
+    /// Renders /metrics: every exposed family, or only those `names` select (family or sample
+    /// names). The cost grows with the families asked for, not with all that exist.
+    pub fn render(&self, names: Option<&[String]>) -> String {
+        let mut out = String::with_capacity(16 * 1024);
+        match names {
+            None => {
+                let families: Vec<Arc<Family>> =
+                    self.families.read().unwrap().values().cloned().collect();
+                for f in families.iter().filter(|f| f.meta.exposed) {
+                    f.render(&mut out, None);
+                }
+            }
+            Some(names) => {
+                let mut done = HashSet::new();
+                for name in names {
+                    let (family, only) = match self.family(name) {
+                        Some(f) => (Some(f), None),
+                        None => match ["_bucket", "_sum", "_count"]
+                            .iter()
+                            .find_map(|sfx| name.strip_suffix(sfx).map(|base| (base, *sfx)))
+                        {
+                            Some((base, sfx)) => (
+                                self.family(base)
+                                    .filter(|f| f.meta.kind == Kind::Histogram),
+                                Some(sfx),
+                            ),
+                            None => (None, None),
+                        },
+                    };
+                    if let Some(f) = family.filter(|f| f.meta.exposed) {
+                        if done.insert((f.meta.name.clone(), only)) {
+                            f.render(&mut out, only);
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Updates a value cell without writing a log line (the caller logs with more context).
+fn series_record_silently(series: &Series, v: f64) {
+    if let registry::Cells::Value(c) = &series.cells {
+        match series.family.kind {
+            Kind::Counter => c.add(v),
+            _ => c.set(v),
+        }
+    }
+}
+
+/// The machine's host name, as TorchServe puts it in the Hostname label.
+pub fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname writes a NUL-terminated name into it.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return "localhost".into();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_counts_are_exact_and_names_unchanged() {
+        let m = Metrics::for_tests();
+        let mm = m.model("echo", "1.0");
+        let t = Timings::new(Instant::now());
+        for _ in 0..6 {
+            mm.record_request(&t, 200, false);
+        }
+        m.host.count_response(404);
+        let out = m.render(None);
+        assert!(out.contains("ts_inference_requests_total{model_name=\"echo\",model_version=\"default\",hostname=\"testhost\"} 6.0\n"), "{out}");
+        assert!(out.contains("Requests4XX{Level=\"Host\",Hostname=\"testhost\"} 1.0\n"));
+        assert!(out.contains("# HELP GPUUtilization Torchserve prometheus gauge metric with unit: Percent\n# TYPE GPUUtilization gauge\n"));
+        assert!(!out.contains("Requests2XX_total"));
+    }
+
+    #[test]
+    fn filtering_by_family_and_sample_name() {
+        let m = Metrics::for_tests();
+        let mm = m.model("echo", "1.0");
+        mm.record_request(&Timings::new(Instant::now()), 200, true);
+        let out = m.render(Some(&["Requests2XX".into(), "oxserve_request_duration_seconds_count".into()]));
+        assert!(out.starts_with("# HELP Requests2XX "));
+        assert!(out.contains("oxserve_request_duration_seconds_count{"));
+        assert!(!out.contains("_bucket"));
+        assert_eq!(m.render(Some(&["nope".into()])), "");
+    }
+
+    #[test]
+    fn backend_lines_declared_undeclared_malformed() {
+        let m = Metrics::for_tests();
+        m.record_backend_line("HandlerTime.ms:5.5|#ModelName:echo,Level:Model|#type:GAUGE|#hostname:x,1,r", "echo");
+        m.record_backend_line("Custom.Count:1|#ModelName:echo,Level:Model|#type:COUNTER|#hostname:x,1", "echo");
+        m.record_backend_line("garbage", "echo");
+        let out = m.render(None);
+        assert!(out.contains("HandlerTime{ModelName=\"echo\",Level=\"Model\",Hostname=\"testhost\"} 5.5\n"), "{out}");
+        assert!(out.contains("oxserve_backend_metric_lines_dropped_total{reason=\"undeclared\"} 1.0"));
+        assert!(out.contains("oxserve_backend_metric_lines_dropped_total{reason=\"malformed\"} 1.0"));
+        assert!(!out.contains("Custom"));
+    }
+}

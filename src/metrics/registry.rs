@@ -1,0 +1,388 @@
+//! Metric families and their series: the storage every recorder writes into and the exposition reads.
+//!
+//! Series are created once (per model version, per worker, per device) and then updated through
+//! cheap handles: an update is one or two relaxed atomic operations, so recording a request's metrics
+//! never takes a lock. Families keep their series in a `BTreeMap`, so rendering walks them in a stable
+//! order without sorting.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use super::log::LogSink;
+use super::spec::Kind;
+
+/// An f64 updated atomically (bits in an `AtomicU64`).
+#[derive(Debug, Default)]
+pub struct AtomicF64(AtomicU64);
+
+impl AtomicF64 {
+    pub fn get(&self) -> f64 {
+        f64::from_bits(self.0.load(Ordering::Relaxed))
+    }
+    pub fn set(&self, v: f64) {
+        self.0.store(v.to_bits(), Ordering::Relaxed);
+    }
+    pub fn add(&self, v: f64) {
+        let mut current = self.0.load(Ordering::Relaxed);
+        loop {
+            let next = (f64::from_bits(current) + v).to_bits();
+            match self
+                .0
+                .compare_exchange_weak(current, next, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => return,
+                Err(actual) => current = actual,
+            }
+        }
+    }
+}
+
+/// The numbers of one series.
+#[derive(Debug)]
+pub enum Cells {
+    Value(AtomicF64),
+    Histogram {
+        /// Non-cumulative counts per bucket; the last one is +Inf.
+        counts: Box<[AtomicU64]>,
+        sum: AtomicF64,
+    },
+}
+
+/// One labelled series of a family.
+#[derive(Debug)]
+pub struct Series {
+    pub family: Arc<FamilyMeta>,
+    pub label_values: Vec<String>,
+    /// `a="x",b="y"` pre-escaped, so rendering copies it.
+    pub labels_text: String,
+    pub cells: Cells,
+    log: Option<Arc<LogSink>>,
+}
+
+/// What a family is, shared by its series.
+#[derive(Debug)]
+pub struct FamilyMeta {
+    pub name: String,
+    pub kind: Kind,
+    pub unit: String,
+    pub help: String,
+    pub label_names: Vec<String>,
+    /// Upper bounds, histograms only.
+    pub buckets: Vec<f64>,
+    /// Rendered `le` values, one per bucket plus `+Inf`.
+    pub(crate) le_text: Vec<String>,
+    /// Whether the family appears on /metrics (false for logged families in log/legacy mode).
+    pub exposed: bool,
+    /// Whether updates are written as log lines, and from which origin (ts or model log).
+    pub logged: bool,
+    pub model_origin: bool,
+}
+
+/// A family and its series.
+#[derive(Debug)]
+pub struct Family {
+    pub meta: Arc<FamilyMeta>,
+    series: RwLock<BTreeMap<Vec<String>, Arc<Series>>>,
+}
+
+/// Escapes a label value for the text format (`\`, `"` and newline).
+pub fn escape_label_value(v: &str, out: &mut String) {
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+}
+
+/// Formats a sample value the way TorchServe prints it (`3.0`, `290371.129`), with Prometheus'
+/// spellings for the special values.
+pub fn write_value(v: f64, out: &mut String) {
+    if v.is_nan() {
+        out.push_str("NaN");
+    } else if v == f64::INFINITY {
+        out.push_str("+Inf");
+    } else if v == f64::NEG_INFINITY {
+        out.push_str("-Inf");
+    } else {
+        let mut buf = ryu::Buffer::new();
+        out.push_str(buf.format_finite(v));
+    }
+}
+
+impl Family {
+    pub fn new(
+        name: &str,
+        kind: Kind,
+        unit: &str,
+        help: String,
+        label_names: Vec<String>,
+        buckets: Vec<f64>,
+        exposed: bool,
+        logged: bool,
+        model_origin: bool,
+    ) -> Family {
+        let mut le_text: Vec<String> = buckets
+            .iter()
+            .map(|b| {
+                let mut s = String::new();
+                write_value(*b, &mut s);
+                s
+            })
+            .collect();
+        le_text.push("+Inf".to_string());
+        Family {
+            meta: Arc::new(FamilyMeta {
+                name: name.to_string(),
+                kind,
+                unit: unit.to_string(),
+                help,
+                label_names,
+                buckets,
+                le_text,
+                exposed,
+                logged,
+                model_origin,
+            }),
+            series: RwLock::new(BTreeMap::new()),
+        }
+    }
+
+    /// The series with these label values (in label-name order), created on first use.
+    pub fn series(&self, values: &[&str], log: &Option<Arc<LogSink>>) -> Arc<Series> {
+        let key: Vec<String> = values.iter().map(|s| s.to_string()).collect();
+        if let Some(s) = self.series.read().unwrap().get(&key) {
+            return s.clone();
+        }
+        let mut map = self.series.write().unwrap();
+        map.entry(key.clone())
+            .or_insert_with(|| {
+                let mut labels_text = String::new();
+                for (i, (n, v)) in self.meta.label_names.iter().zip(&key).enumerate() {
+                    if i > 0 {
+                        labels_text.push(',');
+                    }
+                    labels_text.push_str(n);
+                    labels_text.push_str("=\"");
+                    escape_label_value(v, &mut labels_text);
+                    labels_text.push('"');
+                }
+                let cells = match self.meta.kind {
+                    Kind::Histogram => Cells::Histogram {
+                        counts: (0..=self.meta.buckets.len())
+                            .map(|_| AtomicU64::new(0))
+                            .collect(),
+                        sum: AtomicF64::default(),
+                    },
+                    _ => Cells::Value(AtomicF64::default()),
+                };
+                Arc::new(Series {
+                    family: self.meta.clone(),
+                    label_values: key,
+                    labels_text,
+                    cells,
+                    log: if self.meta.logged { log.clone() } else { None },
+                })
+            })
+            .clone()
+    }
+
+    /// Drops a series (a retired worker, an unregistered model).
+    pub fn remove(&self, values: &[&str]) {
+        let key: Vec<String> = values.iter().map(|s| s.to_string()).collect();
+        self.series.write().unwrap().remove(&key);
+    }
+
+    /// Drops every series whose label `label` has value `value`.
+    pub fn remove_where(&self, label: &str, value: &str) {
+        if let Some(i) = self.meta.label_names.iter().position(|n| n == label) {
+            self.series
+                .write()
+                .unwrap()
+                .retain(|k, _| k.get(i).map(String::as_str) != Some(value));
+        }
+    }
+
+    /// Appends this family in text format 0.0.4; `only_sample` limits a histogram to one of
+    /// `_bucket`, `_sum`, `_count` (TorchServe's sample-name filtering).
+    pub fn render(&self, out: &mut String, only_sample: Option<&str>) {
+        let m = &self.meta;
+        let _ = writeln!(out, "# HELP {} {}", m.name, m.help);
+        let _ = writeln!(out, "# TYPE {} {}", m.name, m.kind.as_str());
+        let series = self.series.read().unwrap();
+        for s in series.values() {
+            match &s.cells {
+                Cells::Value(v) => {
+                    sample_head(out, &m.name, "", &s.labels_text, None);
+                    write_value(v.get(), out);
+                    out.push('\n');
+                }
+                Cells::Histogram { counts, sum } => {
+                    let mut cumulative = 0u64;
+                    let want = |suffix: &str| only_sample.is_none_or(|o| o == suffix);
+                    let bucket_counts: Vec<u64> =
+                        counts.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+                    if want("_bucket") {
+                        for (c, le) in bucket_counts.iter().zip(&m.le_text) {
+                            cumulative += c;
+                            sample_head(out, &m.name, "_bucket", &s.labels_text, Some(le));
+                            out.push_str(itoa::Buffer::new().format(cumulative));
+                            out.push('\n');
+                        }
+                    }
+                    if want("_sum") {
+                        sample_head(out, &m.name, "_sum", &s.labels_text, None);
+                        write_value(sum.get(), out);
+                        out.push('\n');
+                    }
+                    if want("_count") {
+                        let total: u64 = bucket_counts.iter().sum();
+                        sample_head(out, &m.name, "_count", &s.labels_text, None);
+                        out.push_str(itoa::Buffer::new().format(total));
+                        out.push('\n');
+                    }
+                }
+            }
+        }
+    }
+
+    /// Current value of a counter or gauge series, for tests and the log sink.
+    pub fn value(&self, values: &[&str]) -> Option<f64> {
+        let key: Vec<String> = values.iter().map(|s| s.to_string()).collect();
+        match &self.series.read().unwrap().get(&key)?.cells {
+            Cells::Value(v) => Some(v.get()),
+            Cells::Histogram { .. } => None,
+        }
+    }
+}
+
+fn sample_head(out: &mut String, name: &str, suffix: &str, labels: &str, le: Option<&str>) {
+    out.push_str(name);
+    out.push_str(suffix);
+    if !labels.is_empty() || le.is_some() {
+        out.push('{');
+        out.push_str(labels);
+        if let Some(le) = le {
+            if !labels.is_empty() {
+                out.push(',');
+            }
+            out.push_str("le=\"");
+            out.push_str(le);
+            out.push('"');
+        }
+        out.push('}');
+    }
+    out.push(' ');
+}
+
+impl Series {
+    /// Adds to a counter (or gauge).
+    #[inline]
+    pub fn inc_by(&self, v: f64) {
+        if let Cells::Value(c) = &self.cells {
+            c.add(v);
+        }
+        if let Some(log) = &self.log {
+            log.record(self, v);
+        }
+    }
+
+    #[inline]
+    pub fn inc(&self) {
+        self.inc_by(1.0)
+    }
+
+    /// Sets a gauge.
+    #[inline]
+    pub fn set(&self, v: f64) {
+        if let Cells::Value(c) = &self.cells {
+            c.set(v);
+        }
+        if let Some(log) = &self.log {
+            log.record(self, v);
+        }
+    }
+
+    /// Records one observation into a histogram.
+    #[inline]
+    pub fn observe(&self, v: f64) {
+        if let Cells::Histogram { counts, sum } = &self.cells {
+            let i = self
+                .family
+                .buckets
+                .iter()
+                .position(|b| v <= *b)
+                .unwrap_or(self.family.buckets.len());
+            counts[i].fetch_add(1, Ordering::Relaxed);
+            sum.add(v);
+        }
+        if let Some(log) = &self.log {
+            log.record(self, v);
+        }
+    }
+
+    /// Records a value by the family's kind: counters add, gauges set, histograms observe.
+    pub fn record(&self, v: f64) {
+        match self.family.kind {
+            Kind::Counter => self.inc_by(v),
+            Kind::Gauge => self.set(v),
+            Kind::Histogram => self.observe(v),
+        }
+    }
+
+    pub fn value(&self) -> f64 {
+        match &self.cells {
+            Cells::Value(v) => v.get(),
+            Cells::Histogram { sum, .. } => sum.get(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_escaped_labels_and_histograms() {
+        let f = Family::new(
+            "h",
+            Kind::Histogram,
+            "s",
+            "help".into(),
+            vec!["m".into()],
+            vec![0.1, 1.0],
+            true,
+            false,
+            false,
+        );
+        let s = f.series(&["a\"b\\c\nd"], &None);
+        s.observe(0.05);
+        s.observe(0.5);
+        s.observe(5.0);
+        let mut out = String::new();
+        f.render(&mut out, None);
+        assert!(out.contains("h_bucket{m=\"a\\\"b\\\\c\\nd\",le=\"0.1\"} 1\n"), "{out}");
+        assert!(out.contains("le=\"1.0\"} 2\n"), "{out}");
+        assert!(out.contains("le=\"+Inf\"} 3\n"), "{out}");
+        assert!(out.contains("h_sum{m=\"a\\\"b\\\\c\\nd\"} 5.55\n"), "{out}");
+        assert!(out.contains("h_count{m=\"a\\\"b\\\\c\\nd\"} 3\n"), "{out}");
+        let mut only = String::new();
+        f.render(&mut only, Some("_count"));
+        assert!(!only.contains("_bucket") && only.contains("_count"));
+    }
+
+    #[test]
+    fn values_print_like_torchserve() {
+        let mut s = String::new();
+        write_value(3.0, &mut s);
+        s.push(' ');
+        write_value(290371.129, &mut s);
+        s.push(' ');
+        write_value(f64::INFINITY, &mut s);
+        assert_eq!(s, "3.0 290371.129 +Inf");
+    }
+}

@@ -1,0 +1,234 @@
+//! metrics.yaml: which metrics exist, with their type, unit and dimensions.
+//!
+//! The file format is TorchServe's (`ts_metrics` / `model_metrics`, each with `counter`, `gauge`,
+//! `histogram` lists). oxserve adds one optional key per entry, `buckets`, because TorchServe's fixed
+//! Prometheus buckets (0.005..10) are useless for millisecond values.
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use serde::Deserialize;
+
+/// The built-in default: exactly TorchServe's default metric set.
+pub const DEFAULT_YAML: &str = include_str!("default_metrics.yaml");
+
+/// A metric family's type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Counter => "counter",
+            Kind::Gauge => "gauge",
+            Kind::Histogram => "histogram",
+        }
+    }
+
+    /// From a `[METRICS]` line's `#type:` value (COUNTER, GAUGE, HISTOGRAM).
+    pub fn from_line_type(s: &str) -> Option<Kind> {
+        match s.to_ascii_uppercase().as_str() {
+            "COUNTER" => Some(Kind::Counter),
+            "GAUGE" => Some(Kind::Gauge),
+            "HISTOGRAM" => Some(Kind::Histogram),
+            _ => None,
+        }
+    }
+}
+
+/// Whether a metric is recorded by the server ("ts") or emitted by handlers ("model").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    Frontend,
+    Model,
+}
+
+/// One declared metric.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MetricSpec {
+    pub name: String,
+    pub kind: Kind,
+    pub unit: String,
+    pub dimensions: Vec<String>,
+    pub origin: Origin,
+    pub buckets: Option<Vec<f64>>,
+}
+
+/// All declared metrics, in file order.
+#[derive(Debug, Clone, Default)]
+pub struct Spec {
+    pub metrics: Vec<MetricSpec>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileShape {
+    #[serde(default)]
+    #[allow(dead_code)]
+    dimensions: Option<serde_yaml::Value>,
+    #[serde(default)]
+    ts_metrics: Option<Section>,
+    #[serde(default)]
+    model_metrics: Option<Section>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Section {
+    #[serde(default)]
+    counter: Option<Vec<Entry>>,
+    #[serde(default)]
+    gauge: Option<Vec<Entry>>,
+    #[serde(default)]
+    histogram: Option<Vec<Entry>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Entry {
+    name: Option<String>,
+    unit: Option<String>,
+    #[serde(default)]
+    dimensions: Vec<String>,
+    #[serde(default)]
+    buckets: Option<Vec<f64>>,
+}
+
+/// Prometheus' metric name rule.
+pub fn valid_metric_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_' || c == ':')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+}
+
+/// Prometheus' label name rule.
+pub fn valid_label_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+impl Spec {
+    /// TorchServe's default set.
+    pub fn builtin() -> Spec {
+        Spec::parse(DEFAULT_YAML, "built-in metrics.yaml").expect("the built-in metrics.yaml is valid")
+    }
+
+    /// Reads and validates a metrics.yaml file.
+    pub fn load(path: &Path) -> Result<Spec, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("metrics config {}: cannot read: {e}", path.display()))?;
+        Spec::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates metrics.yaml text; `source` names the file in errors.
+    pub fn parse(text: &str, source: &str) -> Result<Spec, String> {
+        let shape: FileShape = serde_yaml::from_str(text)
+            .map_err(|e| format!("metrics config {source}: {e}"))?;
+        let mut spec = Spec::default();
+        let mut seen = HashSet::new();
+        let sections = [
+            ("ts_metrics", Origin::Frontend, shape.ts_metrics),
+            ("model_metrics", Origin::Model, shape.model_metrics),
+        ];
+        for (section_name, origin, section) in sections {
+            let Some(section) = section else { continue };
+            let lists = [
+                (Kind::Counter, section.counter),
+                (Kind::Gauge, section.gauge),
+                (Kind::Histogram, section.histogram),
+            ];
+            for (kind, entries) in lists {
+                for (i, entry) in entries.unwrap_or_default().into_iter().enumerate() {
+                    let at = format!(
+                        "metrics config {source}: {section_name}.{}[{i}]",
+                        kind.as_str()
+                    );
+                    let name = entry.name.ok_or_else(|| format!("{at}: missing name"))?;
+                    let at = format!("{at} ({name})");
+                    if !valid_metric_name(&name) {
+                        return Err(format!("{at}: invalid metric name {name:?}"));
+                    }
+                    let unit = entry.unit.ok_or_else(|| format!("{at}: missing unit"))?;
+                    for d in &entry.dimensions {
+                        if !valid_label_name(d) {
+                            return Err(format!("{at}: invalid dimension name {d:?}"));
+                        }
+                    }
+                    let mut dims = HashSet::new();
+                    for d in &entry.dimensions {
+                        if !dims.insert(d) {
+                            return Err(format!("{at}: dimension {d:?} is listed twice"));
+                        }
+                    }
+                    if let Some(b) = &entry.buckets {
+                        if kind != Kind::Histogram {
+                            return Err(format!("{at}: buckets are only for histograms"));
+                        }
+                        if b.is_empty() || b.windows(2).any(|w| w[0] >= w[1]) {
+                            return Err(format!("{at}: buckets must be strictly increasing"));
+                        }
+                    }
+                    if !seen.insert(name.clone()) {
+                        return Err(format!("{at}: duplicate metric name {name:?}"));
+                    }
+                    let mut dimensions = entry.dimensions;
+                    if origin == Origin::Model && !dimensions.iter().any(|d| d == "Hostname") {
+                        dimensions.push("Hostname".to_string());
+                    }
+                    spec.metrics.push(MetricSpec {
+                        name,
+                        kind,
+                        unit,
+                        dimensions,
+                        origin,
+                        buckets: entry.buckets,
+                    });
+                }
+            }
+        }
+        Ok(spec)
+    }
+
+    pub fn get(&self, name: &str) -> Option<&MetricSpec> {
+        self.metrics.iter().find(|m| m.name == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtin_is_torchserves_set() {
+        let s = Spec::builtin();
+        assert_eq!(s.metrics.len(), 21);
+        let r = s.get("Requests2XX").unwrap();
+        assert_eq!(r.kind, Kind::Counter);
+        assert_eq!(r.dimensions, ["Level", "Hostname"]);
+        let h = s.get("HandlerTime").unwrap();
+        assert_eq!(h.dimensions, ["ModelName", "Level", "Hostname"]);
+        assert_eq!(h.unit, "ms");
+    }
+
+    #[test]
+    fn errors_name_file_entry_and_reason() {
+        let dup = "ts_metrics:\n  counter:\n    - name: A\n      unit: Count\n    - name: A\n      unit: Count\n";
+        let e = Spec::parse(dup, "m.yaml").unwrap_err();
+        assert!(e.contains("m.yaml") && e.contains("duplicate") && e.contains("A"), "{e}");
+        let nounit = "ts_metrics:\n  gauge:\n    - name: B\n";
+        let e = Spec::parse(nounit, "m.yaml").unwrap_err();
+        assert!(e.contains("missing unit") && e.contains("(B)"), "{e}");
+        let anchor = "model_metrics:\n  gauge:\n    - name: C\n      unit: ms\n      dimensions: [*nope]\n";
+        let e = Spec::parse(anchor, "m.yaml").unwrap_err();
+        assert!(e.contains("m.yaml") && e.contains("anchor"), "{e}");
+        let badname = "ts_metrics:\n  gauge:\n    - name: 9bad\n      unit: ms\n";
+        assert!(Spec::parse(badname, "m.yaml").unwrap_err().contains("invalid metric name"));
+        let badlabel = "ts_metrics:\n  gauge:\n    - name: ok\n      unit: ms\n      dimensions: [\"a-b\"]\n";
+        assert!(Spec::parse(badlabel, "m.yaml").unwrap_err().contains("invalid dimension"));
+    }
+}

@@ -1,0 +1,3 @@
+//! Models: archives and the registry of loaded versions.
+
+pub mod archive;

@@ -131,6 +131,12 @@ pub trait Backend: Send {
         None
     }
 
+    /// Whether the backend reports TorchServe's HandlerTime / PredictionTime itself (Python workers
+    /// print them as `[METRICS]` lines); otherwise the worker pool records them around `infer`.
+    fn reports_handler_metrics(&self) -> bool {
+        false
+    }
+
     /// Releases the model: stops the worker process, if any. Called once, when the worker retires.
     async fn shutdown(self: Box<Self>) {}
 }

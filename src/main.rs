@@ -1,1 +1,217 @@
-fn main(){}
+//! The `oxserve` command: start, stop, status. Mirrors `torchserve --start/--stop` flags.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand};
+use oxserve::config::{Config, Overrides};
+use oxserve::server;
+
+#[derive(Parser)]
+#[command(
+    name = "oxserve",
+    version,
+    about = "A TorchServe-compatible model server"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start the server (in the background unless --foreground).
+    Start(StartArgs),
+    /// Stop the running server.
+    Stop,
+    /// Say whether a server started with `oxserve start` is running.
+    Status,
+}
+
+#[derive(Args, Default, Clone)]
+struct StartArgs {
+    /// Stay attached to the terminal instead of running in the background.
+    #[arg(long)]
+    foreground: bool,
+    /// Folder of model archives.
+    #[arg(long, value_name = "DIR")]
+    model_store: Option<PathBuf>,
+    /// Models to load at start: `all`, or `name=file.mar,...`.
+    #[arg(long, value_name = "MODELS", num_args = 1.., value_delimiter = ',')]
+    models: Option<Vec<String>>,
+    /// config.properties to read.
+    #[arg(long, value_name = "FILE")]
+    ts_config: Option<PathBuf>,
+    /// No config snapshot (oxserve never writes snapshots; accepted for compatibility).
+    #[arg(long)]
+    ncs: bool,
+    /// Turn token authorization off.
+    #[arg(long)]
+    disable_token_auth: bool,
+    /// Allow registering and unregistering models through the management API.
+    #[arg(long)]
+    enable_model_api: bool,
+    /// Accepted for compatibility; logging is configured with RUST_LOG.
+    #[arg(long, value_name = "FILE")]
+    log_config: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        None => start(StartArgs {
+            foreground: true,
+            ..Default::default()
+        }),
+        Some(Command::Start(args)) => start(args),
+        Some(Command::Stop) => stop(),
+        Some(Command::Status) => status(),
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+fn start(args: StartArgs) -> ExitCode {
+    let overrides = Overrides {
+        ts_config: args.ts_config.clone(),
+        model_store: args.model_store.clone(),
+        models: args.models.as_ref().map(|m| m.join(",")),
+        disable_token_auth: args.disable_token_auth,
+        enable_model_api: args.enable_model_api,
+        ncs: args.ncs,
+    };
+    let (config, warnings) = match Config::load(&overrides) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("oxserve: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if !args.foreground {
+        return daemonize(&config);
+    }
+    init_logging();
+    for w in warnings {
+        tracing::warn!("{w}");
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match runtime.block_on(server::run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("oxserve: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Starts `oxserve start --foreground` with the same arguments as a detached process, logging to
+/// logs/oxserve.log, and records its pid.
+fn daemonize(config: &Config) -> ExitCode {
+    use std::os::unix::process::CommandExt;
+    let pid_file = server::pid_file();
+    if let Some(pid) = server::running_pid(&pid_file) {
+        eprintln!("oxserve is already running (pid {pid}); stop it with `oxserve stop`");
+        return ExitCode::from(1);
+    }
+    let log_dir = std::env::var_os("LOG_LOCATION")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("logs"));
+    if let Err(e) = std::fs::create_dir_all(&log_dir) {
+        eprintln!("oxserve: cannot create {}: {e}", log_dir.display());
+        return ExitCode::from(1);
+    }
+    let log_path = log_dir.join("oxserve.log");
+    let open = || {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+    };
+    let (Ok(out), Ok(err)) = (open(), open()) else {
+        eprintln!("oxserve: cannot open {}", log_path.display());
+        return ExitCode::from(1);
+    };
+    let exe = std::env::current_exe().expect("own executable path");
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    args.push("--foreground".into());
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(&args)
+        .stdin(std::process::Stdio::null())
+        .stdout(out)
+        .stderr(err);
+    // SAFETY: setsid is async-signal-safe; it detaches the child from our terminal session.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    match cmd.spawn() {
+        Ok(child) => {
+            let _ = std::fs::write(&pid_file, child.id().to_string());
+            println!(
+                "oxserve started (pid {}): inference http://{}, management http://{}, metrics http://{}; log {}",
+                child.id(),
+                config.inference_address,
+                config.management_address,
+                config.metrics_address,
+                log_path.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("oxserve: cannot start the server: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn stop() -> ExitCode {
+    let pid_file = server::pid_file();
+    let Some(pid) = server::running_pid(&pid_file) else {
+        println!("oxserve is not running");
+        let _ = std::fs::remove_file(&pid_file);
+        return ExitCode::SUCCESS;
+    };
+    // SAFETY: sending SIGTERM to a pid we recorded.
+    unsafe {
+        libc::kill(pid, libc::SIGTERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while server::alive(pid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    if server::alive(pid) {
+        eprintln!("oxserve (pid {pid}) did not stop within 30 s");
+        return ExitCode::from(1);
+    }
+    let _ = std::fs::remove_file(&pid_file);
+    println!("oxserve stopped (pid {pid})");
+    ExitCode::SUCCESS
+}
+
+fn status() -> ExitCode {
+    match server::running_pid(&server::pid_file()) {
+        Some(pid) => {
+            println!("oxserve is running (pid {pid})");
+            ExitCode::SUCCESS
+        }
+        None => {
+            println!("oxserve is not running");
+            ExitCode::from(3)
+        }
+    }
+}

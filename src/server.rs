@@ -1,1 +1,169 @@
-//! Server start-up and shutdown.
+//! Start-up and shutdown: builds the registry, binds the three listeners, loads the models,
+//! serves until a signal, then stops every worker.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use tokio::net::TcpListener;
+
+use crate::api::{self, AppState};
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::model::registry::{RegisterOptions, Registry};
+
+async fn bind(what: &str, key: &str, addr: SocketAddr) -> Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen for the {what} API on {addr} (config key {key})"))
+}
+
+/// Entries of `load_models`: (model name override, archive name).
+fn models_to_load(config: &Config) -> Result<Vec<(Option<String>, String)>> {
+    let mut out = Vec::new();
+    for entry in &config.load_models {
+        if entry == "all" {
+            let store = config
+                .model_store
+                .as_ref()
+                .context("load_models=all needs a model store (--model-store)")?;
+            let mut names: Vec<String> = std::fs::read_dir(store)
+                .with_context(|| format!("cannot read the model store {}", store.display()))?
+                .filter_map(|e| e.ok())
+                .filter(|e| {
+                    let p = e.path();
+                    p.extension().is_some_and(|x| x == "mar")
+                        || p.join("MAR-INF").join("MANIFEST.json").is_file()
+                })
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+            names.sort();
+            out.extend(names.into_iter().map(|n| (None, n)));
+        } else if let Some((name, file)) = entry.split_once('=') {
+            out.push((Some(name.trim().to_string()), file.trim().to_string()));
+        } else {
+            out.push((None, entry.clone()));
+        }
+    }
+    Ok(out)
+}
+
+/// Runs the server until SIGINT/SIGTERM. Fails fast (before loading any model) when a listener
+/// cannot be bound.
+pub async fn run(config: Config) -> Result<()> {
+    let config = Arc::new(config);
+    let metrics = Arc::new(Metrics::from_config(&config).map_err(anyhow::Error::msg)?);
+    let registry = Arc::new(Registry::new(config.clone(), metrics.clone()));
+    let state = AppState {
+        registry: registry.clone(),
+        metrics: metrics.clone(),
+        config: config.clone(),
+    };
+
+    let inference = bind("inference", "inference_address", config.inference_address).await?;
+    let management = bind(
+        "management",
+        "management_address",
+        config.management_address,
+    )
+    .await?;
+    let metrics_listener = if config.enable_metrics_api {
+        Some(bind("metrics", "metrics_address", config.metrics_address).await?)
+    } else {
+        None
+    };
+
+    if !config.disable_system_metrics {
+        crate::system::spawn(metrics.clone(), config.metric_time_interval);
+    }
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let serve = |listener: TcpListener, router: axum::Router| {
+        let mut rx = stop_rx.clone();
+        tokio::spawn(async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(async move {
+                    let _ = rx.wait_for(|stop| *stop).await;
+                })
+                .await
+        })
+    };
+    let mut line = format!(
+        "oxserve listening: inference={} management={}",
+        inference.local_addr()?,
+        management.local_addr()?
+    );
+    let mut tasks = vec![
+        serve(inference, api::inference::router(state.clone())),
+        serve(management, api::management::router(state.clone())),
+    ];
+    if let Some(l) = metrics_listener {
+        line.push_str(&format!(" metrics={}", l.local_addr()?));
+        tasks.push(serve(l, api::metrics::router(state.clone())));
+    }
+    // One parseable line on stdout: tests and scripts read the bound ports from it.
+    println!("{line}");
+    tracing::info!("{line}");
+
+    if config.builtin_default_model {
+        registry
+            .register_demo(config.default_workers_per_model)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot start the demo model: {e}"))?;
+        tracing::info!("serving the built-in demo model: curl -X POST http://{}/predictions/demo -d 'I love this'", config.inference_address);
+    }
+    for (name, file) in models_to_load(&config)? {
+        let options = RegisterOptions {
+            model_name: name,
+            loaded_at_startup: true,
+            ..Default::default()
+        };
+        match registry.register(&file, options).await {
+            Ok(v) => tracing::info!(
+                "registered model {} version {} from {file}",
+                v.name,
+                v.version
+            ),
+            Err(e) => tracing::error!("cannot load model {file}: {e}"),
+        }
+    }
+
+    shutdown_signal().await;
+    tracing::info!("shutting down: stopping listeners and workers");
+    let _ = stop_tx.send(true);
+    registry.shutdown().await;
+    for t in tasks {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), t).await;
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+/// Where `oxserve start` records the daemon's pid (`OXSERVE_PID_FILE`, else the temp folder).
+pub fn pid_file() -> std::path::PathBuf {
+    std::env::var_os("OXSERVE_PID_FILE")
+        .map(Into::into)
+        .unwrap_or_else(|| std::env::temp_dir().join(".oxserve.pid"))
+}
+
+/// Whether a process with this pid exists.
+pub fn alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks for existence and permission.
+    unsafe { libc::kill(pid, 0) == 0 }
+}
+
+/// Reads the recorded pid, if the file exists and names a live process.
+pub fn running_pid(path: &Path) -> Option<i32> {
+    let pid: i32 = std::fs::read_to_string(path).ok()?.trim().parse().ok()?;
+    alive(pid).then_some(pid)
+}

@@ -1,1 +1,120 @@
-//! HTTP listeners.
+//! The three HTTP listeners (inference, management, metrics), TorchServe-compatible.
+
+pub mod error;
+pub mod inference;
+pub mod management;
+pub mod metrics;
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, HeaderValue, Request};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::model::registry::Registry;
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub registry: Arc<Registry>,
+    pub metrics: Arc<Metrics>,
+    pub config: Arc<Config>,
+}
+
+/// Counts every response of a listener in Requests2XX / 4XX / 5XX (TorchServe counts all
+/// listeners, /metrics included).
+pub async fn count_responses(
+    State(state): State<AppState>,
+    req: Request<axum::body::Body>,
+    next: Next,
+) -> Response {
+    let mut response = next.run(req).await;
+    let status = response.status().as_u16();
+    state.metrics.host.count_response(status);
+    if status >= 400 {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
+}
+
+/// Answers `OPTIONS /` and `GET /api-description` with a listener's OpenAPI document.
+pub fn openapi(doc: &'static str) -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], doc).into_response()
+}
+
+/// Parses a raw query string strictly: bad percent-encoding or non-UTF-8 is an error with the reason,
+/// not a silently mangled value.
+pub fn parse_query(raw: Option<&str>) -> Result<Vec<(String, String)>, error::ApiError> {
+    let Some(raw) = raw else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for pair in raw.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        out.push((percent_decode(k)?, percent_decode(v)?));
+    }
+    Ok(out)
+}
+
+/// Decodes one query component (`+` is a space), refusing a `%` without two hex digits after it.
+fn percent_decode(s: &str) -> Result<String, error::ApiError> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = bytes
+                    .get(i + 1..i + 3)
+                    .and_then(|h| std::str::from_utf8(h).ok())
+                    .and_then(|h| u8::from_str_radix(h, 16).ok());
+                let Some(b) = hex else {
+                    return Err(error::ApiError::bad_request(format!(
+                        "malformed query string: '%' in {s:?} is not followed by two hex digits"
+                    )));
+                };
+                out.push(b);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).map_err(|_| {
+        error::ApiError::bad_request(format!(
+            "malformed query string: {s:?} is not UTF-8 once decoded"
+        ))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_decoding_is_strict() {
+        let q = parse_query(Some("name[]=A&name%5B%5D=B+c&x")).unwrap();
+        assert_eq!(
+            q,
+            [
+                ("name[]".into(), "A".into()),
+                ("name[]".into(), "B c".into()),
+                ("x".into(), "".into())
+            ]
+        );
+        assert!(parse_query(Some("name[]=%zz")).is_err());
+        assert!(parse_query(Some("a=%4")).is_err());
+        assert!(parse_query(Some("a=%ff")).is_err());
+    }
+}

@@ -5,10 +5,25 @@
 
 use async_trait::async_trait;
 
-use super::{Backend, BackendError, BackendLoader, InferRequest, InferResponse, StreamSink, WorkerSpec};
+use super::{
+    Backend, BackendError, BackendLoader, InferRequest, InferResponse, StreamSink, WorkerSpec,
+};
 
-const POSITIVE: &[&str] = &["good", "great", "love", "excellent", "happy", "fast", "nice", "best", "awesome", "fine"];
-const NEGATIVE: &[&str] = &["bad", "terrible", "hate", "awful", "sad", "slow", "worst", "poor", "broken", "ugly"];
+const POSITIVE: &[&str] = &[
+    "good",
+    "great",
+    "love",
+    "excellent",
+    "happy",
+    "fast",
+    "nice",
+    "best",
+    "awesome",
+    "fine",
+];
+const NEGATIVE: &[&str] = &[
+    "bad", "terrible", "hate", "awful", "sad", "slow", "worst", "poor", "broken", "ugly",
+];
 
 /// Loads [`DemoModel`]s.
 pub struct DemoLoader;
@@ -50,7 +65,11 @@ pub fn score(text: &str) -> (&'static str, f64) {
 
 fn infer_one(req: &InferRequest) -> InferResponse {
     let Some(payload) = req.payload() else {
-        return InferResponse::error(400, "BadRequestException", "empty request: send text or {\"text\": ...}");
+        return InferResponse::error(
+            400,
+            "BadRequestException",
+            "empty request: send text or {\"text\": ...}",
+        );
     };
     let text = if payload.content_type.starts_with("application/json") {
         match serde_json::from_slice::<serde_json::Value>(&payload.value) {
@@ -58,16 +77,34 @@ fn infer_one(req: &InferRequest) -> InferResponse {
             Ok(serde_json::Value::Object(o)) => match o.get("text").and_then(|t| t.as_str()) {
                 Some(t) => t.to_string(),
                 None => {
-                    return InferResponse::error(400, "BadRequestException", "JSON body needs a string field \"text\"")
+                    return InferResponse::error(
+                        400,
+                        "BadRequestException",
+                        "JSON body needs a string field \"text\"",
+                    )
                 }
             },
-            Ok(_) => return InferResponse::error(400, "BadRequestException", "JSON body must be a string or {\"text\": ...}"),
-            Err(e) => return InferResponse::error(400, "BadRequestException", &format!("invalid JSON body: {e}")),
+            Ok(_) => {
+                return InferResponse::error(
+                    400,
+                    "BadRequestException",
+                    "JSON body must be a string or {\"text\": ...}",
+                )
+            }
+            Err(e) => {
+                return InferResponse::error(
+                    400,
+                    "BadRequestException",
+                    &format!("invalid JSON body: {e}"),
+                )
+            }
         }
     } else {
         match std::str::from_utf8(&payload.value) {
             Ok(s) => s.to_string(),
-            Err(_) => return InferResponse::error(400, "BadRequestException", "body is not UTF-8 text"),
+            Err(_) => {
+                return InferResponse::error(400, "BadRequestException", "body is not UTF-8 text")
+            }
         }
     };
     let (label, score) = score(&text);
@@ -77,7 +114,11 @@ fn infer_one(req: &InferRequest) -> InferResponse {
 
 #[async_trait]
 impl Backend for DemoModel {
-    async fn infer(&mut self, batch: &[InferRequest], _sink: &dyn StreamSink) -> Result<Vec<InferResponse>, BackendError> {
+    async fn infer(
+        &mut self,
+        batch: &[InferRequest],
+        _sink: &dyn StreamSink,
+    ) -> Result<Vec<InferResponse>, BackendError> {
         Ok(batch.iter().map(infer_one).collect())
     }
 }

@@ -171,3 +171,18 @@ pub trait BackendLoader: Send + Sync {
     fn runtime(&self) -> &str;
     async fn load(&self, spec: &WorkerSpec) -> Result<Box<dyn Backend>, BackendError>;
 }
+
+/// Chooses the backend for an unpacked archive from its manifest.
+pub fn loader_for(
+    _dir: &std::path::Path,
+    manifest: &Manifest,
+    _config: &Arc<crate::config::Config>,
+) -> Result<Arc<dyn BackendLoader>, String> {
+    if manifest.model.handler == "builtin" {
+        return Ok(Arc::new(builtin::DemoLoader));
+    }
+    Err(format!(
+        "no backend can serve handler {:?} (runtime {:?})",
+        manifest.model.handler, manifest.runtime
+    ))
+}

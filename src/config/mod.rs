@@ -74,7 +74,8 @@ pub struct Config {
 
 /// Default bounds for latency histograms: 0.5 ms to 60 s, roughly doubling.
 pub const DEFAULT_BUCKETS: &[f64] = &[
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0,
 ];
 
 /// CLI flags that override the file and environment (the `torchserve --start` set).
@@ -303,10 +304,7 @@ impl Config {
             load_models,
             default_workers_per_model: default_workers_per_model as u32,
             job_queue_size: job_queue_size as usize,
-            default_response_timeout: Duration::from_secs(number(
-                "default_response_timeout",
-                120,
-            )?),
+            default_response_timeout: Duration::from_secs(number("default_response_timeout", 120)?),
             default_startup_timeout: Duration::from_secs(number("default_startup_timeout", 120)?),
             batch_size: batch_size as u32,
             max_batch_delay: Duration::from_millis(number("max_batch_delay", 100)?),
@@ -390,7 +388,11 @@ fn parse_address(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
         .to_socket_addrs()
         .ok()
         .and_then(|mut a| a.next())
-        .ok_or_else(|| ConfigError(format!("config key {key}: {value:?} is not a usable address")))
+        .ok_or_else(|| {
+            ConfigError(format!(
+                "config key {key}: {value:?} is not a usable address"
+            ))
+        })
 }
 
 #[cfg(test)]
@@ -418,9 +420,15 @@ mod tests {
     #[test]
     fn bad_values_name_key_and_value() {
         let e = build(&[("inference_address", "http://127.0.0.1:80x")]).unwrap_err();
-        assert!(e.0.contains("inference_address") && e.0.contains("80x"), "{e}");
+        assert!(
+            e.0.contains("inference_address") && e.0.contains("80x"),
+            "{e}"
+        );
         let e = build(&[("metrics_mode", "statsd")]).unwrap_err();
-        assert!(e.0.contains("metrics_mode") && e.0.contains("statsd"), "{e}");
+        assert!(
+            e.0.contains("metrics_mode") && e.0.contains("statsd"),
+            "{e}"
+        );
         let e = build(&[("job_queue_size", "-3")]).unwrap_err();
         assert!(e.0.contains("job_queue_size") && e.0.contains("-3"), "{e}");
     }

@@ -94,7 +94,13 @@ mod tests {
         assert_eq!(l.name, "HandlerTime");
         assert_eq!(l.unit, "ms");
         assert_eq!(l.value, 82.93);
-        assert_eq!(l.dimensions, [("ModelName".into(), "m".into()), ("Level".into(), "Model".into())]);
+        assert_eq!(
+            l.dimensions,
+            [
+                ("ModelName".into(), "m".into()),
+                ("Level".into(), "Model".into())
+            ]
+        );
         assert_eq!(l.kind, Some(Kind::Gauge));
         assert_eq!(l.hostname, "h");
         assert_eq!(l.timestamp, Some(1717105563));
@@ -104,7 +110,10 @@ mod tests {
     #[test]
     fn accepts_exponents_inf_nan_and_spaces() {
         assert_eq!(parse("A.Count:1e-3|#|#hostname:h,1").unwrap().value, 0.001);
-        assert!(parse("A.Count:inf|#|#hostname:h,1").unwrap().value.is_infinite());
+        assert!(parse("A.Count:inf|#|#hostname:h,1")
+            .unwrap()
+            .value
+            .is_infinite());
         assert!(parse("A.Count:nan|#|#hostname:h,1").unwrap().value.is_nan());
         let l = parse("A.Count:2|#Region:us east 1|#type:COUNTER|#hostname:h,1,a,b").unwrap();
         assert_eq!(l.dimensions[0].1, "us east 1");
@@ -114,8 +123,12 @@ mod tests {
     #[test]
     fn rejects_garbage_with_a_reason() {
         assert!(parse("garbage").is_err());
-        assert!(parse("A.Count:x|#|#hostname:h,1").unwrap_err().contains("not a number"));
-        assert!(parse("9A.Count:1|#|#hostname:h,1").unwrap_err().contains("invalid metric name"));
+        assert!(parse("A.Count:x|#|#hostname:h,1")
+            .unwrap_err()
+            .contains("not a number"));
+        assert!(parse("9A.Count:1|#|#hostname:h,1")
+            .unwrap_err()
+            .contains("invalid metric name"));
         assert!(parse("A.Count:1|#|#type:SUMMARY|#hostname:h,1").is_err());
     }
 }

@@ -325,15 +325,61 @@ impl Metrics {
                 (Kind::Histogram, _) => name_buckets.clone(),
                 _ => Vec::new(),
             };
-            m.add_family(name, *kind, "", help.to_string(), &["model_name", "model_version"], buckets, false);
+            m.add_family(
+                name,
+                *kind,
+                "",
+                help.to_string(),
+                &["model_name", "model_version"],
+                buckets,
+                false,
+            );
         }
-        m.add_family("oxserve_workers", Kind::Gauge, "", "Workers of a model version by state (starting, ready, busy, stopping).".into(), &["model_name", "model_version", "state"], vec![], false);
-        m.add_family("oxserve_model_responses_total", Kind::Counter, "", "Prediction responses per model version by status class (2xx, 4xx, 5xx).".into(), &["model_name", "model_version", "status_class"], vec![], false);
-        m.add_family("oxserve_backend_metric_lines_dropped_total", Kind::Counter, "", "Backend [METRICS] lines that were dropped: malformed, or undeclared in metrics.yaml.".into(), &["reason"], vec![], false);
-        m.add_family("oxserve_build_info", Kind::Gauge, "", "Always 1; labels carry the oxserve version.".into(), &["version"], vec![], false);
-        m.series("oxserve_build_info", &[env!("CARGO_PKG_VERSION")]).set(1.0);
-        m.dropped_malformed = m.series("oxserve_backend_metric_lines_dropped_total", &["malformed"]);
-        m.dropped_undeclared = m.series("oxserve_backend_metric_lines_dropped_total", &["undeclared"]);
+        m.add_family(
+            "oxserve_workers",
+            Kind::Gauge,
+            "",
+            "Workers of a model version by state (starting, ready, busy, stopping).".into(),
+            &["model_name", "model_version", "state"],
+            vec![],
+            false,
+        );
+        m.add_family(
+            "oxserve_model_responses_total",
+            Kind::Counter,
+            "",
+            "Prediction responses per model version by status class (2xx, 4xx, 5xx).".into(),
+            &["model_name", "model_version", "status_class"],
+            vec![],
+            false,
+        );
+        m.add_family(
+            "oxserve_backend_metric_lines_dropped_total",
+            Kind::Counter,
+            "",
+            "Backend [METRICS] lines that were dropped: malformed, or undeclared in metrics.yaml."
+                .into(),
+            &["reason"],
+            vec![],
+            false,
+        );
+        m.add_family(
+            "oxserve_build_info",
+            Kind::Gauge,
+            "",
+            "Always 1; labels carry the oxserve version.".into(),
+            &["version"],
+            vec![],
+            false,
+        );
+        m.series("oxserve_build_info", &[env!("CARGO_PKG_VERSION")])
+            .set(1.0);
+        m.dropped_malformed =
+            m.series("oxserve_backend_metric_lines_dropped_total", &["malformed"]);
+        m.dropped_undeclared = m.series(
+            "oxserve_backend_metric_lines_dropped_total",
+            &["undeclared"],
+        );
         m.dropped_malformed.inc_by(0.0);
         m.dropped_undeclared.inc_by(0.0);
         let host = HostMetrics {
@@ -376,7 +422,9 @@ impl Metrics {
         );
         let buckets = s.buckets.clone().unwrap_or_else(|| {
             // TorchServe's (Prometheus client's) default buckets, for compatibility.
-            vec![0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0]
+            vec![
+                0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+            ]
         });
         let dims: Vec<&str> = s.dimensions.iter().map(String::as_str).collect();
         self.add_family(
@@ -385,7 +433,11 @@ impl Metrics {
             &s.unit,
             help,
             &dims,
-            if s.kind == Kind::Histogram { buckets } else { Vec::new() },
+            if s.kind == Kind::Histogram {
+                buckets
+            } else {
+                Vec::new()
+            },
             s.origin == Origin::Model,
         );
     }
@@ -690,8 +742,7 @@ impl Metrics {
                             .find_map(|sfx| name.strip_suffix(sfx).map(|base| (base, *sfx)))
                         {
                             Some((base, sfx)) => (
-                                self.family(base)
-                                    .filter(|f| f.meta.kind == Kind::Histogram),
+                                self.family(base).filter(|f| f.meta.kind == Kind::Histogram),
                                 Some(sfx),
                             ),
                             None => (None, None),
@@ -756,7 +807,10 @@ mod tests {
         let m = Metrics::for_tests();
         let mm = m.model("echo", "1.0");
         mm.record_request(&Timings::new(Instant::now()), 200, true);
-        let out = m.render(Some(&["Requests2XX".into(), "oxserve_request_duration_seconds_count".into()]));
+        let out = m.render(Some(&[
+            "Requests2XX".into(),
+            "oxserve_request_duration_seconds_count".into(),
+        ]));
         assert!(out.starts_with("# HELP Requests2XX "));
         assert!(out.contains("oxserve_request_duration_seconds_count{"));
         assert!(!out.contains("_bucket"));
@@ -766,13 +820,28 @@ mod tests {
     #[test]
     fn backend_lines_declared_undeclared_malformed() {
         let m = Metrics::for_tests();
-        m.record_backend_line("HandlerTime.ms:5.5|#ModelName:echo,Level:Model|#type:GAUGE|#hostname:x,1,r", "echo");
-        m.record_backend_line("Custom.Count:1|#ModelName:echo,Level:Model|#type:COUNTER|#hostname:x,1", "echo");
+        m.record_backend_line(
+            "HandlerTime.ms:5.5|#ModelName:echo,Level:Model|#type:GAUGE|#hostname:x,1,r",
+            "echo",
+        );
+        m.record_backend_line(
+            "Custom.Count:1|#ModelName:echo,Level:Model|#type:COUNTER|#hostname:x,1",
+            "echo",
+        );
         m.record_backend_line("garbage", "echo");
         let out = m.render(None);
-        assert!(out.contains("HandlerTime{ModelName=\"echo\",Level=\"Model\",Hostname=\"testhost\"} 5.5\n"), "{out}");
-        assert!(out.contains("oxserve_backend_metric_lines_dropped_total{reason=\"undeclared\"} 1.0"));
-        assert!(out.contains("oxserve_backend_metric_lines_dropped_total{reason=\"malformed\"} 1.0"));
+        assert!(
+            out.contains(
+                "HandlerTime{ModelName=\"echo\",Level=\"Model\",Hostname=\"testhost\"} 5.5\n"
+            ),
+            "{out}"
+        );
+        assert!(
+            out.contains("oxserve_backend_metric_lines_dropped_total{reason=\"undeclared\"} 1.0")
+        );
+        assert!(
+            out.contains("oxserve_backend_metric_lines_dropped_total{reason=\"malformed\"} 1.0")
+        );
         assert!(!out.contains("Custom"));
     }
 }

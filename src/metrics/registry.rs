@@ -115,6 +115,7 @@ pub fn write_value(v: f64, out: &mut String) {
 }
 
 impl Family {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         name: &str,
         kind: Kind,
@@ -365,7 +366,10 @@ mod tests {
         s.observe(5.0);
         let mut out = String::new();
         f.render(&mut out, None);
-        assert!(out.contains("h_bucket{m=\"a\\\"b\\\\c\\nd\",le=\"0.1\"} 1\n"), "{out}");
+        assert!(
+            out.contains("h_bucket{m=\"a\\\"b\\\\c\\nd\",le=\"0.1\"} 1\n"),
+            "{out}"
+        );
         assert!(out.contains("le=\"1.0\"} 2\n"), "{out}");
         assert!(out.contains("le=\"+Inf\"} 3\n"), "{out}");
         assert!(out.contains("h_sum{m=\"a\\\"b\\\\c\\nd\"} 5.55\n"), "{out}");

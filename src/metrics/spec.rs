@@ -115,7 +115,8 @@ pub fn valid_label_name(name: &str) -> bool {
 impl Spec {
     /// TorchServe's default set.
     pub fn builtin() -> Spec {
-        Spec::parse(DEFAULT_YAML, "built-in metrics.yaml").expect("the built-in metrics.yaml is valid")
+        Spec::parse(DEFAULT_YAML, "built-in metrics.yaml")
+            .expect("the built-in metrics.yaml is valid")
     }
 
     /// Reads and validates a metrics.yaml file.
@@ -127,8 +128,8 @@ impl Spec {
 
     /// Parses and validates metrics.yaml text; `source` names the file in errors.
     pub fn parse(text: &str, source: &str) -> Result<Spec, String> {
-        let shape: FileShape = serde_yaml::from_str(text)
-            .map_err(|e| format!("metrics config {source}: {e}"))?;
+        let shape: FileShape =
+            serde_yaml::from_str(text).map_err(|e| format!("metrics config {source}: {e}"))?;
         let mut spec = Spec::default();
         let mut seen = HashSet::new();
         let sections = [
@@ -219,16 +220,25 @@ mod tests {
     fn errors_name_file_entry_and_reason() {
         let dup = "ts_metrics:\n  counter:\n    - name: A\n      unit: Count\n    - name: A\n      unit: Count\n";
         let e = Spec::parse(dup, "m.yaml").unwrap_err();
-        assert!(e.contains("m.yaml") && e.contains("duplicate") && e.contains("A"), "{e}");
+        assert!(
+            e.contains("m.yaml") && e.contains("duplicate") && e.contains("A"),
+            "{e}"
+        );
         let nounit = "ts_metrics:\n  gauge:\n    - name: B\n";
         let e = Spec::parse(nounit, "m.yaml").unwrap_err();
         assert!(e.contains("missing unit") && e.contains("(B)"), "{e}");
-        let anchor = "model_metrics:\n  gauge:\n    - name: C\n      unit: ms\n      dimensions: [*nope]\n";
+        let anchor =
+            "model_metrics:\n  gauge:\n    - name: C\n      unit: ms\n      dimensions: [*nope]\n";
         let e = Spec::parse(anchor, "m.yaml").unwrap_err();
         assert!(e.contains("m.yaml") && e.contains("anchor"), "{e}");
         let badname = "ts_metrics:\n  gauge:\n    - name: 9bad\n      unit: ms\n";
-        assert!(Spec::parse(badname, "m.yaml").unwrap_err().contains("invalid metric name"));
-        let badlabel = "ts_metrics:\n  gauge:\n    - name: ok\n      unit: ms\n      dimensions: [\"a-b\"]\n";
-        assert!(Spec::parse(badlabel, "m.yaml").unwrap_err().contains("invalid dimension"));
+        assert!(Spec::parse(badname, "m.yaml")
+            .unwrap_err()
+            .contains("invalid metric name"));
+        let badlabel =
+            "ts_metrics:\n  gauge:\n    - name: ok\n      unit: ms\n      dimensions: [\"a-b\"]\n";
+        assert!(Spec::parse(badlabel, "m.yaml")
+            .unwrap_err()
+            .contains("invalid dimension"));
     }
 }

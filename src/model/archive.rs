@@ -126,8 +126,8 @@ fn safe_relative(name: &str) -> Result<PathBuf, String> {
 
 fn unpack_zip(archive: &Path, dest: &Path) -> Result<(), ArchiveError> {
     let file = fs::File::open(archive).map_err(|e| invalid(archive, e.to_string()))?;
-    let mut zip = zip::ZipArchive::new(file)
-        .map_err(|e| invalid(archive, format!("not a zip file: {e}")))?;
+    let mut zip =
+        zip::ZipArchive::new(file).map_err(|e| invalid(archive, format!("not a zip file: {e}")))?;
     for i in 0..zip.len() {
         let mut entry = zip
             .by_index(i)

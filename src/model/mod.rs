@@ -1,3 +1,4 @@
 //! Models: archives and the registry of loaded versions.
 
 pub mod archive;
+pub mod registry;

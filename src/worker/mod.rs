@@ -1,1 +1,629 @@
-//! Worker pools.
+//! Per-model-version worker pools: a bounded queue, batching, live scaling and supervision.
+//!
+//! Requests wait in one bounded queue per model version. Each worker is a task that owns one
+//! [`Backend`]; when idle it takes the oldest request, keeps collecting until the batch is full or
+//! `max_batch_delay` has passed since it took the first one, and hands the batch to its backend.
+//! Scaling down marks workers as stopping: they finish their batch and never take another, so a
+//! queued request is never lost. A worker whose backend dies fails its batch with a 5xx, then loads
+//! again with exponential backoff.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::{mpsc, Notify};
+
+use crate::backend::{
+    Backend, BackendError, BackendLoader, InferRequest, InferResponse, StreamSink, WorkerSpec,
+};
+use crate::metrics::{ModelMetrics, Timings, WorkerState};
+
+/// One part of a reply: streamed parts have `last == false`.
+#[derive(Debug)]
+pub struct ReplyPart {
+    pub response: InferResponse,
+    pub last: bool,
+    pub timings: Timings,
+}
+
+/// The receiving end of a queued request's reply.
+pub type ReplyRx = mpsc::UnboundedReceiver<ReplyPart>;
+
+/// A request waiting for, or being served by, a worker.
+pub struct Job {
+    pub request: InferRequest,
+    pub timings: Timings,
+    reply: mpsc::UnboundedSender<ReplyPart>,
+}
+
+impl Job {
+    /// A job and the receiver its reply arrives on.
+    pub fn new(request: InferRequest, timings: Timings) -> (Job, ReplyRx) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (
+            Job {
+                request,
+                timings,
+                reply: tx,
+            },
+            rx,
+        )
+    }
+
+    fn finish(self, response: InferResponse) {
+        let _ = self.reply.send(ReplyPart {
+            response,
+            last: true,
+            timings: self.timings,
+        });
+    }
+}
+
+/// Why a request was not queued.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SubmitError {
+    /// The queue holds job_queue_size requests.
+    QueueFull,
+    /// The model version is being unregistered.
+    Closed,
+}
+
+/// Batching and timeout settings of one model version.
+#[derive(Debug, Clone)]
+pub struct PoolSettings {
+    pub batch_size: u32,
+    pub max_batch_delay: Duration,
+    pub queue_capacity: usize,
+    pub response_timeout: Duration,
+    pub startup_timeout: Duration,
+}
+
+/// A worker as `describe` shows it.
+#[derive(Debug, Clone)]
+pub struct WorkerInfo {
+    pub id: u32,
+    pub name: String,
+    pub start_time: SystemTime,
+    pub state: WorkerState,
+    pub pid: Option<u32>,
+}
+
+struct WorkerSlot {
+    id: u32,
+    name: String,
+    start_time: SystemTime,
+    state: Arc<AtomicU8>,
+    pid: Arc<AtomicU32>,
+    stop: Arc<AtomicBool>,
+}
+
+struct Shared {
+    queue: Mutex<VecDeque<Job>>,
+    /// Wakes idle workers when a job arrives or a worker is told to stop.
+    notify: Notify,
+    closed: AtomicBool,
+    settings: PoolSettings,
+    loader: Arc<dyn BackendLoader>,
+    spec: WorkerSpec,
+    metrics: Arc<ModelMetrics>,
+    workers: Mutex<Vec<WorkerSlot>>,
+    min_workers: AtomicU32,
+    max_workers: AtomicU32,
+    next_port: Arc<AtomicU32>,
+    /// Notified whenever a worker changes state (for synchronous scaling and tests).
+    state_changed: Notify,
+}
+
+/// The pool of one model version.
+#[derive(Clone)]
+pub struct Pool {
+    shared: Arc<Shared>,
+}
+
+impl Pool {
+    /// Creates an empty pool; call [`Pool::scale`] to start workers. `spec` is the template each
+    /// worker's spec is made from (port and name are filled per worker).
+    pub fn new(
+        loader: Arc<dyn BackendLoader>,
+        spec: WorkerSpec,
+        settings: PoolSettings,
+        metrics: Arc<ModelMetrics>,
+        next_port: Arc<AtomicU32>,
+    ) -> Pool {
+        metrics.queue_capacity.set(settings.queue_capacity as f64);
+        metrics.queue_depth.set(0.0);
+        Pool {
+            shared: Arc::new(Shared {
+                queue: Mutex::new(VecDeque::with_capacity(settings.queue_capacity.min(1024))),
+                notify: Notify::new(),
+                closed: AtomicBool::new(false),
+                settings,
+                loader,
+                spec,
+                metrics,
+                workers: Mutex::new(Vec::new()),
+                min_workers: AtomicU32::new(0),
+                max_workers: AtomicU32::new(0),
+                next_port,
+                state_changed: Notify::new(),
+            }),
+        }
+    }
+
+    pub fn settings(&self) -> &PoolSettings {
+        &self.shared.settings
+    }
+
+    pub fn runtime(&self) -> String {
+        self.shared.loader.runtime().to_string()
+    }
+
+    pub fn metrics(&self) -> &Arc<ModelMetrics> {
+        &self.shared.metrics
+    }
+
+    /// Queues a job, or says why not (the job is dropped; the caller answers the request).
+    pub fn submit(&self, mut job: Job) -> Result<(), SubmitError> {
+        let s = &self.shared;
+        if s.closed.load(Ordering::Acquire) {
+            return Err(SubmitError::Closed);
+        }
+        {
+            let mut q = s.queue.lock().unwrap();
+            if q.len() >= s.settings.queue_capacity {
+                return Err(SubmitError::QueueFull);
+            }
+            job.timings.enqueued = Some(Instant::now());
+            q.push_back(job);
+            s.metrics.queue_depth.set(q.len() as f64);
+        }
+        s.notify.notify_one();
+        Ok(())
+    }
+
+    /// Requests waiting in the queue.
+    pub fn queue_len(&self) -> usize {
+        self.shared.queue.lock().unwrap().len()
+    }
+
+    pub fn min_workers(&self) -> u32 {
+        self.shared.min_workers.load(Ordering::Relaxed)
+    }
+
+    pub fn max_workers(&self) -> u32 {
+        self.shared.max_workers.load(Ordering::Relaxed)
+    }
+
+    /// Workers not told to stop.
+    pub fn workers(&self) -> Vec<WorkerInfo> {
+        self.shared
+            .workers
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|w| WorkerInfo {
+                id: w.id,
+                name: w.name.clone(),
+                start_time: w.start_time,
+                state: state_from(w.state.load(Ordering::Relaxed)),
+                pid: Some(w.pid.load(Ordering::Relaxed)).filter(|p| *p != 0),
+            })
+            .collect()
+    }
+
+    /// Workers that can serve now (ready or busy).
+    pub fn live_workers(&self) -> usize {
+        self.workers()
+            .iter()
+            .filter(|w| matches!(w.state, WorkerState::Ready | WorkerState::Busy))
+            .count()
+    }
+
+    /// Sets min/max workers and starts or stops workers to fit: fewer than `min` running are topped
+    /// up to `min`; more than `max` are cut to `max` (idle ones first). With `wait`, returns once the
+    /// new workers are ready or the startup timeout passes; returns the number of workers then.
+    pub async fn scale(&self, min: u32, max: u32, wait: bool) -> usize {
+        let s = &self.shared;
+        s.min_workers.store(min, Ordering::Relaxed);
+        s.max_workers.store(max, Ordering::Relaxed);
+        s.metrics.workers_min.set(f64::from(min));
+        s.metrics.workers_max.set(f64::from(max));
+        let running = {
+            let workers = s.workers.lock().unwrap();
+            let running = workers
+                .iter()
+                .filter(|w| !w.stop.load(Ordering::Relaxed))
+                .count() as u32;
+            if running > max {
+                // Stop the surplus, idle workers first, then the newest.
+                let mut order: Vec<usize> = (0..workers.len())
+                    .filter(|&i| !workers[i].stop.load(Ordering::Relaxed))
+                    .collect();
+                order.sort_by_key(|&i| {
+                    let busy =
+                        state_from(workers[i].state.load(Ordering::Relaxed)) == WorkerState::Busy;
+                    (busy, std::cmp::Reverse(workers[i].id))
+                });
+                for &i in order.iter().take((running - max) as usize) {
+                    workers[i].stop.store(true, Ordering::Release);
+                    workers[i]
+                        .state
+                        .store(WorkerState::Stopping as u8, Ordering::Relaxed);
+                }
+            }
+            running
+        };
+        if running > max {
+            s.notify.notify_waiters();
+        }
+        for _ in running..min {
+            self.spawn_worker();
+        }
+        self.publish_states();
+        if wait {
+            let deadline = Instant::now() + s.settings.startup_timeout;
+            loop {
+                let notified = s.state_changed.notified();
+                let workers = self.workers();
+                let settled = workers
+                    .iter()
+                    .all(|w| !matches!(w.state, WorkerState::Starting | WorkerState::Stopping));
+                if settled || Instant::now() >= deadline {
+                    return workers.len();
+                }
+                let _ = tokio::time::timeout_at(deadline.into(), notified).await;
+            }
+        }
+        self.workers()
+            .iter()
+            .filter(|w| w.state != WorkerState::Stopping)
+            .count()
+    }
+
+    /// Stops accepting requests, answers every queued one with `reason`, and stops all workers
+    /// once their current batch is done.
+    pub fn close(&self, reason: &str) {
+        let s = &self.shared;
+        s.closed.store(true, Ordering::Release);
+        let drained: Vec<Job> = s.queue.lock().unwrap().drain(..).collect();
+        s.metrics.queue_depth.set(0.0);
+        for job in drained {
+            job.finish(InferResponse::error(
+                503,
+                "ServiceUnavailableException",
+                reason,
+            ));
+        }
+        for w in s.workers.lock().unwrap().iter() {
+            w.stop.store(true, Ordering::Release);
+            w.state
+                .store(WorkerState::Stopping as u8, Ordering::Relaxed);
+        }
+        s.notify.notify_waiters();
+        self.publish_states();
+    }
+
+    /// Waits until every worker has exited (after [`Pool::close`]), at most `limit`.
+    pub async fn wait_stopped(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        loop {
+            let notified = self.shared.state_changed.notified();
+            if self.shared.workers.lock().unwrap().is_empty() || Instant::now() >= deadline {
+                return;
+            }
+            let _ = tokio::time::timeout_at(deadline.into(), notified).await;
+        }
+    }
+
+    fn spawn_worker(&self) {
+        let s = &self.shared;
+        let port = s.next_port.fetch_add(1, Ordering::Relaxed);
+        let name = format!("W-{port}-{}_{}", s.spec.model_name, s.spec.model_version);
+        let slot = WorkerSlot {
+            id: port,
+            name: name.clone(),
+            start_time: SystemTime::now(),
+            state: Arc::new(AtomicU8::new(WorkerState::Starting as u8)),
+            pid: Arc::new(AtomicU32::new(0)),
+            stop: Arc::new(AtomicBool::new(false)),
+        };
+        let mut spec = s.spec.clone();
+        spec.port = port;
+        spec.name = name;
+        let worker = Worker {
+            pool: self.clone(),
+            spec,
+            state: slot.state.clone(),
+            pid: slot.pid.clone(),
+            stop: slot.stop.clone(),
+        };
+        s.workers.lock().unwrap().push(slot);
+        tokio::spawn(worker.run());
+    }
+
+    /// Recomputes the per-state worker gauges.
+    fn publish_states(&self) {
+        let mut counts = [0usize; 4];
+        for w in self.shared.workers.lock().unwrap().iter() {
+            counts[w.state.load(Ordering::Relaxed) as usize] += 1;
+        }
+        for st in WorkerState::ALL {
+            self.shared.metrics.set_workers(st, counts[st as usize]);
+        }
+        self.shared.state_changed.notify_waiters();
+    }
+
+    fn remove_worker(&self, port: u32) {
+        self.shared.workers.lock().unwrap().retain(|w| w.id != port);
+        self.publish_states();
+    }
+}
+
+fn state_from(v: u8) -> WorkerState {
+    match v {
+        0 => WorkerState::Starting,
+        1 => WorkerState::Ready,
+        2 => WorkerState::Busy,
+        _ => WorkerState::Stopping,
+    }
+}
+
+/// One worker task.
+struct Worker {
+    pool: Pool,
+    spec: WorkerSpec,
+    state: Arc<AtomicU8>,
+    pid: Arc<AtomicU32>,
+    stop: Arc<AtomicBool>,
+}
+
+/// Forwards a backend's streamed parts to the jobs of the current batch.
+struct BatchSink<'a> {
+    jobs: &'a [Job],
+}
+
+impl StreamSink for BatchSink<'_> {
+    fn send_partial(&self, index: usize, part: InferResponse) {
+        if let Some(job) = self.jobs.get(index) {
+            let _ = job.reply.send(ReplyPart {
+                response: part,
+                last: false,
+                timings: job.timings,
+            });
+        }
+    }
+}
+
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+impl Worker {
+    fn set_state(&self, st: WorkerState) {
+        // A stopping worker stays stopping.
+        if self.state.load(Ordering::Relaxed) != WorkerState::Stopping as u8 {
+            self.state.store(st as u8, Ordering::Relaxed);
+            self.pool.publish_states();
+        }
+    }
+
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+
+    async fn run(self) {
+        let metrics = self.spec.metrics.clone();
+        let mut backoff = Duration::from_millis(500);
+        while !self.stopping() {
+            self.set_state(WorkerState::Starting);
+            let started = Instant::now();
+            let loaded = tokio::time::timeout(
+                self.spec.startup_timeout,
+                self.pool.shared.loader.load(&self.spec),
+            )
+            .await;
+            let mut backend = match loaded {
+                Ok(Ok(b)) => b,
+                Ok(Err(e)) => {
+                    tracing::error!(worker = %self.spec.name, "model load failed: {e}; retrying in {backoff:?}");
+                    self.sleep_unless_stopped(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    continue;
+                }
+                Err(_) => {
+                    tracing::error!(worker = %self.spec.name, "model load timed out after {:?}; retrying in {backoff:?}", self.spec.startup_timeout);
+                    self.sleep_unless_stopped(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    continue;
+                }
+            };
+            metrics
+                .worker_load_time(&self.spec.name)
+                .set(started.elapsed().as_millis() as f64);
+            self.pid
+                .store(backend.pid().unwrap_or(0), Ordering::Relaxed);
+            self.set_state(WorkerState::Ready);
+            tracing::info!(worker = %self.spec.name, "worker ready in {:?}", started.elapsed());
+            let died = self.serve(&mut backend).await;
+            backend.shutdown().await;
+            self.pid.store(0, Ordering::Relaxed);
+            match died {
+                Some(reason) => {
+                    tracing::warn!(worker = %self.spec.name, "worker restarting in {backoff:?}: {reason}");
+                    self.sleep_unless_stopped(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+                None => break,
+            }
+        }
+        metrics.forget_worker(&self.spec.name);
+        self.pool.remove_worker(self.spec.port);
+        tracing::info!(worker = %self.spec.name, "worker stopped");
+    }
+
+    async fn sleep_unless_stopped(&self, d: Duration) {
+        let deadline = Instant::now() + d;
+        while !self.stopping() && Instant::now() < deadline {
+            let notified = self.pool.shared.notify.notified();
+            let _ = tokio::time::timeout_at(deadline.into(), notified).await;
+        }
+    }
+
+    /// Serves batches until told to stop (returns None) or the backend dies (returns why).
+    async fn serve(&self, backend: &mut Box<dyn Backend>) -> Option<String> {
+        loop {
+            let batch = self.next_batch().await?;
+            self.set_state(WorkerState::Busy);
+            let outcome = self.run_batch(backend, batch).await;
+            self.set_state(WorkerState::Ready);
+            if let Err(reason) = outcome {
+                return Some(reason);
+            }
+        }
+    }
+
+    /// Waits for the first job, then fills the batch until it is full or max_batch_delay passes.
+    async fn next_batch(&self) -> Option<Vec<Job>> {
+        let shared = &self.pool.shared;
+        let limit = shared.settings.batch_size.max(1) as usize;
+        let mut batch = Vec::with_capacity(limit);
+        let mut deadline: Option<Instant> = None;
+        loop {
+            let notified = shared.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.stopping() {
+                // Jobs already taken are served; none more are taken. Pass on a wake-up this
+                // worker may have consumed, so a queued job is not left waiting.
+                if !shared.queue.lock().unwrap().is_empty() {
+                    shared.notify.notify_one();
+                }
+                return if batch.is_empty() { None } else { Some(batch) };
+            }
+            {
+                let mut q = shared.queue.lock().unwrap();
+                while batch.len() < limit {
+                    match q.pop_front() {
+                        Some(job) => batch.push(job),
+                        None => break,
+                    }
+                }
+                shared.metrics.queue_depth.set(q.len() as f64);
+                if !q.is_empty() {
+                    // Others may be able to take what we leave.
+                    shared.notify.notify_one();
+                }
+            }
+            if batch.len() >= limit {
+                return Some(batch);
+            }
+            if !batch.is_empty() {
+                let d = *deadline
+                    .get_or_insert_with(|| Instant::now() + shared.settings.max_batch_delay);
+                if Instant::now() >= d {
+                    return Some(batch);
+                }
+                let _ = tokio::time::timeout_at(d.into(), notified).await;
+            } else {
+                notified.await;
+            }
+        }
+    }
+
+    /// Runs one batch and answers its jobs. Err means the backend is unusable.
+    async fn run_batch(
+        &self,
+        backend: &mut Box<dyn Backend>,
+        mut jobs: Vec<Job>,
+    ) -> Result<(), String> {
+        let metrics = &self.pool.shared.metrics;
+        let batch_start = Instant::now();
+        for job in &mut jobs {
+            job.timings.batch_start = Some(batch_start);
+        }
+        metrics.batch_size.observe(jobs.len() as f64);
+        let requests: Vec<InferRequest> = jobs
+            .iter_mut()
+            .map(|j| std::mem::take(&mut j.request))
+            .collect();
+        let backend_start = Instant::now();
+        let result = {
+            let sink = BatchSink { jobs: &jobs };
+            tokio::time::timeout(self.spec.response_timeout, backend.infer(&requests, &sink)).await
+        };
+        let backend_end = Instant::now();
+        let backend_time = backend_end - backend_start;
+        metrics.backend_duration.observe(backend_time.as_secs_f64());
+        if !backend.reports_handler_metrics() {
+            let ms = backend_time.as_secs_f64() * 1000.0;
+            metrics.handler_time.set((ms * 100.0).round() / 100.0);
+            metrics.prediction_time.set((ms * 100.0).round() / 100.0);
+        }
+        for job in &mut jobs {
+            job.timings.backend_start = Some(backend_start);
+            job.timings.backend_end = Some(backend_end);
+        }
+        let n = jobs.len();
+        let outcome = match result {
+            Ok(Ok(responses)) if responses.len() == n => {
+                for (job, response) in jobs.into_iter().zip(responses) {
+                    job.finish(response);
+                }
+                Ok(())
+            }
+            Ok(Ok(responses)) => {
+                let msg = format!(
+                    "the backend returned {} replies for a batch of {n} requests",
+                    responses.len()
+                );
+                for job in jobs {
+                    job.finish(InferResponse::error(500, "InternalServerException", &msg));
+                }
+                Ok(())
+            }
+            Ok(Err(BackendError::Failed { status, message })) => {
+                for job in jobs {
+                    job.finish(InferResponse::error(
+                        status,
+                        "InternalServerException",
+                        &message,
+                    ));
+                }
+                Ok(())
+            }
+            Ok(Err(e @ (BackendError::Died(_) | BackendError::Load(_)))) => {
+                let msg = format!("Worker died: {e}");
+                for job in jobs {
+                    job.finish(InferResponse::error(
+                        503,
+                        "ServiceUnavailableException",
+                        &msg,
+                    ));
+                }
+                Err(msg)
+            }
+            Err(_) => {
+                let msg = format!(
+                    "the worker did not answer within the response timeout ({}s); it is restarted",
+                    self.spec.response_timeout.as_secs()
+                );
+                for job in jobs {
+                    job.finish(InferResponse::error(408, "RequestTimeoutException", &msg));
+                }
+                Err(msg)
+            }
+        };
+        let frontend = batch_start.elapsed().saturating_sub(backend_time);
+        self.pool.shared.metrics_host_thread_time(frontend);
+        outcome
+    }
+}
+
+impl Shared {
+    fn metrics_host_thread_time(&self, d: Duration) {
+        self.spec
+            .metrics
+            .host
+            .worker_thread_time
+            .set(d.as_millis() as f64);
+    }
+}

@@ -1,0 +1,396 @@
+//! Inference API (default 127.0.0.1:8080): /ping, /predictions, /explanations.
+
+use std::time::Instant;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Request, State};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get, options};
+use axum::{Json, Router};
+use http_body_util::BodyExt;
+
+use super::error::ApiError;
+use super::{count_responses, openapi, parse_query, AppState};
+use crate::backend::{InferRequest, InferResponse, Param};
+use crate::metrics::{ModelMetrics, Timings};
+use crate::worker::{Job, ReplyPart, ReplyRx, SubmitError};
+
+const OPENAPI: &str = include_str!("openapi/inference.json");
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/ping", get(ping))
+        .route("/", options(|| async { openapi(OPENAPI) }))
+        .route("/api-description", get(|| async { openapi(OPENAPI) }))
+        .route("/predictions/{model}", any(predict_default))
+        .route("/predictions/{model}/{version}", any(predict_version))
+        .route("/predictions/{model}/{version}/{*rest}", any(predict_path))
+        .route("/explanations/{model}", any(explain_default))
+        .route("/explanations/{model}/{version}", any(explain_version))
+        .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            count_responses,
+        ))
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("Requested resource is not found, please refer to API document.")
+}
+
+async fn ping(State(state): State<AppState>) -> Response {
+    if state.registry.healthy() {
+        Json(serde_json::json!({"status": "Healthy"})).into_response()
+    } else {
+        (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Json(serde_json::json!({"status": "Unhealthy"})),
+        )
+            .into_response()
+    }
+}
+
+/// What a prediction URL names.
+struct Target {
+    model: String,
+    version: Option<String>,
+    url_path: Option<String>,
+    explain: bool,
+}
+
+async fn predict_default(
+    State(s): State<AppState>,
+    Path(model): Path<String>,
+    req: Request,
+) -> Response {
+    serve(
+        s,
+        Target {
+            model,
+            version: None,
+            url_path: None,
+            explain: false,
+        },
+        req,
+    )
+    .await
+}
+
+async fn predict_version(
+    State(s): State<AppState>,
+    Path((model, version)): Path<(String, String)>,
+    req: Request,
+) -> Response {
+    serve(
+        s,
+        Target {
+            model,
+            version: Some(version),
+            url_path: None,
+            explain: false,
+        },
+        req,
+    )
+    .await
+}
+
+async fn predict_path(
+    State(s): State<AppState>,
+    Path((model, version, rest)): Path<(String, String, String)>,
+    req: Request,
+) -> Response {
+    serve(
+        s,
+        Target {
+            model,
+            version: Some(version),
+            url_path: Some(rest),
+            explain: false,
+        },
+        req,
+    )
+    .await
+}
+
+async fn explain_default(
+    State(s): State<AppState>,
+    Path(model): Path<String>,
+    req: Request,
+) -> Response {
+    serve(
+        s,
+        Target {
+            model,
+            version: None,
+            url_path: None,
+            explain: true,
+        },
+        req,
+    )
+    .await
+}
+
+async fn explain_version(
+    State(s): State<AppState>,
+    Path((model, version)): Path<(String, String)>,
+    req: Request,
+) -> Response {
+    serve(
+        s,
+        Target {
+            model,
+            version: Some(version),
+            url_path: None,
+            explain: true,
+        },
+        req,
+    )
+    .await
+}
+
+async fn serve(state: AppState, target: Target, req: Request) -> Response {
+    let arrival = Instant::now();
+    if !matches!(*req.method(), Method::POST | Method::PUT | Method::GET) {
+        return ApiError::method_not_allowed().into_response();
+    }
+    let version = target.version.as_deref().filter(|v| !v.is_empty());
+    let model = match state.registry.get(&target.model, version) {
+        Ok(m) => m,
+        Err(e) => return ApiError::from(e).into_response(),
+    };
+    let (parts, body) = req.into_parts();
+    let limit = state.config.max_request_size;
+    if let Some(len) = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        if len > limit {
+            return too_large(limit).into_response();
+        }
+    }
+    let body = match http_body_util::Limited::new(body, limit).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            return too_large(limit).into_response()
+        }
+        Err(e) => {
+            return ApiError::bad_request(format!("cannot read the request body: {e}"))
+                .into_response()
+        }
+    };
+    let request = match build_request(&parts.headers, parts.uri.query(), body, &target).await {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    let metrics = model.metrics.clone();
+    let in_url = version.is_some();
+    let (job, rx) = Job::new(request, Timings::new(arrival));
+    match model.pool.submit(job) {
+        Ok(()) => respond(rx, metrics, in_url).await,
+        Err(why) => {
+            let e = match why {
+                SubmitError::QueueFull => ApiError::new(
+                    503,
+                    "ServiceUnavailableException",
+                    format!(
+                        "Model \"{}\" has no worker to serve inference request. Please use scale workers API to add workers.",
+                        model.name
+                    ),
+                ),
+                SubmitError::Closed => ApiError::new(
+                    503,
+                    "ServiceUnavailableException",
+                    format!("Model \"{}\" is being unregistered", model.name),
+                ),
+            };
+            let mut t = Timings::new(arrival);
+            t.responded = Some(Instant::now());
+            metrics.record_request(&t, e.status, in_url);
+            e.into_response()
+        }
+    }
+}
+
+fn too_large(limit: usize) -> ApiError {
+    ApiError::new(
+        507,
+        "RequestEntityTooLargeException",
+        format!("request body is larger than max_request_size ({limit} bytes)"),
+    )
+}
+
+/// TorchServe's request shape: headers as received, query pairs and form fields as parameters,
+/// otherwise the body as parameter `body`.
+async fn build_request(
+    headers: &HeaderMap,
+    query: Option<&str>,
+    body: Bytes,
+    target: &Target,
+) -> Result<InferRequest, ApiError> {
+    let mut req = InferRequest {
+        id: new_request_id(),
+        headers: headers
+            .iter()
+            .filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string())))
+            .collect(),
+        params: Vec::new(),
+    };
+    if let Some(path) = &target.url_path {
+        req.headers.push(("url_path".into(), path.clone()));
+    }
+    if target.explain {
+        req.headers.push(("explain".into(), "True".into()));
+    }
+    for (k, v) in parse_query(query)? {
+        req.params.push(Param {
+            name: k,
+            content_type: "text/plain".into(),
+            value: Bytes::from(v),
+        });
+    }
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let mime = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    if mime == "application/x-www-form-urlencoded" {
+        let text = std::str::from_utf8(&body)
+            .map_err(|_| ApiError::bad_request("form body is not UTF-8"))?;
+        for (k, v) in parse_query(Some(text))? {
+            req.params.push(Param {
+                name: k,
+                content_type: "text/plain".into(),
+                value: Bytes::from(v),
+            });
+        }
+    } else if mime == "multipart/form-data" {
+        let boundary = multer::parse_boundary(&content_type)
+            .map_err(|e| ApiError::bad_request(format!("invalid multipart body: {e}")))?;
+        let stream = futures_util::stream::once(async move { Ok::<Bytes, std::io::Error>(body) });
+        let mut multipart = multer::Multipart::new(stream, boundary);
+        loop {
+            match multipart.next_field().await {
+                Ok(Some(field)) => {
+                    let name = field.name().unwrap_or("body").to_string();
+                    let ct = field
+                        .content_type()
+                        .map(|m| m.to_string())
+                        .unwrap_or_default();
+                    let value = field.bytes().await.map_err(|e| {
+                        ApiError::bad_request(format!("invalid multipart body: {e}"))
+                    })?;
+                    req.params.push(Param {
+                        name,
+                        content_type: ct,
+                        value,
+                    });
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    return Err(ApiError::bad_request(format!(
+                        "invalid multipart body: {e}"
+                    )))
+                }
+            }
+        }
+    } else if !body.is_empty() || req.params.is_empty() {
+        req.params.push(Param {
+            name: "body".into(),
+            content_type,
+            value: body,
+        });
+    }
+    Ok(req)
+}
+
+fn new_request_id() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    static PREFIX: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let prefix = PREFIX.get_or_init(|| {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        t.as_nanos() as u64 ^ u64::from(std::process::id()) << 32
+    });
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    format!("{prefix:016x}-{n:08x}")
+}
+
+/// Turns one reply part into response head + body.
+fn to_response(part: &InferResponse, body: Body) -> Response {
+    let mut r = Response::new(body);
+    *r.status_mut() =
+        StatusCode::from_u16(part.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let h = r.headers_mut();
+    if !part.content_type.is_empty() {
+        if let Ok(v) = HeaderValue::from_str(&part.content_type) {
+            h.insert(header::CONTENT_TYPE, v);
+        }
+    }
+    for (k, v) in &part.headers {
+        if let (Ok(k), Ok(v)) = (HeaderName::try_from(k.as_str()), HeaderValue::from_str(v)) {
+            h.insert(k, v);
+        }
+    }
+    r
+}
+
+/// Waits for the reply; streams it as HTTP chunks when the backend sends parts.
+async fn respond(mut rx: ReplyRx, metrics: std::sync::Arc<ModelMetrics>, in_url: bool) -> Response {
+    let Some(first) = rx.recv().await else {
+        return ApiError::new(
+            500,
+            "InternalServerException",
+            "the worker dropped the request without an answer",
+        )
+        .into_response();
+    };
+    if first.last {
+        let mut t = first.timings;
+        t.responded = Some(Instant::now());
+        metrics.record_request(&t, first.response.status, in_url);
+        let part = first.response;
+        return to_response(&part, Body::from(part.body.clone()));
+    }
+    // Streaming: the first part's head is the response head; every part is a chunk.
+    let head = first.response.clone();
+    let mut timings = first.timings;
+    timings.first_chunk = Some(Instant::now());
+    let state = Some((Some(first), rx, metrics, timings));
+    let stream = futures_util::stream::unfold(state, move |state| async move {
+        let (pending, mut rx, metrics, mut timings) = state?;
+        let part: ReplyPart = match pending {
+            Some(p) => p,
+            None => match rx.recv().await {
+                Some(p) => p,
+                None => {
+                    timings.responded = Some(Instant::now());
+                    metrics.record_request(&timings, 500, in_url);
+                    return None;
+                }
+            },
+        };
+        if part.last {
+            let mut t = timings;
+            t.responded = Some(Instant::now());
+            t.batch_start = part.timings.batch_start;
+            metrics.record_request(&t, part.response.status, in_url);
+            Some((Ok::<Bytes, std::io::Error>(part.response.body), None))
+        } else {
+            let body = part.response.body;
+            Some((Ok(body), Some((None, rx, metrics, timings))))
+        }
+    });
+    to_response(&head, Body::from_stream(stream))
+}

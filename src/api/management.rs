@@ -1,0 +1,369 @@
+//! Management API (default 127.0.0.1:8081): list, describe, scale, register, unregister, set-default.
+//!
+//! Every parameter is validated: where TorchServe silently falls back to a default for
+//! `min_worker=abc`, oxserve answers 400 with the reason.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::extract::{Path, RawQuery, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, options, put};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+
+use super::error::ApiError;
+use super::{count_responses, openapi, parse_query, AppState};
+use crate::metrics::WorkerState;
+use crate::model::registry::{ModelVersion, RegisterOptions};
+
+const OPENAPI: &str = include_str!("openapi/management.json");
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/", options(|| async { openapi(OPENAPI) }))
+        .route("/api-description", get(|| async { openapi(OPENAPI) }))
+        .route("/models", get(list).post(register))
+        .route(
+            "/models/{model}",
+            get(describe_default)
+                .put(scale_default)
+                .delete(unregister_default),
+        )
+        .route(
+            "/models/{model}/{version}",
+            get(describe_version)
+                .put(scale_version)
+                .delete(unregister_version),
+        )
+        .route("/models/{model}/{version}/set-default", put(set_default))
+        .fallback(|| async {
+            ApiError::not_found("Requested resource is not found, please refer to API document.")
+        })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            count_responses,
+        ))
+        .with_state(state)
+}
+
+/// Query parameters, validated one by one.
+struct Params(HashMap<String, String>);
+
+impl Params {
+    fn parse(raw: Option<String>) -> Result<Params, ApiError> {
+        Ok(Params(parse_query(raw.as_deref())?.into_iter().collect()))
+    }
+
+    fn str(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(String::as_str)
+    }
+
+    fn uint(&self, key: &str) -> Result<Option<u32>, ApiError> {
+        match self.str(key) {
+            None => Ok(None),
+            Some(v) => v.parse::<u32>().map(Some).map_err(|_| {
+                ApiError::bad_request(format!(
+                    "Parameter {key} must be a non-negative integer, got {v:?}"
+                ))
+            }),
+        }
+    }
+
+    fn boolean(&self, key: &str, default: bool) -> Result<bool, ApiError> {
+        match self.str(key).map(str::to_ascii_lowercase).as_deref() {
+            None => Ok(default),
+            Some("true") => Ok(true),
+            Some("false") => Ok(false),
+            Some(v) => Err(ApiError::bad_request(format!(
+                "Parameter {key} must be true or false, got {v:?}"
+            ))),
+        }
+    }
+}
+
+fn status(code: StatusCode, message: String) -> Response {
+    (code, Json(json!({ "status": message }))).into_response()
+}
+
+async fn list(State(state): State<AppState>, RawQuery(q): RawQuery) -> Result<Response, ApiError> {
+    let p = Params::parse(q)?;
+    let limit = p.uint("limit")?.unwrap_or(100);
+    if limit == 0 {
+        return Err(ApiError::bad_request("Parameter limit must be at least 1"));
+    }
+    let start = p.uint("next_page_token")?.unwrap_or(0) as usize;
+    let models = state.registry.list();
+    let page: Vec<Value> = models
+        .iter()
+        .skip(start)
+        .take(limit as usize)
+        .map(|(name, url)| json!({"modelName": name, "modelUrl": url}))
+        .collect();
+    let mut body = json!({ "models": page });
+    let next = start + limit as usize;
+    if next < models.len() {
+        body["nextPageToken"] = json!(next.to_string());
+    }
+    Ok(Json(body).into_response())
+}
+
+fn iso8601(t: SystemTime) -> String {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let days = (secs / 86_400) as i64;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let rem = secs % 86_400;
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        (rem / 60) % 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}
+
+/// Resident memory of a process in bytes, from /proc (0 where unknown).
+fn rss_bytes(pid: u32) -> u64 {
+    let Ok(statm) = std::fs::read_to_string(format!("/proc/{pid}/statm")) else {
+        return 0;
+    };
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    pages * page.max(0) as u64
+}
+
+fn describe_one(v: &ModelVersion) -> Value {
+    let pool = &v.pool;
+    let s = pool.settings();
+    let workers: Vec<Value> = pool
+        .workers()
+        .iter()
+        .map(|w| {
+            let status = match w.state {
+                WorkerState::Ready | WorkerState::Busy => "READY",
+                WorkerState::Starting => "STARTING",
+                WorkerState::Stopping => "UNLOADING",
+            };
+            let pid = w.pid.unwrap_or_else(std::process::id);
+            json!({
+                "id": w.id.to_string(),
+                "startTime": iso8601(w.start_time),
+                "status": status,
+                "memoryUsage": rss_bytes(pid),
+                "pid": pid,
+                "gpu": false,
+                "gpuUsage": "N/A",
+            })
+        })
+        .collect();
+    let pending = pool.queue_len();
+    json!({
+        "modelName": v.name,
+        "modelVersion": v.version,
+        "modelUrl": v.url,
+        "runtime": pool.runtime(),
+        "minWorkers": pool.min_workers(),
+        "maxWorkers": pool.max_workers(),
+        "batchSize": s.batch_size,
+        "maxBatchDelay": s.max_batch_delay.as_millis() as u64,
+        "responseTimeout": s.response_timeout.as_secs(),
+        "startupTimeout": s.startup_timeout.as_secs(),
+        "loadedAtStartup": v.loaded_at_startup,
+        "workers": workers,
+        "jobQueueStatus": {
+            "remainingCapacity": s.queue_capacity.saturating_sub(pending),
+            "pendingRequests": pending,
+        },
+    })
+}
+
+async fn describe_default(
+    State(state): State<AppState>,
+    Path(model): Path<String>,
+) -> Result<Response, ApiError> {
+    let v = state.registry.get(&model, None)?;
+    Ok(Json(json!([describe_one(&v)])).into_response())
+}
+
+async fn describe_version(
+    State(state): State<AppState>,
+    Path((model, version)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let versions: Vec<Arc<ModelVersion>> = if version == "all" {
+        state.registry.versions(&model)?
+    } else {
+        vec![state.registry.get(&model, Some(&version))?]
+    };
+    Ok(Json(Value::Array(
+        versions.iter().map(|v| describe_one(v)).collect(),
+    ))
+    .into_response())
+}
+
+async fn scale_default(
+    State(state): State<AppState>,
+    Path(model): Path<String>,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
+    scale(state, model, None, q).await
+}
+
+async fn scale_version(
+    State(state): State<AppState>,
+    Path((model, version)): Path<(String, String)>,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
+    scale(state, model, Some(version), q).await
+}
+
+async fn scale(
+    state: AppState,
+    model: String,
+    version: Option<String>,
+    q: Option<String>,
+) -> Result<Response, ApiError> {
+    let p = Params::parse(q)?;
+    let min = p.uint("min_worker")?.unwrap_or(1);
+    let max = p.uint("max_worker")?.unwrap_or(min.max(1));
+    let synchronous = p.boolean("synchronous", false)?;
+    if max < min {
+        return Err(ApiError::bad_request(
+            "max_worker cannot be less than min_worker.",
+        ));
+    }
+    if p.uint("number_gpu")?.unwrap_or(0) > 0 {
+        return Err(ApiError::bad_request(
+            "number_gpu: GPU workers are not supported by this model's backend",
+        ));
+    }
+    let v = state.registry.get(&model, version.as_deref())?;
+    if synchronous {
+        let n = v.pool.scale(min, max, true).await;
+        Ok(status(
+            StatusCode::OK,
+            format!("Workers scaled to {n} for model: {model}"),
+        ))
+    } else {
+        let pool = v.pool.clone();
+        tokio::spawn(async move {
+            pool.scale(min, max, false).await;
+        });
+        Ok(status(
+            StatusCode::ACCEPTED,
+            "Processing worker updates...".into(),
+        ))
+    }
+}
+
+fn duration_ms(p: &Params, key: &str) -> Result<Option<Duration>, ApiError> {
+    Ok(p.uint(key)?.map(|v| Duration::from_millis(u64::from(v))))
+}
+
+fn duration_s(p: &Params, key: &str) -> Result<Option<Duration>, ApiError> {
+    Ok(p.uint(key)?.map(|v| Duration::from_secs(u64::from(v))))
+}
+
+async fn register(
+    State(state): State<AppState>,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
+    if !state.config.enable_model_api {
+        return Err(ApiError::method_not_allowed());
+    }
+    let p = Params::parse(q)?;
+    let url = p.str("url").unwrap_or("").to_string();
+    if url.is_empty() {
+        return Err(ApiError::bad_request("Parameter url is required."));
+    }
+    if let Some(b) = p.uint("batch_size")? {
+        if b == 0 {
+            return Err(ApiError::bad_request(
+                "Parameter batch_size must be at least 1",
+            ));
+        }
+    }
+    let synchronous = p.boolean("synchronous", true)?;
+    let options = RegisterOptions {
+        model_name: p.str("model_name").map(String::from),
+        initial_workers: p.uint("initial_workers")?,
+        batch_size: p.uint("batch_size")?,
+        max_batch_delay: duration_ms(&p, "max_batch_delay")?,
+        response_timeout: duration_s(&p, "response_timeout")?,
+        startup_timeout: duration_s(&p, "startup_timeout")?,
+        synchronous,
+        loaded_at_startup: false,
+    };
+    let v = state.registry.register(&url, options).await?;
+    let workers = v.pool.min_workers();
+    let msg = format!(
+        "Model \"{}\" Version: {} registered with {workers} initial workers",
+        v.name, v.version
+    );
+    if synchronous {
+        Ok(status(StatusCode::OK, msg))
+    } else {
+        Ok(status(
+            StatusCode::ACCEPTED,
+            format!("{msg}. Use describe model API to see the status of the workers."),
+        ))
+    }
+}
+
+async fn unregister_default(
+    State(state): State<AppState>,
+    Path(model): Path<String>,
+) -> Result<Response, ApiError> {
+    unregister(state, model, None).await
+}
+
+async fn unregister_version(
+    State(state): State<AppState>,
+    Path((model, version)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    unregister(state, model, Some(version)).await
+}
+
+async fn unregister(
+    state: AppState,
+    model: String,
+    version: Option<String>,
+) -> Result<Response, ApiError> {
+    if !state.config.enable_model_api {
+        return Err(ApiError::method_not_allowed());
+    }
+    state
+        .registry
+        .unregister(&model, version.as_deref())
+        .await?;
+    Ok(status(
+        StatusCode::OK,
+        format!("Model \"{model}\" unregistered"),
+    ))
+}
+
+async fn set_default(
+    State(state): State<AppState>,
+    Path((model, version)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    state.registry.set_default(&model, &version)?;
+    Ok(status(
+        StatusCode::OK,
+        format!("Default version successfully updated for model \"{model}\" to \"{version}\""),
+    ))
+}

@@ -1,0 +1,103 @@
+//! Metrics API (default 127.0.0.1:8082): `GET /metrics` in Prometheus text format 0.0.4.
+
+use std::io::Write;
+
+use axum::extract::{RawQuery, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, options};
+use axum::Router;
+use subtle::ConstantTimeEq;
+
+use super::error::ApiError;
+use super::{count_responses, openapi, parse_query, AppState};
+use crate::config::MetricsMode;
+
+const OPENAPI: &str = include_str!("openapi/metrics.json");
+const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/", options(|| async { openapi(OPENAPI) }))
+        .route("/api-description", get(|| async { openapi(OPENAPI) }))
+        .fallback(|| async {
+            ApiError::not_found("Requested resource is not found, please refer to API document.")
+        })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            count_responses,
+        ))
+        .with_state(state)
+}
+
+/// Whether the request carries the configured bearer token (compared in constant time).
+fn authorized(expected: &str, headers: &HeaderMap) -> bool {
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    given.as_bytes().ct_eq(expected.as_bytes()).into()
+}
+
+async fn metrics(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
+    if let Some(token) = &state.config.metrics_auth_token {
+        if !authorized(token, &headers) {
+            let mut r = ApiError::new(
+                401,
+                "UnauthorizedException",
+                "a valid bearer token is required for /metrics",
+            )
+            .into_response();
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return Ok(r);
+        }
+    }
+    let names: Vec<String> = parse_query(q.as_deref())?
+        .into_iter()
+        .filter(|(k, _)| k == "name[]")
+        .map(|(_, v)| v)
+        .collect();
+    let body = if state.metrics.mode == MetricsMode::Log {
+        format!(
+            "# metrics_mode=log: metrics are written to ts_metrics.log and model_metrics.log in {}, not served here; set metrics_mode=prometheus to scrape them\n",
+            state.config.metrics_log_dir.display()
+        )
+    } else if q.is_some() && !names.is_empty() {
+        state.metrics.render(Some(&names))
+    } else {
+        state.metrics.render(None)
+    };
+    let gzip = headers
+        .get(header::ACCEPT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(',')
+                .any(|e| e.trim().split(';').next() == Some("gzip"))
+        });
+    if gzip {
+        let mut enc = flate2::write::GzEncoder::new(
+            Vec::with_capacity(body.len() / 4),
+            flate2::Compression::fast(),
+        );
+        let _ = enc.write_all(body.as_bytes());
+        if let Ok(compressed) = enc.finish() {
+            return Ok((
+                StatusCode::OK,
+                [
+                    (header::CONTENT_TYPE, CONTENT_TYPE),
+                    (header::CONTENT_ENCODING, "gzip"),
+                ],
+                compressed,
+            )
+                .into_response());
+        }
+    }
+    Ok((StatusCode::OK, [(header::CONTENT_TYPE, CONTENT_TYPE)], body).into_response())
+}

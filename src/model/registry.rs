@@ -1,0 +1,444 @@
+//! The registry of models and their versions: what is loaded, which version is the default, and
+//! the worker pool serving each version.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU32;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use crate::backend::{self, BackendLoader, WorkerSpec};
+use crate::config::Config;
+use crate::metrics::{Metrics, ModelMetrics};
+use crate::model::archive::{self, Manifest, UnpackedArchive};
+use crate::worker::{Pool, PoolSettings};
+
+/// The name oxserve serves its built-in demo model under.
+pub const DEMO_MODEL: &str = "demo";
+/// `modelUrl` of the built-in demo model.
+pub const DEMO_URL: &str = "builtin:demo";
+
+/// One registered version of a model.
+pub struct ModelVersion {
+    pub name: String,
+    pub version: String,
+    /// `modelUrl` as registered (archive file name or URL).
+    pub url: String,
+    pub manifest: Arc<Manifest>,
+    pub pool: Pool,
+    pub metrics: Arc<ModelMetrics>,
+    pub loaded_at_startup: bool,
+    pub registered_at: SystemTime,
+    /// Keeps the unpacked folder alive while the version is registered.
+    _archive: Option<UnpackedArchive>,
+}
+
+struct Model {
+    versions: BTreeMap<String, Arc<ModelVersion>>,
+    default_version: String,
+}
+
+/// Why a registry operation failed; each maps to a TorchServe status code and exception type.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("Model not found: {0}")]
+    ModelNotFound(String),
+    #[error("Model version: {version} does not exist for model: {model}")]
+    VersionNotFound { model: String, version: String },
+    #[error("Model version {version} for model {model} is already registered.")]
+    Conflict { model: String, version: String },
+    #[error("{0}")]
+    BadRequest(String),
+}
+
+impl RegistryError {
+    /// HTTP status and TorchServe exception type.
+    pub fn status(&self) -> (u16, &'static str) {
+        match self {
+            RegistryError::ModelNotFound(_) => (404, "ModelNotFoundException"),
+            RegistryError::VersionNotFound { .. } => (404, "ModelVersionNotFoundException"),
+            RegistryError::Conflict { .. } => (409, "ConflictStatusException"),
+            RegistryError::BadRequest(_) => (400, "BadRequestException"),
+        }
+    }
+}
+
+/// Options of a registration (POST /models query parameters, load_models entries).
+#[derive(Debug, Clone, Default)]
+pub struct RegisterOptions {
+    /// Model name to use instead of the manifest's.
+    pub model_name: Option<String>,
+    pub initial_workers: Option<u32>,
+    pub batch_size: Option<u32>,
+    pub max_batch_delay: Option<Duration>,
+    pub response_timeout: Option<Duration>,
+    pub startup_timeout: Option<Duration>,
+    pub synchronous: bool,
+    pub loaded_at_startup: bool,
+}
+
+/// All models.
+pub struct Registry {
+    models: RwLock<BTreeMap<String, Model>>,
+    config: Arc<Config>,
+    metrics: Arc<Metrics>,
+    next_port: Arc<AtomicU32>,
+}
+
+impl Registry {
+    pub fn new(config: Arc<Config>, metrics: Arc<Metrics>) -> Registry {
+        Registry {
+            models: RwLock::new(BTreeMap::new()),
+            next_port: Arc::new(AtomicU32::new(config.initial_worker_port)),
+            config,
+            metrics,
+        }
+    }
+
+    pub fn config(&self) -> &Arc<Config> {
+        &self.config
+    }
+
+    /// The version a request names, or the default version.
+    pub fn get(
+        &self,
+        name: &str,
+        version: Option<&str>,
+    ) -> Result<Arc<ModelVersion>, RegistryError> {
+        let models = self.models.read().unwrap();
+        let model = models
+            .get(name)
+            .ok_or_else(|| RegistryError::ModelNotFound(name.to_string()))?;
+        let v = version.unwrap_or(&model.default_version);
+        model
+            .versions
+            .get(v)
+            .cloned()
+            .ok_or_else(|| RegistryError::VersionNotFound {
+                model: name.to_string(),
+                version: v.to_string(),
+            })
+    }
+
+    /// Every version of a model, default first.
+    pub fn versions(&self, name: &str) -> Result<Vec<Arc<ModelVersion>>, RegistryError> {
+        let models = self.models.read().unwrap();
+        let model = models
+            .get(name)
+            .ok_or_else(|| RegistryError::ModelNotFound(name.to_string()))?;
+        let mut out: Vec<_> = model.versions.values().cloned().collect();
+        out.sort_by_key(|v| v.version != model.default_version);
+        Ok(out)
+    }
+
+    /// (name, default version's url) of every model, sorted by name.
+    pub fn list(&self) -> Vec<(String, String)> {
+        self.models
+            .read()
+            .unwrap()
+            .iter()
+            .map(|(name, m)| (name.clone(), m.versions[&m.default_version].url.clone()))
+            .collect()
+    }
+
+    /// Every registered version.
+    pub fn all_versions(&self) -> Vec<Arc<ModelVersion>> {
+        self.models
+            .read()
+            .unwrap()
+            .values()
+            .flat_map(|m| m.versions.values().cloned())
+            .collect()
+    }
+
+    /// Whether every version has at least its minimum of live workers (`/ping`).
+    pub fn healthy(&self) -> bool {
+        self.all_versions()
+            .iter()
+            .all(|v| v.pool.live_workers() >= v.pool.min_workers() as usize)
+    }
+
+    /// Registers the built-in demo model.
+    pub async fn register_demo(&self, workers: u32) -> Result<Arc<ModelVersion>, RegistryError> {
+        let manifest = Manifest {
+            runtime: "builtin".into(),
+            model: archive::ManifestModel {
+                model_name: DEMO_MODEL.into(),
+                model_version: "1.0".into(),
+                handler: "builtin".into(),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let options = RegisterOptions {
+            initial_workers: Some(workers),
+            loaded_at_startup: true,
+            synchronous: false,
+            ..Default::default()
+        };
+        self.insert(
+            DEMO_URL.to_string(),
+            None,
+            manifest,
+            PathBuf::new(),
+            Arc::new(backend::builtin::DemoLoader),
+            options,
+        )
+        .await
+    }
+
+    /// Registers an archive named by `url`: a file or folder in the model store, an absolute
+    /// path, or a `file://` URL; the URL must match `allowed_urls`.
+    pub async fn register(
+        &self,
+        url: &str,
+        options: RegisterOptions,
+    ) -> Result<Arc<ModelVersion>, RegistryError> {
+        if url.is_empty() {
+            return Err(RegistryError::BadRequest(
+                "Parameter url is required.".into(),
+            ));
+        }
+        let path = self.resolve(url)?;
+        let unpacked = {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || archive::open(&path))
+                .await
+                .map_err(|e| RegistryError::BadRequest(format!("archive unpacking failed: {e}")))?
+                .map_err(|e| RegistryError::BadRequest(e.to_string()))?
+        };
+        let manifest = unpacked.manifest.clone();
+        let dir = unpacked.dir.clone();
+        let loader = backend::loader_for(&dir, &manifest, &self.config)
+            .map_err(|e| RegistryError::BadRequest(format!("cannot load model from {url}: {e}")))?;
+        self.insert(
+            url.to_string(),
+            Some(unpacked),
+            manifest,
+            dir,
+            loader,
+            options,
+        )
+        .await
+    }
+
+    fn resolve(&self, url: &str) -> Result<PathBuf, RegistryError> {
+        if url.contains("://") {
+            if !self.config.url_allowed(url) {
+                return Err(RegistryError::BadRequest(format!(
+                    "Given URL {url} does not match any allowed URL(s)"
+                )));
+            }
+            return match url.strip_prefix("file://") {
+                Some(p) => Ok(PathBuf::from(p)),
+                None => Err(RegistryError::BadRequest(format!(
+                    "cannot register {url}: oxserve registers archives from the model store or file:// URLs; download it into the model store first"
+                ))),
+            };
+        }
+        let direct = Path::new(url);
+        if direct.is_absolute() {
+            if !self.config.url_allowed(&format!("file://{url}")) {
+                return Err(RegistryError::BadRequest(format!(
+                    "Given URL {url} does not match any allowed URL(s)"
+                )));
+            }
+            return Ok(direct.to_path_buf());
+        }
+        let store = self.config.model_store.as_ref().ok_or_else(|| {
+            RegistryError::BadRequest(format!(
+                "cannot find {url}: no model store is configured (--model-store)"
+            ))
+        })?;
+        if Path::new(url)
+            .components()
+            .any(|c| !matches!(c, std::path::Component::Normal(_)))
+        {
+            return Err(RegistryError::BadRequest(format!(
+                "invalid model archive name {url:?}: it must name a file in the model store"
+            )));
+        }
+        let path = store.join(url);
+        if !path.exists() {
+            return Err(RegistryError::BadRequest(format!(
+                "Model archive {url} not found in the model store {}",
+                store.display()
+            )));
+        }
+        Ok(path)
+    }
+
+    async fn insert(
+        &self,
+        url: String,
+        unpacked: Option<UnpackedArchive>,
+        manifest: Manifest,
+        dir: PathBuf,
+        loader: Arc<dyn BackendLoader>,
+        options: RegisterOptions,
+    ) -> Result<Arc<ModelVersion>, RegistryError> {
+        let name = options
+            .model_name
+            .clone()
+            .filter(|n| !n.is_empty())
+            .or_else(|| Some(manifest.model.model_name.clone()).filter(|n| !n.is_empty()))
+            .or_else(|| {
+                Path::new(&url)
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+            })
+            .unwrap_or_default();
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
+        {
+            return Err(RegistryError::BadRequest(format!(
+                "invalid model name {name:?}: use letters, digits, '_', '-' and '.'"
+            )));
+        }
+        let version = Some(manifest.model.model_version.clone())
+            .filter(|v| !v.is_empty())
+            .unwrap_or_else(|| "1.0".to_string());
+        let c = &self.config;
+        let settings = PoolSettings {
+            batch_size: options.batch_size.unwrap_or(c.batch_size),
+            max_batch_delay: options.max_batch_delay.unwrap_or(c.max_batch_delay),
+            queue_capacity: c.job_queue_size,
+            response_timeout: options
+                .response_timeout
+                .unwrap_or(c.default_response_timeout),
+            startup_timeout: options.startup_timeout.unwrap_or(c.default_startup_timeout),
+        };
+        let manifest = Arc::new(manifest);
+        let metrics = self.metrics.model(&name, &version);
+        let spec = WorkerSpec {
+            port: 0,
+            name: String::new(),
+            model_name: name.clone(),
+            model_version: version.clone(),
+            model_dir: dir,
+            manifest: manifest.clone(),
+            batch_size: settings.batch_size,
+            gpu_id: -1,
+            startup_timeout: settings.startup_timeout,
+            response_timeout: settings.response_timeout,
+            metrics: self.metrics.clone(),
+            settings: self.config.clone(),
+        };
+        let pool = Pool::new(
+            loader,
+            spec,
+            settings,
+            metrics.clone(),
+            self.next_port.clone(),
+        );
+        let entry = Arc::new(ModelVersion {
+            name: name.clone(),
+            version: version.clone(),
+            url,
+            manifest,
+            pool: pool.clone(),
+            metrics,
+            loaded_at_startup: options.loaded_at_startup,
+            registered_at: SystemTime::now(),
+            _archive: unpacked,
+        });
+        {
+            let mut models = self.models.write().unwrap();
+            let model = models.entry(name.clone()).or_insert_with(|| Model {
+                versions: BTreeMap::new(),
+                default_version: version.clone(),
+            });
+            if model.versions.contains_key(&version) {
+                return Err(RegistryError::Conflict {
+                    model: name,
+                    version,
+                });
+            }
+            model.versions.insert(version.clone(), entry.clone());
+        }
+        let workers = options
+            .initial_workers
+            .unwrap_or(self.config.default_workers_per_model);
+        pool.scale(workers, workers, options.synchronous).await;
+        Ok(entry)
+    }
+
+    /// Unregisters a version (the default one when `version` is None). Queued requests are
+    /// answered with an error; workers stop after their current batch.
+    pub async fn unregister(
+        &self,
+        name: &str,
+        version: Option<&str>,
+    ) -> Result<Arc<ModelVersion>, RegistryError> {
+        let removed = {
+            let mut models = self.models.write().unwrap();
+            let model = models
+                .get_mut(name)
+                .ok_or_else(|| RegistryError::ModelNotFound(name.to_string()))?;
+            let v = version.unwrap_or(&model.default_version).to_string();
+            if !model.versions.contains_key(&v) {
+                return Err(RegistryError::VersionNotFound {
+                    model: name.to_string(),
+                    version: v,
+                });
+            }
+            if v == model.default_version && model.versions.len() > 1 {
+                return Err(RegistryError::BadRequest(format!(
+                    "Cannot remove default version {v} of model {name}: set another version as default first"
+                )));
+            }
+            let removed = model.versions.remove(&v).expect("checked above");
+            if model.versions.is_empty() {
+                models.remove(name);
+            }
+            removed
+        };
+        removed.pool.close(&format!(
+            "Model \"{name}\" version {} was unregistered before a worker took this request",
+            removed.version
+        ));
+        removed
+            .pool
+            .wait_stopped(removed.pool.settings().response_timeout)
+            .await;
+        self.metrics.forget_model(&removed.name, &removed.version);
+        Ok(removed)
+    }
+
+    /// Makes `version` the default of `name`.
+    pub fn set_default(&self, name: &str, version: &str) -> Result<(), RegistryError> {
+        let mut models = self.models.write().unwrap();
+        let model = models
+            .get_mut(name)
+            .ok_or_else(|| RegistryError::ModelNotFound(name.to_string()))?;
+        if !model.versions.contains_key(version) {
+            return Err(RegistryError::VersionNotFound {
+                model: name.to_string(),
+                version: version.to_string(),
+            });
+        }
+        model.default_version = version.to_string();
+        Ok(())
+    }
+
+    /// Unregisters everything (server shutdown), stopping every worker.
+    pub async fn shutdown(&self) {
+        let all: Vec<Arc<ModelVersion>> = {
+            let mut models = self.models.write().unwrap();
+            let all = models
+                .values()
+                .flat_map(|m| m.versions.values().cloned())
+                .collect();
+            models.clear();
+            all
+        };
+        for v in &all {
+            v.pool.close("the server is shutting down");
+        }
+        for v in &all {
+            v.pool.wait_stopped(Duration::from_secs(10)).await;
+        }
+    }
+}

@@ -129,6 +129,7 @@ pub async fn run(config: Config) -> Result<()> {
         }
     }
 
+    registry.mark_started();
     shutdown_signal().await;
     tracing::info!("shutting down: stopping listeners and workers");
     let _ = stop_tx.send(true);

@@ -2,6 +2,8 @@
 //!
 //! It is a tiny sentiment scorer: it counts positive and negative words of the text it gets and
 //! answers `{"label": ..., "score": ...}`. JSON bodies may be `{"text": "..."}` or any JSON string.
+//! `{"text": ..., "sleep_ms": N}` makes the batch take at least N ms, to try queueing, timeouts and
+//! scaling by hand (and in tests) without a slow model.
 
 use async_trait::async_trait;
 
@@ -112,6 +114,16 @@ fn infer_one(req: &InferRequest) -> InferResponse {
     InferResponse::ok("application/json", body)
 }
 
+/// `sleep_ms` of a JSON object body, capped at 10 minutes.
+fn requested_sleep(req: &InferRequest) -> Option<u64> {
+    let p = req.payload()?;
+    if !p.content_type.starts_with("application/json") {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_slice(&p.value).ok()?;
+    v.get("sleep_ms")?.as_u64().map(|ms| ms.min(600_000))
+}
+
 #[async_trait]
 impl Backend for DemoModel {
     async fn infer(
@@ -119,6 +131,10 @@ impl Backend for DemoModel {
         batch: &[InferRequest],
         _sink: &dyn StreamSink,
     ) -> Result<Vec<InferResponse>, BackendError> {
+        let sleep_ms = batch.iter().filter_map(requested_sleep).max().unwrap_or(0);
+        if sleep_ms > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(sleep_ms)).await;
+        }
         Ok(batch.iter().map(infer_one).collect())
     }
 }

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicU32;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
@@ -83,6 +83,8 @@ pub struct Registry {
     config: Arc<Config>,
     metrics: Arc<Metrics>,
     next_port: Arc<AtomicU32>,
+    /// False until the models named at start-up have been registered: /ping is Unhealthy before.
+    started: AtomicBool,
 }
 
 impl Registry {
@@ -90,6 +92,7 @@ impl Registry {
         Registry {
             models: RwLock::new(BTreeMap::new()),
             next_port: Arc::new(AtomicU32::new(config.initial_worker_port)),
+            started: AtomicBool::new(false),
             config,
             metrics,
         }
@@ -153,9 +156,16 @@ impl Registry {
 
     /// Whether every version has at least its minimum of live workers (`/ping`).
     pub fn healthy(&self) -> bool {
-        self.all_versions()
-            .iter()
-            .all(|v| v.pool.live_workers() >= v.pool.min_workers() as usize)
+        self.started.load(Ordering::Acquire)
+            && self
+                .all_versions()
+                .iter()
+                .all(|v| v.pool.live_workers() >= v.pool.min_workers() as usize)
+    }
+
+    /// Marks start-up model loading as done (from then on /ping reflects the workers).
+    pub fn mark_started(&self) {
+        self.started.store(true, Ordering::Release);
     }
 
     /// Registers the built-in demo model.

@@ -1,0 +1,259 @@
+//! Test harness: the real `oxserve` binary on free loopback ports, driven over real HTTP.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_oxserve");
+
+/// A running server; stopped (SIGTERM, then SIGKILL) when dropped.
+pub struct Server {
+    pub child: Child,
+    pub dir: tempfile::TempDir,
+    pub inference: String,
+    pub management: String,
+    pub metrics: Option<String>,
+    pub stderr: Arc<Mutex<Vec<String>>>,
+    pub client: reqwest::Client,
+}
+
+/// Properties every test server gets: OS-chosen ports, quiet system metrics.
+const BASE: &str = "inference_address=http://127.0.0.1:0\nmanagement_address=http://127.0.0.1:0\nmetrics_address=http://127.0.0.1:0\n";
+
+impl Server {
+    /// Starts the server with these extra config.properties lines and CLI arguments.
+    pub fn start(props: &str, args: &[&str]) -> Server {
+        Self::start_with_env(props, args, &[])
+    }
+
+    pub fn start_with_env(props: &str, args: &[&str], env: &[(&str, &str)]) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("config.properties");
+        std::fs::write(&config, format!("{BASE}{props}\n")).unwrap();
+        let mut cmd = Command::new(BIN);
+        cmd.arg("start")
+            .arg("--foreground")
+            .arg("--ts-config")
+            .arg(&config)
+            .args(args)
+            .current_dir(dir.path())
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("start oxserve");
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        {
+            let err = child.stderr.take().unwrap();
+            let sink = stderr.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(err).lines().map_while(Result::ok) {
+                    sink.lock().unwrap().push(line);
+                }
+            });
+        }
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(out).lines();
+            if let Some(Ok(first)) = lines.next() {
+                let _ = tx.send(first);
+            }
+            for _ in lines {}
+        });
+        let line = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(l) => l,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                std::thread::sleep(Duration::from_millis(200));
+                panic!(
+                    "oxserve did not start: {}",
+                    stderr.lock().unwrap().join("\n")
+                );
+            }
+        };
+        let field = |k: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(&format!("{k}=")))
+                .map(|a| format!("http://{a}"))
+        };
+        Server {
+            inference: field("inference").expect("inference address"),
+            management: field("management").expect("management address"),
+            metrics: field("metrics"),
+            child,
+            dir,
+            stderr,
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()
+                .unwrap(),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn metrics_url(&self) -> String {
+        self.metrics.clone().expect("metrics listener")
+    }
+
+    /// Waits until /ping says Healthy.
+    pub async fn wait_healthy(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(r) = self
+                .client
+                .get(format!("{}/ping", self.inference))
+                .send()
+                .await
+            {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "server never became healthy: {}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn predict(&self, model: &str, body: &str) -> reqwest::Response {
+        self.client
+            .post(format!("{}/predictions/{model}", self.inference))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn get_json(&self, url: String) -> (u16, serde_json::Value) {
+        let r = self.client.get(url).send().await.unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(serde_json::Value::Null))
+    }
+
+    pub async fn mgmt(&self, method: reqwest::Method, path: &str) -> (u16, serde_json::Value) {
+        let r = self
+            .client
+            .request(method, format!("{}{path}", self.management))
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(serde_json::Value::Null))
+    }
+
+    /// The /metrics text.
+    pub async fn scrape(&self) -> String {
+        self.client
+            .get(format!("{}/metrics", self.metrics_url()))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// The value of the sample whose line starts with `prefix` (name and labels), if present.
+    pub async fn sample(&self, prefix: &str) -> Option<f64> {
+        sample(&self.scrape().await, prefix)
+    }
+
+    pub fn log(&self) -> String {
+        self.stderr.lock().unwrap().join("\n")
+    }
+
+    /// Stops the server with SIGTERM and returns its exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                return self.child.wait().unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            self.stop();
+        }
+    }
+}
+
+/// The value of the first sample line starting with `prefix` in a text exposition.
+pub fn sample(text: &str, prefix: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Writes a .mar (zip) with this manifest and extra files into `dir`.
+pub fn write_mar(
+    dir: &Path,
+    file: &str,
+    manifest: &serde_json::Value,
+    extra: &[(&str, &[u8])],
+) -> PathBuf {
+    use std::io::Write;
+    let path = dir.join(file);
+    let f = std::fs::File::create(&path).unwrap();
+    let mut zip = zip::ZipWriter::new(f);
+    let opts = zip::write::SimpleFileOptions::default();
+    zip.start_file("MAR-INF/MANIFEST.json", opts).unwrap();
+    zip.write_all(manifest.to_string().as_bytes()).unwrap();
+    for (name, data) in extra {
+        zip.start_file(*name, opts).unwrap();
+        zip.write_all(data).unwrap();
+    }
+    zip.finish().unwrap();
+    path
+}
+
+/// A manifest for the built-in demo backend under another name and version.
+pub fn demo_manifest(name: &str, version: &str) -> serde_json::Value {
+    serde_json::json!({
+        "createdOn": "28/11/2026 12:00:00",
+        "runtime": "python",
+        "model": {"modelName": name, "modelVersion": version, "handler": "builtin"},
+        "archiverVersion": "0.12.0"
+    })
+}
+
+/// Runs a future `n` times concurrently and returns the outputs.
+pub async fn concurrently<F, Fut, T>(n: usize, f: F) -> Vec<T>
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = T> + Send + 'static,
+    T: Send + 'static,
+{
+    let handles: Vec<_> = (0..n).map(|i| tokio::spawn(f(i))).collect();
+    let mut out = Vec::with_capacity(n);
+    for h in handles {
+        out.push(h.await.unwrap());
+    }
+    out
+}

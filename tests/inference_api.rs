@@ -1,0 +1,301 @@
+//! Inference API over real HTTP against the real binary.
+
+mod common;
+
+use common::{concurrently, Server};
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_start_serves_the_demo_model() {
+    let s = Server::start("", &[]);
+    s.wait_healthy().await;
+    let (code, ping) = s.get_json(format!("{}/ping", s.inference)).await;
+    assert_eq!((code, ping["status"].as_str()), (200, Some("Healthy")));
+
+    let r = s
+        .predict("demo", r#"{"text": "I love this great server"}"#)
+        .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "application/json");
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["label"], "positive");
+
+    let r = s
+        .client
+        .post(format!("{}/predictions/demo/1.0", s.inference))
+        .header("content-type", "text/plain")
+        .body("terrible and slow")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.json::<serde_json::Value>().await.unwrap()["label"],
+        "negative"
+    );
+
+    // The backend's own 400 for a bad payload reaches the client in TorchServe's shape.
+    let r = s.predict("demo", r#"{"nope": 1}"#).await;
+    assert_eq!(r.status(), 400);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["code"], 400);
+    assert!(v["message"].as_str().unwrap().contains("text"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_have_torchserve_shape_and_codes() {
+    let s = Server::start("max_request_size=100", &[]);
+    s.wait_healthy().await;
+
+    let r = s.predict("nope", "{}").await;
+    assert_eq!(r.status(), 404);
+    assert_eq!(r.headers()["connection"], "close");
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["type"], "ModelNotFoundException");
+    assert_eq!(v["message"], "Model not found: nope");
+
+    let r = s
+        .client
+        .post(format!("{}/predictions/demo/9.9", s.inference))
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["type"], "ModelVersionNotFoundException");
+
+    let big = "x".repeat(101);
+    let r = s.predict("demo", &big).await;
+    assert_eq!(r.status(), 507);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["code"], 507);
+    assert!(v["message"].as_str().unwrap().contains("max_request_size"));
+
+    let r = s
+        .client
+        .get(format!("{}/no/such/path", s.inference))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+
+    let r = s
+        .client
+        .delete(format!("{}/predictions/demo", s.inference))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 405);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_listener_describes_itself_with_openapi() {
+    let s = Server::start("", &[]);
+    for base in [&s.inference, &s.management, &s.metrics_url()] {
+        let r = s
+            .client
+            .request(reqwest::Method::OPTIONS, format!("{base}/"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(v["openapi"], "3.0.1");
+        let (code, doc) = s.get_json(format!("{base}/api-description")).await;
+        assert_eq!(code, 200);
+        assert!(doc["paths"].as_object().unwrap().len() >= 3);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_form_one_batch() {
+    let s = Server::start(
+        "default_workers_per_model=1\nbatch_size=4\nmax_batch_delay=3000",
+        &[],
+    );
+    s.wait_healthy().await;
+    let url = format!("{}/predictions/demo", s.inference);
+    let client = s.client.clone();
+    let statuses = concurrently(4, |i| {
+        let (c, u) = (client.clone(), url.clone());
+        async move {
+            c.post(u)
+                .header("content-type", "application/json")
+                .body(format!(r#"{{"text": "good {i}"}}"#))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    })
+    .await;
+    assert_eq!(statuses, vec![200; 4]);
+    let text = s.scrape().await;
+    let p = r#"{model_name="demo",model_version="1.0"}"#;
+    assert_eq!(
+        common::sample(&text, &format!("oxserve_batch_size_count{p}")),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        common::sample(&text, &format!("oxserve_batch_size_sum{p}")),
+        Some(4.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_is_sent_when_max_batch_delay_passes() {
+    let s = Server::start(
+        "default_workers_per_model=1\nbatch_size=8\nmax_batch_delay=200",
+        &[],
+    );
+    s.wait_healthy().await;
+    let r = s.predict("demo", r#""fine""#).await;
+    assert_eq!(r.status(), 200);
+    let text = s.scrape().await;
+    let p = r#"{model_name="demo",model_version="1.0"}"#;
+    assert_eq!(
+        common::sample(&text, &format!("oxserve_batch_size_sum{p}")),
+        Some(1.0)
+    );
+    // The request waited for the batching delay: its queue wait is counted.
+    let wait = common::sample(&text, &format!("oxserve_queue_wait_seconds_sum{p}")).unwrap();
+    assert!(wait >= 0.19, "queue wait {wait}");
+}
+
+/// Waits until the demo model has `n` busy workers.
+async fn wait_busy(s: &Server, n: f64) {
+    let prefix = r#"oxserve_workers{model_name="demo",model_version="1.0",state="busy"}"#;
+    for _ in 0..400 {
+        if s.sample(prefix).await == Some(n) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("never saw {n} busy workers");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_queue_answers_503_and_is_counted() {
+    let s = Server::start("default_workers_per_model=1\njob_queue_size=2", &[]);
+    s.wait_healthy().await;
+    let url = format!("{}/predictions/demo", s.inference);
+    let slow = |c: reqwest::Client, u: String| async move {
+        c.post(u)
+            .header("content-type", "application/json")
+            .body(r#"{"text": "ok", "sleep_ms": 1500}"#)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    let first = tokio::spawn(slow(s.client.clone(), url.clone()));
+    wait_busy(&s, 1.0).await;
+    let queued: Vec<_> = (0..2)
+        .map(|_| tokio::spawn(slow(s.client.clone(), url.clone())))
+        .collect();
+    let depth = r#"oxserve_queue_depth{model_name="demo",model_version="1.0"}"#;
+    for _ in 0..400 {
+        if s.sample(depth).await == Some(2.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let r = s.predict("demo", r#""x""#).await;
+    assert_eq!(r.status(), 503);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(
+        v["message"],
+        "Model \"demo\" has no worker to serve inference request. Please use scale workers API to add workers."
+    );
+    assert_eq!(first.await.unwrap(), 200);
+    for q in queued {
+        assert_eq!(q.await.unwrap(), 200);
+    }
+    let text = s.scrape().await;
+    // 3 served + 1 refused: TorchServe counts the 503 too.
+    assert_eq!(
+        common::sample(
+            &text,
+            r#"ts_inference_requests_total{model_name="demo",model_version="default","#
+        ),
+        Some(4.0),
+        "{text}"
+    );
+    assert_eq!(
+        common::sample(
+            &text,
+            r#"oxserve_model_responses_total{model_name="demo",model_version="1.0",status_class="5xx"}"#
+        ),
+        Some(1.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn response_timeout_answers_408_and_worker_recovers() {
+    let s = Server::start(
+        "default_workers_per_model=1\ndefault_response_timeout=1",
+        &[],
+    );
+    s.wait_healthy().await;
+    let r = s
+        .predict("demo", r#"{"text": "x", "sleep_ms": 5000}"#)
+        .await;
+    assert_eq!(r.status(), 408);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["type"], "RequestTimeoutException");
+    // The worker is restarted and serves again.
+    let mut ok = false;
+    for _ in 0..100 {
+        if s.predict("demo", r#""good""#).await.status() == 200 {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ok, "worker did not recover: {}", s.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_query_and_form_fields_reach_the_backend() {
+    // The demo backend answers from parameter `body`, else the first parameter: a form field or a
+    // query pair is a parameter of its own, as in TorchServe.
+    let s = Server::start("", &[]);
+    s.wait_healthy().await;
+    let r = s
+        .client
+        .post(format!("{}/predictions/demo", s.inference))
+        .form(&[("data", "I love it")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.json::<serde_json::Value>().await.unwrap()["label"],
+        "positive"
+    );
+    let r = s
+        .client
+        .get(format!(
+            "{}/predictions/demo?text=awful%20and%20bad",
+            s.inference
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.json::<serde_json::Value>().await.unwrap()["label"],
+        "negative"
+    );
+    let r = s
+        .client
+        .post(format!("{}/predictions/demo?x=%zz", s.inference))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+}

@@ -209,7 +209,7 @@ impl Registry {
                 "Parameter url is required.".into(),
             ));
         }
-        let path = self.resolve(url)?;
+        let path = self.resolve(url).await?;
         let unpacked = {
             let path = path.clone();
             tokio::task::spawn_blocking(move || archive::open(&path))
@@ -232,19 +232,22 @@ impl Registry {
         .await
     }
 
-    fn resolve(&self, url: &str) -> Result<PathBuf, RegistryError> {
+    async fn resolve(&self, url: &str) -> Result<PathBuf, RegistryError> {
         if url.contains("://") {
             if !self.config.url_allowed(url) {
                 return Err(RegistryError::BadRequest(format!(
                     "Given URL {url} does not match any allowed URL(s)"
                 )));
             }
-            return match url.strip_prefix("file://") {
-                Some(p) => Ok(PathBuf::from(p)),
-                None => Err(RegistryError::BadRequest(format!(
-                    "cannot register {url}: oxserve registers archives from the model store or file:// URLs; download it into the model store first"
-                ))),
-            };
+            if let Some(p) = url.strip_prefix("file://") {
+                return Ok(PathBuf::from(p));
+            }
+            if url.starts_with("http://") {
+                return self.download(url).await;
+            }
+            return Err(RegistryError::BadRequest(format!(
+                "cannot register {url}: oxserve downloads plain http:// URLs only (no TLS built in); put the archive in the model store instead"
+            )));
         }
         let direct = Path::new(url);
         if direct.is_absolute() {
@@ -276,6 +279,45 @@ impl Registry {
             )));
         }
         Ok(path)
+    }
+
+    /// Downloads an archive into the model store, as TorchServe does, refusing to overwrite.
+    async fn download(&self, url: &str) -> Result<PathBuf, RegistryError> {
+        let bad = |m: String| RegistryError::BadRequest(m);
+        let store = self.config.model_store.as_ref().ok_or_else(|| {
+            bad(format!(
+                "cannot download {url}: no model store is configured (--model-store)"
+            ))
+        })?;
+        let file = url
+            .split(['?', '#'])
+            .next()
+            .and_then(|u| u.rsplit('/').next())
+            .filter(|f| !f.is_empty() && *f != ".." && *f != ".")
+            .ok_or_else(|| bad(format!("cannot tell the archive's file name from {url}")))?;
+        let target = store.join(file);
+        if target.exists() {
+            return Err(RegistryError::Conflict {
+                model: file.to_string(),
+                version: "(file already in the model store)".into(),
+            });
+        }
+        let response = reqwest::get(url)
+            .await
+            .map_err(|e| bad(format!("cannot download {url}: {e}")))?;
+        if !response.status().is_success() {
+            return Err(bad(format!(
+                "cannot download {url}: the server answered {}",
+                response.status()
+            )));
+        }
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|e| bad(format!("cannot download {url}: {e}")))?;
+        std::fs::write(&target, &bytes)
+            .map_err(|e| bad(format!("cannot write {}: {e}", target.display())))?;
+        Ok(target)
     }
 
     async fn insert(

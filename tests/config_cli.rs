@@ -1,0 +1,147 @@
+//! Configuration and the command line: bad values stop start-up with one clear line.
+
+mod common;
+
+use common::{Server, BIN};
+use std::process::Command;
+
+fn start_expecting_failure(props: &str, args: &[&str]) -> (i32, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.properties");
+    std::fs::write(&config, props).unwrap();
+    let out = Command::new(BIN)
+        .args(["start", "--foreground", "--ts-config"])
+        .arg(&config)
+        .args(args)
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn invalid_values_name_the_key_and_value() {
+    for (props, key, value) in [
+        (
+            "inference_address=http://127.0.0.1:80x\n",
+            "inference_address",
+            "80x",
+        ),
+        ("metrics_mode=statsd\n", "metrics_mode", "statsd"),
+        ("job_queue_size=lots\n", "job_queue_size", "lots"),
+        ("enable_metrics_api=yes\n", "enable_metrics_api", "yes"),
+        ("histogram_buckets=1,0.5\n", "histogram_buckets", "1,0.5"),
+    ] {
+        let (code, err) = start_expecting_failure(props, &[]);
+        assert_eq!(code, 2, "{props}: {err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains(key) && err.contains(value), "{props}: {err}");
+    }
+}
+
+#[test]
+fn a_port_in_use_is_a_clear_error() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let props = format!(
+        "inference_address=http://127.0.0.1:{port}\nmanagement_address=http://127.0.0.1:0\nmetrics_address=http://127.0.0.1:0\n"
+    );
+    let (code, err) = start_expecting_failure(&props, &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("inference_address") && err.contains(&port.to_string()),
+        "{err}"
+    );
+    assert!(err.to_lowercase().contains("in use"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn a_bad_metrics_yaml_stops_start_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = dir.path().join("metrics.yaml");
+    std::fs::write(&yaml, "ts_metrics:\n  counter:\n    - name: Dup\n      unit: Count\n    - name: Dup\n      unit: Count\n").unwrap();
+    let props = format!(
+        "inference_address=http://127.0.0.1:0\nmanagement_address=http://127.0.0.1:0\nmetrics_address=http://127.0.0.1:0\nmetrics_config={}\n",
+        yaml.display()
+    );
+    let (code, err) = start_expecting_failure(&props, &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("metrics.yaml") && err.contains("duplicate") && err.contains("Dup"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_keys_warn_and_env_overrides_apply() {
+    let s = Server::start_with_env(
+        "enable_envvars_config=true\nno_such_key=1",
+        &[],
+        &[("TS_JOB_QUEUE_SIZE", "7")],
+    );
+    s.wait_healthy().await;
+    let (_, d) = s.mgmt(reqwest::Method::GET, "/models/demo").await;
+    assert_eq!(d[0]["jobQueueStatus"]["remainingCapacity"], 7);
+    assert!(s.log().contains("no_such_key"), "{}", s.log());
+}
+
+#[test]
+fn start_status_stop_in_the_background() {
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("oxserve.pid");
+    let config = dir.path().join("config.properties");
+    std::fs::write(
+        &config,
+        "inference_address=http://127.0.0.1:0\nmanagement_address=http://127.0.0.1:0\nmetrics_address=http://127.0.0.1:0\n",
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        Command::new(BIN)
+            .args(args)
+            .current_dir(dir.path())
+            .env("OXSERVE_PID_FILE", &pid_file)
+            .env("LOG_LOCATION", dir.path().join("logs"))
+            .output()
+            .unwrap()
+    };
+    let out = run(&["start", "--ts-config", config.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let out = run(&["status"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&pid.to_string()));
+    let log_path = dir.path().join("logs/oxserve.log");
+    for _ in 0..200 {
+        if std::fs::read_to_string(&log_path)
+            .unwrap_or_default()
+            .contains("oxserve listening")
+        {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = run(&["stop"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(unsafe { libc::kill(pid, 0) } != 0, "server still running");
+    let out = run(&["status"]);
+    assert_eq!(out.status.code(), Some(3));
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(log.contains("oxserve listening"), "{log}");
+    assert!(log.contains("shutting down"), "{log}");
+}

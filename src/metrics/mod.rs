@@ -193,13 +193,6 @@ pub struct HostMetrics {
     requests: [Handle; 3],
     pub queue_time: Handle,
     pub worker_thread_time: Handle,
-    pub cpu_utilization: Handle,
-    pub memory_used: Handle,
-    pub memory_available: Handle,
-    pub memory_utilization: Handle,
-    pub disk_usage: Handle,
-    pub disk_available: Handle,
-    pub disk_utilization: Handle,
 }
 
 impl HostMetrics {
@@ -390,13 +383,6 @@ impl Metrics {
             ],
             queue_time: m.ts("QueueTime", &[]),
             worker_thread_time: m.ts("WorkerThreadTime", &[]),
-            cpu_utilization: m.ts("CPUUtilization", &[]),
-            memory_used: m.ts("MemoryUsed", &[]),
-            memory_available: m.ts("MemoryAvailable", &[]),
-            memory_utilization: m.ts("MemoryUtilization", &[]),
-            disk_usage: m.ts("DiskUsage", &[]),
-            disk_available: m.ts("DiskAvailable", &[]),
-            disk_utilization: m.ts("DiskUtilization", &[]),
         };
         m.host = Arc::new(host);
         m

@@ -84,14 +84,18 @@ impl HostCollector {
     /// Reads the host and records it.
     pub fn sample(&mut self, metrics: &Metrics) {
         let s = self.read();
-        let h = &metrics.host;
-        h.cpu_utilization.set(s.cpu_percent);
-        h.memory_used.set(s.memory_used_mb);
-        h.memory_available.set(s.memory_available_mb);
-        h.memory_utilization.set(s.memory_percent);
-        h.disk_usage.set(s.disk_used_gb);
-        h.disk_available.set(s.disk_available_gb);
-        h.disk_utilization.set(s.disk_percent);
+        // Series appear with the first sample (none at all with disable_system_metrics).
+        for (name, value) in [
+            ("CPUUtilization", s.cpu_percent),
+            ("MemoryUsed", s.memory_used_mb),
+            ("MemoryAvailable", s.memory_available_mb),
+            ("MemoryUtilization", s.memory_percent),
+            ("DiskUsage", s.disk_used_gb),
+            ("DiskAvailable", s.disk_available_gb),
+            ("DiskUtilization", s.disk_percent),
+        ] {
+            metrics.ts(name, &[]).set(value);
+        }
     }
 }
 

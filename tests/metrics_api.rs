@@ -1,0 +1,401 @@
+//! Metrics API: exposition, filtering, modes and host metrics, against the real binary.
+
+mod common;
+
+use common::{sample, Server};
+use std::io::Read;
+use std::time::Duration;
+
+async fn traffic(s: &Server, ok: usize) {
+    for _ in 0..ok {
+        assert_eq!(s.predict("demo", r#""great""#).await.status(), 200);
+    }
+    assert_eq!(s.predict("nope", "x").await.status(), 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counts_are_exact_and_names_are_torchserves() {
+    let s = Server::start("", &[]);
+    s.wait_healthy().await;
+    traffic(&s, 6).await;
+    let r = s
+        .client
+        .get(format!("{}/metrics", s.metrics_url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.headers()["content-type"],
+        "text/plain; version=0.0.4; charset=utf-8"
+    );
+    let text = r.text().await.unwrap();
+    let host = common::sample(&text, "Requests4XX{Level=\"Host\",Hostname=");
+    assert_eq!(host, Some(1.0), "{text}");
+    assert_eq!(
+        sample(
+            &text,
+            r#"ts_inference_requests_total{model_name="demo",model_version="default","#
+        ),
+        Some(6.0)
+    );
+    assert!(
+        sample(
+            &text,
+            r#"ts_inference_latency_microseconds{model_name="demo",model_version="default","#
+        )
+        .unwrap()
+            > 0.0
+    );
+    assert!(text.contains("# HELP Requests2XX Torchserve prometheus counter metric with unit: Count\n# TYPE Requests2XX counter\n"));
+    assert!(!text.contains("Requests2XX_total"));
+    // Every family of TorchServe's default set is listed, with or without samples.
+    for family in [
+        "Requests2XX",
+        "Requests4XX",
+        "Requests5XX",
+        "ts_inference_requests_total",
+        "ts_inference_latency_microseconds",
+        "ts_queue_latency_microseconds",
+        "QueueTime",
+        "WorkerThreadTime",
+        "WorkerLoadTime",
+        "CPUUtilization",
+        "MemoryUsed",
+        "MemoryAvailable",
+        "MemoryUtilization",
+        "DiskUsage",
+        "DiskUtilization",
+        "DiskAvailable",
+        "GPUMemoryUtilization",
+        "GPUMemoryUsed",
+        "GPUUtilization",
+        "HandlerTime",
+        "PredictionTime",
+    ] {
+        assert!(
+            text.contains(&format!("# TYPE {family} ")),
+            "{family} missing"
+        );
+    }
+    // Without a GPU the GPU families have HELP/TYPE and no samples.
+    assert!(!text.lines().any(|l| l.starts_with("GPUUtilization{")));
+    // In-process backends report TorchServe's handler timings too.
+    assert!(sample(&text, "HandlerTime{ModelName=\"demo\",Level=\"Model\",").is_some());
+    assert!(
+        sample(
+            &text,
+            "WorkerLoadTime{WorkerName=\"W-9000-demo_1.0\",Level=\"Host\","
+        )
+        .is_some(),
+        "{text}"
+    );
+    // oxserve's own families.
+    let p = r#"{model_name="demo",model_version="1.0"}"#;
+    assert_eq!(
+        sample(&text, &format!("oxserve_request_duration_seconds_count{p}")),
+        Some(6.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            r#"oxserve_request_duration_seconds_bucket{model_name="demo",model_version="1.0",le="+Inf"}"#
+        ),
+        Some(6.0)
+    );
+    assert_eq!(
+        sample(&text, &format!("oxserve_queue_capacity{p}")),
+        Some(100.0)
+    );
+    assert_eq!(sample(&text, &format!("oxserve_queue_depth{p}")), Some(0.0));
+    assert_eq!(
+        sample(
+            &text,
+            r#"oxserve_model_responses_total{model_name="demo",model_version="1.0",status_class="2xx"}"#
+        ),
+        Some(6.0)
+    );
+    assert!(text.contains("oxserve_build_info{version=\""));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn name_filter_selects_families_and_samples() {
+    let s = Server::start("", &[]);
+    s.wait_healthy().await;
+    traffic(&s, 2).await;
+    let get = |q: &'static str| {
+        let c = s.client.clone();
+        let url = format!("{}/metrics{q}", s.metrics_url());
+        async move {
+            let r = c.get(url).send().await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    let (code, text) = get("?name[]=Requests4XX&name[]=ts_inference_requests_total").await;
+    assert_eq!(code, 200);
+    let families: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .collect();
+    assert_eq!(
+        families,
+        ["Requests4XX counter", "ts_inference_requests_total counter"]
+    );
+    // A histogram by family name or by sample name.
+    let (_, text) = get("?name[]=oxserve_request_duration_seconds").await;
+    assert!(text.contains("_bucket{") && text.contains("_sum{") && text.contains("_count{"));
+    let (_, text) = get("?name[]=oxserve_request_duration_seconds_count").await;
+    assert!(text.contains("_count{") && !text.contains("_bucket{"));
+    // Unknown names: 200 and an empty body. Other parameters are ignored.
+    assert_eq!(get("?name[]=NoSuchMetric").await, (200, String::new()));
+    let (_, all) = get("?foo=bar").await;
+    assert!(all.contains("# TYPE Requests2XX counter"));
+    let (code, err) = get("?name[]=%zz").await;
+    assert_eq!(code, 400, "{err}");
+    assert!(err.contains("malformed query"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gzip_and_bearer_token() {
+    let s = Server::start("metrics_auth_token=s3cret", &[]);
+    let url = format!("{}/metrics", s.metrics_url());
+    let r = s.client.get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let r = s
+        .client
+        .get(&url)
+        .bearer_auth("wrong")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = s
+        .client
+        .get(&url)
+        .bearer_auth("s3cret")
+        .header("accept-encoding", "gzip")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-encoding"], "gzip");
+    let bytes = r.bytes().await.unwrap();
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(&bytes[..])
+        .read_to_string(&mut text)
+        .unwrap();
+    assert!(text.contains("# TYPE Requests2XX counter"));
+    // The inference API needs no token.
+    assert_eq!(
+        s.client
+            .get(format!("{}/ping", s.inference))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+            / 100,
+        2
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_metrics_are_plausible() {
+    let s = Server::start("metric_time_interval=1", &[]);
+    s.wait_healthy().await;
+    let mut text = String::new();
+    for _ in 0..100 {
+        text = s.scrape().await;
+        if text.lines().any(|l| l.starts_with("CPUUtilization{")) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let v = |name: &str| {
+        sample(&text, &format!("{name}{{Level=\"Host\","))
+            .unwrap_or_else(|| panic!("{name}: {text}"))
+    };
+    for pct in ["CPUUtilization", "MemoryUtilization", "DiskUtilization"] {
+        assert!((0.0..=100.0).contains(&v(pct)), "{pct}");
+    }
+    let (used, avail) = (v("MemoryUsed"), v("MemoryAvailable"));
+    assert!(used > 0.0 && avail > 0.0);
+    let util = v("MemoryUtilization");
+    assert!(
+        (util - used * 100.0 / (used + avail)).abs() < 1.0,
+        "{util} vs {used}/{avail}"
+    );
+    let (dused, davail) = (v("DiskUsage"), v("DiskAvailable"));
+    assert!(dused > 0.0 && davail > 0.0);
+    assert!((v("DiskUtilization") - dused * 100.0 / (dused + davail)).abs() < 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disable_system_metrics_and_no_metrics_api() {
+    let s = Server::start("disable_system_metrics=true", &[]);
+    s.wait_healthy().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let text = s.scrape().await;
+    assert!(text.contains("# TYPE CPUUtilization gauge"));
+    assert!(!text.lines().any(|l| l.starts_with("CPUUtilization{")));
+
+    let s = Server::start("enable_metrics_api=false", &[]);
+    assert!(s.metrics.is_none());
+    s.wait_healthy().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_mode_writes_torchserve_lines() {
+    let logs = tempfile::tempdir().unwrap();
+    let s = Server::start_with_env(
+        "metrics_mode=log\ndisable_system_metrics=true",
+        &[],
+        &[("METRICS_LOCATION", logs.path().to_str().unwrap())],
+    );
+    s.wait_healthy().await;
+    traffic(&s, 3).await;
+    let text = s.scrape().await;
+    assert!(text.starts_with("# metrics_mode=log"), "{text}");
+    assert_eq!(text.lines().count(), 1);
+    let mut log = String::new();
+    for _ in 0..100 {
+        log = std::fs::read_to_string(logs.path().join("ts_metrics.log")).unwrap_or_default();
+        if log.matches("ts_inference_requests_total.Count:1.0").count() >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let line = log
+        .lines()
+        .find(|l| l.contains("Requests4XX.Count:1.0"))
+        .unwrap_or_else(|| panic!("{log}"));
+    // 2024-05-30T21:46:03,626 - Requests4XX.Count:1.0|#Level:Host|#hostname:myhost,timestamp:1717105563
+    let (stamp, rest) = line.split_once(" - ").unwrap();
+    assert_eq!(stamp.len(), 23, "{line}");
+    assert_eq!(&stamp[19..20], ",");
+    assert!(
+        rest.starts_with("Requests4XX.Count:1.0|#Level:Host|#hostname:"),
+        "{line}"
+    );
+    assert!(rest.contains(",timestamp:"));
+    assert_eq!(log.matches("ts_inference_requests_total.Count:1.0|#model_name:demo,model_version:default|#hostname:").count(), 3, "{log}");
+    assert!(std::path::Path::new(&logs.path().join("model_metrics.log")).exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legacy_mode_keeps_only_ts_counters_on_the_endpoint() {
+    let logs = tempfile::tempdir().unwrap();
+    let s = Server::start_with_env(
+        "metrics_mode=legacy",
+        &[],
+        &[("METRICS_LOCATION", logs.path().to_str().unwrap())],
+    );
+    s.wait_healthy().await;
+    traffic(&s, 2).await;
+    let text = s.scrape().await;
+    let families: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .collect();
+    assert_eq!(
+        families,
+        [
+            "ts_inference_latency_microseconds counter",
+            "ts_inference_requests_total counter",
+            "ts_queue_latency_microseconds counter"
+        ]
+    );
+    let log = std::fs::read_to_string(logs.path().join("ts_metrics.log")).unwrap();
+    assert!(log.contains("Requests4XX.Count:1.0"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn custom_metrics_yaml_and_buckets() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = dir.path().join("metrics.yaml");
+    std::fs::write(
+        &yaml,
+        "dimensions:\n  - &level \"Level\"\n  - &hostname \"Hostname\"\nts_metrics:\n  counter:\n    - name: Requests2XX\n      unit: Count\n      dimensions: [*level, *hostname]\n    - name: ts_inference_requests_total\n      unit: Count\n      dimensions: [\"model_name\", \"model_version\", \"hostname\"]\n",
+    )
+    .unwrap();
+    let s = Server::start(
+        &format!(
+            "metrics_config={}\nhistogram_buckets=0.001,0.01,0.1",
+            yaml.display()
+        ),
+        &[],
+    );
+    s.wait_healthy().await;
+    traffic(&s, 1).await;
+    let text = s.scrape().await;
+    // Only what the file declares exists among TorchServe's families.
+    assert!(!text.contains("# TYPE Requests4XX"));
+    assert!(text.contains("# TYPE Requests2XX counter"));
+    assert!(text.contains("# TYPE ts_inference_requests_total counter"));
+    let buckets: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("oxserve_request_duration_seconds_bucket{"))
+        .collect();
+    assert_eq!(buckets.len(), 4, "{text}");
+    assert!(buckets[0].contains("le=\"0.001\""));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promtool_finds_no_problem_in_oxserve_families() {
+    if which("promtool").is_none() {
+        panic!("promtool is not installed (apt-get install prometheus); .ci/run installs it");
+    }
+    let s = Server::start("", &[]);
+    s.wait_healthy().await;
+    traffic(&s, 3).await;
+    let text = s.scrape().await;
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!report.contains("error while linting"), "{report}");
+    let oxserve_problems: Vec<&str> = report.lines().filter(|l| l.contains("oxserve_")).collect();
+    assert!(oxserve_problems.is_empty(), "{report}");
+    // The only complaints are about TorchServe's own names, kept for compatibility.
+    for line in report.lines().filter(|l| !l.trim().is_empty()) {
+        assert!(
+            [
+                "Requests",
+                "ts_",
+                "Time",
+                "Utilization",
+                "Memory",
+                "Disk",
+                "GPU",
+                "Handler",
+                "Prediction"
+            ]
+            .iter()
+            .any(|n| line.contains(n)),
+            "unexpected promtool complaint: {line}"
+        );
+    }
+}
+
+fn which(cmd: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join(cmd))
+            .find(|p| p.is_file())
+    })
+}

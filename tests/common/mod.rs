@@ -1,6 +1,8 @@
 //! Test harness: the real `oxserve` binary on free loopback ports, driven over real HTTP.
 #![allow(dead_code)]
 
+pub mod prometheus;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -8,7 +8,7 @@
 //! again with exponential backoff.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -111,7 +111,9 @@ struct Shared {
     min_workers: AtomicU32,
     max_workers: AtomicU32,
     next_port: Arc<AtomicU32>,
-    /// Notified whenever a worker changes state (for synchronous scaling and tests).
+    /// Workers per state, kept by [`Shared::transition`] so the gauges never need a recount.
+    counts: [AtomicI64; 4],
+    /// Notified when a worker starts, finishes loading, stops or exits (for synchronous scaling).
     state_changed: Notify,
 }
 
@@ -146,6 +148,7 @@ impl Pool {
                 min_workers: AtomicU32::new(0),
                 max_workers: AtomicU32::new(0),
                 next_port,
+                counts: Default::default(),
                 state_changed: Notify::new(),
             }),
         }
@@ -247,9 +250,7 @@ impl Pool {
                 });
                 for &i in order.iter().take((running - max) as usize) {
                     workers[i].stop.store(true, Ordering::Release);
-                    workers[i]
-                        .state
-                        .store(WorkerState::Stopping as u8, Ordering::Relaxed);
+                    s.transition(&workers[i].state, WorkerState::Stopping);
                 }
             }
             running
@@ -260,7 +261,6 @@ impl Pool {
         for _ in running..min {
             self.spawn_worker();
         }
-        self.publish_states();
         if wait {
             let deadline = Instant::now() + s.settings.startup_timeout;
             loop {
@@ -297,11 +297,9 @@ impl Pool {
         }
         for w in s.workers.lock().unwrap().iter() {
             w.stop.store(true, Ordering::Release);
-            w.state
-                .store(WorkerState::Stopping as u8, Ordering::Relaxed);
+            s.transition(&w.state, WorkerState::Stopping);
         }
         s.notify.notify_waiters();
-        self.publish_states();
     }
 
     /// Waits until every worker has exited (after [`Pool::close`]), at most `limit`.
@@ -339,24 +337,47 @@ impl Pool {
             stop: slot.stop.clone(),
         };
         s.workers.lock().unwrap().push(slot);
+        s.count(WorkerState::Starting, 1);
         tokio::spawn(worker.run());
     }
 
-    /// Recomputes the per-state worker gauges.
-    fn publish_states(&self) {
-        let mut counts = [0usize; 4];
-        for w in self.shared.workers.lock().unwrap().iter() {
-            counts[w.state.load(Ordering::Relaxed) as usize] += 1;
+    fn remove_worker(&self, port: u32) {
+        let s = &self.shared;
+        let mut workers = s.workers.lock().unwrap();
+        if let Some(i) = workers.iter().position(|w| w.id == port) {
+            let gone = workers.remove(i);
+            s.count(state_from(gone.state.load(Ordering::Acquire)), -1);
         }
-        for st in WorkerState::ALL {
-            self.shared.metrics.set_workers(st, counts[st as usize]);
+        drop(workers);
+        s.state_changed.notify_waiters();
+    }
+}
+
+impl Shared {
+    /// Moves a worker to `new` (a stopping worker stays stopping) and updates the state gauges.
+    fn transition(&self, state: &AtomicU8, new: WorkerState) {
+        let mut current = state.load(Ordering::Acquire);
+        loop {
+            if current == new as u8 || current == WorkerState::Stopping as u8 {
+                return;
+            }
+            match state.compare_exchange(current, new as u8, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => break,
+                Err(actual) => current = actual,
+            }
         }
-        self.shared.state_changed.notify_waiters();
+        let old = state_from(current);
+        self.count(old, -1);
+        self.count(new, 1);
+        // Busy <-> ready flips happen per batch; only start-up and stopping concern scale waiters.
+        if matches!(old, WorkerState::Starting) || matches!(new, WorkerState::Stopping) {
+            self.state_changed.notify_waiters();
+        }
     }
 
-    fn remove_worker(&self, port: u32) {
-        self.shared.workers.lock().unwrap().retain(|w| w.id != port);
-        self.publish_states();
+    fn count(&self, st: WorkerState, delta: i64) {
+        let n = self.counts[st as usize].fetch_add(delta, Ordering::AcqRel) + delta;
+        self.metrics.set_workers(st, n.max(0) as usize);
     }
 }
 
@@ -399,11 +420,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 impl Worker {
     fn set_state(&self, st: WorkerState) {
-        // A stopping worker stays stopping.
-        if self.state.load(Ordering::Relaxed) != WorkerState::Stopping as u8 {
-            self.state.store(st as u8, Ordering::Relaxed);
-            self.pool.publish_states();
-        }
+        self.pool.shared.transition(&self.state, st);
     }
 
     fn stopping(&self) -> bool {

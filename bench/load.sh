@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Load benchmark: oxserve's inference path (built-in demo model) against a bare axum server, both
+# loaded by the same wrk command, plus /metrics latency while the inference API is saturated.
+#
+#   bench/load.sh            # needs wrk (apt-get install wrk)
+#   DURATION=30s bench/load.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DURATION=${DURATION:-10s}
+THREADS=${THREADS:-2}
+CONNS=${CONNS:-32}
+command -v wrk >/dev/null || { echo "wrk is missing: apt-get install wrk" >&2; exit 1; }
+
+cargo build --release --quiet --bin oxserve --example hello_server
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+IP=$(free_port); MP=$(free_port); XP=$(free_port); HP=$(free_port)
+cat >"$work/config.properties" <<CFG
+inference_address=http://127.0.0.1:$IP
+management_address=http://127.0.0.1:$MP
+metrics_address=http://127.0.0.1:$XP
+default_workers_per_model=${WORKERS:-2}
+CFG
+RUST_LOG=warn target/release/oxserve start --foreground --ts-config "$work/config.properties" >"$work/ox.log" 2>&1 &
+pids+=($!)
+target/release/examples/hello_server "127.0.0.1:$HP" >/dev/null 2>&1 &
+pids+=($!)
+for _ in $(seq 100); do
+  curl -sf "http://127.0.0.1:$IP/ping" >/dev/null && curl -s -o /dev/null "http://127.0.0.1:$HP/" && break
+  sleep 0.1
+done
+
+run_wrk() { # url -> "rps p50 p99"
+  wrk -t"$THREADS" -c"$CONNS" -d"$DURATION" --latency -s bench/post.lua "$1" >"$work/wrk.txt"
+  awk '/Requests\/sec/ {rps=$2} $1=="50%" {p50=$2} $1=="99%" {p99=$2} END {print rps, p50, p99}' "$work/wrk.txt"
+}
+to_ms() { # wrk latency (123.45us, 1.23ms, 1.2s) -> ms
+  awk -v v="$1" 'BEGIN { n=v+0; if (v ~ /us$/) n/=1000; else if (v ~ /ms$/) n=n; else if (v ~ /s$/) n*=1000; printf "%.3f", n }'
+}
+
+echo "wrk -t$THREADS -c$CONNS -d$DURATION --latency -s bench/post.lua (22-byte JSON POST)"
+read -r h_rps h_p50 h_p99 < <(run_wrk "http://127.0.0.1:$HP/predictions/demo")
+read -r o_rps o_p50 o_p99 < <(run_wrk "http://127.0.0.1:$IP/predictions/demo")
+printf '%-28s %12s %10s %10s\n' server req/s p50_ms p99_ms
+printf '%-28s %12s %10s %10s\n' "bare axum (hello_server)" "$h_rps" "$(to_ms "$h_p50")" "$(to_ms "$h_p99")"
+printf '%-28s %12s %10s %10s\n' "oxserve demo model" "$o_rps" "$(to_ms "$o_p50")" "$(to_ms "$o_p99")"
+awk -v o="$o_rps" -v h="$h_rps" -v op="$(to_ms "$o_p50")" -v hp="$(to_ms "$h_p50")" \
+  'BEGIN { printf "ratio req/s oxserve/bare: %.2f   p50 difference: %+.3f ms\n", o/h, op-hp }'
+
+# /metrics while the inference API is saturated: one scraping connection, measured by wrk.
+wrk -t1 -c"$CONNS" -d"$DURATION" -s bench/post.lua "http://127.0.0.1:$IP/predictions/demo" >/dev/null &
+load=$!
+sleep 1
+wrk -t1 -c1 -d5s --latency "http://127.0.0.1:$XP/metrics" >"$work/scrape.txt"
+wait $load
+awk '$1=="50%" {p50=$2} $1=="99%" {p99=$2} /Requests\/sec/ {rps=$2} END {printf "/metrics under inference saturation: p50 %s p99 %s (%s scrapes/s)\n", p50, p99, rps}' "$work/scrape.txt"

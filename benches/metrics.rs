@@ -1,0 +1,86 @@
+//! Cost of the metrics on the request path and of the scrape path.
+//!
+//! cargo bench --bench metrics
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use oxserve::metrics::{Metrics, Timings};
+
+/// Every metric update one successful request causes, as the server does them.
+fn one_request(m: &Metrics, mm: &oxserve::metrics::ModelMetrics, t: &Timings) {
+    // Worker, per batch of one: batch size, backend time, handler gauges, worker thread time.
+    mm.batch_size.observe(1.0);
+    mm.backend_duration.observe(0.0004);
+    mm.handler_time.set(0.4);
+    mm.prediction_time.set(0.4);
+    mm.queue_depth.set(0.0);
+    m.host.worker_thread_time.set(0.0);
+    // API, per request: ts_* counters, histograms, QueueTime, per-model status class.
+    mm.record_request(t, 200, false);
+    // Listener middleware: Requests2XX.
+    m.host.count_response(200);
+}
+
+fn timings() -> Timings {
+    let now = Instant::now();
+    let mut t = Timings::new(now);
+    t.enqueued = Some(now);
+    t.batch_start = Some(now + Duration::from_micros(50));
+    t.responded = Some(now + Duration::from_micros(500));
+    t
+}
+
+fn request_path(c: &mut Criterion) {
+    let m = Arc::new(Metrics::for_tests());
+    let mm = m.model("bench", "1.0");
+    let t = timings();
+    c.bench_function("request_metrics_1_thread", |b| b.iter(|| one_request(&m, &mm, &t)));
+
+    // Two threads updating the same model's series at once (the contended case).
+    c.bench_function("request_metrics_2_threads_contending", |b| {
+        b.iter_custom(|iters| {
+            let start = Instant::now();
+            std::thread::scope(|s| {
+                for _ in 0..2 {
+                    let (m, mm) = (m.clone(), mm.clone());
+                    s.spawn(move || {
+                        for _ in 0..iters {
+                            one_request(&m, &mm, &t);
+                        }
+                    });
+                }
+            });
+            // Per request: two threads did `iters` each in this wall time.
+            start.elapsed() / 2
+        })
+    });
+}
+
+fn scrape_path(c: &mut Criterion) {
+    let m = Metrics::for_tests();
+    let t = timings();
+    for i in 0..200 {
+        let mm = m.model(&format!("model_{i:03}"), "1.0");
+        mm.record_request(&t, 200, false);
+        mm.record_request(&t, 200, true);
+        mm.batch_size.observe(1.0);
+        mm.backend_duration.observe(0.001);
+        m.worker_load_time(&format!("W-{}-model_{i:03}_1.0", 9000 + i)).set(100.0);
+    }
+    let len = m.render(None).len();
+    println!("full exposition with 200 model versions: {len} bytes");
+    c.bench_function("render_all_200_models", |b| b.iter(|| m.render(None)));
+    let names = vec!["Requests2XX".to_string(), "ts_inference_requests_total".to_string()];
+    c.bench_function("render_name_filter_2_families_200_models", |b| {
+        b.iter(|| m.render(Some(&names)))
+    });
+    let small = vec!["Requests2XX".to_string(), "CPUUtilization".to_string()];
+    c.bench_function("render_name_filter_2_host_families_200_models", |b| {
+        b.iter(|| m.render(Some(&small)))
+    });
+}
+
+criterion_group!(benches, request_path, scrape_path);
+criterion_main!(benches);

@@ -6,6 +6,7 @@
 //! (`crate::worker`) for every kind of model.
 
 pub mod builtin;
+pub mod onnx;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -36,7 +36,9 @@ fn request_path(c: &mut Criterion) {
     let m = Arc::new(Metrics::for_tests());
     let mm = m.model("bench", "1.0");
     let t = timings();
-    c.bench_function("request_metrics_1_thread", |b| b.iter(|| one_request(&m, &mm, &t)));
+    c.bench_function("request_metrics_1_thread", |b| {
+        b.iter(|| one_request(&m, &mm, &t))
+    });
 
     // Two threads updating the same model's series at once (the contended case).
     c.bench_function("request_metrics_2_threads_contending", |b| {
@@ -67,12 +69,16 @@ fn scrape_path(c: &mut Criterion) {
         mm.record_request(&t, 200, true);
         mm.batch_size.observe(1.0);
         mm.backend_duration.observe(0.001);
-        m.worker_load_time(&format!("W-{}-model_{i:03}_1.0", 9000 + i)).set(100.0);
+        m.worker_load_time(&format!("W-{}-model_{i:03}_1.0", 9000 + i))
+            .set(100.0);
     }
     let len = m.render(None).len();
     println!("full exposition with 200 model versions: {len} bytes");
     c.bench_function("render_all_200_models", |b| b.iter(|| m.render(None)));
-    let names = vec!["Requests2XX".to_string(), "ts_inference_requests_total".to_string()];
+    let names = vec![
+        "Requests2XX".to_string(),
+        "ts_inference_requests_total".to_string(),
+    ];
     c.bench_function("render_name_filter_2_families_200_models", |b| {
         b.iter(|| m.render(Some(&names)))
     });

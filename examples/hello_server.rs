@@ -8,10 +8,17 @@ use axum::Router;
 
 #[tokio::main]
 async fn main() {
-    let addr = std::env::args().nth(1).unwrap_or_else(|| "127.0.0.1:8090".into());
+    let addr = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "127.0.0.1:8090".into());
     let app = Router::new().route(
         "/predictions/{model}",
-        post(|| async { ([("content-type", "application/json")], "{\"label\":\"positive\",\"score\":0.667}") }),
+        post(|| async {
+            (
+                [("content-type", "application/json")],
+                "{\"label\":\"positive\",\"score\":0.667}",
+            )
+        }),
     );
     let listener = tokio::net::TcpListener::bind(&addr).await.expect("bind");
     println!("hello server listening on {addr}");

@@ -299,3 +299,53 @@ async fn headers_query_and_form_fields_reach_the_backend() {
         .unwrap();
     assert_eq!(r.status(), 400);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn onnx_model_is_served_over_http() {
+    let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/examples");
+    let s = Server::start(
+        "default_workers_per_model=1",
+        &[
+            "--model-store",
+            examples,
+            "--models",
+            "tiny_classifier=onnx",
+        ],
+    );
+    s.wait_healthy().await;
+    let input = std::fs::read_to_string(format!("{examples}/onnx/sample_input.json")).unwrap();
+    let expected: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(format!("{examples}/onnx/expected_output.json")).unwrap(),
+    )
+    .unwrap();
+    let r = s.predict("tiny_classifier", &input).await;
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().await.unwrap();
+    let got = v["outputs"]["probabilities"]["data"].as_array().unwrap();
+    let want = expected["outputs"]["probabilities"]["data"]
+        .as_array()
+        .or_else(|| expected["probabilities"].as_array())
+        .or_else(|| expected.as_array())
+        .expect("expected output layout");
+    for (g, w) in got
+        .iter()
+        .flat_map(|r| r.as_array().unwrap())
+        .zip(want.iter().flat_map(|r| r.as_array().unwrap()))
+    {
+        assert!(
+            (g.as_f64().unwrap() - w.as_f64().unwrap()).abs() < 1e-5,
+            "{v} vs {expected}"
+        );
+    }
+    let (_, d) = s
+        .mgmt(reqwest::Method::GET, "/models/tiny_classifier")
+        .await;
+    assert_eq!(d[0]["runtime"], "onnx");
+    // A shape error is the client's: 400 with the reason.
+    let r = s
+        .predict("tiny_classifier", r#"{"inputs": {"input": [[1, 2, 3]]}}"#)
+        .await;
+    assert_eq!(r.status(), 400);
+    let e: serde_json::Value = r.json().await.unwrap();
+    assert!(e["message"].as_str().unwrap().contains('4'), "{e}");
+}

@@ -174,13 +174,19 @@ pub trait BackendLoader: Send + Sync {
 }
 
 /// Chooses the backend for an unpacked archive from its manifest.
+///
+/// `handler: "builtin"` is the demo model; an `.onnx` serializedFile with no Python handler runs on
+/// tract. Parsing an ONNX model is CPU-heavy: call this from a blocking thread.
 pub fn loader_for(
-    _dir: &std::path::Path,
+    dir: &std::path::Path,
     manifest: &Manifest,
     _config: &Arc<crate::config::Config>,
 ) -> Result<Arc<dyn BackendLoader>, String> {
     if manifest.model.handler == "builtin" {
         return Ok(Arc::new(builtin::DemoLoader));
+    }
+    if onnx::is_onnx(manifest) {
+        return Ok(Arc::new(onnx::OnnxLoader::new(dir, manifest)?));
     }
     Err(format!(
         "no backend can serve handler {:?} (runtime {:?})",

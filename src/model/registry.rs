@@ -210,17 +210,19 @@ impl Registry {
             ));
         }
         let path = self.resolve(url).await?;
-        let unpacked = {
-            let path = path.clone();
-            tokio::task::spawn_blocking(move || archive::open(&path))
-                .await
-                .map_err(|e| RegistryError::BadRequest(format!("archive unpacking failed: {e}")))?
-                .map_err(|e| RegistryError::BadRequest(e.to_string()))?
-        };
+        let config = self.config.clone();
+        let shown = url.to_string();
+        let (unpacked, loader) = tokio::task::spawn_blocking(move || {
+            let unpacked = archive::open(&path).map_err(|e| e.to_string())?;
+            let loader = backend::loader_for(&unpacked.dir, &unpacked.manifest, &config)
+                .map_err(|e| format!("cannot load model from {shown}: {e}"))?;
+            Ok::<_, String>((unpacked, loader))
+        })
+        .await
+        .map_err(|e| RegistryError::BadRequest(format!("archive unpacking failed: {e}")))?
+        .map_err(RegistryError::BadRequest)?;
         let manifest = unpacked.manifest.clone();
         let dir = unpacked.dir.clone();
-        let loader = backend::loader_for(&dir, &manifest, &self.config)
-            .map_err(|e| RegistryError::BadRequest(format!("cannot load model from {url}: {e}")))?;
         self.insert(
             url.to_string(),
             Some(unpacked),

@@ -76,7 +76,7 @@ impl Prometheus {
         ok: impl Fn(&[serde_json::Value]) -> bool,
     ) -> Vec<serde_json::Value> {
         let deadline = Instant::now() + limit;
-        let mut last = String::new();
+        let mut last: String;
         loop {
             match self.query(client, expr).await {
                 Ok(data) => {

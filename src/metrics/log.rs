@@ -163,6 +163,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn files_rotate_by_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ts_metrics.log");
+        let mut f = RotatingFile::open(path.clone());
+        let line = "x".repeat(99) + "\n";
+        for _ in 0..25 {
+            f.write(&line, 1000);
+        }
+        // 25 lines of 100 bytes with a 1000-byte limit: two full files rotated, 5 lines current.
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 500);
+        assert_eq!(std::fs::metadata(dir.path().join("ts_metrics.log.1")).unwrap().len(), 1000);
+        assert_eq!(std::fs::metadata(dir.path().join("ts_metrics.log.2")).unwrap().len(), 1000);
+        assert!(!dir.path().join("ts_metrics.log.3").exists());
+        for _ in 0..100 {
+            f.write(&line, 1000);
+        }
+        assert!(!dir.path().join("ts_metrics.log.6").exists(), "only {KEEP} old files are kept");
+    }
+
+    #[test]
     fn timestamps_are_civil_utc() {
         assert_eq!(timestamp(1_717_105_563, 626), "2024-05-30T21:46:03,626");
         assert_eq!(timestamp(0, 0), "1970-01-01T00:00:00,000");

@@ -349,3 +349,28 @@ async fn onnx_model_is_served_over_http() {
     let e: serde_json::Value = r.json().await.unwrap();
     assert!(e["message"].as_str().unwrap().contains('4'), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explanations_reach_the_backend_with_the_explain_header() {
+    let s = Server::start("", &[]);
+    s.wait_healthy().await;
+    let r = s
+        .client
+        .post(format!("{}/explanations/demo", s.inference))
+        .header("content-type", "application/json")
+        .body(r#"{"text": "great but slow"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["explanation"]["great"], 1);
+    assert_eq!(v["explanation"]["slow"], -1);
+    let r = s.predict("demo", r#"{"text": "great"}"#).await;
+    assert!(r
+        .json::<serde_json::Value>()
+        .await
+        .unwrap()
+        .get("explanation")
+        .is_none());
+}

@@ -110,6 +110,20 @@ fn infer_one(req: &InferRequest) -> InferResponse {
         }
     };
     let (label, score) = score(&text);
+    if req.header("explain") == Some("True") {
+        // /explanations: which words moved the score, and which way.
+        let mut words = serde_json::Map::new();
+        for word in text.split(|c: char| !c.is_alphanumeric()) {
+            let w = word.to_ascii_lowercase();
+            if POSITIVE.contains(&w.as_str()) {
+                words.insert(w, 1.into());
+            } else if NEGATIVE.contains(&w.as_str()) {
+                words.insert(w, (-1).into());
+            }
+        }
+        let body = serde_json::json!({"label": label, "score": score, "explanation": words});
+        return InferResponse::ok("application/json", body.to_string());
+    }
     let body = format!("{{\"label\":\"{label}\",\"score\":{score}}}");
     InferResponse::ok("application/json", body)
 }

@@ -173,13 +173,26 @@ mod tests {
         }
         // 25 lines of 100 bytes with a 1000-byte limit: two full files rotated, 5 lines current.
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 500);
-        assert_eq!(std::fs::metadata(dir.path().join("ts_metrics.log.1")).unwrap().len(), 1000);
-        assert_eq!(std::fs::metadata(dir.path().join("ts_metrics.log.2")).unwrap().len(), 1000);
+        assert_eq!(
+            std::fs::metadata(dir.path().join("ts_metrics.log.1"))
+                .unwrap()
+                .len(),
+            1000
+        );
+        assert_eq!(
+            std::fs::metadata(dir.path().join("ts_metrics.log.2"))
+                .unwrap()
+                .len(),
+            1000
+        );
         assert!(!dir.path().join("ts_metrics.log.3").exists());
         for _ in 0..100 {
             f.write(&line, 1000);
         }
-        assert!(!dir.path().join("ts_metrics.log.6").exists(), "only {KEEP} old files are kept");
+        assert!(
+            !dir.path().join("ts_metrics.log.6").exists(),
+            "only {KEEP} old files are kept"
+        );
     }
 
     #[test]

@@ -8,6 +8,11 @@ use clap::{Args, Parser, Subcommand};
 use oxserve::config::{Config, Overrides};
 use oxserve::server;
 
+/// mimalloc: the request path allocates many small, short-lived buffers across threads, where it
+/// is measurably faster than glibc's malloc (docs/benchmarks.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "oxserve",

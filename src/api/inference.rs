@@ -14,7 +14,7 @@ use super::error::ApiError;
 use super::{count_responses, openapi, parse_query, AppState};
 use crate::backend::{InferRequest, InferResponse, Param};
 use crate::metrics::{ModelMetrics, Timings};
-use crate::worker::{Job, ReplyPart, ReplyRx, SubmitError};
+use crate::worker::{Job, Reply, ReplyPart, ReplyRx, SubmitError};
 
 const OPENAPI: &str = include_str!("openapi/inference.json");
 
@@ -347,27 +347,30 @@ fn to_response(part: &InferResponse, body: Body) -> Response {
 }
 
 /// Waits for the reply; streams it as HTTP chunks when the backend sends parts.
-async fn respond(mut rx: ReplyRx, metrics: std::sync::Arc<ModelMetrics>, in_url: bool) -> Response {
-    let Some(first) = rx.recv().await else {
-        return ApiError::new(
-            500,
-            "InternalServerException",
-            "the worker dropped the request without an answer",
-        )
-        .into_response();
+async fn respond(rx: ReplyRx, metrics: std::sync::Arc<ModelMetrics>, in_url: bool) -> Response {
+    let (first, rest) = match rx.await {
+        Ok(Reply::Whole(part)) => {
+            let mut t = part.timings;
+            t.responded = Some(Instant::now());
+            metrics.record_request(&t, part.response.status, in_url);
+            let body = Body::from(part.response.body.clone());
+            return to_response(&part.response, body);
+        }
+        Ok(Reply::Stream(first, rest)) => (first, rest),
+        Err(_) => {
+            return ApiError::new(
+                500,
+                "InternalServerException",
+                "the worker dropped the request without an answer",
+            )
+            .into_response()
+        }
     };
-    if first.last {
-        let mut t = first.timings;
-        t.responded = Some(Instant::now());
-        metrics.record_request(&t, first.response.status, in_url);
-        let part = first.response;
-        return to_response(&part, Body::from(part.body.clone()));
-    }
     // Streaming: the first part's head is the response head; every part is a chunk.
     let head = first.response.clone();
     let mut timings = first.timings;
     timings.first_chunk = Some(Instant::now());
-    let state = Some((Some(first), rx, metrics, timings));
+    let state = Some((Some(first), rest, metrics, timings));
     let stream = futures_util::stream::unfold(state, move |state| async move {
         let (pending, mut rx, metrics, mut timings) = state?;
         let part: ReplyPart = match pending {

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::backend::{
     Backend, BackendError, BackendLoader, InferRequest, InferResponse, StreamSink, WorkerSpec,
@@ -27,36 +27,76 @@ pub struct ReplyPart {
     pub timings: Timings,
 }
 
+/// How a reply arrives: whole, or as a stream whose further parts follow on the receiver.
+#[derive(Debug)]
+pub enum Reply {
+    Whole(ReplyPart),
+    Stream(ReplyPart, mpsc::UnboundedReceiver<ReplyPart>),
+}
+
 /// The receiving end of a queued request's reply.
-pub type ReplyRx = mpsc::UnboundedReceiver<ReplyPart>;
+pub type ReplyRx = oneshot::Receiver<Reply>;
+
+/// The sending end: a oneshot for the common whole reply; a channel only once a stream starts.
+struct ReplyTx {
+    first: Option<oneshot::Sender<Reply>>,
+    rest: Option<mpsc::UnboundedSender<ReplyPart>>,
+}
+
+impl ReplyTx {
+    fn send(&mut self, part: ReplyPart) {
+        match (self.first.take(), &self.rest) {
+            (Some(first), _) if part.last => {
+                let _ = first.send(Reply::Whole(part));
+            }
+            (Some(first), _) => {
+                let (tx, rx) = mpsc::unbounded_channel();
+                let _ = first.send(Reply::Stream(part, rx));
+                self.rest = Some(tx);
+            }
+            (None, Some(rest)) => {
+                let _ = rest.send(part);
+            }
+            (None, None) => {}
+        }
+    }
+}
 
 /// A request waiting for, or being served by, a worker.
 pub struct Job {
     pub request: InferRequest,
     pub timings: Timings,
-    reply: mpsc::UnboundedSender<ReplyPart>,
+    reply: Mutex<ReplyTx>,
 }
 
 impl Job {
     /// A job and the receiver its reply arrives on.
     pub fn new(request: InferRequest, timings: Timings) -> (Job, ReplyRx) {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = oneshot::channel();
+        let reply = ReplyTx {
+            first: Some(tx),
+            rest: None,
+        };
         (
             Job {
                 request,
                 timings,
-                reply: tx,
+                reply: Mutex::new(reply),
             },
             rx,
         )
     }
 
     fn finish(self, response: InferResponse) {
-        let _ = self.reply.send(ReplyPart {
-            response,
-            last: true,
-            timings: self.timings,
-        });
+        let timings = self.timings;
+        self.reply
+            .into_inner()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(ReplyPart {
+                response,
+                last: true,
+                timings,
+            });
     }
 }
 
@@ -407,11 +447,14 @@ struct BatchSink<'a> {
 impl StreamSink for BatchSink<'_> {
     fn send_partial(&self, index: usize, part: InferResponse) {
         if let Some(job) = self.jobs.get(index) {
-            let _ = job.reply.send(ReplyPart {
-                response: part,
-                last: false,
-                timings: job.timings,
-            });
+            job.reply
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .send(ReplyPart {
+                    response: part,
+                    last: false,
+                    timings: job.timings,
+                });
         }
     }
 }

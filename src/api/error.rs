@@ -1,11 +1,11 @@
 //! TorchServe's JSON error shape: `{"code": 404, "type": "ModelNotFoundException", "message": ...}`.
 
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 
 use crate::model::registry::RegistryError;
 
-/// An error answer. Like TorchServe, every answer >= 400 also closes the connection.
+/// An error answer. (Every answer >= 400 also closes the connection: see `api::count_responses`.)
 #[derive(Debug, Clone)]
 pub struct ApiError {
     pub status: u16,
@@ -50,14 +50,11 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body =
             serde_json::json!({"code": self.status, "type": self.kind, "message": self.message});
-        let mut r = (
+        (
             StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
             [(header::CONTENT_TYPE, "application/json")],
             format!("{body:#}\n"),
         )
-            .into_response();
-        r.headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        r
+            .into_response()
     }
 }

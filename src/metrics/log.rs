@@ -137,8 +137,15 @@ fn format_line(series: &Series, value: f64, request_id: Option<&str>, now: Syste
     line
 }
 
-/// `YYYY-MM-DDTHH:MM:SS,mmm` in UTC (civil-from-days, so no date crate is needed for one format).
+/// `YYYY-MM-DDTHH:MM:SS,mmm` in UTC, TorchServe's metric log time stamp.
 fn timestamp(secs: u64, millis: u32) -> String {
+    let (year, month, day, h, m, s) = civil_utc(secs);
+    format!("{year:04}-{month:02}-{day:02}T{h:02}:{m:02}:{s:02},{millis:03}")
+}
+
+/// (year, month, day, hour, minute, second) of a Unix time in UTC (civil-from-days), so that no
+/// date crate is needed for the two fixed formats oxserve prints.
+pub(crate) fn civil_utc(secs: u64) -> (i64, i64, i64, u64, u64, u64) {
     let days = (secs / 86_400) as i64;
     let rem = secs % 86_400;
     let z = days + 719_468;
@@ -150,12 +157,7 @@ fn timestamp(secs: u64, millis: u32) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02},{millis:03}",
-        rem / 3600,
-        (rem / 60) % 60,
-        rem % 60
-    )
+    (year, month, day, rem / 3600, (rem / 60) % 60, rem % 60)
 }
 
 #[cfg(test)]

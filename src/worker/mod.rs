@@ -673,17 +673,8 @@ impl Worker {
             }
         };
         let frontend = batch_start.elapsed().saturating_sub(backend_time);
-        self.pool.shared.metrics_host_thread_time(frontend);
+        let host = &self.spec.metrics.host;
+        host.worker_thread_time.set(frontend.as_millis() as f64);
         outcome
-    }
-}
-
-impl Shared {
-    fn metrics_host_thread_time(&self, d: Duration) {
-        self.spec
-            .metrics
-            .host
-            .worker_thread_time
-            .set(d.as_millis() as f64);
     }
 }

@@ -76,12 +76,12 @@ class CachingMetric:
     def add_or_update(self, value, dimension_values=(), request_id=""):
         dimension_values = list(dimension_values or [])
         if len(dimension_values) != len(self.dimension_names):
-            logger.error("[METRICS]Failed to update metric with name:%s: dimension values %s "
+            logger.error("Failed to update metric %s: dimension values %s "
                          "should correspond to dimension names %s", self.metric_name,
                          dimension_values, self.dimension_names)
             return
         if self.metric_type == MetricTypes.COUNTER and value < 0:
-            logger.error("[METRICS]Failed to update metric with name:%s: counter metric update "
+            logger.error("Failed to update metric %s: counter metric update "
                          "value cannot be negative", self.metric_name)
             return
         dims = ",".join("%s:%s" % (n, v) for n, v in zip(self.dimension_names, dimension_values))

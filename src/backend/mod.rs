@@ -6,6 +6,8 @@
 //! (`crate::worker`) for every kind of model.
 
 pub mod builtin;
+pub mod protocol;
+pub mod python;
 
 use std::path::PathBuf;
 use std::sync::Arc;

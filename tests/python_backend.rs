@@ -630,3 +630,58 @@ async fn torchserve_runtime_without_torchserve_says_so() {
         Ok(_) => panic!("expected Load error"),
     }
 }
+
+/// The MANIFEST.json torch-model-archiver 0.12.0 writes for examples/echo (captured from
+/// examples/make_archives.sh).
+const ARCHIVER_MANIFEST: &str = r#"{
+  "createdOn": "28/11/2026 12:55:52",
+  "runtime": "python",
+  "model": {
+    "modelName": "echo",
+    "handler": "echo_handler.py",
+    "modelVersion": "1.0"
+  },
+  "archiverVersion": "0.12.0"
+}"#;
+
+#[tokio::test]
+async fn serves_from_a_mar_archive() {
+    use std::io::Write;
+    let store = tempfile::tempdir().unwrap();
+    let mar = store.path().join("echo.mar");
+    let mut zip = zip::ZipWriter::new(std::fs::File::create(&mar).unwrap());
+    let opts = zip::write::SimpleFileOptions::default();
+    zip.start_file("echo_handler.py", opts).unwrap();
+    zip.write_all(example("echo/echo_handler.py").as_bytes())
+        .unwrap();
+    zip.start_file("MAR-INF/MANIFEST.json", opts).unwrap();
+    zip.write_all(ARCHIVER_MANIFEST.as_bytes()).unwrap();
+    zip.finish().unwrap();
+
+    let unpacked = oxserve::model::archive::open(&mar).unwrap();
+    let port = PORT.fetch_add(1, Ordering::Relaxed);
+    let spec = WorkerSpec {
+        port,
+        name: format!("W-{port}-echo_1.0"),
+        model_name: unpacked.manifest.model.model_name.clone(),
+        model_version: unpacked.manifest.model.model_version.clone(),
+        model_dir: unpacked.dir.clone(),
+        manifest: Arc::new(unpacked.manifest.clone()),
+        batch_size: 1,
+        gpu_id: -1,
+        startup_timeout: Duration::from_secs(60),
+        response_timeout: Duration::from_secs(60),
+        metrics: Arc::new(Metrics::for_tests()),
+        settings: Arc::new(config(&[])),
+    };
+    let mut backend = PythonLoader::new().load(&spec).await.unwrap();
+    let replies = backend
+        .infer(
+            &[request("r1", "application/json", br#"{"text": "hi"}"#)],
+            &NoStream,
+        )
+        .await
+        .unwrap();
+    assert_eq!(json(&replies[0]), serde_json::json!({"text": "hi"}));
+    backend.shutdown().await;
+}

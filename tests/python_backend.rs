@@ -685,3 +685,82 @@ async fn serves_from_a_mar_archive() {
     assert_eq!(json(&replies[0]), serde_json::json!({"text": "hi"}));
     backend.shutdown().await;
 }
+
+/// The same backend against TorchServe's own worker. Opt-in (it needs torchserve and torch, about
+/// 5 GB): `OXSERVE_TEST_TORCHSERVE_PYTHON=/path/to/venv/bin/python cargo test --test python_backend torchserve`.
+#[tokio::test]
+async fn torchserve_worker_when_available() {
+    let Ok(python) = std::env::var("OXSERVE_TEST_TORCHSERVE_PYTHON") else {
+        eprintln!("OXSERVE_TEST_TORCHSERVE_PYTHON not set: skipping the real TorchServe worker");
+        return;
+    };
+    let cfg = || {
+        config(&[
+            ("worker_runtime", "torchserve"),
+            ("python_executable", &python),
+        ])
+    };
+    let loader = PythonLoader::new();
+    let metrics = Arc::new(Metrics::for_tests());
+
+    let dir = model_dir(
+        "echo",
+        "echo_handler.py",
+        &example("echo/echo_handler.py"),
+        "echo_handler.py",
+    );
+    let mut backend = loader
+        .load(&spec(dir.path(), "echo", metrics.clone(), cfg()))
+        .await
+        .unwrap_or_else(|e| panic!("load failed: {e}"));
+    let batch = vec![
+        request("a", "application/json", br#"{"x": 1}"#),
+        request("b", "text/plain", b"hello"),
+        request("c", "application/octet-stream", b"\x00raw"),
+    ];
+    let replies = backend.infer(&batch, &NoStream).await.unwrap();
+    assert_eq!(json(&replies[0]), serde_json::json!({"x": 1}));
+    assert_eq!(&replies[1].body[..], b"hello");
+    assert_eq!(&replies[2].body[..], b"\x00raw");
+    let labels = r#"{ModelName="echo",Level="Model",Hostname="testhost"}"#;
+    wait_until("PredictionTime from TorchServe's worker", || {
+        metrics
+            .render(None)
+            .contains(&format!("PredictionTime{labels}"))
+    })
+    .await;
+    backend.shutdown().await;
+
+    let dir = model_dir(
+        "stream",
+        "stream_handler.py",
+        &example("streaming/stream_handler.py"),
+        "stream_handler.py",
+    );
+    let mut backend = loader
+        .load(&spec(dir.path(), "stream", metrics.clone(), cfg()))
+        .await
+        .unwrap_or_else(|e| panic!("load failed: {e}"));
+    let sink = Collect::default();
+    let replies = backend.infer(&[text("a")], &sink).await.unwrap();
+    assert_eq!(sink.0.lock().unwrap().len(), 3);
+    assert_eq!(&replies[0].body[..], b"a: done\n");
+    backend.shutdown().await;
+
+    let dir = model_dir("flaky", "flaky.py", FLAKY, "flaky.py");
+    let mut backend = loader
+        .load(&spec(dir.path(), "flaky", metrics.clone(), cfg()))
+        .await
+        .unwrap_or_else(|e| panic!("load failed: {e}"));
+    match backend.infer(&[text("fail")], &NoStream).await {
+        Err(BackendError::Failed { status, message }) => {
+            assert_eq!((status, message.as_str()), (503, "Prediction failed"))
+        }
+        other => panic!("expected Failed, got {other:?}"),
+    }
+    let replies = backend.infer(&[text("ok")], &NoStream).await.unwrap();
+    assert_eq!(&replies[0].body[..], b"ok");
+    let pid = backend.pid().unwrap();
+    backend.shutdown().await;
+    assert!(!pid_alive(pid));
+}

@@ -714,3 +714,50 @@ impl Drop for PythonBackend {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runtime_is_written_once_and_removed_after_use() {
+        let a = runtime_dir().unwrap();
+        let b = runtime_dir().unwrap();
+        assert_eq!(a.dir.path(), b.dir.path());
+        for (rel, text) in RUNTIME_FILES {
+            assert_eq!(
+                &std::fs::read_to_string(a.dir.path().join(rel)).unwrap(),
+                text
+            );
+        }
+        let path = a.dir.path().to_path_buf();
+        drop((a, b));
+        // Other tests of this binary may still hold the folder; otherwise it is gone.
+        let still_used = RUNTIME.lock().unwrap().upgrade().is_some();
+        if !still_used {
+            assert!(!path.exists());
+        }
+    }
+
+    #[test]
+    fn frame_status_codes_are_http_codes() {
+        let r = FrameResponse {
+            request_id: "a".into(),
+            content_type: "text/plain".into(),
+            status: 0,
+            reason: String::new(),
+            headers: vec![
+                ("Content-Type".into(), "text/plain".into()),
+                ("ts_stream_next".into(), "true".into()),
+            ],
+            body: bytes::Bytes::from_static(b"x"),
+        };
+        let resp = to_response(r);
+        assert_eq!(resp.status, 500);
+        assert_eq!(resp.content_type, "text/plain");
+        assert_eq!(
+            resp.headers,
+            vec![("ts_stream_next".to_string(), "true".to_string())]
+        );
+    }
+}

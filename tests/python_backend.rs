@@ -157,6 +157,11 @@ async fn echo_batch_of_three_in_order() {
     // A second batch on the same worker.
     let replies = backend.infer(&[text("again")], &NoStream).await.unwrap();
     assert_eq!(&replies[0].body[..], b"again");
+    // Duplicate ids are refused before anything reaches the worker, which stays in step.
+    let dup = backend.infer(&[text("d"), text("d")], &NoStream).await;
+    assert!(matches!(dup, Err(BackendError::Failed { status: 500, .. })));
+    let replies = backend.infer(&[text("after")], &NoStream).await.unwrap();
+    assert_eq!(&replies[0].body[..], b"after");
     backend.shutdown().await;
 }
 

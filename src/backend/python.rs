@@ -312,6 +312,10 @@ fn python_path(model_dir: &Path) -> std::ffi::OsString {
 }
 
 /// Asks the kernel to SIGKILL the child when the server dies.
+///
+/// Linux sends the signal when the *thread* that forked exits, so workers must be spawned from a
+/// thread that lives as long as the server: a runtime worker thread (any ordinary async context),
+/// never a `spawn_blocking` thread, which tokio retires after some idle seconds.
 fn die_with_parent(cmd: &mut Command) {
     #[cfg(target_os = "linux")]
     {
@@ -617,6 +621,17 @@ impl Backend for PythonBackend {
             return Ok(Vec::new());
         }
         let secs = self.response_timeout.as_secs_f64();
+        let index: HashMap<&str, usize> = batch
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.id.as_str(), i))
+            .collect();
+        if index.len() != batch.len() {
+            return Err(BackendError::Failed {
+                status: 500,
+                message: "request ids of a batch must be unique".into(),
+            });
+        }
         let frame = protocol::encode_infer(batch);
         match timeout(self.response_timeout, self.write(&frame)).await {
             Ok(Ok(())) => {}
@@ -634,11 +649,6 @@ impl Backend for PythonBackend {
                 return Err(BackendError::Died(reason));
             }
         }
-        let index: HashMap<&str, usize> = batch
-            .iter()
-            .enumerate()
-            .map(|(i, r)| (r.id.as_str(), i))
-            .collect();
         let mut finals: Vec<Option<InferResponse>> = vec![None; batch.len()];
         let mut missing = batch.len();
         while missing > 0 {

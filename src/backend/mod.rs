@@ -7,6 +7,8 @@
 
 pub mod builtin;
 pub mod onnx;
+pub mod protocol;
+pub mod python;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -176,7 +178,8 @@ pub trait BackendLoader: Send + Sync {
 /// Chooses the backend for an unpacked archive from its manifest.
 ///
 /// `handler: "builtin"` is the demo model; an `.onnx` serializedFile with no Python handler runs on
-/// tract. Parsing an ONNX model is CPU-heavy: call this from a blocking thread.
+/// tract; any other handler runs in Python worker processes. Parsing an ONNX model is CPU-heavy:
+/// call this from a blocking thread.
 pub fn loader_for(
     dir: &std::path::Path,
     manifest: &Manifest,
@@ -188,8 +191,11 @@ pub fn loader_for(
     if onnx::is_onnx(manifest) {
         return Ok(Arc::new(onnx::OnnxLoader::new(dir, manifest)?));
     }
+    if !manifest.model.handler.is_empty() {
+        return Ok(Arc::new(python::PythonLoader::new()));
+    }
     Err(format!(
-        "no backend can serve handler {:?} (runtime {:?})",
-        manifest.model.handler, manifest.runtime
+        "the manifest names no handler and no .onnx serializedFile (runtime {:?}): nothing can serve it",
+        manifest.runtime
     ))
 }

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Packages the example handlers into TorchServe model archives (.mar) with the real
+# torch-model-archiver (installed into a private virtualenv; it does not need torch).
+#
+#   examples/make_archives.sh [OUT_DIR]      # default: target/model-store
+#
+# Produces echo.mar, batching.mar, custom_metrics.mar and streaming.mar, usable by oxserve and by
+# TorchServe alike (e.g. `oxserve --model-store target/model-store --models all`).
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+out="${1:-$root/target/model-store}"
+venv="$root/target/mar-venv"
+python="${PYTHON:-python3}"
+
+if [ ! -x "$venv/bin/torch-model-archiver" ]; then
+    echo "creating $venv with torch-model-archiver 0.12.0" >&2
+    "$python" -m venv "$venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check torch-model-archiver==0.12.0
+fi
+mkdir -p "$out"
+
+archive() { # name, folder, handler file
+    local name="$1" dir="$root/examples/$2" handler="$3"
+    (cd "$dir" && "$venv/bin/torch-model-archiver" --model-name "$name" --version 1.0 \
+        --handler "$handler" --export-path "$out" --force)
+    echo "$out/$name.mar"
+}
+
+archive echo echo echo_handler.py
+archive batching batching batch_handler.py
+archive custom_metrics custom_metrics metrics_handler.py
+archive streaming streaming stream_handler.py

@@ -1,0 +1,170 @@
+"""TorchServe's worker wire protocol: frame decoding and encoding.
+
+Everything is big-endian. A string is an int32 length followed by that many bytes; a list ends
+with an int32 -1. The frontend sends load (b"L") and inference (b"I") messages; the worker answers
+each with one reply frame (inference replies may be preceded by streamed intermediate frames).
+"""
+
+import json
+import os
+import struct
+
+LOAD = b"L"
+PREDICT = b"I"
+END = -1
+
+
+class Disconnected(Exception):
+    """The frontend closed the connection."""
+
+
+def _read_exact(conn, n):
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = conn.recv(n - len(buf))
+        if not chunk:
+            raise Disconnected()
+        buf += chunk
+    return bytes(buf)
+
+
+def _read_int(conn):
+    return struct.unpack("!i", _read_exact(conn, 4))[0]
+
+
+def _read_bytes(conn, length=None):
+    if length is None:
+        length = _read_int(conn)
+    if length < 0:
+        raise ValueError("negative string length %d in frame" % length)
+    return _read_exact(conn, length)
+
+
+def decode_value(content_type, raw):
+    """Decodes a parameter value the way TorchServe does: JSON to objects, text/* to str."""
+    if os.environ.get("TS_DECODE_INPUT_REQUEST", "true") != "true":
+        return raw
+    media = content_type.split(";", 1)[0].strip().lower()
+    try:
+        if media == "application/json":
+            return json.loads(raw.decode("utf-8"))
+        if media.startswith("text"):
+            return raw.decode("utf-8")
+    except (ValueError, UnicodeDecodeError):
+        pass  # TorchServe forwards undecodable payloads as bytes
+    return raw
+
+
+def read_message(conn):
+    """Reads one message; returns (command, payload). Raises Disconnected at EOF."""
+    cmd = _read_exact(conn, 1)
+    if cmd == LOAD:
+        msg = {
+            "model_name": _read_bytes(conn).decode("utf-8"),
+            "model_path": _read_bytes(conn).decode("utf-8"),
+            "batch_size": _read_int(conn),
+            "handler": _read_bytes(conn).decode("utf-8"),
+        }
+        gpu = _read_int(conn)
+        msg["gpu_id"] = gpu if gpu >= 0 else None
+        msg["envelope"] = _read_bytes(conn).decode("utf-8")
+        msg["limit_max_image_pixels"] = _read_exact(conn, 1) != b"\x00"
+        return cmd, msg
+    if cmd == PREDICT:
+        batch = []
+        while True:
+            length = _read_int(conn)
+            if length == END:
+                return cmd, batch
+            request = {"request_id": _read_bytes(conn, length).decode("utf-8"),
+                       "headers": [], "params": []}
+            while True:
+                length = _read_int(conn)
+                if length == END:
+                    break
+                name = _read_bytes(conn, length).decode("utf-8", "replace")
+                value = _read_bytes(conn).decode("utf-8", "replace")
+                request["headers"].append((name, value))
+            while True:
+                length = _read_int(conn)
+                if length == END:
+                    break
+                name = _read_bytes(conn, length).decode("utf-8", "replace")
+                content_type = _read_bytes(conn).decode("utf-8", "replace")
+                raw = _read_bytes(conn)
+                request["params"].append((name, content_type, decode_value(content_type, raw)))
+            batch.append(request)
+    raise ValueError("unknown command %r" % cmd)
+
+
+def _put_str(out, value):
+    if isinstance(value, str):
+        value = value.encode("utf-8")
+    out += struct.pack("!i", len(value))
+    out += value
+
+
+def encode_load_reply(code, message):
+    out = bytearray(struct.pack("!i", code))
+    _put_str(out, message)
+    out += struct.pack("!i", END)
+    return bytes(out)
+
+
+def encode_body(value):
+    """(body bytes, content type implied by the value or None). Raises TypeError if unencodable."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value), None
+    if isinstance(value, str):
+        return value.encode("utf-8"), None
+    return json.dumps(value, indent=2).encode("utf-8"), "application/json"
+
+
+def encode_predict_reply(code, message, items):
+    """items: list of (request_id, content_type, status, phrase, headers dict, body bytes)."""
+    out = bytearray(struct.pack("!i", code))
+    _put_str(out, message)
+    for request_id, content_type, status, phrase, headers, body in items:
+        _put_str(out, request_id)
+        _put_str(out, content_type or "")
+        out += struct.pack("!i", status)
+        _put_str(out, phrase or "")
+        out += struct.pack("!i", len(headers))
+        for k, v in headers.items():
+            _put_str(out, str(k))
+            _put_str(out, str(v))
+        _put_str(out, body)
+    out += struct.pack("!i", END)
+    return bytes(out)
+
+
+def create_predict_response(ret, req_id_map, message, code, context=None, ts_stream_next=False):
+    """Builds a reply frame for the batch described by req_id_map ({index: request id}).
+
+    ret is the handler's list of replies (None for a failed batch). With a context, per-request
+    status, headers and content type come from it, and ts_stream_next is maintained as TorchServe
+    does: "true" on intermediate frames, "false" on the final frame of a request that streamed.
+    """
+    items = []
+    for idx in req_id_map:
+        request_id = req_id_map[idx]
+        if ret is None:
+            items.append((request_id, "", code, "", {}, b"error"))
+            continue
+        body, implied_type = encode_body(ret[idx])
+        if context is None:
+            items.append((request_id, implied_type or "", code, "", {}, body))
+            continue
+        headers = context.get_response_headers(idx)
+        if ts_stream_next:
+            headers["ts_stream_next"] = "true"
+        elif headers.get("ts_stream_next") == "true":
+            headers["ts_stream_next"] = "false"
+        content_type = context.get_response_content_type(idx)
+        if not content_type and implied_type:
+            content_type = implied_type
+            context.set_response_content_type(idx, content_type)
+        status, phrase = context.get_response_status(idx)
+        items.append((request_id, content_type, 200 if status is None else status, phrase,
+                      headers, body))
+    return encode_predict_reply(code, message, items)

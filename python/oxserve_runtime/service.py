@@ -1,0 +1,178 @@
+"""Loads the handler and serves batches over the frontend connection."""
+
+import importlib
+import inspect
+import json
+import logging
+import os
+import sys
+import threading
+import time
+import traceback
+
+from . import __version__
+from .context import Context, RequestProcessor
+from .metrics import MetricsCache
+from .protocol import create_predict_response
+
+logger = logging.getLogger("oxserve_runtime")
+
+# TorchServe's built-in handler names: they need torch and TorchServe's own worker.
+TORCHSERVE_HANDLERS = {"base_handler", "image_classifier", "image_segmenter", "object_detector",
+                       "text_classifier", "text_handler", "vision_handler", "densenet_handler"}
+
+
+class PredictionException(Exception):
+    """Raise from a handler to fail the batch with a chosen status code (TorchServe's class)."""
+
+    def __init__(self, message, error_code=500):
+        self.message = message
+        self.error_code = error_code
+        super().__init__(message)
+
+    def __str__(self):
+        return "%s : %s" % (self.message, self.error_code)
+
+
+class LoadError(Exception):
+    pass
+
+
+def _send_lock(context):
+    lock = getattr(context, "_oxserve_send_lock", None)
+    if lock is None:
+        lock = threading.Lock()
+        context._oxserve_send_lock = lock
+    return lock
+
+
+def send_intermediate_predict_response(ret, req_id_map, message, code, context=None):
+    """Sends one streamed part for each request of the batch before handle() returns."""
+    if context is None or context.cl_socket is None:
+        raise RuntimeError("send_intermediate_predict_response needs the handler's context")
+    frame = create_predict_response(ret, req_id_map, message, code, context, ts_stream_next=True)
+    with _send_lock(context):
+        context.cl_socket.sendall(frame)
+
+
+def _import_handler(handler):
+    """TorchServe's rules: `file.py`, `module`, `module:function`, `dir/file.py:function`."""
+    module_name, _, function_name = handler.partition(":")
+    if module_name.endswith(".py"):
+        module_name = module_name[:-3]
+    module_name = module_name.split("/")[-1]
+    if not module_name:
+        raise LoadError("the manifest names no handler")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name == module_name:
+            hint = ""
+            if module_name in TORCHSERVE_HANDLERS:
+                hint = (" (%r is one of TorchServe's built-in handlers; they need torch and "
+                        "TorchServe's worker: set worker_runtime=torchserve)" % module_name)
+            raise LoadError("handler module %r not found in the model folder%s"
+                            % (module_name, hint)) from None
+        raise
+    return module, function_name or None
+
+
+def _entry_points(module, function_name):
+    """(handle callable, initialize callable or None) following TorchServe's model loader."""
+    name = function_name or "handle"
+    if hasattr(module, name):
+        entry = getattr(module, name)
+        init = getattr(module, "initialize", None) if not function_name else None
+        if init is None:
+            # TorchServe initialises a function entry point by calling it with data=None.
+            def init(ctx):
+                try:
+                    entry(None, ctx)
+                except Exception as e:  # pylint: disable=broad-except
+                    logger.info("handler %s(None, context) at load raised %s: %s (ignored)",
+                                name, type(e).__name__, e)
+        return entry, init
+    if function_name:
+        raise LoadError("handler module %r has no function %r" % (module.__name__, function_name))
+    classes = [c for _, c in inspect.getmembers(module, inspect.isclass)
+               if c.__module__ == module.__name__]
+    if len(classes) != 1:
+        raise LoadError("expected one class or a function named handle in handler module %r, "
+                        "found classes %s" % (module.__name__, [c.__name__ for c in classes]))
+    instance = classes[0]()
+    if not hasattr(instance, "handle"):
+        raise LoadError("class %s has no handle method" % classes[0].__name__)
+    return instance.handle, getattr(instance, "initialize", None)
+
+
+class Service:
+    def __init__(self, msg, metrics_config):
+        model_dir = msg["model_path"] or os.getcwd()
+        if model_dir not in sys.path:
+            sys.path.insert(0, model_dir)
+        manifest = None
+        manifest_file = os.path.join(model_dir, "MAR-INF", "MANIFEST.json")
+        if os.path.exists(manifest_file):
+            with open(manifest_file, encoding="utf-8") as f:
+                manifest = json.load(f)
+        self.metrics = MetricsCache(metrics_config, msg["model_name"])
+        self.context = Context(msg["model_name"], model_dir, manifest, msg["batch_size"],
+                               msg["gpu_id"], __version__, msg["limit_max_image_pixels"],
+                               self.metrics)
+        module, function_name = _import_handler(msg["handler"])
+        self.entry, init = _entry_points(module, function_name)
+        if init is not None:
+            init(self.context)
+
+    def predict(self, batch):
+        """Runs handle() on one batch; returns the final reply frame."""
+        start = time.time()
+        ctx = self.context
+        req_id_map, processors, data = {}, [], []
+        for idx, request in enumerate(batch):
+            req_id_map[idx] = request["request_id"]
+            inputs, headers = {}, {}
+            for name, content_type, value in request["params"]:
+                inputs[name] = value
+                headers[name] = {"content-type": content_type}
+            for name, value in request["headers"]:
+                headers[name] = value
+            processors.append(RequestProcessor(headers))
+            data.append(inputs)
+        ctx.request_ids = req_id_map
+        ctx.request_processor = processors
+        self.metrics.set_request_ids(req_id_map)
+
+        handler_start = time.time()
+        try:
+            ret = self.entry(data, ctx)
+        except MemoryError:
+            traceback.print_exc()
+            return create_predict_response(None, req_id_map, "Out of resources", 507)
+        except Exception as e:  # pylint: disable=broad-except
+            traceback.print_exc()
+            code = getattr(e, "error_code", None)
+            if isinstance(code, int) and hasattr(e, "message"):
+                return create_predict_response(None, req_id_map, str(e.message), code)
+            if "CUDA" in str(e):
+                return create_predict_response(None, req_id_map, "Out of resources", 507)
+            return create_predict_response(None, req_id_map, "Prediction failed: %s: %s"
+                                           % (type(e).__name__, e), 503)
+        handler_ms = round((time.time() - handler_start) * 1000, 2)
+
+        if not isinstance(ret, list):
+            return create_predict_response(
+                None, req_id_map, "Invalid model predict output: handle() returned %s, expected a "
+                "list with one reply per request" % type(ret).__name__, 503)
+        if len(ret) != len(data):
+            return create_predict_response(
+                None, req_id_map, "number of batch response mismatched: handle() returned %d "
+                "replies for a batch of %d requests" % (len(ret), len(data)), 503)
+        self.metrics.add_time("HandlerTime", handler_ms, None, "ms")
+        self.metrics.add_time("PredictionTime", round((time.time() - start) * 1000, 2), None, "ms")
+        try:
+            return create_predict_response(ret, req_id_map, "Prediction success", 200, ctx)
+        except TypeError as e:
+            logger.warning("cannot serialize the handler's output: %s", e)
+            return create_predict_response(None, req_id_map, "Unsupported model output data "
+                                           "type: %s" % e, 503)

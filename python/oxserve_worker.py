@@ -1,0 +1,92 @@
+"""oxserve's Python worker: serves one model over TorchServe's worker protocol.
+
+    python3 oxserve_worker.py --sock-type unix --sock-name /tmp/.oxs.sock.9000 [--metrics-config metrics.yaml]
+
+Run with the unpacked model folder as working directory. Binds and listens on the socket, prints
+`[PID]<pid>` and `Torch worker started.`, accepts one connection from the server and serves it
+until the server disconnects. Standard library only: no torch needed.
+"""
+
+import argparse
+import logging
+import os
+import platform
+import socket
+import sys
+import traceback
+
+
+def main():
+    parser = argparse.ArgumentParser(description="oxserve Python worker")
+    parser.add_argument("--sock-type", default="unix", choices=["unix", "tcp"])
+    parser.add_argument("--sock-name")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int)
+    parser.add_argument("--metrics-config")
+    parser.add_argument("--async", dest="async_mode", action="store_true")
+    args = parser.parse_args()
+
+    sys.stdout.reconfigure(line_buffering=True, errors="backslashreplace")
+    sys.stderr.reconfigure(line_buffering=True, errors="backslashreplace")
+    logging.basicConfig(stream=sys.stdout, format="%(message)s", level=logging.INFO)
+
+    from oxserve_runtime import protocol, service
+
+    if args.sock_type == "unix":
+        if not args.sock_name:
+            parser.error("--sock-name is required with --sock-type unix")
+        try:
+            os.remove(args.sock_name)
+        except FileNotFoundError:
+            pass
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(args.sock_name)
+    else:
+        if args.port is None:
+            parser.error("--port is required with --sock-type tcp")
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((args.host, args.port))
+    sock.listen(1)
+    print("[PID]%d" % os.getpid(), flush=True)
+    print("Torch worker started.", flush=True)
+    print("Python runtime: %s" % platform.python_version(), flush=True)
+
+    conn, _ = sock.accept()
+    sock.close()
+    if args.sock_type == "unix":
+        try:
+            os.remove(args.sock_name)
+        except OSError:
+            pass
+    serve(conn, protocol, service, args.metrics_config)
+
+
+def serve(conn, protocol, service, metrics_config):
+    svc = None
+    while True:
+        try:
+            cmd, msg = protocol.read_message(conn)
+        except protocol.Disconnected:
+            return 0
+        if cmd == protocol.LOAD:
+            try:
+                svc = service.Service(msg, metrics_config)
+            except BaseException as e:  # pylint: disable=broad-except
+                traceback.print_exc()
+                conn.sendall(protocol.encode_load_reply(
+                    500, "cannot load model %s: %s: %s" % (msg["model_name"], type(e).__name__, e)))
+                return 1
+            svc.context.cl_socket = conn
+            conn.sendall(protocol.encode_load_reply(200, "loaded model %s" % msg["model_name"]))
+        elif svc is None:
+            print("inference request before the model was loaded", file=sys.stderr)
+            return 1
+        else:
+            frame = svc.predict(msg)
+            with service._send_lock(svc.context):  # pylint: disable=protected-access
+                conn.sendall(frame)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,2 @@
+"""Shim: TorchServe's Dimension."""
+from oxserve_runtime.metrics import Dimension  # noqa: F401

@@ -1,0 +1,2 @@
+"""Shim: TorchServe's MetricTypes."""
+from oxserve_runtime.metrics import MetricTypes  # noqa: F401

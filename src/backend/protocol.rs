@@ -1,0 +1,435 @@
+//! TorchServe's worker wire protocol: the frames exchanged with a Python worker over its socket.
+//!
+//! Pure encoding and decoding, no I/O. Everything is big-endian; a string is an `i32` length then
+//! that many bytes; a list ends with an `i32` -1.
+//!
+//! - load: `b"L"`, model name, model path, `i32` batch size, handler, `i32` gpu id (-1: none),
+//!   envelope, 1-byte bool (limitMaxImagePixels). Reply: `i32` code, message, `i32` -1.
+//! - inference: `b"I"`, per request: request id, headers as (name, value) pairs ending with -1,
+//!   parameters as (name, content type, value) ending with -1; after the last request, -1.
+//!   Reply: `i32` code, message, per request: request id, content type, `i32` status, reason
+//!   phrase, `i32` header count and (name, value) pairs, body; the list ends with -1.
+//!
+//! Decoders take the bytes received so far and return `Ok(None)` while a frame is incomplete, so a
+//! reader can call them again after every read.
+
+use bytes::Bytes;
+
+use super::InferRequest;
+
+const END: i32 = -1;
+
+/// The load command.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoadRequest {
+    pub model_name: String,
+    pub model_path: String,
+    pub batch_size: i32,
+    pub handler: String,
+    /// -1 for no GPU.
+    pub gpu_id: i32,
+    pub envelope: String,
+    pub limit_max_image_pixels: bool,
+}
+
+/// The worker's answer to a load command.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoadReply {
+    pub code: i32,
+    pub message: String,
+}
+
+/// One reply frame to an inference command (final, or an intermediate streamed part).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PredictReply {
+    pub code: i32,
+    pub message: String,
+    pub responses: Vec<FrameResponse>,
+}
+
+/// The part of a reply frame for one request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FrameResponse {
+    pub request_id: String,
+    pub content_type: String,
+    pub status: i32,
+    pub reason: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Bytes,
+}
+
+impl FrameResponse {
+    /// A response header by case-insensitive name.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Whether more parts of this request follow (header `ts_stream_next: true`).
+    pub fn is_intermediate(&self) -> bool {
+        self.header("ts_stream_next") == Some("true")
+    }
+}
+
+/// A frame that can never become valid.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("invalid frame from worker: {0}")]
+pub struct ProtocolError(pub String);
+
+fn put_int(out: &mut Vec<u8>, v: i32) {
+    out.extend_from_slice(&v.to_be_bytes());
+}
+
+fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
+    let len = i32::try_from(b.len()).expect("frame strings are shorter than 2 GiB");
+    put_int(out, len);
+    out.extend_from_slice(b);
+}
+
+/// Encodes a load command.
+pub fn encode_load(req: &LoadRequest) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64 + req.model_path.len() + req.handler.len());
+    out.push(b'L');
+    put_bytes(&mut out, req.model_name.as_bytes());
+    put_bytes(&mut out, req.model_path.as_bytes());
+    put_int(&mut out, req.batch_size);
+    put_bytes(&mut out, req.handler.as_bytes());
+    put_int(&mut out, req.gpu_id);
+    put_bytes(&mut out, req.envelope.as_bytes());
+    out.push(u8::from(req.limit_max_image_pixels));
+    out
+}
+
+/// Encodes an inference command for a batch.
+pub fn encode_infer(batch: &[InferRequest]) -> Vec<u8> {
+    let size: usize = batch
+        .iter()
+        .map(|r| {
+            64 + r.id.len()
+                + r.headers
+                    .iter()
+                    .map(|(k, v)| 8 + k.len() + v.len())
+                    .sum::<usize>()
+                + r.params
+                    .iter()
+                    .map(|p| 12 + p.name.len() + p.content_type.len() + p.value.len())
+                    .sum::<usize>()
+        })
+        .sum();
+    let mut out = Vec::with_capacity(8 + size);
+    out.push(b'I');
+    for req in batch {
+        put_bytes(&mut out, req.id.as_bytes());
+        for (k, v) in &req.headers {
+            put_bytes(&mut out, k.as_bytes());
+            put_bytes(&mut out, v.as_bytes());
+        }
+        put_int(&mut out, END);
+        for p in &req.params {
+            put_bytes(&mut out, p.name.as_bytes());
+            put_bytes(&mut out, p.content_type.as_bytes());
+            put_bytes(&mut out, &p.value);
+        }
+        put_int(&mut out, END);
+    }
+    put_int(&mut out, END);
+    out
+}
+
+/// Reads fields from a buffer; `Ok(None)` from any read means "not all bytes are here yet".
+struct Cursor<'a> {
+    buf: &'a [u8],
+    pos: usize,
+    max_len: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn int(&mut self) -> Option<i32> {
+        let b = self.buf.get(self.pos..self.pos + 4)?;
+        self.pos += 4;
+        Some(i32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    /// A string whose length was already read.
+    fn bytes_of(&mut self, len: i32, what: &str) -> Result<Option<&'a [u8]>, ProtocolError> {
+        let len = usize::try_from(len)
+            .map_err(|_| ProtocolError(format!("negative length {len} for {what}")))?;
+        if len > self.max_len {
+            return Err(ProtocolError(format!(
+                "{what} of {len} bytes exceeds the limit of {} bytes",
+                self.max_len
+            )));
+        }
+        let Some(b) = self.buf.get(self.pos..self.pos + len) else {
+            return Ok(None);
+        };
+        self.pos += len;
+        Ok(Some(b))
+    }
+
+    fn bytes(&mut self, what: &str) -> Result<Option<&'a [u8]>, ProtocolError> {
+        match self.int() {
+            Some(len) => self.bytes_of(len, what),
+            None => Ok(None),
+        }
+    }
+
+    fn string(&mut self, what: &str) -> Result<Option<String>, ProtocolError> {
+        Ok(self
+            .bytes(what)?
+            .map(|b| String::from_utf8_lossy(b).into_owned()))
+    }
+}
+
+/// Early return for "incomplete" inside decoders.
+macro_rules! need {
+    ($e:expr) => {
+        match $e {
+            Some(v) => v,
+            None => return Ok(None),
+        }
+    };
+}
+
+/// Decodes a load reply from the start of `buf`: the reply and the bytes it used.
+pub fn decode_load_reply(
+    buf: &[u8],
+    max_len: usize,
+) -> Result<Option<(LoadReply, usize)>, ProtocolError> {
+    let mut c = Cursor {
+        buf,
+        pos: 0,
+        max_len,
+    };
+    let code = need!(c.int());
+    let message = need!(c.string("load reply message")?);
+    let end = need!(c.int());
+    if end != END {
+        return Err(ProtocolError(format!(
+            "load reply ends with {end} instead of -1"
+        )));
+    }
+    Ok(Some((LoadReply { code, message }, c.pos)))
+}
+
+/// Decodes one inference reply frame from the start of `buf`: the frame and the bytes it used.
+/// `max_len` bounds every string (bodies included): larger ones are refused.
+pub fn decode_predict_reply(
+    buf: &[u8],
+    max_len: usize,
+) -> Result<Option<(PredictReply, usize)>, ProtocolError> {
+    let mut c = Cursor {
+        buf,
+        pos: 0,
+        max_len,
+    };
+    let code = need!(c.int());
+    let message = need!(c.string("reply message")?);
+    let mut responses = Vec::new();
+    loop {
+        let len = need!(c.int());
+        if len == END {
+            break;
+        }
+        let request_id = need!(c.bytes_of(len, "request id")?);
+        let request_id = String::from_utf8_lossy(request_id).into_owned();
+        let content_type = need!(c.string("content type")?);
+        let status = need!(c.int());
+        let reason = need!(c.string("reason phrase")?);
+        let count = need!(c.int());
+        if count < 0 {
+            return Err(ProtocolError(format!("negative header count {count}")));
+        }
+        let mut headers = Vec::new();
+        for _ in 0..count {
+            let k = need!(c.string("header name")?);
+            let v = need!(c.string("header value")?);
+            headers.push((k, v));
+        }
+        let body = need!(c.bytes("response body")?);
+        responses.push(FrameResponse {
+            request_id,
+            content_type,
+            status,
+            reason,
+            headers,
+            body: Bytes::copy_from_slice(body),
+        });
+    }
+    Ok(Some((
+        PredictReply {
+            code,
+            message,
+            responses,
+        },
+        c.pos,
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::Param;
+
+    const MAX: usize = 1 << 20;
+
+    fn req(id: &str, body: &[u8]) -> InferRequest {
+        InferRequest {
+            id: id.into(),
+            headers: vec![("h".into(), "v".into())],
+            params: vec![Param {
+                name: "body".into(),
+                content_type: "text/plain".into(),
+                value: Bytes::copy_from_slice(body),
+            }],
+        }
+    }
+
+    #[test]
+    fn load_frame_is_byte_exact() {
+        let frame = encode_load(&LoadRequest {
+            model_name: "echo".into(),
+            model_path: "/m".into(),
+            batch_size: 4,
+            handler: "h.py".into(),
+            gpu_id: -1,
+            envelope: String::new(),
+            limit_max_image_pixels: true,
+        });
+        let expected: &[u8] = b"L\
+\x00\x00\x00\x04echo\
+\x00\x00\x00\x02/m\
+\x00\x00\x00\x04\
+\x00\x00\x00\x04h.py\
+\xff\xff\xff\xff\
+\x00\x00\x00\x00\
+\x01";
+        assert_eq!(frame, expected);
+    }
+
+    #[test]
+    fn infer_frame_is_byte_exact() {
+        let frame = encode_infer(&[req("a", b"x"), req("bc", b"")]);
+        let expected: &[u8] = b"I\
+\x00\x00\x00\x01a\
+\x00\x00\x00\x01h\x00\x00\x00\x01v\xff\xff\xff\xff\
+\x00\x00\x00\x04body\x00\x00\x00\x0atext/plain\x00\x00\x00\x01x\xff\xff\xff\xff\
+\x00\x00\x00\x02bc\
+\x00\x00\x00\x01h\x00\x00\x00\x01v\xff\xff\xff\xff\
+\x00\x00\x00\x04body\x00\x00\x00\x0atext/plain\x00\x00\x00\x00\xff\xff\xff\xff\
+\xff\xff\xff\xff";
+        assert_eq!(frame, expected);
+    }
+
+    #[test]
+    fn empty_batch_and_no_params() {
+        assert_eq!(encode_infer(&[]), b"I\xff\xff\xff\xff");
+        let r = InferRequest {
+            id: "z".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            encode_infer(&[r]),
+            b"I\x00\x00\x00\x01z\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff"
+        );
+    }
+
+    /// A load reply as TorchServe's create_load_model_response writes it.
+    const LOAD_OK: &[u8] = b"\x00\x00\x00\xc8\x00\x00\x00\x11loaded model echo\xff\xff\xff\xff";
+
+    #[test]
+    fn load_reply_decodes() {
+        let (reply, used) = decode_load_reply(LOAD_OK, MAX).unwrap().unwrap();
+        assert_eq!(used, LOAD_OK.len());
+        assert_eq!(reply.code, 200);
+        assert_eq!(reply.message, "loaded model echo");
+        for cut in 0..LOAD_OK.len() {
+            assert_eq!(
+                decode_load_reply(&LOAD_OK[..cut], MAX).unwrap(),
+                None,
+                "cut {cut}"
+            );
+        }
+        let bad = b"\x00\x00\x00\xc8\x00\x00\x00\x00\x00\x00\x00\x00";
+        assert!(decode_load_reply(bad, MAX).is_err());
+    }
+
+    /// An intermediate streamed frame as TorchServe's create_predict_response writes it (captured
+    /// from oxserve's Python runtime running examples/streaming), followed by the final frame.
+    const STREAM: &[u8] = b"\x00\x00\x00\xc8\x00\x00\x00\x1fIntermediate Prediction success\
+\x00\x00\x00\x03id0\x00\x00\x00\x00\x00\x00\x00\xc8\x00\x00\x00\x00\
+\x00\x00\x00\x01\x00\x00\x00\x0ets_stream_next\x00\x00\x00\x04true\
+\x00\x00\x00\x0chi0: part 1\n\
+\xff\xff\xff\xff\
+\x00\x00\x00\xc8\x00\x00\x00\x12Prediction success\
+\x00\x00\x00\x03id0\x00\x00\x00\x10application/json\x00\x00\x00\xc9\x00\x00\x00\x07Created\
+\x00\x00\x00\x02\x00\x00\x00\x0ets_stream_next\x00\x00\x00\x05false\
+\x00\x00\x00\x0ccontent-type\x00\x00\x00\x10application/json\
+\x00\x00\x00\x02{}\
+\xff\xff\xff\xff";
+
+    #[test]
+    fn stream_frames_decode_in_sequence() {
+        let (first, used) = decode_predict_reply(STREAM, MAX).unwrap().unwrap();
+        assert_eq!(first.code, 200);
+        assert_eq!(first.message, "Intermediate Prediction success");
+        assert_eq!(first.responses.len(), 1);
+        let r = &first.responses[0];
+        assert_eq!(r.request_id, "id0");
+        assert_eq!(r.content_type, "");
+        assert_eq!(r.status, 200);
+        assert!(r.is_intermediate());
+        assert_eq!(&r.body[..], b"hi0: part 1\n");
+
+        let (last, used2) = decode_predict_reply(&STREAM[used..], MAX).unwrap().unwrap();
+        assert_eq!(used + used2, STREAM.len());
+        let r = &last.responses[0];
+        assert_eq!(r.content_type, "application/json");
+        assert_eq!((r.status, r.reason.as_str()), (201, "Created"));
+        assert!(!r.is_intermediate());
+        assert_eq!(r.header("Content-Type"), Some("application/json"));
+        assert_eq!(&r.body[..], b"{}");
+    }
+
+    #[test]
+    fn every_prefix_is_incomplete_not_an_error() {
+        let (_, used) = decode_predict_reply(STREAM, MAX).unwrap().unwrap();
+        for cut in 0..used {
+            assert_eq!(
+                decode_predict_reply(&STREAM[..cut], MAX).unwrap(),
+                None,
+                "cut {cut}"
+            );
+        }
+    }
+
+    /// A failed batch as TorchServe writes it: no context, body "error", status = code.
+    #[test]
+    fn failed_batch_frame() {
+        let frame: &[u8] = b"\x00\x00\x01\xf7\x00\x00\x00\x11Prediction failed\
+\x00\x00\x00\x01a\x00\x00\x00\x00\x00\x00\x01\xf7\x00\x00\x00\x00\x00\x00\x00\x00\
+\x00\x00\x00\x05error\xff\xff\xff\xff";
+        let (reply, _) = decode_predict_reply(frame, MAX).unwrap().unwrap();
+        assert_eq!(reply.code, 503);
+        assert_eq!(reply.message, "Prediction failed");
+        assert_eq!(reply.responses[0].status, 503);
+        assert_eq!(&reply.responses[0].body[..], b"error");
+    }
+
+    #[test]
+    fn bad_lengths_are_errors() {
+        // negative message length
+        assert!(decode_predict_reply(b"\x00\x00\x00\xc8\xff\xff\xff\xfe", MAX).is_err());
+        // body longer than the limit is refused before it arrives
+        let big: &[u8] = b"\x00\x00\x00\xc8\x00\x00\x00\x00\x00\x00\x00\x01a\x00\x00\x00\x00\
+\x00\x00\x00\xc8\x00\x00\x00\x00\x00\x00\x00\x00\x7f\x00\x00\x00";
+        let err = decode_predict_reply(big, 1024).unwrap_err();
+        assert!(err.0.contains("response body"), "{err}");
+        // negative header count
+        let neg: &[u8] = b"\x00\x00\x00\xc8\x00\x00\x00\x00\x00\x00\x00\x01a\x00\x00\x00\x00\
+\x00\x00\x00\xc8\x00\x00\x00\x00\xff\xff\xff\xf0";
+        assert!(decode_predict_reply(neg, MAX).is_err());
+    }
+}

@@ -1,0 +1,296 @@
+//! Python handler workers behind the real server: archives made by the real torch-model-archiver,
+//! real Python processes, real HTTP.
+
+mod common;
+
+use common::Server;
+use reqwest::Method;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// The example archives, packaged once per test run by examples/make_archives.sh (which installs
+/// torch-model-archiver 0.12.0 from PyPI into target/mar-venv the first time).
+fn model_store() -> &'static Path {
+    static STORE: OnceLock<PathBuf> = OnceLock::new();
+    STORE.get_or_init(|| {
+        let root = env!("CARGO_MANIFEST_DIR");
+        let store = PathBuf::from(format!("{root}/target/test-model-store"));
+        let out = std::process::Command::new("bash")
+            .arg(format!("{root}/examples/make_archives.sh"))
+            .arg(&store)
+            .output()
+            .expect("run examples/make_archives.sh");
+        assert!(
+            out.status.success(),
+            "make_archives.sh failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for name in ["echo", "batching", "custom_metrics", "streaming"] {
+            assert!(
+                store.join(format!("{name}.mar")).is_file(),
+                "{name}.mar missing"
+            );
+        }
+        store
+    })
+}
+
+fn start(props: &str, models: &str) -> Server {
+    let store = model_store().to_str().unwrap().to_string();
+    Server::start(
+        props,
+        &[
+            "--model-store",
+            &store,
+            "--models",
+            models,
+            "--enable-model-api",
+        ],
+    )
+}
+
+fn alive(pid: u64) -> bool {
+    // A zombie is not alive: it has exited and only waits to be reaped.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit(')')
+            .next()
+            .map(|r| !r.trim_start().starts_with('Z'))
+            .unwrap_or(false),
+        Err(_) => false,
+    }
+}
+
+async fn worker_pids(s: &Server, model: &str) -> Vec<u64> {
+    let (_, d) = s.mgmt(Method::GET, &format!("/models/{model}")).await;
+    d[0]["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|w| w["pid"].as_u64())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echo_archive_answers_through_a_python_worker() {
+    let s = start("default_workers_per_model=1", "echo.mar");
+    s.wait_healthy().await;
+    let r = s.predict("echo", r#"{"hello": "world"}"#).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.json::<serde_json::Value>().await.unwrap(),
+        serde_json::json!({"hello": "world"})
+    );
+    let r = s
+        .client
+        .post(format!("{}/predictions/echo", s.inference))
+        .header("content-type", "text/plain")
+        .body("plain text")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.text().await.unwrap(), "plain text");
+    let (_, d) = s.mgmt(Method::GET, "/models/echo").await;
+    assert_eq!(d[0]["runtime"], "python");
+    let pid = d[0]["workers"][0]["pid"].as_u64().unwrap();
+    assert_ne!(pid, u64::from(std::process::id()));
+    assert!(alive(pid));
+    // HandlerTime and PredictionTime come from the worker runtime with TorchServe's labels.
+    let text = s.scrape().await;
+    assert!(
+        common::sample(&text, "HandlerTime{ModelName=\"echo\",Level=\"Model\",").is_some(),
+        "{text}"
+    );
+    assert!(common::sample(&text, "PredictionTime{ModelName=\"echo\",Level=\"Model\",").is_some());
+    // Worker output reaches the log under the worker's name.
+    assert!(s.log().contains("W-9000-echo_1.0"), "{}", s.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_reach_one_handler_call() {
+    let s = start("default_workers_per_model=1", "echo.mar");
+    s.wait_healthy().await;
+    let (code, v) = s
+        .mgmt(Method::POST, "/models?url=batching.mar&batch_size=4&max_batch_delay=5000&initial_workers=1&synchronous=true")
+        .await;
+    assert_eq!(code, 200, "{v}");
+    let url = format!("{}/predictions/batching", s.inference);
+    let replies = common::concurrently(4, |i| {
+        let (c, u) = (s.client.clone(), url.clone());
+        async move {
+            let r = c
+                .post(u)
+                .header("content-type", "application/json")
+                .body(format!("{i}"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            r.json::<serde_json::Value>().await.unwrap()
+        }
+    })
+    .await;
+    for (i, r) in replies.iter().enumerate() {
+        assert_eq!(r["batch_size"], 4, "{r}");
+        assert_eq!(r["batch_number"], 1);
+        assert_eq!(r["input"], i as u64);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn custom_metrics_reach_the_registry_with_their_labels() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let s = start(
+        &format!("default_workers_per_model=1\nmetrics_config={root}/examples/custom_metrics/metrics.yaml"),
+        "custom_metrics.mar",
+    );
+    s.wait_healthy().await;
+    for text in ["abc", "hello world"] {
+        let r = s
+            .client
+            .post(format!("{}/predictions/custom_metrics", s.inference))
+            .header("content-type", "text/plain")
+            .body(text)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let mut text = String::new();
+    for _ in 0..100 {
+        text = s.scrape().await;
+        if common::sample(&text, "InputChars_count{").is_some_and(|v| v >= 2.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        common::sample(
+            &text,
+            "InferenceRequestCount{ModelName=\"custom_metrics\",Level=\"Model\","
+        ),
+        Some(2.0),
+        "{text}"
+    );
+    assert_eq!(
+        common::sample(
+            &text,
+            "InputChars_count{ModelName=\"custom_metrics\",Level=\"Model\","
+        ),
+        Some(2.0)
+    );
+    assert_eq!(
+        common::sample(
+            &text,
+            "InputChars_sum{ModelName=\"custom_metrics\",Level=\"Model\","
+        ),
+        Some(14.0)
+    );
+    // Declared buckets from metrics.yaml.
+    assert!(
+        text.contains("InputChars_bucket{ModelName=\"custom_metrics\",Level=\"Model\",Hostname=")
+    );
+    assert!(text.contains(",le=\"8.0\"} 1\n"), "{text}");
+    assert!(common::sample(
+        &text,
+        "PreprocessTime{Stage=\"pre\",ModelName=\"custom_metrics\",Level=\"Model\","
+    )
+    .is_some());
+    assert!(text.contains("# HELP InputSize Torchserve prometheus gauge metric with unit: kB"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_chunks_arrive_before_the_handler_finishes() {
+    let s = start("default_workers_per_model=1", "streaming.mar");
+    s.wait_healthy().await;
+    let start = Instant::now();
+    let mut r = s
+        .predict("streaming", r#"{"text": "hi", "delay_ms": 400}"#)
+        .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["ts_stream_next"], "true");
+    let mut chunks = Vec::new();
+    while let Some(chunk) = r.chunk().await.unwrap() {
+        chunks.push((
+            start.elapsed(),
+            String::from_utf8_lossy(&chunk).into_owned(),
+        ));
+    }
+    let text: String = chunks.iter().map(|(_, c)| c.as_str()).collect();
+    assert_eq!(text, "hi: part 1\nhi: part 2\nhi: part 3\nhi: done\n");
+    // The handler sleeps 3 x 400 ms after its first part: that part arrived long before the end.
+    let first = chunks.first().unwrap().0;
+    let last = chunks.last().unwrap().0;
+    assert!(
+        last - first >= Duration::from_millis(1000),
+        "chunks: {chunks:?}"
+    );
+    let p = r#"{model_name="streaming",model_version="1.0"}"#;
+    let mut ttfc = None;
+    for _ in 0..50 {
+        ttfc = s
+            .sample(&format!("oxserve_time_to_first_chunk_seconds_count{p}"))
+            .await;
+        if ttfc == Some(1.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(ttfc, Some(1.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_worker_is_restarted_and_the_server_keeps_answering() {
+    let s = start("default_workers_per_model=1", "echo.mar");
+    s.wait_healthy().await;
+    let old = worker_pids(&s, "echo").await;
+    assert_eq!(old.len(), 1);
+    unsafe {
+        libc::kill(old[0] as i32, libc::SIGKILL);
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut answered = false;
+    while Instant::now() < deadline {
+        let r = s.predict("echo", r#""again""#).await;
+        if r.status() == 200 {
+            answered = true;
+            break;
+        }
+        // While the worker is down a request fails with a 5xx that says so.
+        assert!(r.status().is_server_error(), "{}", r.status());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(answered, "{}", s.log());
+    let new = worker_pids(&s, "echo").await;
+    assert_eq!(new.len(), 1);
+    assert_ne!(new[0], old[0]);
+    assert!(s.log().contains("restarting"), "{}", s.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_worker_outlives_the_server() {
+    // Stopped with SIGTERM: workers are stopped and reaped.
+    let mut s = start("default_workers_per_model=2", "echo.mar");
+    s.wait_healthy().await;
+    let pids = worker_pids(&s, "echo").await;
+    assert_eq!(pids.len(), 2);
+    assert!(s.stop().success());
+    for pid in &pids {
+        assert!(!alive(*pid), "worker {pid} survived SIGTERM of the server");
+    }
+    // Killed with SIGKILL: the parent-death signal takes the workers down too.
+    let mut s = start("default_workers_per_model=2", "echo.mar");
+    s.wait_healthy().await;
+    let pids = worker_pids(&s, "echo").await;
+    s.child.kill().unwrap();
+    s.child.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pids.iter().any(|p| alive(*p)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for pid in &pids {
+        assert!(!alive(*pid), "worker {pid} survived SIGKILL of the server");
+    }
+}

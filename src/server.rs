@@ -46,6 +46,16 @@ fn models_to_load(config: &Config) -> Result<Vec<(Option<String>, String)>> {
             out.push((None, entry.clone()));
         }
     }
+    // Versions named in the `models` key with a marName are loaded too, unless already listed.
+    for (name, versions) in &config.models {
+        for settings in versions.values() {
+            if let Some(mar) = &settings.mar_name {
+                if !out.iter().any(|(_, file)| file == mar) {
+                    out.push((Some(name.clone()), mar.clone()));
+                }
+            }
+        }
+    }
     Ok(out)
 }
 

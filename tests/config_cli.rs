@@ -145,3 +145,16 @@ fn start_status_stop_in_the_background() {
     assert!(log.contains("oxserve listening"), "{log}");
     assert!(log.contains("shutting down"), "{log}");
 }
+
+#[test]
+fn min_workers_above_max_workers_stops_start_up() {
+    let (code, err) = start_expecting_failure(
+        "models={\"m\": {\"1.0\": {\"marName\": \"m.mar\", \"minWorkers\": 3, \"maxWorkers\": 1}}}\n",
+        &[],
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("models") && err.contains("minWorkers 3") && err.contains("maxWorkers 1"),
+        "{err}"
+    );
+}

@@ -388,3 +388,27 @@ async fn bad_archives_are_refused_and_write_nothing_outside() {
     assert!(!store.path().parent().unwrap().join("escaped.txt").exists());
     assert!(!std::path::Path::new("/tmp/escaped.txt").exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_key_sets_per_version_settings_at_start_up() {
+    let store = store_with(&[
+        ("m1.mar", demo_manifest("m", "1.0")),
+        ("m2.mar", demo_manifest("m", "2.0")),
+    ]);
+    let props = r#"models={"m": {"1.0": {"marName": "m1.mar", "minWorkers": 1, "maxWorkers": 1}, "2.0": {"marName": "m2.mar", "minWorkers": 2, "maxWorkers": 3, "batchSize": 4, "maxBatchDelay": 50, "defaultVersion": true}}}"#;
+    let s = Server::start(props, &["--model-store", store.path().to_str().unwrap()]);
+    s.wait_healthy().await;
+    let (_, d) = s.mgmt(Method::GET, "/models/m").await;
+    let d = &d[0];
+    assert_eq!(d["modelVersion"], "2.0", "{d}");
+    assert_eq!(
+        (d["minWorkers"].as_u64(), d["maxWorkers"].as_u64()),
+        (Some(2), Some(3))
+    );
+    assert_eq!(
+        (d["batchSize"].as_u64(), d["maxBatchDelay"].as_u64()),
+        (Some(4), Some(50))
+    );
+    assert_eq!(d["workers"].as_array().unwrap().len(), 2);
+    assert_eq!(d["loadedAtStartup"], true);
+}

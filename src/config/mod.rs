@@ -70,6 +70,87 @@ pub struct Config {
     pub metrics_log_max_bytes: u64,
     /// No built-in demo model when false (set when the user names models or a store).
     pub builtin_default_model: bool,
+    /// Per model version settings from TorchServe's `models` key: model name -> version -> settings.
+    pub models: BTreeMap<String, BTreeMap<String, ModelSettings>>,
+}
+
+/// One entry of the `models` key (TorchServe's per-model configuration).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ModelSettings {
+    pub mar_name: Option<String>,
+    pub default_version: bool,
+    pub min_workers: Option<u32>,
+    pub max_workers: Option<u32>,
+    pub batch_size: Option<u32>,
+    pub max_batch_delay: Option<Duration>,
+    pub response_timeout: Option<Duration>,
+    pub startup_timeout: Option<Duration>,
+}
+
+/// Parses the `models` key: `{"name": {"1.0": {"marName": "x.mar", "minWorkers": 1, ...}}}`.
+fn parse_models(
+    value: &str,
+) -> Result<BTreeMap<String, BTreeMap<String, ModelSettings>>, ConfigError> {
+    let bad = |what: String| ConfigError(format!("config key models: {what}"));
+    let json: serde_json::Value = serde_json::from_str(value)
+        .map_err(|e| bad(format!("{value:?} is not valid JSON: {e}")))?;
+    let models = json
+        .as_object()
+        .ok_or_else(|| bad("must be a JSON object of model names".into()))?;
+    let mut out = BTreeMap::new();
+    for (name, versions) in models {
+        let versions = versions
+            .as_object()
+            .ok_or_else(|| bad(format!("{name}: must be an object of versions")))?;
+        let mut parsed = BTreeMap::new();
+        for (version, fields) in versions {
+            let at = format!("{name} {version}");
+            let fields = fields
+                .as_object()
+                .ok_or_else(|| bad(format!("{at}: must be an object")))?;
+            let uint = |key: &str| -> Result<Option<u32>, ConfigError> {
+                match fields.get(key) {
+                    None => Ok(None),
+                    Some(v) => v
+                        .as_u64()
+                        .and_then(|n| u32::try_from(n).ok())
+                        .map(Some)
+                        .ok_or_else(|| {
+                            bad(format!("{at}: {key} {v} is not a non-negative integer"))
+                        }),
+                }
+            };
+            let settings = ModelSettings {
+                mar_name: fields
+                    .get("marName")
+                    .and_then(|v| v.as_str())
+                    .map(String::from),
+                default_version: fields
+                    .get("defaultVersion")
+                    .and_then(|v| v.as_bool())
+                    .unwrap_or(false),
+                min_workers: uint("minWorkers")?,
+                max_workers: uint("maxWorkers")?,
+                batch_size: uint("batchSize")?,
+                max_batch_delay: uint("maxBatchDelay")?.map(|ms| Duration::from_millis(ms.into())),
+                response_timeout: uint("responseTimeout")?.map(|s| Duration::from_secs(s.into())),
+                startup_timeout: uint("startupTimeout")?.map(|s| Duration::from_secs(s.into())),
+            };
+            if let (Some(min), Some(max)) = (settings.min_workers, settings.max_workers) {
+                if min > max {
+                    return Err(bad(format!(
+                        "{at}: minWorkers {min} is greater than maxWorkers {max}"
+                    )));
+                }
+            }
+            if settings.batch_size == Some(0) {
+                return Err(bad(format!("{at}: batchSize 0 must be at least 1")));
+            }
+            parsed.insert(version.clone(), settings);
+        }
+        out.insert(name.clone(), parsed);
+    }
+    Ok(out)
 }
 
 /// Default bounds for latency histograms: 0.5 ms to 60 s, roughly doubling.
@@ -120,6 +201,7 @@ const KNOWN_KEYS: &[&str] = &[
     "python_executable",
     "worker_runtime",
     "metrics_log_max_bytes",
+    "models",
 ];
 
 /// A configuration error: one line naming the key and the offending value.
@@ -282,6 +364,10 @@ impl Config {
             .map(String::from)
             .collect();
         let model_store = get("model_store").map(PathBuf::from);
+        let models = match get("models") {
+            Some(v) if !v.is_empty() => parse_models(v)?,
+            _ => BTreeMap::new(),
+        };
         let log_dir = env
             .iter()
             .find(|(k, _)| k == "METRICS_LOCATION")
@@ -299,7 +385,10 @@ impl Config {
             model_metrics_auto_detect: boolean("model_metrics_auto_detect", false)?,
             disable_system_metrics: boolean("disable_system_metrics", false)?,
             metric_time_interval: Duration::from_secs(metric_time_interval),
-            builtin_default_model: load_models.is_empty() && model_store.is_none(),
+            builtin_default_model: load_models.is_empty()
+                && model_store.is_none()
+                && models.is_empty(),
+            models,
             model_store,
             load_models,
             default_workers_per_model: default_workers_per_model as u32,
@@ -442,6 +531,33 @@ mod tests {
         file.insert("enable_envvars_config".into(), "true".into());
         let (c, _) = Config::from_sources(file, &env, &Overrides::default()).unwrap();
         assert_eq!(c.job_queue_size, 7);
+    }
+
+    #[test]
+    fn per_model_settings_are_validated() {
+        let c = build(&[("models", r#"{"m": {"2.0": {"marName": "m.mar", "minWorkers": 1, "maxWorkers": 3, "batchSize": 4, "maxBatchDelay": 50, "defaultVersion": true}}}"#)]).unwrap();
+        let s = &c.models["m"]["2.0"];
+        assert_eq!(
+            (s.min_workers, s.max_workers, s.batch_size),
+            (Some(1), Some(3), Some(4))
+        );
+        assert_eq!(s.max_batch_delay, Some(Duration::from_millis(50)));
+        assert!(s.default_version);
+        let e = build(&[(
+            "models",
+            r#"{"m": {"1.0": {"minWorkers": 4, "maxWorkers": 2}}}"#,
+        )])
+        .unwrap_err();
+        assert!(
+            e.0.contains("models") && e.0.contains("minWorkers 4") && e.0.contains("maxWorkers 2"),
+            "{e}"
+        );
+        let e = build(&[("models", r#"{"m": {"1.0": {"minWorkers": "two"}}}"#)]).unwrap_err();
+        assert!(e.0.contains("minWorkers") && e.0.contains("two"), "{e}");
+        assert!(build(&[("models", "{not json")])
+            .unwrap_err()
+            .0
+            .contains("models"));
     }
 
     #[test]

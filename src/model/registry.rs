@@ -355,14 +355,28 @@ impl Registry {
             .filter(|v| !v.is_empty())
             .unwrap_or_else(|| "1.0".to_string());
         let c = &self.config;
+        // Per-model settings from config.properties' `models` key, under explicit options.
+        let m = c
+            .models
+            .get(&name)
+            .and_then(|v| v.get(&version))
+            .cloned()
+            .unwrap_or_default();
         let settings = PoolSettings {
-            batch_size: options.batch_size.unwrap_or(c.batch_size),
-            max_batch_delay: options.max_batch_delay.unwrap_or(c.max_batch_delay),
+            batch_size: options.batch_size.or(m.batch_size).unwrap_or(c.batch_size),
+            max_batch_delay: options
+                .max_batch_delay
+                .or(m.max_batch_delay)
+                .unwrap_or(c.max_batch_delay),
             queue_capacity: c.job_queue_size,
             response_timeout: options
                 .response_timeout
+                .or(m.response_timeout)
                 .unwrap_or(c.default_response_timeout),
-            startup_timeout: options.startup_timeout.unwrap_or(c.default_startup_timeout),
+            startup_timeout: options
+                .startup_timeout
+                .or(m.startup_timeout)
+                .unwrap_or(c.default_startup_timeout),
         };
         let manifest = Arc::new(manifest);
         let metrics = self.metrics.model(&name, &version);
@@ -411,11 +425,21 @@ impl Registry {
                 });
             }
             model.versions.insert(version.clone(), entry.clone());
+            if m.default_version {
+                model.default_version = version.clone();
+            }
         }
         let workers = options
             .initial_workers
             .unwrap_or(self.config.default_workers_per_model);
-        pool.scale(workers, workers, options.synchronous).await;
+        // The `models` key sets min/max for versions loaded at start-up.
+        let (min, max) = if options.loaded_at_startup {
+            let min = m.min_workers.unwrap_or(workers);
+            (min, m.max_workers.unwrap_or(min.max(workers)))
+        } else {
+            (workers, workers)
+        };
+        pool.scale(min, max, options.synchronous).await;
         Ok(entry)
     }
 

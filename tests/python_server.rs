@@ -294,3 +294,57 @@ async fn no_worker_outlives_the_server() {
         assert!(!alive(*pid), "worker {pid} survived SIGKILL of the server");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_and_extra_path_reach_the_handler() {
+    // An unpacked model folder (same layout as a .mar) whose handler reports what it was given.
+    let store = tempfile::tempdir().unwrap();
+    let dir = store.path().join("peek");
+    std::fs::create_dir_all(dir.join("MAR-INF")).unwrap();
+    std::fs::write(
+        dir.join("MAR-INF/MANIFEST.json"),
+        r#"{"runtime": "python", "model": {"modelName": "peek", "modelVersion": "1.0", "handler": "peek.py"}}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("peek.py"),
+        "def handle(data, context):\n    if data is None:\n        return None\n    return [{\n        'url_path': context.get_request_header(i, 'url_path'),\n        'explain': context.get_request_header(i, 'explain'),\n        'x_custom': context.get_request_header(i, 'x-custom'),\n        'params': sorted(r.keys()),\n    } for i, r in enumerate(data)]\n",
+    )
+    .unwrap();
+    let s = Server::start(
+        "default_workers_per_model=1",
+        &[
+            "--model-store",
+            store.path().to_str().unwrap(),
+            "--models",
+            "peek",
+        ],
+    );
+    s.wait_healthy().await;
+    let r = s
+        .client
+        .post(format!(
+            "{}/predictions/peek/1.0/some/extra/path?k=v",
+            s.inference
+        ))
+        .header("x-custom", "yes")
+        .header("content-type", "application/json")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["url_path"], "some/extra/path");
+    assert_eq!(v["x_custom"], "yes");
+    assert_eq!(v["params"], serde_json::json!(["body", "k"]));
+    let r = s
+        .client
+        .post(format!("{}/explanations/peek", s.inference))
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["explain"], "True");
+}

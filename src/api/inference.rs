@@ -1,5 +1,6 @@
 //! Inference API (default 127.0.0.1:8080): /ping, /predictions, /explanations.
 
+use std::collections::HashMap;
 use std::time::Instant;
 
 use axum::body::{Body, Bytes};
@@ -23,11 +24,11 @@ pub fn router(state: AppState) -> Router {
         .route("/ping", get(ping))
         .route("/", options(|| async { openapi(OPENAPI) }))
         .route("/api-description", get(|| async { openapi(OPENAPI) }))
-        .route("/predictions/{model}", any(predict_default))
-        .route("/predictions/{model}/{version}", any(predict_version))
-        .route("/predictions/{model}/{version}/{*rest}", any(predict_path))
-        .route("/explanations/{model}", any(explain_default))
-        .route("/explanations/{model}/{version}", any(explain_version))
+        .route("/predictions/{model}", any(predict))
+        .route("/predictions/{model}/{version}", any(predict))
+        .route("/predictions/{model}/{version}/{*rest}", any(predict))
+        .route("/explanations/{model}", any(explain))
+        .route("/explanations/{model}/{version}", any(explain))
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -52,7 +53,7 @@ async fn ping(State(state): State<AppState>) -> Response {
     }
 }
 
-/// What a prediction URL names.
+/// What a prediction URL names: `{model}[/{version}[/{*rest}]]`.
 struct Target {
     model: String,
     version: Option<String>,
@@ -60,94 +61,31 @@ struct Target {
     explain: bool,
 }
 
-async fn predict_default(
-    State(s): State<AppState>,
-    Path(model): Path<String>,
-    req: Request,
-) -> Response {
-    serve(
-        s,
+impl Target {
+    fn from_path(mut params: HashMap<String, String>, explain: bool) -> Target {
         Target {
-            model,
-            version: None,
-            url_path: None,
-            explain: false,
-        },
-        req,
-    )
-    .await
+            model: params.remove("model").unwrap_or_default(),
+            version: params.remove("version"),
+            url_path: params.remove("rest"),
+            explain,
+        }
+    }
 }
 
-async fn predict_version(
+async fn predict(
     State(s): State<AppState>,
-    Path((model, version)): Path<(String, String)>,
+    Path(p): Path<HashMap<String, String>>,
     req: Request,
 ) -> Response {
-    serve(
-        s,
-        Target {
-            model,
-            version: Some(version),
-            url_path: None,
-            explain: false,
-        },
-        req,
-    )
-    .await
+    serve(s, Target::from_path(p, false), req).await
 }
 
-async fn predict_path(
+async fn explain(
     State(s): State<AppState>,
-    Path((model, version, rest)): Path<(String, String, String)>,
+    Path(p): Path<HashMap<String, String>>,
     req: Request,
 ) -> Response {
-    serve(
-        s,
-        Target {
-            model,
-            version: Some(version),
-            url_path: Some(rest),
-            explain: false,
-        },
-        req,
-    )
-    .await
-}
-
-async fn explain_default(
-    State(s): State<AppState>,
-    Path(model): Path<String>,
-    req: Request,
-) -> Response {
-    serve(
-        s,
-        Target {
-            model,
-            version: None,
-            url_path: None,
-            explain: true,
-        },
-        req,
-    )
-    .await
-}
-
-async fn explain_version(
-    State(s): State<AppState>,
-    Path((model, version)): Path<(String, String)>,
-    req: Request,
-) -> Response {
-    serve(
-        s,
-        Target {
-            model,
-            version: Some(version),
-            url_path: None,
-            explain: true,
-        },
-        req,
-    )
-    .await
+    serve(s, Target::from_path(p, true), req).await
 }
 
 async fn serve(state: AppState, target: Target, req: Request) -> Response {

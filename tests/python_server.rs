@@ -295,22 +295,146 @@ async fn no_worker_outlives_the_server() {
     }
 }
 
+/// Writes an unpacked model folder (the layout of a .mar) named `name` with handler `code`.
+fn model_folder(store: &Path, name: &str, code: &str) {
+    let dir = store.join(name);
+    std::fs::create_dir_all(dir.join("MAR-INF")).unwrap();
+    std::fs::write(
+        dir.join("MAR-INF/MANIFEST.json"),
+        format!(r#"{{"runtime": "python", "model": {{"modelName": "{name}", "modelVersion": "1.0", "handler": "{name}.py"}}}}"#),
+    )
+    .unwrap();
+    std::fs::write(dir.join(format!("{name}.py")), code).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_dying_mid_batch_fails_it_with_a_5xx_and_is_replaced() {
+    let store = tempfile::tempdir().unwrap();
+    model_folder(
+        store.path(),
+        "sleepy",
+        "import time\n\ndef handle(data, context):\n    if data is None:\n        return None\n    time.sleep(float(data[0].get('body', 0)))\n    return ['awake' for _ in data]\n",
+    );
+    let s = Server::start(
+        "default_workers_per_model=1",
+        &[
+            "--model-store",
+            store.path().to_str().unwrap(),
+            "--models",
+            "sleepy",
+        ],
+    );
+    s.wait_healthy().await;
+    let pid = worker_pids(&s, "sleepy").await[0];
+    let slow = {
+        let (c, u) = (
+            s.client.clone(),
+            format!("{}/predictions/sleepy", s.inference),
+        );
+        tokio::spawn(async move {
+            c.post(u)
+                .header("content-type", "application/json")
+                .body("30")
+                .send()
+                .await
+                .unwrap()
+        })
+    };
+    let busy = r#"oxserve_workers{model_name="sleepy",model_version="1.0",state="busy"}"#;
+    for _ in 0..200 {
+        if s.sample(busy).await == Some(1.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    unsafe {
+        libc::kill(pid as i32, libc::SIGKILL);
+    }
+    let r = slow.await.unwrap();
+    assert_eq!(r.status(), 503);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert!(
+        v["message"].as_str().unwrap().contains("Worker died"),
+        "{v}"
+    );
+    // The replacement serves, and the load time of the new worker is recorded.
+    let mut ok = false;
+    for _ in 0..100 {
+        let r = s
+            .client
+            .post(format!("{}/predictions/sleepy", s.inference))
+            .header("content-type", "application/json")
+            .body("0")
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 200 {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ok, "{}", s.log());
+    assert_ne!(worker_pids(&s, "sleepy").await, vec![pid]);
+    assert!(s
+        .sample("WorkerLoadTime{WorkerName=\"W-9000-sleepy_1.0\"")
+        .await
+        .is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_mode_writes_handler_metrics_to_model_metrics_log() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let logs = tempfile::tempdir().unwrap();
+    let store = model_store().to_str().unwrap().to_string();
+    let s = Server::start_with_env(
+        &format!("default_workers_per_model=1\nmetrics_mode=log\nmetrics_config={root}/examples/custom_metrics/metrics.yaml"),
+        &["--model-store", &store, "--models", "custom_metrics.mar"],
+        &[("METRICS_LOCATION", logs.path().to_str().unwrap())],
+    );
+    s.wait_healthy().await;
+    let r = s
+        .client
+        .post(format!("{}/predictions/custom_metrics", s.inference))
+        .header("content-type", "text/plain")
+        .body("abc")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let mut log = String::new();
+    for _ in 0..100 {
+        log = std::fs::read_to_string(logs.path().join("model_metrics.log")).unwrap_or_default();
+        if log.contains("InferenceRequestCount.") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // 2024-05-30T21:46:03,626 - HandlerTime.ms:82.93|#ModelName:m,Level:Model|#hostname:h,requestID:<id>,timestamp:1717105563
+    let line = log
+        .lines()
+        .find(|l| l.contains(" - InferenceRequestCount."))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(
+        line.contains(":1.0|#ModelName:custom_metrics,Level:Model|#hostname:"),
+        "{line}"
+    );
+    assert!(
+        line.contains(",requestID:") && line.contains(",timestamp:"),
+        "{line}"
+    );
+    assert!(log.contains(" - HandlerTime.ms:"), "{log}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn headers_and_extra_path_reach_the_handler() {
     // An unpacked model folder (same layout as a .mar) whose handler reports what it was given.
     let store = tempfile::tempdir().unwrap();
-    let dir = store.path().join("peek");
-    std::fs::create_dir_all(dir.join("MAR-INF")).unwrap();
-    std::fs::write(
-        dir.join("MAR-INF/MANIFEST.json"),
-        r#"{"runtime": "python", "model": {"modelName": "peek", "modelVersion": "1.0", "handler": "peek.py"}}"#,
-    )
-    .unwrap();
-    std::fs::write(
-        dir.join("peek.py"),
+    model_folder(
+        store.path(),
+        "peek",
         "def handle(data, context):\n    if data is None:\n        return None\n    return [{\n        'url_path': context.get_request_header(i, 'url_path'),\n        'explain': context.get_request_header(i, 'explain'),\n        'x_custom': context.get_request_header(i, 'x-custom'),\n        'params': sorted(r.keys()),\n    } for i, r in enumerate(data)]\n",
-    )
-    .unwrap();
+    );
     let s = Server::start(
         "default_workers_per_model=1",
         &[

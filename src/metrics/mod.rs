@@ -173,9 +173,9 @@ impl ModelMetrics {
         self.responses[status_class(status)].inc();
     }
 
-    /// Sets the worker count of one state.
-    pub fn set_workers(&self, state: WorkerState, n: usize) {
-        self.workers[state as usize].set(n as f64);
+    /// Adds to (or, negative, subtracts from) the worker count of one state.
+    pub fn add_workers(&self, state: WorkerState, delta: i64) {
+        self.workers[state as usize].inc_by(delta as f64);
     }
 }
 

@@ -286,9 +286,15 @@ impl Series {
     pub fn inc_by(&self, v: f64) {
         if let Cells::Value(c) = &self.cells {
             c.add(v);
-        }
-        if let Some(log) = &self.log {
-            log.record(self, v);
+            if let Some(log) = &self.log {
+                // A counter's event is the increment; a gauge's is its new value.
+                let logged = if self.family.kind == Kind::Gauge {
+                    c.get()
+                } else {
+                    v
+                };
+                log.record(self, logged);
+            }
         }
     }
 

@@ -8,7 +8,7 @@
 //! again with exponential backoff.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -151,8 +151,6 @@ struct Shared {
     min_workers: AtomicU32,
     max_workers: AtomicU32,
     next_port: Arc<AtomicU32>,
-    /// Workers per state, kept by [`Shared::transition`] so the gauges never need a recount.
-    counts: [AtomicI64; 4],
     /// Notified when a worker starts, finishes loading, stops or exits (for synchronous scaling).
     state_changed: Notify,
 }
@@ -188,7 +186,6 @@ impl Pool {
                 min_workers: AtomicU32::new(0),
                 max_workers: AtomicU32::new(0),
                 next_port,
-                counts: Default::default(),
                 state_changed: Notify::new(),
             }),
         }
@@ -415,9 +412,9 @@ impl Shared {
         }
     }
 
+    /// The per-state gauges are the counts themselves: atomic adds keep them exact under races.
     fn count(&self, st: WorkerState, delta: i64) {
-        let n = self.counts[st as usize].fetch_add(delta, Ordering::AcqRel) + delta;
-        self.metrics.set_workers(st, n.max(0) as usize);
+        self.metrics.add_workers(st, delta);
     }
 }
 

@@ -65,10 +65,12 @@ pub async fn run(config: Config) -> Result<()> {
     let config = Arc::new(config);
     let metrics = Arc::new(Metrics::from_config(&config).map_err(anyhow::Error::msg)?);
     let registry = Arc::new(Registry::new(config.clone(), metrics.clone()));
+    let tokens = api::auth::setup(&config).context("cannot write key_file.json")?;
     let state = AppState {
         registry: registry.clone(),
         metrics: metrics.clone(),
         config: config.clone(),
+        tokens: tokens.clone(),
     };
 
     let inference = bind("inference", "inference_address", config.inference_address).await?;
@@ -144,6 +146,9 @@ pub async fn run(config: Config) -> Result<()> {
     tracing::info!("shutting down: stopping listeners and workers");
     let _ = stop_tx.send(true);
     registry.shutdown().await;
+    if let Some(t) = &tokens {
+        t.remove_file();
+    }
     for t in tasks {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), t).await;
     }

@@ -32,6 +32,10 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
+            super::auth::inference,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
             count_responses,
         ))
         .with_state(state)

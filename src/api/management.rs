@@ -27,6 +27,10 @@ pub fn router(state: AppState) -> Router {
         .route("/api-description", get(|| async { openapi(OPENAPI) }))
         .route("/models", get(list).post(register))
         .route(
+            "/token",
+            get(super::auth::token_api).post(super::auth::token_api),
+        )
+        .route(
             "/models/{model}",
             get(describe_default)
                 .put(scale_default)
@@ -42,6 +46,10 @@ pub fn router(state: AppState) -> Router {
         .fallback(|| async {
             ApiError::not_found("Requested resource is not found, please refer to API document.")
         })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            super::auth::management,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             count_responses,

@@ -1,5 +1,6 @@
 //! The three HTTP listeners (inference, management, metrics), TorchServe-compatible.
 
+pub mod auth;
 pub mod error;
 pub mod inference;
 pub mod management;
@@ -22,6 +23,8 @@ pub struct AppState {
     pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
     pub config: Arc<Config>,
+    /// TorchServe's API keys, when token authorization is on.
+    pub tokens: Option<Arc<auth::Tokens>>,
 }
 
 /// Counts every response of a listener in Requests2XX / 4XX / 5XX (TorchServe counts all

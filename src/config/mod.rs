@@ -56,6 +56,8 @@ pub struct Config {
     pub max_response_size: usize,
     pub enable_model_api: bool,
     pub disable_token_authorization: bool,
+    /// How long a management or inference key stays valid (`token_expiration_min`).
+    pub token_expiration: Duration,
     pub allowed_urls: Vec<Regex>,
     pub initial_worker_port: u32,
     /// Bearer token required on /metrics when set (oxserve's own key `metrics_auth_token`).
@@ -193,6 +195,7 @@ const KNOWN_KEYS: &[&str] = &[
     "max_response_size",
     "enable_model_api",
     "disable_token_authorization",
+    "token_expiration_min",
     "allowed_urls",
     "enable_envvars_config",
     "initial_worker_port",
@@ -401,6 +404,7 @@ impl Config {
             max_response_size: number("max_response_size", 6_553_500)? as usize,
             enable_model_api: boolean("enable_model_api", false)?,
             disable_token_authorization: boolean("disable_token_authorization", true)?,
+            token_expiration: Duration::from_secs(60 * number("token_expiration_min", 60)?),
             allowed_urls,
             initial_worker_port: number("initial_worker_port", 9000)? as u32,
             metrics_auth_token: get("metrics_auth_token")

@@ -804,6 +804,46 @@ mod tests {
     }
 
     #[test]
+    fn auto_detect_accepts_undeclared_metrics_with_their_type() {
+        let m = Metrics::new(
+            Spec::builtin(),
+            MetricsMode::Prometheus,
+            true,
+            crate::config::DEFAULT_BUCKETS.to_vec(),
+            None,
+            "h".into(),
+        );
+        m.record_backend_line(
+            "Tokens.Count:3|#ModelName:llm,Region:eu \"west\"|#type:COUNTER|#hostname:x,1",
+            "llm",
+        );
+        m.record_backend_line(
+            "Tokens.Count:2|#ModelName:llm,Region:eu \"west\"|#type:COUNTER|#hostname:x,1",
+            "llm",
+        );
+        m.record_backend_line(
+            "Lat.ms:0.2|#ModelName:llm|#type:HISTOGRAM|#hostname:x,1",
+            "llm",
+        );
+        let out = m.render(None);
+        assert!(out.contains("# TYPE Tokens counter\n"), "{out}");
+        assert!(
+            out.contains(
+                "Tokens{ModelName=\"llm\",Region=\"eu \\\"west\\\"\",Hostname=\"h\"} 5.0\n"
+            ),
+            "{out}"
+        );
+        assert!(
+            out.contains("# TYPE Lat histogram\n")
+                && out.contains("Lat_count{ModelName=\"llm\",Hostname=\"h\"} 1\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("oxserve_backend_metric_lines_dropped_total{reason=\"undeclared\"} 0.0")
+        );
+    }
+
+    #[test]
     fn backend_lines_declared_undeclared_malformed() {
         let m = Metrics::for_tests();
         m.record_backend_line(

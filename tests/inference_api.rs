@@ -80,6 +80,17 @@ async fn errors_have_torchserve_shape_and_codes() {
         .unwrap();
     assert_eq!(r.status(), 404);
 
+    // A path that is not UTF-8 once decoded: 400 in the JSON shape, never a panic.
+    let r = s
+        .client
+        .post(format!("{}/predictions/demo/%FF%FE", s.inference))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["type"], "BadRequestException");
+
     let r = s
         .client
         .delete(format!("{}/predictions/demo", s.inference))

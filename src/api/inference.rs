@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, options};
@@ -12,7 +12,7 @@ use axum::{Json, Router};
 use http_body_util::BodyExt;
 
 use super::error::ApiError;
-use super::{count_responses, openapi, parse_query, AppState};
+use super::{count_responses, openapi, parse_query, ApiPath, AppState};
 use crate::backend::{InferRequest, InferResponse, Param};
 use crate::metrics::{ModelMetrics, Timings};
 use crate::worker::{Job, Reply, ReplyPart, ReplyRx, SubmitError};
@@ -78,7 +78,7 @@ impl Target {
 
 async fn predict(
     State(s): State<AppState>,
-    Path(p): Path<HashMap<String, String>>,
+    ApiPath(p): ApiPath<HashMap<String, String>>,
     req: Request,
 ) -> Response {
     serve(s, Target::from_path(p, false), req).await
@@ -86,7 +86,7 @@ async fn predict(
 
 async fn explain(
     State(s): State<AppState>,
-    Path(p): Path<HashMap<String, String>>,
+    ApiPath(p): ApiPath<HashMap<String, String>>,
     req: Request,
 ) -> Response {
     serve(s, Target::from_path(p, true), req).await

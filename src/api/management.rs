@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{RawQuery, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, options, put};
@@ -15,7 +15,7 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 
 use super::error::ApiError;
-use super::{count_responses, openapi, parse_query, AppState};
+use super::{count_responses, openapi, parse_query, ApiPath, AppState};
 use crate::metrics::WorkerState;
 use crate::model::registry::{ModelVersion, RegisterOptions};
 
@@ -190,7 +190,7 @@ fn describe_one(v: &ModelVersion) -> Value {
 
 async fn describe_default(
     State(state): State<AppState>,
-    Path(model): Path<String>,
+    ApiPath(model): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     let v = state.registry.get(&model, None)?;
     Ok(Json(json!([describe_one(&v)])).into_response())
@@ -198,7 +198,7 @@ async fn describe_default(
 
 async fn describe_version(
     State(state): State<AppState>,
-    Path((model, version)): Path<(String, String)>,
+    ApiPath((model, version)): ApiPath<(String, String)>,
 ) -> Result<Response, ApiError> {
     let versions: Vec<Arc<ModelVersion>> = if version == "all" {
         state.registry.versions(&model)?
@@ -213,7 +213,7 @@ async fn describe_version(
 
 async fn scale_default(
     State(state): State<AppState>,
-    Path(model): Path<String>,
+    ApiPath(model): ApiPath<String>,
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
     scale(state, model, None, q).await
@@ -221,7 +221,7 @@ async fn scale_default(
 
 async fn scale_version(
     State(state): State<AppState>,
-    Path((model, version)): Path<(String, String)>,
+    ApiPath((model, version)): ApiPath<(String, String)>,
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
     scale(state, model, Some(version), q).await
@@ -322,14 +322,14 @@ async fn register(
 
 async fn unregister_default(
     State(state): State<AppState>,
-    Path(model): Path<String>,
+    ApiPath(model): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     unregister(state, model, None).await
 }
 
 async fn unregister_version(
     State(state): State<AppState>,
-    Path((model, version)): Path<(String, String)>,
+    ApiPath((model, version)): ApiPath<(String, String)>,
 ) -> Result<Response, ApiError> {
     unregister(state, model, Some(version)).await
 }
@@ -354,7 +354,7 @@ async fn unregister(
 
 async fn set_default(
     State(state): State<AppState>,
-    Path((model, version)): Path<(String, String)>,
+    ApiPath((model, version)): ApiPath<(String, String)>,
 ) -> Result<Response, ApiError> {
     state.registry.set_default(&model, &version)?;
     Ok(status(

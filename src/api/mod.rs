@@ -45,6 +45,28 @@ pub async fn count_responses(
     response
 }
 
+/// Path parameters whose rejection (say, invalid UTF-8 in a model name) is a 400 in TorchServe's
+/// JSON error shape rather than axum's plain-text body.
+pub struct ApiPath<T>(pub T);
+
+impl<S, T> axum::extract::FromRequestParts<S> for ApiPath<T>
+where
+    S: Send + Sync,
+    T: serde::de::DeserializeOwned + Send,
+{
+    type Rejection = error::ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(t)) => Ok(ApiPath(t)),
+            Err(e) => Err(error::ApiError::bad_request(e.body_text())),
+        }
+    }
+}
+
 /// Answers `OPTIONS /` and `GET /api-description` with a listener's OpenAPI document.
 pub fn openapi(doc: &'static str) -> Response {
     ([(header::CONTENT_TYPE, "application/json")], doc).into_response()

@@ -472,3 +472,46 @@ async fn headers_and_extra_path_reach_the_handler() {
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["explain"], "True");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_synchronous_registration_that_cannot_load_fails_and_is_undone() {
+    let store = tempfile::tempdir().unwrap();
+    model_folder(
+        store.path(),
+        "broken",
+        "import no_such_module_here\n\ndef handle(data, context):\n    return data\n",
+    );
+    let s = Server::start(
+        "default_workers_per_model=1",
+        &[
+            "--model-store",
+            store.path().to_str().unwrap(),
+            "--enable-model-api",
+        ],
+    );
+    s.wait_healthy().await;
+    let (code, e) = s
+        .mgmt(Method::POST, "/models?url=broken&synchronous=true")
+        .await;
+    assert_eq!(code, 500, "{e}");
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap()
+            .contains("no_such_module_here"),
+        "{e}"
+    );
+    assert_eq!(s.mgmt(Method::GET, "/models/broken").await.0, 404);
+    // Asynchronously it registers, keeps retrying with backoff, and /ping says Unhealthy.
+    let (code, _) = s
+        .mgmt(Method::POST, "/models?url=broken&synchronous=false")
+        .await;
+    assert_eq!(code, 202);
+    let r = s
+        .client
+        .get(format!("{}/ping", s.inference))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 500);
+}

@@ -49,6 +49,9 @@ pub enum RegistryError {
     Conflict { model: String, version: String },
     #[error("{0}")]
     BadRequest(String),
+    /// Synchronous registration whose workers could not load the model.
+    #[error("{0}")]
+    LoadFailed(String),
 }
 
 impl RegistryError {
@@ -59,6 +62,7 @@ impl RegistryError {
             RegistryError::VersionNotFound { .. } => (404, "ModelVersionNotFoundException"),
             RegistryError::Conflict { .. } => (409, "ConflictStatusException"),
             RegistryError::BadRequest(_) => (400, "BadRequestException"),
+            RegistryError::LoadFailed(_) => (500, "InternalServerException"),
         }
     }
 }
@@ -440,6 +444,15 @@ impl Registry {
             (workers, workers)
         };
         pool.scale(min, max, options.synchronous).await;
+        if options.synchronous && min > 0 && pool.live_workers() == 0 {
+            if let Some(why) = pool.load_error() {
+                // As TorchServe does: a synchronous registration that cannot start is undone.
+                let _ = self.unregister(&name, Some(&version)).await;
+                return Err(RegistryError::LoadFailed(format!(
+                    "Failed to start workers for model {name} version {version}: {why}"
+                )));
+            }
+        }
         Ok(entry)
     }
 

@@ -151,8 +151,10 @@ struct Shared {
     min_workers: AtomicU32,
     max_workers: AtomicU32,
     next_port: Arc<AtomicU32>,
-    /// Notified when a worker starts, finishes loading, stops or exits (for synchronous scaling).
+    /// Notified when a worker starts, finishes loading, fails to load, stops or exits.
     state_changed: Notify,
+    /// Why the latest model load failed; cleared by the next successful load.
+    load_error: Mutex<Option<String>>,
 }
 
 /// The pool of one model version.
@@ -187,6 +189,7 @@ impl Pool {
                 max_workers: AtomicU32::new(0),
                 next_port,
                 state_changed: Notify::new(),
+                load_error: Mutex::new(None),
             }),
         }
     }
@@ -252,6 +255,11 @@ impl Pool {
             .collect()
     }
 
+    /// Why the latest model load failed, if it did and no load has succeeded since.
+    pub fn load_error(&self) -> Option<String> {
+        self.shared.load_error.lock().unwrap().clone()
+    }
+
     /// Workers that can serve now (ready or busy).
     pub fn live_workers(&self) -> usize {
         self.workers()
@@ -306,7 +314,12 @@ impl Pool {
                 let settled = workers
                     .iter()
                     .all(|w| !matches!(w.state, WorkerState::Starting | WorkerState::Stopping));
-                if settled || Instant::now() >= deadline {
+                // A load that failed while nothing serves yet will not fix itself by waiting.
+                let failed = s.load_error.lock().unwrap().is_some()
+                    && !workers
+                        .iter()
+                        .any(|w| matches!(w.state, WorkerState::Ready | WorkerState::Busy));
+                if settled || failed || Instant::now() >= deadline {
                     return workers.len();
                 }
                 let _ = tokio::time::timeout_at(deadline.into(), notified).await;
@@ -478,16 +491,23 @@ impl Worker {
                 self.pool.shared.loader.load(&self.spec),
             )
             .await;
-            let mut backend = match loaded {
-                Ok(Ok(b)) => b,
-                Ok(Err(e)) => {
-                    tracing::error!(worker = %self.spec.name, "model load failed: {e}; retrying in {backoff:?}");
-                    self.sleep_unless_stopped(backoff).await;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
-                    continue;
+            let failure = match loaded {
+                Ok(Ok(b)) => Ok(b),
+                Ok(Err(e)) => Err(format!("model load failed: {e}")),
+                Err(_) => Err(format!(
+                    "model load timed out after {:?}",
+                    self.spec.startup_timeout
+                )),
+            };
+            let mut backend = match failure {
+                Ok(b) => {
+                    *self.pool.shared.load_error.lock().unwrap() = None;
+                    b
                 }
-                Err(_) => {
-                    tracing::error!(worker = %self.spec.name, "model load timed out after {:?}; retrying in {backoff:?}", self.spec.startup_timeout);
+                Err(why) => {
+                    tracing::error!(worker = %self.spec.name, "{why}; retrying in {backoff:?}");
+                    *self.pool.shared.load_error.lock().unwrap() = Some(why);
+                    self.pool.shared.state_changed.notify_waiters();
                     self.sleep_unless_stopped(backoff).await;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                     continue;

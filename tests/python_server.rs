@@ -515,3 +515,79 @@ async fn a_synchronous_registration_that_cannot_load_fails_and_is_undone() {
         .unwrap();
     assert_eq!(r.status(), 500);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_config_yaml_sets_workers_and_reaches_the_handler() {
+    let store = tempfile::tempdir().unwrap();
+    let dir = store.path().join("cfg");
+    std::fs::create_dir_all(dir.join("MAR-INF")).unwrap();
+    std::fs::write(
+        dir.join("MAR-INF/MANIFEST.json"),
+        r#"{"runtime": "python", "model": {"modelName": "cfg", "modelVersion": "1.0", "handler": "cfg.py", "configFile": "model-config.yaml"}}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("model-config.yaml"),
+        "minWorkers: 2\nmaxWorkers: 3\nbatchSize: 2\nmaxBatchDelay: 77\nresponseTimeout: 30\nhandler:\n  threshold: 0.5\n  labels: [cat, dog]\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("cfg.py"),
+        "def handle(data, context):\n    if data is None:\n        return None\n    return [context.model_yaml_config['handler'] for _ in data]\n",
+    )
+    .unwrap();
+    // The same layout with a model-config.yaml that is not valid for its worker settings.
+    let bad = store.path().join("bad");
+    std::fs::create_dir_all(bad.join("MAR-INF")).unwrap();
+    std::fs::write(
+        bad.join("MAR-INF/MANIFEST.json"),
+        r#"{"runtime": "python", "model": {"modelName": "bad", "modelVersion": "1.0", "handler": "cfg.py", "configFile": "model-config.yaml"}}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        bad.join("model-config.yaml"),
+        "minWorkers: 3\nmaxWorkers: 1\n",
+    )
+    .unwrap();
+    std::fs::copy(dir.join("cfg.py"), bad.join("cfg.py")).unwrap();
+
+    let s = Server::start(
+        "",
+        &[
+            "--model-store",
+            store.path().to_str().unwrap(),
+            "--models",
+            "cfg",
+            "--enable-model-api",
+        ],
+    );
+    s.wait_healthy().await;
+    let (_, d) = s.mgmt(Method::GET, "/models/cfg").await;
+    let d = &d[0];
+    assert_eq!(
+        (d["minWorkers"].as_u64(), d["maxWorkers"].as_u64()),
+        (Some(2), Some(3)),
+        "{d}"
+    );
+    assert_eq!(
+        (d["batchSize"].as_u64(), d["maxBatchDelay"].as_u64()),
+        (Some(2), Some(77))
+    );
+    assert_eq!(d["responseTimeout"], 30);
+    assert_eq!(d["workers"].as_array().unwrap().len(), 2);
+    let r = s.predict("cfg", "1").await;
+    assert_eq!(
+        r.json::<serde_json::Value>().await.unwrap(),
+        serde_json::json!({"threshold": 0.5, "labels": ["cat", "dog"]})
+    );
+
+    let (code, e) = s.mgmt(Method::POST, "/models?url=bad").await;
+    assert_eq!(code, 400, "{e}");
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap()
+            .contains("minWorkers 3 is greater than maxWorkers 1"),
+        "{e}"
+    );
+}

@@ -116,9 +116,11 @@ class Service:
             with open(manifest_file, encoding="utf-8") as f:
                 manifest = json.load(f)
         self.metrics = MetricsCache(metrics_config, msg["model_name"])
+        # The archive's model-config.yaml, parsed by the server (TorchServe's model_yaml_config).
+        model_yaml_config = json.loads(os.environ.get("OXSERVE_MODEL_YAML_CONFIG") or "{}")
         self.context = Context(msg["model_name"], model_dir, manifest, msg["batch_size"],
                                msg["gpu_id"], __version__, msg["limit_max_image_pixels"],
-                               self.metrics)
+                               self.metrics, model_yaml_config)
         module, function_name = _import_handler(msg["handler"])
         self.entry, init = _entry_points(module, function_name)
         if init is not None:

@@ -237,7 +237,14 @@ impl BackendLoader for PythonLoader {
         let model_dir =
             std::path::absolute(&spec.model_dir).unwrap_or_else(|_| spec.model_dir.clone());
 
+        // model-config.yaml reaches handlers as context.model_yaml_config (parsed here, once, with
+        // a full YAML parser, so the stdlib runtime needs none).
+        let model_yaml = crate::model::archive::model_config(&model_dir, &spec.manifest)
+            .map_err(BackendError::Load)?
+            .map(|v| v.to_string())
+            .unwrap_or_else(|| "{}".to_string());
         let mut cmd = Command::new(&settings.python_executable);
+        cmd.env("OXSERVE_MODEL_YAML_CONFIG", model_yaml);
         cmd.arg(&script)
             .arg("--sock-type")
             .arg("unix")

@@ -89,6 +89,67 @@ pub struct ModelSettings {
     pub startup_timeout: Option<Duration>,
 }
 
+impl ModelSettings {
+    /// Reads TorchServe's per-model fields (`minWorkers`, `batchSize`, ...) from a JSON object: an
+    /// entry of the `models` key, or an archive's model-config.yaml. `at` names it in errors.
+    pub fn from_fields(fields: &serde_json::Value, at: &str) -> Result<ModelSettings, String> {
+        let fields = fields
+            .as_object()
+            .ok_or_else(|| format!("{at}: must be an object"))?;
+        let uint = |key: &str| -> Result<Option<u32>, String> {
+            match fields.get(key) {
+                None => Ok(None),
+                Some(v) => v
+                    .as_u64()
+                    .and_then(|n| u32::try_from(n).ok())
+                    .map(Some)
+                    .ok_or_else(|| format!("{at}: {key} {v} is not a non-negative integer")),
+            }
+        };
+        let settings = ModelSettings {
+            mar_name: fields
+                .get("marName")
+                .and_then(|v| v.as_str())
+                .map(String::from),
+            default_version: fields
+                .get("defaultVersion")
+                .and_then(|v| v.as_bool())
+                .unwrap_or(false),
+            min_workers: uint("minWorkers")?,
+            max_workers: uint("maxWorkers")?,
+            batch_size: uint("batchSize")?,
+            max_batch_delay: uint("maxBatchDelay")?.map(|ms| Duration::from_millis(ms.into())),
+            response_timeout: uint("responseTimeout")?.map(|s| Duration::from_secs(s.into())),
+            startup_timeout: uint("startupTimeout")?.map(|s| Duration::from_secs(s.into())),
+        };
+        if let (Some(min), Some(max)) = (settings.min_workers, settings.max_workers) {
+            if min > max {
+                return Err(format!(
+                    "{at}: minWorkers {min} is greater than maxWorkers {max}"
+                ));
+            }
+        }
+        if settings.batch_size == Some(0) {
+            return Err(format!("{at}: batchSize 0 must be at least 1"));
+        }
+        Ok(settings)
+    }
+
+    /// Field by field: `self` where set, else `other`.
+    pub fn or(self, other: ModelSettings) -> ModelSettings {
+        ModelSettings {
+            mar_name: self.mar_name.or(other.mar_name),
+            default_version: self.default_version || other.default_version,
+            min_workers: self.min_workers.or(other.min_workers),
+            max_workers: self.max_workers.or(other.max_workers),
+            batch_size: self.batch_size.or(other.batch_size),
+            max_batch_delay: self.max_batch_delay.or(other.max_batch_delay),
+            response_timeout: self.response_timeout.or(other.response_timeout),
+            startup_timeout: self.startup_timeout.or(other.startup_timeout),
+        }
+    }
+}
+
 /// Parses the `models` key: `{"name": {"1.0": {"marName": "x.mar", "minWorkers": 1, ...}}}`.
 fn parse_models(
     value: &str,
@@ -106,48 +167,8 @@ fn parse_models(
             .ok_or_else(|| bad(format!("{name}: must be an object of versions")))?;
         let mut parsed = BTreeMap::new();
         for (version, fields) in versions {
-            let at = format!("{name} {version}");
-            let fields = fields
-                .as_object()
-                .ok_or_else(|| bad(format!("{at}: must be an object")))?;
-            let uint = |key: &str| -> Result<Option<u32>, ConfigError> {
-                match fields.get(key) {
-                    None => Ok(None),
-                    Some(v) => v
-                        .as_u64()
-                        .and_then(|n| u32::try_from(n).ok())
-                        .map(Some)
-                        .ok_or_else(|| {
-                            bad(format!("{at}: {key} {v} is not a non-negative integer"))
-                        }),
-                }
-            };
-            let settings = ModelSettings {
-                mar_name: fields
-                    .get("marName")
-                    .and_then(|v| v.as_str())
-                    .map(String::from),
-                default_version: fields
-                    .get("defaultVersion")
-                    .and_then(|v| v.as_bool())
-                    .unwrap_or(false),
-                min_workers: uint("minWorkers")?,
-                max_workers: uint("maxWorkers")?,
-                batch_size: uint("batchSize")?,
-                max_batch_delay: uint("maxBatchDelay")?.map(|ms| Duration::from_millis(ms.into())),
-                response_timeout: uint("responseTimeout")?.map(|s| Duration::from_secs(s.into())),
-                startup_timeout: uint("startupTimeout")?.map(|s| Duration::from_secs(s.into())),
-            };
-            if let (Some(min), Some(max)) = (settings.min_workers, settings.max_workers) {
-                if min > max {
-                    return Err(bad(format!(
-                        "{at}: minWorkers {min} is greater than maxWorkers {max}"
-                    )));
-                }
-            }
-            if settings.batch_size == Some(0) {
-                return Err(bad(format!("{at}: batchSize 0 must be at least 1")));
-            }
+            let settings =
+                ModelSettings::from_fields(fields, &format!("{name} {version}")).map_err(bad)?;
             parsed.insert(version.clone(), settings);
         }
         out.insert(name.clone(), parsed);

@@ -107,6 +107,30 @@ fn read_manifest(dir: &Path) -> Result<Manifest, ArchiveError> {
         .map_err(|e| invalid(dir, format!("MAR-INF/MANIFEST.json is not valid: {e}")))
 }
 
+/// The archive's model-config.yaml (manifest `configFile`, as torch-model-archiver's `--config-file`
+/// stores it), as JSON; `None` when the manifest names none. TorchServe reads worker settings
+/// (`minWorkers`, `batchSize`, ...) from it and hands all of it to handlers as
+/// `context.model_yaml_config`.
+pub fn model_config(dir: &Path, manifest: &Manifest) -> Result<Option<serde_json::Value>, String> {
+    let Some(file) = manifest
+        .model
+        .config_file
+        .as_deref()
+        .filter(|f| !f.is_empty())
+    else {
+        return Ok(None);
+    };
+    let relative = safe_relative(file)?;
+    let path = dir.join(relative);
+    let text = fs::read_to_string(&path)
+        .map_err(|e| format!("cannot read the model config {file}: {e}"))?;
+    let yaml: serde_yaml::Value = serde_yaml::from_str(&text)
+        .map_err(|e| format!("the model config {file} is not valid YAML: {e}"))?;
+    let json = serde_json::to_value(yaml)
+        .map_err(|e| format!("the model config {file} cannot be represented as JSON: {e}"))?;
+    Ok(Some(json))
+}
+
 /// A zip entry name as a relative path that stays inside the destination, or why not.
 fn safe_relative(name: &str) -> Result<PathBuf, String> {
     let path = Path::new(name);

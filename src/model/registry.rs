@@ -8,7 +8,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
 use crate::backend::{self, BackendLoader, WorkerSpec};
-use crate::config::Config;
+use crate::config::{Config, ModelSettings};
 use crate::metrics::{Metrics, ModelMetrics};
 use crate::model::archive::{self, Manifest, UnpackedArchive};
 use crate::worker::{Pool, PoolSettings};
@@ -197,6 +197,7 @@ impl Registry {
             PathBuf::new(),
             Arc::new(backend::builtin::DemoLoader),
             options,
+            ModelSettings::default(),
         )
         .await
     }
@@ -216,11 +217,15 @@ impl Registry {
         let path = self.resolve(url).await?;
         let config = self.config.clone();
         let shown = url.to_string();
-        let (unpacked, loader) = tokio::task::spawn_blocking(move || {
+        let (unpacked, loader, from_yaml) = tokio::task::spawn_blocking(move || {
             let unpacked = archive::open(&path).map_err(|e| e.to_string())?;
             let loader = backend::loader_for(&unpacked.dir, &unpacked.manifest, &config)
                 .map_err(|e| format!("cannot load model from {shown}: {e}"))?;
-            Ok::<_, String>((unpacked, loader))
+            let from_yaml = match archive::model_config(&unpacked.dir, &unpacked.manifest)? {
+                Some(v) => ModelSettings::from_fields(&v, "model-config.yaml")?,
+                None => ModelSettings::default(),
+            };
+            Ok::<_, String>((unpacked, loader, from_yaml))
         })
         .await
         .map_err(|e| RegistryError::BadRequest(format!("archive unpacking failed: {e}")))?
@@ -234,6 +239,7 @@ impl Registry {
             dir,
             loader,
             options,
+            from_yaml,
         )
         .await
     }
@@ -334,6 +340,7 @@ impl Registry {
         dir: PathBuf,
         loader: Arc<dyn BackendLoader>,
         options: RegisterOptions,
+        from_yaml: ModelSettings,
     ) -> Result<Arc<ModelVersion>, RegistryError> {
         let name = options
             .model_name
@@ -359,13 +366,15 @@ impl Registry {
             .filter(|v| !v.is_empty())
             .unwrap_or_else(|| "1.0".to_string());
         let c = &self.config;
-        // Per-model settings from config.properties' `models` key, under explicit options.
+        // Explicit options, then config.properties' `models` key, then the archive's
+        // model-config.yaml, then the server defaults.
         let m = c
             .models
             .get(&name)
             .and_then(|v| v.get(&version))
             .cloned()
-            .unwrap_or_default();
+            .unwrap_or_default()
+            .or(from_yaml);
         let settings = PoolSettings {
             batch_size: options.batch_size.or(m.batch_size).unwrap_or(c.batch_size),
             max_batch_delay: options
@@ -436,8 +445,9 @@ impl Registry {
         let workers = options
             .initial_workers
             .unwrap_or(self.config.default_workers_per_model);
-        // The `models` key sets min/max for versions loaded at start-up.
-        let (min, max) = if options.loaded_at_startup {
+        // Without an explicit initial_workers, minWorkers/maxWorkers (models key or
+        // model-config.yaml) decide.
+        let (min, max) = if options.initial_workers.is_none() {
             let min = m.min_workers.unwrap_or(workers);
             (min, m.max_workers.unwrap_or(min.max(workers)))
         } else {

@@ -81,6 +81,18 @@ pub struct RegisterOptions {
     pub loaded_at_startup: bool,
 }
 
+/// What a version is registered from.
+struct Source {
+    /// `modelUrl` as registered.
+    url: String,
+    unpacked: Option<UnpackedArchive>,
+    manifest: Manifest,
+    dir: PathBuf,
+    loader: Arc<dyn BackendLoader>,
+    /// Settings from the archive's model-config.yaml.
+    from_yaml: ModelSettings,
+}
+
 /// All models.
 pub struct Registry {
     models: RwLock<BTreeMap<String, Model>>,
@@ -190,16 +202,15 @@ impl Registry {
             synchronous: false,
             ..Default::default()
         };
-        self.insert(
-            DEMO_URL.to_string(),
-            None,
+        let source = Source {
+            url: DEMO_URL.to_string(),
+            unpacked: None,
             manifest,
-            PathBuf::new(),
-            Arc::new(backend::builtin::DemoLoader),
-            options,
-            ModelSettings::default(),
-        )
-        .await
+            dir: PathBuf::new(),
+            loader: Arc::new(backend::builtin::DemoLoader),
+            from_yaml: ModelSettings::default(),
+        };
+        self.insert(source, options).await
     }
 
     /// Registers an archive named by `url`: a file or folder in the model store, an absolute
@@ -230,18 +241,15 @@ impl Registry {
         .await
         .map_err(|e| RegistryError::BadRequest(format!("archive unpacking failed: {e}")))?
         .map_err(RegistryError::BadRequest)?;
-        let manifest = unpacked.manifest.clone();
-        let dir = unpacked.dir.clone();
-        self.insert(
-            url.to_string(),
-            Some(unpacked),
-            manifest,
-            dir,
+        let source = Source {
+            url: url.to_string(),
+            manifest: unpacked.manifest.clone(),
+            dir: unpacked.dir.clone(),
+            unpacked: Some(unpacked),
             loader,
-            options,
             from_yaml,
-        )
-        .await
+        };
+        self.insert(source, options).await
     }
 
     async fn resolve(&self, url: &str) -> Result<PathBuf, RegistryError> {
@@ -334,14 +342,17 @@ impl Registry {
 
     async fn insert(
         &self,
-        url: String,
-        unpacked: Option<UnpackedArchive>,
-        manifest: Manifest,
-        dir: PathBuf,
-        loader: Arc<dyn BackendLoader>,
+        source: Source,
         options: RegisterOptions,
-        from_yaml: ModelSettings,
     ) -> Result<Arc<ModelVersion>, RegistryError> {
+        let Source {
+            url,
+            unpacked,
+            manifest,
+            dir,
+            loader,
+            from_yaml,
+        } = source;
         let name = options
             .model_name
             .clone()

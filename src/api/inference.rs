@@ -12,7 +12,7 @@ use axum::{Json, Router};
 use http_body_util::BodyExt;
 
 use super::error::ApiError;
-use super::{count_responses, openapi, parse_query, ApiPath, AppState};
+use super::{openapi, parse_query, ApiPath, AppState};
 use crate::backend::{InferRequest, InferResponse, Param};
 use crate::metrics::{ModelMetrics, Timings};
 use crate::worker::{Job, Reply, ReplyPart, ReplyRx, SubmitError};
@@ -20,7 +20,7 @@ use crate::worker::{Job, Reply, ReplyPart, ReplyRx, SubmitError};
 const OPENAPI: &str = include_str!("openapi/inference.json");
 
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    let routes = Router::new()
         .route("/ping", get(ping))
         .route("/", options(|| async { openapi(OPENAPI) }))
         .route("/api-description", get(|| async { openapi(OPENAPI) }))
@@ -29,20 +29,9 @@ pub fn router(state: AppState) -> Router {
         .route("/predictions/{model}/{version}/{*rest}", any(predict))
         .route("/explanations/{model}", any(explain))
         .route("/explanations/{model}/{version}", any(explain))
-        .fallback(not_found)
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            super::auth::inference,
-        ))
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            count_responses,
-        ))
-        .with_state(state)
-}
-
-async fn not_found() -> ApiError {
-    ApiError::not_found("Requested resource is not found, please refer to API document.")
+        .fallback(super::not_found);
+    let routes = super::with_token_check(routes, &state, super::auth::inference);
+    super::finish(routes, state)
 }
 
 async fn ping(State(state): State<AppState>) -> Response {

@@ -15,14 +15,14 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 
 use super::error::ApiError;
-use super::{count_responses, openapi, parse_query, ApiPath, AppState};
+use super::{openapi, parse_query, ApiPath, AppState};
 use crate::metrics::WorkerState;
 use crate::model::registry::{ModelVersion, RegisterOptions};
 
 const OPENAPI: &str = include_str!("openapi/management.json");
 
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    let routes = Router::new()
         .route("/", options(|| async { openapi(OPENAPI) }))
         .route("/api-description", get(|| async { openapi(OPENAPI) }))
         .route("/models", get(list).post(register))
@@ -43,18 +43,9 @@ pub fn router(state: AppState) -> Router {
                 .delete(unregister_version),
         )
         .route("/models/{model}/{version}/set-default", put(set_default))
-        .fallback(|| async {
-            ApiError::not_found("Requested resource is not found, please refer to API document.")
-        })
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            super::auth::management,
-        ))
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            count_responses,
-        ))
-        .with_state(state)
+        .fallback(super::not_found);
+    let routes = super::with_token_check(routes, &state, super::auth::management);
+    super::finish(routes, state)
 }
 
 /// Query parameters, validated one by one.

@@ -10,25 +10,20 @@ use axum::Router;
 use subtle::ConstantTimeEq;
 
 use super::error::ApiError;
-use super::{count_responses, openapi, parse_query, AppState};
+use super::{openapi, parse_query, AppState};
 use crate::config::MetricsMode;
 
 const OPENAPI: &str = include_str!("openapi/metrics.json");
 const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    let routes = Router::new()
         .route("/metrics", get(metrics))
         .route("/", options(|| async { openapi(OPENAPI) }))
         .route("/api-description", get(|| async { openapi(OPENAPI) }))
-        .fallback(|| async {
-            ApiError::not_found("Requested resource is not found, please refer to API document.")
-        })
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            count_responses,
-        ))
-        .with_state(state)
+        .fallback(super::not_found);
+    // The metrics listener has its own optional token (metrics_auth_token), not TorchServe's keys.
+    super::finish(routes, state)
 }
 
 /// Whether the request carries the configured bearer token (compared in constant time).

@@ -67,6 +67,39 @@ where
     }
 }
 
+/// TorchServe's answer for a path no route serves.
+pub async fn not_found() -> error::ApiError {
+    error::ApiError::not_found("Requested resource is not found, please refer to API document.")
+}
+
+/// Adds TorchServe's token check when token authorization is on (no layer at all otherwise, so
+/// the request path pays nothing for it).
+pub fn with_token_check<F, Fut>(
+    router: axum::Router<AppState>,
+    state: &AppState,
+    check: F,
+) -> axum::Router<AppState>
+where
+    F: Fn(State<AppState>, Request<axum::body::Body>, Next) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response> + Send + 'static,
+{
+    if state.tokens.is_some() {
+        router.layer(axum::middleware::from_fn_with_state(state.clone(), check))
+    } else {
+        router
+    }
+}
+
+/// The layer every listener shares (response counting), and the state.
+pub fn finish(router: axum::Router<AppState>, state: AppState) -> axum::Router {
+    router
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            count_responses,
+        ))
+        .with_state(state)
+}
+
 /// Answers `OPTIONS /` and `GET /api-description` with a listener's OpenAPI document.
 pub fn openapi(doc: &'static str) -> Response {
     ([(header::CONTENT_TYPE, "application/json")], doc).into_response()

@@ -39,10 +39,40 @@ impl AtomicF64 {
     }
 }
 
+/// A counter's or gauge's value. Whole, non-negative increments (request counts, microseconds,
+/// worker counts) go to an integer with one `fetch_add`, which stays cheap when threads contend; any
+/// other change goes to an f64. The value is their sum.
+#[derive(Debug, Default)]
+pub struct Value {
+    whole: AtomicU64,
+    rest: AtomicF64,
+}
+
+impl Value {
+    pub fn get(&self) -> f64 {
+        self.whole.load(Ordering::Relaxed) as f64 + self.rest.get()
+    }
+
+    /// Sets a gauge. (Counters are only added to; gauges are set, or only added to.)
+    pub fn set(&self, v: f64) {
+        self.rest.set(v);
+        self.whole.store(0, Ordering::Relaxed);
+    }
+
+    #[inline]
+    pub fn add(&self, v: f64) {
+        if v >= 0.0 && v.fract() == 0.0 && v < 9.0e15 {
+            self.whole.fetch_add(v as u64, Ordering::Relaxed);
+        } else {
+            self.rest.add(v);
+        }
+    }
+}
+
 /// The numbers of one series.
 #[derive(Debug)]
 pub enum Cells {
-    Value(AtomicF64),
+    Value(Value),
     Histogram {
         /// Non-cumulative counts per bucket; the last one is +Inf.
         counts: Box<[AtomicU64]>,
@@ -179,7 +209,7 @@ impl Family {
                             .collect(),
                         sum: AtomicF64::default(),
                     },
-                    _ => Cells::Value(AtomicF64::default()),
+                    _ => Cells::Value(Value::default()),
                 };
                 Arc::new(Series {
                     family: self.meta.clone(),
@@ -383,6 +413,18 @@ mod tests {
         let mut only = String::new();
         f.render(&mut only, Some("_count"));
         assert!(!only.contains("_bucket") && only.contains("_count"));
+    }
+
+    #[test]
+    fn whole_and_fractional_increments_add_up() {
+        let v = Value::default();
+        v.add(3.0);
+        v.add(0.25);
+        v.add(-1.0);
+        v.add(1_000_000.0);
+        assert_eq!(v.get(), 1_000_002.25);
+        v.set(7.5);
+        assert_eq!(v.get(), 7.5);
     }
 
     #[test]

@@ -196,7 +196,7 @@ async fn full_queue_answers_503_and_is_counted() {
     let slow = |c: reqwest::Client, u: String| async move {
         c.post(u)
             .header("content-type", "application/json")
-            .body(r#"{"text": "ok", "sleep_ms": 1500}"#)
+            .body(r#"{"text": "ok", "sleep_ms": 3000}"#)
             .send()
             .await
             .unwrap()

@@ -61,7 +61,14 @@ fn models_to_load(config: &Config) -> Result<Vec<(Option<String>, String)>> {
 
 /// Runs the server until SIGINT/SIGTERM. Fails fast (before loading any model) when a listener
 /// cannot be bound.
-pub async fn run(config: Config) -> Result<()> {
+pub async fn run(mut config: Config) -> Result<()> {
+    // Workers are spread over the GPUs that exist, at most number_of_gpu of them (TorchServe's rule).
+    // NVML is loaded once, here; the system sampler then reuses it.
+    let gpus = tokio::task::spawn_blocking(crate::system::gpu::GpuCollector::new)
+        .await
+        .context("loading NVML")?;
+    let found = gpus.device_count();
+    config.number_of_gpu = Some(config.number_of_gpu.map_or(found, |n| n.min(found)));
     let config = Arc::new(config);
     let metrics = Arc::new(Metrics::from_config(&config).map_err(anyhow::Error::msg)?);
     let registry = Arc::new(Registry::new(config.clone(), metrics.clone()));
@@ -87,7 +94,7 @@ pub async fn run(config: Config) -> Result<()> {
     };
 
     if !config.disable_system_metrics {
-        crate::system::spawn(metrics.clone(), config.metric_time_interval);
+        crate::system::spawn(metrics.clone(), config.metric_time_interval, gpus);
     }
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

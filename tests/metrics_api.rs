@@ -224,6 +224,17 @@ async fn host_metrics_are_plausible() {
         (util - used * 100.0 / (used + avail)).abs() < 1.0,
         "{util} vs {used}/{avail}"
     );
+    // This machine has no NVIDIA driver: said once in the log, and workers get no GPU.
+    if !std::path::Path::new("/proc/driver/nvidia").exists() {
+        assert_eq!(
+            s.log().matches("no NVIDIA GPU found").count(),
+            1,
+            "{}",
+            s.log()
+        );
+        let (_, d) = s.mgmt(reqwest::Method::GET, "/models/demo").await;
+        assert_eq!(d[0]["workers"][0]["gpu"], false);
+    }
     let (dused, davail) = (v("DiskUsage"), v("DiskAvailable"));
     assert!(dused > 0.0 && davail > 0.0);
     assert!((v("DiskUtilization") - dused * 100.0 / (dused + davail)).abs() < 1.0);

@@ -153,7 +153,7 @@ fn describe_one(v: &ModelVersion) -> Value {
                 "status": status,
                 "memoryUsage": rss_bytes(pid),
                 "pid": pid,
-                "gpu": false,
+                "gpu": w.gpu >= 0,
                 "gpuUsage": "N/A",
             })
         })
@@ -233,9 +233,9 @@ async fn scale(
             "max_worker cannot be less than min_worker.",
         ));
     }
-    if p.uint("number_gpu")?.unwrap_or(0) > 0 {
+    if p.uint("number_gpu")?.unwrap_or(0) > state.config.number_of_gpu.unwrap_or(0) {
         return Err(ApiError::bad_request(
-            "number_gpu: GPU workers are not supported by this model's backend",
+            "number_gpu is larger than the GPUs this server uses (number_of_gpu)",
         ));
     }
     let v = state.registry.get(&model, version.as_deref())?;

@@ -72,6 +72,8 @@ pub struct Config {
     pub metrics_log_max_bytes: u64,
     /// No built-in demo model when false (set when the user names models or a store).
     pub builtin_default_model: bool,
+    /// GPUs workers are spread over (`number_of_gpu`); the server caps it at the GPUs NVML finds.
+    pub number_of_gpu: Option<u32>,
     /// Per model version settings from TorchServe's `models` key: model name -> version -> settings.
     pub models: BTreeMap<String, BTreeMap<String, ModelSettings>>,
 }
@@ -226,6 +228,7 @@ const KNOWN_KEYS: &[&str] = &[
     "worker_runtime",
     "metrics_log_max_bytes",
     "models",
+    "number_of_gpu",
 ];
 
 /// A configuration error: one line naming the key and the offending value.
@@ -413,6 +416,14 @@ impl Config {
                 && model_store.is_none()
                 && models.is_empty(),
             models,
+            number_of_gpu: match get("number_of_gpu") {
+                Some(v) => Some(v.parse::<u32>().map_err(|_| {
+                    ConfigError(format!(
+                        "config key number_of_gpu: {v:?} is not a non-negative whole number"
+                    ))
+                })?),
+                None => None,
+            },
             model_store,
             load_models,
             default_workers_per_model: default_workers_per_model as u32,

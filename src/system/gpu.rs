@@ -41,6 +41,14 @@ impl GpuCollector {
         }
     }
 
+    /// How many GPUs NVML sees (0 without the driver).
+    pub fn device_count(&self) -> u32 {
+        self.nvml
+            .as_ref()
+            .and_then(|n| n.device_count().ok())
+            .unwrap_or(0)
+    }
+
     /// Whether NVML is loaded.
     pub fn available(&self) -> bool {
         self.nvml.is_some()

@@ -13,10 +13,13 @@ use std::time::Duration;
 use crate::metrics::Metrics;
 
 /// Starts the sampling task: a first sample shortly after start-up, then one every `interval`.
-pub fn spawn(metrics: Arc<Metrics>, interval: Duration) -> tokio::task::JoinHandle<()> {
+pub fn spawn(
+    metrics: Arc<Metrics>,
+    interval: Duration,
+    mut gpus: gpu::GpuCollector,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut host = host::HostCollector::new();
-        let mut gpus = gpu::GpuCollector::new();
         // CPU usage needs two readings; the first window is short so start-up has a sample.
         tokio::time::sleep(Duration::from_millis(250)).await;
         loop {

@@ -123,6 +123,8 @@ pub struct PoolSettings {
 #[derive(Debug, Clone)]
 pub struct WorkerInfo {
     pub id: u32,
+    /// The GPU the worker was given, -1 for none.
+    pub gpu: i32,
     pub name: String,
     pub start_time: SystemTime,
     pub state: WorkerState,
@@ -131,6 +133,7 @@ pub struct WorkerInfo {
 
 struct WorkerSlot {
     id: u32,
+    gpu: i32,
     name: String,
     start_time: SystemTime,
     state: Arc<AtomicU8>,
@@ -247,6 +250,7 @@ impl Pool {
             .iter()
             .map(|w| WorkerInfo {
                 id: w.id,
+                gpu: w.gpu,
                 name: w.name.clone(),
                 start_time: w.start_time,
                 state: state_from(w.state.load(Ordering::Relaxed)),
@@ -368,7 +372,13 @@ impl Pool {
         let s = &self.shared;
         let port = s.next_port.fetch_add(1, Ordering::Relaxed);
         let name = format!("W-{port}-{}_{}", s.spec.model_name, s.spec.model_version);
+        let gpu = gpu_for(
+            port,
+            s.spec.settings.initial_worker_port,
+            s.spec.settings.number_of_gpu.unwrap_or(0),
+        );
         let slot = WorkerSlot {
+            gpu,
             id: port,
             name: name.clone(),
             start_time: SystemTime::now(),
@@ -379,6 +389,11 @@ impl Pool {
         let mut spec = s.spec.clone();
         spec.port = port;
         spec.name = name;
+        spec.gpu_id = gpu_for(
+            port,
+            spec.settings.initial_worker_port,
+            spec.settings.number_of_gpu.unwrap_or(0),
+        );
         let worker = Worker {
             pool: self.clone(),
             spec,
@@ -428,6 +443,15 @@ impl Shared {
     /// The per-state gauges are the counts themselves: atomic adds keep them exact under races.
     fn count(&self, st: WorkerState, delta: i64) {
         self.metrics.add_workers(st, delta);
+    }
+}
+
+/// TorchServe's GPU assignment: workers take GPUs round robin in the order they are created.
+fn gpu_for(port: u32, first_port: u32, gpus: u32) -> i32 {
+    if gpus == 0 {
+        -1
+    } else {
+        (port.saturating_sub(first_port) % gpus) as i32
     }
 }
 
@@ -693,5 +717,17 @@ impl Worker {
         let host = &self.spec.metrics.host;
         host.worker_thread_time.set(frontend.as_millis() as f64);
         outcome
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::gpu_for;
+
+    #[test]
+    fn workers_take_gpus_round_robin() {
+        assert_eq!(gpu_for(9000, 9000, 0), -1);
+        let ids: Vec<i32> = (9000..9005).map(|p| gpu_for(p, 9000, 2)).collect();
+        assert_eq!(ids, [0, 1, 0, 1, 0]);
     }
 }

@@ -5,6 +5,7 @@
 //! own `oxserve_` families. Recorders hold pre-resolved [`Handle`]s ([`ModelMetrics`] per model
 //! version, [`HostMetrics`] for the server), so the request path does atomic adds and nothing else.
 
+mod handles;
 pub mod line;
 pub mod log;
 pub mod registry;
@@ -12,204 +13,14 @@ pub mod spec;
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
 
 use crate::config::{Config, MetricsMode};
 use log::LogSink;
 use registry::{Family, Series};
 use spec::{Kind, MetricSpec, Origin, Spec};
 
-/// A series to update, or nothing when metrics.yaml does not declare the metric.
-#[derive(Debug, Clone, Default)]
-pub struct Handle(Option<Arc<Series>>);
-
-impl Handle {
-    #[inline]
-    pub fn inc(&self) {
-        if let Some(s) = &self.0 {
-            s.inc()
-        }
-    }
-    #[inline]
-    pub fn inc_by(&self, v: f64) {
-        if let Some(s) = &self.0 {
-            s.inc_by(v)
-        }
-    }
-    #[inline]
-    pub fn set(&self, v: f64) {
-        if let Some(s) = &self.0 {
-            s.set(v)
-        }
-    }
-    #[inline]
-    pub fn observe(&self, v: f64) {
-        if let Some(s) = &self.0 {
-            s.observe(v)
-        }
-    }
-    /// Current value (counters and gauges), for tests.
-    pub fn value(&self) -> Option<f64> {
-        self.0.as_ref().map(|s| s.value())
-    }
-}
-
-/// Worker states counted by `oxserve_workers`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WorkerState {
-    Starting = 0,
-    Ready = 1,
-    Busy = 2,
-    Stopping = 3,
-}
-
-impl WorkerState {
-    pub const ALL: [WorkerState; 4] = [
-        WorkerState::Starting,
-        WorkerState::Ready,
-        WorkerState::Busy,
-        WorkerState::Stopping,
-    ];
-    pub fn as_str(self) -> &'static str {
-        match self {
-            WorkerState::Starting => "starting",
-            WorkerState::Ready => "ready",
-            WorkerState::Busy => "busy",
-            WorkerState::Stopping => "stopping",
-        }
-    }
-}
-
-/// When each step of one request happened. Filled where each step happens (api: arrival and
-/// response; worker: queue, batch and backend) and recorded once, by [`ModelMetrics::record_request`].
-#[derive(Debug, Clone, Copy)]
-pub struct Timings {
-    pub arrival: Instant,
-    pub enqueued: Option<Instant>,
-    pub batch_start: Option<Instant>,
-    pub backend_start: Option<Instant>,
-    pub backend_end: Option<Instant>,
-    pub first_chunk: Option<Instant>,
-    pub responded: Option<Instant>,
-}
-
-impl Timings {
-    pub fn new(arrival: Instant) -> Timings {
-        Timings {
-            arrival,
-            enqueued: None,
-            batch_start: None,
-            backend_start: None,
-            backend_end: None,
-            first_chunk: None,
-            responded: None,
-        }
-    }
-
-    /// Time spent waiting for a worker (enqueue to batch start, batching delay included).
-    pub fn queue_wait(&self) -> Option<Duration> {
-        Some(self.batch_start?.saturating_duration_since(self.enqueued?))
-    }
-}
-
-/// The three ts_* counters of one model, for one `model_version` label value.
-#[derive(Debug, Clone, Default)]
-struct TsCounters {
-    requests: Handle,
-    latency_us: Handle,
-    queue_latency_us: Handle,
-}
-
-/// Every series one model version records into, resolved once at registration.
-#[derive(Debug)]
-pub struct ModelMetrics {
-    pub model_name: String,
-    pub model_version: String,
-    /// ts_* counters labelled `model_version="default"` (URL without a version).
-    url_default: TsCounters,
-    /// ts_* counters labelled with the version named in the URL.
-    url_version: TsCounters,
-    request_duration: Handle,
-    queue_wait: Handle,
-    pub backend_duration: Handle,
-    pub batch_size: Handle,
-    pub first_chunk: Handle,
-    pub queue_depth: Handle,
-    pub queue_capacity: Handle,
-    pub workers_min: Handle,
-    pub workers_max: Handle,
-    workers: [Handle; 4],
-    responses: [Handle; 3],
-    /// TorchServe's HandlerTime / PredictionTime, recorded by in-process backends' workers.
-    pub handler_time: Handle,
-    pub prediction_time: Handle,
-    host: Arc<HostMetrics>,
-}
-
-impl ModelMetrics {
-    /// Records a finished prediction request (any status) with its timings.
-    pub fn record_request(&self, t: &Timings, status: u16, version_in_url: bool) {
-        let ts = if version_in_url {
-            &self.url_version
-        } else {
-            &self.url_default
-        };
-        ts.requests.inc();
-        let end = t.responded.unwrap_or_else(Instant::now);
-        let total = end.saturating_duration_since(t.arrival);
-        if (200..300).contains(&status) {
-            ts.latency_us.inc_by(total.as_micros() as f64);
-        }
-        if let Some(wait) = t.queue_wait() {
-            ts.queue_latency_us.inc_by(wait.as_micros() as f64);
-            self.queue_wait.observe(wait.as_secs_f64());
-            self.host.queue_time.set(wait.as_millis() as f64);
-        }
-        self.request_duration.observe(total.as_secs_f64());
-        if let Some(first) = t.first_chunk {
-            self.first_chunk
-                .observe(first.saturating_duration_since(t.arrival).as_secs_f64());
-        }
-        self.responses[status_class(status)].inc();
-    }
-
-    /// Adds to (or, negative, subtracts from) the worker count of one state.
-    pub fn add_workers(&self, state: WorkerState, delta: i64) {
-        self.workers[state as usize].inc_by(delta as f64);
-    }
-}
-
-fn status_class(status: u16) -> usize {
-    match status {
-        200..=299 => 0,
-        400..=499 => 1,
-        _ => 2,
-    }
-}
-
-/// Server-level series.
-#[derive(Debug, Default)]
-pub struct HostMetrics {
-    requests: [Handle; 3],
-    pub queue_time: Handle,
-    pub worker_thread_time: Handle,
-}
-
-impl HostMetrics {
-    /// Counts one HTTP response of any listener by status class (Requests2XX/4XX/5XX).
-    #[inline]
-    pub fn count_response(&self, status: u16) {
-        self.requests[status_class(status)].inc();
-    }
-}
-
-/// One GPU's series.
-#[derive(Debug, Default)]
-pub struct GpuMetrics {
-    pub utilization: Handle,
-    pub memory_utilization: Handle,
-    pub memory_used: Handle,
-}
+use handles::TsCounters;
+pub use handles::{GpuMetrics, Handle, HostMetrics, ModelMetrics, Timings, WorkerState};
 
 /// The registry.
 pub struct Metrics {
@@ -771,6 +582,7 @@ pub fn hostname() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Instant;
 
     #[test]
     fn request_counts_are_exact_and_names_unchanged() {

@@ -699,33 +699,27 @@ fn dtype_name(dt: DatumType) -> String {
     }
 }
 
+/// Writes floats in their shortest exact form; NaN and infinities (not JSON) as `null`.
+fn write_floats<F: ryu::Float + Copy + Into<f64>>(out: &mut String, shape: &[usize], data: &[F]) {
+    let mut buf = ryu::Buffer::new();
+    write_nested(out, shape, data, &mut |out, v| {
+        if (*v).into().is_finite() {
+            out.push_str(buf.format_finite(*v));
+        } else {
+            out.push_str("null");
+        }
+    });
+}
+
 /// Writes a tensor's elements as a JSON array nested to the tensor's rank.
 fn write_tensor(out: &mut String, t: &Tensor) -> Result<(), String> {
     let shape = t.shape().to_vec();
     let err = |e: TractError| format!("{e:#}");
     match t.datum_type() {
-        DatumType::F32 => {
-            let data = t.as_slice::<f32>().map_err(err)?;
-            let mut buf = ryu::Buffer::new();
-            write_nested(out, &shape, data, &mut |out, v| {
-                if v.is_finite() {
-                    out.push_str(buf.format_finite(*v));
-                } else {
-                    out.push_str("null");
-                }
-            });
-        }
+        DatumType::F32 => write_floats(out, &shape, t.as_slice::<f32>().map_err(err)?),
         DatumType::F16 | DatumType::F64 => {
             let cast = t.cast_to::<f64>().map_err(err)?;
-            let data = cast.as_slice::<f64>().map_err(err)?;
-            let mut buf = ryu::Buffer::new();
-            write_nested(out, &shape, data, &mut |out, v| {
-                if v.is_finite() {
-                    out.push_str(buf.format_finite(*v));
-                } else {
-                    out.push_str("null");
-                }
-            });
+            write_floats(out, &shape, cast.as_slice::<f64>().map_err(err)?);
         }
         DatumType::I8
         | DatumType::I16

@@ -165,7 +165,28 @@ fn daemonize(config: &Config) -> ExitCode {
         });
     }
     match cmd.spawn() {
-        Ok(child) => {
+        Ok(mut child) => {
+            // Wait until the listeners are bound (or the server gave up), so that a port in use or a
+            // bad metrics.yaml is reported here, not only in the log.
+            let log_start = std::fs::metadata(&log_path).map(|m| m.len()).unwrap_or(0);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                if let Ok(Some(status)) = child.try_wait() {
+                    let log = std::fs::read(&log_path).unwrap_or_default();
+                    let tail = String::from_utf8_lossy(&log[(log_start as usize).min(log.len())..]);
+                    eprintln!(
+                        "oxserve: the server exited at start ({status}):\n{}",
+                        tail.trim_end()
+                    );
+                    return ExitCode::from(1);
+                }
+                let log = std::fs::read(&log_path).unwrap_or_default();
+                let new = String::from_utf8_lossy(&log[(log_start as usize).min(log.len())..]);
+                if new.contains("oxserve listening") || Instant::now() >= deadline {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
             let _ = std::fs::write(&pid_file, child.id().to_string());
             println!(
                 "oxserve started (pid {}): inference http://{}, management http://{}, metrics http://{}; log {}",

@@ -158,3 +158,30 @@ fn min_workers_above_max_workers_stops_start_up() {
         "{err}"
     );
 }
+
+#[test]
+fn background_start_reports_a_failed_start() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.properties");
+    std::fs::write(
+        &config,
+        format!("inference_address=http://127.0.0.1:0\nmanagement_address=http://127.0.0.1:{port}\nmetrics_address=http://127.0.0.1:0\n"),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["start", "--ts-config", config.to_str().unwrap()])
+        .current_dir(dir.path())
+        .env("OXSERVE_PID_FILE", dir.path().join("pid"))
+        .env("LOG_LOCATION", dir.path().join("logs"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("management_address") && err.contains(&port.to_string()),
+        "{err}"
+    );
+    assert!(!dir.path().join("pid").exists());
+}

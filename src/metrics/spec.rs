@@ -112,6 +112,53 @@ pub fn valid_label_name(name: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
+/// Names an alias (`*name`) that no anchor (`&name`) defines, with its line and the entry it is
+/// in; the YAML parser alone only says "unknown anchor at line N".
+fn check_anchors(text: &str, source: &str) -> Result<(), String> {
+    let ident = |rest: &str| -> String {
+        rest.chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '-')
+            .collect()
+    };
+    let mut anchors = HashSet::new();
+    let mut entry = String::new();
+    for (n, line) in text.lines().enumerate() {
+        let code = line.split(" #").next().unwrap_or(line);
+        if let Some(name) = code.trim_start().strip_prefix("- name:") {
+            entry = name.trim().to_string();
+        }
+        let mut in_quotes = false;
+        for (i, c) in code.char_indices() {
+            match c {
+                '"' => in_quotes = !in_quotes,
+                '&' if !in_quotes => {
+                    anchors.insert(ident(&code[i + 1..]));
+                }
+                '*' if !in_quotes => {
+                    let prev = code[..i].chars().last().unwrap_or(' ');
+                    let alias = ident(&code[i + 1..]);
+                    if matches!(prev, ' ' | '[' | ',' | ':')
+                        && !alias.is_empty()
+                        && !anchors.contains(&alias)
+                    {
+                        let at = if entry.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" ({entry})")
+                        };
+                        return Err(format!(
+                            "metrics config {source}: line {}{at}: undefined anchor *{alias}",
+                            n + 1
+                        ));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(())
+}
+
 impl Spec {
     /// TorchServe's default set.
     pub fn builtin() -> Spec {
@@ -128,6 +175,7 @@ impl Spec {
 
     /// Parses and validates metrics.yaml text; `source` names the file in errors.
     pub fn parse(text: &str, source: &str) -> Result<Spec, String> {
+        check_anchors(text, source)?;
         let shape: FileShape =
             serde_yaml::from_str(text).map_err(|e| format!("metrics config {source}: {e}"))?;
         let mut spec = Spec::default();
@@ -230,7 +278,10 @@ mod tests {
         let anchor =
             "model_metrics:\n  gauge:\n    - name: C\n      unit: ms\n      dimensions: [*nope]\n";
         let e = Spec::parse(anchor, "m.yaml").unwrap_err();
-        assert!(e.contains("m.yaml") && e.contains("anchor"), "{e}");
+        assert!(
+            e.contains("m.yaml") && e.contains("undefined anchor *nope") && e.contains("(C)"),
+            "{e}"
+        );
         let badname = "ts_metrics:\n  gauge:\n    - name: 9bad\n      unit: ms\n";
         assert!(Spec::parse(badname, "m.yaml")
             .unwrap_err()

@@ -318,7 +318,6 @@ async fn respond(rx: ReplyRx, metrics: std::sync::Arc<ModelMetrics>, in_url: boo
         if part.last {
             let mut t = timings;
             t.responded = Some(Instant::now());
-            t.batch_start = part.timings.batch_start;
             metrics.record_request(&t, part.response.status, in_url);
             Some((Ok::<Bytes, std::io::Error>(part.response.body), None))
         } else {

@@ -38,10 +38,6 @@ impl Handle {
             s.observe(v)
         }
     }
-    /// Current value (counters and gauges), for tests.
-    pub fn value(&self) -> Option<f64> {
-        self.0.as_ref().map(|s| s.value())
-    }
 }
 
 /// Worker states counted by `oxserve_workers`.

@@ -81,13 +81,9 @@ impl LogSink {
         })
     }
 
-    /// Writes one event of `series` with value `value`.
-    pub fn record(&self, series: &Series, value: f64) {
-        self.record_with_request(series, value, None)
-    }
-
-    /// Writes one event, naming the request id (handler metrics carry one).
-    pub fn record_with_request(&self, series: &Series, value: f64, request_id: Option<&str>) {
+    /// Writes one event of `series` with value `value`, naming the request where there is one
+    /// (handler metrics carry it).
+    pub fn record(&self, series: &Series, value: f64, request_id: Option<&str>) {
         let line = format_line(series, value, request_id, SystemTime::now());
         let file = if series.family.model_origin {
             &self.model

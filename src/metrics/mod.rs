@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use crate::config::{Config, MetricsMode};
 use log::LogSink;
-use registry::{Family, Series};
+use registry::Family;
 use spec::{Kind, MetricSpec, Origin, Spec};
 
 use handles::TsCounters;
@@ -486,21 +486,9 @@ impl Metrics {
             };
             values.push(v);
         }
-        let series = family.series(&values, &self.log);
-        match &self.log {
-            Some(sink) if family.meta.logged => {
-                // Log the event with its request id rather than through the handle's plain log line.
-                if let registry::Cells::Value(_) = &series.cells {
-                    series_record_silently(&series, parsed.value);
-                }
-                sink.record_with_request(
-                    &series,
-                    parsed.value,
-                    parsed.request_ids.first().map(String::as_str),
-                );
-            }
-            _ => series.record(parsed.value),
-        }
+        family
+            .series(&values, &self.log)
+            .record(parsed.value, parsed.request_ids.first().map(String::as_str));
     }
 
     fn drop_undeclared(&self, name: &str, why: &str) {
@@ -554,16 +542,6 @@ impl Metrics {
             }
         }
         out
-    }
-}
-
-/// Updates a value cell without writing a log line (the caller logs with more context).
-fn series_record_silently(series: &Series, v: f64) {
-    if let registry::Cells::Value(c) = &series.cells {
-        match series.family.kind {
-            Kind::Counter => c.add(v),
-            _ => c.set(v),
-        }
     }
 }
 

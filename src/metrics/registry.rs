@@ -280,15 +280,6 @@ impl Family {
             }
         }
     }
-
-    /// Current value of a counter or gauge series, for tests and the log sink.
-    pub fn value(&self, values: &[&str]) -> Option<f64> {
-        let key: Vec<String> = values.iter().map(|s| s.to_string()).collect();
-        match &self.series.read().unwrap().get(&key)?.cells {
-            Cells::Value(v) => Some(v.get()),
-            Cells::Histogram { .. } => None,
-        }
-    }
 }
 
 fn sample_head(out: &mut String, name: &str, suffix: &str, labels: &str, le: Option<&str>) {
@@ -310,22 +301,19 @@ fn sample_head(out: &mut String, name: &str, suffix: &str, labels: &str, le: Opt
     out.push(' ');
 }
 
+/// What an update does to a series.
+#[derive(Clone, Copy)]
+enum Op {
+    Add,
+    Set,
+    Observe,
+}
+
 impl Series {
     /// Adds to a counter (or gauge).
     #[inline]
     pub fn inc_by(&self, v: f64) {
-        if let Cells::Value(c) = &self.cells {
-            c.add(v);
-            if let Some(log) = &self.log {
-                // A counter's event is the increment; a gauge's is its new value.
-                let logged = if self.family.kind == Kind::Gauge {
-                    c.get()
-                } else {
-                    v
-                };
-                log.record(self, logged);
-            }
-        }
+        self.apply(Op::Add, v, None)
     }
 
     #[inline]
@@ -336,45 +324,56 @@ impl Series {
     /// Sets a gauge.
     #[inline]
     pub fn set(&self, v: f64) {
-        if let Cells::Value(c) = &self.cells {
-            c.set(v);
-        }
-        if let Some(log) = &self.log {
-            log.record(self, v);
-        }
+        self.apply(Op::Set, v, None)
     }
 
     /// Records one observation into a histogram.
     #[inline]
     pub fn observe(&self, v: f64) {
-        if let Cells::Histogram { counts, sum } = &self.cells {
-            let i = self
-                .family
-                .buckets
-                .iter()
-                .position(|b| v <= *b)
-                .unwrap_or(self.family.buckets.len());
-            counts[i].fetch_add(1, Ordering::Relaxed);
-            sum.add(v);
-        }
+        self.apply(Op::Observe, v, None)
+    }
+
+    /// Records a value by the family's kind (counters add, gauges set, histograms observe); in log
+    /// mode the line names the request, as TorchServe's model_metrics.log does.
+    pub fn record(&self, v: f64, request_id: Option<&str>) {
+        let op = match self.family.kind {
+            Kind::Counter => Op::Add,
+            Kind::Gauge => Op::Set,
+            Kind::Histogram => Op::Observe,
+        };
+        self.apply(op, v, request_id)
+    }
+
+    #[inline]
+    fn apply(&self, op: Op, v: f64, request_id: Option<&str>) {
+        let logged = match (&self.cells, op) {
+            (Cells::Value(c), Op::Add) => {
+                c.add(v);
+                // A counter's event is the increment; a gauge's is its new value.
+                if self.family.kind == Kind::Gauge {
+                    c.get()
+                } else {
+                    v
+                }
+            }
+            (Cells::Value(c), _) => {
+                c.set(v);
+                v
+            }
+            (Cells::Histogram { counts, sum }, _) => {
+                let i = self
+                    .family
+                    .buckets
+                    .iter()
+                    .position(|b| v <= *b)
+                    .unwrap_or(self.family.buckets.len());
+                counts[i].fetch_add(1, Ordering::Relaxed);
+                sum.add(v);
+                v
+            }
+        };
         if let Some(log) = &self.log {
-            log.record(self, v);
-        }
-    }
-
-    /// Records a value by the family's kind: counters add, gauges set, histograms observe.
-    pub fn record(&self, v: f64) {
-        match self.family.kind {
-            Kind::Counter => self.inc_by(v),
-            Kind::Gauge => self.set(v),
-            Kind::Histogram => self.observe(v),
-        }
-    }
-
-    pub fn value(&self) -> f64 {
-        match &self.cells {
-            Cells::Value(v) => v.get(),
-            Cells::Histogram { sum, .. } => sum.get(),
+            log.record(self, logged, request_id);
         }
     }
 }

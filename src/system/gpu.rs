@@ -49,11 +49,6 @@ impl GpuCollector {
             .unwrap_or(0)
     }
 
-    /// Whether NVML is loaded.
-    pub fn available(&self) -> bool {
-        self.nvml.is_some()
-    }
-
     /// Reads every GPU; a device that fails to answer is skipped.
     pub fn read(&self) -> Vec<GpuSample> {
         let Some(nvml) = &self.nvml else {

@@ -205,10 +205,6 @@ impl Pool {
         self.shared.loader.runtime().to_string()
     }
 
-    pub fn metrics(&self) -> &Arc<ModelMetrics> {
-        &self.shared.metrics
-    }
-
     /// Queues a job, or says why not (the job is dropped; the caller answers the request).
     pub fn submit(&self, mut job: Job) -> Result<(), SubmitError> {
         let s = &self.shared;

@@ -19,6 +19,8 @@ if [ ! -x "$venv/bin/torch-model-archiver" ]; then
     "$venv/bin/pip" install --quiet --disable-pip-version-check torch-model-archiver==0.12.0
 fi
 mkdir -p "$out"
+# Each archive is built from inside its example folder: a relative OUT_DIR must not be read from there.
+out="$(cd "$out" && pwd)"
 
 archive() { # name, folder, handler file
     local name="$1" dir="$root/examples/$2" handler="$3"

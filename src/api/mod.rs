@@ -129,6 +129,8 @@ fn percent_decode(s: &str) -> Result<String, error::ApiError> {
             b'%' => {
                 let hex = bytes
                     .get(i + 1..i + 3)
+                    // from_str_radix alone would take "+1" as a number.
+                    .filter(|h| h.iter().all(u8::is_ascii_hexdigit))
                     .and_then(|h| std::str::from_utf8(h).ok())
                     .and_then(|h| u8::from_str_radix(h, 16).ok());
                 let Some(b) = hex else {
@@ -174,5 +176,6 @@ mod tests {
         assert!(parse_query(Some("name[]=%zz")).is_err());
         assert!(parse_query(Some("a=%4")).is_err());
         assert!(parse_query(Some("a=%ff")).is_err());
+        assert!(parse_query(Some("a=%+1")).is_err());
     }
 }

@@ -21,6 +21,10 @@
 //!
 //! A request that cannot be run gets its own 400 reply naming the reason; the other requests of the
 //! batch are unaffected. Requests of a batch are run one after the other.
+//!
+//! Nothing is allocated from a size the client declares: a tensor's leaves are collected as the
+//! JSON is walked, so memory follows the body (bounded by `max_request_size`), not the widths of
+//! its first elements.
 
 use std::fmt::Write as _;
 use std::path::{Component, Path, PathBuf};
@@ -458,7 +462,10 @@ fn flatten(value: &Value) -> Result<(Vec<usize>, Vec<&Value>), String> {
             None => break,
         }
     }
-    let mut leaves = Vec::with_capacity(shape.iter().product());
+    // No capacity from the shape: the widths of the first elements are the client's claim, and
+    // their product (1000^5 for a 10 KB body) can exceed memory or overflow. The leaves grow with
+    // what actually arrived, and `collect` stops at the first ragged element.
+    let mut leaves = Vec::new();
     let mut at = Vec::with_capacity(shape.len());
     collect(value, &shape, &mut at, &mut leaves)?;
     Ok((shape, leaves))

@@ -11,13 +11,19 @@
 //!   phrase, `i32` header count and (name, value) pairs, body; the list ends with -1.
 //!
 //! Decoders take the bytes received so far and return `Ok(None)` while a frame is incomplete, so a
-//! reader can call them again after every read.
+//! reader can call them again after every read. Nothing is allocated from a length or count on
+//! the wire before the bytes it describes have arrived; every string is bounded by `max_len`
+//! (max_response_size) and a response's header count by [`MAX_HEADERS`].
 
 use bytes::Bytes;
 
 use super::InferRequest;
 
 const END: i32 = -1;
+
+/// Most headers one response of a reply frame may carry (TorchServe sets none; a handler that
+/// sends more is broken, and each one costs an allocation here).
+pub const MAX_HEADERS: i32 = 1024;
 
 /// The load command.
 #[derive(Debug, Clone, PartialEq)]
@@ -239,8 +245,10 @@ pub fn decode_predict_reply(
         let status = need!(c.int());
         let reason = need!(c.string("reason phrase")?);
         let count = need!(c.int());
-        if count < 0 {
-            return Err(ProtocolError(format!("negative header count {count}")));
+        if !(0..=MAX_HEADERS).contains(&count) {
+            return Err(ProtocolError(format!(
+                "header count {count} is not from 0 to {MAX_HEADERS}"
+            )));
         }
         let mut headers = Vec::new();
         for _ in 0..count {

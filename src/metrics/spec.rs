@@ -168,8 +168,7 @@ impl Spec {
 
     /// Reads and validates a metrics.yaml file.
     pub fn load(path: &Path) -> Result<Spec, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("metrics config {}: cannot read: {e}", path.display()))?;
+        let text = crate::config::read_small_file(path, &format!("metrics config {}", path.display()))?;
         Spec::parse(&text, &path.display().to_string())
     }
 

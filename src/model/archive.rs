@@ -1,13 +1,50 @@
 //! Model archives: `.mar` zip files and unpacked folders holding `MAR-INF/MANIFEST.json`.
 //!
-//! An archive is unpacked once into a private temporary folder that lives as long as the model;
-//! every entry name is checked so that nothing is ever written outside that folder.
+//! An archive is unpacked once into a private (0700) temporary folder that lives as long as the
+//! model; every entry name is checked so that nothing is ever written outside that folder.
+//!
+//! An archive is outside input: its entry count and the bytes it unpacks to are capped
+//! ([`Limits`], config keys `max_archive_entries` and `max_archive_unpacked_bytes`), counting the
+//! bytes actually written rather than the sizes the zip headers claim, and MANIFEST.json and
+//! model-config.yaml are read only up to [`crate::config::MAX_SMALL_FILE_BYTES`]. TorchServe has none of these
+//! caps: a small zip bomb fills its disk, a large manifest its heap.
 
 use std::fs;
 use std::io;
 use std::path::{Component, Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+
+use crate::config::{read_small_file, Config};
+
+/// What an archive may unpack to.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Bytes of all entries together.
+    pub max_unpacked_bytes: u64,
+    /// Entries (files and folders).
+    pub max_entries: u64,
+}
+
+impl Limits {
+    pub fn from_config(config: &Config) -> Limits {
+        Limits {
+            max_unpacked_bytes: config.max_archive_unpacked_bytes,
+            max_entries: config.max_archive_entries,
+        }
+    }
+}
+
+/// A fresh temporary folder only this user can enter (0700), whatever the umask: unpacked models,
+/// the Python runtime and worker sockets live in such folders, and other local users have no
+/// business reading a model or connecting to a worker.
+pub fn private_tempdir(prefix: &str) -> io::Result<tempfile::TempDir> {
+    use std::os::unix::fs::PermissionsExt;
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .permissions(fs::Permissions::from_mode(0o700))
+        .tempdir()
+}
 
 /// `MAR-INF/MANIFEST.json` as torch-model-archiver writes it. Unknown fields are kept out of the way.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -70,8 +107,9 @@ pub struct UnpackedArchive {
     _temp: Option<tempfile::TempDir>,
 }
 
-/// Opens a `.mar` file (unpacking it into a fresh private folder) or a folder of the same layout.
-pub fn open(path: &Path) -> Result<UnpackedArchive, ArchiveError> {
+/// Opens a `.mar` file (unpacking it into a fresh private folder, within `limits`) or a folder of
+/// the same layout (used in place: it is the operator's, so no limits apply).
+pub fn open(path: &Path, limits: &Limits) -> Result<UnpackedArchive, ArchiveError> {
     if !path.exists() {
         return Err(ArchiveError::NotFound(path.display().to_string()));
     }
@@ -83,11 +121,9 @@ pub fn open(path: &Path) -> Result<UnpackedArchive, ArchiveError> {
             _temp: None,
         });
     }
-    let temp = tempfile::Builder::new()
-        .prefix("oxserve-model-")
-        .tempdir()
+    let temp = private_tempdir("oxserve-model-")
         .map_err(|e| invalid(path, format!("cannot create a temporary folder: {e}")))?;
-    unpack_zip(path, temp.path())?;
+    unpack_zip(path, temp.path(), limits)?;
     let manifest = read_manifest(temp.path()).map_err(|e| match e {
         ArchiveError::Invalid { reason, .. } => invalid(path, reason),
         other => other,
@@ -101,10 +137,13 @@ pub fn open(path: &Path) -> Result<UnpackedArchive, ArchiveError> {
 
 fn read_manifest(dir: &Path) -> Result<Manifest, ArchiveError> {
     let file = dir.join("MAR-INF").join("MANIFEST.json");
-    let text = fs::read_to_string(&file)
-        .map_err(|e| invalid(dir, format!("cannot read MAR-INF/MANIFEST.json: {e}")))?;
-    serde_json::from_str(&text)
-        .map_err(|e| invalid(dir, format!("MAR-INF/MANIFEST.json is not valid: {e}")))
+    let text = read_small_file(&file, "MAR-INF/MANIFEST.json").map_err(|e| invalid(dir, e))?;
+    parse_manifest(&text).map_err(|e| invalid(dir, e))
+}
+
+/// Parses MANIFEST.json text.
+pub fn parse_manifest(text: &str) -> Result<Manifest, String> {
+    serde_json::from_str(text).map_err(|e| format!("MAR-INF/MANIFEST.json is not valid: {e}"))
 }
 
 /// The archive's model-config.yaml (manifest `configFile`, as torch-model-archiver's `--config-file`
@@ -122,13 +161,16 @@ pub fn model_config(dir: &Path, manifest: &Manifest) -> Result<Option<serde_json
     };
     let relative = safe_relative(file)?;
     let path = dir.join(relative);
-    let text = fs::read_to_string(&path)
-        .map_err(|e| format!("cannot read the model config {file}: {e}"))?;
-    let yaml: serde_yaml::Value = serde_yaml::from_str(&text)
+    let text = read_small_file(&path, &format!("the model config {file}"))?;
+    parse_model_config(&text, file).map(Some)
+}
+
+/// Parses model-config.yaml text (`file` names it in errors) into JSON.
+pub fn parse_model_config(text: &str, file: &str) -> Result<serde_json::Value, String> {
+    let yaml: serde_yaml::Value = serde_yaml::from_str(text)
         .map_err(|e| format!("the model config {file} is not valid YAML: {e}"))?;
-    let json = serde_json::to_value(yaml)
-        .map_err(|e| format!("the model config {file} cannot be represented as JSON: {e}"))?;
-    Ok(Some(json))
+    serde_json::to_value(yaml)
+        .map_err(|e| format!("the model config {file} cannot be represented as JSON: {e}"))
 }
 
 /// A zip entry name as a relative path that stays inside the destination, or why not.
@@ -148,12 +190,44 @@ fn safe_relative(name: &str) -> Result<PathBuf, String> {
     Ok(out)
 }
 
-fn unpack_zip(archive: &Path, dest: &Path) -> Result<(), ArchiveError> {
+fn unpack_zip(archive: &Path, dest: &Path, limits: &Limits) -> Result<(), ArchiveError> {
     let file = fs::File::open(archive).map_err(|e| invalid(archive, e.to_string()))?;
     let mut zip =
         zip::ZipArchive::new(file).map_err(|e| invalid(archive, format!("not a zip file: {e}")))?;
+    if zip.len() as u64 > limits.max_entries {
+        return Err(invalid(
+            archive,
+            format!(
+                "it holds {} entries, more than max_archive_entries ({})",
+                zip.len(),
+                limits.max_entries
+            ),
+        ));
+    }
+    let too_large = || {
+        invalid(
+            archive,
+            format!(
+                "it unpacks to more than max_archive_unpacked_bytes ({} bytes)",
+                limits.max_unpacked_bytes
+            ),
+        )
+    };
+    // The sizes the headers declare refuse an honest large archive before anything is written;
+    // the bytes actually written are what is enforced, since a header can lie.
+    let mut declared = 0u64;
     for i in 0..zip.len() {
-        let mut entry = zip
+        let entry = zip
+            .by_index_raw(i)
+            .map_err(|e| invalid(archive, format!("corrupt entry {i}: {e}")))?;
+        declared = declared.saturating_add(entry.size());
+    }
+    if declared > limits.max_unpacked_bytes {
+        return Err(too_large());
+    }
+    let mut left = limits.max_unpacked_bytes;
+    for i in 0..zip.len() {
+        let entry = zip
             .by_index(i)
             .map_err(|e| invalid(archive, format!("corrupt entry {i}: {e}")))?;
         let relative = safe_relative(entry.name()).map_err(|r| invalid(archive, r))?;
@@ -172,12 +246,17 @@ fn unpack_zip(archive: &Path, dest: &Path) -> Result<(), ArchiveError> {
             fs::create_dir_all(parent).map_err(|e| invalid(archive, e.to_string()))?;
         }
         let mut out = fs::File::create(&target).map_err(|e| invalid(archive, e.to_string()))?;
-        io::copy(&mut entry, &mut out).map_err(|e| {
+        // One byte more than what is left tells "exactly the limit" from "past it".
+        let written = io::copy(&mut io::Read::take(entry, left.saturating_add(1)), &mut out).map_err(|e| {
             invalid(
                 archive,
                 format!("corrupt entry {:?}: {e}", relative.display()),
             )
         })?;
+        if written > left {
+            return Err(too_large());
+        }
+        left -= written;
     }
     Ok(())
 }

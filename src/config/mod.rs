@@ -88,6 +88,16 @@ pub struct Config {
     pub model_metrics_max_series: usize,
 }
 
+/// Default of `max_archive_unpacked_bytes`: 64 GiB, room for the weights of a large LLM, yet
+/// finite, so a zip bomb stops long before a disk is full.
+pub const DEFAULT_MAX_ARCHIVE_UNPACKED_BYTES: u64 = 64 << 30;
+
+/// Default of `max_archive_entries`.
+pub const DEFAULT_MAX_ARCHIVE_ENTRIES: u64 = 100_000;
+
+/// Default of `model_metrics_max_series`.
+pub const DEFAULT_MODEL_METRICS_MAX_SERIES: usize = 1000;
+
 /// Most bytes read from a small structured file: MANIFEST.json, model-config.yaml,
 /// config.properties, metrics.yaml. They are read whole and parsed into trees many times their size,
 /// so a file past this is refused before it is read.
@@ -186,7 +196,10 @@ impl ModelSettings {
                 "{at}: batchSize {b} is larger than max_batch_size {max_batch}"
             ));
         }
-        for (key, v) in [("minWorkers", self.min_workers), ("maxWorkers", self.max_workers)] {
+        for (key, v) in [
+            ("minWorkers", self.min_workers),
+            ("maxWorkers", self.max_workers),
+        ] {
             if let Some(n) = v.filter(|&n| n > max_workers) {
                 return Err(format!(
                     "{at}: {key} {n} is larger than max_workers_per_model {max_workers}"
@@ -311,8 +324,8 @@ fn err<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
 
 /// Reads a Java-properties file into a map.
 pub fn read_properties(path: &Path) -> Result<HashMap<String, String>, ConfigError> {
-    let text = read_small_file(path, &format!("config file {}", path.display()))
-        .map_err(ConfigError)?;
+    let text =
+        read_small_file(path, &format!("config file {}", path.display())).map_err(ConfigError)?;
     parse_properties(&text)
         .map_err(|e| ConfigError(format!("cannot parse config file {}: {e}", path.display())))
 }
@@ -465,9 +478,8 @@ impl Config {
                 Ok(v)
             }
         };
-        let timeout = |key: &str, default: u64| {
-            at_most(key, number(key, default)?, MAX_TIMEOUT, "the limit")
-        };
+        let timeout =
+            |key: &str, default: u64| at_most(key, number(key, default)?, MAX_TIMEOUT, "the limit");
         let cpus = std::thread::available_parallelism()
             .map(|n| n.get() as u64)
             .unwrap_or(1);
@@ -551,7 +563,10 @@ impl Config {
             load_models,
             default_workers_per_model: default_workers_per_model as u32,
             job_queue_size: job_queue_size as usize,
-            default_response_timeout: Duration::from_secs(timeout("default_response_timeout", 120)?),
+            default_response_timeout: Duration::from_secs(timeout(
+                "default_response_timeout",
+                120,
+            )?),
             default_startup_timeout: Duration::from_secs(timeout("default_startup_timeout", 120)?),
             batch_size: batch_size as u32,
             max_batch_delay: Duration::from_millis(timeout("max_batch_delay", 100)?),
@@ -595,9 +610,15 @@ impl Config {
             metrics_log_max_bytes: number("metrics_log_max_bytes", 10 * 1024 * 1024)?,
             max_batch_size: max_batch_size as u32,
             max_workers_per_model: max_workers_per_model as u32,
-            max_archive_unpacked_bytes: positive("max_archive_unpacked_bytes", 64 << 30)?,
-            max_archive_entries: positive("max_archive_entries", 100_000)?,
-            model_metrics_max_series: positive("model_metrics_max_series", 1000)? as usize,
+            max_archive_unpacked_bytes: positive(
+                "max_archive_unpacked_bytes",
+                DEFAULT_MAX_ARCHIVE_UNPACKED_BYTES,
+            )?,
+            max_archive_entries: positive("max_archive_entries", DEFAULT_MAX_ARCHIVE_ENTRIES)?,
+            model_metrics_max_series: positive(
+                "model_metrics_max_series",
+                DEFAULT_MODEL_METRICS_MAX_SERIES as u64,
+            )? as usize,
         };
         Ok((config, warnings))
     }

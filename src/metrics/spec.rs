@@ -168,7 +168,8 @@ impl Spec {
 
     /// Reads and validates a metrics.yaml file.
     pub fn load(path: &Path) -> Result<Spec, String> {
-        let text = crate::config::read_small_file(path, &format!("metrics config {}", path.display()))?;
+        let text =
+            crate::config::read_small_file(path, &format!("metrics config {}", path.display()))?;
         Spec::parse(&text, &path.display().to_string())
     }
 

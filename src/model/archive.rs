@@ -26,6 +26,16 @@ pub struct Limits {
     pub max_entries: u64,
 }
 
+impl Default for Limits {
+    /// The documented defaults of the config keys.
+    fn default() -> Limits {
+        Limits {
+            max_unpacked_bytes: crate::config::DEFAULT_MAX_ARCHIVE_UNPACKED_BYTES,
+            max_entries: crate::config::DEFAULT_MAX_ARCHIVE_ENTRIES,
+        }
+    }
+}
+
 impl Limits {
     pub fn from_config(config: &Config) -> Limits {
         Limits {
@@ -247,12 +257,13 @@ fn unpack_zip(archive: &Path, dest: &Path, limits: &Limits) -> Result<(), Archiv
         }
         let mut out = fs::File::create(&target).map_err(|e| invalid(archive, e.to_string()))?;
         // One byte more than what is left tells "exactly the limit" from "past it".
-        let written = io::copy(&mut io::Read::take(entry, left.saturating_add(1)), &mut out).map_err(|e| {
-            invalid(
-                archive,
-                format!("corrupt entry {:?}: {e}", relative.display()),
-            )
-        })?;
+        let written = io::copy(&mut io::Read::take(entry, left.saturating_add(1)), &mut out)
+            .map_err(|e| {
+                invalid(
+                    archive,
+                    format!("corrupt entry {:?}: {e}", relative.display()),
+                )
+            })?;
         if written > left {
             return Err(too_large());
         }

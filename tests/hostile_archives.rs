@@ -173,7 +173,12 @@ async fn names_and_versions_follow_torchserves_rule() {
     ] {
         write_mar(store.path(), file, &demo_manifest(name, version), &[]);
     }
-    write_mar(store.path(), "good.mar", &demo_manifest("Good_model-1.x", "2.0-rc.1"), &[]);
+    write_mar(
+        store.path(),
+        "good.mar",
+        &demo_manifest("Good_model-1.x", "2.0-rc.1"),
+        &[],
+    );
     write_mar(store.path(), "demo.mar", &demo_manifest("demo", "1.0"), &[]);
     let s = Server::start(
         "default_workers_per_model=1",
@@ -209,7 +214,11 @@ async fn names_and_versions_follow_torchserves_rule() {
         );
     }
     // No refused name reached the log as a line of its own.
-    assert!(!s.log().lines().any(|l| l.starts_with("\"injected\"")), "{}", s.log());
+    assert!(
+        !s.log().lines().any(|l| l.starts_with("\"injected\"")),
+        "{}",
+        s.log()
+    );
     let (code, e) = register(&s, "url=good.mar&synchronous=true").await;
     assert_eq!(code, 200, "{e}");
     let (code, d) = s.mgmt(Method::GET, "/models/Good_model-1.x/2.0-rc.1").await;

@@ -32,12 +32,24 @@ fn config_properties_refuses_sizes_past_their_ceilings() {
         ("batch_size=4294967295", "batch_size"),
         ("batch_size=2000", "batch_size"),
         ("max_batch_size=8\nbatch_size=9", "batch_size"),
-        ("default_workers_per_model=100000", "default_workers_per_model"),
+        (
+            "default_workers_per_model=100000",
+            "default_workers_per_model",
+        ),
         ("job_queue_size=100000000", "job_queue_size"),
-        ("default_response_timeout=99999999999", "default_response_timeout"),
-        ("default_startup_timeout=18446744073709551615", "default_startup_timeout"),
+        (
+            "default_response_timeout=99999999999",
+            "default_response_timeout",
+        ),
+        (
+            "default_startup_timeout=18446744073709551615",
+            "default_startup_timeout",
+        ),
         ("max_batch_delay=99999999999", "max_batch_delay"),
-        ("token_expiration_min=18446744073709551615", "token_expiration_min"),
+        (
+            "token_expiration_min=18446744073709551615",
+            "token_expiration_min",
+        ),
         ("max_request_size=3000000000", "max_request_size"),
         ("max_response_size=3000000000", "max_response_size"),
         ("initial_worker_port=99999999999", "initial_worker_port"),
@@ -64,7 +76,12 @@ fn config_properties_refuses_sizes_past_their_ceilings() {
 async fn apis_and_model_config_refuse_sizes_past_their_ceilings() {
     let store = tempfile::tempdir().unwrap();
     write_mar(store.path(), "demo.mar", &demo_manifest("demo", "1.0"), &[]);
-    write_mar(store.path(), "other.mar", &demo_manifest("other", "1.0"), &[]);
+    write_mar(
+        store.path(),
+        "other.mar",
+        &demo_manifest("other", "1.0"),
+        &[],
+    );
     for (file, yaml) in [
         ("bigbatch.mar", "batchSize: 100000\n"),
         ("manyworkers.mar", "minWorkers: 1\nmaxWorkers: 100000\n"),

@@ -116,25 +116,41 @@ async fn handler_metrics_stay_bounded_valid_and_counted() {
     let cardinality = "oxserve_backend_metric_lines_dropped_total{reason=\"cardinality\"}";
     wait_for(&s, malformed, (5 * N) as f64).await;
     let text = wait_for(&s, cardinality, (N - 5) as f64).await;
-    assert_eq!(common::sample(&text, malformed), Some((5 * N) as f64), "{text}");
-    assert_eq!(common::sample(&text, cardinality), Some((N - 5) as f64), "{text}");
+    assert_eq!(
+        common::sample(&text, malformed),
+        Some((5 * N) as f64),
+        "{text}"
+    );
+    assert_eq!(
+        common::sample(&text, cardinality),
+        Some((N - 5) as f64),
+        "{text}"
+    );
     // Five series of Uniq, the first five label values, and nothing of the refused lines.
     let uniq: Vec<&str> = text.lines().filter(|l| l.starts_with("Uniq{")).collect();
     assert_eq!(uniq.len(), 5, "{text}");
     for i in 1..=5 {
-        assert!(uniq.iter().any(|l| l.contains(&format!("Req=\"r{i}\""))), "{text}");
+        assert!(
+            uniq.iter().any(|l| l.contains(&format!("Req=\"r{i}\""))),
+            "{text}"
+        );
     }
     for refused in ["Dup", "Le", "Nm", "Help"] {
         assert!(
-            !text.lines().any(|l| l.starts_with(&format!("{refused}{{"))
-                || l.starts_with(&format!("{refused} "))),
+            !text
+                .lines()
+                .any(|l| l.starts_with(&format!("{refused}{{"))
+                    || l.starts_with(&format!("{refused} "))),
             "{refused}: {text}"
         );
     }
     // Lat is a histogram; the gauge Lat_count that would clash with its samples was refused.
     assert!(text.contains("# TYPE Lat histogram\n"), "{text}");
     assert!(!text.contains("# TYPE Lat_count"), "{text}");
-    assert!(text.contains("Lat_count{ModelName=\"noisy\",Hostname=\""), "{text}");
+    assert!(
+        text.contains("Lat_count{ModelName=\"noisy\",Hostname=\""),
+        "{text}"
+    );
     promtool_parses(&text);
     // Each problem is logged once per metric name, however many bad values it came with.
     let log = s.log();
@@ -166,7 +182,11 @@ async fn handler_metrics_stay_bounded_valid_and_counted() {
             .filter_map(Result::ok)
             .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
             .collect();
-        assert!(!found.is_empty(), "no {prefix} folder in {}", tmp.path().display());
+        assert!(
+            !found.is_empty(),
+            "no {prefix} folder in {}",
+            tmp.path().display()
+        );
         for e in found {
             assert_eq!(mode_of(&e.path()), 0o700, "{}", e.path().display());
         }
@@ -177,7 +197,12 @@ async fn handler_metrics_stay_bounded_valid_and_counted() {
 async fn a_conflicting_registration_leaves_the_live_version_alone() {
     let store = tempfile::tempdir().unwrap();
     write_mar(store.path(), "demo.mar", &demo_manifest("demo", "1.0"), &[]);
-    write_mar(store.path(), "again.mar", &demo_manifest("demo", "1.0"), &[]);
+    write_mar(
+        store.path(),
+        "again.mar",
+        &demo_manifest("demo", "1.0"),
+        &[],
+    );
     let s = Server::start(
         "default_workers_per_model=2",
         &[
@@ -194,7 +219,10 @@ async fn a_conflicting_registration_leaves_the_live_version_alone() {
     assert_eq!(s.sample(ready).await, Some(2.0));
     for url in ["again.mar", "demo.mar"] {
         let (code, e) = s
-            .mgmt(Method::POST, &format!("/models?url={url}&initial_workers=3"))
+            .mgmt(
+                Method::POST,
+                &format!("/models?url={url}&initial_workers=3"),
+            )
             .await;
         assert_eq!(code, 409, "{e}");
         assert_eq!(e["type"], "ConflictStatusException", "{e}");

@@ -178,4 +178,35 @@ mod tests {
         assert!(parse_query(Some("a=%ff")).is_err());
         assert!(parse_query(Some("a=%+1")).is_err());
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            /// Any query string (as a URI can carry it) decodes or is refused; a decoded value is
+            /// never longer than its encoded form, and known-good pairs decode to themselves.
+            #[test]
+            fn query_strings_never_panic(raw in "[ -~]{0,120}") {
+                if let Ok(pairs) = parse_query(Some(&raw)) {
+                    let decoded: usize = pairs.iter().map(|(k, v)| k.len() + v.len()).sum();
+                    prop_assert!(decoded <= raw.len());
+                }
+            }
+
+            #[test]
+            fn encoded_names_round_trip(names in proptest::collection::vec("\\PC{0,12}", 0..5)) {
+                let raw: String = names
+                    .iter()
+                    .map(|n| format!("name[]={}", form_urlencoded::byte_serialize(n.as_bytes()).collect::<String>()))
+                    .collect::<Vec<_>>()
+                    .join("&");
+                let pairs = parse_query(Some(&raw)).unwrap();
+                let got: Vec<&str> = pairs.iter().map(|(_, v)| v.as_str()).collect();
+                prop_assert_eq!(got, names.iter().map(String::as_str).collect::<Vec<_>>());
+            }
+        }
+    }
 }

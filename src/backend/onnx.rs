@@ -881,4 +881,62 @@ mod tests {
         write_tensor(&mut out, &Tensor::from(7i64)).unwrap();
         assert_eq!(out, "7");
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Nested JSON arrays of numbers, strings and booleans, up to 5 deep.
+        fn nested() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                any::<i32>().prop_map(Value::from),
+                any::<f64>().prop_map(|f| serde_json::Number::from_f64(f)
+                    .map(Value::Number)
+                    .unwrap_or(Value::Null)),
+                any::<bool>().prop_map(Value::from),
+                "[a-z]{0,3}".prop_map(Value::from),
+            ];
+            leaf.prop_recursive(5, 200, 8, |inner| {
+                prop_oneof![
+                    proptest::collection::vec(inner.clone(), 0..8).prop_map(Value::Array),
+                    // Wide first elements with short tails: the shape that claimed 1000^5.
+                    (proptest::collection::vec(inner.clone(), 0..8), 0usize..1000).prop_map(
+                        |(v, w)| {
+                            let mut first = v;
+                            first.extend(std::iter::repeat_n(Value::from(0), w));
+                            Value::Array(vec![Value::Array(first), Value::from(1)])
+                        }
+                    ),
+                ]
+            })
+        }
+
+        fn leaves_in(v: &Value) -> usize {
+            match v {
+                Value::Array(items) => items.iter().map(leaves_in).sum::<usize>().max(1),
+                _ => 1,
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(128))]
+
+            /// Flattening never panics, and what it keeps is never more than what arrived.
+            #[test]
+            fn tensors_never_allocate_past_the_body(value in nested()) {
+                if let Ok((shape, leaves)) = flatten(&value) {
+                    prop_assert!(leaves.len() <= leaves_in(&value));
+                    prop_assert_eq!(Some(leaves.len()), shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)));
+                }
+                for dt in [DatumType::F32, DatumType::I64, DatumType::U8, DatumType::Bool, DatumType::String] {
+                    let spec = InputSpec {
+                        name: "x".into(),
+                        datum_type: dt,
+                        shape: vec![Dim::Symbol("N".into()), Dim::Fixed(2)],
+                    };
+                    let _ = to_tensor(&spec, &value, &mut Vec::new());
+                }
+            }
+        }
+    }
 }

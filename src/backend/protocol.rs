@@ -440,4 +440,64 @@ mod tests {
 \x00\x00\x00\xc8\x00\x00\x00\x00\xff\xff\xff\xf0";
         assert!(decode_predict_reply(neg, MAX).is_err());
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Checks what a decoded frame may hold: nothing longer than the string cap, no more
+        /// headers than the header cap, and no more bytes used than were given.
+        fn bounded(buf: &[u8], max: usize) {
+            if let Ok(Some((reply, used))) = decode_predict_reply(buf, max) {
+                assert!(used <= buf.len());
+                assert!(
+                    reply.message.len() <= max * 3,
+                    "lossy UTF-8 at most triples"
+                );
+                for r in &reply.responses {
+                    assert!(r.body.len() <= max);
+                    assert!(r.headers.len() <= MAX_HEADERS as usize);
+                }
+            }
+            if let Ok(Some((_, used))) = decode_load_reply(buf, max) {
+                assert!(used <= buf.len());
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn random_bytes_never_panic(buf in proptest::collection::vec(any::<u8>(), 0..512), max in 0usize..4096) {
+                bounded(&buf, max);
+            }
+
+            #[test]
+            fn mutated_frames_never_panic(
+                edits in proptest::collection::vec((any::<proptest::sample::Index>(), any::<u8>()), 1..8),
+                cut in any::<proptest::sample::Index>(),
+            ) {
+                let mut buf = STREAM.to_vec();
+                for (at, byte) in edits {
+                    let i = at.index(buf.len());
+                    buf[i] = byte;
+                }
+                let keep = cut.index(buf.len() + 1);
+                bounded(&buf[..keep], 64);
+                bounded(&buf, MAX);
+            }
+
+            #[test]
+            fn encoded_requests_have_the_declared_layout(
+                id in "[a-z0-9-]{0,40}",
+                body in proptest::collection::vec(any::<u8>(), 0..256),
+            ) {
+                let frame = encode_infer(&[req(&id, &body)]);
+                prop_assert_eq!(frame[0], b'I');
+                let id_len = i32::from_be_bytes([frame[1], frame[2], frame[3], frame[4]]);
+                prop_assert_eq!(id_len as usize, id.len());
+                prop_assert!(frame.ends_with(&[0xff; 4]));
+            }
+        }
+    }
 }

@@ -776,4 +776,59 @@ mod tests {
         assert_eq!(w.len(), 1);
         assert!(w[0].contains("no_such_key"));
     }
+
+    #[test]
+    fn small_files_are_capped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, vec![b'a'; MAX_SMALL_FILE_BYTES as usize]).unwrap();
+        assert_eq!(
+            read_small_file(&path, "f").unwrap().len() as u64,
+            MAX_SMALL_FILE_BYTES
+        );
+        std::fs::write(&path, vec![b'a'; MAX_SMALL_FILE_BYTES as usize + 1]).unwrap();
+        let e = read_small_file(&path, "the file f").unwrap_err();
+        assert!(e.contains("the file f is larger than the limit"), "{e}");
+    }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(128))]
+
+            /// Random properties text parses or fails, and whatever it holds, a config built from it
+            /// is either refused or within every ceiling.
+            #[test]
+            fn random_properties_never_panic(text in "\\PC{0,300}") {
+                if let Ok(file) = parse_properties(&text) {
+                    let _ = Config::from_sources(file, &[], &Overrides::default());
+                }
+            }
+
+            #[test]
+            fn known_keys_with_random_values_stay_within_ceilings(
+                pairs in proptest::collection::vec((0..KNOWN_KEYS.len(), "[0-9]{0,22}|-[0-9]{1,3}|true|false|\\PC{0,12}|\\{\"m\": \\{\"1\": \\{\"batchSize\": [0-9]{1,12}\\}\\}\\}"), 0..8),
+            ) {
+                let file: HashMap<String, String> = pairs
+                    .into_iter()
+                    .filter(|(k, _)| !KNOWN_KEYS[*k].ends_with("_address"))
+                    .map(|(k, v)| (KNOWN_KEYS[k].to_string(), v))
+                    .collect();
+                if let Ok((c, _)) = Config::from_sources(file, &[], &Overrides::default()) {
+                    prop_assert!(c.batch_size >= 1 && c.batch_size <= c.max_batch_size);
+                    prop_assert!(c.default_workers_per_model >= 1);
+                    prop_assert!(c.default_workers_per_model <= c.max_workers_per_model);
+                    prop_assert!(c.job_queue_size as u64 <= MAX_JOB_QUEUE_SIZE);
+                    prop_assert!(c.max_request_size <= i32::MAX as usize);
+                    for versions in c.models.values() {
+                        for s in versions.values() {
+                            prop_assert!(s.batch_size.unwrap_or(1) <= c.max_batch_size);
+                        }
+                    }
+                }
+            }
+        }
+    }
 }

@@ -179,4 +179,55 @@ mod tests {
         let e = parse(&format!("A.Count:1|#{}|#hostname:h,1", many.join(","))).unwrap_err();
         assert!(e.contains("more than"), "{e}");
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        const VALID: &str =
+            "HandlerTime.ms:82.93|#ModelName:m,Level:Model|#type:GAUGE|#hostname:h,1717105563,req-1";
+
+        fn check(line: &str) {
+            if let Ok(l) = parse(line) {
+                assert!(l.dimensions.len() <= MAX_DIMENSIONS);
+                assert!(l.name.len() <= MAX_NAME_LEN && l.unit.len() <= MAX_NAME_LEN);
+                for (i, (k, v)) in l.dimensions.iter().enumerate() {
+                    assert!(valid_label_name(k) && !k.starts_with("__"));
+                    assert!(v.len() <= MAX_VALUE_LEN);
+                    assert!(l.dimensions[..i].iter().all(|(other, _)| other != k));
+                }
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn random_lines_never_panic(line in "\\PC{0,200}") {
+                check(&line);
+            }
+
+            #[test]
+            fn structured_lines_never_panic(
+                name in "[A-Za-z_:][A-Za-z0-9_:]{0,10}|\\PC{0,10}",
+                unit in "[A-Za-z ]{0,6}|\\PC{0,6}",
+                value in "[0-9eE.+-]{0,8}|inf|nan|\\PC{0,5}",
+                dims in proptest::collection::vec(("[a-z_]{0,4}|\\PC{0,4}", "\\PC{0,8}"), 0..40),
+                tail in "\\PC{0,30}",
+            ) {
+                let dims: Vec<String> = dims.iter().map(|(k, v)| format!("{k}:{v}")).collect();
+                check(&format!("{name}.{unit}:{value}|#{}|#type:GAUGE|#hostname:h,1{tail}", dims.join(",")));
+            }
+
+            #[test]
+            fn mutated_lines_never_panic(edits in proptest::collection::vec((any::<proptest::sample::Index>(), any::<char>()), 1..6)) {
+                let mut chars: Vec<char> = VALID.chars().collect();
+                for (at, c) in edits {
+                    let i = at.index(chars.len());
+                    chars[i] = c;
+                }
+                check(&chars.into_iter().collect::<String>());
+            }
+        }
+    }
 }

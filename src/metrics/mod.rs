@@ -789,4 +789,64 @@ mod tests {
         );
         assert!(!out.contains("Custom"));
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(32))]
+
+            /// Whatever lines a handler prints, every handler family stays within the series
+            /// cap, auto-detected families stay within it too, and the exposition stays parseable
+            /// line by line (HELP, TYPE or a sample).
+            #[test]
+            fn handler_lines_stay_within_the_caps(
+                lines in proptest::collection::vec(
+                    ("[A-C][a-c_]{0,3}", "[a-z]{1,3}", "[0-9]{1,3}", proptest::collection::vec(("[a-c]{1,2}|le|__name__", "\\PC{0,6}"), 0..4), "GAUGE|COUNTER|HISTOGRAM"),
+                    1..80,
+                ),
+            ) {
+                let cap = 4;
+                let m = Metrics::new(
+                    Spec::builtin(),
+                    MetricsMode::Prometheus,
+                    true,
+                    crate::config::DEFAULT_BUCKETS.to_vec(),
+                    None,
+                    "h".into(),
+                )
+                .with_max_series(cap);
+                let builtin: HashSet<String> = m.families.read().unwrap().keys().cloned().collect();
+                for (name, unit, value, dims, kind) in &lines {
+                    let dims: Vec<String> = dims.iter().map(|(k, v)| format!("{k}:{v}")).collect();
+                    m.record_backend_line(
+                        &format!("{name}.{unit}:{value}|#{}|#type:{kind}|#hostname:x,1", dims.join(",")),
+                        "model",
+                    );
+                }
+                let families = m.families.read().unwrap();
+                let auto: Vec<&Arc<Family>> = families
+                    .iter()
+                    .filter(|(k, _)| !builtin.contains(*k))
+                    .map(|(_, f)| f)
+                    .collect();
+                prop_assert!(auto.len() <= cap);
+                for f in families.values().filter(|f| f.meta.model_origin) {
+                    prop_assert!(f.len() <= cap, "{} has {} series", f.meta.name, f.len());
+                    let mut names = f.meta.label_names.clone();
+                    names.sort();
+                    names.dedup();
+                    prop_assert_eq!(names.len(), f.meta.label_names.len());
+                }
+                drop(families);
+                for line in m.render(None).lines() {
+                    prop_assert!(
+                        line.starts_with("# HELP ") || line.starts_with("# TYPE ") || line.contains(' '),
+                        "{line:?}"
+                    );
+                }
+            }
+        }
+    }
 }

@@ -292,4 +292,34 @@ mod tests {
             .unwrap_err()
             .contains("invalid dimension"));
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(128))]
+
+            #[test]
+            fn random_yaml_never_panics(text in "\\PC{0,300}") {
+                let _ = Spec::parse(&text, "prop.yaml");
+            }
+
+            /// The built-in metrics.yaml with a few characters changed or cut.
+            #[test]
+            fn mutated_yaml_never_panics(
+                edits in proptest::collection::vec((any::<proptest::sample::Index>(), "[ :&*\\-\\[\\]{}a-z0-9\n]"), 1..6),
+                cut in any::<proptest::sample::Index>(),
+            ) {
+                let mut chars: Vec<char> = DEFAULT_YAML.chars().collect();
+                for (at, s) in edits {
+                    let i = at.index(chars.len());
+                    chars.splice(i..=i, s.chars());
+                }
+                let keep = cut.index(chars.len() + 1);
+                let text: String = chars[..keep].iter().collect();
+                let _ = Spec::parse(&text, "prop.yaml");
+            }
+        }
+    }
 }

@@ -283,4 +283,60 @@ mod tests {
         assert!(safe_relative("a/../../b").is_err());
         assert_eq!(safe_relative("./a/b.py").unwrap(), PathBuf::from("a/b.py"));
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        const MANIFEST: &str = r#"{"createdOn": "28/11/2026 12:00:00", "runtime": "python", "model": {"modelName": "m", "modelVersion": "1.0", "handler": "h.py", "configFile": "c.yaml"}, "archiverVersion": "0.12.0"}"#;
+        const MODEL_CONFIG: &str =
+            "minWorkers: 1\nmaxWorkers: 3\nbatchSize: 2\nhandler:\n  labels: [a, b]\n";
+
+        fn mutate(text: &str, edits: &[(proptest::sample::Index, char)]) -> String {
+            let mut chars: Vec<char> = text.chars().collect();
+            for (at, c) in edits {
+                let i = at.index(chars.len());
+                chars[i] = *c;
+            }
+            chars.into_iter().collect()
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(128))]
+
+            #[test]
+            fn manifests_never_panic(
+                text in "\\PC{0,200}",
+                edits in proptest::collection::vec((any::<proptest::sample::Index>(), any::<char>()), 1..6),
+            ) {
+                let _ = parse_manifest(&text);
+                let _ = parse_manifest(&mutate(MANIFEST, &edits));
+            }
+
+            #[test]
+            fn model_configs_never_panic(
+                text in "\\PC{0,200}",
+                edits in proptest::collection::vec((any::<proptest::sample::Index>(), "[ :\\-\\[\\]{}&*a-z0-9\n]"), 1..6),
+            ) {
+                let mut chars: Vec<char> = MODEL_CONFIG.chars().collect();
+                for (at, s) in &edits {
+                    let i = at.index(chars.len());
+                    chars.splice(i..=i, s.chars());
+                }
+                let mutated: String = chars.into_iter().collect();
+                for t in [text.as_str(), mutated.as_str()] {
+                    if let Ok(v) = parse_model_config(t, "c.yaml") {
+                        let _ = crate::config::ModelSettings::from_fields(&v, "c.yaml");
+                    }
+                }
+            }
+
+            #[test]
+            fn entry_names_never_leave_the_folder(name in "\\PC{0,40}|(\\.\\./|/|\\./|[a-z]{1,3}/){0,5}[a-z.]{0,4}") {
+                if let Ok(p) = safe_relative(&name) {
+                    prop_assert!(p.components().all(|c| matches!(c, Component::Normal(_))));
+                }
+            }
+        }
+    }
 }

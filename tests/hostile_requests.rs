@@ -112,3 +112,67 @@ async fn malformed_query_strings_are_400s() {
         Some(1.0)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_of_countless_tiny_fields_is_a_400() {
+    let s = Server::start("default_workers_per_model=1", &[]);
+    s.wait_healthy().await;
+    let url = format!("{}/predictions/demo", s.inference);
+    // 2 MB of "a&a&...": a million fields in memory once parsed, were they not refused.
+    let form = "a&".repeat(1_000_000);
+    let mut multipart = String::new();
+    for i in 0..1100 {
+        multipart.push_str(&format!(
+            "--XX\r\nContent-Disposition: form-data; name=\"f{i}\"\r\n\r\nv\r\n"
+        ));
+    }
+    multipart.push_str("--XX--\r\n");
+    let query = format!("{url}?{}", "q=1&".repeat(1100));
+    for (target, content_type, body) in [
+        (url.clone(), "application/x-www-form-urlencoded", form),
+        (url.clone(), "multipart/form-data; boundary=XX", multipart),
+        (query, "application/json", r#"{"text": "good"}"#.to_string()),
+    ] {
+        let r = s
+            .client
+            .post(&target)
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let (code, e) = error_of(r).await;
+        assert_eq!(code, 400, "{content_type}: {e}");
+        assert!(
+            e["message"]
+                .as_str()
+                .unwrap()
+                .contains("too many parameters"),
+            "{content_type}: {e}"
+        );
+    }
+    // 1024 fields are fine.
+    let r = s
+        .client
+        .post(&url)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("text=good{}", "&a=1".repeat(1023)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(s.predict("demo", r#"{"text": "good"}"#).await.status(), 200);
+    let text = s.scrape().await;
+    let demo = |class: &str| {
+        common::sample(
+            &text,
+            &format!("oxserve_model_responses_total{{model_name=\"demo\",model_version=\"1.0\",status_class=\"{class}\"}}"),
+        )
+    };
+    assert_eq!(demo("2xx"), Some(2.0), "{text}");
+    assert_eq!(
+        common::sample(&text, "Requests4XX{Level=\"Host\",Hostname=\""),
+        Some(3.0),
+        "{text}"
+    );
+}

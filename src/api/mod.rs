@@ -105,18 +105,33 @@ pub fn openapi(doc: &'static str) -> Response {
     ([(header::CONTENT_TYPE, "application/json")], doc).into_response()
 }
 
+/// Most parameters one request may carry: query pairs, form fields and multipart parts together.
+/// Each costs a few small allocations, so a body of nothing but `a&a&a...` would otherwise turn
+/// max_request_size bytes into dozens of times that in memory.
+pub const MAX_PARAMS: usize = 1024;
+
 /// Parses a raw query string strictly: bad percent-encoding or non-UTF-8 is an error with the reason,
-/// not a silently mangled value.
+/// not a silently mangled value. More than [`MAX_PARAMS`] pairs are refused.
 pub fn parse_query(raw: Option<&str>) -> Result<Vec<(String, String)>, error::ApiError> {
     let Some(raw) = raw else {
         return Ok(Vec::new());
     };
     let mut out = Vec::new();
     for pair in raw.split('&').filter(|p| !p.is_empty()) {
+        if out.len() == MAX_PARAMS {
+            return Err(too_many_params());
+        }
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         out.push((percent_decode(k)?, percent_decode(v)?));
     }
     Ok(out)
+}
+
+/// The 400 for a request with more than [`MAX_PARAMS`] parameters.
+pub fn too_many_params() -> error::ApiError {
+    error::ApiError::bad_request(format!(
+        "too many parameters: at most {MAX_PARAMS} query pairs, form fields and multipart parts together"
+    ))
 }
 
 /// Decodes one query component (`+` is a space), refusing a `%` without two hex digits after it.

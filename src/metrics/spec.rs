@@ -204,7 +204,11 @@ impl Spec {
                     }
                     let unit = entry.unit.ok_or_else(|| format!("{at}: missing unit"))?;
                     for d in &entry.dimensions {
-                        if !valid_label_name(d) {
+                        // `__` names are Prometheus' own; `le` is a histogram's bucket label.
+                        if !valid_label_name(d)
+                            || d.starts_with("__")
+                            || (kind == Kind::Histogram && d == "le")
+                        {
                             return Err(format!("{at}: invalid dimension name {d:?}"));
                         }
                     }
@@ -218,7 +222,10 @@ impl Spec {
                         if kind != Kind::Histogram {
                             return Err(format!("{at}: buckets are only for histograms"));
                         }
-                        if b.is_empty() || b.windows(2).any(|w| w[0] >= w[1]) {
+                        if b.is_empty()
+                            || b.iter().any(|v| !v.is_finite())
+                            || b.windows(2).any(|w| w[0] >= w[1])
+                        {
                             return Err(format!("{at}: buckets must be strictly increasing"));
                         }
                     }
@@ -291,6 +298,17 @@ mod tests {
         assert!(Spec::parse(badlabel, "m.yaml")
             .unwrap_err()
             .contains("invalid dimension"));
+        for bad in [
+            "model_metrics:\n  histogram:\n    - name: H\n      unit: ms\n      dimensions: [le]\n",
+            "model_metrics:\n  gauge:\n    - name: G\n      unit: ms\n      dimensions: [__name__]\n",
+        ] {
+            let e = Spec::parse(bad, "m.yaml").unwrap_err();
+            assert!(e.contains("invalid dimension"), "{e}");
+        }
+        let nan =
+            "model_metrics:\n  histogram:\n    - name: H\n      unit: ms\n      buckets: [.nan]\n";
+        let e = Spec::parse(nan, "m.yaml").unwrap_err();
+        assert!(e.contains("buckets"), "{e}");
     }
 
     mod props {

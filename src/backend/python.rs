@@ -521,15 +521,27 @@ impl PythonBackend {
     /// Reads one reply frame of at most `max_frame` bytes. Each string of a frame is bounded by
     /// the decoder; the frame as a whole is bounded here, so that a worker sending an endless
     /// frame of small pieces cannot grow the buffer without end.
-    async fn read_reply(&mut self, max_frame: usize) -> Result<protocol::PredictReply, ReadError> {
+    async fn read_reply(
+        &mut self,
+        max_frame: usize,
+        max_responses: usize,
+    ) -> Result<protocol::PredictReply, ReadError> {
+        // Bytes the buffer must hold before decoding can get further: a frame that arrives in
+        // many small reads is decoded once per field, not once per read.
+        let mut need = 0;
         loop {
-            if let Some((reply, used)) = protocol::decode_predict_reply(&self.buf, self.max_len)
-                .map_err(ReadError::Protocol)?
-            {
-                self.buf.advance(used);
-                return Ok(reply);
+            if self.buf.len() >= need {
+                match protocol::decode_predict_reply_from(&self.buf, self.max_len, max_responses)
+                    .map_err(ReadError::Protocol)?
+                {
+                    Ok((reply, used)) => {
+                        self.buf.advance(used);
+                        return Ok(reply);
+                    }
+                    Err(n) => need = n,
+                }
             }
-            if self.buf.len() > max_frame {
+            if self.buf.len() > max_frame || need > max_frame {
                 return Err(ReadError::Protocol(protocol::ProtocolError(format!(
                     "reply frame exceeds {max_frame} bytes (max_response_size per request of the batch)"
                 ))));
@@ -669,7 +681,12 @@ impl Backend for PythonBackend {
             .saturating_mul(batch.len())
             .saturating_add(1 << 20);
         while missing > 0 {
-            let reply = match timeout(self.response_timeout, self.read_reply(max_frame)).await {
+            let reply = match timeout(
+                self.response_timeout,
+                self.read_reply(max_frame, batch.len()),
+            )
+            .await
+            {
                 Ok(Ok(reply)) => reply,
                 Ok(Err(e)) => {
                     let what = format!("worker {} {e}", self.name);

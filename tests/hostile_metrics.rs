@@ -258,3 +258,48 @@ async fn a_conflicting_registration_leaves_the_live_version_alone() {
     let (_, d) = s.mgmt(Method::GET, "/models/demo").await;
     assert_eq!(d[0]["workers"].as_array().unwrap().len(), 2, "{d}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_with_countless_headers_fails_its_batch_only() {
+    let store = tempfile::tempdir().unwrap();
+    model_folder(
+        store.path(),
+        "headers",
+        "def handle(data, context):\n    if data is None:\n        return None\n    for i in range(2000):\n        context.set_response_header(0, f'h{i}', 'v')\n    return ['ok' for _ in data]\n",
+    );
+    write_mar(store.path(), "demo.mar", &demo_manifest("demo", "1.0"), &[]);
+    let s = Server::start(
+        "default_workers_per_model=1",
+        &[
+            "--model-store",
+            store.path().to_str().unwrap(),
+            "--models",
+            "headers,demo.mar",
+        ],
+    );
+    s.wait_healthy().await;
+    let r = s.predict("headers", "x").await;
+    let code = r.status().as_u16();
+    let e: serde_json::Value = r.json().await.unwrap();
+    assert!((500..600).contains(&code), "{code}: {e}");
+    assert_eq!(e["code"], code, "{e}");
+    assert!(e["type"].as_str().unwrap().ends_with("Exception"), "{e}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !s.log().contains("header count 2000") && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(s.log().contains("header count 2000"), "{}", s.log());
+    for _ in 0..3 {
+        assert_eq!(s.predict("demo", r#"{"text": "good"}"#).await.status(), 200);
+    }
+    assert_eq!(
+        s.sample("oxserve_model_responses_total{model_name=\"demo\",model_version=\"1.0\",status_class=\"2xx\"}")
+            .await,
+        Some(3.0)
+    );
+    assert_eq!(
+        s.sample("oxserve_model_responses_total{model_name=\"headers\",model_version=\"1.0\",status_class=\"5xx\"}")
+            .await,
+        Some(1.0)
+    );
+}

@@ -121,11 +121,12 @@ impl Drop for Reservation {
     }
 }
 
+/// Longest model name or version.
+pub const MAX_NAME_LEN: usize = 128;
+
 /// TorchServe's rule for model names (torch-model-archiver's `^[A-Za-z0-9][A-Za-z0-9_\-.]*$`),
 /// applied to versions as well, with a length cap. Names and versions end up in URLs, file
 /// names, log lines and metric labels: a `..`, a slash or a newline must never get that far.
-pub const MAX_NAME_LEN: usize = 128;
-
 fn check_name(what: &str, value: &str) -> Result<(), RegistryError> {
     let mut chars = value.chars();
     let valid = chars.next().is_some_and(|c| c.is_ascii_alphanumeric())

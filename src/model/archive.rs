@@ -284,6 +284,96 @@ mod tests {
         assert_eq!(safe_relative("./a/b.py").unwrap(), PathBuf::from("a/b.py"));
     }
 
+    /// A zip of `entries`, deflated.
+    fn zip_of(path: &Path, entries: &[(&str, &[u8])]) {
+        use std::io::Write;
+        let mut zip = zip::ZipWriter::new(fs::File::create(path).unwrap());
+        let opts = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Deflated);
+        for (name, data) in entries {
+            zip.start_file(*name, opts).unwrap();
+            zip.write_all(data).unwrap();
+        }
+        zip.finish().unwrap();
+    }
+
+    fn bytes_under(dir: &Path) -> u64 {
+        let mut total = 0;
+        for e in fs::read_dir(dir).unwrap().filter_map(Result::ok) {
+            let meta = e.metadata().unwrap();
+            total += if meta.is_dir() {
+                bytes_under(&e.path())
+            } else {
+                meta.len()
+            };
+        }
+        total
+    }
+
+    #[test]
+    fn the_unpacked_size_counts_what_is_written_not_what_headers_claim() {
+        let dir = tempfile::tempdir().unwrap();
+        let mar = dir.path().join("liar.mar");
+        let manifest = br#"{"model": {"modelName": "liar", "handler": "builtin"}}"#;
+        zip_of(
+            &mar,
+            &[
+                ("MAR-INF/MANIFEST.json", manifest),
+                ("weights.bin", &vec![0u8; 2 << 20]),
+            ],
+        );
+        // Every header claims 10 bytes of uncompressed data.
+        let mut bytes = fs::read(&mar).unwrap();
+        let mut i = 0;
+        while i + 4 <= bytes.len() {
+            match bytes[i..i + 4] {
+                [0x50, 0x4b, 0x03, 0x04] => {
+                    bytes[i + 22..i + 26].copy_from_slice(&10u32.to_le_bytes())
+                }
+                [0x50, 0x4b, 0x01, 0x02] => {
+                    bytes[i + 24..i + 28].copy_from_slice(&10u32.to_le_bytes())
+                }
+                _ => {}
+            }
+            i += 1;
+        }
+        fs::write(&mar, &bytes).unwrap();
+        let limits = Limits {
+            max_unpacked_bytes: 1 << 20,
+            max_entries: 10,
+        };
+        let dest = tempfile::tempdir().unwrap();
+        let result = unpack_zip(&mar, dest.path(), &limits);
+        let e = result.expect_err("a 2 MiB entry unpacked under a 1 MiB cap");
+        assert!(e.to_string().contains("max_archive_unpacked_bytes"), "{e}");
+        assert!(bytes_under(dest.path()) <= limits.max_unpacked_bytes + 1);
+        // Honest headers are refused before anything is written.
+        zip_of(
+            &mar,
+            &[
+                ("MAR-INF/MANIFEST.json", manifest),
+                ("w", &vec![0u8; 2 << 20]),
+            ],
+        );
+        let dest = tempfile::tempdir().unwrap();
+        let e = unpack_zip(&mar, dest.path(), &limits)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("max_archive_unpacked_bytes"), "{e}");
+        assert_eq!(bytes_under(dest.path()), 0);
+        let e = unpack_zip(
+            &mar,
+            dest.path(),
+            &Limits {
+                max_unpacked_bytes: 1 << 30,
+                max_entries: 1,
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("max_archive_entries"), "{e}");
+    }
+
     mod props {
         use super::*;
         use proptest::prelude::*;

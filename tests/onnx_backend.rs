@@ -36,7 +36,7 @@ fn spec(dir: &Path, manifest: archive::Manifest) -> WorkerSpec {
 }
 
 async fn backend_for(dir: &Path) -> Box<dyn Backend> {
-    let unpacked = archive::open(dir).expect("example folder opens");
+    let unpacked = archive::open(dir, &Default::default()).expect("example folder opens");
     assert!(is_onnx(&unpacked.manifest));
     let loader = OnnxLoader::new(&unpacked.dir, &unpacked.manifest).expect("model loads");
     assert_eq!(loader.runtime(), "onnx");
@@ -266,7 +266,7 @@ async fn a_mar_archive_serves_the_same_model() {
         }
         zip.finish().unwrap();
     }
-    let unpacked = archive::open(&mar).expect("archive opens");
+    let unpacked = archive::open(&mar, &Default::default()).expect("archive opens");
     assert_eq!(unpacked.manifest.model.model_name, "tiny_classifier");
     let mut backend = backend_for(&unpacked.dir).await;
     let replies = infer(&mut backend, &["[[1, 2, 3, 4]]"]).await;
@@ -301,7 +301,7 @@ fn bad_model_files_are_refused_at_load() {
 #[test]
 fn the_signature_shows_names_types_and_dims() {
     let dir = example_dir();
-    let unpacked = archive::open(&dir).unwrap();
+    let unpacked = archive::open(&dir, &Default::default()).unwrap();
     let loader = OnnxLoader::new(&unpacked.dir, &unpacked.manifest).unwrap();
     assert_eq!(
         loader.signature(),

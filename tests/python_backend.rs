@@ -663,7 +663,7 @@ async fn serves_from_a_mar_archive() {
     zip.write_all(ARCHIVER_MANIFEST.as_bytes()).unwrap();
     zip.finish().unwrap();
 
-    let unpacked = oxserve::model::archive::open(&mar).unwrap();
+    let unpacked = oxserve::model::archive::open(&mar, &Default::default()).unwrap();
     let port = PORT.fetch_add(1, Ordering::Relaxed);
     let spec = WorkerSpec {
         port,

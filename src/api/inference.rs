@@ -197,7 +197,11 @@ async fn build_request(
     if mime == "application/x-www-form-urlencoded" {
         let text = std::str::from_utf8(&body)
             .map_err(|_| ApiError::bad_request("form body is not UTF-8"))?;
-        for (k, v) in parse_query(Some(text))? {
+        let fields = parse_query(Some(text))?;
+        if req.params.len() + fields.len() > super::MAX_PARAMS {
+            return Err(super::too_many_params());
+        }
+        for (k, v) in fields {
             req.params.push(Param {
                 name: k,
                 content_type: "text/plain".into(),
@@ -212,6 +216,9 @@ async fn build_request(
         loop {
             match multipart.next_field().await {
                 Ok(Some(field)) => {
+                    if req.params.len() >= super::MAX_PARAMS {
+                        return Err(super::too_many_params());
+                    }
                     let name = field.name().unwrap_or("body").to_string();
                     let ct = field
                         .content_type()

@@ -233,6 +233,12 @@ async fn scale(
             "max_worker cannot be less than min_worker.",
         ));
     }
+    let ceiling = state.config.max_workers_per_model;
+    if max > ceiling {
+        return Err(ApiError::bad_request(format!(
+            "max_worker {max} is more than max_workers_per_model ({ceiling})"
+        )));
+    }
     if p.uint("number_gpu")?.unwrap_or(0) > state.config.number_of_gpu.unwrap_or(0) {
         return Err(ApiError::bad_request(
             "number_gpu is larger than the GPUs this server uses (number_of_gpu)",

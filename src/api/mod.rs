@@ -105,18 +105,33 @@ pub fn openapi(doc: &'static str) -> Response {
     ([(header::CONTENT_TYPE, "application/json")], doc).into_response()
 }
 
+/// Most parameters one request may carry: query pairs, form fields and multipart parts together.
+/// Each costs a few small allocations, so a body of nothing but `a&a&a...` would otherwise turn
+/// max_request_size bytes into dozens of times that in memory.
+pub const MAX_PARAMS: usize = 1024;
+
 /// Parses a raw query string strictly: bad percent-encoding or non-UTF-8 is an error with the reason,
-/// not a silently mangled value.
+/// not a silently mangled value. More than [`MAX_PARAMS`] pairs are refused.
 pub fn parse_query(raw: Option<&str>) -> Result<Vec<(String, String)>, error::ApiError> {
     let Some(raw) = raw else {
         return Ok(Vec::new());
     };
     let mut out = Vec::new();
     for pair in raw.split('&').filter(|p| !p.is_empty()) {
+        if out.len() == MAX_PARAMS {
+            return Err(too_many_params());
+        }
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         out.push((percent_decode(k)?, percent_decode(v)?));
     }
     Ok(out)
+}
+
+/// The 400 for a request with more than [`MAX_PARAMS`] parameters.
+pub fn too_many_params() -> error::ApiError {
+    error::ApiError::bad_request(format!(
+        "too many parameters: at most {MAX_PARAMS} query pairs, form fields and multipart parts together"
+    ))
 }
 
 /// Decodes one query component (`+` is a space), refusing a `%` without two hex digits after it.
@@ -129,6 +144,8 @@ fn percent_decode(s: &str) -> Result<String, error::ApiError> {
             b'%' => {
                 let hex = bytes
                     .get(i + 1..i + 3)
+                    // from_str_radix alone would take "+1" as a number.
+                    .filter(|h| h.iter().all(u8::is_ascii_hexdigit))
                     .and_then(|h| std::str::from_utf8(h).ok())
                     .and_then(|h| u8::from_str_radix(h, 16).ok());
                 let Some(b) = hex else {
@@ -174,5 +191,37 @@ mod tests {
         assert!(parse_query(Some("name[]=%zz")).is_err());
         assert!(parse_query(Some("a=%4")).is_err());
         assert!(parse_query(Some("a=%ff")).is_err());
+        assert!(parse_query(Some("a=%+1")).is_err());
+    }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            /// Any query string (as a URI can carry it) decodes or is refused; a decoded value is
+            /// never longer than its encoded form, and known-good pairs decode to themselves.
+            #[test]
+            fn query_strings_never_panic(raw in "[ -~]{0,120}") {
+                if let Ok(pairs) = parse_query(Some(&raw)) {
+                    let decoded: usize = pairs.iter().map(|(k, v)| k.len() + v.len()).sum();
+                    prop_assert!(decoded <= raw.len());
+                }
+            }
+
+            #[test]
+            fn encoded_names_round_trip(names in proptest::collection::vec("\\PC{0,12}", 0..5)) {
+                let raw: String = names
+                    .iter()
+                    .map(|n| format!("name[]={}", form_urlencoded::byte_serialize(n.as_bytes()).collect::<String>()))
+                    .collect::<Vec<_>>()
+                    .join("&");
+                let pairs = parse_query(Some(&raw)).unwrap();
+                let got: Vec<&str> = pairs.iter().map(|(_, v)| v.as_str()).collect();
+                prop_assert_eq!(got, names.iter().map(String::as_str).collect::<Vec<_>>());
+            }
+        }
     }
 }

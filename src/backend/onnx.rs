@@ -21,6 +21,10 @@
 //!
 //! A request that cannot be run gets its own 400 reply naming the reason; the other requests of the
 //! batch are unaffected. Requests of a batch are run one after the other.
+//!
+//! Nothing is allocated from a size the client declares: a tensor's leaves are collected as the
+//! JSON is walked, so memory follows the body (bounded by `max_request_size`), not the widths of
+//! its first elements.
 
 use std::fmt::Write as _;
 use std::path::{Component, Path, PathBuf};
@@ -458,7 +462,10 @@ fn flatten(value: &Value) -> Result<(Vec<usize>, Vec<&Value>), String> {
             None => break,
         }
     }
-    let mut leaves = Vec::with_capacity(shape.iter().product());
+    // No capacity from the shape: the widths of the first elements are the client's claim, and
+    // their product (1000^5 for a 10 KB body) can exceed memory or overflow. The leaves grow with
+    // what actually arrived, and `collect` stops at the first ragged element.
+    let mut leaves = Vec::new();
     let mut at = Vec::with_capacity(shape.len());
     collect(value, &shape, &mut at, &mut leaves)?;
     Ok((shape, leaves))
@@ -873,5 +880,63 @@ mod tests {
         let mut out = String::new();
         write_tensor(&mut out, &Tensor::from(7i64)).unwrap();
         assert_eq!(out, "7");
+    }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Nested JSON arrays of numbers, strings and booleans, up to 5 deep.
+        fn nested() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                any::<i32>().prop_map(Value::from),
+                any::<f64>().prop_map(|f| serde_json::Number::from_f64(f)
+                    .map(Value::Number)
+                    .unwrap_or(Value::Null)),
+                any::<bool>().prop_map(Value::from),
+                "[a-z]{0,3}".prop_map(Value::from),
+            ];
+            leaf.prop_recursive(5, 200, 8, |inner| {
+                prop_oneof![
+                    proptest::collection::vec(inner.clone(), 0..8).prop_map(Value::Array),
+                    // Wide first elements with short tails: the shape that claimed 1000^5.
+                    (proptest::collection::vec(inner.clone(), 0..8), 0usize..1000).prop_map(
+                        |(v, w)| {
+                            let mut first = v;
+                            first.extend(std::iter::repeat_n(Value::from(0), w));
+                            Value::Array(vec![Value::Array(first), Value::from(1)])
+                        }
+                    ),
+                ]
+            })
+        }
+
+        fn leaves_in(v: &Value) -> usize {
+            match v {
+                Value::Array(items) => items.iter().map(leaves_in).sum::<usize>().max(1),
+                _ => 1,
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(128))]
+
+            /// Flattening never panics, and what it keeps is never more than what arrived.
+            #[test]
+            fn tensors_never_allocate_past_the_body(value in nested()) {
+                if let Ok((shape, leaves)) = flatten(&value) {
+                    prop_assert!(leaves.len() <= leaves_in(&value));
+                    prop_assert_eq!(Some(leaves.len()), shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)));
+                }
+                for dt in [DatumType::F32, DatumType::I64, DatumType::U8, DatumType::Bool, DatumType::String] {
+                    let spec = InputSpec {
+                        name: "x".into(),
+                        datum_type: dt,
+                        shape: vec![Dim::Symbol("N".into()), Dim::Fixed(2)],
+                    };
+                    let _ = to_tensor(&spec, &value, &mut Vec::new());
+                }
+            }
+        }
     }
 }

@@ -11,13 +11,21 @@
 //!   phrase, `i32` header count and (name, value) pairs, body; the list ends with -1.
 //!
 //! Decoders take the bytes received so far and return `Ok(None)` while a frame is incomplete, so a
-//! reader can call them again after every read.
+//! reader can call them again after every read; the `_from` variants also say how many bytes must
+//! be there before it is worth trying again, and nothing is copied out of the buffer until a frame
+//! is whole, so a frame arriving in many pieces is not decoded (and copied) over and over. Nothing is allocated from a length or count on
+//! the wire before the bytes it describes have arrived; every string is bounded by `max_len`
+//! (max_response_size) and a response's header count by [`MAX_HEADERS`].
 
 use bytes::Bytes;
 
 use super::InferRequest;
 
 const END: i32 = -1;
+
+/// Most headers one response of a reply frame may carry (TorchServe sets none; a handler that
+/// sends more is broken, and each one costs an allocation here).
+pub const MAX_HEADERS: i32 = 1024;
 
 /// The load command.
 #[derive(Debug, Clone, PartialEq)]
@@ -138,16 +146,30 @@ pub fn encode_infer(batch: &[InferRequest]) -> Vec<u8> {
     out
 }
 
-/// Reads fields from a buffer; `Ok(None)` from any read means "not all bytes are here yet".
+/// Reads fields from a buffer; `None` from any read means "not all bytes are here yet", and
+/// `need` then says how many bytes the buffer must hold before the read can succeed.
 struct Cursor<'a> {
     buf: &'a [u8],
     pos: usize,
     max_len: usize,
+    need: usize,
 }
 
 impl<'a> Cursor<'a> {
+    fn new(buf: &'a [u8], max_len: usize) -> Cursor<'a> {
+        Cursor {
+            buf,
+            pos: 0,
+            max_len,
+            need: 0,
+        }
+    }
+
     fn int(&mut self) -> Option<i32> {
-        let b = self.buf.get(self.pos..self.pos + 4)?;
+        let Some(b) = self.buf.get(self.pos..self.pos + 4) else {
+            self.need = self.pos + 4;
+            return None;
+        };
         self.pos += 4;
         Some(i32::from_be_bytes([b[0], b[1], b[2], b[3]]))
     }
@@ -163,6 +185,7 @@ impl<'a> Cursor<'a> {
             )));
         }
         let Some(b) = self.buf.get(self.pos..self.pos + len) else {
+            self.need = self.pos + len;
             return Ok(None);
         };
         self.pos += len;
@@ -175,93 +198,140 @@ impl<'a> Cursor<'a> {
             None => Ok(None),
         }
     }
-
-    fn string(&mut self, what: &str) -> Result<Option<String>, ProtocolError> {
-        Ok(self
-            .bytes(what)?
-            .map(|b| String::from_utf8_lossy(b).into_owned()))
-    }
 }
 
-/// Early return for "incomplete" inside decoders.
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Early return for "incomplete" inside decoders: `Err(bytes needed)`.
 macro_rules! need {
-    ($e:expr) => {
+    ($c:ident, $e:expr) => {
         match $e {
             Some(v) => v,
-            None => return Ok(None),
+            None => return Ok(Err($c.need)),
         }
     };
 }
+
+/// The outcome of decoding from the bytes received so far: a frame and the bytes it used, or the
+/// number of bytes the buffer must hold before decoding can get further. A reader that waits for
+/// that many bytes decodes a frame a bounded number of times however it arrives in pieces.
+pub type Decoded<T> = Result<(T, usize), usize>;
 
 /// Decodes a load reply from the start of `buf`: the reply and the bytes it used.
 pub fn decode_load_reply(
     buf: &[u8],
     max_len: usize,
 ) -> Result<Option<(LoadReply, usize)>, ProtocolError> {
-    let mut c = Cursor {
-        buf,
-        pos: 0,
-        max_len,
-    };
-    let code = need!(c.int());
-    let message = need!(c.string("load reply message")?);
-    let end = need!(c.int());
+    Ok(decode_load_reply_from(buf, max_len)?.ok())
+}
+
+/// [`decode_load_reply`], saying how many bytes are needed when the reply is incomplete.
+pub fn decode_load_reply_from(
+    buf: &[u8],
+    max_len: usize,
+) -> Result<Decoded<LoadReply>, ProtocolError> {
+    let mut c = Cursor::new(buf, max_len);
+    let code = need!(c, c.int());
+    let message = need!(c, c.bytes("load reply message")?);
+    let end = need!(c, c.int());
     if end != END {
         return Err(ProtocolError(format!(
             "load reply ends with {end} instead of -1"
         )));
     }
-    Ok(Some((LoadReply { code, message }, c.pos)))
+    Ok(Ok((
+        LoadReply {
+            code,
+            message: text(message),
+        },
+        c.pos,
+    )))
 }
 
 /// Decodes one inference reply frame from the start of `buf`: the frame and the bytes it used.
-/// `max_len` bounds every string (bodies included): larger ones are refused.
+/// `max_len` bounds every string (bodies included) and `max_responses` the responses of the frame
+/// (a worker answers each request of the batch once per frame): more are refused.
 pub fn decode_predict_reply(
     buf: &[u8],
     max_len: usize,
+    max_responses: usize,
 ) -> Result<Option<(PredictReply, usize)>, ProtocolError> {
-    let mut c = Cursor {
-        buf,
-        pos: 0,
-        max_len,
-    };
-    let code = need!(c.int());
-    let message = need!(c.string("reply message")?);
-    let mut responses = Vec::new();
+    Ok(decode_predict_reply_from(buf, max_len, max_responses)?.ok())
+}
+
+/// One response of a frame as slices of the buffer; nothing is copied until the frame is whole.
+struct RawResponse<'a> {
+    request_id: &'a [u8],
+    content_type: &'a [u8],
+    status: i32,
+    reason: &'a [u8],
+    headers: Vec<(&'a [u8], &'a [u8])>,
+    body: &'a [u8],
+}
+
+/// [`decode_predict_reply`], saying how many bytes are needed when the frame is incomplete.
+pub fn decode_predict_reply_from(
+    buf: &[u8],
+    max_len: usize,
+    max_responses: usize,
+) -> Result<Decoded<PredictReply>, ProtocolError> {
+    let mut c = Cursor::new(buf, max_len);
+    let code = need!(c, c.int());
+    let message = need!(c, c.bytes("reply message")?);
+    let mut raw = Vec::new();
     loop {
-        let len = need!(c.int());
+        let len = need!(c, c.int());
         if len == END {
             break;
         }
-        let request_id = need!(c.bytes_of(len, "request id")?);
-        let request_id = String::from_utf8_lossy(request_id).into_owned();
-        let content_type = need!(c.string("content type")?);
-        let status = need!(c.int());
-        let reason = need!(c.string("reason phrase")?);
-        let count = need!(c.int());
-        if count < 0 {
-            return Err(ProtocolError(format!("negative header count {count}")));
+        if raw.len() == max_responses {
+            return Err(ProtocolError(format!(
+                "more than {max_responses} responses in one frame"
+            )));
+        }
+        let request_id = need!(c, c.bytes_of(len, "request id")?);
+        let content_type = need!(c, c.bytes("content type")?);
+        let status = need!(c, c.int());
+        let reason = need!(c, c.bytes("reason phrase")?);
+        let count = need!(c, c.int());
+        if !(0..=MAX_HEADERS).contains(&count) {
+            return Err(ProtocolError(format!(
+                "header count {count} is not from 0 to {MAX_HEADERS}"
+            )));
         }
         let mut headers = Vec::new();
         for _ in 0..count {
-            let k = need!(c.string("header name")?);
-            let v = need!(c.string("header value")?);
+            let k = need!(c, c.bytes("header name")?);
+            let v = need!(c, c.bytes("header value")?);
             headers.push((k, v));
         }
-        let body = need!(c.bytes("response body")?);
-        responses.push(FrameResponse {
+        let body = need!(c, c.bytes("response body")?);
+        raw.push(RawResponse {
             request_id,
             content_type,
             status,
             reason,
             headers,
-            body: Bytes::copy_from_slice(body),
+            body,
         });
     }
-    Ok(Some((
+    let responses = raw
+        .into_iter()
+        .map(|r| FrameResponse {
+            request_id: text(r.request_id),
+            content_type: text(r.content_type),
+            status: r.status,
+            reason: text(r.reason),
+            headers: r.headers.iter().map(|(k, v)| (text(k), text(v))).collect(),
+            body: Bytes::copy_from_slice(r.body),
+        })
+        .collect();
+    Ok(Ok((
         PredictReply {
             code,
-            message,
+            message: text(message),
             responses,
         },
         c.pos,
@@ -372,7 +442,7 @@ mod tests {
 
     #[test]
     fn stream_frames_decode_in_sequence() {
-        let (first, used) = decode_predict_reply(STREAM, MAX).unwrap().unwrap();
+        let (first, used) = decode_predict_reply(STREAM, MAX, 16).unwrap().unwrap();
         assert_eq!(first.code, 200);
         assert_eq!(first.message, "Intermediate Prediction success");
         assert_eq!(first.responses.len(), 1);
@@ -383,7 +453,9 @@ mod tests {
         assert!(r.is_intermediate());
         assert_eq!(&r.body[..], b"hi0: part 1\n");
 
-        let (last, used2) = decode_predict_reply(&STREAM[used..], MAX).unwrap().unwrap();
+        let (last, used2) = decode_predict_reply(&STREAM[used..], MAX, 16)
+            .unwrap()
+            .unwrap();
         assert_eq!(used + used2, STREAM.len());
         let r = &last.responses[0];
         assert_eq!(r.content_type, "application/json");
@@ -395,10 +467,10 @@ mod tests {
 
     #[test]
     fn every_prefix_is_incomplete_not_an_error() {
-        let (_, used) = decode_predict_reply(STREAM, MAX).unwrap().unwrap();
+        let (_, used) = decode_predict_reply(STREAM, MAX, 16).unwrap().unwrap();
         for cut in 0..used {
             assert_eq!(
-                decode_predict_reply(&STREAM[..cut], MAX).unwrap(),
+                decode_predict_reply(&STREAM[..cut], MAX, 16).unwrap(),
                 None,
                 "cut {cut}"
             );
@@ -411,25 +483,114 @@ mod tests {
         let frame: &[u8] = b"\x00\x00\x01\xf7\x00\x00\x00\x11Prediction failed\
 \x00\x00\x00\x01a\x00\x00\x00\x00\x00\x00\x01\xf7\x00\x00\x00\x00\x00\x00\x00\x00\
 \x00\x00\x00\x05error\xff\xff\xff\xff";
-        let (reply, _) = decode_predict_reply(frame, MAX).unwrap().unwrap();
+        let (reply, _) = decode_predict_reply(frame, MAX, 16).unwrap().unwrap();
         assert_eq!(reply.code, 503);
         assert_eq!(reply.message, "Prediction failed");
         assert_eq!(reply.responses[0].status, 503);
         assert_eq!(&reply.responses[0].body[..], b"error");
     }
 
+    /// Fed one byte at a time, a reader that waits for the bytes the decoder says it needs decodes
+    /// the frame once per field, not once per byte.
+    #[test]
+    fn the_need_hint_bounds_the_attempts() {
+        let (whole, used) = decode_predict_reply(STREAM, MAX, 16).unwrap().unwrap();
+        let mut need = 0;
+        let mut attempts = 0;
+        for end in 0..=used {
+            if end < need {
+                continue;
+            }
+            attempts += 1;
+            match decode_predict_reply_from(&STREAM[..end], MAX, 16).unwrap() {
+                Ok((reply, n)) => {
+                    assert_eq!((reply, n), (whole.clone(), used));
+                    break;
+                }
+                Err(n) => {
+                    assert!(n > end, "need {n} at {end}");
+                    need = n;
+                }
+            }
+        }
+        assert!(attempts <= 20, "{attempts} attempts for {used} bytes");
+        // More responses than the batch has requests is an error.
+        let e = decode_predict_reply(STREAM, MAX, 0).unwrap_err();
+        assert!(e.0.contains("more than 0 responses"), "{e}");
+    }
+
     #[test]
     fn bad_lengths_are_errors() {
         // negative message length
-        assert!(decode_predict_reply(b"\x00\x00\x00\xc8\xff\xff\xff\xfe", MAX).is_err());
+        assert!(decode_predict_reply(b"\x00\x00\x00\xc8\xff\xff\xff\xfe", MAX, 16).is_err());
         // body longer than the limit is refused before it arrives
         let big: &[u8] = b"\x00\x00\x00\xc8\x00\x00\x00\x00\x00\x00\x00\x01a\x00\x00\x00\x00\
 \x00\x00\x00\xc8\x00\x00\x00\x00\x00\x00\x00\x00\x7f\x00\x00\x00";
-        let err = decode_predict_reply(big, 1024).unwrap_err();
+        let err = decode_predict_reply(big, 1024, 16).unwrap_err();
         assert!(err.0.contains("response body"), "{err}");
         // negative header count
         let neg: &[u8] = b"\x00\x00\x00\xc8\x00\x00\x00\x00\x00\x00\x00\x01a\x00\x00\x00\x00\
 \x00\x00\x00\xc8\x00\x00\x00\x00\xff\xff\xff\xf0";
-        assert!(decode_predict_reply(neg, MAX).is_err());
+        assert!(decode_predict_reply(neg, MAX, 16).is_err());
+    }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Checks what a decoded frame may hold: nothing longer than the string cap, no more
+        /// headers than the header cap, and no more bytes used than were given.
+        fn bounded(buf: &[u8], max: usize) {
+            if let Ok(Some((reply, used))) = decode_predict_reply(buf, max, 16) {
+                assert!(used <= buf.len());
+                assert!(
+                    reply.message.len() <= max * 3,
+                    "lossy UTF-8 at most triples"
+                );
+                for r in &reply.responses {
+                    assert!(r.body.len() <= max);
+                    assert!(r.headers.len() <= MAX_HEADERS as usize);
+                }
+            }
+            if let Ok(Some((_, used))) = decode_load_reply(buf, max) {
+                assert!(used <= buf.len());
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn random_bytes_never_panic(buf in proptest::collection::vec(any::<u8>(), 0..512), max in 0usize..4096) {
+                bounded(&buf, max);
+            }
+
+            #[test]
+            fn mutated_frames_never_panic(
+                edits in proptest::collection::vec((any::<proptest::sample::Index>(), any::<u8>()), 1..8),
+                cut in any::<proptest::sample::Index>(),
+            ) {
+                let mut buf = STREAM.to_vec();
+                for (at, byte) in edits {
+                    let i = at.index(buf.len());
+                    buf[i] = byte;
+                }
+                let keep = cut.index(buf.len() + 1);
+                bounded(&buf[..keep], 64);
+                bounded(&buf, MAX);
+            }
+
+            #[test]
+            fn encoded_requests_have_the_declared_layout(
+                id in "[a-z0-9-]{0,40}",
+                body in proptest::collection::vec(any::<u8>(), 0..256),
+            ) {
+                let frame = encode_infer(&[req(&id, &body)]);
+                prop_assert_eq!(frame[0], b'I');
+                let id_len = i32::from_be_bytes([frame[1], frame[2], frame[3], frame[4]]);
+                prop_assert_eq!(id_len as usize, id.len());
+                prop_assert!(frame.ends_with(&[0xff; 4]));
+            }
+        }
     }
 }

@@ -121,9 +121,7 @@ fn runtime_dir() -> io::Result<Arc<RuntimeDir>> {
     if let Some(rt) = slot.upgrade() {
         return Ok(rt);
     }
-    let dir = tempfile::Builder::new()
-        .prefix("oxserve-python-")
-        .tempdir()?;
+    let dir = crate::model::archive::private_tempdir("oxserve-python-")?;
     for (rel, text) in RUNTIME_FILES {
         let path = dir.path().join(rel);
         if let Some(parent) = path.parent() {
@@ -223,9 +221,8 @@ impl BackendLoader for PythonLoader {
             .metrics_config
             .clone()
             .unwrap_or_else(|| runtime.dir.path().join("default_metrics.yaml"));
-        let sock_dir = tempfile::Builder::new()
-            .prefix("oxs-")
-            .tempdir()
+        // Private (0700): whoever can connect to the socket can drive the worker.
+        let sock_dir = crate::model::archive::private_tempdir("oxs-")
             .map_err(|e| BackendError::Load(format!("cannot create a socket folder: {e}")))?;
         let sock = sock_dir.path().join(format!(".oxs.sock.{}", spec.port));
         if sock.as_os_str().len() >= 100 {
@@ -521,13 +518,33 @@ impl PythonBackend {
         }
     }
 
-    async fn read_reply(&mut self) -> Result<protocol::PredictReply, ReadError> {
+    /// Reads one reply frame of at most `max_frame` bytes. Each string of a frame is bounded by
+    /// the decoder; the frame as a whole is bounded here, so that a worker sending an endless
+    /// frame of small pieces cannot grow the buffer without end.
+    async fn read_reply(
+        &mut self,
+        max_frame: usize,
+        max_responses: usize,
+    ) -> Result<protocol::PredictReply, ReadError> {
+        // Bytes the buffer must hold before decoding can get further: a frame that arrives in
+        // many small reads is decoded once per field, not once per read.
+        let mut need = 0;
         loop {
-            if let Some((reply, used)) = protocol::decode_predict_reply(&self.buf, self.max_len)
-                .map_err(ReadError::Protocol)?
-            {
-                self.buf.advance(used);
-                return Ok(reply);
+            if self.buf.len() >= need {
+                match protocol::decode_predict_reply_from(&self.buf, self.max_len, max_responses)
+                    .map_err(ReadError::Protocol)?
+                {
+                    Ok((reply, used)) => {
+                        self.buf.advance(used);
+                        return Ok(reply);
+                    }
+                    Err(n) => need = n,
+                }
+            }
+            if self.buf.len() > max_frame || need > max_frame {
+                return Err(ReadError::Protocol(protocol::ProtocolError(format!(
+                    "reply frame exceeds {max_frame} bytes (max_response_size per request of the batch)"
+                ))));
             }
             self.fill().await?;
         }
@@ -658,8 +675,18 @@ impl Backend for PythonBackend {
         }
         let mut finals: Vec<Option<InferResponse>> = vec![None; batch.len()];
         let mut missing = batch.len();
+        // One full-size response per request of the batch, plus room for the frame's own fields.
+        let max_frame = self
+            .max_len
+            .saturating_mul(batch.len())
+            .saturating_add(1 << 20);
         while missing > 0 {
-            let reply = match timeout(self.response_timeout, self.read_reply()).await {
+            let reply = match timeout(
+                self.response_timeout,
+                self.read_reply(max_frame, batch.len()),
+            )
+            .await
+            {
                 Ok(Ok(reply)) => reply,
                 Ok(Err(e)) => {
                     let what = format!("worker {} {e}", self.name);

@@ -76,6 +76,58 @@ pub struct Config {
     pub number_of_gpu: Option<u32>,
     /// Per model version settings from TorchServe's `models` key: model name -> version -> settings.
     pub models: BTreeMap<String, BTreeMap<String, ModelSettings>>,
+    /// Ceiling of any model's batch size, wherever it is set (`max_batch_size`).
+    pub max_batch_size: u32,
+    /// Ceiling of any model version's worker count, wherever it is set (`max_workers_per_model`).
+    pub max_workers_per_model: u32,
+    /// Most bytes a `.mar` may unpack to, all entries together (`max_archive_unpacked_bytes`).
+    pub max_archive_unpacked_bytes: u64,
+    /// Most entries (files and folders) a `.mar` may hold (`max_archive_entries`).
+    pub max_archive_entries: u64,
+    /// Most series one handler metric family may hold (`model_metrics_max_series`).
+    pub model_metrics_max_series: usize,
+}
+
+/// Default of `max_archive_unpacked_bytes`: 64 GiB, room for the weights of a large LLM, yet
+/// finite, so a zip bomb stops long before a disk is full.
+pub const DEFAULT_MAX_ARCHIVE_UNPACKED_BYTES: u64 = 64 << 30;
+
+/// Default of `max_archive_entries`.
+pub const DEFAULT_MAX_ARCHIVE_ENTRIES: u64 = 100_000;
+
+/// Default of `model_metrics_max_series`.
+pub const DEFAULT_MODEL_METRICS_MAX_SERIES: usize = 1000;
+
+/// Most bytes read from a small structured file: MANIFEST.json, model-config.yaml,
+/// config.properties, metrics.yaml. They are read whole and parsed into trees many times their size,
+/// so a file past this is refused before it is read.
+pub const MAX_SMALL_FILE_BYTES: u64 = 1024 * 1024;
+
+/// Ceiling of `job_queue_size`: a queue is a bound the operator chose, but a typo such as an extra
+/// few digits should not silently turn into an unbounded queue.
+pub const MAX_JOB_QUEUE_SIZE: u64 = 1_000_000;
+
+/// Ceiling of the timeout keys (seconds; milliseconds for max_batch_delay): a deadline that far
+/// ahead is "never", and larger values overflow clock arithmetic.
+pub const MAX_TIMEOUT: u64 = u32::MAX as u64;
+
+/// Reads a small structured file (see [`MAX_SMALL_FILE_BYTES`]) as text, refusing a larger one
+/// without reading it. `what` names the file in errors.
+pub fn read_small_file(path: &Path, what: &str) -> Result<String, String> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|e| format!("cannot read {what}: {e}"))?;
+    let mut text = String::new();
+    // Read one byte past the limit: a file that fills it is too large, whatever its metadata says
+    // (a FIFO or /proc file has no useful length).
+    file.take(MAX_SMALL_FILE_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| format!("cannot read {what}: {e}"))?;
+    if text.len() as u64 > MAX_SMALL_FILE_BYTES {
+        return Err(format!(
+            "{what} is larger than the limit of {MAX_SMALL_FILE_BYTES} bytes"
+        ));
+    }
+    Ok(text)
 }
 
 /// One entry of the `models` key (TorchServe's per-model configuration).
@@ -137,6 +189,26 @@ impl ModelSettings {
         Ok(settings)
     }
 
+    /// Checks the sizes against the server's ceilings (`max_batch_size`, `max_workers_per_model`).
+    pub fn check_limits(&self, max_batch: u32, max_workers: u32, at: &str) -> Result<(), String> {
+        if let Some(b) = self.batch_size.filter(|&b| b > max_batch) {
+            return Err(format!(
+                "{at}: batchSize {b} is larger than max_batch_size {max_batch}"
+            ));
+        }
+        for (key, v) in [
+            ("minWorkers", self.min_workers),
+            ("maxWorkers", self.max_workers),
+        ] {
+            if let Some(n) = v.filter(|&n| n > max_workers) {
+                return Err(format!(
+                    "{at}: {key} {n} is larger than max_workers_per_model {max_workers}"
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Field by field: `self` where set, else `other`.
     pub fn or(self, other: ModelSettings) -> ModelSettings {
         ModelSettings {
@@ -155,6 +227,8 @@ impl ModelSettings {
 /// Parses the `models` key: `{"name": {"1.0": {"marName": "x.mar", "minWorkers": 1, ...}}}`.
 fn parse_models(
     value: &str,
+    max_batch: u32,
+    max_workers: u32,
 ) -> Result<BTreeMap<String, BTreeMap<String, ModelSettings>>, ConfigError> {
     let bad = |what: String| ConfigError(format!("config key models: {what}"));
     let json: serde_json::Value = serde_json::from_str(value)
@@ -169,8 +243,11 @@ fn parse_models(
             .ok_or_else(|| bad(format!("{name}: must be an object of versions")))?;
         let mut parsed = BTreeMap::new();
         for (version, fields) in versions {
-            let settings =
-                ModelSettings::from_fields(fields, &format!("{name} {version}")).map_err(bad)?;
+            let at = format!("{name} {version}");
+            let settings = ModelSettings::from_fields(fields, &at).map_err(bad)?;
+            settings
+                .check_limits(max_batch, max_workers, &at)
+                .map_err(bad)?;
             parsed.insert(version.clone(), settings);
         }
         out.insert(name.clone(), parsed);
@@ -229,6 +306,11 @@ const KNOWN_KEYS: &[&str] = &[
     "metrics_log_max_bytes",
     "models",
     "number_of_gpu",
+    "max_batch_size",
+    "max_workers_per_model",
+    "max_archive_unpacked_bytes",
+    "max_archive_entries",
+    "model_metrics_max_series",
 ];
 
 /// A configuration error: one line naming the key and the offending value.
@@ -242,10 +324,15 @@ fn err<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
 
 /// Reads a Java-properties file into a map.
 pub fn read_properties(path: &Path) -> Result<HashMap<String, String>, ConfigError> {
-    let file = std::fs::File::open(path)
-        .map_err(|e| ConfigError(format!("cannot read config file {}: {e}", path.display())))?;
-    java_properties::read(std::io::BufReader::new(file))
+    let text =
+        read_small_file(path, &format!("config file {}", path.display())).map_err(ConfigError)?;
+    parse_properties(&text)
         .map_err(|e| ConfigError(format!("cannot parse config file {}: {e}", path.display())))
+}
+
+/// Parses Java-properties text (the testable core of [`read_properties`]).
+pub fn parse_properties(text: &str) -> Result<HashMap<String, String>, String> {
+    java_properties::read(text.as_bytes()).map_err(|e| e.to_string())
 }
 
 impl Config {
@@ -322,6 +409,10 @@ impl Config {
             }),
             None => Ok(default),
         };
+        let positive = |key: &str, default: u64| match number(key, default)? {
+            0 => err(format!("config key {key}: \"0\" must be at least 1")),
+            v => Ok(v),
+        };
         let address = |key: &str, default: &str| parse_address(key, get(key).unwrap_or(default));
 
         let metrics_mode = match get("metrics_mode")
@@ -364,21 +455,63 @@ impl Config {
             None => DEFAULT_BUCKETS.to_vec(),
             Some(v) => parse_buckets(v)?,
         };
+        let max_batch_size = number("max_batch_size", 1024)?;
+        if !(1..=u64::from(u32::MAX)).contains(&max_batch_size) {
+            return err(format!(
+                "config key max_batch_size: \"{max_batch_size}\" must be from 1 to {}",
+                u32::MAX
+            ));
+        }
+        let max_workers_per_model = number("max_workers_per_model", 256)?;
+        if !(1..=u64::from(u32::MAX)).contains(&max_workers_per_model) {
+            return err(format!(
+                "config key max_workers_per_model: \"{max_workers_per_model}\" must be from 1 to {}",
+                u32::MAX
+            ));
+        }
+        let at_most = |key: &str, v: u64, max: u64, max_key: &str| {
+            if v > max {
+                err(format!(
+                    "config key {key}: \"{v}\" is larger than {max_key} ({max})"
+                ))
+            } else {
+                Ok(v)
+            }
+        };
+        let timeout =
+            |key: &str, default: u64| at_most(key, number(key, default)?, MAX_TIMEOUT, "the limit");
         let cpus = std::thread::available_parallelism()
             .map(|n| n.get() as u64)
             .unwrap_or(1);
-        let default_workers_per_model = number("default_workers_per_model", cpus)?;
+        let default_workers_per_model = match get("default_workers_per_model") {
+            Some(_) => number("default_workers_per_model", 1)?,
+            // One worker per CPU, but never past the ceiling on a very large host.
+            None => cpus.min(max_workers_per_model),
+        };
         if default_workers_per_model == 0 {
             return err("config key default_workers_per_model: \"0\" must be at least 1");
         }
+        at_most(
+            "default_workers_per_model",
+            default_workers_per_model,
+            max_workers_per_model,
+            "max_workers_per_model",
+        )?;
         let job_queue_size = number("job_queue_size", 100)?;
         if job_queue_size == 0 {
             return err("config key job_queue_size: \"0\" must be at least 1");
         }
+        at_most(
+            "job_queue_size",
+            job_queue_size,
+            MAX_JOB_QUEUE_SIZE,
+            "the limit",
+        )?;
         let batch_size = number("batch_size", 1)?;
         if batch_size == 0 {
             return err("config key batch_size: \"0\" must be at least 1");
         }
+        at_most("batch_size", batch_size, max_batch_size, "max_batch_size")?;
         let metric_time_interval = number("metric_time_interval", 60)?;
         if metric_time_interval == 0 {
             return err("config key metric_time_interval: \"0\" must be at least 1 second");
@@ -392,7 +525,9 @@ impl Config {
             .collect();
         let model_store = get("model_store").map(PathBuf::from);
         let models = match get("models") {
-            Some(v) if !v.is_empty() => parse_models(v)?,
+            Some(v) if !v.is_empty() => {
+                parse_models(v, max_batch_size as u32, max_workers_per_model as u32)?
+            }
             _ => BTreeMap::new(),
         };
         let log_dir = env
@@ -428,17 +563,43 @@ impl Config {
             load_models,
             default_workers_per_model: default_workers_per_model as u32,
             job_queue_size: job_queue_size as usize,
-            default_response_timeout: Duration::from_secs(number("default_response_timeout", 120)?),
-            default_startup_timeout: Duration::from_secs(number("default_startup_timeout", 120)?),
+            default_response_timeout: Duration::from_secs(timeout(
+                "default_response_timeout",
+                120,
+            )?),
+            default_startup_timeout: Duration::from_secs(timeout("default_startup_timeout", 120)?),
             batch_size: batch_size as u32,
-            max_batch_delay: Duration::from_millis(number("max_batch_delay", 100)?),
-            max_request_size: number("max_request_size", 6_553_500)? as usize,
-            max_response_size: number("max_response_size", 6_553_500)? as usize,
+            max_batch_delay: Duration::from_millis(timeout("max_batch_delay", 100)?),
+            // The worker protocol carries a body as an i32 length.
+            max_request_size: at_most(
+                "max_request_size",
+                number("max_request_size", 6_553_500)?,
+                i32::MAX as u64,
+                "the limit",
+            )? as usize,
+            max_response_size: at_most(
+                "max_response_size",
+                number("max_response_size", 6_553_500)?,
+                i32::MAX as u64,
+                "the limit",
+            )? as usize,
             enable_model_api: boolean("enable_model_api", false)?,
             disable_token_authorization: boolean("disable_token_authorization", true)?,
-            token_expiration: Duration::from_secs(60 * number("token_expiration_min", 60)?),
+            token_expiration: Duration::from_secs(
+                60 * at_most(
+                    "token_expiration_min",
+                    number("token_expiration_min", 60)?,
+                    MAX_TIMEOUT / 60,
+                    "the limit",
+                )?,
+            ),
             allowed_urls,
-            initial_worker_port: number("initial_worker_port", 9000)? as u32,
+            initial_worker_port: at_most(
+                "initial_worker_port",
+                number("initial_worker_port", 9000)?,
+                u32::MAX.into(),
+                "the limit",
+            )? as u32,
             metrics_auth_token: get("metrics_auth_token")
                 .filter(|s| !s.is_empty())
                 .map(String::from),
@@ -447,6 +608,17 @@ impl Config {
             worker_runtime,
             metrics_log_dir: log_dir,
             metrics_log_max_bytes: number("metrics_log_max_bytes", 10 * 1024 * 1024)?,
+            max_batch_size: max_batch_size as u32,
+            max_workers_per_model: max_workers_per_model as u32,
+            max_archive_unpacked_bytes: positive(
+                "max_archive_unpacked_bytes",
+                DEFAULT_MAX_ARCHIVE_UNPACKED_BYTES,
+            )?,
+            max_archive_entries: positive("max_archive_entries", DEFAULT_MAX_ARCHIVE_ENTRIES)?,
+            model_metrics_max_series: positive(
+                "model_metrics_max_series",
+                DEFAULT_MODEL_METRICS_MAX_SERIES as u64,
+            )? as usize,
         };
         Ok((config, warnings))
     }
@@ -603,5 +775,60 @@ mod tests {
         let (_, w) = Config::from_sources(file, &[], &Overrides::default()).unwrap();
         assert_eq!(w.len(), 1);
         assert!(w[0].contains("no_such_key"));
+    }
+
+    #[test]
+    fn small_files_are_capped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, vec![b'a'; MAX_SMALL_FILE_BYTES as usize]).unwrap();
+        assert_eq!(
+            read_small_file(&path, "f").unwrap().len() as u64,
+            MAX_SMALL_FILE_BYTES
+        );
+        std::fs::write(&path, vec![b'a'; MAX_SMALL_FILE_BYTES as usize + 1]).unwrap();
+        let e = read_small_file(&path, "the file f").unwrap_err();
+        assert!(e.contains("the file f is larger than the limit"), "{e}");
+    }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(128))]
+
+            /// Random properties text parses or fails, and whatever it holds, a config built from it
+            /// is either refused or within every ceiling.
+            #[test]
+            fn random_properties_never_panic(text in "\\PC{0,300}") {
+                if let Ok(file) = parse_properties(&text) {
+                    let _ = Config::from_sources(file, &[], &Overrides::default());
+                }
+            }
+
+            #[test]
+            fn known_keys_with_random_values_stay_within_ceilings(
+                pairs in proptest::collection::vec((0..KNOWN_KEYS.len(), "[0-9]{0,22}|-[0-9]{1,3}|true|false|\\PC{0,12}|\\{\"m\": \\{\"1\": \\{\"batchSize\": [0-9]{1,12}\\}\\}\\}"), 0..8),
+            ) {
+                let file: HashMap<String, String> = pairs
+                    .into_iter()
+                    .filter(|(k, _)| !KNOWN_KEYS[*k].ends_with("_address"))
+                    .map(|(k, v)| (KNOWN_KEYS[k].to_string(), v))
+                    .collect();
+                if let Ok((c, _)) = Config::from_sources(file, &[], &Overrides::default()) {
+                    prop_assert!(c.batch_size >= 1 && c.batch_size <= c.max_batch_size);
+                    prop_assert!(c.default_workers_per_model >= 1);
+                    prop_assert!(c.default_workers_per_model <= c.max_workers_per_model);
+                    prop_assert!(c.job_queue_size as u64 <= MAX_JOB_QUEUE_SIZE);
+                    prop_assert!(c.max_request_size <= i32::MAX as usize);
+                    for versions in c.models.values() {
+                        for s in versions.values() {
+                            prop_assert!(s.batch_size.unwrap_or(1) <= c.max_batch_size);
+                        }
+                    }
+                }
+            }
+        }
     }
 }

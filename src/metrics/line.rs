@@ -3,8 +3,20 @@
 //! `<name>.<unit>:<value>|#<dim>:<val>,...|#type:<TYPE>|#hostname:<host>,<epoch>[,<request ids>]`
 //! (the `[METRICS]` prefix already removed). TorchServe drops lines it cannot parse without a word;
 //! the parser here says what is wrong so the registry can count and log it.
+//!
+//! Handler code writes these lines, so they are outside input: besides the syntax, the parser
+//! refuses what would make the exposition invalid or unbounded (a unit outside TorchServe's
+//! `[\w\s]+`, a dimension named twice, a reserved `__` label name, more than [`MAX_DIMENSIONS`]
+//! dimensions, names or values longer than [`MAX_NAME_LEN`] / [`MAX_VALUE_LEN`]).
 
 use super::spec::{valid_label_name, valid_metric_name, Kind};
+
+/// Most dimensions one line may carry.
+pub const MAX_DIMENSIONS: usize = 32;
+/// Longest metric name, unit or dimension name.
+pub const MAX_NAME_LEN: usize = 200;
+/// Longest dimension value.
+pub const MAX_VALUE_LEN: usize = 1024;
 
 /// One parsed backend metric line.
 #[derive(Debug, Clone, PartialEq)]
@@ -31,8 +43,17 @@ pub fn parse(line: &str) -> Result<MetricLine, String> {
     let (name, unit) = name_unit
         .split_once('.')
         .ok_or_else(|| format!("no '.<unit>' after the name in {name_unit:?}"))?;
-    if !valid_metric_name(name) {
+    if !valid_metric_name(name) || name.len() > MAX_NAME_LEN {
         return Err(format!("invalid metric name {name:?}"));
+    }
+    // TorchServe's unit pattern is [\w\s]+; the unit goes into the HELP text.
+    if unit.is_empty()
+        || unit.len() > MAX_NAME_LEN
+        || !unit
+            .chars()
+            .all(|c| c.is_alphanumeric() || c == '_' || c == ' ')
+    {
+        return Err(format!("invalid unit {unit:?}"));
     }
     let value: f64 = value
         .trim()
@@ -55,8 +76,20 @@ pub fn parse(line: &str) -> Result<MetricLine, String> {
         let (k, v) = pair
             .split_once(':')
             .ok_or_else(|| format!("dimension {pair:?} has no ':'"))?;
-        if !valid_label_name(k) {
+        // `__` names are reserved to Prometheus itself (`__name__`).
+        if !valid_label_name(k) || k.starts_with("__") || k.len() > MAX_NAME_LEN {
             return Err(format!("invalid dimension name {k:?}"));
+        }
+        if v.len() > MAX_VALUE_LEN {
+            return Err(format!(
+                "dimension {k:?} has a value longer than {MAX_VALUE_LEN} bytes"
+            ));
+        }
+        if out.dimensions.iter().any(|(name, _)| name == k) {
+            return Err(format!("dimension {k:?} appears twice"));
+        }
+        if out.dimensions.len() == MAX_DIMENSIONS {
+            return Err(format!("more than {MAX_DIMENSIONS} dimensions"));
         }
         out.dimensions.push((k.to_string(), v.to_string()));
     }
@@ -130,5 +163,71 @@ mod tests {
             .unwrap_err()
             .contains("invalid metric name"));
         assert!(parse("A.Count:1|#|#type:SUMMARY|#hostname:h,1").is_err());
+        for (line, why) in [
+            ("A.Count:1|#a:1,a:2|#hostname:h,1", "appears twice"),
+            (
+                "A.Count:1|#__name__:x|#hostname:h,1",
+                "invalid dimension name",
+            ),
+            ("A.Co\\unt:1|#|#hostname:h,1", "invalid unit"),
+            ("A.:1|#|#hostname:h,1", "invalid unit"),
+        ] {
+            let e = parse(line).unwrap_err();
+            assert!(e.contains(why), "{line}: {e}");
+        }
+        let many: Vec<String> = (0..=MAX_DIMENSIONS).map(|i| format!("d{i}:v")).collect();
+        let e = parse(&format!("A.Count:1|#{}|#hostname:h,1", many.join(","))).unwrap_err();
+        assert!(e.contains("more than"), "{e}");
+    }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        const VALID: &str =
+            "HandlerTime.ms:82.93|#ModelName:m,Level:Model|#type:GAUGE|#hostname:h,1717105563,req-1";
+
+        fn check(line: &str) {
+            if let Ok(l) = parse(line) {
+                assert!(l.dimensions.len() <= MAX_DIMENSIONS);
+                assert!(l.name.len() <= MAX_NAME_LEN && l.unit.len() <= MAX_NAME_LEN);
+                for (i, (k, v)) in l.dimensions.iter().enumerate() {
+                    assert!(valid_label_name(k) && !k.starts_with("__"));
+                    assert!(v.len() <= MAX_VALUE_LEN);
+                    assert!(l.dimensions[..i].iter().all(|(other, _)| other != k));
+                }
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn random_lines_never_panic(line in "\\PC{0,200}") {
+                check(&line);
+            }
+
+            #[test]
+            fn structured_lines_never_panic(
+                name in "[A-Za-z_:][A-Za-z0-9_:]{0,10}|\\PC{0,10}",
+                unit in "[A-Za-z ]{0,6}|\\PC{0,6}",
+                value in "[0-9eE.+-]{0,8}|inf|nan|\\PC{0,5}",
+                dims in proptest::collection::vec(("[a-z_]{0,4}|\\PC{0,4}", "\\PC{0,8}"), 0..40),
+                tail in "\\PC{0,30}",
+            ) {
+                let dims: Vec<String> = dims.iter().map(|(k, v)| format!("{k}:{v}")).collect();
+                check(&format!("{name}.{unit}:{value}|#{}|#type:GAUGE|#hostname:h,1{tail}", dims.join(",")));
+            }
+
+            #[test]
+            fn mutated_lines_never_panic(edits in proptest::collection::vec((any::<proptest::sample::Index>(), any::<char>()), 1..6)) {
+                let mut chars: Vec<char> = VALID.chars().collect();
+                for (at, c) in edits {
+                    let i = at.index(chars.len());
+                    chars[i] = c;
+                }
+                check(&chars.into_iter().collect::<String>());
+            }
+        }
     }
 }

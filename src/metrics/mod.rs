@@ -34,9 +34,19 @@ pub struct Metrics {
     pub host: Arc<HostMetrics>,
     dropped_malformed: Handle,
     dropped_undeclared: Handle,
-    /// Metric names already reported as dropped, so each is logged once.
+    dropped_cardinality: Handle,
+    /// Most series per handler family, and most auto-detected families (`model_metrics_max_series`).
+    max_series: usize,
+    /// Families created by auto-detection so far.
+    auto_families: std::sync::atomic::AtomicUsize,
+    /// (reason, metric name) pairs already reported as dropped, so each is logged once.
     warned: Mutex<HashSet<String>>,
 }
+
+/// Most distinct drop warnings logged; past it, one last warning says that the rest are silent
+/// (they are still counted). Keeps a handler that invents a new metric name per line from growing
+/// the set, or the log, without end.
+const MAX_WARNED: usize = 1000;
 
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -87,14 +97,22 @@ impl Metrics {
                 )?,
             )),
         };
-        Ok(Metrics::new(
+        let mut metrics = Metrics::new(
             spec,
             config.metrics_mode,
             config.model_metrics_auto_detect,
             config.histogram_buckets.clone(),
             log,
             hostname(),
-        ))
+        );
+        metrics.max_series = config.model_metrics_max_series;
+        Ok(metrics)
+    }
+
+    /// Sets the cap on series per handler family and on auto-detected families.
+    pub fn with_max_series(mut self, max_series: usize) -> Metrics {
+        self.max_series = max_series;
+        self
     }
 
     pub fn new(
@@ -116,6 +134,9 @@ impl Metrics {
             host: Arc::new(HostMetrics::default()),
             dropped_malformed: Handle::default(),
             dropped_undeclared: Handle::default(),
+            dropped_cardinality: Handle::default(),
+            max_series: crate::config::DEFAULT_MODEL_METRICS_MAX_SERIES,
+            auto_families: std::sync::atomic::AtomicUsize::new(0),
             warned: Mutex::new(HashSet::new()),
         };
         for s in &spec.metrics {
@@ -161,7 +182,7 @@ impl Metrics {
             "oxserve_backend_metric_lines_dropped_total",
             Kind::Counter,
             "",
-            "Backend [METRICS] lines that were dropped: malformed, or undeclared in metrics.yaml."
+            "Backend [METRICS] lines that were dropped: malformed, undeclared in metrics.yaml, or past model_metrics_max_series (cardinality)."
                 .into(),
             &["reason"],
             vec![],
@@ -184,8 +205,13 @@ impl Metrics {
             "oxserve_backend_metric_lines_dropped_total",
             &["undeclared"],
         );
+        m.dropped_cardinality = m.series(
+            "oxserve_backend_metric_lines_dropped_total",
+            &["cardinality"],
+        );
         m.dropped_malformed.inc_by(0.0);
         m.dropped_undeclared.inc_by(0.0);
+        m.dropped_cardinality.inc_by(0.0);
         let host = HostMetrics {
             requests: [
                 m.ts("Requests2XX", &[]),
@@ -421,16 +447,15 @@ impl Metrics {
     }
 
     /// Records one `[METRICS]` line from a handler of `model_name`: declared metrics per
-    /// metrics.yaml, undeclared ones only with model_metrics_auto_detect, the rest counted as dropped.
+    /// metrics.yaml, undeclared ones only with model_metrics_auto_detect, the rest counted as
+    /// dropped. Handler code chooses names and label values, so the series of each handler family,
+    /// and the number of auto-detected families, stop at `model_metrics_max_series`; what comes
+    /// past it is dropped and counted with reason `cardinality`.
     pub fn record_backend_line(&self, text: &str, model_name: &str) {
         let parsed = match line::parse(text) {
             Ok(l) => l,
             Err(reason) => {
-                self.dropped_malformed.inc();
-                self.warn_once(
-                    &format!("malformed:{reason}"),
-                    &format!("dropped a malformed backend metric line ({reason}): {text:?}"),
-                );
+                self.drop_malformed(&line_name(text), &reason, text);
                 return;
             }
         };
@@ -440,25 +465,17 @@ impl Metrics {
                 self.drop_undeclared(&parsed.name, "it is a frontend metric");
                 return;
             }
-            None if self.auto_detect => {
-                let kind = parsed.kind.unwrap_or(Kind::Gauge);
-                let mut dims: Vec<&str> =
-                    parsed.dimensions.iter().map(|(k, _)| k.as_str()).collect();
-                if !dims.contains(&"Hostname") {
-                    dims.push("Hostname");
+            None if self.auto_detect => match self.auto_family(&parsed) {
+                Ok(f) => f,
+                Err(Refusal::Malformed(reason)) => {
+                    self.drop_malformed(&parsed.name, &reason, text);
+                    return;
                 }
-                let help = format!(
-                    "Torchserve prometheus {} metric with unit: {}",
-                    kind.as_str(),
-                    parsed.unit
-                );
-                let buckets = if kind == Kind::Histogram {
-                    self.buckets.clone()
-                } else {
-                    Vec::new()
-                };
-                self.add_family(&parsed.name, kind, &parsed.unit, help, &dims, buckets, true)
-            }
+                Err(Refusal::Cardinality(reason)) => {
+                    self.drop_cardinality(&parsed.name, &reason);
+                    return;
+                }
+            },
             None => {
                 self.drop_undeclared(&parsed.name, "it is not declared in metrics.yaml");
                 return;
@@ -486,9 +503,87 @@ impl Metrics {
             };
             values.push(v);
         }
-        family
-            .series(&values, &self.log)
-            .record(parsed.value, parsed.request_ids.first().map(String::as_str));
+        match family.series_within(&values, &self.log, self.max_series) {
+            Some(series) => {
+                series.record(parsed.value, parsed.request_ids.first().map(String::as_str))
+            }
+            None => self.drop_cardinality(
+                &parsed.name,
+                &format!(
+                    "it already has {} series (model_metrics_max_series); a label value per request or per input makes a series per request",
+                    self.max_series
+                ),
+            ),
+        }
+    }
+
+    /// The family for an undeclared metric under auto-detection, created on first use, or why
+    /// the line is dropped.
+    fn auto_family(&self, parsed: &line::MetricLine) -> Result<Arc<Family>, Refusal> {
+        let kind = parsed.kind.unwrap_or(Kind::Gauge);
+        let mut dims: Vec<&str> = parsed.dimensions.iter().map(|(k, _)| k.as_str()).collect();
+        if kind == Kind::Histogram && dims.contains(&"le") {
+            return Err(Refusal::Malformed(
+                "a histogram cannot have a dimension named \"le\"".into(),
+            ));
+        }
+        // Sample names must stay unique on /metrics: `X_count` next to a histogram `X` (or a
+        // histogram `X` next to `X_count`) would make the whole scrape unparsable.
+        let clash = ["_bucket", "_sum", "_count"].iter().find_map(|sfx| {
+            let base_is_histogram = parsed.name.strip_suffix(sfx).is_some_and(|base| {
+                self.family(base)
+                    .is_some_and(|f| f.meta.kind == Kind::Histogram)
+            });
+            let would_shadow =
+                kind == Kind::Histogram && self.family(&format!("{}{sfx}", parsed.name)).is_some();
+            (base_is_histogram || would_shadow).then_some(*sfx)
+        });
+        if let Some(sfx) = clash {
+            return Err(Refusal::Malformed(format!(
+                "its samples would clash with a histogram's {sfx} samples"
+            )));
+        }
+        if !dims.contains(&"Hostname") {
+            dims.push("Hostname");
+        }
+        // Counted before the family exists; two racing lines may both pass at the very edge,
+        // which only moves the cap by one.
+        if self
+            .auto_families
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= self.max_series
+        {
+            return Err(Refusal::Cardinality(format!(
+                "{} auto-detected families exist already (model_metrics_max_series)",
+                self.max_series
+            )));
+        }
+        let help = format!(
+            "Torchserve prometheus {} metric with unit: {}",
+            kind.as_str(),
+            parsed.unit
+        );
+        let buckets = if kind == Kind::Histogram {
+            self.buckets.clone()
+        } else {
+            Vec::new()
+        };
+        let before = self.families.read().unwrap().len();
+        let family = self.add_family(&parsed.name, kind, &parsed.unit, help, &dims, buckets, true);
+        if self.families.read().unwrap().len() > before {
+            self.auto_families
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(family)
+    }
+
+    fn drop_malformed(&self, name: &str, reason: &str, text: &str) {
+        self.dropped_malformed.inc();
+        let shown: String = text.chars().take(300).collect();
+        self.warn_once(
+            &format!("malformed:{name}"),
+            &format!("dropped a malformed backend metric line ({reason}): {shown:?}; further malformed lines of {name:?} are counted in oxserve_backend_metric_lines_dropped_total, not logged"),
+        );
     }
 
     fn drop_undeclared(&self, name: &str, why: &str) {
@@ -499,10 +594,27 @@ impl Metrics {
         );
     }
 
+    fn drop_cardinality(&self, name: &str, why: &str) {
+        self.dropped_cardinality.inc();
+        self.warn_once(
+            &format!("cardinality:{name}"),
+            &format!("dropped backend metric {name}: {why}; further drops are counted in oxserve_backend_metric_lines_dropped_total{{reason=\"cardinality\"}}"),
+        );
+    }
+
+    /// Logs `message` the first time `key` (a reason and a metric name) is seen.
     fn warn_once(&self, key: &str, message: &str) {
-        if self.warned.lock().unwrap().insert(key.to_string()) {
-            tracing::warn!("{message}");
+        let mut warned = self.warned.lock().unwrap_or_else(|e| e.into_inner());
+        if warned.len() > MAX_WARNED || warned.contains(key) {
+            return;
         }
+        if warned.len() == MAX_WARNED {
+            warned.insert(String::new());
+            tracing::warn!("{MAX_WARNED} distinct backend metric problems logged; further ones are only counted in oxserve_backend_metric_lines_dropped_total");
+            return;
+        }
+        warned.insert(key.to_string());
+        tracing::warn!("{message}");
     }
 
     /// Renders /metrics: every exposed family, or only those `names` select (family or sample
@@ -543,6 +655,23 @@ impl Metrics {
         }
         out
     }
+}
+
+/// Why an auto-detected metric line is dropped.
+enum Refusal {
+    Malformed(String),
+    Cardinality(String),
+}
+
+/// The metric name a line starts with, for "once per metric name" warnings about lines that do not
+/// parse: the text before the first `.`, `:` or `|`, at most 100 characters.
+fn line_name(text: &str) -> String {
+    text.split(['.', ':', '|'])
+        .next()
+        .unwrap_or_default()
+        .chars()
+        .take(100)
+        .collect()
 }
 
 /// The machine's host name, as TorchServe puts it in the Hostname label.
@@ -659,5 +788,65 @@ mod tests {
             out.contains("oxserve_backend_metric_lines_dropped_total{reason=\"malformed\"} 1.0")
         );
         assert!(!out.contains("Custom"));
+    }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(32))]
+
+            /// Whatever lines a handler prints, every handler family stays within the series
+            /// cap, auto-detected families stay within it too, and the exposition stays parseable
+            /// line by line (HELP, TYPE or a sample).
+            #[test]
+            fn handler_lines_stay_within_the_caps(
+                lines in proptest::collection::vec(
+                    ("[A-C][a-c_]{0,3}", "[a-z]{1,3}", "[0-9]{1,3}", proptest::collection::vec(("[a-c]{1,2}|le|__name__", "\\PC{0,6}"), 0..4), "GAUGE|COUNTER|HISTOGRAM"),
+                    1..80,
+                ),
+            ) {
+                let cap = 4;
+                let m = Metrics::new(
+                    Spec::builtin(),
+                    MetricsMode::Prometheus,
+                    true,
+                    crate::config::DEFAULT_BUCKETS.to_vec(),
+                    None,
+                    "h".into(),
+                )
+                .with_max_series(cap);
+                let builtin: HashSet<String> = m.families.read().unwrap().keys().cloned().collect();
+                for (name, unit, value, dims, kind) in &lines {
+                    let dims: Vec<String> = dims.iter().map(|(k, v)| format!("{k}:{v}")).collect();
+                    m.record_backend_line(
+                        &format!("{name}.{unit}:{value}|#{}|#type:{kind}|#hostname:x,1", dims.join(",")),
+                        "model",
+                    );
+                }
+                let families = m.families.read().unwrap();
+                let auto: Vec<&Arc<Family>> = families
+                    .iter()
+                    .filter(|(k, _)| !builtin.contains(*k))
+                    .map(|(_, f)| f)
+                    .collect();
+                prop_assert!(auto.len() <= cap);
+                for f in families.values().filter(|f| f.meta.model_origin) {
+                    prop_assert!(f.len() <= cap, "{} has {} series", f.meta.name, f.len());
+                    let mut names = f.meta.label_names.clone();
+                    names.sort();
+                    names.dedup();
+                    prop_assert_eq!(names.len(), f.meta.label_names.len());
+                }
+                drop(families);
+                for line in m.render(None).lines() {
+                    prop_assert!(
+                        line.starts_with("# HELP ") || line.starts_with("# TYPE ") || line.contains(' '),
+                        "{line:?}"
+                    );
+                }
+            }
+        }
     }
 }

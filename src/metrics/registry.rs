@@ -129,6 +129,18 @@ pub fn escape_label_value(v: &str, out: &mut String) {
     }
 }
 
+/// Escapes HELP text for the text format (`\` and newline): part of it (a unit) may come from a
+/// handler's metric line.
+pub fn escape_help(v: &str, out: &mut String) {
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+}
+
 /// Formats a sample value the way TorchServe prints it (`3.0`, `290371.129`), with Prometheus'
 /// spellings for the special values.
 pub fn write_value(v: f64, out: &mut String) {
@@ -185,12 +197,28 @@ impl Family {
 
     /// The series with these label values (in label-name order), created on first use.
     pub fn series(&self, values: &[&str], log: &Option<Arc<LogSink>>) -> Arc<Series> {
+        self.series_within(values, log, usize::MAX)
+            .expect("an uncapped family always has room")
+    }
+
+    /// Like [`Family::series`], but creates no series past `max_series` of them: `None` then.
+    /// Handler metrics go through here, since their label values are chosen by handler code.
+    pub fn series_within(
+        &self,
+        values: &[&str],
+        log: &Option<Arc<LogSink>>,
+        max_series: usize,
+    ) -> Option<Arc<Series>> {
         let key: Vec<String> = values.iter().map(|s| s.to_string()).collect();
         if let Some(s) = self.series.read().unwrap().get(&key) {
-            return s.clone();
+            return Some(s.clone());
         }
         let mut map = self.series.write().unwrap();
-        map.entry(key.clone())
+        if map.len() >= max_series && !map.contains_key(&key) {
+            return None;
+        }
+        let series = map
+            .entry(key.clone())
             .or_insert_with(|| {
                 let mut labels_text = String::new();
                 for (i, (n, v)) in self.meta.label_names.iter().zip(&key).enumerate() {
@@ -219,7 +247,17 @@ impl Family {
                     log: if self.meta.logged { log.clone() } else { None },
                 })
             })
-            .clone()
+            .clone();
+        Some(series)
+    }
+
+    /// How many series the family holds.
+    pub fn len(&self) -> usize {
+        self.series.read().unwrap().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// Drops a series (a retired worker, an unregistered model).
@@ -242,7 +280,11 @@ impl Family {
     /// `_bucket`, `_sum`, `_count` (TorchServe's sample-name filtering).
     pub fn render(&self, out: &mut String, only_sample: Option<&str>) {
         let m = &self.meta;
-        let _ = writeln!(out, "# HELP {} {}", m.name, m.help);
+        out.push_str("# HELP ");
+        out.push_str(&m.name);
+        out.push(' ');
+        escape_help(&m.help, out);
+        out.push('\n');
         let _ = writeln!(out, "# TYPE {} {}", m.name, m.kind.as_str());
         let series = self.series.read().unwrap();
         for s in series.values() {

@@ -168,8 +168,8 @@ impl Spec {
 
     /// Reads and validates a metrics.yaml file.
     pub fn load(path: &Path) -> Result<Spec, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("metrics config {}: cannot read: {e}", path.display()))?;
+        let text =
+            crate::config::read_small_file(path, &format!("metrics config {}", path.display()))?;
         Spec::parse(&text, &path.display().to_string())
     }
 
@@ -204,7 +204,11 @@ impl Spec {
                     }
                     let unit = entry.unit.ok_or_else(|| format!("{at}: missing unit"))?;
                     for d in &entry.dimensions {
-                        if !valid_label_name(d) {
+                        // `__` names are Prometheus' own; `le` is a histogram's bucket label.
+                        if !valid_label_name(d)
+                            || d.starts_with("__")
+                            || (kind == Kind::Histogram && d == "le")
+                        {
                             return Err(format!("{at}: invalid dimension name {d:?}"));
                         }
                     }
@@ -218,7 +222,10 @@ impl Spec {
                         if kind != Kind::Histogram {
                             return Err(format!("{at}: buckets are only for histograms"));
                         }
-                        if b.is_empty() || b.windows(2).any(|w| w[0] >= w[1]) {
+                        if b.is_empty()
+                            || b.iter().any(|v| !v.is_finite())
+                            || b.windows(2).any(|w| w[0] >= w[1])
+                        {
                             return Err(format!("{at}: buckets must be strictly increasing"));
                         }
                     }
@@ -291,5 +298,46 @@ mod tests {
         assert!(Spec::parse(badlabel, "m.yaml")
             .unwrap_err()
             .contains("invalid dimension"));
+        for bad in [
+            "model_metrics:\n  histogram:\n    - name: H\n      unit: ms\n      dimensions: [le]\n",
+            "model_metrics:\n  gauge:\n    - name: G\n      unit: ms\n      dimensions: [__name__]\n",
+        ] {
+            let e = Spec::parse(bad, "m.yaml").unwrap_err();
+            assert!(e.contains("invalid dimension"), "{e}");
+        }
+        let nan =
+            "model_metrics:\n  histogram:\n    - name: H\n      unit: ms\n      buckets: [.nan]\n";
+        let e = Spec::parse(nan, "m.yaml").unwrap_err();
+        assert!(e.contains("buckets"), "{e}");
+    }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(128))]
+
+            #[test]
+            fn random_yaml_never_panics(text in "\\PC{0,300}") {
+                let _ = Spec::parse(&text, "prop.yaml");
+            }
+
+            /// The built-in metrics.yaml with a few characters changed or cut.
+            #[test]
+            fn mutated_yaml_never_panics(
+                edits in proptest::collection::vec((any::<proptest::sample::Index>(), "[ :&*\\-\\[\\]{}a-z0-9\n]"), 1..6),
+                cut in any::<proptest::sample::Index>(),
+            ) {
+                let mut chars: Vec<char> = DEFAULT_YAML.chars().collect();
+                for (at, s) in edits {
+                    let i = at.index(chars.len());
+                    chars.splice(i..=i, s.chars());
+                }
+                let keep = cut.index(chars.len() + 1);
+                let text: String = chars[..keep].iter().collect();
+                let _ = Spec::parse(&text, "prop.yaml");
+            }
+        }
     }
 }

@@ -1,13 +1,60 @@
 //! Model archives: `.mar` zip files and unpacked folders holding `MAR-INF/MANIFEST.json`.
 //!
-//! An archive is unpacked once into a private temporary folder that lives as long as the model;
-//! every entry name is checked so that nothing is ever written outside that folder.
+//! An archive is unpacked once into a private (0700) temporary folder that lives as long as the
+//! model; every entry name is checked so that nothing is ever written outside that folder.
+//!
+//! An archive is outside input: its entry count and the bytes it unpacks to are capped
+//! ([`Limits`], config keys `max_archive_entries` and `max_archive_unpacked_bytes`), counting the
+//! bytes actually written rather than the sizes the zip headers claim, and MANIFEST.json and
+//! model-config.yaml are read only up to [`crate::config::MAX_SMALL_FILE_BYTES`]. TorchServe has none of these
+//! caps: a small zip bomb fills its disk, a large manifest its heap.
 
 use std::fs;
 use std::io;
 use std::path::{Component, Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+
+use crate::config::{read_small_file, Config};
+
+/// What an archive may unpack to.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Bytes of all entries together.
+    pub max_unpacked_bytes: u64,
+    /// Entries (files and folders).
+    pub max_entries: u64,
+}
+
+impl Default for Limits {
+    /// The documented defaults of the config keys.
+    fn default() -> Limits {
+        Limits {
+            max_unpacked_bytes: crate::config::DEFAULT_MAX_ARCHIVE_UNPACKED_BYTES,
+            max_entries: crate::config::DEFAULT_MAX_ARCHIVE_ENTRIES,
+        }
+    }
+}
+
+impl Limits {
+    pub fn from_config(config: &Config) -> Limits {
+        Limits {
+            max_unpacked_bytes: config.max_archive_unpacked_bytes,
+            max_entries: config.max_archive_entries,
+        }
+    }
+}
+
+/// A fresh temporary folder only this user can enter (0700), whatever the umask: unpacked models,
+/// the Python runtime and worker sockets live in such folders, and other local users have no
+/// business reading a model or connecting to a worker.
+pub fn private_tempdir(prefix: &str) -> io::Result<tempfile::TempDir> {
+    use std::os::unix::fs::PermissionsExt;
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .permissions(fs::Permissions::from_mode(0o700))
+        .tempdir()
+}
 
 /// `MAR-INF/MANIFEST.json` as torch-model-archiver writes it. Unknown fields are kept out of the way.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -70,8 +117,9 @@ pub struct UnpackedArchive {
     _temp: Option<tempfile::TempDir>,
 }
 
-/// Opens a `.mar` file (unpacking it into a fresh private folder) or a folder of the same layout.
-pub fn open(path: &Path) -> Result<UnpackedArchive, ArchiveError> {
+/// Opens a `.mar` file (unpacking it into a fresh private folder, within `limits`) or a folder of
+/// the same layout (used in place: it is the operator's, so no limits apply).
+pub fn open(path: &Path, limits: &Limits) -> Result<UnpackedArchive, ArchiveError> {
     if !path.exists() {
         return Err(ArchiveError::NotFound(path.display().to_string()));
     }
@@ -83,11 +131,9 @@ pub fn open(path: &Path) -> Result<UnpackedArchive, ArchiveError> {
             _temp: None,
         });
     }
-    let temp = tempfile::Builder::new()
-        .prefix("oxserve-model-")
-        .tempdir()
+    let temp = private_tempdir("oxserve-model-")
         .map_err(|e| invalid(path, format!("cannot create a temporary folder: {e}")))?;
-    unpack_zip(path, temp.path())?;
+    unpack_zip(path, temp.path(), limits)?;
     let manifest = read_manifest(temp.path()).map_err(|e| match e {
         ArchiveError::Invalid { reason, .. } => invalid(path, reason),
         other => other,
@@ -101,10 +147,13 @@ pub fn open(path: &Path) -> Result<UnpackedArchive, ArchiveError> {
 
 fn read_manifest(dir: &Path) -> Result<Manifest, ArchiveError> {
     let file = dir.join("MAR-INF").join("MANIFEST.json");
-    let text = fs::read_to_string(&file)
-        .map_err(|e| invalid(dir, format!("cannot read MAR-INF/MANIFEST.json: {e}")))?;
-    serde_json::from_str(&text)
-        .map_err(|e| invalid(dir, format!("MAR-INF/MANIFEST.json is not valid: {e}")))
+    let text = read_small_file(&file, "MAR-INF/MANIFEST.json").map_err(|e| invalid(dir, e))?;
+    parse_manifest(&text).map_err(|e| invalid(dir, e))
+}
+
+/// Parses MANIFEST.json text.
+pub fn parse_manifest(text: &str) -> Result<Manifest, String> {
+    serde_json::from_str(text).map_err(|e| format!("MAR-INF/MANIFEST.json is not valid: {e}"))
 }
 
 /// The archive's model-config.yaml (manifest `configFile`, as torch-model-archiver's `--config-file`
@@ -122,13 +171,16 @@ pub fn model_config(dir: &Path, manifest: &Manifest) -> Result<Option<serde_json
     };
     let relative = safe_relative(file)?;
     let path = dir.join(relative);
-    let text = fs::read_to_string(&path)
-        .map_err(|e| format!("cannot read the model config {file}: {e}"))?;
-    let yaml: serde_yaml::Value = serde_yaml::from_str(&text)
+    let text = read_small_file(&path, &format!("the model config {file}"))?;
+    parse_model_config(&text, file).map(Some)
+}
+
+/// Parses model-config.yaml text (`file` names it in errors) into JSON.
+pub fn parse_model_config(text: &str, file: &str) -> Result<serde_json::Value, String> {
+    let yaml: serde_yaml::Value = serde_yaml::from_str(text)
         .map_err(|e| format!("the model config {file} is not valid YAML: {e}"))?;
-    let json = serde_json::to_value(yaml)
-        .map_err(|e| format!("the model config {file} cannot be represented as JSON: {e}"))?;
-    Ok(Some(json))
+    serde_json::to_value(yaml)
+        .map_err(|e| format!("the model config {file} cannot be represented as JSON: {e}"))
 }
 
 /// A zip entry name as a relative path that stays inside the destination, or why not.
@@ -148,12 +200,44 @@ fn safe_relative(name: &str) -> Result<PathBuf, String> {
     Ok(out)
 }
 
-fn unpack_zip(archive: &Path, dest: &Path) -> Result<(), ArchiveError> {
+fn unpack_zip(archive: &Path, dest: &Path, limits: &Limits) -> Result<(), ArchiveError> {
     let file = fs::File::open(archive).map_err(|e| invalid(archive, e.to_string()))?;
     let mut zip =
         zip::ZipArchive::new(file).map_err(|e| invalid(archive, format!("not a zip file: {e}")))?;
+    if zip.len() as u64 > limits.max_entries {
+        return Err(invalid(
+            archive,
+            format!(
+                "it holds {} entries, more than max_archive_entries ({})",
+                zip.len(),
+                limits.max_entries
+            ),
+        ));
+    }
+    let too_large = || {
+        invalid(
+            archive,
+            format!(
+                "it unpacks to more than max_archive_unpacked_bytes ({} bytes)",
+                limits.max_unpacked_bytes
+            ),
+        )
+    };
+    // The sizes the headers declare refuse an honest large archive before anything is written;
+    // the bytes actually written are what is enforced, since a header can lie.
+    let mut declared = 0u64;
     for i in 0..zip.len() {
-        let mut entry = zip
+        let entry = zip
+            .by_index_raw(i)
+            .map_err(|e| invalid(archive, format!("corrupt entry {i}: {e}")))?;
+        declared = declared.saturating_add(entry.size());
+    }
+    if declared > limits.max_unpacked_bytes {
+        return Err(too_large());
+    }
+    let mut left = limits.max_unpacked_bytes;
+    for i in 0..zip.len() {
+        let entry = zip
             .by_index(i)
             .map_err(|e| invalid(archive, format!("corrupt entry {i}: {e}")))?;
         let relative = safe_relative(entry.name()).map_err(|r| invalid(archive, r))?;
@@ -172,12 +256,18 @@ fn unpack_zip(archive: &Path, dest: &Path) -> Result<(), ArchiveError> {
             fs::create_dir_all(parent).map_err(|e| invalid(archive, e.to_string()))?;
         }
         let mut out = fs::File::create(&target).map_err(|e| invalid(archive, e.to_string()))?;
-        io::copy(&mut entry, &mut out).map_err(|e| {
-            invalid(
-                archive,
-                format!("corrupt entry {:?}: {e}", relative.display()),
-            )
-        })?;
+        // One byte more than what is left tells "exactly the limit" from "past it".
+        let written = io::copy(&mut io::Read::take(entry, left.saturating_add(1)), &mut out)
+            .map_err(|e| {
+                invalid(
+                    archive,
+                    format!("corrupt entry {:?}: {e}", relative.display()),
+                )
+            })?;
+        if written > left {
+            return Err(too_large());
+        }
+        left -= written;
     }
     Ok(())
 }
@@ -192,5 +282,151 @@ mod tests {
         assert!(safe_relative("/etc/passwd").is_err());
         assert!(safe_relative("a/../../b").is_err());
         assert_eq!(safe_relative("./a/b.py").unwrap(), PathBuf::from("a/b.py"));
+    }
+
+    /// A zip of `entries`, deflated.
+    fn zip_of(path: &Path, entries: &[(&str, &[u8])]) {
+        use std::io::Write;
+        let mut zip = zip::ZipWriter::new(fs::File::create(path).unwrap());
+        let opts = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Deflated);
+        for (name, data) in entries {
+            zip.start_file(*name, opts).unwrap();
+            zip.write_all(data).unwrap();
+        }
+        zip.finish().unwrap();
+    }
+
+    fn bytes_under(dir: &Path) -> u64 {
+        let mut total = 0;
+        for e in fs::read_dir(dir).unwrap().filter_map(Result::ok) {
+            let meta = e.metadata().unwrap();
+            total += if meta.is_dir() {
+                bytes_under(&e.path())
+            } else {
+                meta.len()
+            };
+        }
+        total
+    }
+
+    #[test]
+    fn the_unpacked_size_counts_what_is_written_not_what_headers_claim() {
+        let dir = tempfile::tempdir().unwrap();
+        let mar = dir.path().join("liar.mar");
+        let manifest = br#"{"model": {"modelName": "liar", "handler": "builtin"}}"#;
+        zip_of(
+            &mar,
+            &[
+                ("MAR-INF/MANIFEST.json", manifest),
+                ("weights.bin", &vec![0u8; 2 << 20]),
+            ],
+        );
+        // Every header claims 10 bytes of uncompressed data.
+        let mut bytes = fs::read(&mar).unwrap();
+        let mut i = 0;
+        while i + 4 <= bytes.len() {
+            match bytes[i..i + 4] {
+                [0x50, 0x4b, 0x03, 0x04] => {
+                    bytes[i + 22..i + 26].copy_from_slice(&10u32.to_le_bytes())
+                }
+                [0x50, 0x4b, 0x01, 0x02] => {
+                    bytes[i + 24..i + 28].copy_from_slice(&10u32.to_le_bytes())
+                }
+                _ => {}
+            }
+            i += 1;
+        }
+        fs::write(&mar, &bytes).unwrap();
+        let limits = Limits {
+            max_unpacked_bytes: 1 << 20,
+            max_entries: 10,
+        };
+        let dest = tempfile::tempdir().unwrap();
+        let result = unpack_zip(&mar, dest.path(), &limits);
+        let e = result.expect_err("a 2 MiB entry unpacked under a 1 MiB cap");
+        assert!(e.to_string().contains("max_archive_unpacked_bytes"), "{e}");
+        assert!(bytes_under(dest.path()) <= limits.max_unpacked_bytes + 1);
+        // Honest headers are refused before anything is written.
+        zip_of(
+            &mar,
+            &[
+                ("MAR-INF/MANIFEST.json", manifest),
+                ("w", &vec![0u8; 2 << 20]),
+            ],
+        );
+        let dest = tempfile::tempdir().unwrap();
+        let e = unpack_zip(&mar, dest.path(), &limits)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("max_archive_unpacked_bytes"), "{e}");
+        assert_eq!(bytes_under(dest.path()), 0);
+        let e = unpack_zip(
+            &mar,
+            dest.path(),
+            &Limits {
+                max_unpacked_bytes: 1 << 30,
+                max_entries: 1,
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("max_archive_entries"), "{e}");
+    }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        const MANIFEST: &str = r#"{"createdOn": "28/11/2026 12:00:00", "runtime": "python", "model": {"modelName": "m", "modelVersion": "1.0", "handler": "h.py", "configFile": "c.yaml"}, "archiverVersion": "0.12.0"}"#;
+        const MODEL_CONFIG: &str =
+            "minWorkers: 1\nmaxWorkers: 3\nbatchSize: 2\nhandler:\n  labels: [a, b]\n";
+
+        fn mutate(text: &str, edits: &[(proptest::sample::Index, char)]) -> String {
+            let mut chars: Vec<char> = text.chars().collect();
+            for (at, c) in edits {
+                let i = at.index(chars.len());
+                chars[i] = *c;
+            }
+            chars.into_iter().collect()
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(128))]
+
+            #[test]
+            fn manifests_never_panic(
+                text in "\\PC{0,200}",
+                edits in proptest::collection::vec((any::<proptest::sample::Index>(), any::<char>()), 1..6),
+            ) {
+                let _ = parse_manifest(&text);
+                let _ = parse_manifest(&mutate(MANIFEST, &edits));
+            }
+
+            #[test]
+            fn model_configs_never_panic(
+                text in "\\PC{0,200}",
+                edits in proptest::collection::vec((any::<proptest::sample::Index>(), "[ :\\-\\[\\]{}&*a-z0-9\n]"), 1..6),
+            ) {
+                let mut chars: Vec<char> = MODEL_CONFIG.chars().collect();
+                for (at, s) in &edits {
+                    let i = at.index(chars.len());
+                    chars.splice(i..=i, s.chars());
+                }
+                let mutated: String = chars.into_iter().collect();
+                for t in [text.as_str(), mutated.as_str()] {
+                    if let Ok(v) = parse_model_config(t, "c.yaml") {
+                        let _ = crate::config::ModelSettings::from_fields(&v, "c.yaml");
+                    }
+                }
+            }
+
+            #[test]
+            fn entry_names_never_leave_the_folder(name in "\\PC{0,40}|(\\.\\./|/|\\./|[a-z]{1,3}/){0,5}[a-z.]{0,4}") {
+                if let Ok(p) = safe_relative(&name) {
+                    prop_assert!(p.components().all(|c| matches!(c, Component::Normal(_))));
+                }
+            }
+        }
     }
 }

@@ -1,10 +1,10 @@
 //! The registry of models and their versions: what is loaded, which version is the default, and
 //! the worker pool serving each version.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
 use crate::backend::{self, BackendLoader, WorkerSpec};
@@ -101,6 +101,61 @@ pub struct Registry {
     next_port: Arc<AtomicU32>,
     /// False until the models named at start-up have been registered: /ping is Unhealthy before.
     started: AtomicBool,
+    /// (name, version) pairs being registered right now, so that a second registration of the
+    /// same pair is a conflict before it creates anything.
+    pending: Arc<Mutex<HashSet<(String, String)>>>,
+}
+
+/// A (name, version) slot held while a registration builds its version; released when dropped.
+struct Reservation {
+    pending: Arc<Mutex<HashSet<(String, String)>>>,
+    key: (String, String),
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.key);
+    }
+}
+
+/// Longest model name or version.
+pub const MAX_NAME_LEN: usize = 128;
+
+/// TorchServe's rule for model names (torch-model-archiver's `^[A-Za-z0-9][A-Za-z0-9_\-.]*$`),
+/// applied to versions as well, with a length cap. Names and versions end up in URLs, file
+/// names, log lines and metric labels: a `..`, a slash or a newline must never get that far.
+fn check_name(what: &str, value: &str) -> Result<(), RegistryError> {
+    let mut chars = value.chars();
+    let valid = chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && chars.all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
+        && value.len() <= MAX_NAME_LEN;
+    if valid {
+        return Ok(());
+    }
+    let shown: String = value.chars().take(MAX_NAME_LEN).collect();
+    Err(RegistryError::BadRequest(format!(
+        "invalid {what} {shown:?}: it must start with a letter or digit, hold only letters, digits, '_', '-' and '.', and be at most {MAX_NAME_LEN} characters"
+    )))
+}
+
+/// Batch size and worker count against the server's ceilings.
+fn check_limits(c: &Config, batch_size: u32, max_workers: u32) -> Result<(), RegistryError> {
+    if batch_size == 0 || batch_size > c.max_batch_size {
+        return Err(RegistryError::BadRequest(format!(
+            "batch_size {batch_size} must be from 1 to max_batch_size ({})",
+            c.max_batch_size
+        )));
+    }
+    if max_workers > c.max_workers_per_model {
+        return Err(RegistryError::BadRequest(format!(
+            "{max_workers} workers is more than max_workers_per_model ({})",
+            c.max_workers_per_model
+        )));
+    }
+    Ok(())
 }
 
 impl Registry {
@@ -109,9 +164,31 @@ impl Registry {
             models: RwLock::new(BTreeMap::new()),
             next_port: Arc::new(AtomicU32::new(config.initial_worker_port)),
             started: AtomicBool::new(false),
+            pending: Arc::new(Mutex::new(HashSet::new())),
             config,
             metrics,
         }
+    }
+
+    /// Reserves (name, version) for a registration, or says it is taken.
+    fn reserve(&self, name: &str, version: &str) -> Result<Reservation, RegistryError> {
+        // Lock order: models, then pending (the only place both are held).
+        let models = self.models.read().unwrap();
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (name.to_string(), version.to_string());
+        let live = models
+            .get(name)
+            .is_some_and(|m| m.versions.contains_key(version));
+        if live || !pending.insert(key.clone()) {
+            return Err(RegistryError::Conflict {
+                model: name.to_string(),
+                version: version.to_string(),
+            });
+        }
+        Ok(Reservation {
+            pending: self.pending.clone(),
+            key,
+        })
     }
 
     pub fn config(&self) -> &Arc<Config> {
@@ -229,7 +306,8 @@ impl Registry {
         let config = self.config.clone();
         let shown = url.to_string();
         let (unpacked, loader, from_yaml) = tokio::task::spawn_blocking(move || {
-            let unpacked = archive::open(&path).map_err(|e| e.to_string())?;
+            let limits = archive::Limits::from_config(&config);
+            let unpacked = archive::open(&path, &limits).map_err(|e| e.to_string())?;
             let loader = backend::loader_for(&unpacked.dir, &unpacked.manifest, &config)
                 .map_err(|e| format!("cannot load model from {shown}: {e}"))?;
             let from_yaml = match archive::model_config(&unpacked.dir, &unpacked.manifest)? {
@@ -364,18 +442,11 @@ impl Registry {
                     .map(|s| s.to_string_lossy().into_owned())
             })
             .unwrap_or_default();
-        if name.is_empty()
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
-        {
-            return Err(RegistryError::BadRequest(format!(
-                "invalid model name {name:?}: use letters, digits, '_', '-' and '.'"
-            )));
-        }
+        check_name("model name", &name)?;
         let version = Some(manifest.model.model_version.clone())
             .filter(|v| !v.is_empty())
             .unwrap_or_else(|| "1.0".to_string());
+        check_name("model version", &version)?;
         let c = &self.config;
         // Explicit options, then config.properties' `models` key, then the archive's
         // model-config.yaml, then the server defaults.
@@ -402,6 +473,26 @@ impl Registry {
                 .or(m.startup_timeout)
                 .unwrap_or(c.default_startup_timeout),
         };
+        let workers = options
+            .initial_workers
+            .unwrap_or(self.config.default_workers_per_model);
+        // Without an explicit initial_workers, minWorkers/maxWorkers (models key or
+        // model-config.yaml) decide.
+        let (min, max) = if options.initial_workers.is_none() {
+            let min = m.min_workers.unwrap_or(workers);
+            (min, m.max_workers.unwrap_or(min.max(workers)))
+        } else {
+            (workers, workers)
+        };
+        if min > max {
+            return Err(RegistryError::BadRequest(format!(
+                "minWorkers {min} is greater than maxWorkers {max} for model {name} version {version}"
+            )));
+        }
+        check_limits(c, settings.batch_size, max)?;
+        // Nothing below may touch the state of a live version of the same name: the conflict is
+        // checked (and the slot reserved) before any metric series or pool exists.
+        let _reservation = self.reserve(&name, &version)?;
         let manifest = Arc::new(manifest);
         let metrics = self.metrics.model(&name, &version);
         let spec = WorkerSpec {
@@ -442,28 +533,11 @@ impl Registry {
                 versions: BTreeMap::new(),
                 default_version: version.clone(),
             });
-            if model.versions.contains_key(&version) {
-                return Err(RegistryError::Conflict {
-                    model: name,
-                    version,
-                });
-            }
             model.versions.insert(version.clone(), entry.clone());
             if m.default_version {
                 model.default_version = version.clone();
             }
         }
-        let workers = options
-            .initial_workers
-            .unwrap_or(self.config.default_workers_per_model);
-        // Without an explicit initial_workers, minWorkers/maxWorkers (models key or
-        // model-config.yaml) decide.
-        let (min, max) = if options.initial_workers.is_none() {
-            let min = m.min_workers.unwrap_or(workers);
-            (min, m.max_workers.unwrap_or(min.max(workers)))
-        } else {
-            (workers, workers)
-        };
         pool.scale(min, max, options.synchronous).await;
         if options.synchronous && min > 0 && pool.live_workers() == 0 {
             if let Some(why) = pool.load_error() {

@@ -15,6 +15,7 @@ use super::error::ApiError;
 use super::{openapi, parse_query, ApiPath, AppState};
 use crate::backend::{InferRequest, InferResponse, Param};
 use crate::metrics::{ModelMetrics, Timings};
+use crate::model::registry::Health;
 use crate::worker::{Job, Reply, ReplyPart, ReplyRx, SubmitError};
 
 const OPENAPI: &str = include_str!("openapi/inference.json");
@@ -34,16 +35,15 @@ pub fn router(state: AppState) -> Router {
     super::finish(routes, state)
 }
 
+/// TorchServe's words; 200 only when Healthy, so load balancers take a server out of rotation
+/// while any model has fewer workers than its minimum (TorchServe's isModelHealthy rule).
 async fn ping(State(state): State<AppState>) -> Response {
-    if state.registry.healthy() {
-        Json(serde_json::json!({"status": "Healthy"})).into_response()
-    } else {
-        (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            Json(serde_json::json!({"status": "Unhealthy"})),
-        )
-            .into_response()
-    }
+    let health = state.registry.health();
+    let code = match health {
+        Health::Healthy => StatusCode::OK,
+        Health::PartialHealthy | Health::Unhealthy => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    (code, Json(serde_json::json!({"status": health.as_str()}))).into_response()
 }
 
 /// What a prediction URL names: `{model}[/{version}[/{*rest}]]`.

@@ -16,7 +16,7 @@ use super::{openapi, parse_query, ApiPath, AppState};
 use crate::backend::{InferRequest, InferResponse, Param};
 use crate::metrics::{ModelMetrics, Timings};
 use crate::model::registry::Health;
-use crate::worker::{Job, Reply, ReplyPart, ReplyRx, SubmitError};
+use crate::worker::{Job, PoolError, Reply, ReplyPart, ReplyRx, SubmitError};
 
 const OPENAPI: &str = include_str!("openapi/inference.json");
 
@@ -123,21 +123,12 @@ async fn serve(state: AppState, target: Target, req: Request) -> Response {
     match model.pool.submit(job) {
         Ok(()) => respond(rx, metrics, in_url).await,
         Err(why) => {
-            let e = match why {
-                SubmitError::QueueFull => ApiError::new(
-                    503,
-                    "ServiceUnavailableException",
-                    format!(
-                        "Model \"{}\" has no worker to serve inference request. Please use scale workers API to add workers.",
-                        model.name
-                    ),
-                ),
-                SubmitError::Closed => ApiError::new(
-                    503,
-                    "ServiceUnavailableException",
-                    format!("Model \"{}\" is being unregistered", model.name),
-                ),
-            };
+            let e = ApiError::from(match why {
+                SubmitError::QueueFull => PoolError::QueueFull(model.name.clone()),
+                SubmitError::Closed => {
+                    PoolError::Closed(format!("Model \"{}\" is being unregistered", model.name))
+                }
+            });
             let mut t = Timings::new(arrival);
             t.responded = Some(Instant::now());
             metrics.record_request(&t, e.status, in_url);

@@ -30,6 +30,13 @@ use tokio::time::Instant;
 
 use super::Job;
 
+/// `t + d`, or a century from `t` when `d` is too large to add (a configured delay or timeout may
+/// be any u64): a deadline that never comes rather than a panic in the scheduler.
+pub fn later(t: Instant, d: Duration) -> Instant {
+    const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+    t.checked_add(d.min(CENTURY)).unwrap_or(t)
+}
+
 /// A worker that can take work now, as a policy sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WorkerView {
@@ -142,7 +149,7 @@ impl BatchPolicy for Classic {
             };
             if self.queue.len() < self.batch_size {
                 let since = *self.collecting_since.get_or_insert(now);
-                let deadline = since + self.max_batch_delay;
+                let deadline = later(since, self.max_batch_delay);
                 if now < deadline {
                     return Some(deadline);
                 }

@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use super::autoscale::{Autoscaler, Sample, Step};
-use super::policy::{Assignment, BatchPolicy, Classic, WorkerView};
+use super::policy::{later, Assignment, BatchPolicy, Classic, WorkerView};
 use super::runner::{Batch, Event, Failure, Runner, FIRST_BACKOFF, MAX_BACKOFF};
 use super::{gpu_for, Command, Job, Msg, PoolError, PoolSettings, PoolStatus, WorkerInfo};
 use super::{WorkerStatus, WorkerStatus as St};
@@ -237,7 +237,7 @@ impl Supervisor {
         if wait {
             self.waiters.push(Waiter {
                 done,
-                deadline: now + self.settings.startup_timeout,
+                deadline: later(now, self.settings.startup_timeout),
             });
         } else {
             let _ = done.send(self.active());
@@ -415,7 +415,7 @@ impl Supervisor {
         }
     }
 
-    /// One step after the pending messages: restarts, autoscaling, dispatch, waiters, publish.
+    /// One step after the pending messages: restarts, autoscaling, dispatch, publish, waiters.
     fn step(&mut self, now: Instant) {
         for i in 0..self.slots.len() {
             if self.slots[i].restart_at.is_some_and(|t| t <= now) {
@@ -427,8 +427,11 @@ impl Supervisor {
             self.autoscale(now);
         }
         self.dispatch(now);
-        self.answer_waiters(now);
+        // Publish first: a scale waiter or describer reads the published state as soon as it
+        // is answered (a synchronous registration checks the load error), maybe on another
+        // thread before this step ends.
         self.publish();
+        self.answer_waiters(now);
         if !self.describers.is_empty() {
             let status = self.status.borrow().clone();
             for d in self.describers.drain(..) {

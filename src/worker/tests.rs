@@ -509,3 +509,21 @@ fn workers_take_gpus_round_robin() {
     let ids: Vec<i32> = (9000..9005).map(|p| gpu_for(p, 9000, 2)).collect();
     assert_eq!(ids, [0, 1, 0, 1, 0]);
 }
+
+#[tokio::test(start_paused = true)]
+async fn huge_configured_delays_are_deadlines_that_never_come_not_panics() {
+    let mut s = settings(4, 10, no_autoscale());
+    s.max_batch_delay = Duration::MAX;
+    s.startup_timeout = Duration::MAX;
+    s.response_timeout = Duration::MAX;
+    let mut h = harness(s, &[]);
+    assert_eq!(h.pool.scale(1, 1, true).await, 1);
+    // A partial batch waits for more (forever); a full one goes.
+    let replies: Vec<ReplyRx> = (0..4).map(|i| h.submit(&format!("r{i}"))).collect();
+    let call = h.call().await;
+    assert_eq!(call.ids.len(), 4);
+    call.answer.send(Outcome::Ok).unwrap();
+    for rx in replies {
+        assert_eq!(answer(rx).await.0, 200);
+    }
+}

@@ -64,4 +64,4 @@ wrk -t2 -c"$CLIENTS" -d10s --latency -s bench/step.lua "$URL" >"$work/after.txt"
 echo "after: $CLIENTS clients, next 10 s  p99 $(p99 "$work/after.txt")  $(rps "$work/after.txt") req/s"
 wait "$poller" || true
 cat "$work/poll.txt"
-curl -s "http://127.0.0.1:$XP/metrics" | grep -E '^oxserve_worker_scale_events_total\{model_name="step"|^oxserve_workers\{model_name="step"' | grep -v ' 0$' || true
+curl -s "http://127.0.0.1:$XP/metrics" | grep -E '^oxserve_worker_scale_events_total\{model_name="step"|^oxserve_workers\{model_name="step"' | grep -v ' 0\(\.0\)\?$' || true

@@ -118,8 +118,11 @@ impl Supervisor {
             autoscaler: Autoscaler::default(),
             next_sample: None,
             batch_deadline: None,
-            shown_workers: [usize::MAX; 5],
-            shown_queue: None,
+            // What `Metrics::model` starts every series at; writing only changes also keeps a
+            // supervisor that never runs a worker (a registration refused as a duplicate) from
+            // overwriting the live version's gauges.
+            shown_workers: [0; 5],
+            shown_queue: Some(0),
             views: Vec::new(),
             assignments: Vec::new(),
         }

@@ -4,6 +4,7 @@
 #
 #   bench/load.sh            # needs wrk (apt-get install wrk)
 #   DURATION=30s bench/load.sh
+#   OXSERVE_BIN=/tmp/oxserve-other bench/load.sh   # another build of oxserve (hello_server must be built)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${DURATION:-10s}
@@ -11,7 +12,8 @@ THREADS=${THREADS:-2}
 CONNS=${CONNS:-32}
 command -v wrk >/dev/null || { echo "wrk is missing: apt-get install wrk" >&2; exit 1; }
 
-cargo build --release --quiet --bin oxserve --example hello_server
+[ -n "${OXSERVE_BIN:-}" ] || cargo build --release --quiet --bin oxserve --example hello_server
+BIN=${OXSERVE_BIN:-target/release/oxserve}
 work=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
@@ -25,8 +27,9 @@ management_address=http://127.0.0.1:$MP
 metrics_address=http://127.0.0.1:$XP
 default_workers_per_model=${WORKERS:-2}
 CFG
-RUST_LOG=warn target/release/oxserve start --foreground --ts-config "$work/config.properties" >"$work/ox.log" 2>&1 &
-pids+=($!)
+RUST_LOG=warn "$BIN" start --foreground --ts-config "$work/config.properties" >"$work/ox.log" 2>&1 &
+ox_pid=$!
+pids+=($ox_pid)
 target/release/examples/hello_server "127.0.0.1:$HP" >/dev/null 2>&1 &
 pids+=($!)
 for _ in $(seq 100); do
@@ -44,12 +47,19 @@ to_ms() { # wrk latency (123.45us, 1.23ms, 1.2s) -> ms
 
 echo "wrk -t$THREADS -c$CONNS -d$DURATION --latency -s bench/post.lua (22-byte JSON POST)"
 read -r h_rps h_p50 h_p99 < <(run_wrk "http://127.0.0.1:$HP/predictions/demo")
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$ox_pid/stat"; }
+t0=$(cpu_ticks)
 read -r o_rps o_p50 o_p99 < <(run_wrk "http://127.0.0.1:$IP/predictions/demo")
+t1=$(cpu_ticks)
+o_reqs=$(awk '/requests in/ {print $1}' "$work/wrk.txt")
 printf '%-28s %12s %10s %10s\n' server req/s p50_ms p99_ms
 printf '%-28s %12s %10s %10s\n' "bare axum (hello_server)" "$h_rps" "$(to_ms "$h_p50")" "$(to_ms "$h_p99")"
 printf '%-28s %12s %10s %10s\n' "oxserve demo model" "$o_rps" "$(to_ms "$o_p50")" "$(to_ms "$o_p99")"
 awk -v o="$o_rps" -v h="$h_rps" -v op="$(to_ms "$o_p50")" -v hp="$(to_ms "$h_p50")" \
   'BEGIN { printf "ratio req/s oxserve/bare: %.2f   p50 difference: %+.3f ms\n", o/h, op-hp }'
+# Server CPU per request: less sensitive than req/s to other load on a shared machine.
+awk -v t="$((t1 - t0))" -v hz="$(getconf CLK_TCK)" -v n="$o_reqs" \
+  'BEGIN { printf "oxserve CPU per request: %.1f us (%d requests)\n", t / hz * 1e6 / n, n }'
 
 # /metrics while the inference API is saturated: one scraping connection, measured by wrk.
 wrk -t1 -c"$CONNS" -d"$DURATION" -s bench/post.lua "http://127.0.0.1:$IP/predictions/demo" >/dev/null &

@@ -46,6 +46,13 @@ impl From<RegistryError> for ApiError {
     }
 }
 
+impl From<crate::worker::PoolError> for ApiError {
+    fn from(e: crate::worker::PoolError) -> ApiError {
+        let (status, kind) = e.status();
+        ApiError::new(status, kind, e.to_string())
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body =

@@ -15,7 +15,8 @@ use super::error::ApiError;
 use super::{openapi, parse_query, ApiPath, AppState};
 use crate::backend::{InferRequest, InferResponse, Param};
 use crate::metrics::{ModelMetrics, Timings};
-use crate::worker::{Job, Reply, ReplyPart, ReplyRx, SubmitError};
+use crate::model::registry::Health;
+use crate::worker::{Job, PoolError, Reply, ReplyPart, ReplyRx, SubmitError};
 
 const OPENAPI: &str = include_str!("openapi/inference.json");
 
@@ -34,16 +35,15 @@ pub fn router(state: AppState) -> Router {
     super::finish(routes, state)
 }
 
+/// TorchServe's words; 200 only when Healthy, so load balancers take a server out of rotation
+/// while any model has fewer workers than its minimum (TorchServe's isModelHealthy rule).
 async fn ping(State(state): State<AppState>) -> Response {
-    if state.registry.healthy() {
-        Json(serde_json::json!({"status": "Healthy"})).into_response()
-    } else {
-        (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            Json(serde_json::json!({"status": "Unhealthy"})),
-        )
-            .into_response()
-    }
+    let health = state.registry.health();
+    let code = match health {
+        Health::Healthy => StatusCode::OK,
+        Health::PartialHealthy | Health::Unhealthy => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    (code, Json(serde_json::json!({"status": health.as_str()}))).into_response()
 }
 
 /// What a prediction URL names: `{model}[/{version}[/{*rest}]]`.
@@ -123,21 +123,12 @@ async fn serve(state: AppState, target: Target, req: Request) -> Response {
     match model.pool.submit(job) {
         Ok(()) => respond(rx, metrics, in_url).await,
         Err(why) => {
-            let e = match why {
-                SubmitError::QueueFull => ApiError::new(
-                    503,
-                    "ServiceUnavailableException",
-                    format!(
-                        "Model \"{}\" has no worker to serve inference request. Please use scale workers API to add workers.",
-                        model.name
-                    ),
-                ),
-                SubmitError::Closed => ApiError::new(
-                    503,
-                    "ServiceUnavailableException",
-                    format!("Model \"{}\" is being unregistered", model.name),
-                ),
-            };
+            let e = ApiError::from(match why {
+                SubmitError::QueueFull => PoolError::QueueFull(model.name.clone()),
+                SubmitError::Closed => {
+                    PoolError::Closed(format!("Model \"{}\" is being unregistered", model.name))
+                }
+            });
             let mut t = Timings::new(arrival);
             t.responded = Some(Instant::now());
             metrics.record_request(&t, e.status, in_url);

@@ -16,8 +16,8 @@ use serde_json::{json, Value};
 
 use super::error::ApiError;
 use super::{openapi, parse_query, ApiPath, AppState};
-use crate::metrics::WorkerState;
 use crate::model::registry::{ModelVersion, RegisterOptions};
+use crate::worker::WorkerStatus;
 
 const OPENAPI: &str = include_str!("openapi/management.json");
 
@@ -134,38 +134,42 @@ fn rss_bytes(pid: u32) -> u64 {
     pages * page.max(0) as u64
 }
 
-fn describe_one(v: &ModelVersion) -> Value {
+async fn describe_one(v: &ModelVersion) -> Value {
     let pool = &v.pool;
     let s = pool.settings();
-    let workers: Vec<Value> = pool
-        .workers()
+    // One snapshot of the scheduler's own state: workers and queue as of the same instant.
+    let status = pool.describe().await;
+    let workers: Vec<Value> = status
+        .workers
         .iter()
         .map(|w| {
-            let status = match w.state {
-                WorkerState::Ready | WorkerState::Busy => "READY",
-                WorkerState::Starting => "STARTING",
-                WorkerState::Stopping => "UNLOADING",
+            let state = match w.status {
+                WorkerStatus::Ready | WorkerStatus::Busy => "READY",
+                WorkerStatus::Starting => "STARTING",
+                WorkerStatus::Backoff => "BACKOFF",
+                WorkerStatus::Stopping => "UNLOADING",
             };
-            let pid = w.pid.unwrap_or_else(std::process::id);
+            // TorchServe's pid is -1 while a worker has no process.
+            let pid = w.pid.map_or(-1, i64::from);
             json!({
                 "id": w.id.to_string(),
                 "startTime": iso8601(w.start_time),
-                "status": status,
-                "memoryUsage": rss_bytes(pid),
+                "status": state,
+                "memoryUsage": w.pid.map_or(0, rss_bytes),
                 "pid": pid,
                 "gpu": w.gpu >= 0,
                 "gpuUsage": "N/A",
             })
         })
         .collect();
-    let pending = pool.queue_len();
+    let pending = status.queue_len;
     json!({
         "modelName": v.name,
         "modelVersion": v.version,
         "modelUrl": v.url,
         "runtime": pool.runtime(),
-        "minWorkers": pool.min_workers(),
-        "maxWorkers": pool.max_workers(),
+        "minWorkers": status.min_workers,
+        "maxWorkers": status.max_workers,
         "batchSize": s.batch_size,
         "maxBatchDelay": s.max_batch_delay.as_millis() as u64,
         "responseTimeout": s.response_timeout.as_secs(),
@@ -184,7 +188,7 @@ async fn describe_default(
     ApiPath(model): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     let v = state.registry.get(&model, None)?;
-    Ok(Json(json!([describe_one(&v)])).into_response())
+    Ok(Json(json!([describe_one(&v).await])).into_response())
 }
 
 async fn describe_version(
@@ -196,10 +200,11 @@ async fn describe_version(
     } else {
         vec![state.registry.get(&model, Some(&version))?]
     };
-    Ok(Json(Value::Array(
-        versions.iter().map(|v| describe_one(v)).collect(),
-    ))
-    .into_response())
+    let mut out = Vec::with_capacity(versions.len());
+    for v in &versions {
+        out.push(describe_one(v).await);
+    }
+    Ok(Json(Value::Array(out)).into_response())
 }
 
 async fn scale_default(

@@ -4,6 +4,15 @@
 //! answers `{"label": ..., "score": ...}`. JSON bodies may be `{"text": "..."}` or any JSON string.
 //! `{"text": ..., "sleep_ms": N}` makes the batch take at least N ms, to try queueing, timeouts and
 //! scaling by hand (and in tests) without a slow model.
+//!
+//! Two test hooks, read from the environment once, make the demo model fail the way a buggy
+//! backend would, so tests over the real binary can prove the server survives it:
+//! `OXSERVE_DEMO_PANIC_WORD=<word>` panics in inference on any text containing `<word>`, and
+//! `OXSERVE_DEMO_PANIC_LOADS=<n>` panics in the first `n` model loads of the process. Unset (the
+//! normal case) they cost one branch.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
 
 use async_trait::async_trait;
 
@@ -27,6 +36,27 @@ const NEGATIVE: &[&str] = &[
     "bad", "terrible", "hate", "awful", "sad", "slow", "worst", "poor", "broken", "ugly",
 ];
 
+/// The test hooks (see the module doc).
+struct PanicHooks {
+    word: Option<String>,
+    loads: AtomicU32,
+}
+
+fn hooks() -> &'static PanicHooks {
+    static HOOKS: OnceLock<PanicHooks> = OnceLock::new();
+    HOOKS.get_or_init(|| PanicHooks {
+        word: std::env::var("OXSERVE_DEMO_PANIC_WORD")
+            .ok()
+            .filter(|w| !w.is_empty()),
+        loads: AtomicU32::new(
+            std::env::var("OXSERVE_DEMO_PANIC_LOADS")
+                .ok()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0),
+        ),
+    })
+}
+
 /// Loads [`DemoModel`]s.
 pub struct DemoLoader;
 
@@ -36,6 +66,13 @@ impl BackendLoader for DemoLoader {
         "builtin"
     }
     async fn load(&self, _spec: &WorkerSpec) -> Result<Box<dyn Backend>, BackendError> {
+        let left = &hooks().loads;
+        if left
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            panic!("demo model: load panic requested by OXSERVE_DEMO_PANIC_LOADS");
+        }
         Ok(Box::new(DemoModel))
     }
 }
@@ -109,6 +146,11 @@ fn infer_one(req: &InferRequest) -> InferResponse {
             }
         }
     };
+    if let Some(word) = &hooks().word {
+        if text.contains(word.as_str()) {
+            panic!("demo model: panic requested by OXSERVE_DEMO_PANIC_WORD ({word:?})");
+        }
+    }
     let (label, score) = score(&text);
     if req.header("explain") == Some("True") {
         // /explanations: which words moved the score, and which way.

@@ -86,6 +86,8 @@ pub struct Config {
     pub max_archive_entries: u64,
     /// Most series one handler metric family may hold (`model_metrics_max_series`).
     pub model_metrics_max_series: usize,
+    /// Server-wide autoscaling rule (`autoscale_*` keys); models may override each part.
+    pub autoscale: crate::worker::AutoscaleRule,
 }
 
 /// Default of `max_archive_unpacked_bytes`: 64 GiB, room for the weights of a large LLM, yet
@@ -141,6 +143,43 @@ pub struct ModelSettings {
     pub max_batch_delay: Option<Duration>,
     pub response_timeout: Option<Duration>,
     pub startup_timeout: Option<Duration>,
+    /// oxserve's autoscaling rule, per model (`autoscaleIntervalMs`, ...).
+    pub autoscale_interval: Option<Duration>,
+    pub autoscale_queue_per_worker: Option<u32>,
+    pub autoscale_up_samples: Option<u32>,
+    pub autoscale_down_samples: Option<u32>,
+}
+
+/// Limits of the autoscaling keys: (config.properties key, per-model field, min, max).
+const AUTOSCALE_LIMITS: [(&str, &str, u64, u64); 4] = [
+    (
+        "autoscale_interval_ms",
+        "autoscaleIntervalMs",
+        10,
+        3_600_000,
+    ),
+    (
+        "autoscale_queue_per_worker",
+        "autoscaleQueuePerWorker",
+        1,
+        1_000_000,
+    ),
+    ("autoscale_up_samples", "autoscaleUpSamples", 1, 1_000_000),
+    (
+        "autoscale_down_samples",
+        "autoscaleDownSamples",
+        1,
+        1_000_000,
+    ),
+];
+
+/// Checks one autoscaling value against [`AUTOSCALE_LIMITS`] (index `i`).
+fn autoscale_value(i: usize, v: u64, at: &str) -> Result<u32, String> {
+    let (_, _, lo, hi) = AUTOSCALE_LIMITS[i];
+    if v < lo || v > hi {
+        return Err(format!("{at}: {v} is outside {lo}..={hi}"));
+    }
+    Ok(v as u32)
 }
 
 impl ModelSettings {
@@ -175,7 +214,22 @@ impl ModelSettings {
             max_batch_delay: uint("maxBatchDelay")?.map(|ms| Duration::from_millis(ms.into())),
             response_timeout: uint("responseTimeout")?.map(|s| Duration::from_secs(s.into())),
             startup_timeout: uint("startupTimeout")?.map(|s| Duration::from_secs(s.into())),
+            autoscale_interval: None,
+            autoscale_queue_per_worker: None,
+            autoscale_up_samples: None,
+            autoscale_down_samples: None,
         };
+        let mut settings = settings;
+        let mut scale = [None; 4];
+        for (i, (_, field, _, _)) in AUTOSCALE_LIMITS.iter().enumerate() {
+            if let Some(v) = uint(field)? {
+                scale[i] = Some(autoscale_value(i, v.into(), &format!("{at}: {field}"))?);
+            }
+        }
+        settings.autoscale_interval = scale[0].map(|ms| Duration::from_millis(ms.into()));
+        settings.autoscale_queue_per_worker = scale[1];
+        settings.autoscale_up_samples = scale[2];
+        settings.autoscale_down_samples = scale[3];
         if let (Some(min), Some(max)) = (settings.min_workers, settings.max_workers) {
             if min > max {
                 return Err(format!(
@@ -220,6 +274,12 @@ impl ModelSettings {
             max_batch_delay: self.max_batch_delay.or(other.max_batch_delay),
             response_timeout: self.response_timeout.or(other.response_timeout),
             startup_timeout: self.startup_timeout.or(other.startup_timeout),
+            autoscale_interval: self.autoscale_interval.or(other.autoscale_interval),
+            autoscale_queue_per_worker: self
+                .autoscale_queue_per_worker
+                .or(other.autoscale_queue_per_worker),
+            autoscale_up_samples: self.autoscale_up_samples.or(other.autoscale_up_samples),
+            autoscale_down_samples: self.autoscale_down_samples.or(other.autoscale_down_samples),
         }
     }
 }
@@ -311,6 +371,10 @@ const KNOWN_KEYS: &[&str] = &[
     "max_archive_unpacked_bytes",
     "max_archive_entries",
     "model_metrics_max_series",
+    "autoscale_interval_ms",
+    "autoscale_queue_per_worker",
+    "autoscale_up_samples",
+    "autoscale_down_samples",
 ];
 
 /// A configuration error: one line naming the key and the offending value.
@@ -530,6 +594,24 @@ impl Config {
             }
             _ => BTreeMap::new(),
         };
+        let defaults = crate::worker::AutoscaleRule::default();
+        let default_values = [
+            defaults.interval.as_millis() as u64,
+            u64::from(defaults.queue_per_worker),
+            u64::from(defaults.up_samples),
+            u64::from(defaults.down_samples),
+        ];
+        let mut scale = [0u32; 4];
+        for (i, (key, _, _, _)) in AUTOSCALE_LIMITS.iter().enumerate() {
+            let v = number(key, default_values[i])?;
+            scale[i] = autoscale_value(i, v, &format!("config key {key}")).map_err(ConfigError)?;
+        }
+        let autoscale = crate::worker::AutoscaleRule {
+            interval: Duration::from_millis(scale[0].into()),
+            queue_per_worker: scale[1],
+            up_samples: scale[2],
+            down_samples: scale[3],
+        };
         let log_dir = env
             .iter()
             .find(|(k, _)| k == "METRICS_LOCATION")
@@ -619,6 +701,7 @@ impl Config {
                 "model_metrics_max_series",
                 DEFAULT_MODEL_METRICS_MAX_SERIES as u64,
             )? as usize,
+            autoscale,
         };
         Ok((config, warnings))
     }
@@ -766,6 +849,36 @@ mod tests {
             .unwrap_err()
             .0
             .contains("models"));
+    }
+
+    #[test]
+    fn autoscale_keys_are_read_and_bounded() {
+        let c = build(&[
+            ("autoscale_interval_ms", "250"),
+            ("autoscale_up_samples", "3"),
+        ])
+        .unwrap();
+        assert_eq!(c.autoscale.interval, Duration::from_millis(250));
+        assert_eq!((c.autoscale.up_samples, c.autoscale.down_samples), (3, 60));
+        for (k, v) in [
+            ("autoscale_interval_ms", "0"),
+            ("autoscale_interval_ms", "99999999"),
+            ("autoscale_queue_per_worker", "0"),
+            ("autoscale_down_samples", "-1"),
+        ] {
+            let e = build(&[(k, v)]).unwrap_err();
+            assert!(e.0.contains(k), "{e}");
+        }
+        let c = build(&[(
+            "models",
+            r#"{"m": {"1.0": {"autoscaleUpSamples": 5, "autoscaleIntervalMs": 100}}}"#,
+        )])
+        .unwrap();
+        let s = &c.models["m"]["1.0"];
+        assert_eq!(s.autoscale_up_samples, Some(5));
+        assert_eq!(s.autoscale_interval, Some(Duration::from_millis(100)));
+        let e = build(&[("models", r#"{"m": {"1.0": {"autoscaleDownSamples": 0}}}"#)]).unwrap_err();
+        assert!(e.0.contains("autoscaleDownSamples"), "{e}");
     }
 
     #[test]

@@ -47,14 +47,17 @@ pub enum WorkerState {
     Ready = 1,
     Busy = 2,
     Stopping = 3,
+    /// Crashed or failed to load; waits to be restarted (no process).
+    Backoff = 4,
 }
 
 impl WorkerState {
-    pub const ALL: [WorkerState; 4] = [
+    pub const ALL: [WorkerState; 5] = [
         WorkerState::Starting,
         WorkerState::Ready,
         WorkerState::Busy,
         WorkerState::Stopping,
+        WorkerState::Backoff,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
@@ -62,6 +65,7 @@ impl WorkerState {
             WorkerState::Ready => "ready",
             WorkerState::Busy => "busy",
             WorkerState::Stopping => "stopping",
+            WorkerState::Backoff => "backoff",
         }
     }
 }
@@ -124,7 +128,9 @@ pub struct ModelMetrics {
     pub queue_capacity: Handle,
     pub workers_min: Handle,
     pub workers_max: Handle,
-    pub(super) workers: [Handle; 4],
+    pub(super) workers: [Handle; 5],
+    /// oxserve_worker_scale_events_total: [up, down] x [request, autoscale].
+    pub(super) scale_events: [[Handle; 2]; 2],
     pub(super) responses: [Handle; 3],
     /// TorchServe's HandlerTime / PredictionTime, recorded by in-process backends' workers.
     pub handler_time: Handle,
@@ -159,9 +165,16 @@ impl ModelMetrics {
         self.responses[status_class(status)].inc();
     }
 
-    /// Adds to (or, negative, subtracts from) the worker count of one state.
-    pub fn add_workers(&self, state: WorkerState, delta: i64) {
-        self.workers[state as usize].inc_by(delta as f64);
+    /// Sets the worker count of one state (the scheduler is the only writer).
+    pub fn set_workers(&self, state: WorkerState, n: f64) {
+        self.workers[state as usize].set(n);
+    }
+
+    /// Counts `n` workers added (`up`) or stopped by a scale request or by the autoscaler.
+    pub fn scaled(&self, up: bool, by_autoscaler: bool, n: u32) {
+        if n > 0 {
+            self.scale_events[usize::from(!up)][usize::from(by_autoscaler)].inc_by(f64::from(n));
+        }
     }
 }
 

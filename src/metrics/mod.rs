@@ -164,8 +164,18 @@ impl Metrics {
             "oxserve_workers",
             Kind::Gauge,
             "",
-            "Workers of a model version by state (starting, ready, busy, stopping).".into(),
+            "Workers of a model version by state (starting, ready, busy, stopping, backoff)."
+                .into(),
             &["model_name", "model_version", "state"],
+            vec![],
+            false,
+        );
+        m.add_family(
+            "oxserve_worker_scale_events_total",
+            Kind::Counter,
+            "",
+            "Workers added (direction=up) or stopped (down) by a scale request (trigger=request) or the autoscaler (trigger=autoscale).".into(),
+            &["model_name", "model_version", "direction", "trigger"],
             vec![],
             false,
         );
@@ -361,6 +371,14 @@ impl Metrics {
             h.inc_by(0.0);
             h
         };
+        let scale = |direction: &str, trigger: &str| {
+            let h = self.series(
+                "oxserve_worker_scale_events_total",
+                &[model_name, model_version, direction, trigger],
+            );
+            h.inc_by(0.0);
+            h
+        };
         let model_dims = [("ModelName", model_name), ("Level", "Model")];
         let model_gauge = |name: &str| {
             let Some(f) = self.family(name) else {
@@ -396,6 +414,10 @@ impl Metrics {
             workers_min: s("oxserve_workers_min"),
             workers_max: s("oxserve_workers_max"),
             workers: WorkerState::ALL.map(state),
+            scale_events: [
+                [scale("up", "request"), scale("up", "autoscale")],
+                [scale("down", "request"), scale("down", "autoscale")],
+            ],
             responses: ["2xx", "4xx", "5xx"].map(class),
             handler_time: model_gauge("HandlerTime"),
             prediction_time: model_gauge("PredictionTime"),

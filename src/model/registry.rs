@@ -11,12 +11,31 @@ use crate::backend::{self, BackendLoader, WorkerSpec};
 use crate::config::{Config, ModelSettings};
 use crate::metrics::{Metrics, ModelMetrics};
 use crate::model::archive::{self, Manifest, UnpackedArchive};
-use crate::worker::{Pool, PoolSettings};
+use crate::worker::{AutoscaleRule, Pool, PoolSettings};
 
 /// The name oxserve serves its built-in demo model under.
 pub const DEMO_MODEL: &str = "demo";
 /// `modelUrl` of the built-in demo model.
 pub const DEMO_URL: &str = "builtin:demo";
+
+/// The server's health as `/ping` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    Healthy,
+    PartialHealthy,
+    Unhealthy,
+}
+
+impl Health {
+    /// TorchServe's words.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Healthy => "Healthy",
+            Health::PartialHealthy => "Partial Healthy",
+            Health::Unhealthy => "Unhealthy",
+        }
+    }
+}
 
 /// One registered version of a model.
 pub struct ModelVersion {
@@ -247,13 +266,41 @@ impl Registry {
             .collect()
     }
 
-    /// Whether every version has at least its minimum of live workers (`/ping`).
+    /// `/ping`'s answer, by TorchServe's rule (ApiUtils.getWorkerStatus): over the default
+    /// version of every model, "Unhealthy" when minimums are configured and no worker runs,
+    /// "Partial Healthy" when some run but fewer than the minimums, else "Healthy". Workers above
+    /// one model's minimum do not make up for another's shortfall (TorchServe sums them; its
+    /// newer isModelHealthy check, which decides the status code, is per model).
+    pub fn health(&self) -> Health {
+        if !self.started.load(Ordering::Acquire) {
+            return Health::Unhealthy;
+        }
+        let defaults: Vec<Arc<ModelVersion>> = {
+            let models = self.models.read().unwrap();
+            models
+                .values()
+                .filter_map(|m| m.versions.get(&m.default_version).cloned())
+                .collect()
+        };
+        let (mut scaled, mut working) = (0usize, 0usize);
+        for v in &defaults {
+            let status = v.pool.status();
+            let min = status.min_workers as usize;
+            scaled += min;
+            working += status.live_workers().min(min);
+        }
+        if working >= scaled {
+            Health::Healthy
+        } else if working > 0 {
+            Health::PartialHealthy
+        } else {
+            Health::Unhealthy
+        }
+    }
+
+    /// Whether every default version has at least its minimum of live workers.
     pub fn healthy(&self) -> bool {
-        self.started.load(Ordering::Acquire)
-            && self
-                .all_versions()
-                .iter()
-                .all(|v| v.pool.live_workers() >= v.pool.min_workers() as usize)
+        self.health() == Health::Healthy
     }
 
     /// Marks start-up model loading as done (from then on /ping reflects the workers).
@@ -457,7 +504,16 @@ impl Registry {
             .cloned()
             .unwrap_or_default()
             .or(from_yaml);
+        let autoscale = c.autoscale;
         let settings = PoolSettings {
+            autoscale: AutoscaleRule {
+                interval: m.autoscale_interval.unwrap_or(autoscale.interval),
+                queue_per_worker: m
+                    .autoscale_queue_per_worker
+                    .unwrap_or(autoscale.queue_per_worker),
+                up_samples: m.autoscale_up_samples.unwrap_or(autoscale.up_samples),
+                down_samples: m.autoscale_down_samples.unwrap_or(autoscale.down_samples),
+            },
             batch_size: options.batch_size.or(m.batch_size).unwrap_or(c.batch_size),
             max_batch_delay: options
                 .max_batch_delay

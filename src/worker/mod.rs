@@ -1,23 +1,37 @@
-//! Per-model-version worker pools: a bounded queue, batching, live scaling and supervision.
+//! Per-model-version scheduling: one supervisor task per model version, and the handle to it.
 //!
-//! Requests wait in one bounded queue per model version. Each worker is a task that owns one
-//! [`Backend`]; when idle it takes the oldest request, keeps collecting until the batch is full or
-//! `max_batch_delay` has passed since it took the first one, and hands the batch to its backend.
-//! Scaling down marks workers as stopping: they finish their batch and never take another, so a
-//! queued request is never lost. A worker whose backend dies fails its batch with a 5xx, then loads
-//! again with exponential backoff.
+//! A [`Pool`] is a cheap handle to a supervisor task (`supervisor.rs`) that alone owns the
+//! version's queue, its worker slots and their life cycle. Everything reaches it as a typed
+//! command on one channel (submit, scale, describe, close) or as an event from a worker task
+//! (loaded, answered n jobs, exited), so there is no lock to get wrong and no race between two
+//! scale requests: commands are applied one after another. What describe, `/ping` and the
+//! worker gauges report is what the supervisor holds, published by it after every step.
+//!
+//! How it differs from TorchServe's wlm/ package (WorkLoadManager, WorkerThread, BatchAggregator):
+//! - Batching is a [`policy::BatchPolicy`] the supervisor consults, not code inside each worker
+//!   thread; classic (batch_size / max_batch_delay) is the one implemented, the interface is
+//!   shaped for async, continuous and sequence batching (see `policy.rs`).
+//! - The pool autoscales between min_worker and max_worker on queue pressure
+//!   (`autoscale.rs`, docs/scheduling.md); TorchServe only scales when asked.
+//! - Restart backoff resets once a worker has served (TorchServe's grows for good), and a worker
+//!   waiting to restart is reported as such (TorchServe shows it as a live worker).
+//! - A panic in a backend answers its batch with a 500 and replaces the backend.
 
-use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
+pub mod autoscale;
+pub mod policy;
+mod runner;
+mod supervisor;
+
+use std::sync::atomic::AtomicU32;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::backend::{
-    Backend, BackendError, BackendLoader, InferRequest, InferResponse, StreamSink, WorkerSpec,
-};
+use crate::backend::{BackendLoader, InferRequest, InferResponse, WorkerSpec};
 use crate::metrics::{ModelMetrics, Timings, WorkerState};
+
+pub use autoscale::AutoscaleRule;
 
 /// One part of a reply: streamed parts have `last == false`.
 #[derive(Debug)]
@@ -87,10 +101,11 @@ impl Job {
         )
     }
 
-    fn finish(self, response: InferResponse) {
+    /// Answers the job with its final reply.
+    pub fn finish(self, response: InferResponse) {
         let timings = self.timings;
         self.reply
-            .into_inner()
+            .lock()
             .unwrap_or_else(|e| e.into_inner())
             .send(ReplyPart {
                 response,
@@ -98,9 +113,90 @@ impl Job {
                 timings,
             });
     }
+
+    /// Answers the job with a scheduling error.
+    pub fn fail(self, error: &PoolError) {
+        self.finish(error.response());
+    }
+
+    /// Sends a streamed (not final) part.
+    fn send_partial(&self, response: InferResponse) {
+        self.reply
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(ReplyPart {
+                response,
+                last: false,
+                timings: self.timings,
+            });
+    }
 }
 
-/// Why a request was not queued.
+impl Drop for Job {
+    /// A job dropped unanswered (a bug, or a task torn down) still gets an answer, so no
+    /// client waits forever and every counted request gets a counted response.
+    fn drop(&mut self) {
+        let reply = self.reply.get_mut().unwrap_or_else(|e| e.into_inner());
+        if let Some(first) = reply.first.take() {
+            let _ = first.send(Reply::Whole(ReplyPart {
+                response: PoolError::Dropped.response(),
+                last: true,
+                timings: self.timings,
+            }));
+        }
+    }
+}
+
+/// Why the scheduler could not serve a request. The one place these become HTTP statuses and
+/// TorchServe exception types is [`PoolError::status`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PoolError {
+    /// The queue holds job_queue_size requests (TorchServe's message, word for word).
+    #[error("Model \"{0}\" has no worker to serve inference request. Please use scale workers API to add workers.")]
+    QueueFull(String),
+    /// The model version is being unregistered or the server is stopping.
+    #[error("{0}")]
+    Closed(String),
+    /// The worker process died while serving the batch.
+    #[error("Worker died: {0}")]
+    WorkerDied(String),
+    /// The backend did not answer within response_timeout; it is restarted.
+    #[error("the worker did not answer within the response timeout ({0}s); it is restarted")]
+    Timeout(u64),
+    /// The backend panicked; it is replaced.
+    #[error("the backend failed unexpectedly (panic: {0}); the worker is replaced")]
+    Panicked(String),
+    /// The backend answered a batch with the wrong number of replies.
+    #[error("the backend returned {got} replies for a batch of {want} requests")]
+    ReplyCount { got: usize, want: usize },
+    /// A job was dropped without an answer (should not happen; answered rather than hung).
+    #[error("the worker dropped the request without an answer")]
+    Dropped,
+}
+
+impl PoolError {
+    /// HTTP status and TorchServe exception type.
+    pub fn status(&self) -> (u16, &'static str) {
+        match self {
+            PoolError::QueueFull(_) | PoolError::Closed(_) | PoolError::WorkerDied(_) => {
+                (503, "ServiceUnavailableException")
+            }
+            PoolError::Timeout(_) => (408, "RequestTimeoutException"),
+            PoolError::Panicked(_) | PoolError::ReplyCount { .. } | PoolError::Dropped => {
+                (500, "InternalServerException")
+            }
+        }
+    }
+
+    /// The error as a reply in TorchServe's JSON shape.
+    pub fn response(&self) -> InferResponse {
+        let (status, kind) = self.status();
+        InferResponse::error(status, kind, &self.to_string())
+    }
+}
+
+/// Why a request was not queued (the supervisor is gone). Queue-full and closing answers arrive
+/// as the job's reply instead, so the caller answers every request the same way.
 #[derive(Debug, PartialEq, Eq)]
 pub enum SubmitError {
     /// The queue holds job_queue_size requests.
@@ -109,7 +205,7 @@ pub enum SubmitError {
     Closed,
 }
 
-/// Batching and timeout settings of one model version.
+/// Batching, timeout and autoscaling settings of one model version.
 #[derive(Debug, Clone)]
 pub struct PoolSettings {
     pub batch_size: u32,
@@ -117,10 +213,40 @@ pub struct PoolSettings {
     pub queue_capacity: usize,
     pub response_timeout: Duration,
     pub startup_timeout: Duration,
+    pub autoscale: AutoscaleRule,
+}
+
+/// What a worker slot is doing. `Backoff` is a worker whose backend died or failed to load and
+/// that waits to be started again: it has no process and serves nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerStatus {
+    Starting,
+    Ready,
+    Busy,
+    Backoff,
+    Stopping,
+}
+
+impl WorkerStatus {
+    /// The `oxserve_workers` gauge this status is counted in.
+    pub fn gauge(self) -> WorkerState {
+        match self {
+            WorkerStatus::Starting => WorkerState::Starting,
+            WorkerStatus::Ready => WorkerState::Ready,
+            WorkerStatus::Busy => WorkerState::Busy,
+            WorkerStatus::Backoff => WorkerState::Backoff,
+            WorkerStatus::Stopping => WorkerState::Stopping,
+        }
+    }
+
+    /// Whether the worker can serve requests now.
+    pub fn live(self) -> bool {
+        matches!(self, WorkerStatus::Ready | WorkerStatus::Busy)
+    }
 }
 
 /// A worker as `describe` shows it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct WorkerInfo {
     pub id: u32,
     /// The GPU the worker was given, -1 for none.
@@ -128,47 +254,78 @@ pub struct WorkerInfo {
     pub name: String,
     pub start_time: SystemTime,
     pub state: WorkerState,
+    pub status: WorkerStatus,
+    /// The process serving the model (the server's own for in-process backends); None while no
+    /// backend is loaded.
     pub pid: Option<u32>,
 }
 
-struct WorkerSlot {
-    id: u32,
-    gpu: i32,
-    name: String,
-    start_time: SystemTime,
-    state: Arc<AtomicU8>,
-    pid: Arc<AtomicU32>,
-    stop: Arc<AtomicBool>,
-}
-
-struct Shared {
-    queue: Mutex<VecDeque<Job>>,
-    /// Wakes idle workers when a job arrives or a worker is told to stop.
-    notify: Notify,
-    closed: AtomicBool,
-    settings: PoolSettings,
-    loader: Arc<dyn BackendLoader>,
-    spec: WorkerSpec,
-    metrics: Arc<ModelMetrics>,
-    workers: Mutex<Vec<WorkerSlot>>,
-    min_workers: AtomicU32,
-    max_workers: AtomicU32,
-    next_port: Arc<AtomicU32>,
-    /// Notified when a worker starts, finishes loading, fails to load, stops or exits.
-    state_changed: Notify,
+/// The supervisor's state as it publishes it after each step.
+#[derive(Debug, Clone, Default)]
+pub struct PoolStatus {
+    pub workers: Vec<WorkerInfo>,
+    pub queue_len: usize,
+    pub min_workers: u32,
+    pub max_workers: u32,
     /// Why the latest model load failed; cleared by the next successful load.
-    load_error: Mutex<Option<String>>,
+    pub load_error: Option<String>,
+    pub closed: bool,
+    /// Every worker has exited after close; the supervisor is gone.
+    pub stopped: bool,
 }
 
-/// The pool of one model version.
+impl PoolStatus {
+    /// Workers that can serve now (ready or busy).
+    pub fn live_workers(&self) -> usize {
+        self.workers.iter().filter(|w| w.status.live()).count()
+    }
+}
+
+/// A command to the supervisor.
+enum Command {
+    Submit(Job),
+    Scale {
+        min: u32,
+        max: u32,
+        wait: bool,
+        done: oneshot::Sender<usize>,
+    },
+    Describe(oneshot::Sender<PoolStatus>),
+    Close(String),
+}
+
+/// What reaches the supervisor: commands from handles, events from its worker tasks.
+enum Msg {
+    Command(Command),
+    Worker(runner::Event),
+}
+
+/// The handle side; the last one dropped closes the pool so its supervisor never outlives it.
+struct Handle {
+    tx: mpsc::UnboundedSender<Msg>,
+    status: watch::Receiver<PoolStatus>,
+    settings: PoolSettings,
+    runtime: String,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        let _ = self.tx.send(Msg::Command(Command::Close(
+            "the model version was dropped".into(),
+        )));
+    }
+}
+
+/// The pool of one model version: a handle to its supervisor task.
 #[derive(Clone)]
 pub struct Pool {
-    shared: Arc<Shared>,
+    handle: Arc<Handle>,
 }
 
 impl Pool {
-    /// Creates an empty pool; call [`Pool::scale`] to start workers. `spec` is the template each
-    /// worker's spec is made from (port and name are filled per worker).
+    /// Creates an empty pool and starts its supervisor; call [`Pool::scale`] to start workers.
+    /// `spec` is the template each worker's spec is made from (port and name are filled per
+    /// worker). Must be called inside a tokio runtime.
     pub fn new(
         loader: Arc<dyn BackendLoader>,
         spec: WorkerSpec,
@@ -176,269 +333,129 @@ impl Pool {
         metrics: Arc<ModelMetrics>,
         next_port: Arc<AtomicU32>,
     ) -> Pool {
-        metrics.queue_capacity.set(settings.queue_capacity as f64);
-        metrics.queue_depth.set(0.0);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (status_tx, status_rx) = watch::channel(PoolStatus::default());
+        let runtime = loader.runtime().to_string();
+        let supervisor = supervisor::Supervisor::new(supervisor::Parts {
+            loader,
+            spec,
+            settings: settings.clone(),
+            metrics,
+            next_port,
+            tx: tx.clone(),
+            status: status_tx,
+        });
+        tokio::spawn(supervisor.run(rx));
         Pool {
-            shared: Arc::new(Shared {
-                queue: Mutex::new(VecDeque::with_capacity(settings.queue_capacity.min(1024))),
-                notify: Notify::new(),
-                closed: AtomicBool::new(false),
+            handle: Arc::new(Handle {
+                tx,
+                status: status_rx,
                 settings,
-                loader,
-                spec,
-                metrics,
-                workers: Mutex::new(Vec::new()),
-                min_workers: AtomicU32::new(0),
-                max_workers: AtomicU32::new(0),
-                next_port,
-                state_changed: Notify::new(),
-                load_error: Mutex::new(None),
+                runtime,
             }),
         }
     }
 
     pub fn settings(&self) -> &PoolSettings {
-        &self.shared.settings
+        &self.handle.settings
     }
 
     pub fn runtime(&self) -> String {
-        self.shared.loader.runtime().to_string()
+        self.handle.runtime.clone()
     }
 
-    /// Queues a job, or says why not (the job is dropped; the caller answers the request).
+    /// Sends a command; false when the supervisor is gone.
+    fn send(&self, c: Command) -> bool {
+        self.handle.tx.send(Msg::Command(c)).is_ok()
+    }
+
+    /// Queues a job. A full queue or a closing pool answers the job through its reply (503 in
+    /// TorchServe's shape); Err only when the supervisor is already gone.
     pub fn submit(&self, mut job: Job) -> Result<(), SubmitError> {
-        let s = &self.shared;
-        if s.closed.load(Ordering::Acquire) {
-            return Err(SubmitError::Closed);
-        }
-        {
-            let mut q = s.queue.lock().unwrap();
-            if q.len() >= s.settings.queue_capacity {
-                return Err(SubmitError::QueueFull);
+        job.timings.enqueued = Some(Instant::now());
+        match self.handle.tx.send(Msg::Command(Command::Submit(job))) {
+            Ok(()) => Ok(()),
+            Err(returned) => {
+                // Nobody reads this answer: the caller answers from the error. Answering keeps
+                // the job's drop from reporting it as dropped.
+                if let Msg::Command(Command::Submit(job)) = returned.0 {
+                    job.fail(&PoolError::Closed("closed".into()));
+                }
+                Err(SubmitError::Closed)
             }
-            job.timings.enqueued = Some(Instant::now());
-            q.push_back(job);
-            s.metrics.queue_depth.set(q.len() as f64);
         }
-        s.notify.notify_one();
-        Ok(())
+    }
+
+    /// The supervisor's state as of its latest step.
+    pub fn status(&self) -> PoolStatus {
+        self.handle.status.borrow().clone()
+    }
+
+    /// The supervisor's state once it has handled every command sent before this one.
+    pub async fn describe(&self) -> PoolStatus {
+        let (tx, rx) = oneshot::channel();
+        if !self.send(Command::Describe(tx)) {
+            return self.status();
+        }
+        rx.await.unwrap_or_else(|_| self.status())
     }
 
     /// Requests waiting in the queue.
     pub fn queue_len(&self) -> usize {
-        self.shared.queue.lock().unwrap().len()
+        self.handle.status.borrow().queue_len
     }
 
     pub fn min_workers(&self) -> u32 {
-        self.shared.min_workers.load(Ordering::Relaxed)
+        self.handle.status.borrow().min_workers
     }
 
     pub fn max_workers(&self) -> u32 {
-        self.shared.max_workers.load(Ordering::Relaxed)
+        self.handle.status.borrow().max_workers
     }
 
-    /// Workers not told to stop.
+    /// Every worker slot with its true state.
     pub fn workers(&self) -> Vec<WorkerInfo> {
-        self.shared
-            .workers
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|w| WorkerInfo {
-                id: w.id,
-                gpu: w.gpu,
-                name: w.name.clone(),
-                start_time: w.start_time,
-                state: state_from(w.state.load(Ordering::Relaxed)),
-                pid: Some(w.pid.load(Ordering::Relaxed)).filter(|p| *p != 0),
-            })
-            .collect()
+        self.handle.status.borrow().workers.clone()
     }
 
     /// Why the latest model load failed, if it did and no load has succeeded since.
     pub fn load_error(&self) -> Option<String> {
-        self.shared.load_error.lock().unwrap().clone()
+        self.handle.status.borrow().load_error.clone()
     }
 
     /// Workers that can serve now (ready or busy).
     pub fn live_workers(&self) -> usize {
-        self.workers()
-            .iter()
-            .filter(|w| matches!(w.state, WorkerState::Ready | WorkerState::Busy))
-            .count()
+        self.handle.status.borrow().live_workers()
     }
 
-    /// Sets min/max workers and starts or stops workers to fit: fewer than `min` running are topped
-    /// up to `min`; more than `max` are cut to `max` (idle ones first). With `wait`, returns once the
-    /// new workers are ready or the startup timeout passes; returns the number of workers then.
+    /// Sets min/max workers and starts or stops workers to fit: fewer than `min` are topped up
+    /// to `min`; more than `max` are cut to `max` (idle ones first). With `wait`, returns once
+    /// the new workers are ready, a load failed with none serving, or the startup timeout
+    /// passed; returns the number of workers then.
     pub async fn scale(&self, min: u32, max: u32, wait: bool) -> usize {
-        let s = &self.shared;
-        s.min_workers.store(min, Ordering::Relaxed);
-        s.max_workers.store(max, Ordering::Relaxed);
-        s.metrics.workers_min.set(f64::from(min));
-        s.metrics.workers_max.set(f64::from(max));
-        let running = {
-            let workers = s.workers.lock().unwrap();
-            let running = workers
-                .iter()
-                .filter(|w| !w.stop.load(Ordering::Relaxed))
-                .count() as u32;
-            if running > max {
-                // Stop the surplus, idle workers first, then the newest.
-                let mut order: Vec<usize> = (0..workers.len())
-                    .filter(|&i| !workers[i].stop.load(Ordering::Relaxed))
-                    .collect();
-                order.sort_by_key(|&i| {
-                    let busy =
-                        state_from(workers[i].state.load(Ordering::Relaxed)) == WorkerState::Busy;
-                    (busy, std::cmp::Reverse(workers[i].id))
-                });
-                for &i in order.iter().take((running - max) as usize) {
-                    workers[i].stop.store(true, Ordering::Release);
-                    s.transition(&workers[i].state, WorkerState::Stopping);
-                }
-            }
-            running
+        let (tx, rx) = oneshot::channel();
+        let c = Command::Scale {
+            min,
+            max,
+            wait,
+            done: tx,
         };
-        if running > max {
-            s.notify.notify_waiters();
+        if !self.send(c) {
+            return 0;
         }
-        for _ in running..min {
-            self.spawn_worker();
-        }
-        if wait {
-            let deadline = Instant::now() + s.settings.startup_timeout;
-            loop {
-                let notified = s.state_changed.notified();
-                let workers = self.workers();
-                let settled = workers
-                    .iter()
-                    .all(|w| !matches!(w.state, WorkerState::Starting | WorkerState::Stopping));
-                // A load that failed while nothing serves yet will not fix itself by waiting.
-                let failed = s.load_error.lock().unwrap().is_some()
-                    && !workers
-                        .iter()
-                        .any(|w| matches!(w.state, WorkerState::Ready | WorkerState::Busy));
-                if settled || failed || Instant::now() >= deadline {
-                    return workers.len();
-                }
-                let _ = tokio::time::timeout_at(deadline.into(), notified).await;
-            }
-        }
-        self.workers()
-            .iter()
-            .filter(|w| w.state != WorkerState::Stopping)
-            .count()
+        rx.await.unwrap_or(0)
     }
 
-    /// Stops accepting requests, answers every queued one with `reason`, and stops all workers
-    /// once their current batch is done.
+    /// Stops accepting requests, answers every queued one with `reason` (503), and stops all
+    /// workers once their current batch is done.
     pub fn close(&self, reason: &str) {
-        let s = &self.shared;
-        s.closed.store(true, Ordering::Release);
-        let drained: Vec<Job> = s.queue.lock().unwrap().drain(..).collect();
-        s.metrics.queue_depth.set(0.0);
-        for job in drained {
-            job.finish(InferResponse::error(
-                503,
-                "ServiceUnavailableException",
-                reason,
-            ));
-        }
-        for w in s.workers.lock().unwrap().iter() {
-            w.stop.store(true, Ordering::Release);
-            s.transition(&w.state, WorkerState::Stopping);
-        }
-        s.notify.notify_waiters();
+        self.send(Command::Close(reason.to_string()));
     }
 
     /// Waits until every worker has exited (after [`Pool::close`]), at most `limit`.
     pub async fn wait_stopped(&self, limit: Duration) {
-        let deadline = Instant::now() + limit;
-        loop {
-            let notified = self.shared.state_changed.notified();
-            if self.shared.workers.lock().unwrap().is_empty() || Instant::now() >= deadline {
-                return;
-            }
-            let _ = tokio::time::timeout_at(deadline.into(), notified).await;
-        }
-    }
-
-    fn spawn_worker(&self) {
-        let s = &self.shared;
-        let port = s.next_port.fetch_add(1, Ordering::Relaxed);
-        let name = format!("W-{port}-{}_{}", s.spec.model_name, s.spec.model_version);
-        let gpu = gpu_for(
-            port,
-            s.spec.settings.initial_worker_port,
-            s.spec.settings.number_of_gpu.unwrap_or(0),
-        );
-        let slot = WorkerSlot {
-            gpu,
-            id: port,
-            name: name.clone(),
-            start_time: SystemTime::now(),
-            state: Arc::new(AtomicU8::new(WorkerState::Starting as u8)),
-            pid: Arc::new(AtomicU32::new(0)),
-            stop: Arc::new(AtomicBool::new(false)),
-        };
-        let mut spec = s.spec.clone();
-        spec.port = port;
-        spec.name = name;
-        spec.gpu_id = gpu_for(
-            port,
-            spec.settings.initial_worker_port,
-            spec.settings.number_of_gpu.unwrap_or(0),
-        );
-        let worker = Worker {
-            pool: self.clone(),
-            spec,
-            state: slot.state.clone(),
-            pid: slot.pid.clone(),
-            stop: slot.stop.clone(),
-        };
-        s.workers.lock().unwrap().push(slot);
-        s.count(WorkerState::Starting, 1);
-        tokio::spawn(worker.run());
-    }
-
-    fn remove_worker(&self, port: u32) {
-        let s = &self.shared;
-        let mut workers = s.workers.lock().unwrap();
-        if let Some(i) = workers.iter().position(|w| w.id == port) {
-            let gone = workers.remove(i);
-            s.count(state_from(gone.state.load(Ordering::Acquire)), -1);
-        }
-        drop(workers);
-        s.state_changed.notify_waiters();
-    }
-}
-
-impl Shared {
-    /// Moves a worker to `new` (a stopping worker stays stopping) and updates the state gauges.
-    fn transition(&self, state: &AtomicU8, new: WorkerState) {
-        let mut current = state.load(Ordering::Acquire);
-        loop {
-            if current == new as u8 || current == WorkerState::Stopping as u8 {
-                return;
-            }
-            match state.compare_exchange(current, new as u8, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => break,
-                Err(actual) => current = actual,
-            }
-        }
-        let old = state_from(current);
-        self.count(old, -1);
-        self.count(new, 1);
-        // Busy <-> ready flips happen per batch; only start-up and stopping concern scale waiters.
-        if matches!(old, WorkerState::Starting) || matches!(new, WorkerState::Stopping) {
-            self.state_changed.notify_waiters();
-        }
-    }
-
-    /// The per-state gauges are the counts themselves: atomic adds keep them exact under races.
-    fn count(&self, st: WorkerState, delta: i64) {
-        self.metrics.add_workers(st, delta);
+        let mut rx = self.handle.status.clone();
+        let _ = tokio::time::timeout(limit, rx.wait_for(|s| s.stopped)).await;
     }
 }
 
@@ -451,279 +468,5 @@ fn gpu_for(port: u32, first_port: u32, gpus: u32) -> i32 {
     }
 }
 
-fn state_from(v: u8) -> WorkerState {
-    match v {
-        0 => WorkerState::Starting,
-        1 => WorkerState::Ready,
-        2 => WorkerState::Busy,
-        _ => WorkerState::Stopping,
-    }
-}
-
-/// One worker task.
-struct Worker {
-    pool: Pool,
-    spec: WorkerSpec,
-    state: Arc<AtomicU8>,
-    pid: Arc<AtomicU32>,
-    stop: Arc<AtomicBool>,
-}
-
-/// Forwards a backend's streamed parts to the jobs of the current batch.
-struct BatchSink<'a> {
-    jobs: &'a [Job],
-}
-
-impl StreamSink for BatchSink<'_> {
-    fn send_partial(&self, index: usize, part: InferResponse) {
-        if let Some(job) = self.jobs.get(index) {
-            job.reply
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .send(ReplyPart {
-                    response: part,
-                    last: false,
-                    timings: job.timings,
-                });
-        }
-    }
-}
-
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
-
-impl Worker {
-    fn set_state(&self, st: WorkerState) {
-        self.pool.shared.transition(&self.state, st);
-    }
-
-    fn stopping(&self) -> bool {
-        self.stop.load(Ordering::Acquire)
-    }
-
-    async fn run(self) {
-        let metrics = self.spec.metrics.clone();
-        let mut backoff = Duration::from_millis(500);
-        while !self.stopping() {
-            self.set_state(WorkerState::Starting);
-            let started = Instant::now();
-            let loaded = tokio::time::timeout(
-                self.spec.startup_timeout,
-                self.pool.shared.loader.load(&self.spec),
-            )
-            .await;
-            let failure = match loaded {
-                Ok(Ok(b)) => Ok(b),
-                Ok(Err(e)) => Err(format!("model load failed: {e}")),
-                Err(_) => Err(format!(
-                    "model load timed out after {:?}",
-                    self.spec.startup_timeout
-                )),
-            };
-            let mut backend = match failure {
-                Ok(b) => {
-                    *self.pool.shared.load_error.lock().unwrap() = None;
-                    b
-                }
-                Err(why) => {
-                    tracing::error!(worker = %self.spec.name, "{why}; retrying in {backoff:?}");
-                    *self.pool.shared.load_error.lock().unwrap() = Some(why);
-                    self.pool.shared.state_changed.notify_waiters();
-                    self.sleep_unless_stopped(backoff).await;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
-                    continue;
-                }
-            };
-            metrics
-                .worker_load_time(&self.spec.name)
-                .set(started.elapsed().as_millis() as f64);
-            self.pid
-                .store(backend.pid().unwrap_or(0), Ordering::Relaxed);
-            self.set_state(WorkerState::Ready);
-            tracing::info!(worker = %self.spec.name, "worker ready in {:?}", started.elapsed());
-            let died = self.serve(&mut backend).await;
-            backend.shutdown().await;
-            self.pid.store(0, Ordering::Relaxed);
-            match died {
-                Some(reason) => {
-                    tracing::warn!(worker = %self.spec.name, "worker restarting in {backoff:?}: {reason}");
-                    self.sleep_unless_stopped(backoff).await;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
-                }
-                None => break,
-            }
-        }
-        metrics.forget_worker(&self.spec.name);
-        self.pool.remove_worker(self.spec.port);
-        tracing::info!(worker = %self.spec.name, "worker stopped");
-    }
-
-    async fn sleep_unless_stopped(&self, d: Duration) {
-        let deadline = Instant::now() + d;
-        while !self.stopping() && Instant::now() < deadline {
-            let notified = self.pool.shared.notify.notified();
-            let _ = tokio::time::timeout_at(deadline.into(), notified).await;
-        }
-    }
-
-    /// Serves batches until told to stop (returns None) or the backend dies (returns why).
-    async fn serve(&self, backend: &mut Box<dyn Backend>) -> Option<String> {
-        loop {
-            let batch = self.next_batch().await?;
-            self.set_state(WorkerState::Busy);
-            let outcome = self.run_batch(backend, batch).await;
-            self.set_state(WorkerState::Ready);
-            if let Err(reason) = outcome {
-                return Some(reason);
-            }
-        }
-    }
-
-    /// Waits for the first job, then fills the batch until it is full or max_batch_delay passes.
-    async fn next_batch(&self) -> Option<Vec<Job>> {
-        let shared = &self.pool.shared;
-        let limit = shared.settings.batch_size.max(1) as usize;
-        let mut batch = Vec::with_capacity(limit);
-        let mut deadline: Option<Instant> = None;
-        loop {
-            let notified = shared.notify.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.stopping() {
-                // Jobs already taken are served; none more are taken. Pass on a wake-up this
-                // worker may have consumed, so a queued job is not left waiting.
-                if !shared.queue.lock().unwrap().is_empty() {
-                    shared.notify.notify_one();
-                }
-                return if batch.is_empty() { None } else { Some(batch) };
-            }
-            {
-                let mut q = shared.queue.lock().unwrap();
-                while batch.len() < limit {
-                    match q.pop_front() {
-                        Some(job) => batch.push(job),
-                        None => break,
-                    }
-                }
-                shared.metrics.queue_depth.set(q.len() as f64);
-                if !q.is_empty() {
-                    // Others may be able to take what we leave.
-                    shared.notify.notify_one();
-                }
-            }
-            if batch.len() >= limit {
-                return Some(batch);
-            }
-            if !batch.is_empty() {
-                let d = *deadline
-                    .get_or_insert_with(|| Instant::now() + shared.settings.max_batch_delay);
-                if Instant::now() >= d {
-                    return Some(batch);
-                }
-                let _ = tokio::time::timeout_at(d.into(), notified).await;
-            } else {
-                notified.await;
-            }
-        }
-    }
-
-    /// Runs one batch and answers its jobs. Err means the backend is unusable.
-    async fn run_batch(
-        &self,
-        backend: &mut Box<dyn Backend>,
-        mut jobs: Vec<Job>,
-    ) -> Result<(), String> {
-        let metrics = &self.pool.shared.metrics;
-        let batch_start = Instant::now();
-        for job in &mut jobs {
-            job.timings.batch_start = Some(batch_start);
-        }
-        metrics.batch_size.observe(jobs.len() as f64);
-        let requests: Vec<InferRequest> = jobs
-            .iter_mut()
-            .map(|j| std::mem::take(&mut j.request))
-            .collect();
-        let backend_start = Instant::now();
-        let result = {
-            let sink = BatchSink { jobs: &jobs };
-            tokio::time::timeout(self.spec.response_timeout, backend.infer(&requests, &sink)).await
-        };
-        let backend_end = Instant::now();
-        let backend_time = backend_end - backend_start;
-        metrics.backend_duration.observe(backend_time.as_secs_f64());
-        if !backend.reports_handler_metrics() {
-            let ms = backend_time.as_secs_f64() * 1000.0;
-            metrics.handler_time.set((ms * 100.0).round() / 100.0);
-            metrics.prediction_time.set((ms * 100.0).round() / 100.0);
-        }
-        for job in &mut jobs {
-            job.timings.backend_start = Some(backend_start);
-            job.timings.backend_end = Some(backend_end);
-        }
-        let n = jobs.len();
-        let outcome = match result {
-            Ok(Ok(responses)) if responses.len() == n => {
-                for (job, response) in jobs.into_iter().zip(responses) {
-                    job.finish(response);
-                }
-                Ok(())
-            }
-            Ok(Ok(responses)) => {
-                let msg = format!(
-                    "the backend returned {} replies for a batch of {n} requests",
-                    responses.len()
-                );
-                for job in jobs {
-                    job.finish(InferResponse::error(500, "InternalServerException", &msg));
-                }
-                Ok(())
-            }
-            Ok(Err(BackendError::Failed { status, message })) => {
-                for job in jobs {
-                    job.finish(InferResponse::error(
-                        status,
-                        "InternalServerException",
-                        &message,
-                    ));
-                }
-                Ok(())
-            }
-            Ok(Err(e @ (BackendError::Died(_) | BackendError::Load(_)))) => {
-                let msg = format!("Worker died: {e}");
-                for job in jobs {
-                    job.finish(InferResponse::error(
-                        503,
-                        "ServiceUnavailableException",
-                        &msg,
-                    ));
-                }
-                Err(msg)
-            }
-            Err(_) => {
-                let msg = format!(
-                    "the worker did not answer within the response timeout ({}s); it is restarted",
-                    self.spec.response_timeout.as_secs()
-                );
-                for job in jobs {
-                    job.finish(InferResponse::error(408, "RequestTimeoutException", &msg));
-                }
-                Err(msg)
-            }
-        };
-        let frontend = batch_start.elapsed().saturating_sub(backend_time);
-        let host = &self.spec.metrics.host;
-        host.worker_thread_time.set(frontend.as_millis() as f64);
-        outcome
-    }
-}
-
 #[cfg(test)]
-mod tests {
-    use super::gpu_for;
-
-    #[test]
-    fn workers_take_gpus_round_robin() {
-        assert_eq!(gpu_for(9000, 9000, 0), -1);
-        let ids: Vec<i32> = (9000..9005).map(|p| gpu_for(p, 9000, 2)).collect();
-        assert_eq!(ids, [0, 1, 0, 1, 0]);
-    }
-}
+mod tests;

@@ -1,0 +1,239 @@
+//! One worker task: one incarnation of a backend, from load to exit.
+//!
+//! The task loads its backend, then serves the batches the supervisor sends until the
+//! supervisor drops its sender (stop) or the backend dies. It reports each step as an [`Event`];
+//! the supervisor, not the task, decides about restarts, so backoff and slot state live in one
+//! place. Every backend call runs under `catch_unwind`: a panic answers the batch with a 500 and
+//! ends the incarnation like a crash (TorchServe's Java worker thread would die silently
+//! instead and leave its requests hanging).
+
+use std::any::Any;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::FutureExt;
+use tokio::sync::mpsc;
+
+use super::{Job, Msg, PoolError};
+use crate::backend::{
+    Backend, BackendError, BackendLoader, InferRequest, InferResponse, StreamSink, WorkerSpec,
+};
+use crate::metrics::ModelMetrics;
+
+/// What a worker task tells its supervisor.
+#[derive(Debug)]
+pub(super) enum Event {
+    /// The backend is loaded; `pid` is the process serving it.
+    Loaded { slot: u32, pid: u32 },
+    /// The worker answered `n` jobs and can take more.
+    Released { slot: u32, n: usize },
+    /// The incarnation is over: stopped (None) or failed (why).
+    Exited { slot: u32, failure: Option<Failure> },
+}
+
+/// Why an incarnation ended early.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Failure {
+    /// The model never loaded.
+    Load(String),
+    /// The backend died, hung or panicked after loading.
+    Died(String),
+}
+
+/// What the supervisor sends a worker task.
+pub(super) type Batch = Vec<Job>;
+
+/// Everything one worker task needs.
+pub(super) struct Runner {
+    pub slot: u32,
+    pub spec: WorkerSpec,
+    pub loader: Arc<dyn BackendLoader>,
+    pub metrics: Arc<ModelMetrics>,
+    pub events: mpsc::UnboundedSender<Msg>,
+}
+
+/// A panic's message, for logs and the 500 answer.
+fn panic_message(p: &(dyn Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic payload".into())
+}
+
+impl Runner {
+    fn report(&self, e: Event) {
+        // The supervisor outlives its workers; if it is gone there is nobody left to tell.
+        let _ = self.events.send(Msg::Worker(e));
+    }
+
+    pub(super) async fn run(self, mut batches: mpsc::UnboundedReceiver<Batch>) {
+        let slot = self.slot;
+        let started = Instant::now();
+        let load = AssertUnwindSafe(self.loader.load(&self.spec)).catch_unwind();
+        let loaded = tokio::time::timeout(self.spec.startup_timeout, load).await;
+        let mut backend = match loaded {
+            Ok(Ok(Ok(b))) => b,
+            Ok(Ok(Err(e))) => return self.exit(Failure::Load(format!("model load failed: {e}"))),
+            Ok(Err(p)) => {
+                let why = format!("model load panicked: {}", panic_message(&*p));
+                return self.exit(Failure::Load(why));
+            }
+            Err(_) => {
+                let why = format!("model load timed out after {:?}", self.spec.startup_timeout);
+                return self.exit(Failure::Load(why));
+            }
+        };
+        self.spec
+            .metrics
+            .worker_load_time(&self.spec.name)
+            .set(started.elapsed().as_millis() as f64);
+        let pid = backend.pid().unwrap_or_else(std::process::id);
+        tracing::info!(worker = %self.spec.name, "worker ready in {:?}", started.elapsed());
+        self.report(Event::Loaded { slot, pid });
+        let mut failure = None;
+        while let Some(batch) = batches.recv().await {
+            let n = batch.len();
+            match self.run_batch(&mut backend, batch).await {
+                Ok(()) => self.report(Event::Released { slot, n }),
+                Err(why) => {
+                    failure = Some(Failure::Died(why));
+                    break;
+                }
+            }
+        }
+        // A panicking backend may panic again on the way out; it is dropped either way, and
+        // dropping kills its process (python.rs), so nothing is orphaned.
+        if AssertUnwindSafe(backend.shutdown())
+            .catch_unwind()
+            .await
+            .is_err()
+        {
+            tracing::error!(worker = %self.spec.name, "backend panicked while shutting down");
+        }
+        match failure {
+            Some(f) => self.exit(f),
+            None => {
+                self.report(Event::Exited {
+                    slot,
+                    failure: None,
+                });
+            }
+        }
+    }
+
+    fn exit(&self, f: Failure) {
+        self.report(Event::Exited {
+            slot: self.slot,
+            failure: Some(f),
+        });
+    }
+
+    /// Runs one batch and answers its jobs. Err means the backend is unusable.
+    async fn run_batch(
+        &self,
+        backend: &mut Box<dyn Backend>,
+        mut jobs: Vec<Job>,
+    ) -> Result<(), String> {
+        let metrics = &self.metrics;
+        let batch_start = Instant::now();
+        for job in &mut jobs {
+            job.timings.batch_start = Some(batch_start);
+        }
+        metrics.batch_size.observe(jobs.len() as f64);
+        let requests: Vec<InferRequest> = jobs
+            .iter_mut()
+            .map(|j| std::mem::take(&mut j.request))
+            .collect();
+        let backend_start = Instant::now();
+        let result = {
+            let sink = BatchSink { jobs: &jobs };
+            let infer = AssertUnwindSafe(backend.infer(&requests, &sink)).catch_unwind();
+            tokio::time::timeout(self.spec.response_timeout, infer).await
+        };
+        let backend_end = Instant::now();
+        let backend_time = backend_end - backend_start;
+        metrics.backend_duration.observe(backend_time.as_secs_f64());
+        if !backend.reports_handler_metrics() {
+            let ms = (backend_time.as_secs_f64() * 100_000.0).round() / 100.0;
+            metrics.handler_time.set(ms);
+            metrics.prediction_time.set(ms);
+        }
+        for job in &mut jobs {
+            job.timings.backend_start = Some(backend_start);
+            job.timings.backend_end = Some(backend_end);
+        }
+        let n = jobs.len();
+        let fail_all = |jobs: Vec<Job>, e: &PoolError| {
+            for job in jobs {
+                job.fail(e);
+            }
+        };
+        let outcome = match result {
+            Ok(Ok(Ok(responses))) if responses.len() == n => {
+                for (job, response) in jobs.into_iter().zip(responses) {
+                    job.finish(response);
+                }
+                Ok(())
+            }
+            Ok(Ok(Ok(responses))) => {
+                let e = PoolError::ReplyCount {
+                    got: responses.len(),
+                    want: n,
+                };
+                fail_all(jobs, &e);
+                Ok(())
+            }
+            Ok(Ok(Err(BackendError::Failed { status, message }))) => {
+                for job in jobs {
+                    job.finish(InferResponse::error(
+                        status,
+                        "InternalServerException",
+                        &message,
+                    ));
+                }
+                Ok(())
+            }
+            Ok(Ok(Err(e @ (BackendError::Died(_) | BackendError::Load(_))))) => {
+                let e = PoolError::WorkerDied(e.to_string());
+                fail_all(jobs, &e);
+                Err(e.to_string())
+            }
+            Ok(Err(p)) => {
+                let e = PoolError::Panicked(panic_message(&*p));
+                tracing::error!(worker = %self.spec.name, "{e}");
+                fail_all(jobs, &e);
+                Err(e.to_string())
+            }
+            Err(_) => {
+                let e = PoolError::Timeout(self.spec.response_timeout.as_secs());
+                fail_all(jobs, &e);
+                Err(e.to_string())
+            }
+        };
+        let frontend = batch_start.elapsed().saturating_sub(backend_time);
+        self.spec
+            .metrics
+            .host
+            .worker_thread_time
+            .set(frontend.as_millis() as f64);
+        outcome
+    }
+}
+
+/// Forwards a backend's streamed parts to the jobs of the current batch.
+struct BatchSink<'a> {
+    jobs: &'a [Job],
+}
+
+impl StreamSink for BatchSink<'_> {
+    fn send_partial(&self, index: usize, part: InferResponse) {
+        if let Some(job) = self.jobs.get(index) {
+            job.send_partial(part);
+        }
+    }
+}
+
+/// The first restart delay, and the most a restart ever waits.
+pub(super) const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+pub(super) const MAX_BACKOFF: Duration = Duration::from_secs(30);

@@ -1,0 +1,626 @@
+//! The supervisor: one task per model version that owns the queue, the worker slots and their
+//! life cycle.
+//!
+//! It loops: wait for a message (a command from a [`super::Pool`] handle or an event from a
+//! worker task) or for its next deadline (a batch delay, a restart, an autoscaling sample, a
+//! scale waiter's timeout); handle everything that is pending; then make one step: start due
+//! restarts, sample the autoscaler, let the batching policy hand out work, answer waiters, and
+//! publish its state (the watch that describe and /ping read, and the gauges). Nothing else
+//! writes that state, so what is reported is what the supervisor holds.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{mpsc, oneshot, watch};
+// The tokio clock, so that tests can run the scheduler on a paused clock.
+use tokio::time::Instant;
+
+use super::autoscale::{Autoscaler, Sample, Step};
+use super::policy::{later, Assignment, BatchPolicy, Classic, WorkerView};
+use super::runner::{Batch, Event, Failure, Runner, FIRST_BACKOFF, MAX_BACKOFF};
+use super::{gpu_for, Command, Job, Msg, PoolError, PoolSettings, PoolStatus, WorkerInfo};
+use super::{WorkerStatus, WorkerStatus as St};
+use crate::backend::{BackendLoader, WorkerSpec};
+use crate::metrics::{ModelMetrics, WorkerState};
+
+/// Messages handled per step at most, so deadlines are not starved under a flood of submits.
+const MAX_MESSAGES_PER_STEP: usize = 256;
+
+/// What [`Supervisor::new`] is built from.
+pub(super) struct Parts {
+    pub loader: Arc<dyn BackendLoader>,
+    pub spec: WorkerSpec,
+    pub settings: PoolSettings,
+    pub metrics: Arc<ModelMetrics>,
+    pub next_port: Arc<AtomicU32>,
+    pub tx: mpsc::UnboundedSender<Msg>,
+    pub status: watch::Sender<PoolStatus>,
+}
+
+/// One worker slot: a stable id and name that outlive restarts of its backend.
+struct Slot {
+    id: u32,
+    gpu: i32,
+    name: String,
+    start_time: SystemTime,
+    status: WorkerStatus,
+    pid: Option<u32>,
+    /// Where batches go; None when no task runs or once the worker is told to stop (dropping
+    /// the sender is the stop signal: the task finishes its batch, then exits).
+    tx: Option<mpsc::UnboundedSender<Batch>>,
+    in_flight: usize,
+    /// Told to stop (scale down or close): removed once its task exits.
+    retiring: bool,
+    /// Delay before the next restart; doubles per failure, back to the first once it served.
+    backoff: Duration,
+    restart_at: Option<Instant>,
+    loaded_at: Option<Instant>,
+}
+
+/// A scale request waiting for its workers to settle.
+struct Waiter {
+    done: oneshot::Sender<usize>,
+    deadline: Instant,
+}
+
+pub(super) struct Supervisor {
+    loader: Arc<dyn BackendLoader>,
+    spec: WorkerSpec,
+    settings: PoolSettings,
+    metrics: Arc<ModelMetrics>,
+    next_port: Arc<AtomicU32>,
+    tx: mpsc::UnboundedSender<Msg>,
+    status: watch::Sender<PoolStatus>,
+    policy: Box<dyn BatchPolicy>,
+    slots: Vec<Slot>,
+    min: u32,
+    max: u32,
+    closed: Option<String>,
+    load_error: Option<String>,
+    waiters: Vec<Waiter>,
+    describers: Vec<oneshot::Sender<PoolStatus>>,
+    autoscaler: Autoscaler,
+    next_sample: Option<Instant>,
+    batch_deadline: Option<Instant>,
+    /// Gauge values last written, so unchanged gauges are not rewritten (log mode logs writes).
+    shown_workers: [usize; 5],
+    shown_queue: Option<usize>,
+    views: Vec<WorkerView>,
+    assignments: Vec<Assignment>,
+}
+
+impl Supervisor {
+    pub(super) fn new(p: Parts) -> Supervisor {
+        let s = &p.settings;
+        p.metrics.queue_capacity.set(s.queue_capacity as f64);
+        let policy = Box::new(Classic::new(
+            s.batch_size,
+            s.max_batch_delay,
+            s.queue_capacity,
+        ));
+        Supervisor {
+            loader: p.loader,
+            spec: p.spec,
+            settings: p.settings,
+            metrics: p.metrics,
+            next_port: p.next_port,
+            tx: p.tx,
+            status: p.status,
+            policy,
+            slots: Vec::new(),
+            min: 0,
+            max: 0,
+            closed: None,
+            load_error: None,
+            waiters: Vec::new(),
+            describers: Vec::new(),
+            autoscaler: Autoscaler::default(),
+            next_sample: None,
+            batch_deadline: None,
+            // What `Metrics::model` starts every series at; writing only changes also keeps a
+            // supervisor that never runs a worker (a registration refused as a duplicate) from
+            // overwriting the live version's gauges.
+            shown_workers: [0; 5],
+            shown_queue: Some(0),
+            views: Vec::new(),
+            assignments: Vec::new(),
+        }
+    }
+
+    pub(super) async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Msg>) {
+        self.publish();
+        loop {
+            let wake = self.next_wake();
+            let first = match wake {
+                Some(at) => tokio::select! {
+                    m = rx.recv() => Some(m),
+                    _ = tokio::time::sleep_until(at) => None,
+                },
+                None => Some(rx.recv().await),
+            };
+            match first {
+                // Cannot happen while this task holds a sender; treat it as a close.
+                Some(None) => self.close("the model version was dropped".into()),
+                Some(Some(msg)) => {
+                    self.handle(msg);
+                    for _ in 0..MAX_MESSAGES_PER_STEP {
+                        match rx.try_recv() {
+                            Ok(m) => self.handle(m),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                None => {}
+            }
+            self.step(Instant::now());
+            if self.closed.is_some() && self.slots.is_empty() {
+                break;
+            }
+        }
+        self.status.send_modify(|s| s.stopped = true);
+        tracing::debug!(
+            model = %self.spec.model_name,
+            version = %self.spec.model_version,
+            "scheduler stopped"
+        );
+    }
+
+    /// The earliest deadline the loop must wake for.
+    fn next_wake(&self) -> Option<Instant> {
+        let restarts = self.slots.iter().filter_map(|s| s.restart_at);
+        let waiters = self.waiters.iter().map(|w| w.deadline);
+        restarts
+            .chain(waiters)
+            .chain(self.next_sample)
+            .chain(self.batch_deadline)
+            .min()
+    }
+
+    fn handle(&mut self, msg: Msg) {
+        let now = Instant::now();
+        match msg {
+            Msg::Command(Command::Submit(job)) => self.submit(job, now),
+            Msg::Command(Command::Scale {
+                min,
+                max,
+                wait,
+                done,
+            }) => self.scale(min, max, wait, done, now),
+            Msg::Command(Command::Describe(tx)) => self.describers.push(tx),
+            Msg::Command(Command::Close(reason)) => self.close(reason),
+            Msg::Worker(e) => self.on_event(e, now),
+        }
+    }
+
+    fn submit(&mut self, job: Job, now: Instant) {
+        if let Some(reason) = &self.closed {
+            return job.fail(&PoolError::Closed(reason.clone()));
+        }
+        if self.policy.len() >= self.settings.queue_capacity {
+            return job.fail(&PoolError::QueueFull(self.spec.model_name.clone()));
+        }
+        self.policy.push(job, now);
+    }
+
+    /// Workers counted against min/max: every one not told to stop.
+    fn active(&self) -> usize {
+        self.slots.iter().filter(|s| !s.retiring).count()
+    }
+
+    fn scale(
+        &mut self,
+        min: u32,
+        max: u32,
+        wait: bool,
+        done: oneshot::Sender<usize>,
+        now: Instant,
+    ) {
+        if self.closed.is_some() {
+            let _ = done.send(0);
+            return;
+        }
+        self.min = min;
+        self.max = max;
+        self.metrics.workers_min.set(f64::from(min));
+        self.metrics.workers_max.set(f64::from(max));
+        self.autoscaler.reset();
+        self.next_sample = (min < max).then(|| now + self.settings.autoscale.interval);
+        let active = self.active() as u32;
+        if active > max {
+            let n = self.retire_some(active - max, false);
+            self.metrics.scaled(false, false, n);
+        }
+        if active < min {
+            for _ in active..min {
+                self.add_worker(now);
+            }
+            self.metrics.scaled(true, false, min - active);
+        }
+        if wait {
+            self.waiters.push(Waiter {
+                done,
+                deadline: later(now, self.settings.startup_timeout),
+            });
+        } else {
+            let _ = done.send(self.active());
+        }
+    }
+
+    /// Tells up to `n` workers to stop: those not serving first (waiting to restart, loading,
+    /// idle), then the newest. With `idle_only`, only live idle ones. Returns how many.
+    fn retire_some(&mut self, n: u32, idle_only: bool) -> u32 {
+        let mut order: Vec<usize> = (0..self.slots.len())
+            .filter(|&i| !self.slots[i].retiring)
+            .filter(|&i| {
+                !idle_only || (self.slots[i].status == St::Ready && self.slots[i].in_flight == 0)
+            })
+            .collect();
+        order.sort_by_key(|&i| {
+            let s = &self.slots[i];
+            (s.in_flight > 0, std::cmp::Reverse(s.id))
+        });
+        order.truncate(n as usize);
+        let ids: Vec<u32> = order.iter().map(|&i| self.slots[i].id).collect();
+        for id in &ids {
+            self.retire(*id);
+        }
+        ids.len() as u32
+    }
+
+    fn retire(&mut self, id: u32) {
+        let Some(i) = self.slots.iter().position(|s| s.id == id) else {
+            return;
+        };
+        let slot = &mut self.slots[i];
+        slot.retiring = true;
+        slot.restart_at = None;
+        if slot.tx.take().is_some() {
+            slot.status = St::Stopping;
+        } else {
+            // Waiting to restart: no task to stop.
+            self.remove(i);
+        }
+    }
+
+    fn remove(&mut self, i: usize) {
+        let slot = self.slots.remove(i);
+        self.policy.on_worker_gone(slot.id);
+        self.spec.metrics.forget_worker(&slot.name);
+        tracing::info!(worker = %slot.name, "worker stopped");
+    }
+
+    fn add_worker(&mut self, now: Instant) {
+        let port = self.next_port.fetch_add(1, Ordering::Relaxed);
+        let first = self.spec.settings.initial_worker_port;
+        let gpus = self.spec.settings.number_of_gpu.unwrap_or(0);
+        let slot = Slot {
+            id: port,
+            gpu: gpu_for(port, first, gpus),
+            name: format!(
+                "W-{port}-{}_{}",
+                self.spec.model_name, self.spec.model_version
+            ),
+            start_time: SystemTime::now(),
+            status: St::Starting,
+            pid: None,
+            tx: None,
+            in_flight: 0,
+            retiring: false,
+            backoff: FIRST_BACKOFF,
+            restart_at: None,
+            loaded_at: None,
+        };
+        self.slots.push(slot);
+        let i = self.slots.len() - 1;
+        self.start(i, now);
+    }
+
+    /// Starts a task (a fresh backend) for slot `i`.
+    fn start(&mut self, i: usize, _now: Instant) {
+        let slot = &mut self.slots[i];
+        let mut spec = self.spec.clone();
+        spec.port = slot.id;
+        spec.name = slot.name.clone();
+        spec.gpu_id = slot.gpu;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let runner = Runner {
+            slot: slot.id,
+            spec,
+            loader: self.loader.clone(),
+            metrics: self.metrics.clone(),
+            events: self.tx.clone(),
+        };
+        slot.tx = Some(tx);
+        slot.status = St::Starting;
+        slot.pid = None;
+        slot.restart_at = None;
+        slot.loaded_at = None;
+        slot.in_flight = 0;
+        tokio::spawn(runner.run(rx));
+    }
+
+    fn close(&mut self, reason: String) {
+        if self.closed.is_some() {
+            return;
+        }
+        let e = PoolError::Closed(reason.clone());
+        for job in self.policy.drain() {
+            job.fail(&e);
+        }
+        self.closed = Some(reason);
+        self.next_sample = None;
+        self.batch_deadline = None;
+        let ids: Vec<u32> = self.slots.iter().map(|s| s.id).collect();
+        for id in ids {
+            self.retire(id);
+        }
+        for w in self.waiters.drain(..) {
+            let _ = w.done.send(0);
+        }
+    }
+
+    fn on_event(&mut self, e: Event, now: Instant) {
+        match e {
+            Event::Loaded { slot, pid } => {
+                let Some(s) = self.slots.iter_mut().find(|s| s.id == slot) else {
+                    return;
+                };
+                s.pid = Some(pid);
+                s.loaded_at = Some(now);
+                s.status = if s.retiring { St::Stopping } else { St::Ready };
+                self.load_error = None;
+            }
+            Event::Released { slot, n } => {
+                self.policy.on_released(slot, n);
+                let Some(s) = self.slots.iter_mut().find(|s| s.id == slot) else {
+                    return;
+                };
+                s.in_flight = s.in_flight.saturating_sub(n);
+                // It served: the next failure restarts it quickly again.
+                s.backoff = FIRST_BACKOFF;
+                s.status = match (s.retiring, s.in_flight) {
+                    (true, _) => St::Stopping,
+                    (false, 0) => St::Ready,
+                    (false, _) => St::Busy,
+                };
+            }
+            Event::Exited { slot, failure } => {
+                let Some(i) = self.slots.iter().position(|s| s.id == slot) else {
+                    return;
+                };
+                self.policy.on_worker_gone(slot);
+                let s = &mut self.slots[i];
+                s.tx = None;
+                s.pid = None;
+                s.in_flight = 0;
+                let failure = match failure {
+                    Some(f) if !s.retiring && self.closed.is_none() => f,
+                    _ => return self.remove(i),
+                };
+                let stayed_up = s
+                    .loaded_at
+                    .is_some_and(|t| now.saturating_duration_since(t) >= MAX_BACKOFF);
+                let delay = if stayed_up { FIRST_BACKOFF } else { s.backoff };
+                s.backoff = (delay * 2).min(MAX_BACKOFF);
+                s.restart_at = Some(now + delay);
+                s.status = St::Backoff;
+                match failure {
+                    Failure::Load(why) => {
+                        tracing::error!(worker = %s.name, "{why}; retrying in {delay:?}");
+                        self.load_error = Some(why);
+                    }
+                    Failure::Died(why) => {
+                        tracing::warn!(worker = %s.name, "worker restarting in {delay:?}: {why}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// One step after the pending messages: restarts, autoscaling, dispatch, publish, waiters.
+    fn step(&mut self, now: Instant) {
+        for i in 0..self.slots.len() {
+            if self.slots[i].restart_at.is_some_and(|t| t <= now) {
+                self.start(i, now);
+            }
+        }
+        if self.next_sample.is_some_and(|t| t <= now) {
+            self.next_sample = Some(now + self.settings.autoscale.interval);
+            self.autoscale(now);
+        }
+        self.dispatch(now);
+        // Publish first: a scale waiter or describer reads the published state as soon as it
+        // is answered (a synchronous registration checks the load error), maybe on another
+        // thread before this step ends.
+        self.publish();
+        self.answer_waiters(now);
+        if !self.describers.is_empty() {
+            let status = self.status.borrow().clone();
+            for d in self.describers.drain(..) {
+                let _ = d.send(status.clone());
+            }
+        }
+    }
+
+    fn autoscale(&mut self, now: Instant) {
+        let mut sample = Sample {
+            queued: self.policy.len(),
+            workers: self.active() as u32,
+            min: self.min,
+            max: self.max,
+            ..Sample::default()
+        };
+        for s in self.slots.iter().filter(|s| !s.retiring) {
+            match s.status {
+                St::Ready | St::Busy => {
+                    sample.live += 1;
+                    if s.in_flight == 0 {
+                        sample.idle += 1;
+                    }
+                }
+                // A worker on its way (loading, or waiting to restart after a crash) is not
+                // judged: more workers would not help it.
+                St::Starting | St::Backoff => sample.starting += 1,
+                St::Stopping => {}
+            }
+        }
+        match self.autoscaler.sample(&self.settings.autoscale, sample) {
+            Some(Step::Up) => {
+                tracing::info!(
+                    model = %self.spec.model_name,
+                    "autoscaling up: {} waiting for {} workers",
+                    sample.queued,
+                    sample.live
+                );
+                self.add_worker(now);
+                self.metrics.scaled(true, true, 1);
+            }
+            Some(Step::Down) if self.retire_some(1, true) == 1 => {
+                tracing::info!(model = %self.spec.model_name, "autoscaling down: idle workers");
+                self.metrics.scaled(false, true, 1);
+            }
+            Some(Step::Down) | None => {}
+        }
+    }
+
+    fn dispatch(&mut self, now: Instant) {
+        if self.policy.is_empty() {
+            self.batch_deadline = None;
+            return;
+        }
+        let capacity = self.policy.capacity();
+        self.views.clear();
+        self.views.extend(
+            self.slots
+                .iter()
+                .filter(|s| s.status.live() && s.tx.is_some())
+                .map(|s| WorkerView {
+                    id: s.id,
+                    in_flight: s.in_flight,
+                    capacity,
+                }),
+        );
+        self.batch_deadline = self
+            .policy
+            .dispatch(now, &self.views, &mut self.assignments);
+        for a in self.assignments.drain(..) {
+            let Some(s) = self.slots.iter_mut().find(|s| s.id == a.worker) else {
+                fail_jobs(a.jobs, &PoolError::WorkerDied("the worker is gone".into()));
+                continue;
+            };
+            let n = a.jobs.len();
+            let sent = match &s.tx {
+                Some(tx) => tx.send(a.jobs).map_err(|e| e.0),
+                None => Err(a.jobs),
+            };
+            match sent {
+                Ok(()) => {
+                    s.in_flight += n;
+                    s.status = St::Busy;
+                }
+                // Its task ended and the exit is not handled yet: a policy that tops up busy
+                // workers can hit this; the jobs are answered rather than lost.
+                Err(jobs) => fail_jobs(
+                    jobs,
+                    &PoolError::WorkerDied("the worker exited before it took the batch".into()),
+                ),
+            }
+        }
+    }
+
+    fn answer_waiters(&mut self, now: Instant) {
+        if self.waiters.is_empty() {
+            return;
+        }
+        let settled = self
+            .slots
+            .iter()
+            .all(|s| !matches!(s.status, St::Starting | St::Stopping));
+        // A load that failed while nothing serves will not fix itself by waiting.
+        let failed = self.load_error.is_some() && !self.slots.iter().any(|s| s.status.live());
+        let n = self.active();
+        let mut i = 0;
+        while i < self.waiters.len() {
+            if settled || failed || self.waiters[i].deadline <= now {
+                let w = self.waiters.swap_remove(i);
+                let _ = w.done.send(n);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Writes the state to the watch and the gauges, changing only what changed.
+    fn publish(&mut self) {
+        let queue_len = self.policy.len();
+        if self.shown_queue != Some(queue_len) {
+            self.metrics.queue_depth.set(queue_len as f64);
+            self.shown_queue = Some(queue_len);
+        }
+        let mut counts = [0usize; 5];
+        for s in &self.slots {
+            counts[s.status.gauge() as usize] += 1;
+        }
+        for st in WorkerState::ALL {
+            let i = st as usize;
+            if counts[i] != self.shown_workers[i] {
+                self.metrics.set_workers(st, counts[i] as f64);
+                self.shown_workers[i] = counts[i];
+            }
+        }
+        let slots = &self.slots;
+        let (min, max) = (self.min, self.max);
+        let closed = self.closed.is_some();
+        let load_error = &self.load_error;
+        self.status.send_if_modified(|st| {
+            let mut changed = false;
+            let mut set = |changed_now: bool| changed |= changed_now;
+            set(st.queue_len != queue_len);
+            st.queue_len = queue_len;
+            set(st.min_workers != min || st.max_workers != max);
+            st.min_workers = min;
+            st.max_workers = max;
+            set(st.closed != closed);
+            st.closed = closed;
+            if st.load_error != *load_error {
+                st.load_error.clone_from(load_error);
+                set(true);
+            }
+            let same_slots = st.workers.len() == slots.len()
+                && st.workers.iter().zip(slots).all(|(w, s)| w.id == s.id);
+            if !same_slots {
+                st.workers = slots.iter().map(info).collect();
+                set(true);
+            } else {
+                for (w, s) in st.workers.iter_mut().zip(slots) {
+                    if w.status != s.status || w.pid != s.pid {
+                        w.status = s.status;
+                        w.state = s.status.gauge();
+                        w.pid = s.pid;
+                        set(true);
+                    }
+                }
+            }
+            changed
+        });
+    }
+}
+
+fn info(s: &Slot) -> WorkerInfo {
+    WorkerInfo {
+        id: s.id,
+        gpu: s.gpu,
+        name: s.name.clone(),
+        start_time: s.start_time,
+        state: s.status.gauge(),
+        status: s.status,
+        pid: s.pid,
+    }
+}
+
+fn fail_jobs(jobs: Vec<Job>, e: &PoolError) {
+    for job in jobs {
+        job.fail(e);
+    }
+}

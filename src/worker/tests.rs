@@ -1,0 +1,529 @@
+//! The supervisor driven by commands with a fake backend: no processes, no sleeps. Every test
+//! runs on a paused tokio clock, so timers (batch delay, backoff, autoscaling samples) fire
+//! exactly when due, and "how long" is virtual time, not the machine's load.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::AtomicU32;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use super::*;
+use crate::backend::{Backend, BackendError, BackendLoader, InferResponse, StreamSink};
+use crate::config::{Config, Overrides};
+use crate::metrics::Metrics;
+
+/// How a fake model load ends.
+#[derive(Clone, Copy, Debug)]
+enum Load {
+    Ok,
+    Fail,
+    Panic,
+}
+
+/// How the test answers a batch.
+#[derive(Debug)]
+enum Outcome {
+    Ok,
+    Die,
+    Panic,
+}
+
+/// A batch the fake backend received; the test answers it.
+struct Call {
+    worker: u32,
+    ids: Vec<String>,
+    answer: oneshot::Sender<Outcome>,
+}
+
+struct FakeLoader {
+    plan: Mutex<VecDeque<Load>>,
+    /// (worker, when) of every load attempt.
+    loads: mpsc::UnboundedSender<(u32, Instant)>,
+    calls: mpsc::UnboundedSender<Call>,
+}
+
+struct FakeBackend {
+    worker: u32,
+    calls: mpsc::UnboundedSender<Call>,
+}
+
+#[async_trait]
+impl BackendLoader for FakeLoader {
+    fn runtime(&self) -> &str {
+        "fake"
+    }
+    async fn load(&self, spec: &WorkerSpec) -> Result<Box<dyn Backend>, BackendError> {
+        let _ = self.loads.send((spec.port, Instant::now()));
+        let plan = self.plan.lock().unwrap().pop_front().unwrap_or(Load::Ok);
+        match plan {
+            Load::Ok => Ok(Box::new(FakeBackend {
+                worker: spec.port,
+                calls: self.calls.clone(),
+            })),
+            Load::Fail => Err(BackendError::Load("no such file".into())),
+            Load::Panic => panic!("fake load panic"),
+        }
+    }
+}
+
+#[async_trait]
+impl Backend for FakeBackend {
+    async fn infer(
+        &mut self,
+        batch: &[InferRequest],
+        _sink: &dyn StreamSink,
+    ) -> Result<Vec<InferResponse>, BackendError> {
+        let (tx, rx) = oneshot::channel();
+        let ids: Vec<String> = batch.iter().map(|r| r.id.clone()).collect();
+        let _ = self.calls.send(Call {
+            worker: self.worker,
+            ids: ids.clone(),
+            answer: tx,
+        });
+        match rx.await {
+            Ok(Outcome::Ok) | Err(_) => Ok(ids
+                .iter()
+                .map(|id| InferResponse::ok("text/plain", format!("ok {id}")))
+                .collect()),
+            Ok(Outcome::Die) => Err(BackendError::Died("socket closed".into())),
+            Ok(Outcome::Panic) => panic!("fake infer panic"),
+        }
+    }
+}
+
+struct Harness {
+    pool: Pool,
+    loads: mpsc::UnboundedReceiver<(u32, Instant)>,
+    calls: mpsc::UnboundedReceiver<Call>,
+    metrics: Arc<Metrics>,
+}
+
+fn settings(batch_size: u32, queue_capacity: usize, rule: AutoscaleRule) -> PoolSettings {
+    PoolSettings {
+        batch_size,
+        max_batch_delay: Duration::from_millis(100),
+        queue_capacity,
+        response_timeout: Duration::from_secs(3600),
+        startup_timeout: Duration::from_secs(3600),
+        autoscale: rule,
+    }
+}
+
+fn harness(s: PoolSettings, plan: &[Load]) -> Harness {
+    let (config, _) = Config::from_sources(HashMap::new(), &[], &Overrides::default()).unwrap();
+    let metrics = Arc::new(Metrics::for_tests());
+    let (loads_tx, loads) = mpsc::unbounded_channel();
+    let (calls_tx, calls) = mpsc::unbounded_channel();
+    let loader = Arc::new(FakeLoader {
+        plan: Mutex::new(plan.iter().copied().collect()),
+        loads: loads_tx,
+        calls: calls_tx,
+    });
+    let spec = WorkerSpec {
+        port: 0,
+        name: String::new(),
+        model_name: "m".into(),
+        model_version: "1.0".into(),
+        model_dir: Default::default(),
+        manifest: Default::default(),
+        batch_size: s.batch_size,
+        gpu_id: -1,
+        startup_timeout: s.startup_timeout,
+        response_timeout: s.response_timeout,
+        metrics: metrics.clone(),
+        settings: Arc::new(config),
+    };
+    let model = metrics.model("m", "1.0");
+    let pool = Pool::new(loader, spec, s, model, Arc::new(AtomicU32::new(9000)));
+    Harness {
+        pool,
+        loads,
+        calls,
+        metrics,
+    }
+}
+
+fn request(id: &str) -> (Job, ReplyRx) {
+    let req = InferRequest {
+        id: id.into(),
+        ..Default::default()
+    };
+    Job::new(req, Timings::new(std::time::Instant::now()))
+}
+
+/// (status, body) of a whole reply.
+async fn answer(rx: ReplyRx) -> (u16, String) {
+    match rx.await.expect("every job is answered") {
+        Reply::Whole(p) => (
+            p.response.status,
+            String::from_utf8(p.response.body.to_vec()).unwrap(),
+        ),
+        Reply::Stream(..) => panic!("no streaming here"),
+    }
+}
+
+impl Harness {
+    fn submit(&self, id: &str) -> ReplyRx {
+        let (job, rx) = request(id);
+        self.pool.submit(job).expect("queued");
+        rx
+    }
+
+    async fn call(&mut self) -> Call {
+        self.calls
+            .recv()
+            .await
+            .expect("a batch reaches the backend")
+    }
+
+    /// Waits until the supervisor's published state satisfies `f`.
+    async fn until(&self, f: impl Fn(&PoolStatus) -> bool) -> PoolStatus {
+        let mut rx = self.pool.handle.status.clone();
+        let s = rx.wait_for(|s| f(s)).await.expect("supervisor alive");
+        s.clone()
+    }
+
+    fn sample(&self, name: &str) -> f64 {
+        let text = self.metrics.render(None);
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} not in\n{text}"))
+    }
+}
+
+fn statuses(s: &PoolStatus) -> Vec<WorkerStatus> {
+    s.workers.iter().map(|w| w.status).collect()
+}
+
+fn no_autoscale() -> AutoscaleRule {
+    AutoscaleRule::default()
+}
+
+#[tokio::test(start_paused = true)]
+async fn concurrent_scale_requests_never_overshoot() {
+    let mut h = harness(settings(1, 10, no_autoscale()), &[]);
+    // Twenty scale-ups race (the old pool could start one batch of workers per request).
+    let pools: Vec<Pool> = (0..20).map(|_| h.pool.clone()).collect();
+    let all = pools.iter().map(|p| p.scale(3, 3, false));
+    let counts = futures_util::future::join_all(all).await;
+    assert!(counts.iter().all(|&n| n == 3), "{counts:?}");
+    let s = h.until(|s| s.live_workers() == 3).await;
+    assert_eq!(s.workers.len(), 3);
+    let mut loads = 0;
+    while h.loads.try_recv().is_ok() {
+        loads += 1;
+    }
+    assert_eq!(loads, 3, "exactly three workers were ever started");
+    // Racing scale-downs and scale-ups settle on the last bounds.
+    let a = h.pool.scale(1, 1, true);
+    let b = h.pool.scale(2, 2, true);
+    let (a, b) = tokio::join!(a, b);
+    assert_eq!(
+        (a, b),
+        (2, 2),
+        "both answer once the last bounds are in force"
+    );
+    let s = h.until(|s| s.workers.len() == 2).await;
+    assert_eq!((s.min_workers, s.max_workers), (2, 2));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_crash_during_a_batch_fails_exactly_that_batch_and_is_replaced() {
+    let mut h = harness(settings(2, 10, no_autoscale()), &[]);
+    assert_eq!(h.pool.scale(2, 2, true).await, 2);
+    let (a, b, c) = (h.submit("a"), h.submit("b"), h.submit("c"));
+    // Two full batches? a+b go together (batch_size 2); c waits for the delay on the other.
+    let first = h.call().await;
+    assert_eq!(first.ids, ["a", "b"]);
+    let second = h.call().await;
+    assert_eq!(second.ids, ["c"]);
+    let crashed = first.worker;
+    let died_at = Instant::now();
+    first.answer.send(Outcome::Die).unwrap();
+    for rx in [a, b] {
+        let (status, body) = answer(rx).await;
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("Worker died"), "{body}");
+    }
+    // The other batch is untouched.
+    second.answer.send(Outcome::Ok).unwrap();
+    assert_eq!(answer(c).await, (200, "ok c".to_string()));
+    // The crashed worker waits, without a process, then is replaced under the same id.
+    let s = h
+        .until(|s| s.workers.iter().any(|w| w.status == WorkerStatus::Backoff))
+        .await;
+    let w = s.workers.iter().find(|w| w.id == crashed).unwrap();
+    assert_eq!((w.status, w.pid), (WorkerStatus::Backoff, None));
+    assert_eq!(s.live_workers(), 1);
+    while h.loads.try_recv().is_ok() {}
+    let (worker, at) = h.loads.recv().await.unwrap();
+    assert_eq!(worker, crashed);
+    assert_eq!(at - died_at, runner::FIRST_BACKOFF);
+    let s = h.until(|s| s.live_workers() == 2).await;
+    assert!(s.workers.iter().all(|w| w.pid == Some(std::process::id())));
+    // And it serves again.
+    let d = h.submit("d");
+    let e = h.submit("e");
+    h.call().await.answer.send(Outcome::Ok).unwrap();
+    assert_eq!(answer(d).await.0, 200);
+    assert_eq!(answer(e).await.0, 200);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panic_in_infer_answers_500_and_replaces_the_backend() {
+    let mut h = harness(settings(1, 10, no_autoscale()), &[]);
+    h.pool.scale(1, 1, true).await;
+    let a = h.submit("a");
+    h.call().await.answer.send(Outcome::Panic).unwrap();
+    let (status, body) = answer(a).await;
+    assert_eq!(status, 500, "{body}");
+    assert!(body.contains("InternalServerException") && body.contains("fake infer panic"));
+    h.until(|s| s.workers[0].status == WorkerStatus::Backoff)
+        .await;
+    h.until(|s| s.live_workers() == 1).await;
+    let b = h.submit("b");
+    h.call().await.answer.send(Outcome::Ok).unwrap();
+    assert_eq!(answer(b).await.0, 200);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panic_in_load_is_a_failed_load_that_is_retried() {
+    let mut h = harness(settings(1, 10, no_autoscale()), &[Load::Panic]);
+    // The synchronous scale returns as soon as the load failed with nothing serving.
+    assert_eq!(h.pool.scale(1, 1, true).await, 1);
+    let s = h.pool.describe().await;
+    assert_eq!(statuses(&s), [WorkerStatus::Backoff]);
+    assert!(s.load_error.unwrap().contains("fake load panic"));
+    // A request waits in the queue meanwhile and is served once the retry loads.
+    let a = h.submit("a");
+    h.call().await.answer.send(Outcome::Ok).unwrap();
+    assert_eq!(answer(a).await.0, 200);
+    assert_eq!(h.pool.load_error(), None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn backoff_doubles_on_failed_loads_and_resets_once_a_worker_served() {
+    let plan = [Load::Fail, Load::Fail, Load::Fail, Load::Ok, Load::Ok];
+    let mut h = harness(settings(1, 10, no_autoscale()), &plan);
+    h.pool.scale(1, 1, false).await;
+    let mut times = Vec::new();
+    for _ in 0..4 {
+        times.push(h.loads.recv().await.unwrap().1);
+    }
+    let gaps: Vec<Duration> = times.windows(2).map(|w| w[1] - w[0]).collect();
+    let ms = |n| Duration::from_millis(n);
+    assert_eq!(gaps, [ms(500), ms(1000), ms(2000)]);
+    // It serves, then crashes: the next restart is quick again, not 4 s.
+    let a = h.submit("a");
+    h.call().await.answer.send(Outcome::Ok).unwrap();
+    answer(a).await;
+    let b = h.submit("b");
+    let call = h.call().await;
+    let died = Instant::now();
+    call.answer.send(Outcome::Die).unwrap();
+    answer(b).await;
+    let (_, at) = h.loads.recv().await.unwrap();
+    assert_eq!(at - died, ms(500));
+}
+
+#[tokio::test(start_paused = true)]
+async fn close_finishes_running_batches_and_answers_queued_jobs_503() {
+    let mut h = harness(settings(1, 10, no_autoscale()), &[]);
+    h.pool.scale(1, 1, true).await;
+    let running = h.submit("running");
+    let call = h.call().await;
+    let queued: Vec<ReplyRx> = (0..3).map(|i| h.submit(&format!("q{i}"))).collect();
+    h.until(|s| s.queue_len == 3).await;
+    h.pool.close("going away");
+    for rx in queued {
+        let (status, body) = answer(rx).await;
+        assert_eq!(status, 503);
+        assert!(body.contains("going away") && body.contains("ServiceUnavailable"));
+    }
+    // Submitting while closing is answered 503 through the reply.
+    let (job, late) = request("late");
+    if h.pool.submit(job).is_ok() {
+        assert_eq!(answer(late).await.0, 503);
+    }
+    let s = h.pool.describe().await;
+    assert_eq!(statuses(&s), [WorkerStatus::Stopping]);
+    assert!(!s.stopped, "the running batch is not cut short");
+    call.answer.send(Outcome::Ok).unwrap();
+    assert_eq!(answer(running).await, (200, "ok running".into()));
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        h.pool.wait_stopped(Duration::from_secs(3600)),
+    )
+    .await
+    .expect("stops once the batch is done");
+    assert!(h.pool.status().workers.is_empty());
+    let (job, _) = request("after");
+    assert_eq!(h.pool.submit(job), Err(SubmitError::Closed));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_queue_answers_503_without_dropping_anything() {
+    let mut h = harness(settings(1, 2, no_autoscale()), &[]);
+    h.pool.scale(1, 1, true).await;
+    let busy = h.submit("busy");
+    let call = h.call().await;
+    let waiting = [h.submit("w1"), h.submit("w2")];
+    let rejected = h.submit("over");
+    let (status, body) = answer(rejected).await;
+    assert_eq!(status, 503);
+    assert!(body.contains("Model \\\"m\\\" has no worker"), "{body}");
+    call.answer.send(Outcome::Ok).unwrap();
+    assert_eq!(answer(busy).await.0, 200);
+    for rx in waiting {
+        h.call().await.answer.send(Outcome::Ok).unwrap();
+        assert_eq!(answer(rx).await.0, 200);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn scaling_down_stops_idle_workers_first_and_lets_busy_ones_finish() {
+    let mut h = harness(settings(1, 10, no_autoscale()), &[]);
+    h.pool.scale(3, 3, true).await;
+    let a = h.submit("a");
+    let call = h.call().await;
+    let busy = call.worker;
+    h.pool.scale(1, 1, false).await;
+    let s = h.until(|s| s.workers.len() == 1).await;
+    assert_eq!(s.workers[0].id, busy, "the busy worker is kept");
+    call.answer.send(Outcome::Ok).unwrap();
+    assert_eq!(answer(a).await.0, 200);
+    // Down to zero: the last one finishes its batch, queued work waits for a worker.
+    let b = h.submit("b");
+    let call = h.call().await;
+    h.pool.scale(0, 0, false).await;
+    let c = h.submit("c");
+    call.answer.send(Outcome::Ok).unwrap();
+    assert_eq!(answer(b).await.0, 200);
+    h.until(|s| s.workers.is_empty() && s.queue_len == 1).await;
+    h.pool.scale(1, 1, false).await;
+    h.call().await.answer.send(Outcome::Ok).unwrap();
+    assert_eq!(answer(c).await.0, 200);
+}
+
+#[tokio::test(start_paused = true)]
+async fn autoscaling_follows_the_rule_and_stays_within_min_and_max() {
+    let rule = AutoscaleRule {
+        interval: Duration::from_millis(100),
+        queue_per_worker: 1,
+        up_samples: 2,
+        down_samples: 3,
+    };
+    let mut h = harness(settings(1, 100, rule), &[]);
+    h.pool.scale(1, 3, true).await;
+    let start = Instant::now();
+    // Ten requests and a backend that holds every batch: constant pressure.
+    let replies: Vec<ReplyRx> = (0..10).map(|i| h.submit(&format!("r{i}"))).collect();
+    let mut held = vec![h.call().await];
+    // Samples at 100 and 200 ms: pressure twice -> a second worker at 200 ms.
+    let s = h.until(|s| s.workers.len() == 2).await;
+    assert_eq!(Instant::now() - start, Duration::from_millis(200));
+    assert_eq!(s.max_workers, 3);
+    held.push(h.call().await);
+    // The next window starts after the step: a third at 400 ms.
+    h.until(|s| s.workers.len() == 3).await;
+    assert_eq!(Instant::now() - start, Duration::from_millis(400));
+    held.push(h.call().await);
+    // Still under pressure, but at max: a long while later there are still 3.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(h.pool.describe().await.workers.len(), 3);
+    assert_eq!(h.sample("oxserve_worker_scale_events_total{model_name=\"m\",model_version=\"1.0\",direction=\"up\",trigger=\"autoscale\"}"), 2.0);
+    // Serve everything.
+    for c in held.drain(..) {
+        c.answer.send(Outcome::Ok).unwrap();
+    }
+    for mut rx in replies {
+        loop {
+            tokio::select! {
+                r = &mut rx => {
+                    match r.expect("answered") {
+                        Reply::Whole(p) => assert_eq!(p.response.status, 200),
+                        Reply::Stream(..) => panic!("no streaming here"),
+                    }
+                    break;
+                }
+                c = h.calls.recv() => c.unwrap().answer.send(Outcome::Ok).unwrap(),
+            }
+        }
+    }
+    // Idle: three idle samples per step, down to min and no further.
+    h.until(|s| s.workers.len() == 2).await;
+    h.until(|s| s.workers.len() == 1).await;
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let s = h.pool.describe().await;
+    assert_eq!(s.workers.len(), 1, "never below min");
+    assert_eq!(h.sample("oxserve_worker_scale_events_total{model_name=\"m\",model_version=\"1.0\",direction=\"down\",trigger=\"autoscale\"}"), 2.0);
+    // min == max turns it off, whatever the load.
+    h.pool.scale(1, 1, true).await;
+    let more: Vec<ReplyRx> = (0..5).map(|i| h.submit(&format!("x{i}"))).collect();
+    let c = h.call().await;
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(h.pool.describe().await.workers.len(), 1);
+    c.answer.send(Outcome::Ok).unwrap();
+    for _ in 1..more.len() {
+        h.call().await.answer.send(Outcome::Ok).unwrap();
+    }
+    for rx in more {
+        assert_eq!(answer(rx).await.0, 200);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_gauges_are_the_state_the_supervisor_holds() {
+    let mut h = harness(settings(1, 10, no_autoscale()), &[Load::Fail]);
+    h.pool.scale(2, 2, true).await;
+    h.until(|s| s.live_workers() == 2).await;
+    let g = |st: &str| {
+        format!("oxserve_workers{{model_name=\"m\",model_version=\"1.0\",state=\"{st}\"}}")
+    };
+    let a = h.submit("a");
+    let call = h.call().await;
+    let s = h.pool.describe().await;
+    assert_eq!(h.sample(&g("busy")), 1.0);
+    assert_eq!(h.sample(&g("ready")), 1.0);
+    assert_eq!(h.sample(&g("backoff")), 0.0);
+    assert_eq!(s.live_workers(), 2);
+    call.answer.send(Outcome::Die).unwrap();
+    answer(a).await;
+    let s = h
+        .until(|s| s.workers.iter().any(|w| w.status == WorkerStatus::Backoff))
+        .await;
+    assert_eq!(s.live_workers(), 1);
+    assert_eq!(h.sample(&g("backoff")), 1.0);
+    assert_eq!(h.sample(&g("ready")), 1.0);
+}
+
+#[test]
+fn workers_take_gpus_round_robin() {
+    assert_eq!(gpu_for(9000, 9000, 0), -1);
+    let ids: Vec<i32> = (9000..9005).map(|p| gpu_for(p, 9000, 2)).collect();
+    assert_eq!(ids, [0, 1, 0, 1, 0]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn huge_configured_delays_are_deadlines_that_never_come_not_panics() {
+    let mut s = settings(4, 10, no_autoscale());
+    s.max_batch_delay = Duration::MAX;
+    s.startup_timeout = Duration::MAX;
+    s.response_timeout = Duration::MAX;
+    let mut h = harness(s, &[]);
+    assert_eq!(h.pool.scale(1, 1, true).await, 1);
+    // A partial batch waits for more (forever); a full one goes.
+    let replies: Vec<ReplyRx> = (0..4).map(|i| h.submit(&format!("r{i}"))).collect();
+    let call = h.call().await;
+    assert_eq!(call.ids.len(), 4);
+    call.answer.send(Outcome::Ok).unwrap();
+    for rx in replies {
+        assert_eq!(answer(rx).await.0, 200);
+    }
+}

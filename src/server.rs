@@ -62,6 +62,7 @@ fn models_to_load(config: &Config) -> Result<Vec<(Option<String>, String)>> {
 /// Runs the server until SIGINT/SIGTERM. Fails fast (before loading any model) when a listener
 /// cannot be bound.
 pub async fn run(mut config: Config) -> Result<()> {
+    api::http::raise_open_file_limit();
     // Workers are spread over the GPUs that exist, at most number_of_gpu of them (TorchServe's rule).
     // NVML is loaded once, here; the system sampler then reuses it.
     let gpus = tokio::task::spawn_blocking(crate::system::gpu::GpuCollector::new)
@@ -98,15 +99,30 @@ pub async fn run(mut config: Config) -> Result<()> {
     }
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let conf = api::http::Listener {
+        limits: config.http.clone(),
+        max_connections: config
+            .http
+            .max_connections
+            .unwrap_or_else(api::http::default_max_connections),
+        drain_limit: config.max_request_size,
+        metrics: metrics.clone(),
+    };
+    tracing::info!(
+        "HTTP limits per listener: {} connections, head {} bytes within {} s, body pauses up to {} s, keep-alive idle {} s",
+        conf.max_connections,
+        conf.limits.max_header_size,
+        conf.limits.header_timeout.as_secs(),
+        conf.limits.body_timeout.as_secs(),
+        conf.limits.keep_alive_timeout.as_secs()
+    );
     let serve = |listener: TcpListener, router: axum::Router| {
-        let mut rx = stop_rx.clone();
-        tokio::spawn(async move {
-            axum::serve(listener, router)
-                .with_graceful_shutdown(async move {
-                    let _ = rx.wait_for(|stop| *stop).await;
-                })
-                .await
-        })
+        tokio::spawn(api::http::serve(
+            listener,
+            router,
+            conf.clone(),
+            stop_rx.clone(),
+        ))
     };
     let mut line = format!(
         "oxserve listening: inference={} management={}",

@@ -76,6 +76,37 @@ pub struct Config {
     pub number_of_gpu: Option<u32>,
     /// Per model version settings from TorchServe's `models` key: model name -> version -> settings.
     pub models: BTreeMap<String, BTreeMap<String, ModelSettings>>,
+    /// Limits every listener's connections live under (docs/security.md).
+    pub http: HttpLimits,
+    /// Limits of a registration from an http:// URL.
+    pub download: DownloadLimits,
+}
+
+/// Connection limits of the three listeners (oxserve's own keys; TorchServe's Netty has none).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HttpLimits {
+    /// The whole request head must arrive within this (`http_header_timeout`).
+    pub header_timeout: Duration,
+    /// Longest pause between two pieces of a request body (`http_body_timeout`).
+    pub body_timeout: Duration,
+    /// An idle keep-alive connection is closed after this (`http_keep_alive_timeout`).
+    pub keep_alive_timeout: Duration,
+    /// Open connections per listener (`http_max_connections`); `None`: derived from the
+    /// open-file limit at start-up.
+    pub max_connections: Option<usize>,
+    /// Request line plus headers, in bytes (`http_max_header_size`).
+    pub max_header_size: usize,
+}
+
+/// Limits of downloading an archive for registration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DownloadLimits {
+    /// `download_connect_timeout`.
+    pub connect_timeout: Duration,
+    /// Longest pause between two pieces of the body (`download_read_timeout`).
+    pub read_timeout: Duration,
+    /// Refuse archives larger than this many bytes (`max_download_size`; `None`: no cap).
+    pub max_size: Option<u64>,
 }
 
 /// One entry of the `models` key (TorchServe's per-model configuration).
@@ -229,6 +260,14 @@ const KNOWN_KEYS: &[&str] = &[
     "metrics_log_max_bytes",
     "models",
     "number_of_gpu",
+    "http_header_timeout",
+    "http_body_timeout",
+    "http_keep_alive_timeout",
+    "http_max_connections",
+    "http_max_header_size",
+    "download_connect_timeout",
+    "download_read_timeout",
+    "max_download_size",
 ];
 
 /// A configuration error: one line naming the key and the offending value.
@@ -402,7 +441,55 @@ impl Config {
             .map(|(_, v)| PathBuf::from(v))
             .unwrap_or_else(|| PathBuf::from("logs"));
 
+        let seconds = |key: &str, default: u64| -> Result<Duration, ConfigError> {
+            match number(key, default)? {
+                0 => err(format!("config key {key}: \"0\" must be at least 1 second")),
+                n => Ok(Duration::from_secs(n)),
+            }
+        };
+        let http = HttpLimits {
+            header_timeout: seconds("http_header_timeout", 30)?,
+            body_timeout: seconds("http_body_timeout", 60)?,
+            keep_alive_timeout: seconds("http_keep_alive_timeout", 15)?,
+            max_connections: match get("http_max_connections") {
+                None => None,
+                Some(_) => match number("http_max_connections", 0)? {
+                    0 => return err("config key http_max_connections: \"0\" must be at least 1"),
+                    n => Some(n as usize),
+                },
+            },
+            max_header_size: match number("http_max_header_size", 16 * 1024)? {
+                n if n < 1024 => {
+                    return err(format!(
+                        "config key http_max_header_size: \"{n}\" must be at least 1024 bytes"
+                    ))
+                }
+                n => n as usize,
+            },
+        };
+        if http.keep_alive_timeout > http.header_timeout {
+            warnings.push(format!(
+                "http_keep_alive_timeout ({} s) is longer than http_header_timeout ({} s): idle connections close after {} s",
+                http.keep_alive_timeout.as_secs(),
+                http.header_timeout.as_secs(),
+                http.header_timeout.as_secs()
+            ));
+        }
+        let download = DownloadLimits {
+            connect_timeout: seconds("download_connect_timeout", 10)?,
+            read_timeout: seconds("download_read_timeout", 60)?,
+            max_size: match get("max_download_size") {
+                None => None,
+                Some(_) => match number("max_download_size", 0)? {
+                    0 => return err("config key max_download_size: \"0\" must be at least 1 byte"),
+                    n => Some(n),
+                },
+            },
+        };
+
         let config = Config {
+            http,
+            download,
             inference_address: address("inference_address", "http://127.0.0.1:8080")?,
             management_address: address("management_address", "http://127.0.0.1:8081")?,
             metrics_address: address("metrics_address", "http://127.0.0.1:8082")?,

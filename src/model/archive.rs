@@ -6,6 +6,9 @@
 use std::fs;
 use std::io;
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+
+use crate::model::loading::{Counting, Loading};
 
 use serde::{Deserialize, Serialize};
 
@@ -72,6 +75,15 @@ pub struct UnpackedArchive {
 
 /// Opens a `.mar` file (unpacking it into a fresh private folder) or a folder of the same layout.
 pub fn open(path: &Path) -> Result<UnpackedArchive, ArchiveError> {
+    open_observed(path, None)
+}
+
+/// [`open`], counting the archive bytes read into `loading` (progress), and stopping with an
+/// error (the partial folder removed) once `loading` is cancelled.
+pub fn open_observed(
+    path: &Path,
+    loading: Option<Arc<Loading>>,
+) -> Result<UnpackedArchive, ArchiveError> {
     if !path.exists() {
         return Err(ArchiveError::NotFound(path.display().to_string()));
     }
@@ -87,7 +99,7 @@ pub fn open(path: &Path) -> Result<UnpackedArchive, ArchiveError> {
         .prefix("oxserve-model-")
         .tempdir()
         .map_err(|e| invalid(path, format!("cannot create a temporary folder: {e}")))?;
-    unpack_zip(path, temp.path())?;
+    unpack_zip(path, temp.path(), loading)?;
     let manifest = read_manifest(temp.path()).map_err(|e| match e {
         ArchiveError::Invalid { reason, .. } => invalid(path, reason),
         other => other,
@@ -148,8 +160,13 @@ fn safe_relative(name: &str) -> Result<PathBuf, String> {
     Ok(out)
 }
 
-fn unpack_zip(archive: &Path, dest: &Path) -> Result<(), ArchiveError> {
+fn unpack_zip(
+    archive: &Path,
+    dest: &Path,
+    loading: Option<Arc<Loading>>,
+) -> Result<(), ArchiveError> {
     let file = fs::File::open(archive).map_err(|e| invalid(archive, e.to_string()))?;
+    let file = Counting::new(file, loading);
     let mut zip =
         zip::ZipArchive::new(file).map_err(|e| invalid(archive, format!("not a zip file: {e}")))?;
     for i in 0..zip.len() {

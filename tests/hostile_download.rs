@@ -301,3 +301,64 @@ async fn describe_shows_the_progress_of_a_slow_download() {
     );
     assert_serving(&s).await;
 }
+
+/// Peak resident memory of a process in KiB (VmHWM).
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_download_streams_to_disk() {
+    // 96 MiB of random bytes, stored uncompressed: held whole in memory it would show in the
+    // server's peak RSS.
+    const MIB: usize = 1024 * 1024;
+    let web_dir = tempfile::tempdir().unwrap();
+    let path = web_dir.path().join("large.mar");
+    let manifest = demo_manifest("large", "1.0").to_string();
+    let ok = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import os, sys, zipfile\n\
+             with zipfile.ZipFile(sys.argv[1], 'w', zipfile.ZIP_STORED) as z:\n\
+             \x20   z.writestr('MAR-INF/MANIFEST.json', sys.argv[2])\n\
+             \x20   z.writestr('weights.bin', os.urandom(96 * 1024 * 1024))",
+        ])
+        .arg(&path)
+        .arg(&manifest)
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let size = std::fs::metadata(&path).unwrap().len();
+    let web = ArchiveServer::start(vec![(
+        "/large.mar",
+        Box::new(move |s: &mut TcpStream| {
+            let _ = s.write_all(
+                format!("HTTP/1.1 200 OK\r\ncontent-length: {size}\r\nconnection: close\r\n\r\n")
+                    .as_bytes(),
+            );
+            let mut f = std::fs::File::open(&path).unwrap();
+            let _ = std::io::copy(&mut f, s);
+        }),
+    )]);
+    let store = tempfile::tempdir().unwrap();
+    let s = start(store.path(), "");
+    s.wait_healthy().await;
+    let before = peak_rss_kib(s.child.id());
+    let (code, v) = register(&s, &web.url("/large.mar")).await;
+    assert_eq!(code, 200, "{v}");
+    let after = peak_rss_kib(s.child.id());
+    let grown = (after.saturating_sub(before)) as usize * 1024;
+    assert!(
+        grown < 48 * MIB,
+        "peak RSS grew by {} MiB for a {} MiB download",
+        grown / MIB,
+        size as usize / MIB
+    );
+    assert_eq!(store_files(store.path()), ["large.mar"]);
+    assert_eq!(s.predict("large", r#""good""#).await.status(), 200);
+}

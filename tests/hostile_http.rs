@@ -290,3 +290,110 @@ async fn an_error_before_the_body_is_read_reaches_the_client() {
     );
     assert_serving(&s).await;
 }
+
+/// The reported case: 115 idle keep-alive connections against a server with a 128-file limit
+/// stopped `/ping` for good. Now the derived connection cap leaves descriptors free and the
+/// keep-alive timeout closes idle connections, so `/ping` answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_under_a_128_file_limit_do_not_stop_ping() {
+    use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.properties");
+    std::fs::write(
+        &config,
+        "inference_address=http://127.0.0.1:0\nmanagement_address=http://127.0.0.1:0\nmetrics_address=http://127.0.0.1:0\nhttp_keep_alive_timeout=2\ndefault_workers_per_model=1\n",
+    )
+    .unwrap();
+    let mut cmd = std::process::Command::new(common::BIN);
+    cmd.args(["start", "--foreground", "--ts-config"])
+        .arg(&config)
+        .current_dir(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    // SAFETY: setrlimit is async-signal-safe; it only lowers the child's own limit.
+    unsafe {
+        cmd.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: 128,
+                rlim_max: 128,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            unsafe {
+                libc::kill(self.0.id() as i32, libc::SIGTERM);
+            }
+            let _ = self.0.wait();
+        }
+    }
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let _guard = Kill(child);
+    let target = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("inference="))
+        .expect("listening line")
+        .to_string();
+    let ping = || async {
+        reqwest::Client::new()
+            .get(format!("http://{target}/ping"))
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+    };
+    // 115 connections, each making one request and then staying open.
+    let mut held = Vec::new();
+    let mut answers = std::collections::BTreeMap::<String, usize>::new();
+    for _ in 0..115 {
+        let Ok(mut c) = TcpStream::connect(&target) else {
+            continue;
+        };
+        let _ = c.write_all(b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n");
+        c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut buf = [0u8; 512];
+        let head = match c.read(&mut buf) {
+            Ok(n) => String::from_utf8_lossy(&buf[..n])
+                .split("\r\n")
+                .next()
+                .unwrap_or("")
+                .to_string(),
+            Err(e) => format!("error {e}"),
+        };
+        *answers.entry(head).or_default() += 1;
+        held.push(c);
+    }
+    // No connection hung: each got an answer (200/500 while accepted, 503 over the cap) or, past
+    // the few refusals answered at a time, was closed at once.
+    assert!(
+        !answers
+            .keys()
+            .any(|h| h.contains("timed out") || h.contains("temporarily unavailable")),
+        "{answers:?}"
+    );
+    assert!(
+        answers.keys().any(|h| h.starts_with("HTTP/1.1 503")),
+        "the cap derived from 128 files never applied: {answers:?}"
+    );
+    // With the held connections still open on the client side, /ping answers again once the
+    // server has closed its idle ones.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Ok(200) = ping().await {
+            break;
+        }
+        assert!(Instant::now() < deadline, "/ping never answered 200 again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(held);
+}

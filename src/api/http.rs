@@ -44,8 +44,9 @@ pub struct Listener {
     pub metrics: Arc<Metrics>,
 }
 
-/// The default connection cap: a quarter of the open-file limit for each of the three listeners
-/// leaves the last quarter to workers, archives and logs. At most 10 000, at least 16.
+/// The default connection cap: a fifth of the open-file limit for each of the three listeners
+/// (plus a quarter of that for answering refused connections) leaves over a quarter of the
+/// descriptors to workers, archives and logs. At most 10 000, at least 16.
 pub fn default_max_connections() -> usize {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
@@ -57,7 +58,7 @@ pub fn default_max_connections() -> usize {
     } else {
         1024
     };
-    (soft / 4).clamp(16, 10_000)
+    (soft / 5).clamp(16, 10_000)
 }
 
 /// Raises the soft open-file limit to the hard one (as Go's runtime does at start): the soft
@@ -86,9 +87,10 @@ pub async fn serve(
 ) {
     let conf = Arc::new(conf);
     let slots = Arc::new(Semaphore::new(conf.max_connections));
-    // Connections over the cap get a short 503 from a small, separately capped set of tasks;
-    // beyond that they are simply closed.
-    let refusers = Arc::new(Semaphore::new(64));
+    // Connections over the cap get a 503 from a small, separately capped set of tasks (they hold
+    // a descriptor each for a moment); beyond that the 503 is written only if the socket takes
+    // it at once, and the connection closed.
+    let refusers = Arc::new(Semaphore::new((conf.max_connections / 4).clamp(1, 64)));
     // Every connection task holds a sender; when all are gone, every connection has ended.
     let (alive_tx, mut alive_rx) = tokio::sync::mpsc::channel::<()>(1);
     let mut last_accept_warning: Option<std::time::Instant> = None;
@@ -125,12 +127,17 @@ pub async fn serve(
             }
             Err(_) => {
                 conf.metrics.host.count_response(503);
-                if let Ok(permit) = refusers.clone().try_acquire_owned() {
-                    let max = conf.max_connections;
-                    tokio::spawn(async move {
-                        refuse(stream, max).await;
-                        drop(permit);
-                    });
+                let max = conf.max_connections;
+                match refusers.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        tokio::spawn(async move {
+                            refuse(stream, max).await;
+                            drop(permit);
+                        });
+                    }
+                    Err(_) => {
+                        let _ = stream.try_write(&too_many(max));
+                    }
                 }
             }
         }
@@ -139,26 +146,32 @@ pub async fn serve(
     let _ = alive_rx.recv().await;
 }
 
-/// Answers a connection over the cap with a 503 it can read, then closes it. Reads (and drops)
-/// what the client sends for a moment first: closing a socket with unread data resets it, and
-/// the client would see ECONNRESET instead of the answer.
-async fn refuse(mut stream: TcpStream, max: usize) {
-    let body = json_error(
+/// The 503 of a connection over the cap.
+fn too_many(max: usize) -> Vec<u8> {
+    json_error(
         503,
         "ServiceUnavailableException",
         &format!(
             "too many open connections on this listener (http_max_connections={max}); retry later"
         ),
-    );
+    )
+}
+
+/// Answers a connection over the cap with a 503 it can read, then closes it. Reads (and drops)
+/// what the client has sent first: closing a socket with unread data resets it, and the client
+/// would see ECONNRESET instead of the answer. A client that sent its request is let go after a
+/// short pause; none is held longer than a second.
+async fn refuse(mut stream: TcpStream, max: usize) {
+    use tokio::io::AsyncReadExt;
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
-        let _ = stream.write_all(&body).await;
+        let _ = stream.write_all(&too_many(max)).await;
         let _ = stream.shutdown().await;
         let mut sink = [0u8; 4096];
         let mut total = 0;
         while total < 64 * 1024 {
-            match tokio::io::AsyncReadExt::read(&mut stream, &mut sink).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => total += n,
+            match tokio::time::timeout(Duration::from_millis(200), stream.read(&mut sink)).await {
+                Ok(Ok(n)) if n > 0 => total += n,
+                _ => break,
             }
         }
     })

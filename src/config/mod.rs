@@ -684,6 +684,39 @@ mod tests {
     }
 
     #[test]
+    fn connection_and_download_limits_are_validated() {
+        let c = build(&[]).unwrap();
+        assert_eq!(c.http.header_timeout, Duration::from_secs(30));
+        assert_eq!(c.http.max_connections, None);
+        assert_eq!(c.download.max_size, None);
+        let c = build(&[("http_max_connections", "7"), ("max_download_size", "1000")]).unwrap();
+        assert_eq!(
+            (c.http.max_connections, c.download.max_size),
+            (Some(7), Some(1000))
+        );
+        for (key, value) in [
+            ("http_header_timeout", "0"),
+            ("http_body_timeout", "soon"),
+            ("http_max_connections", "0"),
+            ("http_max_header_size", "100"),
+            ("max_download_size", "-1"),
+            ("download_read_timeout", "0"),
+        ] {
+            let e = build(&[(key, value)]).unwrap_err();
+            assert!(e.0.contains(key) && e.0.contains(value), "{e}");
+        }
+        let file = [("http_keep_alive_timeout", "90")]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let (_, w) = Config::from_sources(file, &[], &Overrides::default()).unwrap();
+        assert!(
+            w.iter().any(|w| w.contains("http_keep_alive_timeout")),
+            "{w:?}"
+        );
+    }
+
+    #[test]
     fn unknown_keys_warn() {
         let mut file = HashMap::new();
         file.insert("no_such_key".to_string(), "1".to_string());

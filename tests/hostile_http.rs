@@ -334,11 +334,12 @@ async fn idle_connections_under_a_128_file_limit_do_not_stop_ping() {
             let _ = self.0.wait();
         }
     }
+    let stdout = child.stdout.take().unwrap();
+    let _guard = Kill(child);
     let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
+    std::io::BufReader::new(stdout)
         .read_line(&mut line)
         .unwrap();
-    let _guard = Kill(child);
     let target = line
         .split_whitespace()
         .find_map(|w| w.strip_prefix("inference="))

@@ -13,9 +13,21 @@ use std::time::{Duration, Instant};
 
 use common::BIN;
 
+/// A started server, killed if the test fails before it stops it.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// Starts the binary in `cwd` with this config and TMPDIR; lines of stdout and stderr arrive on
 /// the returned channel.
-fn spawn(cwd: &Path, tmp: &Path, props: &str, args: &[&str]) -> (Child, mpsc::Receiver<String>) {
+fn spawn(cwd: &Path, tmp: &Path, props: &str, args: &[&str]) -> (Running, mpsc::Receiver<String>) {
     let config = cwd.join("config.properties");
     std::fs::write(
         &config,
@@ -47,7 +59,7 @@ fn spawn(cwd: &Path, tmp: &Path, props: &str, args: &[&str]) -> (Child, mpsc::Re
             let _ = tx2.send(l);
         }
     });
-    (child, rx)
+    (Running(child), rx)
 }
 
 /// Waits for a line containing `needle`; every line seen is kept in `seen`.
@@ -67,7 +79,7 @@ fn wait_line(rx: &mpsc::Receiver<String>, needle: &str, seen: &mut Vec<String>) 
     }
 }
 
-fn terminate(child: &mut Child) -> std::process::ExitStatus {
+fn terminate(Running(child): &mut Running) -> std::process::ExitStatus {
     unsafe {
         libc::kill(child.id() as i32, libc::SIGTERM);
     }

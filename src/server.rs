@@ -62,6 +62,11 @@ fn models_to_load(config: &Config) -> Result<Vec<(Option<String>, String)>> {
 /// Runs the server until SIGINT/SIGTERM. Fails fast (before loading any model) when a listener
 /// cannot be bound.
 pub async fn run(mut config: Config) -> Result<()> {
+    // Signal handling comes first: a SIGTERM while archives unpack must stop the server through
+    // the same clean-up as later (before, the default action killed it and left the unpacked
+    // archives behind).
+    let mut signals = Signals::install()?;
+    api::http::raise_open_file_limit();
     // Workers are spread over the GPUs that exist, at most number_of_gpu of them (TorchServe's rule).
     // NVML is loaded once, here; the system sampler then reuses it.
     let gpus = tokio::task::spawn_blocking(crate::system::gpu::GpuCollector::new)
@@ -73,6 +78,8 @@ pub async fn run(mut config: Config) -> Result<()> {
     let metrics = Arc::new(Metrics::from_config(&config).map_err(anyhow::Error::msg)?);
     let registry = Arc::new(Registry::new(config.clone(), metrics.clone()));
     let tokens = api::auth::setup(&config).context("cannot write key_file.json")?;
+    // Removes key_file.json on every way out of this function, errors included.
+    let _key_file = KeyFile(tokens.clone());
     let state = AppState {
         registry: registry.clone(),
         metrics: metrics.clone(),
@@ -98,15 +105,30 @@ pub async fn run(mut config: Config) -> Result<()> {
     }
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let conf = api::http::Listener {
+        limits: config.http.clone(),
+        max_connections: config
+            .http
+            .max_connections
+            .unwrap_or_else(api::http::default_max_connections),
+        drain_limit: config.max_request_size,
+        metrics: metrics.clone(),
+    };
+    tracing::info!(
+        "HTTP limits per listener: {} connections, head {} bytes within {} s, body pauses up to {} s, keep-alive idle {} s",
+        conf.max_connections,
+        conf.limits.max_header_size,
+        conf.limits.header_timeout.as_secs(),
+        conf.limits.body_timeout.as_secs(),
+        conf.limits.keep_alive_timeout.as_secs()
+    );
     let serve = |listener: TcpListener, router: axum::Router| {
-        let mut rx = stop_rx.clone();
-        tokio::spawn(async move {
-            axum::serve(listener, router)
-                .with_graceful_shutdown(async move {
-                    let _ = rx.wait_for(|stop| *stop).await;
-                })
-                .await
-        })
+        tokio::spawn(api::http::serve(
+            listener,
+            router,
+            conf.clone(),
+            stop_rx.clone(),
+        ))
     };
     let mut line = format!(
         "oxserve listening: inference={} management={}",
@@ -125,50 +147,88 @@ pub async fn run(mut config: Config) -> Result<()> {
     println!("{line}");
     tracing::info!("{line}");
 
-    if config.builtin_default_model {
-        registry
-            .register_demo(config.default_workers_per_model)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot start the demo model: {e}"))?;
-        tracing::info!("serving the built-in demo model: curl -X POST http://{}/predictions/demo -d 'I love this'", config.inference_address);
-    }
-    for (name, file) in models_to_load(&config)? {
-        let options = RegisterOptions {
-            model_name: name,
-            loaded_at_startup: true,
-            ..Default::default()
-        };
-        match registry.register(&file, options).await {
-            Ok(v) => tracing::info!(
-                "registered model {} version {} from {file}",
-                v.name,
-                v.version
-            ),
-            Err(e) => tracing::error!("cannot load model {file}: {e}"),
+    let startup = async {
+        if config.builtin_default_model {
+            registry
+                .register_demo(config.default_workers_per_model)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot start the demo model: {e}"))?;
+            tracing::info!("serving the built-in demo model: curl -X POST http://{}/predictions/demo -d 'I love this'", config.inference_address);
         }
-    }
-
-    registry.mark_started();
-    shutdown_signal().await;
-    tracing::info!("shutting down: stopping listeners and workers");
+        for (name, file) in models_to_load(&config)? {
+            let options = RegisterOptions {
+                model_name: name,
+                loaded_at_startup: true,
+                ..Default::default()
+            };
+            match registry.register(&file, options).await {
+                Ok(v) => tracing::info!(
+                    "registered model {} version {} from {file}",
+                    v.name,
+                    v.version
+                ),
+                Err(e) => tracing::error!("cannot load model {file}: {e}"),
+            }
+        }
+        Ok::<_, anyhow::Error>(())
+    };
+    // A signal during start-up drops the registration in progress: its download and unpacked
+    // folder are removed and its unpacking stops at the next read (model::loading).
+    let outcome = tokio::select! {
+        r = startup => match r {
+            Ok(()) => {
+                registry.mark_started();
+                let which = signals.recv().await;
+                tracing::info!("{which}: shutting down: stopping listeners and workers");
+                Ok(())
+            }
+            Err(e) => Err(e),
+        },
+        which = signals.recv() => {
+            tracing::info!("{which} during start-up: shutting down: stopping listeners and workers");
+            Ok(())
+        }
+    };
     let _ = stop_tx.send(true);
     registry.shutdown().await;
-    if let Some(t) = &tokens {
-        t.remove_file();
-    }
     for t in tasks {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), t).await;
     }
-    Ok(())
+    outcome
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+/// SIGTERM and SIGINT, listened to from the start.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+        })
+    }
+
+    /// Waits for the next one; its name.
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
+}
+
+/// Removes key_file.json when dropped (TorchServe removes it at shutdown).
+struct KeyFile(Option<Arc<api::auth::Tokens>>);
+
+impl Drop for KeyFile {
+    fn drop(&mut self) {
+        if let Some(t) = &self.0 {
+            t.remove_file();
+        }
     }
 }
 

@@ -93,16 +93,21 @@ impl Tokens {
         })
     }
 
+    /// Writes the keys to a fresh file (created 0600 by tempfile) next to `key_file.json` and
+    /// renames it over: an existing key file with lax permissions (0644) is replaced, never
+    /// written into, and a reader never sees a half-written file.
     fn write_file(&self) -> std::io::Result<()> {
         use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&self.file)?;
-        f.write_all(format!("{:#}\n", self.as_json()).as_bytes())
+        let dir = self.file.parent().unwrap_or(Path::new("."));
+        let mut f = tempfile::Builder::new()
+            .prefix(".key_file.")
+            .suffix(".json")
+            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .tempfile_in(dir)?;
+        f.write_all(format!("{:#}\n", self.as_json()).as_bytes())?;
+        f.as_file().sync_all()?;
+        f.persist(&self.file).map_err(|e| e.error)?;
+        Ok(())
     }
 
     /// Removes the key file (at shutdown, as TorchServe does).

@@ -108,6 +108,9 @@ async fn serve(state: AppState, target: Target, req: Request) -> Response {
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
             return too_large(limit).into_response()
         }
+        Err(e) if super::http::is_body_timeout(e.as_ref()) => {
+            return ApiError::new(408, "RequestTimeoutException", e.to_string()).into_response()
+        }
         Err(e) => {
             return ApiError::bad_request(format!("cannot read the request body: {e}"))
                 .into_response()

@@ -187,18 +187,41 @@ async fn describe_default(
     State(state): State<AppState>,
     ApiPath(model): ApiPath<String>,
 ) -> Result<Response, ApiError> {
-    let v = state.registry.get(&model, None)?;
+    let v = match state.registry.get(&model, None) {
+        Ok(v) => v,
+        Err(e) => return loading_or(&state, &model, e),
+    };
     Ok(Json(json!([describe_one(&v).await])).into_response())
+}
+
+/// A model not registered yet but still downloading or unpacking is described with its
+/// progress (oxserve's addition; TorchServe answers 404 until it is loaded).
+fn loading_or(
+    state: &AppState,
+    model: &str,
+    e: crate::model::registry::RegistryError,
+) -> Result<Response, ApiError> {
+    match state.registry.loading(model) {
+        Some(l) => Ok(Json(json!([l.describe()])).into_response()),
+        None => Err(e.into()),
+    }
 }
 
 async fn describe_version(
     State(state): State<AppState>,
     ApiPath((model, version)): ApiPath<(String, String)>,
 ) -> Result<Response, ApiError> {
-    let versions: Vec<Arc<ModelVersion>> = if version == "all" {
-        state.registry.versions(&model)?
+    let found = if version == "all" {
+        state.registry.versions(&model)
     } else {
-        vec![state.registry.get(&model, Some(&version))?]
+        state.registry.get(&model, Some(&version)).map(|v| vec![v])
+    };
+    let versions: Vec<Arc<ModelVersion>> = match found {
+        Ok(v) => v,
+        Err(e @ crate::model::registry::RegistryError::ModelNotFound(_)) => {
+            return loading_or(&state, &model, e)
+        }
+        Err(e) => return Err(e.into()),
     };
     let mut out = Vec::with_capacity(versions.len());
     for v in &versions {

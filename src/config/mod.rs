@@ -88,6 +88,10 @@ pub struct Config {
     pub model_metrics_max_series: usize,
     /// Server-wide autoscaling rule (`autoscale_*` keys); models may override each part.
     pub autoscale: crate::worker::AutoscaleRule,
+    /// Limits every listener's connections live under (docs/security.md).
+    pub http: HttpLimits,
+    /// Limits of a registration from an http:// URL.
+    pub download: DownloadLimits,
 }
 
 /// Default of `max_archive_unpacked_bytes`: 64 GiB, room for the weights of a large LLM, yet
@@ -130,6 +134,33 @@ pub fn read_small_file(path: &Path, what: &str) -> Result<String, String> {
         ));
     }
     Ok(text)
+}
+
+/// Connection limits of the three listeners (oxserve's own keys; TorchServe's Netty has none).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HttpLimits {
+    /// The whole request head must arrive within this (`http_header_timeout`).
+    pub header_timeout: Duration,
+    /// Longest pause between two pieces of a request body (`http_body_timeout`).
+    pub body_timeout: Duration,
+    /// An idle keep-alive connection is closed after this (`http_keep_alive_timeout`).
+    pub keep_alive_timeout: Duration,
+    /// Open connections per listener (`http_max_connections`); `None`: derived from the
+    /// open-file limit at start-up.
+    pub max_connections: Option<usize>,
+    /// Request line plus headers, in bytes (`http_max_header_size`).
+    pub max_header_size: usize,
+}
+
+/// Limits of downloading an archive for registration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DownloadLimits {
+    /// `download_connect_timeout`.
+    pub connect_timeout: Duration,
+    /// Longest pause between two pieces of the body (`download_read_timeout`).
+    pub read_timeout: Duration,
+    /// Refuse archives larger than this many bytes (`max_download_size`; `None`: no cap).
+    pub max_size: Option<u64>,
 }
 
 /// One entry of the `models` key (TorchServe's per-model configuration).
@@ -375,6 +406,14 @@ const KNOWN_KEYS: &[&str] = &[
     "autoscale_queue_per_worker",
     "autoscale_up_samples",
     "autoscale_down_samples",
+    "http_header_timeout",
+    "http_body_timeout",
+    "http_keep_alive_timeout",
+    "http_max_connections",
+    "http_max_header_size",
+    "download_connect_timeout",
+    "download_read_timeout",
+    "max_download_size",
 ];
 
 /// A configuration error: one line naming the key and the offending value.
@@ -619,7 +658,55 @@ impl Config {
             .map(|(_, v)| PathBuf::from(v))
             .unwrap_or_else(|| PathBuf::from("logs"));
 
+        let seconds = |key: &str, default: u64| -> Result<Duration, ConfigError> {
+            match number(key, default)? {
+                0 => err(format!("config key {key}: \"0\" must be at least 1 second")),
+                n => Ok(Duration::from_secs(n)),
+            }
+        };
+        let http = HttpLimits {
+            header_timeout: seconds("http_header_timeout", 30)?,
+            body_timeout: seconds("http_body_timeout", 60)?,
+            keep_alive_timeout: seconds("http_keep_alive_timeout", 15)?,
+            max_connections: match get("http_max_connections") {
+                None => None,
+                Some(_) => match number("http_max_connections", 0)? {
+                    0 => return err("config key http_max_connections: \"0\" must be at least 1"),
+                    n => Some(n as usize),
+                },
+            },
+            max_header_size: match number("http_max_header_size", 16 * 1024)? {
+                n if n < 1024 => {
+                    return err(format!(
+                        "config key http_max_header_size: \"{n}\" must be at least 1024 bytes"
+                    ))
+                }
+                n => n as usize,
+            },
+        };
+        if http.keep_alive_timeout > http.header_timeout {
+            warnings.push(format!(
+                "http_keep_alive_timeout ({} s) is longer than http_header_timeout ({} s): idle connections close after {} s",
+                http.keep_alive_timeout.as_secs(),
+                http.header_timeout.as_secs(),
+                http.header_timeout.as_secs()
+            ));
+        }
+        let download = DownloadLimits {
+            connect_timeout: seconds("download_connect_timeout", 10)?,
+            read_timeout: seconds("download_read_timeout", 60)?,
+            max_size: match get("max_download_size") {
+                None => None,
+                Some(_) => match number("max_download_size", 0)? {
+                    0 => return err("config key max_download_size: \"0\" must be at least 1 byte"),
+                    n => Some(n),
+                },
+            },
+        };
+
         let config = Config {
+            http,
+            download,
             inference_address: address("inference_address", "http://127.0.0.1:8080")?,
             management_address: address("management_address", "http://127.0.0.1:8081")?,
             metrics_address: address("metrics_address", "http://127.0.0.1:8082")?,
@@ -879,6 +966,39 @@ mod tests {
         assert_eq!(s.autoscale_interval, Some(Duration::from_millis(100)));
         let e = build(&[("models", r#"{"m": {"1.0": {"autoscaleDownSamples": 0}}}"#)]).unwrap_err();
         assert!(e.0.contains("autoscaleDownSamples"), "{e}");
+    }
+
+    #[test]
+    fn connection_and_download_limits_are_validated() {
+        let c = build(&[]).unwrap();
+        assert_eq!(c.http.header_timeout, Duration::from_secs(30));
+        assert_eq!(c.http.max_connections, None);
+        assert_eq!(c.download.max_size, None);
+        let c = build(&[("http_max_connections", "7"), ("max_download_size", "1000")]).unwrap();
+        assert_eq!(
+            (c.http.max_connections, c.download.max_size),
+            (Some(7), Some(1000))
+        );
+        for (key, value) in [
+            ("http_header_timeout", "0"),
+            ("http_body_timeout", "soon"),
+            ("http_max_connections", "0"),
+            ("http_max_header_size", "100"),
+            ("max_download_size", "-1"),
+            ("download_read_timeout", "0"),
+        ] {
+            let e = build(&[(key, value)]).unwrap_err();
+            assert!(e.0.contains(key) && e.0.contains(value), "{e}");
+        }
+        let file = [("http_keep_alive_timeout", "90")]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let (_, w) = Config::from_sources(file, &[], &Overrides::default()).unwrap();
+        assert!(
+            w.iter().any(|w| w.contains("http_keep_alive_timeout")),
+            "{w:?}"
+        );
     }
 
     #[test]

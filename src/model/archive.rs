@@ -12,6 +12,9 @@
 use std::fs;
 use std::io;
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+
+use crate::model::loading::{Counting, Loading};
 
 use serde::{Deserialize, Serialize};
 
@@ -120,6 +123,16 @@ pub struct UnpackedArchive {
 /// Opens a `.mar` file (unpacking it into a fresh private folder, within `limits`) or a folder of
 /// the same layout (used in place: it is the operator's, so no limits apply).
 pub fn open(path: &Path, limits: &Limits) -> Result<UnpackedArchive, ArchiveError> {
+    open_observed(path, limits, None)
+}
+
+/// [`open`], counting the archive bytes read into `loading` (progress), and stopping with an
+/// error (the partial folder removed) once `loading` is cancelled.
+pub fn open_observed(
+    path: &Path,
+    limits: &Limits,
+    loading: Option<Arc<Loading>>,
+) -> Result<UnpackedArchive, ArchiveError> {
     if !path.exists() {
         return Err(ArchiveError::NotFound(path.display().to_string()));
     }
@@ -133,7 +146,7 @@ pub fn open(path: &Path, limits: &Limits) -> Result<UnpackedArchive, ArchiveErro
     }
     let temp = private_tempdir("oxserve-model-")
         .map_err(|e| invalid(path, format!("cannot create a temporary folder: {e}")))?;
-    unpack_zip(path, temp.path(), limits)?;
+    unpack_zip(path, temp.path(), limits, loading)?;
     let manifest = read_manifest(temp.path()).map_err(|e| match e {
         ArchiveError::Invalid { reason, .. } => invalid(path, reason),
         other => other,
@@ -200,8 +213,14 @@ fn safe_relative(name: &str) -> Result<PathBuf, String> {
     Ok(out)
 }
 
-fn unpack_zip(archive: &Path, dest: &Path, limits: &Limits) -> Result<(), ArchiveError> {
+fn unpack_zip(
+    archive: &Path,
+    dest: &Path,
+    limits: &Limits,
+    loading: Option<Arc<Loading>>,
+) -> Result<(), ArchiveError> {
     let file = fs::File::open(archive).map_err(|e| invalid(archive, e.to_string()))?;
+    let file = Counting::new(file, loading);
     let mut zip =
         zip::ZipArchive::new(file).map_err(|e| invalid(archive, format!("not a zip file: {e}")))?;
     if zip.len() as u64 > limits.max_entries {
@@ -343,7 +362,7 @@ mod tests {
             max_entries: 10,
         };
         let dest = tempfile::tempdir().unwrap();
-        let result = unpack_zip(&mar, dest.path(), &limits);
+        let result = unpack_zip(&mar, dest.path(), &limits, None);
         let e = result.expect_err("a 2 MiB entry unpacked under a 1 MiB cap");
         assert!(e.to_string().contains("max_archive_unpacked_bytes"), "{e}");
         assert!(bytes_under(dest.path()) <= limits.max_unpacked_bytes + 1);
@@ -356,7 +375,7 @@ mod tests {
             ],
         );
         let dest = tempfile::tempdir().unwrap();
-        let e = unpack_zip(&mar, dest.path(), &limits)
+        let e = unpack_zip(&mar, dest.path(), &limits, None)
             .unwrap_err()
             .to_string();
         assert!(e.contains("max_archive_unpacked_bytes"), "{e}");
@@ -368,6 +387,7 @@ mod tests {
                 max_unpacked_bytes: 1 << 30,
                 max_entries: 1,
             },
+            None,
         )
         .unwrap_err()
         .to_string();

@@ -11,6 +11,7 @@ use crate::backend::{self, BackendLoader, WorkerSpec};
 use crate::config::{Config, ModelSettings};
 use crate::metrics::{Metrics, ModelMetrics};
 use crate::model::archive::{self, Manifest, UnpackedArchive};
+use crate::model::loading::{Loading, Phase};
 use crate::worker::{AutoscaleRule, Pool, PoolSettings};
 
 /// The name oxserve serves its built-in demo model under.
@@ -123,6 +124,8 @@ pub struct Registry {
     /// (name, version) pairs being registered right now, so that a second registration of the
     /// same pair is a conflict before it creates anything.
     pending: Arc<Mutex<HashSet<(String, String)>>>,
+    /// Registrations still downloading, unpacking or starting (describe shows their progress).
+    loading: Mutex<BTreeMap<String, Arc<Loading>>>,
 }
 
 /// A (name, version) slot held while a registration builds its version; released when dropped.
@@ -177,6 +180,36 @@ fn check_limits(c: &Config, batch_size: u32, max_workers: u32) -> Result<(), Reg
     Ok(())
 }
 
+/// Keeps a registration listed as loading; removes (and cancels) it when the registration ends,
+/// however it ends (done, failed, or dropped midway).
+struct LoadingGuard<'a> {
+    registry: &'a Registry,
+    loading: Arc<Loading>,
+    listed: bool,
+}
+
+impl Drop for LoadingGuard<'_> {
+    fn drop(&mut self) {
+        self.loading.cancel();
+        if self.listed {
+            let mut map = self.registry.loading.lock().unwrap();
+            if map
+                .get(&self.loading.name)
+                .is_some_and(|l| Arc::ptr_eq(l, &self.loading))
+            {
+                map.remove(&self.loading.name);
+            }
+        }
+    }
+}
+
+/// Where an archive to register is, and the downloaded file to keep once it registered.
+struct Resolved {
+    path: PathBuf,
+    /// (temporary file, its name in the model store) for a download.
+    download: Option<(tempfile::TempPath, PathBuf)>,
+}
+
 impl Registry {
     pub fn new(config: Arc<Config>, metrics: Arc<Metrics>) -> Registry {
         Registry {
@@ -184,6 +217,7 @@ impl Registry {
             next_port: Arc::new(AtomicU32::new(config.initial_worker_port)),
             started: AtomicBool::new(false),
             pending: Arc::new(Mutex::new(HashSet::new())),
+            loading: Mutex::new(BTreeMap::new()),
             config,
             metrics,
         }
@@ -349,12 +383,18 @@ impl Registry {
                 "Parameter url is required.".into(),
             ));
         }
-        let path = self.resolve(url).await?;
+        let loading = self.start_loading(url, &options);
+        let resolved = self.resolve(url, &loading.loading).await?;
+        let path = resolved.path.clone();
+        let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         let config = self.config.clone();
         let shown = url.to_string();
+        let observer = loading.loading.clone();
+        observer.set_phase(Phase::Unpacking, if path.is_dir() { 0 } else { size });
         let (unpacked, loader, from_yaml) = tokio::task::spawn_blocking(move || {
             let limits = archive::Limits::from_config(&config);
-            let unpacked = archive::open(&path, &limits).map_err(|e| e.to_string())?;
+            let unpacked = archive::open_observed(&path, &limits, Some(observer))
+                .map_err(|e| e.to_string())?;
             let loader = backend::loader_for(&unpacked.dir, &unpacked.manifest, &config)
                 .map_err(|e| format!("cannot load model from {shown}: {e}"))?;
             let from_yaml = match archive::model_config(&unpacked.dir, &unpacked.manifest)? {
@@ -366,6 +406,7 @@ impl Registry {
         .await
         .map_err(|e| RegistryError::BadRequest(format!("archive unpacking failed: {e}")))?
         .map_err(RegistryError::BadRequest)?;
+        loading.loading.set_phase(Phase::StartingWorkers, 0);
         let source = Source {
             url: url.to_string(),
             manifest: unpacked.manifest.clone(),
@@ -374,10 +415,60 @@ impl Registry {
             loader,
             from_yaml,
         };
-        self.insert(source, options).await
+        let version = self.insert(source, options).await?;
+        // Only a registered archive takes its name in the store (TorchServe keeps any download,
+        // and every retry after a failed one answers 409).
+        if let Some((temp, target)) = resolved.download {
+            if let Err(e) = temp.persist_noclobber(&target) {
+                tracing::warn!(
+                    "model {} is registered, but its archive could not be kept as {}: {e}",
+                    version.name,
+                    target.display()
+                );
+            }
+        }
+        Ok(version)
     }
 
-    async fn resolve(&self, url: &str) -> Result<PathBuf, RegistryError> {
+    /// Lists a registration as loading under the name describe will look for: the requested
+    /// model name, else the archive's file name without `.mar`.
+    fn start_loading(&self, url: &str, options: &RegisterOptions) -> LoadingGuard<'_> {
+        let name = options
+            .model_name
+            .clone()
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| {
+                let file = url
+                    .split(['?', '#'])
+                    .next()
+                    .and_then(|u| u.trim_end_matches('/').rsplit('/').next())
+                    .unwrap_or(url);
+                file.strip_suffix(".mar").unwrap_or(file).to_string()
+            });
+        let loading = Arc::new(Loading::new(name.clone(), url.to_string()));
+        let mut map = self.loading.lock().unwrap();
+        // A second registration under the same name is not listed (the first one is shown).
+        let listed = !map.contains_key(&name);
+        if listed {
+            map.insert(name, loading.clone());
+        }
+        LoadingGuard {
+            registry: self,
+            loading,
+            listed,
+        }
+    }
+
+    /// The progress of a model still loading under this name, if any.
+    pub fn loading(&self, name: &str) -> Option<Arc<Loading>> {
+        self.loading.lock().unwrap().get(name).cloned()
+    }
+
+    async fn resolve(&self, url: &str, loading: &Arc<Loading>) -> Result<Resolved, RegistryError> {
+        let local = |path: PathBuf| Resolved {
+            path,
+            download: None,
+        };
         if url.contains("://") {
             if !self.config.url_allowed(url) {
                 return Err(RegistryError::BadRequest(format!(
@@ -385,10 +476,10 @@ impl Registry {
                 )));
             }
             if let Some(p) = url.strip_prefix("file://") {
-                return Ok(PathBuf::from(p));
+                return Ok(local(PathBuf::from(p)));
             }
             if url.starts_with("http://") {
-                return self.download(url).await;
+                return self.download(url, loading).await;
             }
             return Err(RegistryError::BadRequest(format!(
                 "cannot register {url}: oxserve downloads plain http:// URLs only (no TLS built in); put the archive in the model store instead"
@@ -401,7 +492,7 @@ impl Registry {
                     "Given URL {url} does not match any allowed URL(s)"
                 )));
             }
-            return Ok(direct.to_path_buf());
+            return Ok(local(direct.to_path_buf()));
         }
         let store = self.config.model_store.as_ref().ok_or_else(|| {
             RegistryError::BadRequest(format!(
@@ -423,11 +514,12 @@ impl Registry {
                 store.display()
             )));
         }
-        Ok(path)
+        Ok(local(path))
     }
 
-    /// Downloads an archive into the model store, as TorchServe does, refusing to overwrite.
-    async fn download(&self, url: &str) -> Result<PathBuf, RegistryError> {
+    /// Downloads an archive into a temporary file of the model store; it takes the name of the
+    /// URL's file once registered. Refuses a name already in the store, as TorchServe does.
+    async fn download(&self, url: &str, loading: &Arc<Loading>) -> Result<Resolved, RegistryError> {
         let bad = |m: String| RegistryError::BadRequest(m);
         let store = self.config.model_store.as_ref().ok_or_else(|| {
             bad(format!(
@@ -447,22 +539,13 @@ impl Registry {
                 version: "(file already in the model store)".into(),
             });
         }
-        let response = reqwest::get(url)
+        let temp = super::download::fetch(url, &self.config, store, loading)
             .await
-            .map_err(|e| bad(format!("cannot download {url}: {e}")))?;
-        if !response.status().is_success() {
-            return Err(bad(format!(
-                "cannot download {url}: the server answered {}",
-                response.status()
-            )));
-        }
-        let bytes = response
-            .bytes()
-            .await
-            .map_err(|e| bad(format!("cannot download {url}: {e}")))?;
-        std::fs::write(&target, &bytes)
-            .map_err(|e| bad(format!("cannot write {}: {e}", target.display())))?;
-        Ok(target)
+            .map_err(bad)?;
+        Ok(Resolved {
+            path: temp.to_path_buf(),
+            download: Some((temp, target)),
+        })
     }
 
     async fn insert(
@@ -667,6 +750,9 @@ impl Registry {
 
     /// Unregisters everything (server shutdown), stopping every worker.
     pub async fn shutdown(&self) {
+        for l in self.loading.lock().unwrap().values() {
+            l.cancel();
+        }
         let all: Vec<Arc<ModelVersion>> = {
             let mut models = self.models.write().unwrap();
             let all = models

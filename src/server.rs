@@ -101,13 +101,26 @@ pub async fn run(mut config: Config) -> Result<()> {
     let serve = |listener: TcpListener, router: axum::Router| {
         let mut rx = stop_rx.clone();
         tokio::spawn(async move {
-            axum::serve(listener, router)
-                .with_graceful_shutdown(async move {
-                    let _ = rx.wait_for(|stop| *stop).await;
-                })
-                .await
+            // Connection info: the access log names the client's address, as TorchServe's does.
+            axum::serve(
+                listener,
+                router.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(async move {
+                let _ = rx.wait_for(|stop| *stop).await;
+            })
+            .await
         })
     };
+    // TorchServe's start-up lines, which runbooks and readiness scripts grep in ts_log.log.
+    tracing::info!("Inference API bind to: http://{}", inference.local_addr()?);
+    tracing::info!(
+        "Management API bind to: http://{}",
+        management.local_addr()?
+    );
+    if let Some(l) = &metrics_listener {
+        tracing::info!("Metrics API bind to: http://{}", l.local_addr()?);
+    }
     let mut line = format!(
         "oxserve listening: inference={} management={}",
         inference.local_addr()?,
@@ -149,6 +162,7 @@ pub async fn run(mut config: Config) -> Result<()> {
     }
 
     registry.mark_started();
+    tracing::info!("Model server started.");
     shutdown_signal().await;
     tracing::info!("shutting down: stopping listeners and workers");
     let _ = stop_tx.send(true);

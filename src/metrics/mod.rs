@@ -74,19 +74,15 @@ impl Metrics {
             Some(path) => Spec::load(path)?,
             None => Spec::builtin(),
         };
-        let log = match config.metrics_mode {
-            MetricsMode::Prometheus => None,
-            _ => Some(Arc::new(
-                LogSink::open(&config.metrics_log_dir, config.metrics_log_max_bytes).map_err(
-                    |e| {
-                        format!(
-                            "cannot create metrics log folder {}: {e}",
-                            config.metrics_log_dir.display()
-                        )
-                    },
-                )?,
-            )),
-        };
+        // Written in every mode, as TorchServe does: log shippers read them whatever /metrics serves.
+        let log = Some(Arc::new(
+            LogSink::open(&config.metrics_log_dir, config.metrics_log_max_bytes).map_err(|e| {
+                format!(
+                    "cannot open the metrics logs in {}: {e}",
+                    config.metrics_log_dir.display()
+                )
+            })?,
+        ));
         Ok(Metrics::new(
             spec,
             config.metrics_mode,
@@ -250,13 +246,12 @@ impl Metrics {
         buckets: Vec<f64>,
         model_origin: bool,
     ) -> Arc<Family> {
+        // Every family is logged (when a log sink exists) in every mode; the mode decides which
+        // also appear on /metrics.
         let (exposed, logged) = match self.mode {
-            MetricsMode::Prometheus => (true, false),
+            MetricsMode::Prometheus => (true, true),
             MetricsMode::Log => (false, true),
-            MetricsMode::Legacy => {
-                let kept = LEGACY_EXPOSED.contains(&name);
-                (kept, !kept)
-            }
+            MetricsMode::Legacy => (LEGACY_EXPOSED.contains(&name), true),
         };
         let family = Arc::new(Family::new(
             name,

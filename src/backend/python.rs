@@ -417,19 +417,18 @@ enum Stream {
 /// Forwards one worker output line to MODEL_LOG (model_log.log, ts_log.log, the console), with
 /// the model, version, worker and request it belongs to.
 fn log_line(spec: &WorkerSpec, stream: Stream, line: &str, cut: Option<u64>, ids: Option<&str>) {
-    let marker = cut.map(|total| crate::logging::truncation_marker(total, line.len()));
-    let marker = marker.as_deref().unwrap_or("");
+    // A cut line names its full length in `line_bytes`; the log files add the marker.
     let (model, version) = (&spec.model_name, &spec.model_version);
     match stream {
         Stream::Stdout => tracing::info!(
             target: crate::logging::MODEL_LOG,
             worker = %spec.name, stream = "stdout", model = %model, version = %version,
-            request_id = ids, "{line}{marker}"
+            request_id = ids, line_bytes = cut, "{line}"
         ),
         Stream::Stderr => tracing::warn!(
             target: crate::logging::MODEL_LOG,
             worker = %spec.name, stream = "stderr", model = %model, version = %version,
-            request_id = ids, "{line}{marker}"
+            request_id = ids, line_bytes = cut, "{line}"
         ),
     }
 }

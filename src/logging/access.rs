@@ -27,12 +27,11 @@ pub struct RequestId(pub String);
 /// Gives the request its id, answers with it in `x-request-id`, and writes the access log line.
 pub async fn layer(mut req: Request<Body>, next: Next) -> Response {
     let start = Instant::now();
-    let sent = req.headers().get(&X_REQUEST_ID).map(|v| {
-        v.to_str().map_err(|_| ()).and_then(|s| {
-            super::check_request_id(s)
-                .map(|()| s.to_string())
-                .map_err(|_| ())
-        })
+    // None: no header; Some(Err(why)): one that is not an id oxserve can carry.
+    let sent: Option<Result<String, String>> = req.headers().get(&X_REQUEST_ID).map(|v| {
+        let s = v.to_str().map_err(|_| super::REQUEST_ID_RULE.to_string())?;
+        super::check_request_id(s)?;
+        Ok(s.to_string())
     });
     let remote = req
         .extensions()
@@ -42,13 +41,10 @@ pub async fn layer(mut req: Request<Body>, next: Next) -> Response {
     let uri = req.uri().clone();
     let version = req.version();
     let (id, mut response) = match sent {
-        Some(Err(())) => {
-            let why = super::check_request_id("").unwrap_err();
-            (
-                super::new_request_id(),
-                ApiError::bad_request(why).into_response(),
-            )
-        }
+        Some(Err(why)) => (
+            super::new_request_id(),
+            ApiError::bad_request(why).into_response(),
+        ),
         Some(Ok(id)) => {
             req.extensions_mut().insert(RequestId(id.clone()));
             (id, next.run(req).await)

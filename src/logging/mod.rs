@@ -159,11 +159,13 @@ pub fn check_request_id(id: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!(
-            "x-request-id must be 1 to {MAX_REQUEST_ID} characters of A-Z a-z 0-9 - _ . : / + = @"
-        ))
+        Err(REQUEST_ID_RULE.to_string())
     }
 }
+
+/// The error a refused `x-request-id` gets.
+pub const REQUEST_ID_RULE: &str =
+    "x-request-id must be 1 to 128 characters of A-Z a-z 0-9 - _ . : / + = @";
 
 /// Cuts `msg` to at most `max` bytes (at a character boundary) and says so.
 pub fn cap(msg: &str, max: usize) -> Cow<'_, str> {
@@ -351,15 +353,17 @@ fn level_text(l: &Level) -> &'static str {
 #[derive(Default)]
 struct Fields {
     message: String,
-    extra: Vec<(&'static str, String)>,
+    /// Other fields; numbers stay numbers in JSON lines.
+    extra: Vec<(&'static str, serde_json::Value)>,
 }
 
 impl Fields {
-    fn get(&self, name: &str) -> Option<&str> {
-        self.extra
-            .iter()
-            .find(|(k, _)| *k == name)
-            .map(|(_, v)| v.as_str())
+    fn get(&self, name: &str) -> Option<&serde_json::Value> {
+        self.extra.iter().find(|(k, _)| *k == name).map(|(_, v)| v)
+    }
+
+    fn get_str(&self, name: &str) -> Option<&str> {
+        self.get(name).and_then(|v| v.as_str())
     }
 }
 
@@ -368,15 +372,27 @@ impl Visit for Fields {
         if field.name() == "message" {
             self.message.push_str(value);
         } else {
-            self.extra.push((field.name(), value.to_string()));
+            self.extra.push((field.name(), value.into()));
         }
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.extra.push((field.name(), value.into()));
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.extra.push((field.name(), value.into()));
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.extra.push((field.name(), value.into()));
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
         if field.name() == "message" {
             let _ = write!(self.message, "{value:?}");
         } else {
-            self.extra.push((field.name(), format!("{value:?}")));
+            self.extra.push((field.name(), format!("{value:?}").into()));
         }
     }
 }
@@ -393,7 +409,12 @@ impl<S: Subscriber> Layer<S> for FileLayer {
         let meta = event.metadata();
         let mut f = Fields::default();
         event.record(&mut f);
-        let message = cap(&f.message, logs.max_line);
+        let mut message = cap(&f.message, logs.max_line);
+        // Worker output cut by its reader (python.rs) says how long it was.
+        if let Some(total) = f.get("line_bytes").and_then(|v| v.as_u64()) {
+            let kept = message.len();
+            message.to_mut().push_str(&truncation_marker(total, kept));
+        }
         let now = SystemTime::now();
         let model = meta.target() == MODEL_LOG;
         let line = match logs.format {
@@ -405,8 +426,8 @@ impl<S: Subscriber> Layer<S> for FileLayer {
                     let _ = write!(
                         line,
                         "{}-{} {MODEL_LOG} - {message}",
-                        f.get("worker").unwrap_or("W-?"),
-                        f.get("stream").unwrap_or("stdout"),
+                        f.get_str("worker").unwrap_or("W-?"),
+                        f.get_str("stream").unwrap_or("stdout"),
                     );
                 } else {
                     let thread = std::thread::current();
@@ -417,7 +438,14 @@ impl<S: Subscriber> Layer<S> for FileLayer {
                         meta.target()
                     );
                     for (k, v) in &f.extra {
-                        let _ = write!(line, " {k}={}", cap(v, logs.max_line));
+                        match v {
+                            serde_json::Value::String(v) => {
+                                let _ = write!(line, " {k}={}", cap(v, logs.max_line));
+                            }
+                            v => {
+                                let _ = write!(line, " {k}={v}");
+                            }
+                        }
                     }
                 }
                 line.push('\n');
@@ -433,8 +461,12 @@ impl<S: Subscriber> Layer<S> for FileLayer {
                     o.insert("thread".into(), thread.name().unwrap_or("-").into());
                 }
                 o.insert("message".into(), message.as_ref().into());
-                for (k, v) in &f.extra {
-                    o.insert((*k).into(), cap(v, logs.max_line).as_ref().into());
+                for (k, v) in f.extra {
+                    let v = match v {
+                        serde_json::Value::String(v) => cap(&v, logs.max_line).as_ref().into(),
+                        v => v,
+                    };
+                    o.insert(k.into(), v);
                 }
                 json_line(o)
             }
@@ -475,6 +507,7 @@ mod tests {
             assert!(check_request_id(bad).is_err(), "{bad:?}");
         }
         assert!(check_request_id(&"a".repeat(MAX_REQUEST_ID + 1)).is_err());
+        assert!(REQUEST_ID_RULE.contains(&format!(" {MAX_REQUEST_ID} ")));
     }
 
     #[test]

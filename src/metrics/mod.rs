@@ -74,7 +74,9 @@ impl Metrics {
             Some(path) => Spec::load(path)?,
             None => Spec::builtin(),
         };
-        // Written in every mode, as TorchServe does: log shippers read them whatever /metrics serves.
+        // The files exist in every mode, as TorchServe's log4j2 appenders create them at start-up, so
+        // a log shipper configured for them finds them; metric lines go there in log and legacy
+        // modes only, as in TorchServe.
         let log = Some(Arc::new(
             LogSink::open(&config.metrics_log_dir, config.metrics_log_max_bytes).map_err(|e| {
                 format!(
@@ -246,12 +248,15 @@ impl Metrics {
         buckets: Vec<f64>,
         model_origin: bool,
     ) -> Arc<Family> {
-        // Every family is logged (when a log sink exists) in every mode; the mode decides which
-        // also appear on /metrics.
+        // TorchServe's MetricBuilder: a metric is either a Prometheus metric or a LogMetric, never
+        // both, so prometheus mode logs no metric lines (its metric log files stay empty).
         let (exposed, logged) = match self.mode {
-            MetricsMode::Prometheus => (true, true),
+            MetricsMode::Prometheus => (true, false),
             MetricsMode::Log => (false, true),
-            MetricsMode::Legacy => (LEGACY_EXPOSED.contains(&name), true),
+            MetricsMode::Legacy => {
+                let kept = LEGACY_EXPOSED.contains(&name);
+                (kept, !kept)
+            }
         };
         let family = Arc::new(Family::new(
             name,

@@ -138,10 +138,8 @@ fn daemonize(config: &Config) -> ExitCode {
         eprintln!("oxserve is already running (pid {pid}); stop it with `oxserve stop`");
         return ExitCode::from(1);
     }
-    let log_dir = std::env::var_os("LOG_LOCATION")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("logs"));
-    if let Err(e) = std::fs::create_dir_all(&log_dir) {
+    let log_dir = &config.log_dir;
+    if let Err(e) = std::fs::create_dir_all(log_dir) {
         eprintln!("oxserve: cannot create {}: {e}", log_dir.display());
         return ExitCode::from(1);
     }
@@ -197,12 +195,12 @@ fn daemonize(config: &Config) -> ExitCode {
             }
             let _ = std::fs::write(&pid_file, child.id().to_string());
             println!(
-                "oxserve started (pid {}): inference http://{}, management http://{}, metrics http://{}; log {}",
+                "oxserve started (pid {}): inference http://{}, management http://{}, metrics http://{}; logs in {}",
                 child.id(),
                 config.inference_address,
                 config.management_address,
                 config.metrics_address,
-                log_path.display()
+                log_dir.display()
             );
             ExitCode::SUCCESS
         }

@@ -498,3 +498,19 @@ async fn a_huge_output_line_is_cut_and_marked_and_the_server_keeps_serving() {
     let peak = peak_rss_kib(s.child.id());
     assert!(peak < 160 * 1024, "peak RSS {peak} KiB");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log4j2_config_is_accepted_and_said_to_be_ignored() {
+    let s = Server::start(
+        "default_workers_per_model=1",
+        &["--log-config", "/etc/torchserve/log4j2.xml"],
+    );
+    s.wait_healthy().await;
+    let ts_log = wait_line(&logs(&s).join("ts_log.log"), "the warning", |l| {
+        l.contains("--log-config /etc/torchserve/log4j2.xml is not read")
+    })
+    .await;
+    let line = ts_log.lines().find(|l| l.contains("--log-config")).unwrap();
+    assert!(line.contains("[WARN ]") && line.contains("log_format"), "{line}");
+    assert!(s.log().contains("is not read"), "the console says so too");
+}

@@ -116,20 +116,11 @@ pub fn flush() {
 }
 
 /// A new request id: a random (version 4) UUID, TorchServe's form.
+///
+/// The bits come from fastrand's per-thread generator (seeded randomly per thread), not the OS:
+/// an id must be unique, not secret, and a getrandom(2) call per request is measurable.
 pub fn new_request_id() -> String {
-    let mut b = [0u8; 16];
-    if getrandom::fill(&mut b).is_err() {
-        // No OS randomness (a broken sandbox): unique is what matters, so fall back to time and
-        // a counter rather than fail the request.
-        use std::sync::atomic::{AtomicU64, Ordering};
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let t = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos() as u64;
-        b[..8].copy_from_slice(&t.to_le_bytes());
-        b[8..].copy_from_slice(&NEXT.fetch_add(1, Ordering::Relaxed).to_le_bytes());
-    }
+    let mut b = fastrand::u128(..).to_le_bytes();
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
     let mut s = String::with_capacity(36);
@@ -297,8 +288,25 @@ fn json_line(o: serde_json::Map<String, serde_json::Value>) -> String {
 
 /// log4j2's `%d{ISO8601}`: `2026-11-28T22:28:57,538` (UTC).
 fn text_time(t: SystemTime) -> String {
+    use std::cell::RefCell;
+    // The date and time of day change once a second: each thread keeps the last second's text.
+    thread_local! {
+        static LAST: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+    }
     let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    crate::metrics::log::timestamp(d.as_secs(), d.subsec_millis())
+    let secs = d.as_secs();
+    let mut out = String::with_capacity(128);
+    LAST.with(|last| {
+        let mut last = last.borrow_mut();
+        if last.0 != secs {
+            let full = crate::metrics::log::timestamp(secs, 0);
+            last.1 = full[..full.len() - 4].to_string();
+            last.0 = secs;
+        }
+        out.push_str(&last.1);
+    });
+    let _ = write!(out, ",{:03}", d.subsec_millis());
+    out
 }
 
 /// RFC 3339 in UTC with milliseconds: `2026-11-28T22:28:57.538Z`, what log stores parse natively.

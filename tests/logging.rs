@@ -511,6 +511,9 @@ async fn a_log4j2_config_is_accepted_and_said_to_be_ignored() {
     })
     .await;
     let line = ts_log.lines().find(|l| l.contains("--log-config")).unwrap();
-    assert!(line.contains("[WARN ]") && line.contains("log_format"), "{line}");
+    assert!(
+        line.contains("[WARN ]") && line.contains("log_format"),
+        "{line}"
+    );
     assert!(s.log().contains("is not read"), "the console says so too");
 }

@@ -186,7 +186,12 @@ impl RollingFile {
     }
 
     fn write(&mut self, line: &[u8]) {
-        let today = now_secs() / 86_400;
+        self.write_at(line, now_secs());
+    }
+
+    /// Writes `line` at Unix time `now` (a parameter so that tests can cross midnight).
+    fn write_at(&mut self, line: &[u8], now: u64) {
+        let today = now / 86_400;
         if self.size > 0
             && (self.size + line.len() as u64 > self.spec.max_bytes || today != self.day)
         {
@@ -366,18 +371,25 @@ mod tests {
         w.flush(Duration::from_secs(30));
         // 25 lines of 100 bytes, 1000 bytes per file: two rolled files, 5 lines current.
         assert_eq!(fs::metadata(&path).unwrap().len(), 500);
-        wait_for("two gzip files", || {
-            rolled(dir.path(), "access_log").len() == 2
+        let plain_left = |dir: &Path| {
+            fs::read_dir(dir).unwrap().any(|e| {
+                let n = e.unwrap().file_name().to_string_lossy().into_owned();
+                n.starts_with("access_log.") && n.ends_with(".log") && n != "access_log.log"
+            })
+        };
+        wait_for("two gzip files, compressed", || {
+            rolled(dir.path(), "access_log").len() == 2 && !plain_left(dir.path())
         });
-        let date = day_month(now_secs() / 86_400);
         let names = rolled(dir.path(), "access_log");
+        // Same day: the second rollover is numbered, not written over the first.
+        let first = names.iter().find(|n| n.matches('.').count() == 3).unwrap();
+        let date = &first["access_log.".len()..first.len() - ".log.gz".len()];
         assert!(
-            names.contains(&format!("access_log.{date}.log.gz"))
-                && names.contains(&format!("access_log.{date}.2.log.gz")),
+            names.contains(&format!("access_log.{date}.2.log.gz")),
             "{names:?}"
         );
         let mut text = String::new();
-        let gz = File::open(dir.path().join(format!("access_log.{date}.log.gz"))).unwrap();
+        let gz = File::open(dir.path().join(first)).unwrap();
         io::Read::read_to_string(&mut flate2::read::GzDecoder::new(gz), &mut text).unwrap();
         assert_eq!(text, line.repeat(10));
         for _ in 0..100 {
@@ -385,11 +397,7 @@ mod tests {
         }
         w.flush(Duration::from_secs(30));
         wait_for("pruned to 3 and all compressed", || {
-            let plain_left = fs::read_dir(dir.path()).unwrap().any(|e| {
-                let n = e.unwrap().file_name().to_string_lossy().into_owned();
-                n.starts_with("access_log.") && n.ends_with(".log") && n != "access_log.log"
-            });
-            !plain_left && rolled(dir.path(), "access_log").len() == 3
+            !plain_left(dir.path()) && rolled(dir.path(), "access_log").len() == 3
         });
     }
 
@@ -423,6 +431,37 @@ mod tests {
             CAPACITY * 8,
             "every line is written or counted"
         );
+    }
+
+    #[test]
+    fn a_new_utc_day_rolls_the_file_over_under_the_old_day() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ts_log.log");
+        let mut f = RollingFile::open(FileSpec {
+            path: path.clone(),
+            max_bytes: u64::MAX,
+            keep: 5,
+            notice: None,
+        })
+        .map_err(|(_, e)| e)
+        .unwrap();
+        let nov_28 = 1_764_369_000; // 2025-11-28T22:30:00Z
+        f.write_at(b"late on the 28th\n", nov_28);
+        f.write_at(b"still the 28th\n", nov_28 + 5_000);
+        f.write_at(b"the 29th\n", nov_28 + 6_000);
+        f.flush();
+        assert_eq!(fs::read_to_string(&path).unwrap(), "the 29th\n");
+        let gz = dir.path().join("ts_log.28-Nov.log.gz");
+        wait_for("the 28th compressed", || {
+            gz.exists() && !dir.path().join("ts_log.28-Nov.log").exists()
+        });
+        let mut text = String::new();
+        io::Read::read_to_string(
+            &mut flate2::read::GzDecoder::new(File::open(&gz).unwrap()),
+            &mut text,
+        )
+        .unwrap();
+        assert_eq!(text, "late on the 28th\nstill the 28th\n");
     }
 
     #[test]

@@ -10,13 +10,14 @@
 //! grow without one). Compression runs on a thread of its own so a 100 MB gzip never stalls the
 //! writer.
 //!
-//! When the channel is full (the disk is slower than the traffic), a line is dropped rather than
-//! blocking the request that produced it; the file then says how many were dropped.
+//! When the queue is full (the disk is slower than the traffic), a line is dropped rather than
+//! blocking the request that produced it; the file then says how many were dropped. The queue is
+//! bounded in lines and in bytes, so long lines cannot make it hold gigabytes.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -24,6 +25,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// Lines waiting for the writer thread before new ones are dropped: over a second of traffic at
 /// 50,000 requests/s, some 6 MB at typical lengths.
 const CAPACITY: usize = 64 * 1024;
+
+/// Bytes of queued lines before new ones are dropped (65,536 lines of up to 64 KiB each would
+/// otherwise be 4 GiB).
+const CAPACITY_BYTES: usize = 32 << 20;
 
 /// Formats the notice written into a file after `n` of its lines were dropped.
 pub type DropNotice = fn(n: u64) -> String;
@@ -49,6 +54,8 @@ enum Msg {
 pub struct Writer {
     tx: SyncSender<Msg>,
     dropped: Arc<[AtomicU64]>,
+    /// Bytes sent and not yet written.
+    queued: Arc<AtomicUsize>,
 }
 
 impl Writer {
@@ -68,20 +75,31 @@ impl Writer {
         let dropped: Arc<[AtomicU64]> = open.iter().map(|_| AtomicU64::new(0)).collect();
         let (tx, rx) = mpsc::sync_channel(CAPACITY);
         let counts = dropped.clone();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let in_queue = queued.clone();
         std::thread::Builder::new()
             .name(name.to_string())
-            .spawn(move || run(rx, open, &counts))?;
-        Ok(Writer { tx, dropped })
+            .spawn(move || run(rx, open, &counts, &in_queue))?;
+        Ok(Writer {
+            tx,
+            dropped,
+            queued,
+        })
     }
 
     /// Queues a finished line (ending in `\n`) for file `file`; drops it if the queue is full.
     pub fn write(&self, file: usize, line: String) {
-        match self.tx.try_send(Msg::Line(file, line)) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                if let Some(n) = self.dropped.get(file) {
-                    n.fetch_add(1, Ordering::Relaxed);
-                }
+        let len = line.len();
+        let before = self.queued.fetch_add(len, Ordering::Relaxed);
+        let sent = before + len <= CAPACITY_BYTES
+            && match self.tx.try_send(Msg::Line(file, line)) {
+                Ok(()) => true,
+                Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => false,
+            };
+        if !sent {
+            self.queued.fetch_sub(len, Ordering::Relaxed);
+            if let Some(n) = self.dropped.get(file) {
+                n.fetch_add(1, Ordering::Relaxed);
             }
         }
     }
@@ -103,7 +121,12 @@ const BUSY_POLL: Duration = Duration::from_millis(20);
 /// busy, it sleeps between drains instead of waiting on the queue, so a sender never has to wake it
 /// (a futex wake and a context switch per line cost a quarter of the request rate on two cores)
 /// and each drain writes many lines with one write(2).
-fn run(rx: Receiver<Msg>, mut files: Vec<RollingFile>, dropped: &[AtomicU64]) {
+fn run(
+    rx: Receiver<Msg>,
+    mut files: Vec<RollingFile>,
+    dropped: &[AtomicU64],
+    queued: &AtomicUsize,
+) {
     let mut waiting = Vec::new();
     while let Ok(first) = rx.recv() {
         let mut next = Some(first);
@@ -116,6 +139,7 @@ fn run(rx: Receiver<Msg>, mut files: Vec<RollingFile>, dropped: &[AtomicU64]) {
                         if let Some(f) = files.get_mut(i) {
                             f.write(line.as_bytes());
                         }
+                        queued.fetch_sub(line.len(), Ordering::Relaxed);
                     }
                     Msg::Flush(done) => waiting.push(done),
                 }
@@ -462,6 +486,37 @@ mod tests {
         )
         .unwrap();
         assert_eq!(text, "late on the 28th\nstill the 28th\n");
+    }
+
+    #[test]
+    fn the_queue_is_bounded_in_bytes_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model_log.log");
+        let w = Writer::spawn(
+            "test-writer",
+            vec![FileSpec {
+                path: path.clone(),
+                max_bytes: u64::MAX,
+                keep: 1,
+                notice: Some(|n| format!("dropped {n}\n")),
+            }],
+        )
+        .unwrap();
+        // 64 lines of 1 MiB: twice what the queue may hold at once.
+        let big = "z".repeat((1 << 20) - 1) + "\n";
+        for _ in 0..64 {
+            w.write(0, big.clone());
+            assert!(w.queued.load(Ordering::Relaxed) <= CAPACITY_BYTES);
+        }
+        w.flush(Duration::from_secs(60));
+        let text = fs::read_to_string(&path).unwrap();
+        let written = text.lines().filter(|l| l.starts_with('z')).count();
+        let dropped: usize = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("dropped ")?.parse::<usize>().ok())
+            .sum();
+        assert_eq!(written + dropped, 64);
+        assert_eq!(w.queued.load(Ordering::Relaxed), 0);
     }
 
     #[test]

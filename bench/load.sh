@@ -5,6 +5,8 @@
 #   bench/load.sh            # needs wrk (apt-get install wrk)
 #   DURATION=30s bench/load.sh
 #   OXSERVE_BIN=/tmp/oxserve-other bench/load.sh   # another build of oxserve (hello_server must be built)
+#   ACCESS_LOG=false bench/load.sh   # without access_log.log lines (enable_access_log=false)
+#   LOG_FORMAT=json bench/load.sh    # JSON log lines
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${DURATION:-10s}
@@ -26,8 +28,10 @@ inference_address=http://127.0.0.1:$IP
 management_address=http://127.0.0.1:$MP
 metrics_address=http://127.0.0.1:$XP
 default_workers_per_model=${WORKERS:-2}
+enable_access_log=${ACCESS_LOG:-true}
+log_format=${LOG_FORMAT:-text}
 CFG
-RUST_LOG=warn "$BIN" start --foreground --ts-config "$work/config.properties" >"$work/ox.log" 2>&1 &
+LOG_LOCATION="$work/logs" RUST_LOG=warn "$BIN" start --foreground --ts-config "$work/config.properties" >"$work/ox.log" 2>&1 &
 ox_pid=$!
 pids+=($ox_pid)
 target/release/examples/hello_server "127.0.0.1:$HP" >/dev/null 2>&1 &
@@ -68,3 +72,13 @@ sleep 1
 wrk -t1 -c1 -d5s --latency "http://127.0.0.1:$XP/metrics" >"$work/scrape.txt"
 wait $load
 awk '$1=="50%" {p50=$2} $1=="99%" {p99=$2} /Requests\/sec/ {rps=$2} END {printf "/metrics under inference saturation: p50 %s p99 %s (%s scrapes/s)\n", p50, p99, rps}' "$work/scrape.txt"
+
+# What the access log took: every request of the runs above is a line (rolled files included),
+# unless the writer fell behind and dropped some, which the log then says.
+if [ "${ACCESS_LOG:-true}" = true ]; then
+  all() { zcat -f "$work"/logs/access_log.* 2>/dev/null; }
+  lines=$(all | wc -l)
+  dropped=$(all | { grep -o '[0-9]* access log lines were dropped\|"dropped":[0-9]*' || true; } \
+    | { grep -o '[0-9]*' || true; } | awk '{s+=$1} END {print s+0}')
+  echo "access_log ($(du -ch "$work"/logs/access_log.* | tail -1 | cut -f1)): $lines lines, $dropped dropped"
+fi

@@ -57,9 +57,14 @@ struct StartArgs {
     /// Allow registering and unregistering models through the management API.
     #[arg(long)]
     enable_model_api: bool,
-    /// Accepted for compatibility; logging is configured with RUST_LOG.
+    /// Accepted for compatibility and NOT read: oxserve does not use log4j2. Its log files are
+    /// set with the log_* keys (docs/logging.md); the console log with RUST_LOG.
     #[arg(long, value_name = "FILE")]
     log_config: Option<PathBuf>,
+    /// Set by `oxserve start` on the background process it spawns: no console log (the log files
+    /// have it all, and nothing would rotate a captured console).
+    #[arg(long, hide = true)]
+    detached: bool,
 }
 
 fn main() -> ExitCode {
@@ -73,16 +78,6 @@ fn main() -> ExitCode {
         Some(Command::Stop) => stop(),
         Some(Command::Status) => status(),
     }
-}
-
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
 }
 
 fn start(args: StartArgs) -> ExitCode {
@@ -104,26 +99,38 @@ fn start(args: StartArgs) -> ExitCode {
     if !args.foreground {
         return daemonize(&config);
     }
-    init_logging();
+    if let Err(e) = oxserve::logging::init(&config, !args.detached) {
+        eprintln!("oxserve: cannot open the log files: {e} (LOG_LOCATION)");
+        return ExitCode::from(1);
+    }
     for w in warnings {
         tracing::warn!("{w}");
+    }
+    if let Some(path) = &args.log_config {
+        tracing::warn!(
+            "--log-config {} is not read: oxserve does not use log4j2; its log files are set with the log_format, log_max_bytes, log_max_files, log_max_line_bytes and enable_access_log keys (docs/logging.md)",
+            path.display()
+        );
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
-    match runtime.block_on(server::run(config)) {
+    let result = runtime.block_on(server::run(config));
+    if let Err(e) = &result {
+        tracing::error!("{e:#}");
+        eprintln!("oxserve: {e:#}");
+    }
+    oxserve::logging::flush();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("oxserve: {e:#}");
-            ExitCode::from(1)
-        }
+        Err(_) => ExitCode::from(1),
     }
 }
 
-/// Starts `oxserve start --foreground` with the same arguments as a detached process, logging to
-/// logs/oxserve.log, and records its pid.
+/// Starts `oxserve start --foreground` with the same arguments as a detached process and records
+/// its pid. The process writes TorchServe's log files; its stdout and stderr (the start-up line,
+/// and anything printed before logging is up or by a crash) go to logs/oxserve.log.
 fn daemonize(config: &Config) -> ExitCode {
     use std::os::unix::process::CommandExt;
     let pid_file = server::pid_file();
@@ -131,10 +138,8 @@ fn daemonize(config: &Config) -> ExitCode {
         eprintln!("oxserve is already running (pid {pid}); stop it with `oxserve stop`");
         return ExitCode::from(1);
     }
-    let log_dir = std::env::var_os("LOG_LOCATION")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("logs"));
-    if let Err(e) = std::fs::create_dir_all(&log_dir) {
+    let log_dir = &config.log_dir;
+    if let Err(e) = std::fs::create_dir_all(log_dir) {
         eprintln!("oxserve: cannot create {}: {e}", log_dir.display());
         return ExitCode::from(1);
     }
@@ -152,6 +157,7 @@ fn daemonize(config: &Config) -> ExitCode {
     let exe = std::env::current_exe().expect("own executable path");
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     args.push("--foreground".into());
+    args.push("--detached".into());
     let mut cmd = std::process::Command::new(exe);
     cmd.args(&args)
         .stdin(std::process::Stdio::null())
@@ -189,12 +195,12 @@ fn daemonize(config: &Config) -> ExitCode {
             }
             let _ = std::fs::write(&pid_file, child.id().to_string());
             println!(
-                "oxserve started (pid {}): inference http://{}, management http://{}, metrics http://{}; log {}",
+                "oxserve started (pid {}): inference http://{}, management http://{}, metrics http://{}; logs in {}",
                 child.id(),
                 config.inference_address,
                 config.management_address,
                 config.metrics_address,
-                log_path.display()
+                log_dir.display()
             );
             ExitCode::SUCCESS
         }

@@ -130,6 +130,15 @@ pub async fn run(mut config: Config) -> Result<()> {
             stop_rx.clone(),
         ))
     };
+    // TorchServe's start-up lines, which runbooks and readiness scripts grep in ts_log.log.
+    tracing::info!("Inference API bind to: http://{}", inference.local_addr()?);
+    tracing::info!(
+        "Management API bind to: http://{}",
+        management.local_addr()?
+    );
+    if let Some(l) = &metrics_listener {
+        tracing::info!("Metrics API bind to: http://{}", l.local_addr()?);
+    }
     let mut line = format!(
         "oxserve listening: inference={} management={}",
         inference.local_addr()?,
@@ -178,6 +187,7 @@ pub async fn run(mut config: Config) -> Result<()> {
         r = startup => match r {
             Ok(()) => {
                 registry.mark_started();
+                tracing::info!("Model server started.");
                 let which = signals.recv().await;
                 tracing::info!("{which}: shutting down: stopping listeners and workers");
                 Ok(())

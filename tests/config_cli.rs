@@ -143,7 +143,13 @@ fn start_status_stop_in_the_background() {
     assert_eq!(out.status.code(), Some(3));
     let log = std::fs::read_to_string(&log_path).unwrap();
     assert!(log.contains("oxserve listening"), "{log}");
-    assert!(log.contains("shutting down"), "{log}");
+    // A detached server writes TorchServe's log files, not a console copy that nothing rotates.
+    let ts_log = std::fs::read_to_string(dir.path().join("logs/ts_log.log")).unwrap();
+    assert!(ts_log.contains(" - Model server started."), "{ts_log}");
+    assert!(ts_log.contains("shutting down"), "{ts_log}");
+    assert!(!log.contains("shutting down"), "{log}");
+    assert!(dir.path().join("logs/access_log.log").is_file());
+    assert!(dir.path().join("logs/model_log.log").is_file());
 }
 
 #[test]

@@ -315,8 +315,16 @@ async fn legacy_mode_keeps_only_ts_counters_on_the_endpoint() {
             "ts_queue_latency_microseconds counter"
         ]
     );
-    let log = std::fs::read_to_string(logs.path().join("ts_metrics.log")).unwrap();
-    assert!(log.contains("Requests4XX.Count:1.0"), "{log}");
+    // Metric lines reach the file through the log writer thread: wait for them.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let log = std::fs::read_to_string(logs.path().join("ts_metrics.log")).unwrap();
+        if log.contains("Requests4XX.Count:1.0") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{log}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

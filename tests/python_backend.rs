@@ -157,9 +157,15 @@ async fn echo_batch_of_three_in_order() {
     // A second batch on the same worker.
     let replies = backend.infer(&[text("again")], &NoStream).await.unwrap();
     assert_eq!(&replies[0].body[..], b"again");
-    // Duplicate ids are refused before anything reaches the worker, which stays in step.
-    let dup = backend.infer(&[text("d"), text("d")], &NoStream).await;
-    assert!(matches!(dup, Err(BackendError::Failed { status: 500, .. })));
+    // Duplicate ids (clients choose their own x-request-id) are told apart on the wire: each
+    // request gets its own reply, in order, and the worker stays in step.
+    let dup = [
+        request("d", "text/plain", b"first"),
+        request("d", "text/plain", b"second"),
+    ];
+    let replies = backend.infer(&dup, &NoStream).await.unwrap();
+    assert_eq!(&replies[0].body[..], b"first");
+    assert_eq!(&replies[1].body[..], b"second");
     let replies = backend.infer(&[text("after")], &NoStream).await.unwrap();
     assert_eq!(&replies[0].body[..], b"after");
     backend.shutdown().await;

@@ -22,6 +22,22 @@ TORCHSERVE_HANDLERS = {"base_handler", "image_classifier", "image_segmenter", "o
                        "text_classifier", "text_handler", "vision_handler", "densenet_handler"}
 
 
+# Printed on stdout and stderr around each batch ("<prefix>id1,id2" before, "<prefix>" after): the
+# server attributes the lines in between to those requests (src/backend/python.rs). Within one pipe
+# lines arrive in the order they were written, so this is exact where any timing would guess.
+REQUEST_IDS_PREFIX = "[OXSERVE_REQUEST_IDS]"
+
+
+def _mark_requests(ids):
+    line = REQUEST_IDS_PREFIX + ids + "\n"
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.write(line)
+            stream.flush()
+        except (OSError, ValueError):
+            pass  # a closed or replaced stream must not fail the batch
+
+
 class PredictionException(Exception):
     """Raise from a handler to fail the batch with a chosen status code (TorchServe's class)."""
 
@@ -128,6 +144,13 @@ class Service:
 
     def predict(self, batch):
         """Runs handle() on one batch; returns the final reply frame."""
+        _mark_requests(",".join(request["request_id"] for request in batch))
+        try:
+            return self._predict(batch)
+        finally:
+            _mark_requests("")
+
+    def _predict(self, batch):
         start = time.time()
         ctx = self.context
         req_id_map, processors, data = {}, [], []

@@ -100,7 +100,7 @@ pub async fn serve(
             a = listener.accept() => a,
         };
         let stream = match accepted {
-            Ok((stream, _)) => stream,
+            Ok(accepted) => accepted,
             Err(e) => {
                 // Out of file descriptors and the like: retry shortly rather than spin; the
                 // connection cap is what keeps this from happening in the first place.
@@ -112,6 +112,7 @@ pub async fn serve(
                 continue;
             }
         };
+        let (stream, peer) = stream;
         let _ = stream.set_nodelay(true);
         match slots.clone().try_acquire_owned() {
             Ok(permit) => {
@@ -120,7 +121,7 @@ pub async fn serve(
                 let stop = stop.clone();
                 let alive = alive_tx.clone();
                 tokio::spawn(async move {
-                    connection(stream, router, conf, stop).await;
+                    connection(stream, peer, router, conf, stop).await;
                     drop(permit);
                     drop(alive);
                 });
@@ -220,6 +221,7 @@ impl Drop for InFlight {
 
 async fn connection(
     stream: TcpStream,
+    peer: std::net::SocketAddr,
     router: axum::Router,
     conf: Arc<Listener>,
     mut stop: watch::Receiver<bool>,
@@ -235,7 +237,10 @@ async fn connection(
     };
     let service = {
         let conf = conf.clone();
-        hyper::service::service_fn(move |req: Request<Incoming>| {
+        hyper::service::service_fn(move |mut req: Request<Incoming>| {
+            // The client's address, as axum's `into_make_service_with_connect_info` provides it:
+            // the access log names it, as TorchServe's does.
+            req.extensions_mut().insert(axum::extract::ConnectInfo(peer));
             // Counted here, synchronously, so that the IO never sees a dispatched request as idle.
             let guard = InFlight::new(&shared);
             handle(req, router.clone(), conf.clone(), guard)

@@ -14,6 +14,8 @@ use http_body_util::BodyExt;
 use super::error::ApiError;
 use super::{openapi, parse_query, ApiPath, AppState};
 use crate::backend::{InferRequest, InferResponse, Param};
+use crate::logging::access::RequestId;
+use crate::logging::ModelInfo;
 use crate::metrics::{ModelMetrics, Timings};
 use crate::model::registry::Health;
 use crate::worker::{Job, PoolError, Reply, ReplyPart, ReplyRx, SubmitError};
@@ -116,7 +118,14 @@ async fn serve(state: AppState, target: Target, req: Request) -> Response {
                 .into_response()
         }
     };
-    let request = match build_request(&parts.headers, parts.uri.query(), body, &target).await {
+    // The id the access layer gave the request (the client's x-request-id or a new UUID) is the
+    // one the worker protocol carries, so the handler's context.request_ids shows it.
+    let id = parts
+        .extensions
+        .get::<RequestId>()
+        .map(|r| r.0.clone())
+        .unwrap_or_else(crate::logging::new_request_id);
+    let request = match build_request(id, &parts.headers, parts.uri.query(), body, &target).await {
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
@@ -135,7 +144,9 @@ async fn serve(state: AppState, target: Target, req: Request) -> Response {
             let mut t = Timings::new(arrival);
             t.responded = Some(Instant::now());
             metrics.record_request(&t, e.status, in_url);
-            e.into_response()
+            let mut r = e.into_response();
+            r.extensions_mut().insert(model_info(&metrics, &t));
+            r
         }
     }
 }
@@ -151,13 +162,14 @@ fn too_large(limit: usize) -> ApiError {
 /// TorchServe's request shape: headers as received, query pairs and form fields as parameters,
 /// otherwise the body as parameter `body`.
 async fn build_request(
+    id: String,
     headers: &HeaderMap,
     query: Option<&str>,
     body: Bytes,
     target: &Target,
 ) -> Result<InferRequest, ApiError> {
     let mut req = InferRequest {
-        id: new_request_id(),
+        id,
         headers: headers
             .iter()
             .filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string())))
@@ -245,20 +257,6 @@ async fn build_request(
     Ok(req)
 }
 
-fn new_request_id() -> String {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    static PREFIX: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    let prefix = PREFIX.get_or_init(|| {
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
-        t.as_nanos() as u64 ^ u64::from(std::process::id()) << 32
-    });
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    format!("{prefix:016x}-{n:08x}")
-}
-
 /// Turns one reply part into response head + body.
 fn to_response(part: &InferResponse, body: Body) -> Response {
     let mut r = Response::new(body);
@@ -286,7 +284,9 @@ async fn respond(rx: ReplyRx, metrics: std::sync::Arc<ModelMetrics>, in_url: boo
             t.responded = Some(Instant::now());
             metrics.record_request(&t, part.response.status, in_url);
             let body = Body::from(part.response.body.clone());
-            return to_response(&part.response, body);
+            let mut r = to_response(&part.response, body);
+            r.extensions_mut().insert(model_info(&metrics, &t));
+            return r;
         }
         Ok(Reply::Stream(first, rest)) => (first, rest),
         Err(_) => {
@@ -300,6 +300,7 @@ async fn respond(rx: ReplyRx, metrics: std::sync::Arc<ModelMetrics>, in_url: boo
     };
     // Streaming: the first part's head is the response head; every part is a chunk.
     let head = first.response.clone();
+    let info = model_info(&metrics, &first.timings);
     let mut timings = first.timings;
     timings.first_chunk = Some(Instant::now());
     let state = Some((Some(first), rest, metrics, timings));
@@ -326,5 +327,20 @@ async fn respond(rx: ReplyRx, metrics: std::sync::Arc<ModelMetrics>, in_url: boo
             Some((Ok(body), Some((None, rx, metrics, timings))))
         }
     });
-    to_response(&head, Body::from_stream(stream))
+    let mut r = to_response(&head, Body::from_stream(stream));
+    r.extensions_mut().insert(info);
+    r
+}
+
+/// The model, version and timings the access log reports for a request.
+fn model_info(metrics: &ModelMetrics, t: &Timings) -> ModelInfo {
+    ModelInfo {
+        model: metrics.model_name.clone(),
+        version: metrics.model_version.clone(),
+        queue: t.queue_wait(),
+        backend: t
+            .backend_end
+            .zip(t.backend_start)
+            .map(|(end, start)| end.saturating_duration_since(start)),
+    }
 }

@@ -91,9 +91,11 @@ where
     }
 }
 
-/// The layer every listener shares (response counting), and the state.
+/// The layers every listener shares (request ids and the access log inside, response counting
+/// outside, so that a refused `x-request-id` is counted too), and the state.
 pub fn finish(router: axum::Router<AppState>, state: AppState) -> axum::Router {
     router
+        .layer(axum::middleware::from_fn(crate::logging::access::layer))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             count_responses,

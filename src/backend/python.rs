@@ -11,7 +11,8 @@
 //! - lives in its own process group, gets SIGKILL when the server dies (PR_SET_PDEATHSIG) and is
 //!   killed when its backend is dropped, so no worker outlives the server;
 //! - prints `Torch worker started.` once it listens; the backend then connects and sends load;
-//! - prints `[METRICS]` lines (recorded in the registry) and logs (forwarded to tracing).
+//! - prints `[METRICS]` lines (recorded in the registry) and logs (forwarded to MODEL_LOG, one
+//!   line at most `log_max_line_bytes` long, attributed to the requests oxserve's runtime names).
 
 use std::collections::HashMap;
 use std::io;
@@ -276,7 +277,7 @@ impl BackendLoader for PythonLoader {
                 tail.clone(),
                 started_tx,
             )),
-            tokio::spawn(forward_stderr(stderr, spec.name.clone(), tail.clone())),
+            tokio::spawn(forward_stderr(stderr, spec.clone(), tail.clone())),
         ];
         let mut backend = PythonBackend {
             name: spec.name.clone(),
@@ -349,19 +350,90 @@ struct Tail {
     stderr: Option<String>,
 }
 
-async fn read_lines(stream: impl AsyncRead + Unpin, mut on_line: impl FnMut(&str)) {
-    let mut reader = BufReader::new(stream);
-    let mut raw = Vec::new();
-    loop {
+/// Reads `stream` line by line, handing each line to `on_line` with the number of bytes cut from
+/// it. A line is kept up to `max` bytes; the rest of a longer one is read and thrown away as it
+/// arrives, so a handler printing gigabytes without a newline costs `max` bytes of memory, not
+/// gigabytes.
+async fn read_lines(
+    stream: impl AsyncRead + Unpin,
+    max: usize,
+    mut on_line: impl FnMut(&str, Option<u64>),
+) {
+    let mut reader = BufReader::with_capacity(64 * 1024, stream);
+    let mut raw: Vec<u8> = Vec::new();
+    let mut total: u64 = 0;
+    let mut emit = |raw: &mut Vec<u8>, total: &mut u64| {
+        if raw.last() == Some(&b'\r') && *total == raw.len() as u64 {
+            raw.pop();
+            *total -= 1;
+        }
+        let line = String::from_utf8_lossy(raw);
+        let cut = (*total > raw.len() as u64).then_some(*total);
+        on_line(&line, cut);
         raw.clear();
-        match reader.read_until(b'\n', &mut raw).await {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {
-                let line = String::from_utf8_lossy(&raw);
-                on_line(line.trim_end_matches(['\n', '\r']));
+        *total = 0;
+    };
+    loop {
+        let chunk = match reader.fill_buf().await {
+            Ok([]) | Err(_) => {
+                if total > 0 {
+                    emit(&mut raw, &mut total);
+                }
+                return;
             }
+            Ok(chunk) => chunk,
+        };
+        let (part, used, end) = match chunk.iter().position(|&b| b == b'\n') {
+            Some(i) => (&chunk[..i], i + 1, true),
+            None => (chunk, chunk.len(), false),
+        };
+        let room = max.saturating_sub(raw.len()).min(part.len());
+        raw.extend_from_slice(&part[..room]);
+        total += part.len() as u64;
+        reader.consume(used);
+        if end {
+            emit(&mut raw, &mut total);
         }
     }
+}
+
+/// The line oxserve's runtime prints on stdout and stderr before a batch (`<prefix>id1,id2`)
+/// and after it (`<prefix>` alone), so that the reader of each stream knows which requests the
+/// lines in between belong to: the order of lines within one pipe is the order they were written,
+/// which no timing on the server side could give. TorchServe's own worker prints none, and its
+/// lines carry no request id.
+const REQUEST_IDS_PREFIX: &str = "[OXSERVE_REQUEST_IDS]";
+
+/// Which stream a reader forwards: TorchServe's reader thread names end in it, stderr is WARN.
+#[derive(Clone, Copy, PartialEq)]
+enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// Forwards one worker output line to MODEL_LOG (model_log.log, ts_log.log, the console), with
+/// the model, version, worker and request it belongs to.
+fn log_line(spec: &WorkerSpec, stream: Stream, line: &str, cut: Option<u64>, ids: Option<&str>) {
+    // A cut line names its full length in `line_bytes`; the log files add the marker.
+    let (model, version) = (&spec.model_name, &spec.model_version);
+    match stream {
+        Stream::Stdout => tracing::info!(
+            target: crate::logging::MODEL_LOG,
+            worker = %spec.name, stream = "stdout", model = %model, version = %version,
+            request_id = ids, line_bytes = cut, "{line}"
+        ),
+        Stream::Stderr => tracing::warn!(
+            target: crate::logging::MODEL_LOG,
+            worker = %spec.name, stream = "stderr", model = %model, version = %version,
+            request_id = ids, line_bytes = cut, "{line}"
+        ),
+    }
+}
+
+/// The longest worker output line kept: the files' cap once logging is set up, the configured one
+/// otherwise (a backend used as a library).
+fn max_line(spec: &WorkerSpec) -> usize {
+    crate::logging::max_line().unwrap_or(spec.settings.log_max_line_bytes)
 }
 
 async fn forward_stdout(
@@ -371,7 +443,12 @@ async fn forward_stdout(
     started: oneshot::Sender<()>,
 ) {
     let mut started = Some(started);
-    read_lines(stdout, |line| {
+    let mut ids: Option<String> = None;
+    read_lines(stdout, max_line(&spec), |line, cut| {
+        if let Some(rest) = line.strip_prefix(REQUEST_IDS_PREFIX) {
+            ids = (!rest.is_empty()).then(|| rest.to_string());
+            return;
+        }
         if let Some(rest) = line.strip_prefix(METRICS_PREFIX) {
             spec.metrics.record_backend_line(rest, &spec.model_name);
             return;
@@ -384,17 +461,22 @@ async fn forward_stdout(
         if !line.trim().is_empty() {
             tail.lock().unwrap_or_else(|e| e.into_inner()).stdout = Some(line.to_string());
         }
-        tracing::info!(worker = %spec.name, "{line}");
+        log_line(&spec, Stream::Stdout, line, cut, ids.as_deref());
     })
     .await;
 }
 
-async fn forward_stderr(stderr: impl AsyncRead + Unpin, name: String, tail: Arc<Mutex<Tail>>) {
-    read_lines(stderr, |line| {
+async fn forward_stderr(stderr: impl AsyncRead + Unpin, spec: WorkerSpec, tail: Arc<Mutex<Tail>>) {
+    let mut ids: Option<String> = None;
+    read_lines(stderr, max_line(&spec), |line, cut| {
+        if let Some(rest) = line.strip_prefix(REQUEST_IDS_PREFIX) {
+            ids = (!rest.is_empty()).then(|| rest.to_string());
+            return;
+        }
         if !line.trim().is_empty() {
             tail.lock().unwrap_or_else(|e| e.into_inner()).stderr = Some(line.to_string());
         }
-        tracing::warn!(worker = %name, "{line}");
+        log_line(&spec, Stream::Stderr, line, cut, ids.as_deref());
     })
     .await;
 }
@@ -614,6 +696,34 @@ fn kill_group(pid: u32) {
     }
 }
 
+/// Replies are matched to requests by id, so ids within a batch must differ; clients choose their
+/// own `x-request-id`, and two concurrent requests may share one. Returns a copy of the batch with
+/// the later duplicates renamed `<id>#2`, `<id>#3`, ... (what the handler sees), or None when every
+/// id is already unique (the common case, no copy).
+fn unique_ids(batch: &[InferRequest]) -> Option<Vec<InferRequest>> {
+    let mut seen = std::collections::HashSet::with_capacity(batch.len());
+    if batch.iter().all(|r| seen.insert(r.id.as_str())) {
+        return None;
+    }
+    let mut taken: std::collections::HashSet<String> = batch.iter().map(|r| r.id.clone()).collect();
+    let mut first = std::collections::HashSet::new();
+    let mut out = batch.to_vec();
+    for r in &mut out {
+        if first.insert(r.id.clone()) {
+            continue;
+        }
+        let mut n = 2;
+        let mut id = format!("{}#{n}", r.id);
+        while taken.contains(&id) {
+            n += 1;
+            id = format!("{}#{n}", r.id);
+        }
+        taken.insert(id.clone());
+        r.id = id;
+    }
+    Some(out)
+}
+
 fn to_response(r: FrameResponse) -> InferResponse {
     let status = u16::try_from(r.status)
         .ok()
@@ -645,18 +755,14 @@ impl Backend for PythonBackend {
             return Ok(Vec::new());
         }
         let secs = self.response_timeout.as_secs_f64();
-        let index: HashMap<&str, usize> = batch
+        let renamed = unique_ids(batch);
+        let wire = renamed.as_deref().unwrap_or(batch);
+        let index: HashMap<&str, usize> = wire
             .iter()
             .enumerate()
             .map(|(i, r)| (r.id.as_str(), i))
             .collect();
-        if index.len() != batch.len() {
-            return Err(BackendError::Failed {
-                status: 500,
-                message: "request ids of a batch must be unique".into(),
-            });
-        }
-        let frame = protocol::encode_infer(batch);
+        let frame = protocol::encode_infer(wire);
         match timeout(self.response_timeout, self.write(&frame)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
@@ -781,6 +887,38 @@ mod tests {
         if !still_used {
             assert!(!path.exists());
         }
+    }
+
+    #[test]
+    fn duplicate_request_ids_in_a_batch_are_renamed() {
+        let req = |id: &str| InferRequest {
+            id: id.into(),
+            ..Default::default()
+        };
+        assert!(unique_ids(&[req("a"), req("b")]).is_none());
+        let ids: Vec<String> = unique_ids(&[req("a"), req("a"), req("a#2"), req("a")])
+            .unwrap()
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(ids, ["a", "a#3", "a#2", "a#4"]);
+    }
+
+    #[tokio::test]
+    async fn a_huge_line_is_cut_without_being_kept() {
+        // 8 MB without a newline, then a normal line, then a last line without a newline.
+        let mut data = vec![b'x'; 8 << 20];
+        data.extend_from_slice(b"\nsecond\r\nlast");
+        let mut got = Vec::new();
+        read_lines(&data[..], 1000, |line, cut| {
+            got.push((line.to_string(), cut))
+        })
+        .await;
+        assert_eq!(got.len(), 3);
+        assert_eq!(got[0].0, "x".repeat(1000));
+        assert_eq!(got[0].1, Some(8 << 20));
+        assert_eq!(got[1], ("second".to_string(), None));
+        assert_eq!(got[2], ("last".to_string(), None));
     }
 
     #[test]

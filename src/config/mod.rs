@@ -31,6 +31,15 @@ pub enum WorkerRuntime {
     TorchServe,
 }
 
+/// How the log files are written (`log_format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// TorchServe's log4j2 line layouts, byte for byte.
+    Text,
+    /// One JSON object per line with stable field names (oxserve's own; see docs/logging.md).
+    Json,
+}
+
 /// The validated server configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -70,6 +79,17 @@ pub struct Config {
     pub metrics_log_dir: PathBuf,
     /// Rotate a metrics log file once it grows past this many bytes.
     pub metrics_log_max_bytes: u64,
+    /// Where access_log.log, model_log.log and ts_log.log go (LOG_LOCATION, else ./logs).
+    pub log_dir: PathBuf,
+    pub log_format: LogFormat,
+    /// Roll a log file over once it would grow past this many bytes (TorchServe: 100 MB).
+    pub log_max_bytes: u64,
+    /// Rolled (gzipped) files kept per log file.
+    pub log_max_files: usize,
+    /// Longest log message written; a longer one (worker output included) is cut and marked.
+    pub log_max_line_bytes: usize,
+    /// One access_log.log line per request when true.
+    pub enable_access_log: bool,
     /// No built-in demo model when false (set when the user names models or a store).
     pub builtin_default_model: bool,
     /// GPUs workers are spread over (`number_of_gpu`); the server caps it at the GPUs NVML finds.
@@ -395,6 +415,11 @@ const KNOWN_KEYS: &[&str] = &[
     "python_executable",
     "worker_runtime",
     "metrics_log_max_bytes",
+    "log_format",
+    "log_max_bytes",
+    "log_max_files",
+    "log_max_line_bytes",
+    "enable_access_log",
     "models",
     "number_of_gpu",
     "max_batch_size",
@@ -651,12 +676,36 @@ impl Config {
             up_samples: scale[2],
             down_samples: scale[3],
         };
-        let log_dir = env
-            .iter()
-            .find(|(k, _)| k == "METRICS_LOCATION")
-            .or_else(|| env.iter().find(|(k, _)| k == "LOG_LOCATION"))
-            .map(|(_, v)| PathBuf::from(v))
-            .unwrap_or_else(|| PathBuf::from("logs"));
+        let env_dir = |var: &str| {
+            env.iter()
+                .find(|(k, _)| k == var)
+                .map(|(_, v)| PathBuf::from(v))
+        };
+        let log_dir = env_dir("LOG_LOCATION").unwrap_or_else(|| PathBuf::from("logs"));
+        let metrics_log_dir = env_dir("METRICS_LOCATION").unwrap_or_else(|| log_dir.clone());
+        let log_format = match get("log_format").unwrap_or("text") {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                return err(format!(
+                    "config key log_format: {other:?} is not one of text, json"
+                ))
+            }
+        };
+        let bounded = |key: &str, default: u64, min: u64, max: u64| {
+            let v = number(key, default)?;
+            if v < min || v > max {
+                return err(format!(
+                    "config key {key}: {v} is outside the allowed range {min} to {max}"
+                ));
+            }
+            Ok(v)
+        };
+        // The floors keep a typo from turning every log line into a rollover; the ceilings keep a
+        // single line or the kept files from holding unbounded memory or disk.
+        let log_max_bytes = bounded("log_max_bytes", 100 * 1024 * 1024, 1024, 1 << 40)?;
+        let log_max_files = bounded("log_max_files", 5, 1, 1000)?;
+        let log_max_line_bytes = bounded("log_max_line_bytes", 64 * 1024, 256, 16 * 1024 * 1024)?;
 
         let seconds = |key: &str, default: u64| -> Result<Duration, ConfigError> {
             match number(key, default)? {
@@ -775,7 +824,13 @@ impl Config {
             histogram_buckets,
             python_executable: get("python_executable").unwrap_or("python3").to_string(),
             worker_runtime,
-            metrics_log_dir: log_dir,
+            metrics_log_dir,
+            log_dir,
+            log_format,
+            log_max_bytes,
+            log_max_files: log_max_files as usize,
+            log_max_line_bytes: log_max_line_bytes as usize,
+            enable_access_log: boolean("enable_access_log", true)?,
             metrics_log_max_bytes: number("metrics_log_max_bytes", 10 * 1024 * 1024)?,
             max_batch_size: max_batch_size as u32,
             max_workers_per_model: max_workers_per_model as u32,
@@ -999,6 +1054,27 @@ mod tests {
             w.iter().any(|w| w.contains("http_keep_alive_timeout")),
             "{w:?}"
         );
+    }
+
+    #[test]
+    fn log_settings_are_bounded() {
+        let c = build(&[]).unwrap();
+        assert_eq!(c.log_format, LogFormat::Text);
+        assert_eq!(c.log_max_bytes, 100 * 1024 * 1024);
+        assert_eq!(c.log_max_files, 5);
+        assert!(c.enable_access_log);
+        let e = build(&[("log_format", "xml")]).unwrap_err();
+        assert!(e.0.contains("log_format") && e.0.contains("xml"), "{e}");
+        let e = build(&[("log_max_bytes", "10")]).unwrap_err();
+        assert!(e.0.contains("log_max_bytes") && e.0.contains("1024"), "{e}");
+        let e = build(&[("log_max_files", "0")]).unwrap_err();
+        assert!(e.0.contains("log_max_files"), "{e}");
+        let e = build(&[("log_max_line_bytes", "99999999999")]).unwrap_err();
+        assert!(e.0.contains("log_max_line_bytes"), "{e}");
+        let env = [("LOG_LOCATION".to_string(), "/var/log/ox".to_string())];
+        let (c, _) = Config::from_sources(HashMap::new(), &env, &Overrides::default()).unwrap();
+        assert_eq!(c.log_dir, PathBuf::from("/var/log/ox"));
+        assert_eq!(c.metrics_log_dir, PathBuf::from("/var/log/ox"));
     }
 
     #[test]

@@ -1,68 +1,25 @@
-//! Log mode: metric events written as TorchServe's metric log lines.
+//! Metric log files: every metric event written as TorchServe's metric log lines.
 //!
 //! Frontend and system metrics go to `ts_metrics.log`, handler metrics to `model_metrics.log`, in the
-//! folder named by METRICS_LOCATION / LOG_LOCATION (default `logs`). Each file is rotated by size
-//! (`.1` .. `.5`), so a long-running server never fills the disk with metrics.
+//! folder named by METRICS_LOCATION / LOG_LOCATION (default `logs`). Both files are created in every
+//! metrics mode, as TorchServe's log4j2 appenders are; metric lines reach them in log and legacy
+//! modes (prometheus mode serves them on /metrics instead, as TorchServe does). The lines go through the log writer thread (`crate::logging::writer`),
+//! so recording a metric on the request path never waits for the disk; the files roll over by size
+//! (`metrics_log_max_bytes`) and by day into gzip files, like the other logs, 5 kept.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::registry::{write_value, Series};
+use crate::logging::writer::{FileSpec, Writer};
 
-const KEEP: u32 = 5;
-
-struct RotatingFile {
-    path: PathBuf,
-    file: Option<File>,
-    size: u64,
-}
-
-impl RotatingFile {
-    fn open(path: PathBuf) -> RotatingFile {
-        let (file, size) = match OpenOptions::new().create(true).append(true).open(&path) {
-            Ok(f) => {
-                let size = f.metadata().map(|m| m.len()).unwrap_or(0);
-                (Some(f), size)
-            }
-            Err(e) => {
-                tracing::error!("cannot open metrics log {}: {e}", path.display());
-                (None, 0)
-            }
-        };
-        RotatingFile { path, file, size }
-    }
-
-    fn write(&mut self, line: &str, max_bytes: u64) {
-        if self.size + line.len() as u64 > max_bytes && self.size > 0 {
-            self.rotate();
-        }
-        if let Some(f) = &mut self.file {
-            if f.write_all(line.as_bytes()).is_ok() {
-                self.size += line.len() as u64;
-            }
-        }
-    }
-
-    fn rotate(&mut self) {
-        self.file = None;
-        let numbered = |n: u32| PathBuf::from(format!("{}.{n}", self.path.display()));
-        let _ = fs::remove_file(numbered(KEEP));
-        for n in (1..KEEP).rev() {
-            let _ = fs::rename(numbered(n), numbered(n + 1));
-        }
-        let _ = fs::rename(&self.path, numbered(1));
-        *self = RotatingFile::open(self.path.clone());
-    }
-}
+const KEEP: usize = 5;
+const TS_FILE: usize = 0;
+const MODEL_FILE: usize = 1;
 
 /// Writes metric events to the two metric logs.
 pub struct LogSink {
-    ts: Mutex<RotatingFile>,
-    model: Mutex<RotatingFile>,
-    max_bytes: u64,
+    writer: Writer,
 }
 
 impl std::fmt::Debug for LogSink {
@@ -73,11 +30,16 @@ impl std::fmt::Debug for LogSink {
 
 impl LogSink {
     pub fn open(dir: &Path, max_bytes: u64) -> std::io::Result<LogSink> {
-        fs::create_dir_all(dir)?;
-        Ok(LogSink {
-            ts: Mutex::new(RotatingFile::open(dir.join("ts_metrics.log"))),
-            model: Mutex::new(RotatingFile::open(dir.join("model_metrics.log"))),
+        // No drop notice in these files: their parsers expect metric lines only.
+        let file = |name: &str| FileSpec {
+            path: dir.join(name),
             max_bytes,
+            keep: KEEP,
+            notice: None,
+        };
+        let files = vec![file("ts_metrics.log"), file("model_metrics.log")];
+        Ok(LogSink {
+            writer: Writer::spawn("oxserve-metrics-log", files)?,
         })
     }
 
@@ -86,11 +48,16 @@ impl LogSink {
     pub fn record(&self, series: &Series, value: f64, request_id: Option<&str>) {
         let line = format_line(series, value, request_id, SystemTime::now());
         let file = if series.family.model_origin {
-            &self.model
+            MODEL_FILE
         } else {
-            &self.ts
+            TS_FILE
         };
-        file.lock().unwrap().write(&line, self.max_bytes);
+        self.writer.write(file, line);
+    }
+
+    /// Waits until the events recorded so far are in the files (tests).
+    pub fn flush(&self) {
+        self.writer.flush(std::time::Duration::from_secs(30));
     }
 }
 
@@ -134,7 +101,7 @@ fn format_line(series: &Series, value: f64, request_id: Option<&str>, now: Syste
 }
 
 /// `YYYY-MM-DDTHH:MM:SS,mmm` in UTC, TorchServe's metric log time stamp.
-fn timestamp(secs: u64, millis: u32) -> String {
+pub(crate) fn timestamp(secs: u64, millis: u32) -> String {
     let (year, month, day, h, m, s) = civil_utc(secs);
     format!("{year:04}-{month:02}-{day:02}T{h:02}:{m:02}:{s:02},{millis:03}")
 }
@@ -159,39 +126,6 @@ pub(crate) fn civil_utc(secs: u64) -> (i64, i64, i64, u64, u64, u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn files_rotate_by_size() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("ts_metrics.log");
-        let mut f = RotatingFile::open(path.clone());
-        let line = "x".repeat(99) + "\n";
-        for _ in 0..25 {
-            f.write(&line, 1000);
-        }
-        // 25 lines of 100 bytes with a 1000-byte limit: two full files rotated, 5 lines current.
-        assert_eq!(std::fs::metadata(&path).unwrap().len(), 500);
-        assert_eq!(
-            std::fs::metadata(dir.path().join("ts_metrics.log.1"))
-                .unwrap()
-                .len(),
-            1000
-        );
-        assert_eq!(
-            std::fs::metadata(dir.path().join("ts_metrics.log.2"))
-                .unwrap()
-                .len(),
-            1000
-        );
-        assert!(!dir.path().join("ts_metrics.log.3").exists());
-        for _ in 0..100 {
-            f.write(&line, 1000);
-        }
-        assert!(
-            !dir.path().join("ts_metrics.log.6").exists(),
-            "only {KEEP} old files are kept"
-        );
-    }
 
     #[test]
     fn timestamps_are_civil_utc() {

@@ -84,19 +84,17 @@ impl Metrics {
             Some(path) => Spec::load(path)?,
             None => Spec::builtin(),
         };
-        let log = match config.metrics_mode {
-            MetricsMode::Prometheus => None,
-            _ => Some(Arc::new(
-                LogSink::open(&config.metrics_log_dir, config.metrics_log_max_bytes).map_err(
-                    |e| {
-                        format!(
-                            "cannot create metrics log folder {}: {e}",
-                            config.metrics_log_dir.display()
-                        )
-                    },
-                )?,
-            )),
-        };
+        // The files exist in every mode, as TorchServe's log4j2 appenders create them at start-up, so
+        // a log shipper configured for them finds them; metric lines go there in log and legacy
+        // modes only, as in TorchServe.
+        let log = Some(Arc::new(
+            LogSink::open(&config.metrics_log_dir, config.metrics_log_max_bytes).map_err(|e| {
+                format!(
+                    "cannot open the metrics logs in {}: {e}",
+                    config.metrics_log_dir.display()
+                )
+            })?,
+        ));
         let mut metrics = Metrics::new(
             spec,
             config.metrics_mode,
@@ -286,6 +284,8 @@ impl Metrics {
         buckets: Vec<f64>,
         model_origin: bool,
     ) -> Arc<Family> {
+        // TorchServe's MetricBuilder: a metric is either a Prometheus metric or a LogMetric, never
+        // both, so prometheus mode logs no metric lines (its metric log files stay empty).
         let (exposed, logged) = match self.mode {
             MetricsMode::Prometheus => (true, false),
             MetricsMode::Log => (false, true),

@@ -748,7 +748,10 @@ fn increase(old: f64, new: f64) -> f64 {
     }
 }
 
-/// One column's value from the oldest and newest reading of the window (NaN: no value).
+/// One column's value from the oldest and newest reading of the window (NaN: no value). A series
+/// missing from the oldest reading counts from zero: counters and histograms are created by their
+/// first update (a handler's first [METRICS] line), which must count. With a single reading (a new
+/// entity) `dt` is 0 and rates have no value yet.
 fn derive(c: &Column, old: &Raw, new: &Raw, dt: f64, metrics: &Metrics) -> f64 {
     if !new.seen {
         return f64::NAN;
@@ -756,14 +759,14 @@ fn derive(c: &Column, old: &Raw, new: &Raw, dt: f64, metrics: &Metrics) -> f64 {
     match c.source {
         Source::Gauge(_) => new.a,
         Source::Rate(_) => {
-            if old.seen && dt > 0.0 {
+            if dt > 0.0 {
                 increase(old.a, new.a) / dt
             } else {
                 f64::NAN
             }
         }
         Source::Percent { .. } => {
-            let den = if old.seen {
+            let den = if dt > 0.0 {
                 increase(old.b, new.b)
             } else {
                 0.0
@@ -775,7 +778,7 @@ fn derive(c: &Column, old: &Raw, new: &Raw, dt: f64, metrics: &Metrics) -> f64 {
             }
         }
         Source::Quantile { sel, q } => {
-            if !old.seen || dt <= 0.0 {
+            if dt <= 0.0 {
                 return f64::NAN;
             }
             let Some(f) = metrics.family(sel.family) else {
@@ -816,4 +819,281 @@ pub fn quantile(q: f64, bounds: &[f64], counts: &[u64]) -> f64 {
         below += n;
     }
     bounds.last().copied().unwrap_or(f64::NAN)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::MetricsMode;
+    use crate::metrics::spec::Spec;
+    use crate::metrics::Timings;
+    use std::time::{Duration, Instant};
+
+    fn registry() -> Metrics {
+        // auto-detect on, so a test can create the LLM families the way a handler would.
+        Metrics::new(
+            Spec::builtin(),
+            MetricsMode::Prometheus,
+            true,
+            crate::config::DEFAULT_BUCKETS.to_vec(),
+            None,
+            "h".into(),
+        )
+    }
+
+    fn request(mm: &crate::metrics::ModelMetrics, ms: u64, status: u16) {
+        let now = Instant::now();
+        let mut t = Timings::new(now);
+        t.enqueued = Some(now);
+        t.batch_start = Some(now + Duration::from_millis(1));
+        t.first_chunk = Some(now + Duration::from_millis(ms / 2));
+        t.responded = Some(now + Duration::from_millis(ms));
+        mm.record_request(&t, status, false);
+    }
+
+    fn latest(h: &History, model: &str, key: &str) -> Option<f32> {
+        h.latest().models[model][key]
+    }
+
+    fn close(a: Option<f32>, b: f64) -> bool {
+        a.is_some_and(|a| ((a as f64) - b).abs() <= 1e-4 * b.abs().max(1.0))
+    }
+
+    #[test]
+    fn quantiles_follow_histogram_quantile() {
+        let bounds = [0.1, 0.5, 1.0];
+        assert_eq!(quantile(0.5, &bounds, &[2, 2, 0, 0]), 0.1);
+        assert!((quantile(0.75, &bounds, &[2, 2, 0, 0]) - 0.3).abs() < 1e-12);
+        assert!((quantile(0.25, &bounds, &[4, 0, 0, 0]) - 0.025).abs() < 1e-12);
+        // A rank in +Inf answers the largest finite bound, like Prometheus.
+        assert_eq!(quantile(0.99, &bounds, &[0, 0, 0, 1]), 1.0);
+        assert!(quantile(0.5, &bounds, &[0, 0, 0, 0]).is_nan());
+        assert!(quantile(1.5, &bounds, &[1, 0, 0, 0]).is_nan());
+    }
+
+    #[test]
+    fn rates_percentages_quantiles_and_gauges_are_exact() {
+        let m = registry();
+        let mm = m.model("m", "1.0");
+        mm.queue_depth.set(7.0);
+        let mut h = History::new();
+        h.sample(&m, 1000.0);
+        // Nothing to derive a rate from yet; gauges are there at once.
+        assert_eq!(latest(&h, "m", "req_per_s"), None);
+        assert_eq!(latest(&h, "m", "queue_depth"), Some(7.0));
+        // Each second: 8 requests of 20 ms (one of them a 503) and 2 of 200 ms.
+        for s in 1..=7 {
+            for i in 0..8 {
+                request(&mm, 20, if i == 0 { 503 } else { 200 });
+            }
+            request(&mm, 200, 200);
+            request(&mm, 200, 200);
+            h.sample(&m, 1000.0 + s as f64);
+        }
+        assert!(close(latest(&h, "m", "req_per_s"), 10.0));
+        assert!(close(latest(&h, "m", "err_5xx_per_s"), 1.0));
+        assert!(close(latest(&h, "m", "err_5xx_pct"), 10.0));
+        assert!(close(latest(&h, "m", "err_4xx_pct"), 0.0));
+        // Window of 5 s: 40 observations in (0.01, 0.025], 10 in (0.1, 0.25].
+        assert!(close(
+            latest(&h, "m", "p50_ms"),
+            (0.01 + 0.015 * 25.0 / 40.0) * 1000.0
+        ));
+        assert!(close(
+            latest(&h, "m", "p90_ms"),
+            (0.1 + 0.15 * 5.0 / 10.0) * 1000.0
+        ));
+        assert!(close(
+            latest(&h, "m", "p99_ms"),
+            (0.1 + 0.15 * 9.5 / 10.0) * 1000.0
+        ));
+        assert_eq!(latest(&h, "m", "workers_ready"), Some(0.0));
+        // Families with no data for the model have no value, not zero.
+        assert_eq!(latest(&h, "m", "ttft_p50_ms"), None);
+        assert_eq!(latest(&h, "m", "tokens_per_s"), None);
+        // The host's 5xx share: every response counted by the listeners (none here).
+        m.host.count_response(200);
+        m.host.count_response(200);
+        m.host.count_response(500);
+        m.host.count_response(404);
+        h.sample(&m, 1008.0);
+        assert!(close(h.latest().host["host_5xx_pct"], 25.0));
+        // A half-second sampling gap counts as half a second.
+        for _ in 0..5 {
+            request(&mm, 20, 200);
+        }
+        h.sample(&m, 1008.5);
+        let expect = (10.0 * 3.0 + 5.0) / 4.5; // window: samples at 1004 .. 1008.5
+        assert!(
+            close(latest(&h, "m", "req_per_s"), expect),
+            "{:?}",
+            latest(&h, "m", "req_per_s")
+        );
+    }
+
+    /// Records one of each LLM family for a model, as a handler's [METRICS] lines would.
+    fn llm_traffic(m: &Metrics, model: &str) {
+        for (family, kind, v) in [
+            (LLM_TTFT, "HISTOGRAM", 0.08),
+            (LLM_ITL, "HISTOGRAM", 0.004),
+            (LLM_TOKENS, "COUNTER", 32.0),
+        ] {
+            m.record_backend_line(
+                &format!("{family}.s:{v}|#ModelName:{model}|#type:{kind}|#hostname:x,1"),
+                model,
+            );
+        }
+    }
+
+    #[test]
+    fn unregistered_models_leave_the_history() {
+        let m = registry();
+        let (a, _b) = (m.model("a", "1"), m.model("b", "1"));
+        let mut h = History::new();
+        for s in 0..3 {
+            request(&a, 5, 200);
+            h.sample(&m, s as f64);
+        }
+        assert_eq!(h.models(), ["a", "b"]);
+        let before = h.heap_bytes();
+        m.forget_model("a", "1");
+        h.sample(&m, 3.0);
+        assert_eq!(h.models(), ["b"]);
+        assert!(h.heap_bytes() < before);
+        assert_eq!(
+            h.history(Some("a"), 300).unwrap_err(),
+            HistoryError::UnknownModel("a".into())
+        );
+        assert!(!h.latest().models.contains_key("a"));
+        // Registered again: a fresh history, no points from before.
+        let _a = m.model("a", "1");
+        h.sample(&m, 4.0);
+        let v = h.history(Some("a"), 300).unwrap();
+        let q = v.panels.iter().find(|p| p.id == "queue").unwrap();
+        let points = q.series[0].values.iter().filter(|v| v.is_some()).count();
+        assert_eq!(points, 1);
+        assert_eq!(q.series[0].values.len(), 5);
+    }
+
+    #[test]
+    fn views_pick_the_tier_and_show_panels_with_data() {
+        let m = registry();
+        let mm = m.model("m", "1");
+        let mut h = History::new();
+        assert_eq!(
+            h.history(None, 301).unwrap_err(),
+            HistoryError::BadRange("301".into())
+        );
+        for s in 0..1000u32 {
+            request(&mm, 5, 200);
+            if s == 990 {
+                llm_traffic(&m, "m");
+            }
+            h.sample(&m, f64::from(s));
+        }
+        let fine = h.history(None, 300).unwrap();
+        assert_eq!((fine.model.as_deref(), fine.step_s), (Some("m"), 1));
+        assert_eq!(fine.times.len(), 300);
+        assert_eq!(fine.times.last(), Some(&999.0));
+        let mid = h.history(None, 900).unwrap();
+        assert_eq!(mid.times.len(), 900);
+        let coarse = h.history(Some("m"), 3600).unwrap();
+        assert_eq!((coarse.step_s, coarse.times.len()), (5, 200));
+        // The coarse tier holds every fifth sample, with the same values as the fine tier.
+        assert_eq!(coarse.times.last(), Some(&995.0));
+        let req = |v: &HistoryView, at: f64| {
+            let i = v.times.iter().position(|t| *t == at).unwrap();
+            v.panels[0].series[0].values[i]
+        };
+        assert_eq!(req(&coarse, 990.0), req(&fine, 990.0));
+        let ids: Vec<&str> = fine.panels.iter().map(|p| p.id).collect();
+        // No GPU here, no host sampler in this test, no streaming model: those panels are absent;
+        // the LLM panels appeared with their families' data.
+        assert_eq!(
+            ids,
+            [
+                "throughput",
+                "latency",
+                "quantiles",
+                "errors",
+                "queue",
+                "workers",
+                "first_chunk",
+                "llm_ttft",
+                "llm_itl",
+                "llm_tokens"
+            ]
+        );
+        let tokens = fine.panels.iter().find(|p| p.id == "llm_tokens").unwrap();
+        assert!(tokens.series[0].values.iter().flatten().any(|v| *v > 0.0));
+        // The JSON spells a missing value null.
+        let json = serde_json::to_string(&fine).unwrap();
+        assert!(json.contains("null") && !json.contains("NaN"));
+    }
+
+    #[test]
+    fn memory_is_bounded_for_50_models_over_an_hour() {
+        let m = registry();
+        let models: Vec<_> = (0..50)
+            .map(|i| m.model(&format!("model-{i}"), "1"))
+            .collect();
+        let mut h = History::new();
+        let mut t = 0.0;
+        // Every column of every model gets data (so every ring of both tiers is allocated), then an
+        // hour passes.
+        for _ in 0..=COARSE_EVERY {
+            for (i, mm) in models.iter().enumerate() {
+                request(mm, 5, 200);
+                llm_traffic(&m, &format!("model-{i}"));
+            }
+            t += 1.0;
+            h.sample(&m, t);
+        }
+        let allocated = |h: &History| {
+            h.models
+                .values()
+                .flat_map(|t| t.rings.iter().flatten())
+                .filter(|r| r.is_some())
+                .count()
+        };
+        let model_columns = columns_of(Model);
+        let t0 = &h.models["model-0"];
+        let missing: Vec<&str> = model_columns
+            .iter()
+            .zip(&t0.rings)
+            .filter(|(_, r)| r.iter().any(Option::is_none))
+            .map(|(c, _)| COLUMNS[*c].key)
+            .collect();
+        assert!(missing.is_empty(), "{missing:?}");
+        assert_eq!(allocated(&h), 50 * model_columns.len() * 2);
+        for _ in 0..3600 {
+            t += 1.0;
+            h.sample(&m, t);
+        }
+        let hour = h.heap_bytes();
+        assert!(hour <= 10 * 1024 * 1024, "{hour} bytes");
+        for _ in 0..600 {
+            t += 1.0;
+            h.sample(&m, t);
+        }
+        assert_eq!(
+            h.heap_bytes(),
+            hour,
+            "the history does not grow past its rings"
+        );
+        println!("50 models, every column, one hour: {hour} bytes");
+    }
+
+    #[test]
+    fn models_beyond_the_cap_are_counted_not_tracked() {
+        let m = registry();
+        let _models: Vec<_> = (0..MAX_MODELS + 7)
+            .map(|i| m.model(&format!("m{i:03}"), "1"))
+            .collect();
+        let mut h = History::new();
+        h.sample(&m, 0.0);
+        assert_eq!(h.models().len(), MAX_MODELS);
+        assert_eq!(h.latest().untracked_models, 7);
+        assert_eq!(h.history(None, 300).unwrap().untracked_models, 7);
+    }
 }

@@ -444,3 +444,102 @@ async fn top_once_prints_the_servers_numbers() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach"));
     load.abort();
 }
+
+/// tmux on a private socket (so it never touches anyone's tmux server).
+fn tmux(socket: &str, args: &[&str]) -> std::process::Output {
+    Command::new("tmux")
+        .arg("-L")
+        .arg(socket)
+        .args(args)
+        .env_remove("TMUX")
+        .output()
+        .expect("tmux (Debian package `tmux`) runs")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn top_redraws_in_a_terminal_and_quits_on_q() {
+    let s = Server::start(
+        &format!("metric_time_interval=1\ndefault_workers_per_model=1\nmetrics_auth_token={TOKEN}"),
+        &[],
+    );
+    s.wait_healthy().await;
+    let load = traffic(&s, Duration::from_secs(120));
+    let socket = format!("oxserve-top-test-{}", std::process::id());
+    // Whatever happens below, the private tmux server (and top in it) goes away with the test.
+    struct KillTmux(String);
+    impl Drop for KillTmux {
+        fn drop(&mut self) {
+            let _ = tmux(&self.0, &["kill-server"]);
+        }
+    }
+    let _guard = KillTmux(socket.clone());
+    let command = format!(
+        "{} top --url {} --token {TOKEN}",
+        common::BIN,
+        s.metrics_url()
+    );
+    let out = tmux(
+        &socket,
+        &[
+            "new-session",
+            "-d",
+            "-s",
+            "top",
+            "-x",
+            "150",
+            "-y",
+            "30",
+            &command,
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The screen fills in and keeps being redrawn: the demo row's numbers change between frames.
+    let capture = || {
+        String::from_utf8_lossy(&tmux(&socket, &["capture-pane", "-p", "-t", "top"]).stdout)
+            .into_owned()
+    };
+    let demo_row = |screen: &str| {
+        screen
+            .lines()
+            .find(|l| l.starts_with("demo "))
+            .map(String::from)
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut first: Option<String> = None;
+    let screen = loop {
+        let screen = capture();
+        let row = demo_row(&screen);
+        let rate = row
+            .as_deref()
+            .and_then(|r| r.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok());
+        if let (Some(row), Some(rate)) = (row, rate) {
+            if rate > 0.0 {
+                match &first {
+                    None => first = Some(row),
+                    Some(f) if *f != row => break screen,
+                    Some(_) => {}
+                }
+            }
+        }
+        assert!(Instant::now() < deadline, "top did not redraw: {screen}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(screen.starts_with("oxserve top"), "{screen}");
+    assert!(screen.contains("q: quit"), "{screen}");
+    // q quits, and the session (whose only program is top) ends with it.
+    tmux(&socket, &["send-keys", "-t", "top", "q"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tmux(&socket, &["has-session", "-t", "top"])
+        .status
+        .success()
+    {
+        assert!(Instant::now() < deadline, "top did not quit: {}", capture());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    load.abort();
+}

@@ -1096,4 +1096,45 @@ mod tests {
         assert_eq!(h.latest().untracked_models, 7);
         assert_eq!(h.history(None, 300).unwrap().untracked_models, 7);
     }
+
+    #[test]
+    fn gpus_get_their_own_series_when_nvml_reports_them() {
+        let m = registry();
+        let _mm = m.model("m", "1");
+        let mut h = History::new();
+        h.sample(&m, 0.0);
+        assert!(h.latest().gpus.is_empty());
+        let ids = |h: &History| -> Vec<&'static str> {
+            h.history(None, 300)
+                .unwrap()
+                .panels
+                .iter()
+                .map(|p| p.id)
+                .collect()
+        };
+        assert!(!ids(&h).contains(&"gpu_memory"));
+        for (id, used) in [(0, 1000.0), (1, 2500.0)] {
+            let g = m.gpu(id);
+            g.memory_used.set(used);
+            g.memory_utilization.set(used / 100.0);
+            g.utilization.set(50.0);
+        }
+        h.sample(&m, 1.0);
+        let latest = h.latest();
+        assert_eq!(latest.gpus["1"]["gpu_mem_used_mb"], Some(2500.0));
+        assert_eq!(latest.gpus["0"]["gpu_mem_pct"], Some(10.0));
+        let view = h.history(None, 300).unwrap();
+        let gpu = view.panels.iter().find(|p| p.id == "gpu_memory").unwrap();
+        let labels: Vec<&str> = gpu.series.iter().map(|s| s.label.as_str()).collect();
+        assert_eq!(
+            labels,
+            [
+                "GPU 0 memory utilization",
+                "GPU 1 memory utilization",
+                "GPU 0 memory used",
+                "GPU 1 memory used"
+            ]
+        );
+        assert_eq!(gpu.series[3].values.last(), Some(&Some(2500.0)));
+    }
 }

@@ -27,7 +27,7 @@
 
   function fmt(v, unit) {
     if (v == null || !isFinite(v)) return "-";
-    if (v === 0) return "0" + (unit ? " " + unit : "");
+    if (Number.isInteger(v) && Math.abs(v) < 1e6) return v + (unit ? " " + unit : "");
     const a = Math.abs(v);
     const digits = a >= 100 ? 0 : a >= 10 ? 1 : a >= 1 ? 2 : 3;
     return v.toFixed(digits) + (unit ? " " + unit : "");

@@ -47,13 +47,9 @@ fn authorized(expected: &str, headers: &HeaderMap) -> bool {
 }
 
 /// The metrics listener's token rule (metrics_auth_token), shared by /metrics and the dashboard's
-/// data: without the configured bearer token, a 401 in TorchServe's JSON shape naming `what`.
-#[allow(clippy::result_large_err)]
-pub(crate) fn check_token(
-    state: &AppState,
-    headers: &HeaderMap,
-    what: &str,
-) -> Result<(), Response> {
+/// data: without the configured bearer token, the 401 to answer (TorchServe's JSON shape, naming
+/// `what`); `None` when the request may proceed.
+pub(crate) fn token_refusal(state: &AppState, headers: &HeaderMap, what: &str) -> Option<Response> {
     match &state.config.metrics_auth_token {
         Some(token) if !authorized(token, headers) => {
             let mut r = ApiError::new(
@@ -64,9 +60,9 @@ pub(crate) fn check_token(
             .into_response();
             r.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            Err(r)
+            Some(r)
         }
-        _ => Ok(()),
+        _ => None,
     }
 }
 
@@ -75,7 +71,7 @@ async fn metrics(
     headers: HeaderMap,
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
-    if let Err(r) = check_token(&state, &headers, "/metrics") {
+    if let Some(r) = token_refusal(&state, &headers, "/metrics") {
         return Ok(r);
     }
     let names: Vec<String> = parse_query(q.as_deref())?

@@ -23,7 +23,7 @@ use axum::routing::get;
 use axum::Router;
 
 use crate::api::error::ApiError;
-use crate::api::{metrics::check_token, parse_query, AppState};
+use crate::api::{metrics::token_refusal, parse_query, AppState};
 use crate::metrics::Metrics;
 use history::{History, HistoryError};
 
@@ -142,7 +142,7 @@ pub fn routes(dashboard: Arc<Dashboard>) -> Router<AppState> {
         get(move |State(state): State<AppState>, headers: HeaderMap| {
             let d = d.clone();
             async move {
-                if let Err(r) = check_token(&state, &headers, "the dashboard's data") {
+                if let Some(r) = token_refusal(&state, &headers, "the dashboard's data") {
                     return r;
                 }
                 let latest = d.history.lock().unwrap().latest();
@@ -168,7 +168,7 @@ fn json<T: serde::Serialize>(v: &T) -> Response {
 
 /// `GET /dashboard/api/history?model=NAME&range=300|900|3600`.
 fn history(d: &Dashboard, state: &AppState, headers: &HeaderMap, q: Option<&str>) -> Response {
-    if let Err(r) = check_token(state, headers, "the dashboard's data") {
+    if let Some(r) = token_refusal(state, headers, "the dashboard's data") {
         return r;
     }
     let params = match parse_query(q) {

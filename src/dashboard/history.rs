@@ -1137,4 +1137,22 @@ mod tests {
         );
         assert_eq!(gpu.series[3].values.last(), Some(&Some(2500.0)));
     }
+
+    #[test]
+    fn panels_name_existing_columns_once() {
+        let mut keys: Vec<&str> = COLUMNS.iter().map(|c| c.key).collect();
+        keys.sort_unstable();
+        let n = keys.len();
+        keys.dedup();
+        assert_eq!(keys.len(), n, "column keys are unique");
+        for p in PANELS {
+            for key in p.columns {
+                assert!(
+                    column(key).is_some(),
+                    "panel {} names unknown column {key}",
+                    p.id
+                );
+            }
+        }
+    }
 }

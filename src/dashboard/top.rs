@@ -239,7 +239,12 @@ fn interactive(
         let started = Instant::now();
         let (w, h) = terminal::size().unwrap_or((100, 30));
         let lines = match runtime.block_on(fetch(client, opts)) {
-            Ok(latest) => frame(&latest, &opts.url, w as usize, Some(h as usize - 1)),
+            Ok(latest) => frame(
+                &latest,
+                &opts.url,
+                w as usize,
+                Some((h as usize).saturating_sub(1)),
+            ),
             Err(e) => vec![format!("oxserve top: {e}"), "retrying every second".into()],
         };
         queue!(

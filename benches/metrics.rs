@@ -1,4 +1,4 @@
-//! Cost of the metrics on the request path and of the scrape path.
+//! Cost of the metrics on the request path, of the scrape path, and of the dashboard's sampler.
 //!
 //! cargo bench --bench metrics
 
@@ -88,5 +88,26 @@ fn scrape_path(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, request_path, scrape_path);
+/// The dashboard's sampler: one sample of the registry with 50 registered models under traffic
+/// (runs once a second in the server, off the request path).
+fn dashboard_sample(c: &mut Criterion) {
+    let m = Metrics::for_tests();
+    let t = timings();
+    let models: Vec<_> = (0..50)
+        .map(|i| m.model(&format!("model_{i:02}"), "1.0"))
+        .collect();
+    let mut h = oxserve::dashboard::history::History::new();
+    let mut now = 0.0;
+    c.bench_function("dashboard_sample_50_models", |b| {
+        b.iter(|| {
+            for mm in &models {
+                mm.record_request(&t, 200, false);
+            }
+            now += 1.0;
+            h.sample(&m, now)
+        })
+    });
+}
+
+criterion_group!(benches, request_path, scrape_path, dashboard_sample);
 criterion_main!(benches);

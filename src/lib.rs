@@ -7,6 +7,7 @@ pub mod api;
 pub mod backend;
 pub mod config;
 pub mod logging;
+pub mod dashboard;
 pub mod metrics;
 pub mod model;
 pub mod server;

@@ -1,4 +1,5 @@
-//! The `oxserve` command: start, stop, status. Mirrors `torchserve --start/--stop` flags.
+//! The `oxserve` command: start, stop, status (mirroring `torchserve --start/--stop` flags), and
+//! top, a terminal view of a running server's dashboard data.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -32,6 +33,25 @@ enum Command {
     Stop,
     /// Say whether a server started with `oxserve start` is running.
     Status,
+    /// Show a running server's models, rates, latency, queues, workers and memory, every second.
+    Top(TopArgs),
+}
+
+#[derive(Args)]
+struct TopArgs {
+    /// The metrics listener, e.g. http://127.0.0.1:8082 (default: metrics_address from the config).
+    #[arg(long, value_name = "URL")]
+    url: Option<String>,
+    /// Bearer token for the metrics listener (default: OXSERVE_METRICS_TOKEN, else
+    /// metrics_auth_token from the config).
+    #[arg(long, value_name = "TOKEN")]
+    token: Option<String>,
+    /// config.properties to read the address and token from.
+    #[arg(long, value_name = "FILE")]
+    ts_config: Option<PathBuf>,
+    /// Print one frame as plain text and exit.
+    #[arg(long)]
+    once: bool,
 }
 
 #[derive(Args, Default, Clone)]
@@ -77,6 +97,59 @@ fn main() -> ExitCode {
         Some(Command::Start(args)) => start(args),
         Some(Command::Stop) => stop(),
         Some(Command::Status) => status(),
+        Some(Command::Top(args)) => top(args),
+    }
+}
+
+/// `oxserve top`: finds the metrics listener as `start` would (flags, then config), then runs.
+fn top(args: TopArgs) -> ExitCode {
+    let needs_config = args.url.is_none() || args.token.is_none();
+    let config = if needs_config {
+        let overrides = Overrides {
+            ts_config: args.ts_config.clone(),
+            ..Default::default()
+        };
+        match Config::load(&overrides) {
+            Ok((c, _)) => Some(c),
+            Err(e) => {
+                eprintln!("oxserve top: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    } else {
+        None
+    };
+    let url = match (args.url, &config) {
+        (Some(u), _) => u,
+        (None, Some(c)) => {
+            let mut addr = c.metrics_address;
+            if addr.port() == 0 {
+                eprintln!("oxserve top: metrics_address has port 0 (chosen at start); pass --url");
+                return ExitCode::from(2);
+            }
+            // A listener on every interface is reached on loopback.
+            if addr.ip().is_unspecified() {
+                addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+            }
+            format!("http://{addr}")
+        }
+        (None, None) => unreachable!("the config is loaded when --url is missing"),
+    };
+    let token = args
+        .token
+        .or_else(|| std::env::var("OXSERVE_METRICS_TOKEN").ok())
+        .or_else(|| config.and_then(|c| c.metrics_auth_token));
+    let opts = oxserve::dashboard::top::TopOptions {
+        url,
+        token,
+        once: args.once,
+    };
+    match oxserve::dashboard::top::run(opts) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("oxserve top: {e}");
+            ExitCode::from(1)
+        }
     }
 }
 

@@ -150,7 +150,13 @@ pub async fn run(mut config: Config) -> Result<()> {
     ];
     if let Some(l) = metrics_listener {
         line.push_str(&format!(" metrics={}", l.local_addr()?));
-        tasks.push(serve(l, api::metrics::router(state.clone())));
+        // The dashboard lives on the metrics listener: no listener, no history to keep.
+        let dashboard = config.enable_dashboard.then(|| {
+            let d = Arc::new(crate::dashboard::Dashboard::new());
+            d.spawn_sampler(metrics.clone());
+            d
+        });
+        tasks.push(serve(l, api::metrics::router(state.clone(), dashboard)));
     }
     // One parseable line on stdout: tests and scripts read the bound ports from it.
     println!("{line}");

@@ -260,6 +260,14 @@ impl Family {
         self.len() == 0
     }
 
+    /// Calls `f` with every series of the family, under the family's read lock (so `f` stays short:
+    /// the dashboard's sampler reads values here, once a second).
+    pub fn for_each_series(&self, mut f: impl FnMut(&Series)) {
+        for s in self.series.read().unwrap().values() {
+            f(s);
+        }
+    }
+
     /// Drops a series (a retired worker, an unregistered model).
     pub fn remove(&self, values: &[&str]) {
         let key: Vec<String> = values.iter().map(|s| s.to_string()).collect();

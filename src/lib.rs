@@ -6,8 +6,8 @@
 pub mod api;
 pub mod backend;
 pub mod config;
-pub mod logging;
 pub mod dashboard;
+pub mod logging;
 pub mod metrics;
 pub mod model;
 pub mod server;

@@ -240,7 +240,8 @@ async fn connection(
         hyper::service::service_fn(move |mut req: Request<Incoming>| {
             // The client's address, as axum's `into_make_service_with_connect_info` provides it:
             // the access log names it, as TorchServe's does.
-            req.extensions_mut().insert(axum::extract::ConnectInfo(peer));
+            req.extensions_mut()
+                .insert(axum::extract::ConnectInfo(peer));
             // Counted here, synchronously, so that the IO never sees a dispatched request as idle.
             let guard = InFlight::new(&shared);
             handle(req, router.clone(), conf.clone(), guard)

@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 use super::error::ApiError;
 use super::{openapi, parse_query, ApiPath, AppState};
 use crate::model::registry::{ModelVersion, RegisterOptions};
-use crate::worker::WorkerStatus;
+use crate::worker::{WorkerStatus, MAX_WORKERS};
 
 const OPENAPI: &str = include_str!("openapi/management.json");
 
@@ -238,6 +238,11 @@ async fn scale(
             "max_worker cannot be less than min_worker.",
         ));
     }
+    if max > MAX_WORKERS {
+        return Err(ApiError::bad_request(format!(
+            "max_worker {max} is more than the {MAX_WORKERS} workers a model version may run"
+        )));
+    }
     if p.uint("number_gpu")?.unwrap_or(0) > state.config.number_of_gpu.unwrap_or(0) {
         return Err(ApiError::bad_request(
             "number_gpu is larger than the GPUs this server uses (number_of_gpu)",
@@ -287,6 +292,13 @@ async fn register(
             return Err(ApiError::bad_request(
                 "Parameter batch_size must be at least 1",
             ));
+        }
+    }
+    if let Some(n) = p.uint("initial_workers")? {
+        if n > MAX_WORKERS {
+            return Err(ApiError::bad_request(format!(
+                "initial_workers {n} is more than the {MAX_WORKERS} workers a model version may run"
+            )));
         }
     }
     let synchronous = p.boolean("synchronous", true)?;

@@ -185,6 +185,18 @@ impl ModelSettings {
                 ));
             }
         }
+        for (field, n) in [
+            ("minWorkers", settings.min_workers),
+            ("maxWorkers", settings.max_workers),
+        ] {
+            if n.is_some_and(|n| n > crate::worker::MAX_WORKERS) {
+                return Err(format!(
+                    "{at}: {field} {} is more than the {} workers a model version may run",
+                    n.unwrap_or_default(),
+                    crate::worker::MAX_WORKERS
+                ));
+            }
+        }
         if settings.batch_size == Some(0) {
             return Err(format!("{at}: batchSize 0 must be at least 1"));
         }
@@ -434,6 +446,12 @@ impl Config {
         let default_workers_per_model = number("default_workers_per_model", cpus)?;
         if default_workers_per_model == 0 {
             return err("config key default_workers_per_model: \"0\" must be at least 1");
+        }
+        if default_workers_per_model > u64::from(crate::worker::MAX_WORKERS) {
+            return err(format!(
+                "config key default_workers_per_model: {default_workers_per_model} is more than the {} workers a model version may run",
+                crate::worker::MAX_WORKERS
+            ));
         }
         let job_queue_size = number("job_queue_size", 100)?;
         if job_queue_size == 0 {
@@ -707,6 +725,10 @@ mod tests {
         assert_eq!(s.autoscale_interval, Some(Duration::from_millis(100)));
         let e = build(&[("models", r#"{"m": {"1.0": {"autoscaleDownSamples": 0}}}"#)]).unwrap_err();
         assert!(e.0.contains("autoscaleDownSamples"), "{e}");
+        let e = build(&[("default_workers_per_model", "5000")]).unwrap_err();
+        assert!(e.0.contains("default_workers_per_model: 5000"), "{e}");
+        let e = build(&[("models", r#"{"m": {"1.0": {"maxWorkers": 100000}}}"#)]).unwrap_err();
+        assert!(e.0.contains("maxWorkers 100000"), "{e}");
     }
 
     #[test]

@@ -220,6 +220,7 @@ impl Supervisor {
             let _ = done.send(0);
             return;
         }
+        let (min, max) = (min.min(super::MAX_WORKERS), max.min(super::MAX_WORKERS));
         self.min = min;
         self.max = max;
         self.metrics.workers_min.set(f64::from(min));

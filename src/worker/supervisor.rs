@@ -58,7 +58,8 @@ struct Slot {
     loaded_at: Option<Instant>,
 }
 
-/// A scale request waiting for its workers to settle.
+/// A scale request waiting for its workers to settle (or, without `wait`, for the next publish:
+/// its deadline is then the moment it arrived).
 struct Waiter {
     done: oneshot::Sender<usize>,
     deadline: Instant,
@@ -238,14 +239,16 @@ impl Supervisor {
             }
             self.metrics.scaled(true, false, min - active);
         }
-        if wait {
-            self.waiters.push(Waiter {
-                done,
-                deadline: later(now, self.settings.startup_timeout),
-            });
-        } else {
-            let _ = done.send(self.active());
-        }
+        // Answered after this step's publish, like every reply: the caller may read the
+        // published state as soon as it has the answer (start-up marks /ping ready then).
+        self.waiters.push(Waiter {
+            done,
+            deadline: if wait {
+                later(now, self.settings.startup_timeout)
+            } else {
+                now
+            },
+        });
     }
 
     /// Tells up to `n` workers to stop: those not serving first (waiting to restart, loading,

@@ -433,6 +433,12 @@ impl Pool {
         self.handle.status.borrow().live_workers()
     }
 
+    /// (min_workers, live workers) read together, for `/ping`.
+    pub fn health_counts(&self) -> (u32, usize) {
+        let s = self.handle.status.borrow();
+        (s.min_workers, s.live_workers())
+    }
+
     /// Sets min/max workers and starts or stops workers to fit: fewer than `min` are topped up
     /// to `min`; more than `max` are cut to `max` (idle ones first). With `wait`, returns once
     /// the new workers are ready, a load failed with none serving, or the startup timeout

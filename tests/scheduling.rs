@@ -206,3 +206,34 @@ async fn autoscaling_adds_workers_under_load_and_removes_them_when_idle() {
         "every request counted"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_counts_have_a_ceiling() {
+    // The ceiling is max_workers_per_model, itself at most the scheduler's 1024.
+    let s = Server::start(
+        "default_workers_per_model=1\nmax_workers_per_model=1024",
+        &["--enable-model-api"],
+    );
+    s.wait_healthy().await;
+    for path in [
+        "/models/demo?min_worker=100000&max_worker=100000",
+        "/models/demo?min_worker=1&max_worker=4294967295",
+        "/models/demo?min_worker=1025",
+    ] {
+        let (code, e) = s.mgmt(Method::PUT, path).await;
+        assert_eq!(code, 400, "{path}: {e}");
+        assert!(e["message"].as_str().unwrap().contains("1024"), "{e}");
+    }
+    let (code, e) = s
+        .mgmt(Method::POST, "/models?url=x.mar&initial_workers=5000")
+        .await;
+    assert_eq!(code, 400, "{e}");
+    assert!(
+        e["message"].as_str().unwrap().contains("initial_workers"),
+        "{e}"
+    );
+    // The refused requests changed nothing.
+    let (_, d) = s.mgmt(Method::GET, "/models/demo").await;
+    assert_eq!(d[0]["workers"].as_array().unwrap().len(), 1);
+    assert_eq!(d[0]["maxWorkers"], 1);
+}

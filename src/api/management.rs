@@ -318,6 +318,14 @@ async fn register(
             ));
         }
     }
+    if let Some(n) = p.uint("initial_workers")? {
+        let ceiling = state.config.max_workers_per_model;
+        if n > ceiling {
+            return Err(ApiError::bad_request(format!(
+                "initial_workers {n} is more than max_workers_per_model ({ceiling})"
+            )));
+        }
+    }
     let synchronous = p.boolean("synchronous", true)?;
     let options = RegisterOptions {
         model_name: p.str("model_name").map(String::from),

@@ -594,10 +594,11 @@ impl Config {
             ));
         }
         let max_workers_per_model = number("max_workers_per_model", 256)?;
-        if !(1..=u64::from(u32::MAX)).contains(&max_workers_per_model) {
+        // The scheduler's own hard cap (crate::worker::MAX_WORKERS) bounds the configurable one.
+        if !(1..=u64::from(crate::worker::MAX_WORKERS)).contains(&max_workers_per_model) {
             return err(format!(
                 "config key max_workers_per_model: \"{max_workers_per_model}\" must be from 1 to {}",
-                u32::MAX
+                crate::worker::MAX_WORKERS
             ));
         }
         let at_most = |key: &str, v: u64, max: u64, max_key: &str| {
@@ -1025,6 +1026,10 @@ mod tests {
         assert_eq!(s.autoscale_interval, Some(Duration::from_millis(100)));
         let e = build(&[("models", r#"{"m": {"1.0": {"autoscaleDownSamples": 0}}}"#)]).unwrap_err();
         assert!(e.0.contains("autoscaleDownSamples"), "{e}");
+        let e = build(&[("default_workers_per_model", "5000")]).unwrap_err();
+        assert!(e.0.contains("default_workers_per_model: \"5000\""), "{e}");
+        let e = build(&[("models", r#"{"m": {"1.0": {"maxWorkers": 100000}}}"#)]).unwrap_err();
+        assert!(e.0.contains("maxWorkers 100000"), "{e}");
     }
 
     #[test]

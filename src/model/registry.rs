@@ -318,10 +318,10 @@ impl Registry {
         };
         let (mut scaled, mut working) = (0usize, 0usize);
         for v in &defaults {
-            let status = v.pool.status();
-            let min = status.min_workers as usize;
+            let (min, live) = v.pool.health_counts();
+            let min = min as usize;
             scaled += min;
-            working += status.live_workers().min(min);
+            working += live.min(min);
         }
         if working >= scaled {
             Health::Healthy

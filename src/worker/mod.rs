@@ -33,6 +33,11 @@ use crate::metrics::{ModelMetrics, Timings, WorkerState};
 
 pub use autoscale::AutoscaleRule;
 
+/// The most workers one model version may run. Each worker may be a process holding a copy of the
+/// model, so a typo in a scale request (`max_worker=100000`) must be refused, not obeyed: the
+/// APIs and the configuration reject more, and the supervisor clamps as a last guard.
+pub const MAX_WORKERS: u32 = 1024;
+
 /// One part of a reply: streamed parts have `last == false`.
 #[derive(Debug)]
 pub struct ReplyPart {
@@ -426,6 +431,12 @@ impl Pool {
     /// Workers that can serve now (ready or busy).
     pub fn live_workers(&self) -> usize {
         self.handle.status.borrow().live_workers()
+    }
+
+    /// (min_workers, live workers) read together, for `/ping`.
+    pub fn health_counts(&self) -> (u32, usize) {
+        let s = self.handle.status.borrow();
+        (s.min_workers, s.live_workers())
     }
 
     /// Sets min/max workers and starts or stops workers to fit: fewer than `min` are topped up

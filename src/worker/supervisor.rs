@@ -58,7 +58,8 @@ struct Slot {
     loaded_at: Option<Instant>,
 }
 
-/// A scale request waiting for its workers to settle.
+/// A scale request waiting for its workers to settle (or, without `wait`, for the next publish:
+/// its deadline is then the moment it arrived).
 struct Waiter {
     done: oneshot::Sender<usize>,
     deadline: Instant,
@@ -220,6 +221,7 @@ impl Supervisor {
             let _ = done.send(0);
             return;
         }
+        let (min, max) = (min.min(super::MAX_WORKERS), max.min(super::MAX_WORKERS));
         self.min = min;
         self.max = max;
         self.metrics.workers_min.set(f64::from(min));
@@ -237,14 +239,16 @@ impl Supervisor {
             }
             self.metrics.scaled(true, false, min - active);
         }
-        if wait {
-            self.waiters.push(Waiter {
-                done,
-                deadline: later(now, self.settings.startup_timeout),
-            });
-        } else {
-            let _ = done.send(self.active());
-        }
+        // Answered after this step's publish, like every reply: the caller may read the
+        // published state as soon as it has the answer (start-up marks /ping ready then).
+        self.waiters.push(Waiter {
+            done,
+            deadline: if wait {
+                later(now, self.settings.startup_timeout)
+            } else {
+                now
+            },
+        });
     }
 
     /// Tells up to `n` workers to stop: those not serving first (waiting to restart, loading,

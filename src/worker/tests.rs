@@ -394,6 +394,8 @@ async fn scaling_down_stops_idle_workers_first_and_lets_busy_ones_finish() {
     let call = h.call().await;
     let busy = call.worker;
     h.pool.scale(1, 1, false).await;
+    // The answer comes after the new bounds are published (start-up marks /ping ready on it).
+    assert_eq!((h.pool.min_workers(), h.pool.max_workers()), (1, 1));
     let s = h.until(|s| s.workers.len() == 1).await;
     assert_eq!(s.workers[0].id, busy, "the busy worker is kept");
     call.answer.send(Outcome::Ok).unwrap();

@@ -95,6 +95,14 @@ impl Metrics {
         ))
     }
 
+    /// Waits until the metric log lines recorded so far are in their files: call at shutdown, so
+    /// that the last events (written by a background thread) are not lost.
+    pub fn flush_log(&self) {
+        if let Some(log) = &self.log {
+            log.flush();
+        }
+    }
+
     pub fn new(
         spec: Spec,
         mode: MetricsMode,

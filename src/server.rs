@@ -210,6 +210,8 @@ pub async fn run(mut config: Config) -> Result<()> {
     for t in tasks {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), t).await;
     }
+    let m = metrics.clone();
+    let _ = tokio::task::spawn_blocking(move || m.flush_log()).await;
     outcome
 }
 

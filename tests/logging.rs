@@ -532,3 +532,34 @@ async fn without_the_access_log_ids_are_still_given() {
     let access = std::fs::read_to_string(logs(&s).join("access_log.log")).unwrap();
     assert_eq!(access, "");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_server_has_written_every_queued_line() {
+    let mut s = Server::start(
+        "default_workers_per_model=1\nmetrics_mode=log\ndisable_system_metrics=true",
+        &[],
+    );
+    s.wait_healthy().await;
+    for _ in 0..20 {
+        let r = s.predict("demo", r#""ok""#).await;
+        assert_eq!(r.status(), 200);
+    }
+    assert!(s.stop().success());
+    // No waiting: the lines are in the files once the process has exited.
+    let metrics = std::fs::read_to_string(logs(&s).join("ts_metrics.log")).unwrap();
+    assert_eq!(
+        metrics
+            .matches("ts_inference_requests_total.Count:1.0|#model_name:demo")
+            .count(),
+        20,
+        "{metrics}"
+    );
+    let access = std::fs::read_to_string(logs(&s).join("access_log.log")).unwrap();
+    let predictions = access
+        .lines()
+        .filter(|l| l.contains("\"POST /predictions/demo HTTP/1.1\" 200 "))
+        .count();
+    assert_eq!(predictions, 20, "{access}");
+    let ts_log = std::fs::read_to_string(logs(&s).join("ts_log.log")).unwrap();
+    assert!(ts_log.contains("shutting down"), "{ts_log}");
+}

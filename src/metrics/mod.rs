@@ -113,6 +113,14 @@ impl Metrics {
         self
     }
 
+    /// Waits until the metric log lines recorded so far are in their files: call at shutdown, so
+    /// that the last events (written by a background thread) are not lost.
+    pub fn flush_log(&self) {
+        if let Some(log) = &self.log {
+            log.flush();
+        }
+    }
+
     pub fn new(
         spec: Spec,
         mode: MetricsMode,

@@ -270,7 +270,10 @@ async fn log_mode_writes_torchserve_lines() {
     let mut log = String::new();
     for _ in 0..100 {
         log = std::fs::read_to_string(logs.path().join("ts_metrics.log")).unwrap_or_default();
-        if log.matches("ts_inference_requests_total.Count:1.0").count() >= 3 {
+        // The log is written by a writer thread: wait for the last request's line too.
+        if log.matches("ts_inference_requests_total.Count:1.0").count() >= 3
+            && log.contains("Requests4XX.Count:1.0")
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

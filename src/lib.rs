@@ -6,6 +6,7 @@
 pub mod api;
 pub mod backend;
 pub mod config;
+pub mod grpc;
 pub mod metrics;
 pub mod model;
 pub mod server;

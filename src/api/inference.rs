@@ -15,6 +15,7 @@ use super::error::ApiError;
 use super::{openapi, parse_query, ApiPath, AppState};
 use crate::backend::{InferRequest, InferResponse, Param};
 use crate::metrics::{ModelMetrics, Timings};
+use crate::model::registry::ModelVersion;
 use crate::worker::{Job, Reply, ReplyPart, ReplyRx, SubmitError};
 
 const OPENAPI: &str = include_str!("openapi/inference.json");
@@ -117,11 +118,24 @@ async fn serve(state: AppState, target: Target, req: Request) -> Response {
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
-    let metrics = model.metrics.clone();
     let in_url = version.is_some();
+    match enqueue(&model, request, arrival, in_url) {
+        Ok(rx) => respond(rx, model.metrics.clone(), in_url).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Queues a request on a model version's pool: the one path HTTP and gRPC inference share, so
+/// both count in the same metrics. A refusal (queue full, model going away) is counted here.
+pub fn enqueue(
+    model: &ModelVersion,
+    request: InferRequest,
+    arrival: Instant,
+    in_url: bool,
+) -> Result<ReplyRx, ApiError> {
     let (job, rx) = Job::new(request, Timings::new(arrival));
     match model.pool.submit(job) {
-        Ok(()) => respond(rx, metrics, in_url).await,
+        Ok(()) => Ok(rx),
         Err(why) => {
             let e = match why {
                 SubmitError::QueueFull => ApiError::new(
@@ -140,8 +154,8 @@ async fn serve(state: AppState, target: Target, req: Request) -> Response {
             };
             let mut t = Timings::new(arrival);
             t.responded = Some(Instant::now());
-            metrics.record_request(&t, e.status, in_url);
-            e.into_response()
+            model.metrics.record_request(&t, e.status, in_url);
+            Err(e)
         }
     }
 }
@@ -251,7 +265,8 @@ async fn build_request(
     Ok(req)
 }
 
-fn new_request_id() -> String {
+/// A request id unique in this process (start time and pid prefix, then a counter).
+pub fn new_request_id() -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     static NEXT: AtomicU64 = AtomicU64::new(0);
     static PREFIX: std::sync::OnceLock<u64> = std::sync::OnceLock::new();

@@ -73,8 +73,8 @@ pub fn code_for(http: u16) -> tonic::Code {
         501 => Code::Unimplemented,
         503 => Code::Unavailable,
         504 => Code::DeadlineExceeded,
-        400..=499 => Code::FailedPrecondition,
-        500..=599 => Code::Internal,
+        _ if (400..500).contains(&http) => Code::FailedPrecondition,
+        _ if (500..600).contains(&http) => Code::Internal,
         _ => Code::Unknown,
     }
 }
@@ -707,4 +707,48 @@ pub fn spawn(
         serve!(inference_listener, inference, stop.clone(), "inference"),
         serve!(management_listener, management, stop, "management"),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http_statuses_map_as_in_torchserve() {
+        use tonic::Code;
+        for (http, code) in [
+            (200, Code::Ok),
+            (202, Code::Ok),
+            (400, Code::InvalidArgument),
+            (403, Code::PermissionDenied),
+            (404, Code::NotFound),
+            (409, Code::Aborted),
+            (413, Code::ResourceExhausted),
+            (418, Code::FailedPrecondition),
+            (503, Code::Unavailable),
+            (507, Code::Internal),
+            (99, Code::Unknown),
+        ] {
+            assert_eq!(code_for(http), code, "{http}");
+        }
+        // Counting a gRPC outcome keeps its class (2XX/4XX/5XX).
+        for http in [200, 400, 401, 403, 404, 409, 499, 500, 501, 503, 504] {
+            assert_eq!(http_of(code_for(http)) / 100, http / 100, "{http}");
+        }
+    }
+
+    #[test]
+    fn stream_predictions2_sets_torchserve_sequence_headers() {
+        let mut m = PredictionsRequest::default();
+        let (id, h) = sequence_headers(&m);
+        assert!(id.starts_with("ts-seq-"));
+        assert!(h.contains(&(SEQUENCE_START.into(), "true".into())));
+        assert!(h.contains(&(SEQUENCE_ID.into(), id.clone())));
+        m.sequence_id = Some("s1".into());
+        m.input.insert(SEQUENCE_END.into(), b"TRUE".to_vec());
+        let (id, h) = sequence_headers(&m);
+        assert_eq!(id, "s1");
+        assert!(!h.iter().any(|(k, _)| k == SEQUENCE_START));
+        assert!(h.contains(&(SEQUENCE_END.into(), "true".into())));
+    }
 }

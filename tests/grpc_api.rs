@@ -483,3 +483,140 @@ async fn stream_predictions_sends_each_part_of_a_python_handler_as_a_message() {
     }
     assert_eq!(ttfc, Some(2.0), "{}", s.scrape().await);
 }
+
+/// Runs TorchServe's own gRPC client (tests/grpc_client/torchserve_grpc_client.py, with grpcio from
+/// PyPI) against the server: (exit code, stdout + stderr).
+fn torchserve_client(s: &Server, args: &[&str]) -> (i32, String) {
+    use std::sync::OnceLock;
+    static PYTHON: OnceLock<String> = OnceLock::new();
+    let root = env!("CARGO_MANIFEST_DIR");
+    let python = PYTHON.get_or_init(|| {
+        let out = std::process::Command::new("bash")
+            .arg(format!("{root}/tests/grpc_client/setup.sh"))
+            .output()
+            .expect("run tests/grpc_client/setup.sh");
+        assert!(
+            out.status.success(),
+            "setup.sh failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    });
+    let host_port = |url: &Option<String>| {
+        url.as_deref()
+            .unwrap()
+            .trim_start_matches("http://")
+            .to_string()
+    };
+    let out = std::process::Command::new(python)
+        .arg(format!("{root}/tests/grpc_client/run_client.py"))
+        .args(args)
+        .current_dir(s.path())
+        .env("OXSERVE_GRPC_STUBS", format!("{root}/target/grpc-stubs"))
+        .env("OXSERVE_GRPC_INFERENCE", host_port(&s.grpc_inference))
+        .env("OXSERVE_GRPC_MANAGEMENT", host_port(&s.grpc_management))
+        .output()
+        .expect("run the TorchServe gRPC client");
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn torchserve_grpc_client_works_against_oxserve() {
+    let store = tempfile::tempdir().unwrap();
+    write_mar(
+        store.path(),
+        "sentiment.mar",
+        &demo_manifest("sentiment", "1.0"),
+        &[],
+    );
+    let s = Server::start(
+        "default_workers_per_model=1\ndisable_token_authorization=false",
+        &[
+            "--model-store",
+            store.path().to_str().unwrap(),
+            "--enable-model-api",
+        ],
+    );
+    s.wait_healthy().await;
+    let keys: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(s.path().join("key_file.json")).unwrap())
+            .unwrap();
+    let inference_key = keys["inference"]["key"].as_str().unwrap().to_string();
+    let management_key = keys["management"]["key"].as_str().unwrap().to_string();
+    std::fs::write(s.path().join("input.txt"), "I love this").unwrap();
+
+    // Register from the model store, as the client does when the archive is in its mar_set.
+    let (rc, out) = torchserve_client(
+        &s,
+        &[
+            "register",
+            "sentiment",
+            "sentiment.mar",
+            "--auth-token",
+            &management_key,
+        ],
+    );
+    assert_eq!(rc, 0, "{out}");
+    assert!(
+        out.contains("Model sentiment registered successfully"),
+        "{out}"
+    );
+
+    let (rc, out) = torchserve_client(
+        &s,
+        &[
+            "infer",
+            "sentiment",
+            "input.txt",
+            "--auth-token",
+            &inference_key,
+        ],
+    );
+    assert_eq!(rc, 0, "{out}");
+    assert!(
+        out.contains(r#"{"label":"positive","score":0.667}"#),
+        "{out}"
+    );
+
+    let (rc, out) = torchserve_client(
+        &s,
+        &[
+            "infer_stream",
+            "sentiment",
+            "input.txt",
+            "--auth-token",
+            &inference_key,
+        ],
+    );
+    assert_eq!(rc, 0, "{out}");
+    assert!(out.contains(r#""label":"positive""#), "{out}");
+
+    // Without the key: refused with TorchServe's code and message.
+    let (rc, out) = torchserve_client(&s, &["infer", "sentiment", "input.txt"]);
+    assert_ne!(rc, 0, "{out}");
+    assert!(out.contains("PERMISSION_DENIED"), "{out}");
+    assert!(out.contains("Token Authorization failed"), "{out}");
+
+    let (rc, out) = torchserve_client(
+        &s,
+        &["unregister", "sentiment", "--auth-token", &management_key],
+    );
+    assert_eq!(rc, 0, "{out}");
+    assert!(
+        out.contains("Model sentiment unregistered successfully"),
+        "{out}"
+    );
+    let (rc, out) = torchserve_client(
+        &s,
+        &["unregister", "sentiment", "--auth-token", &management_key],
+    );
+    assert_ne!(rc, 0, "{out}");
+    assert!(out.contains("Model not found: sentiment"), "{out}");
+}

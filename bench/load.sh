@@ -23,6 +23,8 @@ cat >"$work/config.properties" <<CFG
 inference_address=http://127.0.0.1:$IP
 management_address=http://127.0.0.1:$MP
 metrics_address=http://127.0.0.1:$XP
+grpc_inference_port=$(free_port)
+grpc_management_port=$(free_port)
 default_workers_per_model=${WORKERS:-2}
 CFG
 RUST_LOG=warn target/release/oxserve start --foreground --ts-config "$work/config.properties" >"$work/ox.log" 2>&1 &

@@ -316,22 +316,33 @@ impl InferenceApIsService for Inference {
                 return Err(status_of(&e));
             }
         };
-        // A streamed reply to a unary call is answered whole, as HTTP joins its chunks.
-        let mut body = Vec::new();
-        let mut error = None;
-        let status = drain(queued, |part| match part {
-            Ok(b) => body.extend_from_slice(&b),
-            Err(e) => error = Some(e),
-        })
-        .await;
-        self.0.state.metrics.host.count_response(status);
-        match error {
-            Some(e) => Err(status_of(&e)),
-            None => Ok(Response::new(PredictionResponse {
+        // A streamed reply to a unary call is answered whole, as HTTP joins its chunks. The reply
+        // is drained by its own task: a client that gives up (a deadline, a cancel) drops this
+        // future, and the request must still be recorded once the worker answers.
+        let metrics = self.0.state.metrics.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let mut body = Vec::new();
+            let mut error = None;
+            let status = drain(queued, |part| match part {
+                Ok(b) => body.extend_from_slice(&b),
+                Err(e) => error = Some(e),
+            })
+            .await;
+            metrics.host.count_response(status);
+            let _ = tx.send(match error {
+                Some(e) => Err(status_of(&e)),
+                None => Ok(body),
+            });
+        });
+        match rx.await {
+            Ok(Ok(body)) => Ok(Response::new(PredictionResponse {
                 prediction: body,
                 sequence_id: None,
                 status: None,
             })),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(Status::internal("the reply was lost")),
         }
     }
 

@@ -54,6 +54,10 @@ const SEQUENCE_END: &str = "ts_request_sequence_end";
 /// Most streams one HTTP/2 connection may have open at once: each holds a queued request.
 pub const MAX_CONCURRENT_STREAMS: u32 = 256;
 
+/// How often an HTTP/2 ping checks an idle peer, and how long its answer may take.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(60);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// Most bytes of HTTP/2 headers (gRPC metadata) one request may carry.
 pub const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
 
@@ -681,6 +685,10 @@ macro_rules! serve {
             let served = tonic::transport::Server::builder()
                 .max_concurrent_streams(Some(MAX_CONCURRENT_STREAMS))
                 .http2_max_header_list_size(Some(MAX_HEADER_LIST_BYTES))
+                // Dead peers (a vanished client, a half-open connection) are found and dropped,
+                // so they do not hold connections forever.
+                .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+                .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
                 .add_service(service)
                 .serve_with_incoming_shutdown(incoming, async move {
                     let _ = stop.wait_for(|s| *s).await;

@@ -11,7 +11,7 @@ python="${PYTHON:-python3}"
 
 if ! "$venv/bin/python" -c "import grpc, grpc_tools, google.rpc.status_pb2" 2>/dev/null; then
     echo "creating $venv with grpcio, grpcio-tools and googleapis-common-protos" >&2
-    "$python" -m venv "$venv"
+    "$python" -m venv --clear "$venv"
     "$venv/bin/pip" install --quiet --disable-pip-version-check \
         grpcio grpcio-tools googleapis-common-protos >&2
 fi

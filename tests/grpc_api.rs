@@ -620,3 +620,36 @@ async fn torchserve_grpc_client_works_against_oxserve() {
     assert_ne!(rc, 0, "{out}");
     assert!(out.contains("Model not found: sentiment"), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_on_the_grpc_port_is_dropped_and_the_server_keeps_serving() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = Server::start("default_workers_per_model=1", &[]);
+    s.wait_healthy().await;
+    let addr = s
+        .grpc_inference
+        .as_deref()
+        .unwrap()
+        .trim_start_matches("http://")
+        .to_string();
+    // Not HTTP/2 at all, then an HTTP/2 preface followed by junk frames.
+    for junk in [
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+        [
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".as_slice(),
+            &[0xff; 4096],
+        ]
+        .concat(),
+    ] {
+        let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let _ = conn.write_all(&junk).await;
+        let mut sink = Vec::new();
+        // The server ends the connection (a read of 0 bytes or a reset), rather than waiting.
+        let _ = tokio::time::timeout(Duration::from_secs(60), conn.read_to_end(&mut sink))
+            .await
+            .expect("the server closes a connection that sends garbage");
+    }
+    let mut c = inference(&s).await;
+    let reply = c.predictions(predict("demo", b"fine")).await.unwrap();
+    assert!(!reply.into_inner().prediction.is_empty());
+}

@@ -27,6 +27,8 @@ cat >"$work/config.properties" <<CFG
 inference_address=http://127.0.0.1:$IP
 management_address=http://127.0.0.1:$MP
 metrics_address=http://127.0.0.1:$XP
+grpc_inference_port=$(free_port)
+grpc_management_port=$(free_port)
 default_workers_per_model=${WORKERS:-2}
 enable_access_log=${ACCESS_LOG:-true}
 log_format=${LOG_FORMAT:-text}

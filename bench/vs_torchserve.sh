@@ -74,6 +74,8 @@ for workers in 1 2; do
 inference_address=http://127.0.0.1:$ip
 management_address=http://127.0.0.1:$mp
 metrics_address=http://127.0.0.1:$xp
+grpc_inference_port=$(free_port)
+grpc_management_port=$(free_port)
 default_workers_per_model=$workers
 disable_token_authorization=true
 CFG
@@ -96,6 +98,8 @@ CFG
 inference_address=http://127.0.0.1:$ip
 management_address=http://127.0.0.1:$mp
 metrics_address=http://127.0.0.1:$xp
+grpc_inference_port=$(free_port)
+grpc_management_port=$(free_port)
 default_workers_per_model=$workers
 CFG
   t0=$(date +%s.%N)

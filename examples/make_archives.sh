@@ -13,9 +13,10 @@ out="${1:-$root/target/model-store}"
 venv="$root/target/mar-venv"
 python="${PYTHON:-python3}"
 
-if [ ! -x "$venv/bin/torch-model-archiver" ]; then
+# A venv copied from another folder keeps scripts whose #! names the old path: check it runs.
+if ! "$venv/bin/torch-model-archiver" --help >/dev/null 2>&1; then
     echo "creating $venv with torch-model-archiver 0.12.0" >&2
-    "$python" -m venv "$venv"
+    "$python" -m venv --clear "$venv"
     "$venv/bin/pip" install --quiet --disable-pip-version-check torch-model-archiver==0.12.0
 fi
 mkdir -p "$out"

@@ -100,6 +100,19 @@ pub async fn run(mut config: Config) -> Result<()> {
         None
     };
 
+    let grpc_inference = bind(
+        "gRPC inference",
+        "grpc_inference_address/grpc_inference_port",
+        config.grpc_inference_address,
+    )
+    .await?;
+    let grpc_management = bind(
+        "gRPC management",
+        "grpc_management_address/grpc_management_port",
+        config.grpc_management_address,
+    )
+    .await?;
+
     if !config.disable_system_metrics {
         crate::system::spawn(metrics.clone(), config.metric_time_interval, gpus);
     }
@@ -158,6 +171,12 @@ pub async fn run(mut config: Config) -> Result<()> {
         });
         tasks.push(serve(l, api::metrics::router(state.clone(), dashboard)));
     }
+    line.push_str(&format!(
+        " grpc_inference={} grpc_management={}",
+        grpc_inference.local_addr()?,
+        grpc_management.local_addr()?
+    ));
+    let grpc_tasks = crate::grpc::spawn(&state, grpc_inference, grpc_management, stop_rx.clone());
     // One parseable line on stdout: tests and scripts read the bound ports from it.
     println!("{line}");
     tracing::info!("{line}");
@@ -208,6 +227,9 @@ pub async fn run(mut config: Config) -> Result<()> {
     let _ = stop_tx.send(true);
     registry.shutdown().await;
     for t in tasks {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), t).await;
+    }
+    for t in grpc_tasks {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), t).await;
     }
     let m = metrics.clone();

@@ -47,7 +47,7 @@ fn a_port_in_use_is_a_clear_error() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();
     let props = format!(
-        "inference_address=http://127.0.0.1:{port}\nmanagement_address=http://127.0.0.1:0\nmetrics_address=http://127.0.0.1:0\n"
+        "inference_address=http://127.0.0.1:{port}\nmanagement_address=http://127.0.0.1:0\nmetrics_address=http://127.0.0.1:0\ngrpc_inference_port=0\ngrpc_management_port=0\n"
     );
     let (code, err) = start_expecting_failure(&props, &[]);
     assert_eq!(code, 1, "{err}");
@@ -65,7 +65,7 @@ fn a_bad_metrics_yaml_stops_start_up() {
     let yaml = dir.path().join("metrics.yaml");
     std::fs::write(&yaml, "ts_metrics:\n  counter:\n    - name: Dup\n      unit: Count\n    - name: Dup\n      unit: Count\n").unwrap();
     let props = format!(
-        "inference_address=http://127.0.0.1:0\nmanagement_address=http://127.0.0.1:0\nmetrics_address=http://127.0.0.1:0\nmetrics_config={}\n",
+        "inference_address=http://127.0.0.1:0\nmanagement_address=http://127.0.0.1:0\nmetrics_address=http://127.0.0.1:0\ngrpc_inference_port=0\ngrpc_management_port=0\nmetrics_config={}\n",
         yaml.display()
     );
     let (code, err) = start_expecting_failure(&props, &[]);
@@ -96,7 +96,7 @@ fn start_status_stop_in_the_background() {
     let config = dir.path().join("config.properties");
     std::fs::write(
         &config,
-        "inference_address=http://127.0.0.1:0\nmanagement_address=http://127.0.0.1:0\nmetrics_address=http://127.0.0.1:0\n",
+        "inference_address=http://127.0.0.1:0\nmanagement_address=http://127.0.0.1:0\nmetrics_address=http://127.0.0.1:0\ngrpc_inference_port=0\ngrpc_management_port=0\n",
     )
     .unwrap();
     let run = |args: &[&str]| {
@@ -173,7 +173,7 @@ fn background_start_reports_a_failed_start() {
     let config = dir.path().join("config.properties");
     std::fs::write(
         &config,
-        format!("inference_address=http://127.0.0.1:0\nmanagement_address=http://127.0.0.1:{port}\nmetrics_address=http://127.0.0.1:0\n"),
+        format!("inference_address=http://127.0.0.1:0\nmanagement_address=http://127.0.0.1:{port}\nmetrics_address=http://127.0.0.1:0\ngrpc_inference_port=0\ngrpc_management_port=0\n"),
     )
     .unwrap();
     let out = Command::new(BIN)

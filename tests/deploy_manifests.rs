@@ -284,6 +284,14 @@ fn configmap_matches_deployment() {
         props.get("metrics_mode").map(String::as_str),
         Some("prometheus")
     );
+    // gRPC listeners: all interfaces, TorchServe's default ports as container ports.
+    for (key, name, port) in [
+        ("grpc_inference_address", "grpc-inference", 7070),
+        ("grpc_management_address", "grpc-management", 7071),
+    ] {
+        assert_eq!(props.get(key).map(String::as_str), Some("0.0.0.0"), "{key}");
+        assert_eq!(ports.get(name), Some(&port), "container port {name}");
+    }
 
     // The Deployment mounts this ConfigMap at /etc/oxserve and starts with its config.properties.
     let name = str_at(configmap, "/metadata/name");
@@ -460,7 +468,11 @@ fn docker_image_config_uses_default_ports() {
     let dockerfile = read(&docker.join("Dockerfile"));
     assert!(dockerfile
         .lines()
-        .any(|l| l.trim() == "EXPOSE 8080 8081 8082"));
+        .any(|l| l.trim() == "EXPOSE 8080 8081 8082 7070 7071"));
+    // gRPC listeners (default ports 7070/7071) on all interfaces too.
+    for key in ["grpc_inference_address", "grpc_management_address"] {
+        assert_eq!(props.get(key).map(String::as_str), Some("0.0.0.0"), "{key}");
+    }
 }
 
 #[test]

@@ -116,7 +116,7 @@ impl Tokens {
     }
 
     /// Checks a request's bearer key against the key of `scope`.
-    fn check(&self, scope: Scope, given: &str) -> Result<(), &'static str> {
+    pub(crate) fn check(&self, scope: Scope, given: &str) -> Result<(), &'static str> {
         let key = match scope {
             Scope::Inference => self.inference.read().unwrap().clone(),
             Scope::Management => self.management.read().unwrap().clone(),

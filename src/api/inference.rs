@@ -17,7 +17,7 @@ use crate::backend::{InferRequest, InferResponse, Param};
 use crate::logging::access::RequestId;
 use crate::logging::ModelInfo;
 use crate::metrics::{ModelMetrics, Timings};
-use crate::model::registry::Health;
+use crate::model::registry::{Health, ModelVersion};
 use crate::worker::{Job, PoolError, Reply, ReplyPart, ReplyRx, SubmitError};
 
 const OPENAPI: &str = include_str!("openapi/inference.json");
@@ -129,11 +129,29 @@ async fn serve(state: AppState, target: Target, req: Request) -> Response {
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
-    let metrics = model.metrics.clone();
     let in_url = version.is_some();
+    match enqueue(&model, request, arrival, in_url) {
+        Ok(rx) => respond(rx, model.metrics.clone(), in_url).await,
+        Err(e) => {
+            let mut r = e.into_response();
+            r.extensions_mut()
+                .insert(model_info(&model.metrics, &Timings::new(arrival)));
+            r
+        }
+    }
+}
+
+/// Queues a request on a model version's pool: the one path HTTP and gRPC inference share, so
+/// both count in the same metrics. A refusal (queue full, model going away) is counted here.
+pub fn enqueue(
+    model: &ModelVersion,
+    request: InferRequest,
+    arrival: Instant,
+    in_url: bool,
+) -> Result<ReplyRx, ApiError> {
     let (job, rx) = Job::new(request, Timings::new(arrival));
     match model.pool.submit(job) {
-        Ok(()) => respond(rx, metrics, in_url).await,
+        Ok(()) => Ok(rx),
         Err(why) => {
             let e = ApiError::from(match why {
                 SubmitError::QueueFull => PoolError::QueueFull(model.name.clone()),
@@ -143,10 +161,8 @@ async fn serve(state: AppState, target: Target, req: Request) -> Response {
             });
             let mut t = Timings::new(arrival);
             t.responded = Some(Instant::now());
-            metrics.record_request(&t, e.status, in_url);
-            let mut r = e.into_response();
-            r.extensions_mut().insert(model_info(&metrics, &t));
-            r
+            model.metrics.record_request(&t, e.status, in_url);
+            Err(e)
         }
     }
 }

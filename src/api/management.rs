@@ -94,6 +94,11 @@ async fn list(State(state): State<AppState>, RawQuery(q): RawQuery) -> Result<Re
         return Err(ApiError::bad_request("Parameter limit must be at least 1"));
     }
     let start = p.uint("next_page_token")?.unwrap_or(0) as usize;
+    Ok(Json(list_page(&state, limit, start)).into_response())
+}
+
+/// One page of the model list (`limit` at least 1): shared by HTTP and gRPC `ListModels`.
+pub fn list_page(state: &AppState, limit: u32, start: usize) -> Value {
     let models = state.registry.list();
     let page: Vec<Value> = models
         .iter()
@@ -106,7 +111,7 @@ async fn list(State(state): State<AppState>, RawQuery(q): RawQuery) -> Result<Re
     if next < models.len() {
         body["nextPageToken"] = json!(next.to_string());
     }
-    Ok(Json(body).into_response())
+    body
 }
 
 /// `2026-11-28T12:00:00.123Z`, the form of TorchServe's worker startTime.
@@ -187,39 +192,35 @@ async fn describe_default(
     State(state): State<AppState>,
     ApiPath(model): ApiPath<String>,
 ) -> Result<Response, ApiError> {
-    let v = match state.registry.get(&model, None) {
-        Ok(v) => v,
-        Err(e) => return loading_or(&state, &model, e),
-    };
-    Ok(Json(json!([describe_one(&v).await])).into_response())
-}
-
-/// A model not registered yet but still downloading or unpacking is described with its
-/// progress (oxserve's addition; TorchServe answers 404 until it is loaded).
-fn loading_or(
-    state: &AppState,
-    model: &str,
-    e: crate::model::registry::RegistryError,
-) -> Result<Response, ApiError> {
-    match state.registry.loading(model) {
-        Some(l) => Ok(Json(json!([l.describe()])).into_response()),
-        None => Err(e.into()),
-    }
+    Ok(Json(describe(&state, &model, None).await?).into_response())
 }
 
 async fn describe_version(
     State(state): State<AppState>,
     ApiPath((model, version)): ApiPath<(String, String)>,
 ) -> Result<Response, ApiError> {
-    let found = if version == "all" {
-        state.registry.versions(&model)
-    } else {
-        state.registry.get(&model, Some(&version)).map(|v| vec![v])
+    Ok(Json(describe(&state, &model, Some(&version)).await?).into_response())
+}
+
+/// The description of a model's default version, one version, or `all` of them: shared by HTTP
+/// and gRPC `DescribeModel`. A model not registered yet but still downloading or unpacking is
+/// described with its progress (oxserve's addition; TorchServe answers 404 until it is loaded).
+pub async fn describe(
+    state: &AppState,
+    model: &str,
+    version: Option<&str>,
+) -> Result<Value, ApiError> {
+    let found = match version {
+        Some("all") => state.registry.versions(model),
+        v => state.registry.get(model, v).map(|v| vec![v]),
     };
     let versions: Vec<Arc<ModelVersion>> = match found {
         Ok(v) => v,
         Err(e @ crate::model::registry::RegistryError::ModelNotFound(_)) => {
-            return loading_or(&state, &model, e)
+            return match state.registry.loading(model) {
+                Some(l) => Ok(json!([l.describe()])),
+                None => Err(e.into()),
+            };
         }
         Err(e) => return Err(e.into()),
     };
@@ -227,7 +228,7 @@ async fn describe_version(
     for v in &versions {
         out.push(describe_one(v).await);
     }
-    Ok(Json(Value::Array(out)).into_response())
+    Ok(Value::Array(out))
 }
 
 async fn scale_default(
@@ -256,6 +257,30 @@ async fn scale(
     let min = p.uint("min_worker")?.unwrap_or(1);
     let max = p.uint("max_worker")?.unwrap_or(min.max(1));
     let synchronous = p.boolean("synchronous", false)?;
+    let number_gpu = p.uint("number_gpu")?.unwrap_or(0);
+    let (code, message) = scale_workers(
+        &state,
+        &model,
+        version.as_deref(),
+        (min, max, number_gpu),
+        synchronous,
+    )
+    .await?;
+    Ok(status(
+        StatusCode::from_u16(code).unwrap_or(StatusCode::OK),
+        message,
+    ))
+}
+
+/// Validates and applies a scale request (`workers` = min, max, number_gpu); answers the HTTP
+/// status (200 done, 202 under way) and message. Shared by HTTP and gRPC `ScaleWorker`.
+pub async fn scale_workers(
+    state: &AppState,
+    model: &str,
+    version: Option<&str>,
+    (min, max, number_gpu): (u32, u32, u32),
+    synchronous: bool,
+) -> Result<(u16, String), ApiError> {
     if max < min {
         return Err(ApiError::bad_request(
             "max_worker cannot be less than min_worker.",
@@ -267,27 +292,21 @@ async fn scale(
             "max_worker {max} is more than max_workers_per_model ({ceiling})"
         )));
     }
-    if p.uint("number_gpu")?.unwrap_or(0) > state.config.number_of_gpu.unwrap_or(0) {
+    if number_gpu > state.config.number_of_gpu.unwrap_or(0) {
         return Err(ApiError::bad_request(
             "number_gpu is larger than the GPUs this server uses (number_of_gpu)",
         ));
     }
-    let v = state.registry.get(&model, version.as_deref())?;
+    let v = state.registry.get(model, version)?;
     if synchronous {
         let n = v.pool.scale(min, max, true).await;
-        Ok(status(
-            StatusCode::OK,
-            format!("Workers scaled to {n} for model: {model}"),
-        ))
+        Ok((200, format!("Workers scaled to {n} for model: {model}")))
     } else {
         let pool = v.pool.clone();
         tokio::spawn(async move {
             pool.scale(min, max, false).await;
         });
-        Ok(status(
-            StatusCode::ACCEPTED,
-            "Processing worker updates...".into(),
-        ))
+        Ok((202, "Processing worker updates...".into()))
     }
 }
 
@@ -337,17 +356,33 @@ async fn register(
         synchronous,
         loaded_at_startup: false,
     };
-    let v = state.registry.register(&url, options).await?;
+    let (code, message) = register_model(&state, &url, options).await?;
+    Ok(status(
+        StatusCode::from_u16(code).unwrap_or(StatusCode::OK),
+        message,
+    ))
+}
+
+/// Registers an archive; answers the HTTP status (200 registered, 202 workers still starting)
+/// and message. Shared by HTTP and gRPC `RegisterModel` (each checks `enable_model_api` itself,
+/// since they refuse differently, as TorchServe does).
+pub async fn register_model(
+    state: &AppState,
+    url: &str,
+    options: RegisterOptions,
+) -> Result<(u16, String), ApiError> {
+    let synchronous = options.synchronous;
+    let v = state.registry.register(url, options).await?;
     let workers = v.pool.min_workers();
     let msg = format!(
         "Model \"{}\" Version: {} registered with {workers} initial workers",
         v.name, v.version
     );
     if synchronous {
-        Ok(status(StatusCode::OK, msg))
+        Ok((200, msg))
     } else {
-        Ok(status(
-            StatusCode::ACCEPTED,
+        Ok((
+            202,
             format!("{msg}. Use describe model API to see the status of the workers."),
         ))
     }
@@ -375,23 +410,40 @@ async fn unregister(
     if !state.config.enable_model_api {
         return Err(ApiError::method_not_allowed());
     }
-    state
-        .registry
-        .unregister(&model, version.as_deref())
-        .await?;
     Ok(status(
         StatusCode::OK,
-        format!("Model \"{model}\" unregistered"),
+        unregister_model(&state, &model, version.as_deref()).await?,
     ))
+}
+
+/// Unregisters a version (the default one when `version` is None): shared by HTTP and gRPC.
+pub async fn unregister_model(
+    state: &AppState,
+    model: &str,
+    version: Option<&str>,
+) -> Result<String, ApiError> {
+    state.registry.unregister(model, version).await?;
+    Ok(format!("Model \"{model}\" unregistered"))
 }
 
 async fn set_default(
     State(state): State<AppState>,
     ApiPath((model, version)): ApiPath<(String, String)>,
 ) -> Result<Response, ApiError> {
-    state.registry.set_default(&model, &version)?;
     Ok(status(
         StatusCode::OK,
-        format!("Default version successfully updated for model \"{model}\" to \"{version}\""),
+        set_default_version(&state, &model, &version)?,
+    ))
+}
+
+/// Makes `version` the default of `model`: shared by HTTP and gRPC `SetDefault`.
+pub fn set_default_version(
+    state: &AppState,
+    model: &str,
+    version: &str,
+) -> Result<String, ApiError> {
+    state.registry.set_default(model, version)?;
+    Ok(format!(
+        "Default version successfully updated for model \"{model}\" to \"{version}\""
     ))
 }

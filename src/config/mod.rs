@@ -46,6 +46,11 @@ pub struct Config {
     pub inference_address: SocketAddr,
     pub management_address: SocketAddr,
     pub metrics_address: SocketAddr,
+    /// TorchServe's gRPC inference listener: `grpc_inference_address` (a host) and
+    /// `grpc_inference_port`.
+    pub grpc_inference_address: SocketAddr,
+    /// TorchServe's gRPC management listener: `grpc_management_address` and `grpc_management_port`.
+    pub grpc_management_address: SocketAddr,
     pub enable_metrics_api: bool,
     /// The live dashboard on the metrics listener and its in-process history (`enable_dashboard`).
     pub enable_dashboard: bool,
@@ -390,6 +395,11 @@ const KNOWN_KEYS: &[&str] = &[
     "inference_address",
     "management_address",
     "metrics_address",
+    "grpc_inference_address",
+    "grpc_inference_port",
+    "grpc_management_address",
+    "grpc_management_port",
+    "enable_grpc_ssl",
     "enable_metrics_api",
     "enable_dashboard",
     "metrics_mode",
@@ -545,6 +555,33 @@ impl Config {
             v => Ok(v),
         };
         let address = |key: &str, default: &str| parse_address(key, get(key).unwrap_or(default));
+        // TorchServe names the gRPC host and port in two keys each.
+        let grpc_address = |host_key: &str, port_key: &str, default_port: u16| {
+            let host = get(host_key).unwrap_or("127.0.0.1");
+            let port = match get(port_key) {
+                Some(v) => v.parse::<u16>().map_err(|_| {
+                    ConfigError(format!(
+                        "config key {port_key}: {v:?} is not a port number from 0 to 65535"
+                    ))
+                })?,
+                None => default_port,
+            };
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            (host, port)
+                .to_socket_addrs()
+                .ok()
+                .and_then(|mut a| a.next())
+                .ok_or_else(|| {
+                    ConfigError(format!(
+                        "config key {host_key}: {host:?} is not a usable host (an IP address or name, no scheme or port)"
+                    ))
+                })
+        };
+        if boolean("enable_grpc_ssl", false)? {
+            return err(
+                "config key enable_grpc_ssl: \"true\" asks for TLS on the gRPC listeners, which oxserve does not serve; terminate TLS in front of it (a proxy or service mesh) or leave it false",
+            );
+        }
 
         let metrics_mode = match get("metrics_mode")
             .unwrap_or("prometheus")
@@ -763,6 +800,16 @@ impl Config {
             inference_address: address("inference_address", "http://127.0.0.1:8080")?,
             management_address: address("management_address", "http://127.0.0.1:8081")?,
             metrics_address: address("metrics_address", "http://127.0.0.1:8082")?,
+            grpc_inference_address: grpc_address(
+                "grpc_inference_address",
+                "grpc_inference_port",
+                7070,
+            )?,
+            grpc_management_address: grpc_address(
+                "grpc_management_address",
+                "grpc_management_port",
+                7071,
+            )?,
             enable_metrics_api: boolean("enable_metrics_api", true)?,
             enable_dashboard: boolean("enable_dashboard", true)?,
             metrics_mode,
@@ -940,6 +987,8 @@ mod tests {
         assert_eq!(c.inference_address.to_string(), "127.0.0.1:8080");
         assert_eq!(c.management_address.to_string(), "127.0.0.1:8081");
         assert_eq!(c.metrics_address.to_string(), "127.0.0.1:8082");
+        assert_eq!(c.grpc_inference_address.to_string(), "127.0.0.1:7070");
+        assert_eq!(c.grpc_management_address.to_string(), "127.0.0.1:7071");
         assert_eq!(c.job_queue_size, 100);
         assert_eq!(c.metrics_mode, MetricsMode::Prometheus);
     }
@@ -958,6 +1007,30 @@ mod tests {
         );
         let e = build(&[("job_queue_size", "-3")]).unwrap_err();
         assert!(e.0.contains("job_queue_size") && e.0.contains("-3"), "{e}");
+    }
+
+    #[test]
+    fn grpc_listeners_take_torchserve_keys() {
+        let c = build(&[
+            ("grpc_inference_address", "0.0.0.0"),
+            ("grpc_inference_port", "9070"),
+            ("grpc_management_port", "0"),
+        ])
+        .unwrap();
+        assert_eq!(c.grpc_inference_address.to_string(), "0.0.0.0:9070");
+        assert_eq!(c.grpc_management_address.to_string(), "127.0.0.1:0");
+        let e = build(&[("grpc_inference_port", "70700")]).unwrap_err();
+        assert!(
+            e.0.contains("grpc_inference_port") && e.0.contains("70700"),
+            "{e}"
+        );
+        let e = build(&[("grpc_management_address", "http://127.0.0.1:7071")]).unwrap_err();
+        assert!(e.0.contains("grpc_management_address"), "{e}");
+        let e = build(&[("enable_grpc_ssl", "true")]).unwrap_err();
+        assert!(e.0.contains("enable_grpc_ssl"), "{e}");
+        assert!(build(&[("enable_grpc_ssl", "false")]).is_ok());
+        let e = build(&[("enable_grpc_ssl", "maybe")]).unwrap_err();
+        assert!(e.0.contains("enable_grpc_ssl"), "{e}");
     }
 
     #[test]

@@ -470,6 +470,13 @@ impl Registry {
             download: None,
         };
         if url.contains("://") {
+            // TorchServe's rule and message (ModelArchive.downloadModel): no `..` in a URL, so an
+            // allowed_urls pattern cannot be escaped by climbing out of the allowed folder.
+            if url.contains("..") {
+                return Err(RegistryError::BadRequest(
+                    "Relative path is not allowed in url".into(),
+                ));
+            }
             if !self.config.url_allowed(url) {
                 return Err(RegistryError::BadRequest(format!(
                     "Given URL {url} does not match any allowed URL(s)"

@@ -18,12 +18,15 @@ pub struct Server {
     pub inference: String,
     pub management: String,
     pub metrics: Option<String>,
+    /// The gRPC listeners, as `http://host:port` (what a tonic channel connects to).
+    pub grpc_inference: Option<String>,
+    pub grpc_management: Option<String>,
     pub stderr: Arc<Mutex<Vec<String>>>,
     pub client: reqwest::Client,
 }
 
 /// Properties every test server gets: OS-chosen ports, quiet system metrics.
-const BASE: &str = "inference_address=http://127.0.0.1:0\nmanagement_address=http://127.0.0.1:0\nmetrics_address=http://127.0.0.1:0\n";
+const BASE: &str = "inference_address=http://127.0.0.1:0\nmanagement_address=http://127.0.0.1:0\nmetrics_address=http://127.0.0.1:0\ngrpc_inference_port=0\ngrpc_management_port=0\n";
 
 impl Server {
     /// Starts the server with these extra config.properties lines and CLI arguments.
@@ -89,6 +92,8 @@ impl Server {
             inference: field("inference").expect("inference address"),
             management: field("management").expect("management address"),
             metrics: field("metrics"),
+            grpc_inference: field("grpc_inference"),
+            grpc_management: field("grpc_management"),
             child,
             dir,
             stderr,

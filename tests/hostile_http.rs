@@ -302,7 +302,7 @@ async fn idle_connections_under_a_128_file_limit_do_not_stop_ping() {
     let config = dir.path().join("config.properties");
     std::fs::write(
         &config,
-        "inference_address=http://127.0.0.1:0\nmanagement_address=http://127.0.0.1:0\nmetrics_address=http://127.0.0.1:0\nhttp_keep_alive_timeout=2\ndefault_workers_per_model=1\n",
+        "inference_address=http://127.0.0.1:0\nmanagement_address=http://127.0.0.1:0\nmetrics_address=http://127.0.0.1:0\ngrpc_inference_port=0\ngrpc_management_port=0\nhttp_keep_alive_timeout=2\ndefault_workers_per_model=1\n",
     )
     .unwrap();
     let mut cmd = std::process::Command::new(common::BIN);

@@ -31,7 +31,7 @@ fn spawn(cwd: &Path, tmp: &Path, props: &str, args: &[&str]) -> (Running, mpsc::
     let config = cwd.join("config.properties");
     std::fs::write(
         &config,
-        format!("inference_address=http://127.0.0.1:0\nmanagement_address=http://127.0.0.1:0\nmetrics_address=http://127.0.0.1:0\n{props}\n"),
+        format!("inference_address=http://127.0.0.1:0\nmanagement_address=http://127.0.0.1:0\nmetrics_address=http://127.0.0.1:0\ngrpc_inference_port=0\ngrpc_management_port=0\n{props}\n"),
     )
     .unwrap();
     let mut child = Command::new(BIN)

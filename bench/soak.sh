@@ -46,6 +46,8 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 IP=$(free_port); MP=$(free_port); XP=$(free_port)
 cat >"$work/config.properties" <<CFG
 inference_address=http://127.0.0.1:$IP
+grpc_inference_port=0
+grpc_management_port=0
 management_address=http://127.0.0.1:$MP
 metrics_address=http://127.0.0.1:$XP
 model_store=$work/store

@@ -26,6 +26,8 @@ echo '{"runtime": "python", "model": {"modelName": "step", "modelVersion": "1.0"
   >"$work/store/step/MAR-INF/MANIFEST.json"
 cat >"$work/config.properties" <<CFG
 inference_address=http://127.0.0.1:$IP
+grpc_inference_port=0
+grpc_management_port=0
 management_address=http://127.0.0.1:$MP
 metrics_address=http://127.0.0.1:$XP
 model_store=$work/store

@@ -9,6 +9,8 @@ use clap::{Args, Parser, Subcommand};
 use oxserve::config::{Config, Overrides};
 use oxserve::server;
 
+mod torchserve;
+
 /// mimalloc: the request path allocates many small, short-lived buffers across threads, where it
 /// is measurably faster than glibc's malloc (docs/benchmarks.md).
 #[global_allocator]
@@ -68,8 +70,8 @@ struct StartArgs {
     /// config.properties to read.
     #[arg(long, value_name = "FILE")]
     ts_config: Option<PathBuf>,
-    /// No config snapshot (oxserve never writes snapshots; accepted for compatibility).
-    #[arg(long)]
+    /// No config snapshots (TorchServe's --ncs / --no-config-snapshots).
+    #[arg(long, visible_alias = "no-config-snapshots")]
     ncs: bool,
     /// Turn token authorization off.
     #[arg(long)]
@@ -88,6 +90,10 @@ struct StartArgs {
 }
 
 fn main() -> ExitCode {
+    // Installed as a link named `torchserve`, the binary takes TorchServe's command line.
+    if torchserve::invoked_as_torchserve() {
+        return torchserve::main();
+    }
     let cli = Cli::parse();
     match cli.command {
         None => start(StartArgs {

@@ -83,6 +83,10 @@ struct StartArgs {
     /// set with the log_* keys (docs/logging.md); the console log with RUST_LOG.
     #[arg(long, value_name = "FILE")]
     log_config: Option<PathBuf>,
+    /// Accepted for compatibility (TorchServe's CI passes it): oxserve serves no workflows yet;
+    /// a warning says so.
+    #[arg(long, value_name = "DIR")]
+    workflow_store: Option<PathBuf>,
     /// Set by `oxserve start` on the background process it spawns: no console log (the log files
     /// have it all, and nothing would rotate a captured console).
     #[arg(long, hide = true)]
@@ -184,6 +188,12 @@ fn start(args: StartArgs) -> ExitCode {
     }
     for w in warnings {
         tracing::warn!("{w}");
+    }
+    if let Some(path) = &args.workflow_store {
+        tracing::warn!(
+            "--workflow-store {} is accepted and not used: oxserve serves no workflows yet",
+            path.display()
+        );
     }
     if let Some(path) = &args.log_config {
         tracing::warn!(

@@ -115,9 +115,21 @@ fn say(msg: &str) {
     println!("{msg}");
 }
 
+/// The pid recorded in the pid file, if that process runs and is this same executable: a pid
+/// reused by an unrelated process after a crash must never get a SIGTERM from `--stop`
+/// (TorchServe checks the process's command line for the same reason).
+fn recorded_server() -> Option<i32> {
+    let pid = server::running_pid(&server::pid_file())?;
+    let theirs = std::fs::canonicalize(format!("/proc/{pid}/exe")).ok()?;
+    let ours = std::env::current_exe()
+        .and_then(std::fs::canonicalize)
+        .ok()?;
+    (theirs == ours).then_some(pid)
+}
+
 fn start(args: TsArgs) -> ExitCode {
     let pid_file = server::pid_file();
-    if server::running_pid(&pid_file).is_some() {
+    if recorded_server().is_some() {
         say("TorchServe is already running, please use torchserve --stop to stop TorchServe.");
         return ExitCode::from(1);
     }
@@ -222,7 +234,7 @@ fn start(args: TsArgs) -> ExitCode {
 /// TorchServe's `--stop`: SIGTERM; with `--foreground`, wait (60 s, as TorchServe) until it is gone.
 fn stop(wait: bool) -> ExitCode {
     let pid_file = server::pid_file();
-    let Some(pid) = server::running_pid(&pid_file) else {
+    let Some(pid) = recorded_server() else {
         say("TorchServe is not currently running.");
         let _ = std::fs::remove_file(&pid_file);
         return ExitCode::SUCCESS;

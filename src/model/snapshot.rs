@@ -144,8 +144,19 @@ pub fn write(
         w.write(MODEL_SNAPSHOT, &json).map_err(io)?;
         w.finish().map_err(io)?;
     }
+    // Owner-only: a snapshot holds the whole configuration, tokens included.
     let tmp = dir.join(format!(".{name}.tmp"));
-    std::fs::write(&tmp, &buf)?;
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(&buf)?;
+    }
     std::fs::rename(&tmp, &path)?;
     Ok(path)
 }
@@ -187,6 +198,9 @@ mod tests {
         assert_eq!(last(d.path()).unwrap(), b);
         let text = std::fs::read_to_string(&b).unwrap();
         assert!(text.starts_with("#Saving snapshot\n"), "{text}");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&b).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
         assert!(
             text.contains("inference_address=http\\://127.0.0.1\\:8080"),
             "{text}"

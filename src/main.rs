@@ -9,6 +9,8 @@ use clap::{Args, Parser, Subcommand};
 use oxserve::config::{Config, Overrides};
 use oxserve::server;
 
+mod torchserve;
+
 /// mimalloc: the request path allocates many small, short-lived buffers across threads, where it
 /// is measurably faster than glibc's malloc (docs/benchmarks.md).
 #[global_allocator]
@@ -68,8 +70,8 @@ struct StartArgs {
     /// config.properties to read.
     #[arg(long, value_name = "FILE")]
     ts_config: Option<PathBuf>,
-    /// No config snapshot (oxserve never writes snapshots; accepted for compatibility).
-    #[arg(long)]
+    /// No config snapshots (TorchServe's --ncs / --no-config-snapshots).
+    #[arg(long, visible_alias = "no-config-snapshots")]
     ncs: bool,
     /// Turn token authorization off.
     #[arg(long)]
@@ -81,6 +83,10 @@ struct StartArgs {
     /// set with the log_* keys (docs/logging.md); the console log with RUST_LOG.
     #[arg(long, value_name = "FILE")]
     log_config: Option<PathBuf>,
+    /// Accepted for compatibility (TorchServe's CI passes it): oxserve serves no workflows yet;
+    /// a warning says so.
+    #[arg(long, value_name = "DIR")]
+    workflow_store: Option<PathBuf>,
     /// Set by `oxserve start` on the background process it spawns: no console log (the log files
     /// have it all, and nothing would rotate a captured console).
     #[arg(long, hide = true)]
@@ -88,6 +94,10 @@ struct StartArgs {
 }
 
 fn main() -> ExitCode {
+    // Installed as a link named `torchserve`, the binary takes TorchServe's command line.
+    if torchserve::invoked_as_torchserve() {
+        return torchserve::main();
+    }
     let cli = Cli::parse();
     match cli.command {
         None => start(StartArgs {
@@ -178,6 +188,12 @@ fn start(args: StartArgs) -> ExitCode {
     }
     for w in warnings {
         tracing::warn!("{w}");
+    }
+    if let Some(path) = &args.workflow_store {
+        tracing::warn!(
+            "--workflow-store {} is accepted and not used: oxserve serves no workflows yet",
+            path.display()
+        );
     }
     if let Some(path) = &args.log_config {
         tracing::warn!(

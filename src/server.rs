@@ -23,7 +23,8 @@ async fn bind(what: &str, key: &str, addr: SocketAddr) -> Result<TcpListener> {
 fn models_to_load(config: &Config) -> Result<Vec<(Option<String>, String)>> {
     let mut out = Vec::new();
     for entry in &config.load_models {
-        if entry == "all" {
+        // TorchServe compares "ALL" without case (`--models ALL` is common in its docs).
+        if entry.eq_ignore_ascii_case("all") {
             let store = config
                 .model_store
                 .as_ref()
@@ -189,6 +190,11 @@ pub async fn run(mut config: Config) -> Result<()> {
                 .map_err(|e| anyhow::anyhow!("cannot start the demo model: {e}"))?;
             tracing::info!("serving the built-in demo model: curl -X POST http://{}/predictions/demo -d 'I love this'", config.inference_address);
         }
+        // A model_snapshot in the config replaces the start-up models, as in TorchServe.
+        if let Some(snap) = &config.model_snapshot {
+            registry.restore(snap).await;
+            return Ok(());
+        }
         for (name, file) in models_to_load(&config)? {
             let options = RegisterOptions {
                 model_name: name,
@@ -212,6 +218,7 @@ pub async fn run(mut config: Config) -> Result<()> {
         r = startup => match r {
             Ok(()) => {
                 registry.mark_started();
+                registry.save_snapshot("startup");
                 tracing::info!("Model server started.");
                 let which = signals.recv().await;
                 tracing::info!("{which}: shutting down: stopping listeners and workers");
@@ -225,6 +232,11 @@ pub async fn run(mut config: Config) -> Result<()> {
         }
     };
     let _ = stop_tx.send(true);
+    // The state as it was, before shutting down unregisters every model; not when stopped during
+    // start-up, whose half-restored state must not become the newest snapshot.
+    if registry.is_started() {
+        registry.save_snapshot("shutdown");
+    }
     registry.shutdown().await;
     for t in tasks {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), t).await;

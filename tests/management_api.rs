@@ -288,6 +288,16 @@ async fn register_versions_default_and_unregister() {
     let _ = http.wait();
     assert_eq!(registered.0, 200, "{}", registered.1);
     assert!(store.path().join("web.mar").exists());
+    // TorchServe's answer to a URL whose file is already in the store.
+    let (code, e) = s
+        .mgmt(
+            Method::POST,
+            &format!("/models?url=http://127.0.0.1:{port}/web.mar&model_name=web2"),
+        )
+        .await;
+    assert_eq!(code, 500, "{e}");
+    assert_eq!(e["type"], "InternalServerException", "{e}");
+    assert_eq!(e["message"], "Model file already exists web.mar", "{e}");
     assert_eq!(s.predict("web", r#""good""#).await.status(), 200);
 
     let (code, v) = s.mgmt(Method::DELETE, "/models/m/1.0").await;
@@ -411,4 +421,159 @@ async fn models_key_sets_per_version_settings_at_start_up() {
     );
     assert_eq!(d["workers"].as_array().unwrap().len(), 2);
     assert_eq!(d["loadedAtStartup"], true);
+}
+
+/// What TorchServe's own management suite checks: trailing slashes, empty values, the register
+/// API's defaults (no workers), handler and runtime, startup_timeout=0, describe's fields.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn torchserve_register_rules_and_paths() {
+    let store = store_with(&[
+        ("m1.mar", demo_manifest("m", "1.0")),
+        ("h.mar", demo_manifest("h", "1.0")),
+    ]);
+    let s = Server::start(
+        "",
+        &[
+            "--model-store",
+            store.path().to_str().unwrap(),
+            "--enable-model-api",
+        ],
+    );
+    s.wait_healthy().await;
+    // An empty value is "not given"; `url=` is TorchServe's 404, no url its 400.
+    let (code, v) = s.mgmt(Method::GET, "/models?limit=&next_page_token=").await;
+    assert_eq!((code, v.clone()), (200, json!({"models": []})), "{v}");
+    let (code, e) = s.mgmt(Method::POST, "/models?url=&model_name=x").await;
+    assert_eq!(code, 404, "{e}");
+    assert_eq!(e["type"], "ModelNotFoundException");
+    assert_eq!(e["message"], "empty url");
+    let (code, e) = s.mgmt(Method::POST, "/models").await;
+    assert_eq!(
+        (code, e["message"].clone()),
+        (400, json!("Parameter url is required."))
+    );
+
+    // No initial_workers and no default_workers_per_model key: no workers, synchronous or not.
+    for sync in ["true", "false"] {
+        let (code, v) = s
+            .mgmt(
+                Method::POST,
+                &format!("/models?url=m1.mar&synchronous={sync}"),
+            )
+            .await;
+        assert_eq!(code, 200, "{v}");
+        assert_eq!(
+            v["status"],
+            "Model \"m\" Version: 1.0 registered with 0 initial workers. Use scale workers API to add workers for the model."
+        );
+        let (code, d) = s.mgmt(Method::GET, "/models/m/").await;
+        assert_eq!(code, 200, "{d}");
+        assert_eq!(d[0]["minWorkers"], 0, "{d}");
+        assert_eq!(d[0]["workers"], json!([]), "{d}");
+        for (field, value) in [
+            ("maxRetryTimeoutInSec", json!(300)),
+            ("clientTimeoutInMills", json!(0)),
+            ("deviceType", json!("cpu")),
+            ("parallelType", json!("")),
+            ("continuousBatching", json!(false)),
+            ("stateful", json!(false)),
+        ] {
+            assert_eq!(d[0][field], value, "{field}: {d}");
+        }
+        let (code, v) = s.mgmt(Method::DELETE, "/models/m/?synchronous=true").await;
+        assert_eq!(code, 200, "{v}");
+        assert_eq!(v["status"], "Model \"m\" unregistered");
+    }
+    assert_eq!(s.mgmt(Method::GET, "/models/m/").await.0, 404);
+
+    // runtime: TorchServe's values are checked (python and python3 both run on Python).
+    let (code, e) = s
+        .mgmt(Method::POST, "/models?url=m1.mar&runtime=python4")
+        .await;
+    assert_eq!(code, 400, "{e}");
+    assert_eq!(e["message"], "Invalid RuntimeType value: python4");
+    let (code, e) = s.mgmt(Method::POST, "/models?url=m1.mar&runtime=LSP").await;
+    assert_eq!(code, 400, "{e}");
+    let (code, v) = s
+        .mgmt(
+            Method::POST,
+            "/models?url=m1.mar&runtime=python3&initial_workers=1",
+        )
+        .await;
+    assert_eq!(code, 200, "{v}");
+    let (code, d) = s.mgmt(Method::GET, "/models/m/1.0/").await;
+    assert_eq!(code, 200, "{d}");
+    assert_eq!(s.predict("m", r#""good""#).await.status(), 200);
+
+    // handler replaces the manifest's: a handler that does not exist registers (no workers yet)
+    // and a synchronous scale then fails as TorchServe's does, leaving the model registered.
+    let (code, v) = s
+        .mgmt(
+            Method::POST,
+            "/models?url=h.mar&handler=no_such_handler_module",
+        )
+        .await;
+    assert_eq!(code, 200, "{v}");
+    let (code, e) = s
+        .mgmt(Method::PUT, "/models/h?min_worker=1&synchronous=true")
+        .await;
+    assert_eq!(code, 500, "{e}");
+    assert_eq!(e["type"], "InternalServerException", "{e}");
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("Failed to start workers for model h version: 1.0"),
+        "{e}"
+    );
+    assert_eq!(s.mgmt(Method::GET, "/models/h").await.0, 200);
+    let (code, e) = s
+        .mgmt(
+            Method::POST,
+            &format!(
+                "/models?url=h.mar&model_name=h2&handler={}",
+                "x".repeat(2000)
+            ),
+        )
+        .await;
+    assert_eq!(code, 400, "{e}");
+
+    // startup_timeout=0: fine without workers, TorchServe's 500 with them (nothing registered).
+    let (code, e) = s
+        .mgmt(
+            Method::POST,
+            "/models?url=m1.mar&model_name=z&initial_workers=1&startup_timeout=0",
+        )
+        .await;
+    assert_eq!(code, 500, "{e}");
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("Failed to start workers"),
+        "{e}"
+    );
+    assert_eq!(s.mgmt(Method::GET, "/models/z").await.0, 404);
+    let (code, v) = s
+        .mgmt(
+            Method::POST,
+            "/models?url=m1.mar&model_name=z&startup_timeout=0",
+        )
+        .await;
+    assert_eq!(code, 200, "{v}");
+    let (code, v) = s
+        .mgmt(Method::PUT, "/models/z/1.0/?min_worker=0&synchronous=true")
+        .await;
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(
+        v["status"],
+        "Workers scaled to 0 for model: z, version: 1.0"
+    );
+    // The strict 400s stay (docs/compatibility.md).
+    for q in [
+        "/models/z?min_worker=-1",
+        "/models/z?min_worker=nan&synchronous=nan",
+    ] {
+        assert_eq!(s.mgmt(Method::PUT, q).await.0, 400, "{q}");
+    }
 }

@@ -421,3 +421,66 @@ fn which(cmd: &str) -> Option<std::path::PathBuf> {
             .find(|p| p.is_file())
     })
 }
+
+/// TorchServe's Java client ends every label set with a comma, histogram `le` included
+/// (`Requests2XX{Level="Host",Hostname="vm",} 6.0`); scripts and TorchServe's own tests match
+/// that text, so every labelled sample line is written that way, and promtool still parses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn label_sets_end_with_a_comma_like_torchserves() {
+    let s = Server::start("", &[]);
+    s.wait_healthy().await;
+    traffic(&s, 3).await;
+    let text = s.scrape().await;
+    let hostname = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Requests2XX{Level=\"Host\",Hostname=\""))
+        .and_then(|rest| rest.split('"').next())
+        .expect("a Requests2XX host sample")
+        .to_string();
+    // /ping and /metrics count too: at least the 3 predictions.
+    let prefix = format!("Requests2XX{{Level=\"Host\",Hostname=\"{hostname}\",}} ");
+    let count: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {prefix:?} line in\n{text}"));
+    assert!(count >= 3.0, "{text}");
+    let mut labelled = 0;
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && l.contains('{'))
+    {
+        labelled += 1;
+        assert!(
+            line.contains("\",} "),
+            "label set without TorchServe's trailing comma: {line}"
+        );
+    }
+    assert!(labelled > 10, "{text}");
+    assert!(
+        text.contains("_bucket{") && text.contains("le=\"+Inf\",} "),
+        "{text}"
+    );
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool is installed (apt-get install prometheus)");
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let report =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    // promtool lints TorchServe's names (counters without _total); only a parse error matters.
+    assert!(
+        !report.contains("error while linting"),
+        "promtool: {report}"
+    );
+}

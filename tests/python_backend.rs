@@ -347,17 +347,17 @@ async fn custom_metrics_reach_the_registry() {
         .unwrap();
     assert_eq!(json(&replies[1])["chars"], 16);
 
-    let labels = r#"{ModelName="mm",Level="Model",Hostname="testhost"}"#;
+    let labels = r#"{ModelName="mm",Level="Model",Hostname="testhost",}"#;
     let expected = [
         format!("InferenceRequestCount{labels} 2"),
         format!("InputChars_count{labels} 2"),
         format!("InputChars_sum{labels} 21"),
         format!("BatchFill{labels} 25"),
-        r#"PreprocessTime{Stage="pre",ModelName="mm",Level="Model",Hostname="testhost"}"#
+        r#"PreprocessTime{Stage="pre",ModelName="mm",Level="Model",Hostname="testhost",}"#
             .to_string(),
         format!("HandlerTime{labels}"),
         format!("PredictionTime{labels}"),
-        r#"oxserve_backend_metric_lines_dropped_total{reason="undeclared"} 1"#.to_string(),
+        r#"oxserve_backend_metric_lines_dropped_total{reason="undeclared",} 1"#.to_string(),
     ];
     let start = Instant::now();
     let last = loop {
@@ -381,7 +381,7 @@ async fn custom_metrics_reach_the_registry() {
         "{last}"
     );
     assert!(
-        last.contains(r#"oxserve_backend_metric_lines_dropped_total{reason="malformed"} 0"#),
+        last.contains(r#"oxserve_backend_metric_lines_dropped_total{reason="malformed",} 0"#),
         "{last}"
     );
     backend.shutdown().await;

@@ -26,6 +26,10 @@ impl ApiError {
         ApiError::new(400, "BadRequestException", message)
     }
 
+    pub fn internal(message: impl Into<String>) -> ApiError {
+        ApiError::new(500, "InternalServerException", message)
+    }
+
     pub fn not_found(message: impl Into<String>) -> ApiError {
         ApiError::new(404, "ResourceNotFoundException", message)
     }

@@ -1,7 +1,9 @@
 //! Management API (default 127.0.0.1:8081): list, describe, scale, register, unregister, set-default.
 //!
 //! Every parameter is validated: where TorchServe silently falls back to a default for
-//! `min_worker=abc`, oxserve answers 400 with the reason.
+//! `min_worker=abc`, oxserve answers 400 with the reason (docs/compatibility.md lists each case).
+//! An empty value (`limit=`) means "not given", as in TorchServe; a trailing slash
+//! (`DELETE /models/m/`) is the same path without it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -21,6 +23,9 @@ use crate::worker::WorkerStatus;
 
 const OPENAPI: &str = include_str!("openapi/management.json");
 
+/// Longest `handler` register parameter (a module path and function name).
+const MAX_HANDLER_LEN: usize = 1024;
+
 pub fn router(state: AppState) -> Router {
     let routes = Router::new()
         .route("/", options(|| async { openapi(OPENAPI) }))
@@ -36,8 +41,21 @@ pub fn router(state: AppState) -> Router {
                 .put(scale_default)
                 .delete(unregister_default),
         )
+        // TorchServe splits the path on '/' and drops empty segments: `/models/m/` is `/models/m`.
+        .route(
+            "/models/{model}/",
+            get(describe_default)
+                .put(scale_default)
+                .delete(unregister_default),
+        )
         .route(
             "/models/{model}/{version}",
+            get(describe_version)
+                .put(scale_version)
+                .delete(unregister_version),
+        )
+        .route(
+            "/models/{model}/{version}/",
             get(describe_version)
                 .put(scale_version)
                 .delete(unregister_version),
@@ -52,8 +70,17 @@ pub fn router(state: AppState) -> Router {
 struct Params(HashMap<String, String>);
 
 impl Params {
+    /// Empty values are dropped: TorchServe's NettyUtils treats `limit=` as "not given".
     fn parse(raw: Option<String>) -> Result<Params, ApiError> {
-        Ok(Params(parse_query(raw.as_deref())?.into_iter().collect()))
+        let pairs = parse_query(raw.as_deref())?;
+        // `url=` is the exception: TorchServe answers an empty url with its own 404.
+        let empty_url = pairs.iter().any(|(k, v)| k == "url" && v.is_empty());
+        let mut map: HashMap<String, String> =
+            pairs.into_iter().filter(|(_, v)| !v.is_empty()).collect();
+        if empty_url && !map.contains_key("url") {
+            map.insert("url".into(), String::new());
+        }
+        Ok(Params(map))
     }
 
     fn str(&self, key: &str) -> Option<&str> {
@@ -139,7 +166,7 @@ fn rss_bytes(pid: u32) -> u64 {
     pages * page.max(0) as u64
 }
 
-async fn describe_one(v: &ModelVersion) -> Value {
+async fn describe_one(v: &ModelVersion, gpus: u32) -> Value {
     let pool = &v.pool;
     let s = pool.settings();
     // One snapshot of the scheduler's own state: workers and queue as of the same instant.
@@ -179,6 +206,22 @@ async fn describe_one(v: &ModelVersion) -> Value {
         "maxBatchDelay": s.max_batch_delay.as_millis() as u64,
         "responseTimeout": s.response_timeout.as_secs(),
         "startupTimeout": s.startup_timeout.as_secs(),
+        // TorchServe's remaining describe fields, at the values its defaults give: oxserve has
+        // no client timeout, tensor/pipeline parallelism, job tickets, per-model venvs or
+        // sequence batching (docs/compatibility.md).
+        "maxRetryTimeoutInSec": 300,
+        "clientTimeoutInMills": 0,
+        "parallelType": "",
+        "parallelLevel": 0,
+        "deviceType": if gpus > 0 { "gpu" } else { "cpu" },
+        "continuousBatching": false,
+        "useJobTicket": false,
+        "useVenv": false,
+        "stateful": false,
+        "sequenceMaxIdleMSec": 0,
+        "sequenceTimeoutMSec": 0,
+        "maxNumSequence": 0,
+        "maxSequenceJobQueueSize": 0,
         "loadedAtStartup": v.loaded_at_startup,
         "workers": workers,
         "jobQueueStatus": {
@@ -226,7 +269,7 @@ pub async fn describe(
     };
     let mut out = Vec::with_capacity(versions.len());
     for v in &versions {
-        out.push(describe_one(v).await);
+        out.push(describe_one(v, state.config.number_of_gpu.unwrap_or(0)).await);
     }
     Ok(Value::Array(out))
 }
@@ -300,11 +343,27 @@ pub async fn scale_workers(
     let v = state.registry.get(model, version)?;
     if synchronous {
         let n = v.pool.scale(min, max, true).await;
-        Ok((200, format!("Workers scaled to {n} for model: {model}")))
+        // TorchServe: a synchronous scale whose workers cannot start is a 500 (the model stays).
+        if min > 0 && v.pool.live_workers() == 0 {
+            if let Some(why) = v.pool.load_error() {
+                return Err(ApiError::internal(format!(
+                    "Failed to start workers for model {model} version: {}: {why}",
+                    v.version
+                )));
+            }
+        }
+        state.registry.save_snapshot("snapshot");
+        let mut msg = format!("Workers scaled to {n} for model: {model}");
+        if let Some(version) = &version {
+            msg.push_str(&format!(", version: {version}"));
+        }
+        Ok((200, msg))
     } else {
         let pool = v.pool.clone();
+        let registry = state.registry.clone();
         tokio::spawn(async move {
             pool.scale(min, max, false).await;
+            registry.save_snapshot("snapshot");
         });
         Ok((202, "Processing worker updates...".into()))
     }
@@ -326,10 +385,33 @@ async fn register(
         return Err(ApiError::method_not_allowed());
     }
     let p = Params::parse(q)?;
-    let url = p.str("url").unwrap_or("").to_string();
-    if url.is_empty() {
+    let Some(url) = p.str("url").map(String::from) else {
         return Err(ApiError::bad_request("Parameter url is required."));
-    }
+    };
+    let runtime = match p.str("runtime") {
+        None => None,
+        Some(r @ ("python" | "python3")) => Some(r.to_string()),
+        Some("LSP") => {
+            return Err(ApiError::bad_request(
+                "runtime LSP (TorchServe's C++ backend) is not supported by oxserve",
+            ))
+        }
+        Some(r) => {
+            let shown: String = r.chars().take(64).collect();
+            return Err(ApiError::bad_request(format!(
+                "Invalid RuntimeType value: {shown}"
+            )));
+        }
+    };
+    let handler = match p.str("handler") {
+        None => None,
+        Some(h) if h.len() > MAX_HANDLER_LEN || h.chars().any(char::is_control) => {
+            return Err(ApiError::bad_request(format!(
+                "Parameter handler must be at most {MAX_HANDLER_LEN} characters without control characters"
+            )))
+        }
+        Some(h) => Some(h.to_string()),
+    };
     if let Some(b) = p.uint("batch_size")? {
         if b == 0 {
             return Err(ApiError::bad_request(
@@ -347,6 +429,9 @@ async fn register(
     }
     let synchronous = p.boolean("synchronous", true)?;
     let options = RegisterOptions {
+        handler,
+        runtime,
+        default_workers: Some(api_default_workers(&state.config)),
         model_name: p.str("model_name").map(String::from),
         initial_workers: p.uint("initial_workers")?,
         batch_size: p.uint("batch_size")?,
@@ -366,6 +451,17 @@ async fn register(
 /// Registers an archive; answers the HTTP status (200 registered, 202 workers still starting)
 /// and message. Shared by HTTP and gRPC `RegisterModel` (each checks `enable_model_api` itself,
 /// since they refuse differently, as TorchServe does).
+/// Workers a registration through the API starts when it names none: TorchServe starts
+/// default_workers_per_model workers when that key is set, else none (one per CPU only for models
+/// loaded at start-up). Shared by HTTP and gRPC registration.
+pub fn api_default_workers(c: &crate::config::Config) -> u32 {
+    if c.default_workers_per_model_configured {
+        c.default_workers_per_model
+    } else {
+        0
+    }
+}
+
 pub async fn register_model(
     state: &AppState,
     url: &str,
@@ -373,11 +469,19 @@ pub async fn register_model(
 ) -> Result<(u16, String), ApiError> {
     let synchronous = options.synchronous;
     let v = state.registry.register(url, options).await?;
+    state.registry.save_snapshot("snapshot");
     let workers = v.pool.min_workers();
     let msg = format!(
         "Model \"{}\" Version: {} registered with {workers} initial workers",
         v.name, v.version
     );
+    if workers == 0 {
+        // TorchServe's answer for a model without workers, synchronous or not.
+        return Ok((
+            200,
+            format!("{msg}. Use scale workers API to add workers for the model."),
+        ));
+    }
     if synchronous {
         Ok((200, msg))
     } else {
@@ -423,6 +527,7 @@ pub async fn unregister_model(
     version: Option<&str>,
 ) -> Result<String, ApiError> {
     state.registry.unregister(model, version).await?;
+    state.registry.save_snapshot("snapshot");
     Ok(format!("Model \"{model}\" unregistered"))
 }
 
@@ -443,6 +548,7 @@ pub fn set_default_version(
     version: &str,
 ) -> Result<String, ApiError> {
     state.registry.set_default(model, version)?;
+    state.registry.save_snapshot("snapshot");
     Ok(format!(
         "Default version successfully updated for model \"{model}\" to \"{version}\""
     ))

@@ -63,6 +63,9 @@ pub struct Config {
     /// `all`, or entries `name=file.mar` / `file.mar`.
     pub load_models: Vec<String>,
     pub default_workers_per_model: u32,
+    /// Whether default_workers_per_model was set (not derived from the CPU count): TorchServe's
+    /// register API starts that many workers when set, and none otherwise.
+    pub default_workers_per_model_configured: bool,
     pub job_queue_size: usize,
     pub default_response_timeout: Duration,
     pub default_startup_timeout: Duration,
@@ -88,6 +91,12 @@ pub struct Config {
     pub metrics_log_max_bytes: u64,
     /// Where access_log.log, model_log.log and ts_log.log go (LOG_LOCATION, else ./logs).
     pub log_dir: PathBuf,
+    /// Write config snapshots to `{log_dir}/config` (off with --ncs; model::snapshot).
+    pub snapshots: bool,
+    /// The properties as read (file, environment, flags), written back into every snapshot.
+    pub properties: BTreeMap<String, String>,
+    /// The `model_snapshot` to restore at start (TorchServe restores it instead of load_models).
+    pub model_snapshot: Option<crate::model::snapshot::Snapshot>,
     pub log_format: LogFormat,
     /// Roll a log file over once it would grow past this many bytes (TorchServe: 100 MB).
     pub log_max_bytes: u64,
@@ -449,6 +458,8 @@ const KNOWN_KEYS: &[&str] = &[
     "http_keep_alive_timeout",
     "http_max_connections",
     "http_max_header_size",
+    "model_snapshot",
+    "tsConfigFile",
     "download_connect_timeout",
     "download_read_timeout",
     "max_download_size",
@@ -480,10 +491,24 @@ impl Config {
     /// Builds the configuration from the process environment and the given flags. Returns the
     /// config and the warnings (unknown keys) to log once logging is up.
     pub fn load(flags: &Overrides) -> Result<(Config, Vec<String>), ConfigError> {
+        // Without a config named, TorchServe starts from the newest snapshot (unless --ncs),
+        // then from ./config.properties.
         let path = flags.ts_config.clone().or_else(|| {
             std::env::var_os("TS_CONFIG_FILE")
                 .map(PathBuf::from)
-                .or_else(|| Some(PathBuf::from("config.properties")).filter(|p| p.is_file()))
+                .or_else(|| {
+                    let last = (!flags.ncs)
+                        .then(|| {
+                            let log_dir = std::env::var_os("LOG_LOCATION")
+                                .map(PathBuf::from)
+                                .unwrap_or_else(|| PathBuf::from("logs"));
+                            crate::model::snapshot::last(&crate::model::snapshot::dir(&log_dir))
+                        })
+                        .flatten();
+                    last.or_else(|| {
+                        Some(PathBuf::from("config.properties")).filter(|p| p.is_file())
+                    })
+                })
         });
         let file = match &path {
             Some(p) => read_properties(p)?,
@@ -537,6 +562,19 @@ impl Config {
             props.insert("enable_model_api".into(), "true".into());
         }
 
+        let model_snapshot = match props.get(crate::model::snapshot::MODEL_SNAPSHOT) {
+            Some(json) => Some(
+                crate::model::snapshot::parse(json)
+                    .map_err(|e| ConfigError(format!("config key model_snapshot: {e}")))?,
+            ),
+            None => None,
+        };
+        if model_snapshot.is_some() && props.contains_key("load_models") {
+            warnings.push(
+                "restoring the models of model_snapshot: --models / load_models are ignored (as in TorchServe)".into(),
+            );
+            props.remove("load_models");
+        }
         let get = |key: &str| props.get(key).map(String::as_str);
         let boolean = |key: &str, default: bool| match get(key) {
             Some(v) => parse_bool(key, v),
@@ -794,7 +832,11 @@ impl Config {
             },
         };
 
+        let restoring = model_snapshot.is_some();
         let config = Config {
+            snapshots: !flags.ncs,
+            properties: props.clone(),
+            model_snapshot,
             http,
             download,
             inference_address: address("inference_address", "http://127.0.0.1:8080")?,
@@ -819,7 +861,8 @@ impl Config {
             metric_time_interval: Duration::from_secs(metric_time_interval),
             builtin_default_model: load_models.is_empty()
                 && model_store.is_none()
-                && models.is_empty(),
+                && models.is_empty()
+                && !restoring,
             models,
             number_of_gpu: match get("number_of_gpu") {
                 Some(v) => Some(v.parse::<u32>().map_err(|_| {
@@ -832,6 +875,7 @@ impl Config {
             model_store,
             load_models,
             default_workers_per_model: default_workers_per_model as u32,
+            default_workers_per_model_configured: get("default_workers_per_model").is_some(),
             job_queue_size: job_queue_size as usize,
             default_response_timeout: Duration::from_secs(timeout(
                 "default_response_timeout",

@@ -605,6 +605,9 @@ impl ManagementApIsService for Management {
                     startup_timeout: s(r.startup_timeout),
                     synchronous: r.synchronous,
                     loaded_at_startup: false,
+                    handler: None,
+                    runtime: None,
+                    default_workers: Some(management::api_default_workers(&self.0.state.config)),
                 };
                 let (_, text) = management::register_model(&self.0.state, &r.url, options)
                     .await

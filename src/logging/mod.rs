@@ -95,9 +95,25 @@ pub fn init(config: &Config, console: bool) -> Result<(), String> {
     let console_layer = console.then(|| {
         let filter = tracing_subscriber::EnvFilter::try_from_default_env()
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        // Started as `torchserve` (src/torchserve.rs): the console log goes to stdout, where
+        // TorchServe's log4j console writes and where its launcher waits for
+        // "Model server started.".
+        let to_stdout = std::env::var_os("OXSERVE_CONSOLE_STDOUT").is_some_and(|v| v == "1");
+        let writer = tracing_subscriber::fmt::writer::BoxMakeWriter::new(move || {
+            if to_stdout {
+                Box::new(std::io::stdout()) as Box<dyn std::io::Write>
+            } else {
+                Box::new(std::io::stderr())
+            }
+        });
+        let ansi = if to_stdout {
+            std::io::IsTerminal::is_terminal(&std::io::stdout())
+        } else {
+            std::io::IsTerminal::is_terminal(&std::io::stderr())
+        };
         tracing_subscriber::fmt::layer()
-            .with_writer(std::io::stderr)
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_writer(writer)
+            .with_ansi(ansi)
             .with_filter(filter)
     });
     tracing_subscriber::registry()

@@ -731,8 +731,8 @@ mod tests {
         }
         m.host.count_response(404);
         let out = m.render(None);
-        assert!(out.contains("ts_inference_requests_total{model_name=\"echo\",model_version=\"default\",hostname=\"testhost\"} 6.0\n"), "{out}");
-        assert!(out.contains("Requests4XX{Level=\"Host\",Hostname=\"testhost\"} 1.0\n"));
+        assert!(out.contains("ts_inference_requests_total{model_name=\"echo\",model_version=\"default\",hostname=\"testhost\",} 6.0\n"), "{out}");
+        assert!(out.contains("Requests4XX{Level=\"Host\",Hostname=\"testhost\",} 1.0\n"));
         assert!(out.contains("# HELP GPUUtilization Torchserve prometheus gauge metric with unit: Percent\n# TYPE GPUUtilization gauge\n"));
         assert!(!out.contains("Requests2XX_total"));
     }
@@ -778,17 +778,17 @@ mod tests {
         assert!(out.contains("# TYPE Tokens counter\n"), "{out}");
         assert!(
             out.contains(
-                "Tokens{ModelName=\"llm\",Region=\"eu \\\"west\\\"\",Hostname=\"h\"} 5.0\n"
+                "Tokens{ModelName=\"llm\",Region=\"eu \\\"west\\\"\",Hostname=\"h\",} 5.0\n"
             ),
             "{out}"
         );
         assert!(
             out.contains("# TYPE Lat histogram\n")
-                && out.contains("Lat_count{ModelName=\"llm\",Hostname=\"h\"} 1\n"),
+                && out.contains("Lat_count{ModelName=\"llm\",Hostname=\"h\",} 1\n"),
             "{out}"
         );
         assert!(
-            out.contains("oxserve_backend_metric_lines_dropped_total{reason=\"undeclared\"} 0.0")
+            out.contains("oxserve_backend_metric_lines_dropped_total{reason=\"undeclared\",} 0.0")
         );
     }
 
@@ -807,15 +807,15 @@ mod tests {
         let out = m.render(None);
         assert!(
             out.contains(
-                "HandlerTime{ModelName=\"echo\",Level=\"Model\",Hostname=\"testhost\"} 5.5\n"
+                "HandlerTime{ModelName=\"echo\",Level=\"Model\",Hostname=\"testhost\",} 5.5\n"
             ),
             "{out}"
         );
         assert!(
-            out.contains("oxserve_backend_metric_lines_dropped_total{reason=\"undeclared\"} 1.0")
+            out.contains("oxserve_backend_metric_lines_dropped_total{reason=\"undeclared\",} 1.0")
         );
         assert!(
-            out.contains("oxserve_backend_metric_lines_dropped_total{reason=\"malformed\"} 1.0")
+            out.contains("oxserve_backend_metric_lines_dropped_total{reason=\"malformed\",} 1.0")
         );
         assert!(!out.contains("Custom"));
     }

@@ -220,15 +220,15 @@ impl Family {
         let series = map
             .entry(key.clone())
             .or_insert_with(|| {
+                // Every label ends with a comma, the last one too: TorchServe's Java client writes
+                // `Requests2XX{Level="Host",Hostname="vm",} 6.0`, and its tests and users' scripts
+                // match that text byte for byte (Prometheus parses both forms).
                 let mut labels_text = String::new();
-                for (i, (n, v)) in self.meta.label_names.iter().zip(&key).enumerate() {
-                    if i > 0 {
-                        labels_text.push(',');
-                    }
+                for (n, v) in self.meta.label_names.iter().zip(&key) {
                     labels_text.push_str(n);
                     labels_text.push_str("=\"");
                     escape_label_value(v, &mut labels_text);
-                    labels_text.push('"');
+                    labels_text.push_str("\",");
                 }
                 let cells = match self.meta.kind {
                     Kind::Histogram => Cells::Histogram {
@@ -339,12 +339,9 @@ fn sample_head(out: &mut String, name: &str, suffix: &str, labels: &str, le: Opt
         out.push('{');
         out.push_str(labels);
         if let Some(le) = le {
-            if !labels.is_empty() {
-                out.push(',');
-            }
             out.push_str("le=\"");
             out.push_str(le);
-            out.push('"');
+            out.push_str("\",");
         }
         out.push('}');
     }
@@ -452,13 +449,16 @@ mod tests {
         let mut out = String::new();
         f.render(&mut out, None);
         assert!(
-            out.contains("h_bucket{m=\"a\\\"b\\\\c\\nd\",le=\"0.1\"} 1\n"),
+            out.contains("h_bucket{m=\"a\\\"b\\\\c\\nd\",le=\"0.1\",} 1\n"),
             "{out}"
         );
-        assert!(out.contains("le=\"1.0\"} 2\n"), "{out}");
-        assert!(out.contains("le=\"+Inf\"} 3\n"), "{out}");
-        assert!(out.contains("h_sum{m=\"a\\\"b\\\\c\\nd\"} 5.55\n"), "{out}");
-        assert!(out.contains("h_count{m=\"a\\\"b\\\\c\\nd\"} 3\n"), "{out}");
+        assert!(out.contains("le=\"1.0\",} 2\n"), "{out}");
+        assert!(out.contains("le=\"+Inf\",} 3\n"), "{out}");
+        assert!(
+            out.contains("h_sum{m=\"a\\\"b\\\\c\\nd\",} 5.55\n"),
+            "{out}"
+        );
+        assert!(out.contains("h_count{m=\"a\\\"b\\\\c\\nd\",} 3\n"), "{out}");
         let mut only = String::new();
         f.render(&mut only, Some("_count"));
         assert!(!only.contains("_bucket") && only.contains("_count"));

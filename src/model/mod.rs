@@ -4,3 +4,4 @@ pub mod archive;
 pub mod download;
 pub mod loading;
 pub mod registry;
+pub mod snapshot;

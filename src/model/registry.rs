@@ -12,6 +12,7 @@ use crate::config::{Config, ModelSettings};
 use crate::metrics::{Metrics, ModelMetrics};
 use crate::model::archive::{self, Manifest, UnpackedArchive};
 use crate::model::loading::{Loading, Phase};
+use crate::model::snapshot;
 use crate::worker::{AutoscaleRule, Pool, PoolSettings};
 
 /// The name oxserve serves its built-in demo model under.
@@ -72,6 +73,12 @@ pub enum RegistryError {
     /// Synchronous registration whose workers could not load the model.
     #[error("{0}")]
     LoadFailed(String),
+    /// A URL whose archive file name is already in the model store (TorchServe: 500).
+    #[error("Model file already exists {0}")]
+    FileExists(String),
+    /// `url=` given but empty (TorchServe's ModelArchive: 404 "empty url").
+    #[error("empty url")]
+    EmptyUrl,
 }
 
 impl RegistryError {
@@ -83,6 +90,8 @@ impl RegistryError {
             RegistryError::Conflict { .. } => (409, "ConflictStatusException"),
             RegistryError::BadRequest(_) => (400, "BadRequestException"),
             RegistryError::LoadFailed(_) => (500, "InternalServerException"),
+            RegistryError::FileExists(_) => (500, "InternalServerException"),
+            RegistryError::EmptyUrl => (404, "ModelNotFoundException"),
         }
     }
 }
@@ -99,6 +108,13 @@ pub struct RegisterOptions {
     pub startup_timeout: Option<Duration>,
     pub synchronous: bool,
     pub loaded_at_startup: bool,
+    /// Handler to use instead of the manifest's (the register API's `handler`).
+    pub handler: Option<String>,
+    /// Runtime to record instead of the manifest's (the register API's `runtime`, validated).
+    pub runtime: Option<String>,
+    /// Workers when neither initial_workers nor the model's settings say (None: the server's
+    /// default_workers_per_model). The register API passes TorchServe's rule here.
+    pub default_workers: Option<u32>,
 }
 
 /// What a version is registered from.
@@ -126,6 +142,8 @@ pub struct Registry {
     pending: Arc<Mutex<HashSet<(String, String)>>>,
     /// Registrations still downloading, unpacking or starting (describe shows their progress).
     loading: Mutex<BTreeMap<String, Arc<Loading>>>,
+    /// Serializes snapshot writes, so that the newest file holds the newest state.
+    snapshot_lock: Mutex<()>,
 }
 
 /// A (name, version) slot held while a registration builds its version; released when dropped.
@@ -218,6 +236,7 @@ impl Registry {
             started: AtomicBool::new(false),
             pending: Arc::new(Mutex::new(HashSet::new())),
             loading: Mutex::new(BTreeMap::new()),
+            snapshot_lock: Mutex::new(()),
             config,
             metrics,
         }
@@ -337,6 +356,11 @@ impl Registry {
         self.health() == Health::Healthy
     }
 
+    /// Whether start-up model loading is done.
+    pub fn is_started(&self) -> bool {
+        self.started.load(Ordering::Acquire)
+    }
+
     /// Marks start-up model loading as done (from then on /ping reflects the workers).
     pub fn mark_started(&self) {
         self.started.store(true, Ordering::Release);
@@ -379,9 +403,7 @@ impl Registry {
         options: RegisterOptions,
     ) -> Result<Arc<ModelVersion>, RegistryError> {
         if url.is_empty() {
-            return Err(RegistryError::BadRequest(
-                "Parameter url is required.".into(),
-            ));
+            return Err(RegistryError::EmptyUrl);
         }
         let loading = self.start_loading(url, &options);
         let resolved = self.resolve(url, &loading.loading).await?;
@@ -391,10 +413,18 @@ impl Registry {
         let shown = url.to_string();
         let observer = loading.loading.clone();
         observer.set_phase(Phase::Unpacking, if path.is_dir() { 0 } else { size });
+        let (handler, runtime) = (options.handler.clone(), options.runtime.clone());
         let (unpacked, loader, from_yaml) = tokio::task::spawn_blocking(move || {
             let limits = archive::Limits::from_config(&config);
-            let unpacked = archive::open_observed(&path, &limits, Some(observer))
+            let mut unpacked = archive::open_observed(&path, &limits, Some(observer))
                 .map_err(|e| e.to_string())?;
+            // The register API's handler and runtime win over the manifest's, as in TorchServe.
+            if let Some(h) = handler {
+                unpacked.manifest.model.handler = h;
+            }
+            if let Some(r) = runtime {
+                unpacked.manifest.runtime = r;
+            }
             let loader = backend::loader_for(&unpacked.dir, &unpacked.manifest, &config)
                 .map_err(|e| format!("cannot load model from {shown}: {e}"))?;
             let from_yaml = match archive::model_config(&unpacked.dir, &unpacked.manifest)? {
@@ -541,10 +571,7 @@ impl Registry {
             .ok_or_else(|| bad(format!("cannot tell the archive's file name from {url}")))?;
         let target = store.join(file);
         if target.exists() {
-            return Err(RegistryError::Conflict {
-                model: file.to_string(),
-                version: "(file already in the model store)".into(),
-            });
+            return Err(RegistryError::FileExists(file.to_string()));
         }
         let temp = super::download::fetch(url, &self.config, store, loading)
             .await
@@ -619,9 +646,11 @@ impl Registry {
                 .or(m.startup_timeout)
                 .unwrap_or(c.default_startup_timeout),
         };
-        let workers = options
-            .initial_workers
-            .unwrap_or(self.config.default_workers_per_model);
+        let workers = options.initial_workers.unwrap_or(
+            options
+                .default_workers
+                .unwrap_or(self.config.default_workers_per_model),
+        );
         // Without an explicit initial_workers, minWorkers/maxWorkers (models key or
         // model-config.yaml) decide.
         let (min, max) = if options.initial_workers.is_none() {
@@ -636,6 +665,13 @@ impl Registry {
             )));
         }
         check_limits(c, settings.batch_size, max)?;
+        // No worker can start within 0 s: TorchServe answers such a registration with 500
+        // "Failed to start workers" (and registers it when it asks for no workers).
+        if settings.startup_timeout.is_zero() && min > 0 {
+            return Err(RegistryError::LoadFailed(format!(
+                "Failed to start workers for model {name} version: {version}: startup_timeout is 0, so no worker can start"
+            )));
+        }
         // Nothing below may touch the state of a live version of the same name: the conflict is
         // checked (and the slot reserved) before any metric series or pool exists.
         let _reservation = self.reserve(&name, &version)?;
@@ -753,6 +789,107 @@ impl Registry {
         }
         model.default_version = version.to_string();
         Ok(())
+    }
+
+    /// Writes a config snapshot of `kind` (startup, snapshot, shutdown) unless --ncs; a failure
+    /// is logged, never fatal (TorchServe does the same).
+    pub fn save_snapshot(&self, kind: &str) {
+        if !self.config.snapshots {
+            return;
+        }
+        let _serial = self.snapshot_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let mut models = BTreeMap::new();
+        for (name, m) in self.models.read().unwrap().iter() {
+            let mut versions = BTreeMap::new();
+            for (version, v) in &m.versions {
+                if v.url == DEMO_URL {
+                    continue; // the built-in demo comes back by itself
+                }
+                let s = v.pool.settings();
+                let mar_name = v
+                    .url
+                    .split(['?', '#'])
+                    .next()
+                    .and_then(|u| u.trim_end_matches('/').rsplit('/').next())
+                    .unwrap_or(&v.url)
+                    .to_string();
+                versions.insert(
+                    version.clone(),
+                    snapshot::ModelState {
+                        default_version: *version == m.default_version,
+                        mar_name,
+                        min_workers: v.pool.min_workers(),
+                        max_workers: v.pool.max_workers(),
+                        batch_size: s.batch_size,
+                        max_batch_delay: s.max_batch_delay.as_millis() as u64,
+                        response_timeout: Some(s.response_timeout.as_secs()),
+                        startup_timeout: Some(s.startup_timeout.as_secs()),
+                        runtime_type: Some(v.manifest.runtime.clone()),
+                    },
+                );
+            }
+            if !versions.is_empty() {
+                models.insert(name.clone(), versions);
+            }
+        }
+        let dir = snapshot::dir(&self.config.log_dir);
+        match snapshot::write(&dir, kind, &self.config.properties, models) {
+            Ok(path) => tracing::debug!("config snapshot written: {}", path.display()),
+            Err(e) => tracing::error!(
+                "cannot write the config snapshot into {}: {e}",
+                dir.display()
+            ),
+        }
+    }
+
+    /// Registers the models of a `model_snapshot` (TorchServe's SnapshotManager.restore): each
+    /// version from its archive in the model store, with its settings and worker counts, and
+    /// the default versions as they were. A version that cannot be restored is logged and
+    /// skipped; the others still come back.
+    pub async fn restore(&self, snap: &snapshot::Snapshot) {
+        tracing::info!("Started restoring models from snapshot {}", snap.name);
+        for (name, versions) in &snap.models {
+            for (version, st) in versions {
+                let options = RegisterOptions {
+                    model_name: Some(name.clone()),
+                    initial_workers: Some(st.min_workers),
+                    batch_size: Some(st.batch_size),
+                    max_batch_delay: Some(Duration::from_millis(st.max_batch_delay)),
+                    response_timeout: st.response_timeout.map(Duration::from_secs),
+                    startup_timeout: st.startup_timeout.map(Duration::from_secs),
+                    synchronous: false,
+                    loaded_at_startup: true,
+                    runtime: st.runtime_type.clone(),
+                    ..Default::default()
+                };
+                match self.register(&st.mar_name, options).await {
+                    Ok(v) => {
+                        if v.version != *version {
+                            tracing::warn!(
+                                "snapshot model {name} version {version}: {} holds version {}",
+                                st.mar_name,
+                                v.version
+                            );
+                        }
+                        if st.max_workers > st.min_workers {
+                            v.pool.scale(st.min_workers, st.max_workers, false).await;
+                        }
+                        if st.default_version {
+                            let _ = self.set_default(name, &v.version);
+                        }
+                        tracing::info!(
+                            "restored model {name} version {} from {}",
+                            v.version,
+                            st.mar_name
+                        );
+                    }
+                    Err(e) => tracing::error!(
+                        "cannot restore model {name} version {version} from the snapshot ({}): {e}",
+                        st.mar_name
+                    ),
+                }
+            }
+        }
     }
 
     /// Unregisters everything (server shutdown), stopping every worker.

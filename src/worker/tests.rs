@@ -439,7 +439,7 @@ async fn autoscaling_follows_the_rule_and_stays_within_min_and_max() {
     // Still under pressure, but at max: a long while later there are still 3.
     tokio::time::sleep(Duration::from_secs(10)).await;
     assert_eq!(h.pool.describe().await.workers.len(), 3);
-    assert_eq!(h.sample("oxserve_worker_scale_events_total{model_name=\"m\",model_version=\"1.0\",direction=\"up\",trigger=\"autoscale\"}"), 2.0);
+    assert_eq!(h.sample("oxserve_worker_scale_events_total{model_name=\"m\",model_version=\"1.0\",direction=\"up\",trigger=\"autoscale\",}"), 2.0);
     // Serve everything.
     for c in held.drain(..) {
         c.answer.send(Outcome::Ok).unwrap();
@@ -464,7 +464,7 @@ async fn autoscaling_follows_the_rule_and_stays_within_min_and_max() {
     tokio::time::sleep(Duration::from_secs(60)).await;
     let s = h.pool.describe().await;
     assert_eq!(s.workers.len(), 1, "never below min");
-    assert_eq!(h.sample("oxserve_worker_scale_events_total{model_name=\"m\",model_version=\"1.0\",direction=\"down\",trigger=\"autoscale\"}"), 2.0);
+    assert_eq!(h.sample("oxserve_worker_scale_events_total{model_name=\"m\",model_version=\"1.0\",direction=\"down\",trigger=\"autoscale\",}"), 2.0);
     // min == max turns it off, whatever the load.
     h.pool.scale(1, 1, true).await;
     let more: Vec<ReplyRx> = (0..5).map(|i| h.submit(&format!("x{i}"))).collect();
@@ -486,7 +486,7 @@ async fn the_gauges_are_the_state_the_supervisor_holds() {
     h.pool.scale(2, 2, true).await;
     h.until(|s| s.live_workers() == 2).await;
     let g = |st: &str| {
-        format!("oxserve_workers{{model_name=\"m\",model_version=\"1.0\",state=\"{st}\"}}")
+        format!("oxserve_workers{{model_name=\"m\",model_version=\"1.0\",state=\"{st}\",}}")
     };
     let a = h.submit("a");
     let call = h.call().await;

@@ -51,6 +51,13 @@ impl Server {
         for (k, v) in env {
             cmd.env(k, v);
         }
+        Self::spawn(cmd, dir)
+    }
+
+    /// Starts a prepared command (stdout and stderr are piped here) whose first stdout line is
+    /// oxserve's `oxserve listening: ...` line; `dir` is kept (and removed) with the server.
+    pub fn spawn(mut cmd: Command, dir: tempfile::TempDir) -> Server {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("start oxserve");
         let stderr = Arc::new(Mutex::new(Vec::new()));
         {
@@ -210,10 +217,12 @@ impl Drop for Server {
     }
 }
 
-/// The value of the first sample line starting with `prefix` in a text exposition.
+/// The value of the first sample line starting with `prefix` in a text exposition. The server
+/// ends every label set with a comma as TorchServe does (`{a="x",}`); a prefix written without
+/// it (`{a="x"}`) matches too, so tests can name series in Prometheus's usual spelling.
 pub fn sample(text: &str, prefix: &str) -> Option<f64> {
     text.lines()
-        .find(|l| l.starts_with(prefix))
+        .find(|l| l.starts_with(prefix) || l.replace("\",}", "\"}").starts_with(prefix))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
 }

@@ -244,7 +244,7 @@ fn set_limit(resource: Resource, bytes: u64) -> std::io::Result<()> {
     let bytes = if unsafe { libc::getrlimit(resource, &mut current) } == 0
         && current.rlim_max != libc::RLIM_INFINITY
     {
-        bytes.min(current.rlim_max as u64)
+        bytes.min(current.rlim_max)
     } else {
         bytes
     };
@@ -397,9 +397,9 @@ pub fn check_in_child(
 }
 
 fn human_bytes(n: u64) -> String {
-    if n >= 1 << 30 && n % (1 << 30) == 0 {
+    if n >= 1 << 30 && n.is_multiple_of(1 << 30) {
         format!("{} GiB", n >> 30)
-    } else if n >= 1 << 20 && n % (1 << 20) == 0 {
+    } else if n >= 1 << 20 && n.is_multiple_of(1 << 20) {
         format!("{} MiB", n >> 20)
     } else {
         format!("{n} bytes")

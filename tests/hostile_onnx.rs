@@ -282,3 +282,81 @@ async fn the_memory_cap_is_the_configured_one() {
     assert_eq!(folders(tmp.path(), "oxserve-model-"), Vec::<PathBuf>::new());
     assert_eq!(s.predict("tiny", "[[1, 2, 3, 4]]").await.status(), 404);
 }
+
+/// `y = x + w` where `w: float32 [1]` is read from the external file `location`.
+fn external_weight(location: &str) -> Vec<u8> {
+    model(
+        vec![node("Identity", &["w"], "big")],
+        vec![pb::TensorProto {
+            name: "w".into(),
+            data_type: FLOAT,
+            dims: vec![1],
+            data_location: Some(pb::tensor_proto::DataLocation::External as i32),
+            external_data: vec![pb::StringStringEntryProto {
+                key: "location".into(),
+                value: location.into(),
+            }],
+            ..Default::default()
+        }],
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn external_data_must_stay_inside_the_model_folder() {
+    let store = tempfile::tempdir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    // A real external weight next to the model: accepted, and its value is used.
+    write_mar(
+        store.path(),
+        "inside.mar",
+        &onnx_manifest("inside"),
+        &[
+            ("model.onnx", &external_weight("weights.bin")),
+            ("weights.bin", &2.5f32.to_le_bytes()),
+        ],
+    );
+    // Anything else the server can read (its config, keys, /etc) must not become a weight that
+    // the model then hands to every client.
+    let secret = tmp.path().join("secret.bin");
+    std::fs::write(&secret, 7.0f32.to_le_bytes()).unwrap();
+    let escapes = [
+        secret.to_str().unwrap().to_string(),
+        format!("../../../../../../..{}", secret.display()),
+        "./../weights.bin".to_string(),
+    ];
+    for (i, location) in escapes.iter().enumerate() {
+        write_onnx_mar(
+            store.path(),
+            &format!("escape{i}"),
+            &external_weight(location),
+        );
+    }
+    let s = Server::start_with_env(
+        "default_workers_per_model=1",
+        &[
+            "--model-store",
+            store.path().to_str().unwrap(),
+            "--enable-model-api",
+        ],
+        &[("TMPDIR", tmp.path().to_str().unwrap())],
+    );
+    s.wait_healthy().await;
+    for (i, location) in escapes.iter().enumerate() {
+        let (code, e) = register(&s, &format!("url=escape{i}.mar&synchronous=true")).await;
+        assert_eq!(code, 400, "{location}: {e}");
+        assert_eq!(e["type"], "BadRequestException", "{location}: {e}");
+        let message = e["message"].as_str().unwrap();
+        assert!(
+            message.contains(&format!("external data at {location:?}"))
+                && message.contains("must be a relative path inside the model folder"),
+            "{message}"
+        );
+        assert_eq!(folders(tmp.path(), "oxserve-model-"), Vec::<PathBuf>::new());
+    }
+    let (code, e) = register(&s, "url=inside.mar&synchronous=true").await;
+    assert_eq!(code, 200, "{e}");
+    let reply = s.predict("inside", "[1.0]").await;
+    assert_eq!(reply.status(), 200);
+    let v: serde_json::Value = reply.json().await.unwrap();
+    assert_eq!(v["outputs"]["y"]["data"], json!([3.5]), "{v}");
+}

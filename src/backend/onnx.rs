@@ -215,17 +215,73 @@ const CHECK_PASSED: &str = "oxserve check-onnx: loaded";
 const CHECK_OUTPUT_KEEP: usize = 16 * 1024;
 
 /// The `check-onnx` subcommand's body, run in the child: caps the address space at `memory_limit`
-/// bytes, loads and optimizes `file` exactly as [`OnnxLoader::new`] does, and returns whether it
-/// worked. An allocation past the cap fails here: tract panics, or Rust aborts, and only this
+/// bytes, refuses external data outside the model's folder ([`check_external_data`]), loads and
+/// optimizes `file` exactly as [`OnnxLoader::new`] does, and returns whether it worked. An allocation past the cap fails here: tract panics, or Rust aborts, and only this
 /// process goes.
 pub fn check_main(file: &Path, memory_limit: u64) -> Result<(), String> {
     set_limit(libc::RLIMIT_AS, memory_limit)
         .map_err(|e| format!("cannot set RLIMIT_AS to {memory_limit} bytes: {e}"))?;
     // A crash under the cap is expected here; do not write gigabytes of core file for it.
     let _ = set_limit(libc::RLIMIT_CORE, 0);
+    let proto = tract_onnx::onnx()
+        .proto_model_for_path(file)
+        .map_err(|e| format!("{e:#}"))?;
+    if let Some(graph) = &proto.graph {
+        check_external_data(graph)?;
+    }
+    drop(proto);
     load_model(file)?;
     println!("{CHECK_PASSED}");
     Ok(())
+}
+
+/// Refuses tensors whose external data (`data_location: EXTERNAL`) lies outside the model's
+/// folder. tract joins the `location` to the folder as given, so `/etc/shadow` or
+/// `../../config.properties` would be read into a weight, and a model that outputs that weight
+/// hands the file to every client. Walks initializers, tensor attributes and subgraphs (If, Loop,
+/// Scan bodies), where tract loads tensors too.
+fn check_external_data(graph: &tract_onnx::pb::GraphProto) -> Result<(), String> {
+    use tract_onnx::pb::{tensor_proto::DataLocation, AttributeProto, TensorProto};
+    fn tensor(t: &TensorProto) -> Result<(), String> {
+        if t.data_location != Some(DataLocation::External as i32) {
+            return Ok(());
+        }
+        for entry in t.external_data.iter().filter(|e| e.key == "location") {
+            let inside = !entry.value.is_empty()
+                && Path::new(&entry.value)
+                    .components()
+                    .all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
+            if !inside {
+                return Err(format!(
+                    "tensor {:?} has external data at {:?}: external data must be a relative path inside the model folder",
+                    t.name, entry.value
+                ));
+            }
+        }
+        Ok(())
+    }
+    fn attribute(a: &AttributeProto) -> Result<(), String> {
+        a.t.iter().chain(&a.tensors).try_for_each(tensor)?;
+        a.sparse_tensor
+            .iter()
+            .chain(&a.sparse_tensors)
+            .flat_map(|s| s.values.iter().chain(&s.indices))
+            .try_for_each(tensor)?;
+        a.g.iter()
+            .chain(&a.graphs)
+            .try_for_each(check_external_data)
+    }
+    graph.initializer.iter().try_for_each(tensor)?;
+    graph
+        .sparse_initializer
+        .iter()
+        .flat_map(|s| s.values.iter().chain(&s.indices))
+        .try_for_each(tensor)?;
+    graph
+        .node
+        .iter()
+        .flat_map(|n| &n.attribute)
+        .try_for_each(attribute)
 }
 
 #[cfg(all(target_os = "linux", target_env = "gnu"))]

@@ -37,6 +37,19 @@ enum Command {
     Status,
     /// Show a running server's models, rates, latency, queues, workers and memory, every second.
     Top(TopArgs),
+    /// Internal: load an ONNX model under an address-space cap and say whether it worked. The
+    /// server runs this in a child process before loading a model itself (src/backend/onnx.rs).
+    #[command(name = "check-onnx", hide = true)]
+    CheckOnnx(CheckOnnxArgs),
+}
+
+#[derive(Args)]
+struct CheckOnnxArgs {
+    /// RLIMIT_AS in bytes.
+    #[arg(long, value_name = "BYTES")]
+    memory_limit: u64,
+    /// The .onnx file.
+    file: PathBuf,
 }
 
 #[derive(Args)]
@@ -108,6 +121,15 @@ fn main() -> ExitCode {
         Some(Command::Stop) => stop(),
         Some(Command::Status) => status(),
         Some(Command::Top(args)) => top(args),
+        Some(Command::CheckOnnx(args)) => {
+            match oxserve::backend::onnx::check_main(&args.file, args.memory_limit) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
     }
 }
 

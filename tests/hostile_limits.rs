@@ -55,6 +55,9 @@ fn config_properties_refuses_sizes_past_their_ceilings() {
         ("initial_worker_port=99999999999", "initial_worker_port"),
         ("max_archive_entries=0", "max_archive_entries"),
         ("model_metrics_max_series=0", "model_metrics_max_series"),
+        ("onnx_load_memory_limit=0", "onnx_load_memory_limit"),
+        ("onnx_load_memory_limit=4GiB", "onnx_load_memory_limit"),
+        ("onnx_load_timeout=0", "onnx_load_timeout"),
         (
             r#"models={"m": {"1.0": {"marName": "m.mar", "batchSize": 4294967295}}}"#,
             "batchSize",

@@ -178,18 +178,28 @@ pub trait BackendLoader: Send + Sync {
 /// Chooses the backend for an unpacked archive from its manifest.
 ///
 /// `handler: "builtin"` is the demo model; an `.onnx` serializedFile with no Python handler runs on
-/// tract; any other handler runs in Python worker processes. Parsing an ONNX model is CPU-heavy:
-/// call this from a blocking thread.
+/// tract, after a test load in a child process of this binary (see [`onnx`]). Any other handler
+/// runs in Python worker processes. Parsing an ONNX model is CPU-heavy: call this from a blocking
+/// thread.
 pub fn loader_for(
     dir: &std::path::Path,
     manifest: &Manifest,
-    _config: &Arc<crate::config::Config>,
+    config: &Arc<crate::config::Config>,
 ) -> Result<Arc<dyn BackendLoader>, String> {
     if manifest.model.handler == "builtin" {
         return Ok(Arc::new(builtin::DemoLoader));
     }
     if onnx::is_onnx(manifest) {
-        return Ok(Arc::new(onnx::OnnxLoader::new(dir, manifest)?));
+        // /proc/self/exe still runs this binary after the file was replaced on disk (an upgrade
+        // under a running server), where current_exe() would name the new or a deleted file.
+        let exe = if cfg!(target_os = "linux") {
+            std::path::PathBuf::from("/proc/self/exe")
+        } else {
+            std::env::current_exe().map_err(|e| format!("cannot find the oxserve binary: {e}"))?
+        };
+        return Ok(Arc::new(onnx::OnnxLoader::new_checked(
+            dir, manifest, config, &exe,
+        )?));
     }
     if !manifest.model.handler.is_empty() {
         return Ok(Arc::new(python::PythonLoader::new()));

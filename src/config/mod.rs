@@ -128,7 +128,23 @@ pub struct Config {
     pub http: HttpLimits,
     /// Limits of a registration from an http:// URL.
     pub download: DownloadLimits,
+    /// Address space of the child process that test-loads an ONNX model before the server loads
+    /// it (`onnx_load_memory_limit`, bytes; `None`: [`default_onnx_load_memory_limit`]).
+    pub onnx_load_memory_limit: Option<u64>,
+    /// How long that test load may take (`onnx_load_timeout`, seconds).
+    pub onnx_load_timeout: Duration,
 }
+
+/// Default of `onnx_load_memory_limit` for a model file of `file_size` bytes: 4 GiB, or 8 times
+/// the file for a larger model (tract holds the weights, their optimized copies and the parse
+/// tree at once). Generous for a real model; a hostile one that declares a tensor of terabytes
+/// still hits it long before the host runs out of memory.
+pub fn default_onnx_load_memory_limit(file_size: u64) -> u64 {
+    (4u64 << 30).max(file_size.saturating_mul(8))
+}
+
+/// Default of `onnx_load_timeout` in seconds.
+pub const DEFAULT_ONNX_LOAD_TIMEOUT: u64 = 300;
 
 /// Default of `max_archive_unpacked_bytes`: 64 GiB, room for the weights of a large LLM, yet
 /// finite, so a zip bomb stops long before a disk is full.
@@ -463,6 +479,8 @@ const KNOWN_KEYS: &[&str] = &[
     "download_connect_timeout",
     "download_read_timeout",
     "max_download_size",
+    "onnx_load_memory_limit",
+    "onnx_load_timeout",
 ];
 
 /// A configuration error: one line naming the key and the offending value.
@@ -839,6 +857,11 @@ impl Config {
             model_snapshot,
             http,
             download,
+            onnx_load_memory_limit: match get("onnx_load_memory_limit") {
+                None => None,
+                Some(_) => Some(positive("onnx_load_memory_limit", 0)?),
+            },
+            onnx_load_timeout: seconds("onnx_load_timeout", DEFAULT_ONNX_LOAD_TIMEOUT)?,
             inference_address: address("inference_address", "http://127.0.0.1:8080")?,
             management_address: address("management_address", "http://127.0.0.1:8081")?,
             metrics_address: address("metrics_address", "http://127.0.0.1:8082")?,

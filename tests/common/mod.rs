@@ -35,6 +35,18 @@ impl Server {
     }
 
     pub fn start_with_env(props: &str, args: &[&str], env: &[(&str, &str)]) -> Server {
+        Self::start_capped(props, args, env, None)
+    }
+
+    /// As [`Server::start_with_env`], with the server's address space capped (RLIMIT_AS) when
+    /// `address_space` is set: a test that provokes huge allocations then makes a regression
+    /// abort the server instead of pushing this shared host into the OOM killer.
+    pub fn start_capped(
+        props: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+        address_space: Option<u64>,
+    ) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("config.properties");
         std::fs::write(&config, format!("{BASE}{props}\n")).unwrap();
@@ -50,6 +62,22 @@ impl Server {
             .stderr(Stdio::piped());
         for (k, v) in env {
             cmd.env(k, v);
+        }
+        if let Some(bytes) = address_space {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit is async-signal-safe and only reads the struct.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let limit = libc::rlimit {
+                        rlim_cur: bytes as libc::rlim_t,
+                        rlim_max: bytes as libc::rlim_t,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_AS, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
         }
         Self::spawn(cmd, dir)
     }

@@ -12,7 +12,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::{write_mar, Server};
-use prost::Message;
+use prost011::Message;
 use reqwest::Method;
 use serde_json::json;
 use tract_onnx::pb;

@@ -8,6 +8,7 @@
 //! instead and leave its requests hanging).
 
 use std::any::Any;
+use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,9 +16,9 @@ use std::time::{Duration, Instant};
 use futures_util::FutureExt;
 use tokio::sync::mpsc;
 
-use super::{Job, Msg, PoolError};
+use super::{BatchMode, Job, Msg, PoolError};
 use crate::backend::{
-    Backend, BackendError, BackendLoader, InferRequest, InferResponse, StreamSink, WorkerSpec,
+    Backend, BackendError, BackendLoader, InferRequest, InferResponse, Part, StreamSink, WorkerSpec,
 };
 use crate::metrics::ModelMetrics;
 
@@ -47,6 +48,7 @@ pub(super) type Batch = Vec<Job>;
 /// Everything one worker task needs.
 pub(super) struct Runner {
     pub slot: u32,
+    pub mode: BatchMode,
     pub spec: WorkerSpec,
     pub loader: Arc<dyn BackendLoader>,
     pub metrics: Arc<ModelMetrics>,
@@ -92,13 +94,17 @@ impl Runner {
         tracing::info!(worker = %self.spec.name, "worker ready in {:?}", started.elapsed());
         self.report(Event::Loaded { slot, pid });
         let mut failure = None;
-        while let Some(batch) = batches.recv().await {
-            let n = batch.len();
-            match self.run_batch(&mut backend, batch).await {
-                Ok(()) => self.report(Event::Released { slot, n }),
-                Err(why) => {
-                    failure = Some(Failure::Died(why));
-                    break;
+        if self.mode == BatchMode::Async && backend.is_async() {
+            failure = self.run_async(&mut backend, &mut batches).await.err();
+        } else {
+            while let Some(batch) = batches.recv().await {
+                let n = batch.len();
+                match self.run_batch(&mut backend, batch).await {
+                    Ok(()) => self.report(Event::Released { slot, n }),
+                    Err(why) => {
+                        failure = Some(Failure::Died(why));
+                        break;
+                    }
                 }
             }
         }
@@ -118,6 +124,107 @@ impl Runner {
                     slot,
                     failure: None,
                 });
+            }
+        }
+    }
+
+    /// Async mode: sends each batch as it arrives while replies of earlier ones come back, in
+    /// any order, matched by request id. A failed request answers only itself (TorchServe's
+    /// frontend sends one request's error to every job in flight on the worker). Each request
+    /// has `response_timeout` from its latest reply part: past it, it alone answers 408 and a
+    /// late reply is ignored. Returns when the supervisor stopped the worker and every request
+    /// in flight is answered (Ok), or when the backend died (every one in flight answers 503).
+    async fn run_async(
+        &self,
+        backend: &mut Box<dyn Backend>,
+        batches: &mut mpsc::UnboundedReceiver<Batch>,
+    ) -> Result<(), Failure> {
+        let slot = self.slot;
+        let timeout = self.spec.response_timeout;
+        let chunk = (self.spec.batch_size.max(1)) as usize;
+        let mut flying: HashMap<String, (Job, tokio::time::Instant)> = HashMap::new();
+        let mut open = true;
+        let died = |flying: &mut HashMap<String, (Job, tokio::time::Instant)>, why: String| {
+            let e = PoolError::WorkerDied(why);
+            for (_, (job, _)) in flying.drain() {
+                job.fail(&e);
+            }
+            Err(Failure::Died(e.to_string()))
+        };
+        loop {
+            if !open && flying.is_empty() {
+                return Ok(());
+            }
+            let next_expiry = flying.values().map(|(_, t)| *t).min();
+            tokio::select! {
+                batch = batches.recv(), if open => {
+                    let Some(mut jobs) = batch else {
+                        open = false;
+                        continue;
+                    };
+                    let now = Instant::now();
+                    let deadline = super::policy::later(tokio::time::Instant::now(), timeout);
+                    while !jobs.is_empty() {
+                        let rest = jobs.split_off(chunk.min(jobs.len()));
+                        let mut requests = Vec::with_capacity(jobs.len());
+                        for mut job in std::mem::replace(&mut jobs, rest) {
+                            job.timings.batch_start = Some(now);
+                            job.timings.backend_start = Some(now);
+                            let mut request = std::mem::take(&mut job.request);
+                            request.id = unique_id(&flying, request.id);
+                            requests.push(request.clone());
+                            flying.insert(request.id.clone(), (job, deadline));
+                        }
+                        self.metrics.batch_size.observe(requests.len() as f64);
+                        let sent = AssertUnwindSafe(backend.send(&requests)).catch_unwind().await;
+                        match sent {
+                            Ok(Ok(())) => {}
+                            Ok(Err(e)) => return died(&mut flying, e.to_string()),
+                            Err(p) => return died(&mut flying, format!("panic: {}", panic_message(&*p))),
+                        }
+                    }
+                }
+                parts = AssertUnwindSafe(backend.recv()).catch_unwind(), if !flying.is_empty() => {
+                    let parts = match parts {
+                        Ok(Ok(parts)) => parts,
+                        Ok(Err(e)) => return died(&mut flying, e.to_string()),
+                        Err(p) => return died(&mut flying, format!("panic: {}", panic_message(&*p))),
+                    };
+                    let mut released = 0;
+                    for Part { id, response, last } in parts {
+                        if last {
+                            let Some((mut job, _)) = flying.remove(&id) else {
+                                tracing::warn!(worker = %self.spec.name, request_id = %id, "reply for a request not in flight (timed out?) ignored");
+                                continue;
+                            };
+                            let end = Instant::now();
+                            job.timings.backend_end = Some(end);
+                            if let Some(start) = job.timings.backend_start {
+                                self.metrics.backend_duration.observe((end - start).as_secs_f64());
+                            }
+                            job.finish(response);
+                            released += 1;
+                        } else if let Some((job, deadline)) = flying.get_mut(&id) {
+                            *deadline = super::policy::later(tokio::time::Instant::now(), timeout);
+                            job.send_partial(response);
+                        }
+                    }
+                    if released > 0 {
+                        self.report(Event::Released { slot, n: released });
+                    }
+                }
+                _ = tokio::time::sleep_until(next_expiry.unwrap_or_else(tokio::time::Instant::now)), if next_expiry.is_some() => {
+                    let now = tokio::time::Instant::now();
+                    let expired: Vec<String> = flying.iter().filter(|(_, (_, t))| *t <= now).map(|(id, _)| id.clone()).collect();
+                    let e = PoolError::RequestTimeout(timeout.as_secs());
+                    for id in &expired {
+                        if let Some((job, _)) = flying.remove(id) {
+                            tracing::warn!(worker = %self.spec.name, request_id = %id, "{e}");
+                            job.fail(&e);
+                        }
+                    }
+                    self.report(Event::Released { slot, n: expired.len() });
+                }
             }
         }
     }
@@ -219,6 +326,18 @@ impl Runner {
             .set(frontend.as_millis() as f64);
         outcome
     }
+}
+
+/// `id`, or `id#2`, `id#3`, ... when a request with that id is already in flight on this worker:
+/// replies are matched by id, and clients choose their own `x-request-id`.
+fn unique_id<V>(flying: &HashMap<String, V>, id: String) -> String {
+    if !flying.contains_key(&id) {
+        return id;
+    }
+    (2u64..)
+        .map(|n| format!("{id}#{n}"))
+        .find(|c| !flying.contains_key(c))
+        .unwrap_or(id)
 }
 
 /// Forwards a backend's streamed parts to the jobs of the current batch.

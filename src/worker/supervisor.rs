@@ -17,9 +17,11 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use super::autoscale::{Autoscaler, Sample, Step};
-use super::policy::{later, Assignment, BatchPolicy, Classic, WorkerView};
+use super::policy::{later, Assignment, BatchPolicy, Classic, InFlight, WorkerView};
 use super::runner::{Batch, Event, Failure, Runner, FIRST_BACKOFF, MAX_BACKOFF};
-use super::{gpu_for, Command, Job, Msg, PoolError, PoolSettings, PoolStatus, WorkerInfo};
+use super::{
+    gpu_for, BatchMode, Command, Job, Msg, PoolError, PoolSettings, PoolStatus, WorkerInfo,
+};
 use super::{WorkerStatus, WorkerStatus as St};
 use crate::backend::{BackendLoader, WorkerSpec};
 use crate::metrics::{ModelMetrics, WorkerState};
@@ -95,11 +97,14 @@ impl Supervisor {
     pub(super) fn new(p: Parts) -> Supervisor {
         let s = &p.settings;
         p.metrics.queue_capacity.set(s.queue_capacity as f64);
-        let policy = Box::new(Classic::new(
-            s.batch_size,
-            s.max_batch_delay,
-            s.queue_capacity,
-        ));
+        let policy: Box<dyn BatchPolicy> = match s.mode {
+            BatchMode::Classic => Box::new(Classic::new(
+                s.batch_size,
+                s.max_batch_delay,
+                s.queue_capacity,
+            )),
+            BatchMode::Async => Box::new(InFlight::new(s.queue_capacity)),
+        };
         Supervisor {
             loader: p.loader,
             spec: p.spec,
@@ -330,6 +335,7 @@ impl Supervisor {
         let (tx, rx) = mpsc::unbounded_channel();
         let runner = Runner {
             slot: slot.id,
+            mode: self.settings.mode,
             spec,
             loader: self.loader.clone(),
             metrics: self.metrics.clone(),

@@ -977,6 +977,25 @@ mod tests {
     }
 
     #[test]
+    fn batch_mode_keys_are_read_and_checked() {
+        let read = |v: serde_json::Value| ModelSettings::from_fields(&v, "model-config.yaml");
+        let m = read(serde_json::json!({"asyncCommunication": true})).unwrap();
+        assert_eq!(m.batch_mode, Some(BatchMode::Async));
+        let m = read(serde_json::json!({"asyncCommunication": false})).unwrap();
+        assert_eq!(m.batch_mode, None);
+        assert_eq!(read(serde_json::json!({})).unwrap().batch_mode, None);
+        let e = read(serde_json::json!({"asyncCommunication": "yes"})).unwrap_err();
+        assert!(
+            e.contains("asyncCommunication \"yes\" is not true or false"),
+            "{e}"
+        );
+        for key in ["continuousBatching", "sequenceBatching"] {
+            let e = read(serde_json::json!({ key: true })).unwrap_err();
+            assert!(e.contains(&format!("{key} is not supported")), "{e}");
+        }
+    }
+
+    #[test]
     fn defaults_match_torchserve_listeners() {
         let c = build(&[]).unwrap();
         assert_eq!(c.inference_address.to_string(), "127.0.0.1:8080");

@@ -97,13 +97,25 @@ impl Runner {
         if self.mode == BatchMode::Async && backend.is_async() {
             failure = self.run_async(&mut backend, &mut batches).await.err();
         } else {
-            while let Some(batch) = batches.recv().await {
-                let n = batch.len();
-                match self.run_batch(&mut backend, batch).await {
-                    Ok(()) => self.report(Event::Released { slot, n }),
-                    Err(why) => {
-                        failure = Some(Failure::Died(why));
-                        break;
+            // An async policy may hand a backend without an async mode more than batch_size
+            // jobs at once (`asyncCommunication` on a built-in or ONNX model): it gets them in
+            // batches of at most batch_size, one after another.
+            let most = self.spec.batch_size.max(1) as usize;
+            'serve: while let Some(mut batch) = batches.recv().await {
+                while !batch.is_empty() {
+                    let rest = batch.split_off(most.min(batch.len()));
+                    let chunk = std::mem::replace(&mut batch, rest);
+                    let n = chunk.len();
+                    match self.run_batch(&mut backend, chunk).await {
+                        Ok(()) => self.report(Event::Released { slot, n }),
+                        Err(why) => {
+                            let e = PoolError::WorkerDied(why.clone());
+                            for job in batch.drain(..) {
+                                job.fail(&e);
+                            }
+                            failure = Some(Failure::Died(why));
+                            break 'serve;
+                        }
                     }
                 }
             }

@@ -696,3 +696,21 @@ async fn async_mode_times_out_one_request_and_a_crash_fails_only_those_in_flight
         assert!(body.contains("Worker died"), "{body}");
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn async_mode_on_a_backend_without_one_serves_batches_of_batch_size_in_turn() {
+    let mut s = settings(2, 10, no_autoscale());
+    s.mode = BatchMode::Async;
+    let mut h = harness(s, &[]);
+    assert_eq!(h.pool.scale(1, 1, true).await, 1);
+    let (a, b, c) = (h.submit("a"), h.submit("b"), h.submit("c"));
+    let first = h.call().await;
+    assert_eq!(first.ids, ["a", "b"]);
+    first.answer.send(Outcome::Ok).unwrap();
+    let second = h.call().await;
+    assert_eq!(second.ids, ["c"]);
+    second.answer.send(Outcome::Ok).unwrap();
+    for (rx, id) in [(a, "a"), (b, "b"), (c, "c")] {
+        assert_eq!(answer(rx).await, (200, format!("ok {id}")));
+    }
+}

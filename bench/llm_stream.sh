@@ -8,6 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${OXSERVE_BIN:-target/release/oxserve}
 [ -n "${OXSERVE_BIN:-}" ] || cargo build --release --quiet --bin oxserve
+BIN=$(realpath "$BIN")
 
 work=$(mktemp -d)
 pids=()
@@ -28,7 +29,8 @@ metrics_address=http://127.0.0.1:$XP
 model_store=$work/store
 load_models=llm
 CFG
-"$BIN" start --foreground --ts-config "$work/config.properties" >"$work/ox.log" 2>&1 &
+# Run from the scratch folder: the server writes its logs/ folder into its working directory.
+(cd "$work" && exec "$BIN" start --foreground --ts-config "$work/config.properties" >"$work/ox.log" 2>&1) &
 pids+=($!)
 for _ in $(seq 300); do curl -sf "http://127.0.0.1:$IP/ping" >/dev/null && break; sleep 0.1; done
 curl -sf "http://127.0.0.1:$IP/ping" >/dev/null || { cat "$work/ox.log"; exit 1; }

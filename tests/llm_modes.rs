@@ -374,3 +374,60 @@ async fn the_llm_example_streams_many_requests_at_once_on_one_worker() {
     let (_, d) = s.mgmt(Method::GET, "/models/llm").await;
     assert_eq!(d[0]["workers"].as_array().unwrap().len(), 1);
 }
+
+/// TorchServe's continuous batching: the handler keeps per-request state across steps and says
+/// with `context.stopping_criteria` which requests are done; the others stay in the batch.
+const STEPPER: &str = r#"
+import json
+count = {}
+def handle(data, context):
+    if data is None:
+        return None
+    out = []
+    for idx, request in enumerate(data):
+        rid = context.get_request_id(idx)
+        if rid not in count:
+            count[rid] = [0, int(request["body"] if not isinstance(request.get("body"), (bytes, bytearray)) else request["body"].decode())]
+        count[rid][0] += 1
+        out.append("tok%d " % count[rid][0])
+    steps = {context.get_request_id(i): count[context.get_request_id(i)] for i in range(len(data))}
+    context.stopping_criteria = [
+        (lambda rid: (lambda _ret: steps[rid][0] >= steps[rid][1]))(context.get_request_id(i))
+        for i in range(len(data))
+    ]
+    return out
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn continuous_batching_streams_each_request_until_its_stopping_criterion() {
+    let store = tempfile::tempdir().unwrap();
+    model_folder(
+        store.path(),
+        "stepper",
+        "minWorkers: 1\nmaxWorkers: 1\nbatchSize: 4\ncontinuousBatching: true\n",
+        &[("stepper.py", STEPPER)],
+    );
+    let s = start(store.path(), "stepper");
+    s.wait_healthy().await;
+    let client = s.client.clone();
+    let url = format!("{}/predictions/stepper", s.inference);
+    // Six requests, four slots: each streams as many tokens as it asked for.
+    let got = common::concurrently(6, move |i| {
+        let (client, url) = (client.clone(), url.clone());
+        async move {
+            let r = client
+                .post(url)
+                .body(format!("{}", i + 1))
+                .send()
+                .await
+                .unwrap();
+            (i + 1, r.status().as_u16(), r.text().await.unwrap())
+        }
+    })
+    .await;
+    for (n, status, text) in got {
+        assert_eq!(status, 200, "{text}");
+        let want: String = (1..=n).map(|k| format!("tok{k} ")).collect();
+        assert_eq!(text, want);
+    }
+}

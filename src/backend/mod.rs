@@ -156,6 +156,12 @@ pub trait Backend: Send {
         false
     }
 
+    /// Whether [`Backend::send`] then one [`Backend::recv`] is one step of continuous batching
+    /// (one inference message, one reply frame). One that cannot is served batch by batch.
+    fn can_step(&self) -> bool {
+        false
+    }
+
     /// Async mode: sends a batch without waiting for its replies.
     async fn send(&mut self, _batch: &[InferRequest]) -> Result<(), BackendError> {
         Err(BackendError::Died("this backend has no async mode".into()))

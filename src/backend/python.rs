@@ -866,6 +866,10 @@ impl Backend for PythonBackend {
         self.async_mode
     }
 
+    fn can_step(&self) -> bool {
+        true
+    }
+
     async fn send(&mut self, batch: &[InferRequest]) -> Result<(), BackendError> {
         if let Some(reason) = &self.dead {
             return Err(BackendError::Died(reason.clone()));

@@ -214,11 +214,17 @@ pub enum BatchMode {
     /// `asyncCommunication: true`: requests go to a worker as they arrive, many in flight, and
     /// replies come back in any order, matched by request id.
     Async,
+    /// `continuousBatching: true`: a worker keeps its batch while replies carry
+    /// `ts_stream_next: true` and freed slots are refilled from the queue at every step.
+    Continuous,
 }
 
 impl BatchMode {
     /// The model-config.yaml keys that choose a mode, with the mode each selects.
-    pub const KEYS: [(&'static str, BatchMode); 1] = [("asyncCommunication", BatchMode::Async)];
+    pub const KEYS: [(&'static str, BatchMode); 2] = [
+        ("asyncCommunication", BatchMode::Async),
+        ("continuousBatching", BatchMode::Continuous),
+    ];
 
     /// The mode the boolean keys of `fields` select (None: none of them is set).
     fn from_fields(
@@ -226,7 +232,7 @@ impl BatchMode {
         at: &str,
     ) -> Result<Option<BatchMode>, String> {
         // Modes TorchServe has that oxserve does not run yet: refused, not silently ignored.
-        for key in ["continuousBatching", "sequenceBatching"] {
+        for key in ["sequenceBatching"] {
             if fields.get(key).and_then(|v| v.as_bool()) == Some(true) {
                 return Err(format!("{at}: {key} is not supported by oxserve yet"));
             }
@@ -989,10 +995,10 @@ mod tests {
             e.contains("asyncCommunication \"yes\" is not true or false"),
             "{e}"
         );
-        for key in ["continuousBatching", "sequenceBatching"] {
-            let e = read(serde_json::json!({ key: true })).unwrap_err();
-            assert!(e.contains(&format!("{key} is not supported")), "{e}");
-        }
+        let m = read(serde_json::json!({"continuousBatching": true})).unwrap();
+        assert_eq!(m.batch_mode, Some(BatchMode::Continuous));
+        let e = read(serde_json::json!({"sequenceBatching": true})).unwrap_err();
+        assert!(e.contains("sequenceBatching is not supported"), "{e}");
     }
 
     #[test]

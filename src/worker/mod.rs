@@ -9,8 +9,9 @@
 //!
 //! How it differs from TorchServe's wlm/ package (WorkLoadManager, WorkerThread, BatchAggregator):
 //! - Batching is a [`policy::BatchPolicy`] the supervisor consults, not code inside each worker
-//!   thread; classic (batch_size / max_batch_delay) and async (many requests in flight per
-//!   worker, `asyncCommunication`) are implemented (see `policy.rs`, docs/llm.md).
+//!   thread; classic (batch_size / max_batch_delay), async (many requests in flight per worker,
+//!   `asyncCommunication`) and continuous (`continuousBatching`) are implemented (see
+//!   `policy.rs`, docs/llm.md).
 //! - The pool autoscales between min_worker and max_worker on queue pressure
 //!   (`autoscale.rs`, docs/scheduling.md); TorchServe only scales when asked.
 //! - Restart backoff resets once a worker has served (TorchServe's grows for good), and a worker

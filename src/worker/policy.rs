@@ -21,7 +21,8 @@
 //!   session to the least loaded worker) and forgets the pins of a worker that is gone
 //!   ([`BatchPolicy::on_worker_gone`]).
 //!
-//! [`Classic`] and [`InFlight`] (async) are implemented; continuous and sequence are not yet.
+//! [`Classic`] and [`InFlight`] (async, and continuous with batch_size as the room) are
+//! implemented; sequence is not yet.
 
 use std::collections::VecDeque;
 use std::time::Duration;

@@ -96,6 +96,8 @@ impl Runner {
         let mut failure = None;
         if self.mode == BatchMode::Async && backend.is_async() {
             failure = self.run_async(&mut backend, &mut batches).await.err();
+        } else if self.mode == BatchMode::Continuous && backend.can_step() {
+            failure = self.run_continuous(&mut backend, &mut batches).await.err();
         } else {
             // An async policy may hand a backend without an async mode more than batch_size
             // jobs at once (`asyncCommunication` on a built-in or ONNX model): it gets them in
@@ -241,6 +243,120 @@ impl Runner {
         }
     }
 
+    /// Continuous batching (TorchServe's ContinuousBatching): each step sends one inference
+    /// message with every running job (those already in the worker "cached": headers only, no
+    /// parameters, as TorchServe encodes them) plus the new ones, and reads one reply frame. A
+    /// part with `ts_stream_next: true` keeps its job running; a final part answers it and
+    /// frees its slot, which the policy refills before the next step. A step that takes longer
+    /// than `response_timeout` or a broken connection fails every running job (503 / 408) and
+    /// the worker is restarted.
+    async fn run_continuous(
+        &self,
+        backend: &mut Box<dyn Backend>,
+        batches: &mut mpsc::UnboundedReceiver<Batch>,
+    ) -> Result<(), Failure> {
+        let slot = self.slot;
+        let limit = self.spec.response_timeout;
+        let mut running: Vec<Running> = Vec::new();
+        let mut open = true;
+        // Jobs released in the last step: the supervisor answers with their refill.
+        let mut refill_due = false;
+        let fail_all = |running: &mut Vec<Running>, e: PoolError| {
+            for (_, _, job) in running.drain(..) {
+                job.fail(&e);
+            }
+            Err(Failure::Died(e.to_string()))
+        };
+        loop {
+            let mut fresh: Vec<Job> = Vec::new();
+            if running.is_empty() && !refill_due {
+                match batches.recv().await {
+                    Some(b) => fresh = b,
+                    None => return Ok(()),
+                }
+            } else if refill_due && open {
+                match batches.recv().await {
+                    Some(b) => fresh = b,
+                    None => open = false,
+                }
+            }
+            refill_due = false;
+            if running.is_empty() && fresh.is_empty() {
+                if open {
+                    continue;
+                }
+                return Ok(());
+            }
+            while open {
+                match batches.try_recv() {
+                    Ok(b) => fresh.extend(b),
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => open = false,
+                }
+            }
+            let mut requests: Vec<InferRequest> = running
+                .iter()
+                .map(|(id, headers, _)| InferRequest {
+                    id: id.clone(),
+                    headers: headers.clone(),
+                    params: Vec::new(),
+                })
+                .collect();
+            let now = Instant::now();
+            for mut job in fresh {
+                job.timings.batch_start = Some(now);
+                job.timings.backend_start = Some(now);
+                let mut request = std::mem::take(&mut job.request);
+                let mut id = request.id.clone();
+                let mut n = 2;
+                while running.iter().any(|(r, _, _)| *r == id) {
+                    id = format!("{}#{n}", request.id);
+                    n += 1;
+                }
+                request.id = id.clone();
+                running.push((id, request.headers.clone(), job));
+                requests.push(request);
+            }
+            self.metrics.batch_size.observe(requests.len() as f64);
+            let step = async {
+                backend.send(&requests).await?;
+                backend.recv().await
+            };
+            let parts =
+                match tokio::time::timeout(limit, AssertUnwindSafe(step).catch_unwind()).await {
+                    Ok(Ok(Ok(parts))) => parts,
+                    Ok(Ok(Err(e))) => {
+                        return fail_all(&mut running, PoolError::WorkerDied(e.to_string()))
+                    }
+                    Ok(Err(p)) => {
+                        return fail_all(&mut running, PoolError::Panicked(panic_message(&*p)))
+                    }
+                    Err(_) => return fail_all(&mut running, PoolError::Timeout(limit.as_secs())),
+                };
+            let mut released = 0;
+            for Part { id, response, last } in parts {
+                let Some(i) = running.iter().position(|(r, _, _)| *r == id) else {
+                    let e = PoolError::WorkerDied(format!(
+                        "the worker answered unknown request id {id:?}"
+                    ));
+                    return fail_all(&mut running, e);
+                };
+                if last {
+                    let (_, _, mut job) = running.remove(i);
+                    job.timings.backend_end = Some(Instant::now());
+                    job.finish(response);
+                    released += 1;
+                } else {
+                    running[i].2.send_partial(response);
+                }
+            }
+            if released > 0 {
+                self.report(Event::Released { slot, n: released });
+                refill_due = true;
+            }
+        }
+    }
+
     fn exit(&self, f: Failure) {
         self.report(Event::Exited {
             slot: self.slot,
@@ -339,6 +455,9 @@ impl Runner {
         outcome
     }
 }
+
+/// A job in a continuous batch: its id as sent, its headers (resent with every step), the job.
+type Running = (String, Vec<(String, String)>, Job);
 
 /// `id`, or `id#2`, `id#3`, ... when a request with that id is already in flight on this worker:
 /// replies are matched by id, and clients choose their own `x-request-id`.

@@ -58,6 +58,10 @@ struct Slot {
     backoff: Duration,
     restart_at: Option<Instant>,
     loaded_at: Option<Instant>,
+    /// Continuous batching: the worker released jobs and waits for this step's refill, which
+    /// it gets as its next batch (empty if nothing waits), so no step runs half empty while
+    /// jobs wait in the queue.
+    refill_due: bool,
 }
 
 /// A scale request waiting for its workers to settle (or, without `wait`, for the next publish:
@@ -104,6 +108,9 @@ impl Supervisor {
                 s.queue_capacity,
             )),
             BatchMode::Async => Box::new(InFlight::new(s.queue_capacity)),
+            // Continuous batching refills a worker's free slots (batchSize in all) as soon as
+            // it releases finished jobs: the same hand-out rule with batchSize as the room.
+            BatchMode::Continuous => Box::new(InFlight::new(s.batch_size.max(1) as usize)),
         };
         Supervisor {
             loader: p.loader,
@@ -319,6 +326,7 @@ impl Supervisor {
             backoff: FIRST_BACKOFF,
             restart_at: None,
             loaded_at: None,
+            refill_due: false,
         };
         self.slots.push(slot);
         let i = self.slots.len() - 1;
@@ -347,6 +355,7 @@ impl Supervisor {
         slot.restart_at = None;
         slot.loaded_at = None;
         slot.in_flight = 0;
+        slot.refill_due = false;
         tokio::spawn(runner.run(rx));
     }
 
@@ -389,6 +398,7 @@ impl Supervisor {
                 s.in_flight = s.in_flight.saturating_sub(n);
                 // It served: the next failure restarts it quickly again.
                 s.backoff = FIRST_BACKOFF;
+                s.refill_due = self.settings.mode == BatchMode::Continuous;
                 s.status = match (s.retiring, s.in_flight) {
                     (true, _) => St::Stopping,
                     (false, 0) => St::Ready,
@@ -440,6 +450,12 @@ impl Supervisor {
             self.autoscale(now);
         }
         self.dispatch(now);
+        for s in self.slots.iter_mut().filter(|s| s.refill_due) {
+            s.refill_due = false;
+            if let Some(tx) = &s.tx {
+                let _ = tx.send(Vec::new());
+            }
+        }
         // Publish first: a scale waiter or describer reads the published state as soon as it
         // is answered (a synchronous registration checks the load error), maybe on another
         // thread before this step ends.

@@ -573,6 +573,9 @@ impl Backend for AsyncFake {
     fn is_async(&self) -> bool {
         true
     }
+    fn can_step(&self) -> bool {
+        true
+    }
     async fn send(&mut self, batch: &[InferRequest]) -> Result<(), BackendError> {
         let _ = self.sent.send(batch.iter().map(|r| r.id.clone()).collect());
         Ok(())
@@ -600,6 +603,15 @@ struct AsyncHarness {
 }
 
 async fn async_harness(queue: usize, batch_size: u32, timeout: Duration) -> AsyncHarness {
+    mode_harness(BatchMode::Async, queue, batch_size, timeout).await
+}
+
+async fn mode_harness(
+    mode: BatchMode,
+    queue: usize,
+    batch_size: u32,
+    timeout: Duration,
+) -> AsyncHarness {
     let (sent_tx, sent) = mpsc::unbounded_channel();
     let (parts, parts_rx) = mpsc::unbounded_channel();
     let loader = Arc::new(AsyncLoader {
@@ -607,7 +619,7 @@ async fn async_harness(queue: usize, batch_size: u32, timeout: Duration) -> Asyn
         parts: Mutex::new(Some(parts_rx)),
     });
     let mut s = settings(batch_size, queue, no_autoscale());
-    s.mode = BatchMode::Async;
+    s.mode = mode;
     s.response_timeout = timeout;
     let pool = make_pool(loader, s, &Arc::new(Metrics::for_tests()));
     assert_eq!(pool.scale(1, 1, true).await, 1);
@@ -713,4 +725,27 @@ async fn async_mode_on_a_backend_without_one_serves_batches_of_batch_size_in_tur
     for (rx, id) in [(a, "a"), (b, "b"), (c, "c")] {
         assert_eq!(answer(rx).await, (200, format!("ok {id}")));
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn continuous_batching_keeps_running_jobs_and_refills_freed_slots() {
+    let mut h = mode_harness(BatchMode::Continuous, 10, 2, Duration::from_secs(3600)).await;
+    let (a, b, c) = (h.submit("a"), h.submit("b"), h.submit("c"));
+    // batchSize 2: a and b start; c waits for a free slot.
+    assert_eq!(h.sent().await, ["a", "b"]);
+    h.parts
+        .send(vec![part("a", "a1", false), part("b", "B", true)])
+        .unwrap();
+    assert_eq!(answer(b).await, (200, "B".to_string()));
+    // Next step: a again (cached in the worker) and c in b's freed slot.
+    assert_eq!(h.sent().await, ["a", "c"]);
+    h.parts
+        .send(vec![part("a", "A", true), part("c", "C", true)])
+        .unwrap();
+    let Reply::Stream(first, mut rest) = a.await.unwrap() else {
+        panic!("a streamed")
+    };
+    assert_eq!(&first.response.body[..], b"a1");
+    assert_eq!(&rest.recv().await.unwrap().response.body[..], b"A");
+    assert_eq!(answer(c).await, (200, "C".to_string()));
 }

@@ -4,7 +4,8 @@
 #
 #   examples/make_archives.sh [OUT_DIR]      # default: target/model-store
 #
-# Produces echo.mar, batching.mar, custom_metrics.mar and streaming.mar, usable by oxserve and by
+# Produces echo.mar, batching.mar, custom_metrics.mar, streaming.mar and llm.mar (examples/llm:
+# an OpenAI-shaped toy LLM in async mode, docs/llm.md), usable by oxserve and by
 # TorchServe alike (e.g. `oxserve --model-store target/model-store --models all`).
 set -euo pipefail
 
@@ -23,10 +24,11 @@ mkdir -p "$out"
 # Each archive is built from inside its example folder: a relative OUT_DIR must not be read from there.
 out="$(cd "$out" && pwd)"
 
-archive() { # name, folder, handler file
+archive() { # name, folder, handler file, extra torch-model-archiver arguments
     local name="$1" dir="$root/examples/$2" handler="$3"
+    shift 3
     (cd "$dir" && "$venv/bin/torch-model-archiver" --model-name "$name" --version 1.0 \
-        --handler "$handler" --export-path "$out" --force)
+        --handler "$handler" --export-path "$out" --force "$@")
     echo "$out/$name.mar"
 }
 
@@ -34,3 +36,4 @@ archive echo echo echo_handler.py
 archive batching batching batch_handler.py
 archive custom_metrics custom_metrics metrics_handler.py
 archive streaming streaming stream_handler.py
+archive llm llm llm_handler.py --extra-files engine.py --config-file model-config.yaml

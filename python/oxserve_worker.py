@@ -1,10 +1,11 @@
 """oxserve's Python worker: serves one model over TorchServe's worker protocol.
 
-    python3 oxserve_worker.py --sock-type unix --sock-name /tmp/.oxs.sock.9000 [--metrics-config metrics.yaml]
+    python3 oxserve_worker.py --sock-type unix --sock-name /tmp/.oxs.sock.9000 [--metrics-config metrics.yaml] [--async]
 
 Run with the unpacked model folder as working directory. Binds and listens on the socket, prints
 `[PID]<pid>` and `Torch worker started.`, accepts one connection from the server and serves it
-until the server disconnects. Standard library only: no torch needed.
+until the server disconnects. Standard library only: no torch needed. With `--async`
+(`asyncCommunication: true`), requests are served concurrently and answered in any order.
 """
 
 import argparse
@@ -13,6 +14,7 @@ import os
 import platform
 import socket
 import sys
+import threading
 import traceback
 
 
@@ -59,7 +61,63 @@ def main():
             os.remove(args.sock_name)
         except OSError:
             pass
-    serve(conn, protocol, service, args.metrics_config)
+    if args.async_mode:
+        return serve_async(conn, protocol, service, args.metrics_config)
+    return serve(conn, protocol, service, args.metrics_config)
+
+
+def load(conn, protocol, service, msg, metrics_config):
+    """Loads the model and answers the load message; returns the service, or None if it failed."""
+    try:
+        svc = service.Service(msg, metrics_config)
+    except BaseException as e:  # pylint: disable=broad-except
+        traceback.print_exc()
+        conn.sendall(protocol.encode_load_reply(
+            500, "cannot load model %s: %s: %s" % (msg["model_name"], type(e).__name__, e)))
+        return None
+    svc.context.cl_socket = conn
+    conn.sendall(protocol.encode_load_reply(200, "loaded model %s" % msg["model_name"]))
+    return svc
+
+
+def serve_async(conn, protocol, service, metrics_config):
+    """Async mode (`asyncCommunication: true`, TorchServe's `--async`): after the load, every
+    inference message is started on the event loop as it arrives, many run at once, and each
+    reply frame (streamed parts included) is sent when it is ready, matched by request id.
+    A thread reads the socket so that a handler hogging the loop cannot stop reading; replies
+    are written under the context's send lock so frames never interleave."""
+    cmd, msg = protocol.read_message(conn)
+    if cmd != protocol.LOAD:
+        print("the first message must load the model", file=sys.stderr)
+        return 1
+    svc = load(conn, protocol, service, msg, metrics_config)
+    if svc is None:
+        return 1
+    loop = svc.loop()
+    lock = service._send_lock(svc.context)  # pylint: disable=protected-access
+
+    async def run(batch):
+        frame = await svc.predict_async(batch, loop)
+        with lock:
+            conn.sendall(frame)
+
+    def reader():
+        try:
+            while True:
+                cmd, msg = protocol.read_message(conn)
+                if cmd != protocol.PREDICT:
+                    print("unexpected command %r in async mode" % cmd, file=sys.stderr)
+                    break
+                loop.call_soon_threadsafe(loop.create_task, run(msg))
+        except protocol.Disconnected:
+            pass
+        except BaseException:  # pylint: disable=broad-except
+            traceback.print_exc()
+        loop.call_soon_threadsafe(loop.stop)
+
+    threading.Thread(target=reader, name="oxserve-reader", daemon=True).start()
+    loop.run_forever()
+    return 0
 
 
 def serve(conn, protocol, service, metrics_config):
@@ -70,15 +128,9 @@ def serve(conn, protocol, service, metrics_config):
         except protocol.Disconnected:
             return 0
         if cmd == protocol.LOAD:
-            try:
-                svc = service.Service(msg, metrics_config)
-            except BaseException as e:  # pylint: disable=broad-except
-                traceback.print_exc()
-                conn.sendall(protocol.encode_load_reply(
-                    500, "cannot load model %s: %s: %s" % (msg["model_name"], type(e).__name__, e)))
+            svc = load(conn, protocol, service, msg, metrics_config)
+            if svc is None:
                 return 1
-            svc.context.cl_socket = conn
-            conn.sendall(protocol.encode_load_reply(200, "loaded model %s" % msg["model_name"]))
         elif svc is None:
             print("inference request before the model was loaded", file=sys.stderr)
             return 1

@@ -27,7 +27,7 @@ fn model_store() -> &'static Path {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        for name in ["echo", "batching", "custom_metrics", "streaming"] {
+        for name in ["echo", "batching", "custom_metrics", "streaming", "llm"] {
             assert!(
                 store.join(format!("{name}.mar")).is_file(),
                 "{name}.mar missing"
@@ -590,4 +590,25 @@ async fn model_config_yaml_sets_workers_and_reaches_the_handler() {
             .contains("minWorkers 3 is greater than maxWorkers 1"),
         "{e}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_llm_archive_serves_in_async_mode_as_documented() {
+    // docs/llm.md's command: `--models llm=llm.mar` from the archives make_archives.sh builds.
+    let s = start("", "llm=llm.mar");
+    s.wait_healthy().await;
+    let r = s
+        .client
+        .post(format!(
+            "{}/predictions/llm/1.0/v1/completions",
+            s.inference
+        ))
+        .header("content-type", "application/json")
+        .body(r#"{"prompt": "one two", "max_tokens": 3}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["usage"]["total_tokens"], 5, "{v}");
 }

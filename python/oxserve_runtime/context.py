@@ -56,6 +56,9 @@ class Context:
         self.request_processor = None
         self.metrics = metrics
         self.cl_socket = None
+        # Continuous batching (TorchServe's): per request of the batch, a function of its reply
+        # that says whether the request is done (False keeps it in the worker's batch).
+        self.stopping_criteria = None
 
     @property
     def system_properties(self):

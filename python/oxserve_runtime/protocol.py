@@ -156,8 +156,13 @@ def create_predict_response(ret, req_id_map, message, code, context=None, ts_str
             items.append((request_id, implied_type or "", code, "", {}, body))
             continue
         headers = context.get_response_headers(idx)
+        stopping = getattr(context, "stopping_criteria", None)
         if ts_stream_next:
             headers["ts_stream_next"] = "true"
+        elif stopping:
+            is_stop = stopping[idx](ret[idx])
+            if is_stop is not None:
+                headers["ts_stream_next"] = "false" if is_stop else "true"
         elif headers.get("ts_stream_next") == "true":
             headers["ts_stream_next"] = "false"
         content_type = context.get_response_content_type(idx)

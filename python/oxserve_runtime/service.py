@@ -1,5 +1,7 @@
 """Loads the handler and serves batches over the frontend connection."""
 
+import asyncio
+import copy
 import importlib
 import inspect
 import json
@@ -139,20 +141,59 @@ class Service:
                                self.metrics, model_yaml_config)
         module, function_name = _import_handler(msg["handler"])
         self.entry, init = _entry_points(module, function_name)
+        # The event loop coroutine handlers run on, in every mode. It is the thread's current
+        # loop before initialize runs, so a handler that calls asyncio.get_event_loop() there
+        # (TorchServe's vllm_handler does) binds its engine to the loop requests later run on.
+        self._loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(self._loop)
         if init is not None:
-            init(self.context)
+            ret = init(self.context)
+            if inspect.isawaitable(ret):
+                self.loop().run_until_complete(ret)
+
+    def loop(self):
+        """The service's event loop: where `async def` handlers and initialize run."""
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+        return self._loop
 
     def predict(self, batch):
-        """Runs handle() on one batch; returns the final reply frame."""
+        """Runs handle() on one batch; returns the final reply frame. An `async def handle` is
+        run to completion on the service's own event loop (classic mode: one batch at a time)."""
         _mark_requests(",".join(request["request_id"] for request in batch))
         try:
-            return self._predict(batch)
+            ctx, req_id_map, data, start = self._prepare(batch, self.context)
+            handler_start = time.time()
+            try:
+                ret = self.entry(data, ctx)
+                if inspect.isawaitable(ret):
+                    ret = self.loop().run_until_complete(ret)
+            except BaseException as e:  # pylint: disable=broad-except
+                return self._failed(e, req_id_map)
+            return self._finish(ret, ctx, req_id_map, data, start, handler_start)
         finally:
             _mark_requests("")
 
-    def _predict(self, batch):
+    async def predict_async(self, batch, loop):
+        """Async mode (`asyncCommunication: true`): one batch among many in flight. Each batch
+        gets its own copy of the context (TorchServe's async_service does the same), so
+        concurrent requests never see each other's ids or response headers. A plain `def
+        handle` runs on a thread so that it cannot stall the other requests."""
+        ctx, req_id_map, data, start = self._prepare(batch, copy.copy(self.context))
+        handler_start = time.time()
+        try:
+            if inspect.iscoroutinefunction(self.entry):
+                ret = await self.entry(data, ctx)
+            else:
+                ret = await loop.run_in_executor(None, self.entry, data, ctx)
+                if inspect.isawaitable(ret):
+                    ret = await ret
+        except Exception as e:  # pylint: disable=broad-except
+            return self._failed(e, req_id_map)
+        return self._finish(ret, ctx, req_id_map, data, start, handler_start)
+
+    def _prepare(self, batch, ctx):
         start = time.time()
-        ctx = self.context
         req_id_map, processors, data = {}, [], []
         for idx, request in enumerate(batch):
             req_id_map[idx] = request["request_id"]
@@ -167,24 +208,26 @@ class Service:
         ctx.request_ids = req_id_map
         ctx.request_processor = processors
         self.metrics.set_request_ids(req_id_map)
+        return ctx, req_id_map, data, start
 
-        handler_start = time.time()
-        try:
-            ret = self.entry(data, ctx)
-        except MemoryError:
+    @staticmethod
+    def _failed(e, req_id_map):
+        if isinstance(e, MemoryError):
             traceback.print_exc()
             return create_predict_response(None, req_id_map, "Out of resources", 507)
-        except Exception as e:  # pylint: disable=broad-except
-            traceback.print_exc()
-            code = getattr(e, "error_code", None)
-            if isinstance(code, int) and hasattr(e, "message"):
-                return create_predict_response(None, req_id_map, str(e.message), code)
-            if "CUDA" in str(e):
-                return create_predict_response(None, req_id_map, "Out of resources", 507)
-            return create_predict_response(None, req_id_map, "Prediction failed: %s: %s"
-                                           % (type(e).__name__, e), 503)
-        handler_ms = round((time.time() - handler_start) * 1000, 2)
+        if not isinstance(e, Exception):
+            raise e
+        traceback.print_exc()
+        code = getattr(e, "error_code", None)
+        if isinstance(code, int) and hasattr(e, "message"):
+            return create_predict_response(None, req_id_map, str(e.message), code)
+        if "CUDA" in str(e):
+            return create_predict_response(None, req_id_map, "Out of resources", 507)
+        return create_predict_response(None, req_id_map, "Prediction failed: %s: %s"
+                                       % (type(e).__name__, e), 503)
 
+    def _finish(self, ret, ctx, req_id_map, data, start, handler_start):
+        handler_ms = round((time.time() - handler_start) * 1000, 2)
         if not isinstance(ret, list):
             return create_predict_response(
                 None, req_id_map, "Invalid model predict output: handle() returned %s, expected a "

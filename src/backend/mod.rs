@@ -104,6 +104,16 @@ impl StreamSink for NoStream {
     fn send_partial(&self, _index: usize, _part: InferResponse) {}
 }
 
+/// One reply part of a request in flight on an async backend ([`Backend::recv`]).
+#[derive(Debug)]
+pub struct Part {
+    /// The request id as sent to the backend.
+    pub id: String,
+    pub response: InferResponse,
+    /// The final part of that request (no `ts_stream_next: true`).
+    pub last: bool,
+}
+
 /// Why a whole batch failed.
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
@@ -138,6 +148,29 @@ pub trait Backend: Send {
     /// print them as `[METRICS]` lines); otherwise the worker pool records them around `infer`.
     fn reports_handler_metrics(&self) -> bool {
         false
+    }
+
+    /// Whether the backend holds many requests at once (async mode, [`Backend::send`] and
+    /// [`Backend::recv`]). One that cannot is served batch by batch with [`Backend::infer`].
+    fn is_async(&self) -> bool {
+        false
+    }
+
+    /// Whether [`Backend::send`] then one [`Backend::recv`] is one step of continuous batching
+    /// (one inference message, one reply frame). One that cannot is served batch by batch.
+    fn can_step(&self) -> bool {
+        false
+    }
+
+    /// Async mode: sends a batch without waiting for its replies.
+    async fn send(&mut self, _batch: &[InferRequest]) -> Result<(), BackendError> {
+        Err(BackendError::Died("this backend has no async mode".into()))
+    }
+
+    /// Async mode: the parts of the next reply, for any requests sent earlier, in the order the
+    /// backend finished them. Must be cancel safe: it is raced against new work arriving.
+    async fn recv(&mut self) -> Result<Vec<Part>, BackendError> {
+        Err(BackendError::Died("this backend has no async mode".into()))
     }
 
     /// Releases the model: stops the worker process, if any. Called once, when the worker retires.

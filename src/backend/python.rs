@@ -32,7 +32,7 @@ use tokio::time::{timeout, Instant};
 
 use super::protocol::{self, FrameResponse, LoadRequest};
 use super::{
-    Backend, BackendError, BackendLoader, InferRequest, InferResponse, StreamSink, WorkerSpec,
+    Backend, BackendError, BackendLoader, InferRequest, InferResponse, Part, StreamSink, WorkerSpec,
 };
 use crate::config::WorkerRuntime;
 
@@ -238,7 +238,16 @@ impl BackendLoader for PythonLoader {
         // model-config.yaml reaches handlers as context.model_yaml_config (parsed here, once, with
         // a full YAML parser, so the stdlib runtime needs none).
         let model_yaml = crate::model::archive::model_config(&model_dir, &spec.manifest)
-            .map_err(BackendError::Load)?
+            .map_err(BackendError::Load)?;
+        // `asyncCommunication: true` starts the worker with `--async` as TorchServe does: it then
+        // reads requests while others are in flight (TorchServe's ts/async_service.py, or
+        // oxserve's runtime) and answers them in any order.
+        let async_mode = model_yaml
+            .as_ref()
+            .and_then(|v| v.get("asyncCommunication"))
+            .and_then(|v| v.as_bool())
+            == Some(true);
+        let model_yaml = model_yaml
             .map(|v| v.to_string())
             .unwrap_or_else(|| "{}".to_string());
         let mut cmd = Command::new(&settings.python_executable);
@@ -249,8 +258,11 @@ impl BackendLoader for PythonLoader {
             .arg("--sock-name")
             .arg(&sock)
             .arg("--metrics-config")
-            .arg(&metrics_config)
-            .current_dir(&model_dir)
+            .arg(&metrics_config);
+        if async_mode {
+            cmd.arg("--async");
+        }
+        cmd.current_dir(&model_dir)
             .env("PYTHONUNBUFFERED", "1")
             .env("PYTHONPATH", python_path(&model_dir))
             .stdin(Stdio::null())
@@ -288,6 +300,8 @@ impl BackendLoader for PythonLoader {
             tail,
             response_timeout: spec.response_timeout,
             max_len: settings.max_response_size.max(1024),
+            async_mode,
+            batch_size: spec.batch_size.max(1) as usize,
             dead: None,
             reaped: false,
             io_tasks,
@@ -492,6 +506,10 @@ struct PythonBackend {
     tail: Arc<Mutex<Tail>>,
     response_timeout: Duration,
     max_len: usize,
+    /// Started with `--async`: many requests in flight ([`Backend::send`] / [`Backend::recv`]).
+    async_mode: bool,
+    /// Requests per inference message at most (and so per reply frame).
+    batch_size: usize,
     /// Why the worker is unusable, once it is.
     dead: Option<String>,
     reaped: bool,
@@ -842,6 +860,87 @@ impl Backend for PythonBackend {
 
     fn pid(&self) -> Option<u32> {
         Some(self.pid)
+    }
+
+    fn is_async(&self) -> bool {
+        self.async_mode
+    }
+
+    fn can_step(&self) -> bool {
+        true
+    }
+
+    async fn send(&mut self, batch: &[InferRequest]) -> Result<(), BackendError> {
+        if let Some(reason) = &self.dead {
+            return Err(BackendError::Died(reason.clone()));
+        }
+        let frame = protocol::encode_infer(batch);
+        match timeout(self.response_timeout, self.write(&frame)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                let what = format!("worker {} connection failed: {e}", self.name);
+                Err(self.died(what).await)
+            }
+            Err(_) => {
+                self.kill_and_reap().await;
+                let reason = format!(
+                    "worker {} did not take a request within {}s; killed",
+                    self.name,
+                    self.response_timeout.as_secs_f64()
+                );
+                self.dead = Some(reason.clone());
+                Err(BackendError::Died(reason))
+            }
+        }
+    }
+
+    async fn recv(&mut self) -> Result<Vec<Part>, BackendError> {
+        if let Some(reason) = &self.dead {
+            return Err(BackendError::Died(reason.clone()));
+        }
+        let max_frame = self
+            .max_len
+            .saturating_mul(self.batch_size)
+            .saturating_add(1 << 20);
+        // Cancel safe: bytes read stay in self.buf, and decoding starts from the buffer.
+        let reply = match self.read_reply(max_frame, self.batch_size).await {
+            Ok(reply) => reply,
+            Err(e) => {
+                let what = format!("worker {} {e}", self.name);
+                // Marked before anything else awaits, so a cancelled recv still leaves it dead.
+                self.dead = Some(what.clone());
+                return Err(self.died(what).await);
+            }
+        };
+        if reply.code != 200 {
+            // An error frame names the requests it fails: it answers those, and only those.
+            let status = u16::try_from(reply.code)
+                .ok()
+                .filter(|s| (400..=599).contains(s))
+                .unwrap_or(500);
+            return Ok(reply
+                .responses
+                .into_iter()
+                .map(|r| Part {
+                    id: r.request_id,
+                    response: InferResponse::error(
+                        status,
+                        "InternalServerException",
+                        &reply.message,
+                    ),
+                    last: true,
+                })
+                .collect());
+        }
+        Ok(reply
+            .responses
+            .into_iter()
+            .map(|r| Part {
+                last: !r.is_intermediate(),
+                id: r.request_id.clone(),
+                response: to_response(r),
+            })
+            .collect())
     }
 
     fn reports_handler_metrics(&self) -> bool {

@@ -231,6 +231,52 @@ pub struct ModelSettings {
     pub autoscale_queue_per_worker: Option<u32>,
     pub autoscale_up_samples: Option<u32>,
     pub autoscale_down_samples: Option<u32>,
+    /// How requests reach the workers (`asyncCommunication`, `continuousBatching`, ...).
+    pub batch_mode: Option<BatchMode>,
+}
+
+/// How a model version's requests reach its workers (docs/llm.md).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum BatchMode {
+    /// TorchServe's default: a worker takes a batch and answers it before it takes another.
+    #[default]
+    Classic,
+    /// `asyncCommunication: true`: requests go to a worker as they arrive, many in flight, and
+    /// replies come back in any order, matched by request id.
+    Async,
+    /// `continuousBatching: true`: a worker keeps its batch while replies carry
+    /// `ts_stream_next: true` and freed slots are refilled from the queue at every step.
+    Continuous,
+}
+
+impl BatchMode {
+    /// The model-config.yaml keys that choose a mode, with the mode each selects.
+    pub const KEYS: [(&'static str, BatchMode); 2] = [
+        ("asyncCommunication", BatchMode::Async),
+        ("continuousBatching", BatchMode::Continuous),
+    ];
+
+    /// The mode the boolean keys of `fields` select (None: none of them is set).
+    fn from_fields(
+        fields: &serde_json::Map<String, serde_json::Value>,
+        at: &str,
+    ) -> Result<Option<BatchMode>, String> {
+        // Modes TorchServe has that oxserve does not run yet: refused, not silently ignored.
+        for key in ["sequenceBatching"] {
+            if fields.get(key).and_then(|v| v.as_bool()) == Some(true) {
+                return Err(format!("{at}: {key} is not supported by oxserve yet"));
+            }
+        }
+        let mut mode = None;
+        for (key, m) in BatchMode::KEYS {
+            match fields.get(key) {
+                None | Some(serde_json::Value::Bool(false)) => {}
+                Some(serde_json::Value::Bool(true)) => mode = Some(m),
+                Some(v) => return Err(format!("{at}: {key} {v} is not true or false")),
+            }
+        }
+        Ok(mode)
+    }
 }
 
 /// Limits of the autoscaling keys: (config.properties key, per-model field, min, max).
@@ -301,6 +347,7 @@ impl ModelSettings {
             autoscale_queue_per_worker: None,
             autoscale_up_samples: None,
             autoscale_down_samples: None,
+            batch_mode: BatchMode::from_fields(fields, at)?,
         };
         let mut settings = settings;
         let mut scale = [None; 4];
@@ -363,6 +410,7 @@ impl ModelSettings {
                 .or(other.autoscale_queue_per_worker),
             autoscale_up_samples: self.autoscale_up_samples.or(other.autoscale_up_samples),
             autoscale_down_samples: self.autoscale_down_samples.or(other.autoscale_down_samples),
+            batch_mode: self.batch_mode.or(other.batch_mode),
         }
     }
 }
@@ -1046,6 +1094,25 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         Config::from_sources(file, &[], &Overrides::default()).map(|(c, _)| c)
+    }
+
+    #[test]
+    fn batch_mode_keys_are_read_and_checked() {
+        let read = |v: serde_json::Value| ModelSettings::from_fields(&v, "model-config.yaml");
+        let m = read(serde_json::json!({"asyncCommunication": true})).unwrap();
+        assert_eq!(m.batch_mode, Some(BatchMode::Async));
+        let m = read(serde_json::json!({"asyncCommunication": false})).unwrap();
+        assert_eq!(m.batch_mode, None);
+        assert_eq!(read(serde_json::json!({})).unwrap().batch_mode, None);
+        let e = read(serde_json::json!({"asyncCommunication": "yes"})).unwrap_err();
+        assert!(
+            e.contains("asyncCommunication \"yes\" is not true or false"),
+            "{e}"
+        );
+        let m = read(serde_json::json!({"continuousBatching": true})).unwrap();
+        assert_eq!(m.batch_mode, Some(BatchMode::Continuous));
+        let e = read(serde_json::json!({"sequenceBatching": true})).unwrap_err();
+        assert!(e.contains("sequenceBatching is not supported"), "{e}");
     }
 
     #[test]

@@ -637,6 +637,7 @@ impl Registry {
                 .or(m.max_batch_delay)
                 .unwrap_or(c.max_batch_delay),
             queue_capacity: c.job_queue_size,
+            mode: m.batch_mode.unwrap_or_default(),
             response_timeout: options
                 .response_timeout
                 .or(m.response_timeout)

@@ -9,8 +9,9 @@
 //!
 //! How it differs from TorchServe's wlm/ package (WorkLoadManager, WorkerThread, BatchAggregator):
 //! - Batching is a [`policy::BatchPolicy`] the supervisor consults, not code inside each worker
-//!   thread; classic (batch_size / max_batch_delay) is the one implemented, the interface is
-//!   shaped for async, continuous and sequence batching (see `policy.rs`).
+//!   thread; classic (batch_size / max_batch_delay), async (many requests in flight per worker,
+//!   `asyncCommunication`) and continuous (`continuousBatching`) are implemented (see
+//!   `policy.rs`, docs/llm.md).
 //! - The pool autoscales between min_worker and max_worker on queue pressure
 //!   (`autoscale.rs`, docs/scheduling.md); TorchServe only scales when asked.
 //! - Restart backoff resets once a worker has served (TorchServe's grows for good), and a worker
@@ -27,6 +28,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{mpsc, oneshot, watch};
+
+pub use crate::config::BatchMode;
 
 use crate::backend::{BackendLoader, InferRequest, InferResponse, WorkerSpec};
 use crate::metrics::{ModelMetrics, Timings, WorkerState};
@@ -168,6 +171,10 @@ pub enum PoolError {
     /// The backend did not answer within response_timeout; it is restarted.
     #[error("the worker did not answer within the response timeout ({0}s); it is restarted")]
     Timeout(u64),
+    /// Async mode: one request got no reply part within response_timeout; the worker, busy
+    /// with others, keeps running.
+    #[error("the request was not answered within the response timeout ({0}s)")]
+    RequestTimeout(u64),
     /// The backend panicked; it is replaced.
     #[error("the backend failed unexpectedly (panic: {0}); the worker is replaced")]
     Panicked(String),
@@ -186,7 +193,9 @@ impl PoolError {
             PoolError::QueueFull(_) | PoolError::Closed(_) | PoolError::WorkerDied(_) => {
                 (503, "ServiceUnavailableException")
             }
-            PoolError::Timeout(_) => (408, "RequestTimeoutException"),
+            PoolError::Timeout(_) | PoolError::RequestTimeout(_) => {
+                (408, "RequestTimeoutException")
+            }
             PoolError::Panicked(_) | PoolError::ReplyCount { .. } | PoolError::Dropped => {
                 (500, "InternalServerException")
             }
@@ -219,6 +228,8 @@ pub struct PoolSettings {
     pub response_timeout: Duration,
     pub startup_timeout: Duration,
     pub autoscale: AutoscaleRule,
+    /// How requests reach the workers (classic batches or async).
+    pub mode: BatchMode,
 }
 
 /// What a worker slot is doing. `Backoff` is a worker whose backend died or failed to load and

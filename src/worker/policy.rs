@@ -21,7 +21,8 @@
 //!   session to the least loaded worker) and forgets the pins of a worker that is gone
 //!   ([`BatchPolicy::on_worker_gone`]).
 //!
-//! Only [`Classic`] is implemented now.
+//! [`Classic`] and [`InFlight`] (async, and continuous with batch_size as the room) are
+//! implemented; sequence is not yet.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -169,6 +170,77 @@ impl BatchPolicy for Classic {
     }
 }
 
+/// TorchServe's AsyncBatchAggregator (`asyncCommunication: true`): a job goes to a worker as
+/// soon as one has room, without waiting for earlier jobs to be answered, so one worker holds
+/// many requests at once (an engine such as vLLM batches them itself). Each job goes to the
+/// worker with the fewest in flight; nothing waits for a batching delay, because the worker is
+/// not idle-waiting for a full batch. TorchServe sends every queued job at once; here a worker
+/// holds at most `capacity` (the queue size), so a runaway client cannot grow a worker's
+/// backlog past what the queue itself would hold.
+pub struct InFlight {
+    capacity: usize,
+    queue: VecDeque<Job>,
+}
+
+impl InFlight {
+    pub fn new(capacity: usize) -> InFlight {
+        InFlight {
+            capacity: capacity.max(1),
+            queue: VecDeque::with_capacity(capacity.min(1024)),
+        }
+    }
+}
+
+impl BatchPolicy for InFlight {
+    fn name(&self) -> &'static str {
+        "async"
+    }
+
+    fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    fn push(&mut self, job: Job, _now: Instant) {
+        self.queue.push_back(job);
+    }
+
+    fn dispatch(
+        &mut self,
+        _now: Instant,
+        workers: &[WorkerView],
+        out: &mut Vec<Assignment>,
+    ) -> Option<Instant> {
+        // Jobs handed out now per worker, so that the least loaded one is judged with them.
+        let mut given: Vec<usize> = vec![0; workers.len()];
+        for _ in 0..self.queue.len() {
+            let best = workers
+                .iter()
+                .enumerate()
+                .filter(|(i, w)| w.in_flight + given[*i] < w.capacity)
+                .min_by_key(|(i, w)| w.in_flight + given[*i]);
+            let Some((i, _)) = best else { break };
+            given[i] += 1;
+        }
+        for (w, n) in workers.iter().zip(given) {
+            if n > 0 {
+                out.push(Assignment {
+                    worker: w.id,
+                    jobs: self.queue.drain(..n).collect(),
+                });
+            }
+        }
+        None
+    }
+
+    fn drain(&mut self) -> Vec<Job> {
+        self.queue.drain(..).collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -299,5 +371,77 @@ mod tests {
             .collect();
         assert_eq!(got, ["a", "b", "c"]);
         assert!(p.is_empty());
+    }
+
+    fn view(id: u32, in_flight: usize, capacity: usize) -> WorkerView {
+        WorkerView {
+            id,
+            in_flight,
+            capacity,
+        }
+    }
+
+    #[test]
+    fn async_hands_jobs_to_busy_workers_with_room_at_once() {
+        let mut p = InFlight::new(3);
+        let t = Instant::now();
+        for id in ["a", "b", "c", "d"] {
+            p.push(job(id), t);
+        }
+        let mut out = Vec::new();
+        // Worker 1 already holds 2 (room for 1), worker 2 is idle (room for 3): no batching
+        // delay, and the least loaded worker gets each job.
+        assert_eq!(
+            p.dispatch(t, &[view(1, 2, 3), view(2, 0, 3)], &mut out),
+            None
+        );
+        let got: Vec<(u32, Vec<String>)> = out.iter().map(|a| (a.worker, ids(a))).collect();
+        assert_eq!(
+            got,
+            vec![
+                (1, vec!["a".to_string()]),
+                (2, vec!["b".to_string(), "c".to_string(), "d".to_string()])
+            ]
+        );
+        assert!(p.is_empty());
+    }
+
+    #[test]
+    fn async_keeps_jobs_while_every_worker_is_full() {
+        let mut p = InFlight::new(2);
+        let t = Instant::now();
+        p.push(job("a"), t);
+        let mut out = Vec::new();
+        assert_eq!(p.dispatch(t, &[view(1, 2, 2)], &mut out), None);
+        assert!(out.is_empty());
+        assert_eq!(p.len(), 1);
+        // One reply frees one slot: the waiting job goes at the next dispatch.
+        p.on_released(1, 1);
+        p.dispatch(t, &[view(1, 1, 2)], &mut out);
+        assert_eq!(ids(&out[0]), ["a"]);
+        // No worker at all: nothing is handed out, nothing is lost.
+        p.push(job("b"), t);
+        out.clear();
+        assert_eq!(p.dispatch(t, &[], &mut out), None);
+        assert!(out.is_empty());
+        assert_eq!(p.drain().len(), 1);
+    }
+
+    #[test]
+    fn async_spreads_jobs_evenly_over_idle_workers() {
+        let mut p = InFlight::new(100);
+        let t = Instant::now();
+        for i in 0..6 {
+            p.push(job(&i.to_string()), t);
+        }
+        let mut out = Vec::new();
+        p.dispatch(
+            t,
+            &[view(1, 0, 100), view(2, 0, 100), view(3, 1, 100)],
+            &mut out,
+        );
+        let sizes: Vec<(u32, usize)> = out.iter().map(|a| (a.worker, a.jobs.len())).collect();
+        // Each job goes to the least loaded worker (the first on a tie): 3, 2 and 1+1 in flight.
+        assert_eq!(sizes, vec![(1, 3), (2, 2), (3, 1)]);
     }
 }

@@ -8,6 +8,7 @@
 //! instead and leave its requests hanging).
 
 use std::any::Any;
+use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,9 +16,9 @@ use std::time::{Duration, Instant};
 use futures_util::FutureExt;
 use tokio::sync::mpsc;
 
-use super::{Job, Msg, PoolError};
+use super::{BatchMode, Job, Msg, PoolError};
 use crate::backend::{
-    Backend, BackendError, BackendLoader, InferRequest, InferResponse, StreamSink, WorkerSpec,
+    Backend, BackendError, BackendLoader, InferRequest, InferResponse, Part, StreamSink, WorkerSpec,
 };
 use crate::metrics::ModelMetrics;
 
@@ -47,6 +48,7 @@ pub(super) type Batch = Vec<Job>;
 /// Everything one worker task needs.
 pub(super) struct Runner {
     pub slot: u32,
+    pub mode: BatchMode,
     pub spec: WorkerSpec,
     pub loader: Arc<dyn BackendLoader>,
     pub metrics: Arc<ModelMetrics>,
@@ -92,13 +94,31 @@ impl Runner {
         tracing::info!(worker = %self.spec.name, "worker ready in {:?}", started.elapsed());
         self.report(Event::Loaded { slot, pid });
         let mut failure = None;
-        while let Some(batch) = batches.recv().await {
-            let n = batch.len();
-            match self.run_batch(&mut backend, batch).await {
-                Ok(()) => self.report(Event::Released { slot, n }),
-                Err(why) => {
-                    failure = Some(Failure::Died(why));
-                    break;
+        if self.mode == BatchMode::Async && backend.is_async() {
+            failure = self.run_async(&mut backend, &mut batches).await.err();
+        } else if self.mode == BatchMode::Continuous && backend.can_step() {
+            failure = self.run_continuous(&mut backend, &mut batches).await.err();
+        } else {
+            // An async policy may hand a backend without an async mode more than batch_size
+            // jobs at once (`asyncCommunication` on a built-in or ONNX model): it gets them in
+            // batches of at most batch_size, one after another.
+            let most = self.spec.batch_size.max(1) as usize;
+            'serve: while let Some(mut batch) = batches.recv().await {
+                while !batch.is_empty() {
+                    let rest = batch.split_off(most.min(batch.len()));
+                    let chunk = std::mem::replace(&mut batch, rest);
+                    let n = chunk.len();
+                    match self.run_batch(&mut backend, chunk).await {
+                        Ok(()) => self.report(Event::Released { slot, n }),
+                        Err(why) => {
+                            let e = PoolError::WorkerDied(why.clone());
+                            for job in batch.drain(..) {
+                                job.fail(&e);
+                            }
+                            failure = Some(Failure::Died(why));
+                            break 'serve;
+                        }
+                    }
                 }
             }
         }
@@ -118,6 +138,221 @@ impl Runner {
                     slot,
                     failure: None,
                 });
+            }
+        }
+    }
+
+    /// Async mode: sends each batch as it arrives while replies of earlier ones come back, in
+    /// any order, matched by request id. A failed request answers only itself (TorchServe's
+    /// frontend sends one request's error to every job in flight on the worker). Each request
+    /// has `response_timeout` from its latest reply part: past it, it alone answers 408 and a
+    /// late reply is ignored. Returns when the supervisor stopped the worker and every request
+    /// in flight is answered (Ok), or when the backend died (every one in flight answers 503).
+    async fn run_async(
+        &self,
+        backend: &mut Box<dyn Backend>,
+        batches: &mut mpsc::UnboundedReceiver<Batch>,
+    ) -> Result<(), Failure> {
+        let slot = self.slot;
+        let timeout = self.spec.response_timeout;
+        let chunk = (self.spec.batch_size.max(1)) as usize;
+        let mut flying: HashMap<String, (Job, tokio::time::Instant)> = HashMap::new();
+        let mut open = true;
+        let died = |flying: &mut HashMap<String, (Job, tokio::time::Instant)>, why: String| {
+            let e = PoolError::WorkerDied(why);
+            for (_, (job, _)) in flying.drain() {
+                job.fail(&e);
+            }
+            Err(Failure::Died(e.to_string()))
+        };
+        loop {
+            if !open && flying.is_empty() {
+                return Ok(());
+            }
+            let next_expiry = flying.values().map(|(_, t)| *t).min();
+            tokio::select! {
+                batch = batches.recv(), if open => {
+                    let Some(mut jobs) = batch else {
+                        open = false;
+                        continue;
+                    };
+                    let now = Instant::now();
+                    let deadline = super::policy::later(tokio::time::Instant::now(), timeout);
+                    while !jobs.is_empty() {
+                        let rest = jobs.split_off(chunk.min(jobs.len()));
+                        let mut requests = Vec::with_capacity(jobs.len());
+                        for mut job in std::mem::replace(&mut jobs, rest) {
+                            job.timings.batch_start = Some(now);
+                            job.timings.backend_start = Some(now);
+                            let mut request = std::mem::take(&mut job.request);
+                            request.id = unique_id(&flying, request.id);
+                            requests.push(request.clone());
+                            flying.insert(request.id.clone(), (job, deadline));
+                        }
+                        self.metrics.batch_size.observe(requests.len() as f64);
+                        let sent = AssertUnwindSafe(backend.send(&requests)).catch_unwind().await;
+                        match sent {
+                            Ok(Ok(())) => {}
+                            Ok(Err(e)) => return died(&mut flying, e.to_string()),
+                            Err(p) => return died(&mut flying, format!("panic: {}", panic_message(&*p))),
+                        }
+                    }
+                }
+                parts = AssertUnwindSafe(backend.recv()).catch_unwind(), if !flying.is_empty() => {
+                    let parts = match parts {
+                        Ok(Ok(parts)) => parts,
+                        Ok(Err(e)) => return died(&mut flying, e.to_string()),
+                        Err(p) => return died(&mut flying, format!("panic: {}", panic_message(&*p))),
+                    };
+                    let mut released = 0;
+                    for Part { id, response, last } in parts {
+                        if last {
+                            let Some((mut job, _)) = flying.remove(&id) else {
+                                tracing::warn!(worker = %self.spec.name, request_id = %id, "reply for a request not in flight (timed out?) ignored");
+                                continue;
+                            };
+                            let end = Instant::now();
+                            job.timings.backend_end = Some(end);
+                            if let Some(start) = job.timings.backend_start {
+                                self.metrics.backend_duration.observe((end - start).as_secs_f64());
+                            }
+                            job.finish(response);
+                            released += 1;
+                        } else if let Some((job, deadline)) = flying.get_mut(&id) {
+                            *deadline = super::policy::later(tokio::time::Instant::now(), timeout);
+                            job.send_partial(response);
+                        }
+                    }
+                    if released > 0 {
+                        self.report(Event::Released { slot, n: released });
+                    }
+                }
+                _ = tokio::time::sleep_until(next_expiry.unwrap_or_else(tokio::time::Instant::now)), if next_expiry.is_some() => {
+                    let now = tokio::time::Instant::now();
+                    let expired: Vec<String> = flying.iter().filter(|(_, (_, t))| *t <= now).map(|(id, _)| id.clone()).collect();
+                    let e = PoolError::RequestTimeout(timeout.as_secs());
+                    for id in &expired {
+                        if let Some((job, _)) = flying.remove(id) {
+                            tracing::warn!(worker = %self.spec.name, request_id = %id, "{e}");
+                            job.fail(&e);
+                        }
+                    }
+                    self.report(Event::Released { slot, n: expired.len() });
+                }
+            }
+        }
+    }
+
+    /// Continuous batching (TorchServe's ContinuousBatching): each step sends one inference
+    /// message with every running job (those already in the worker "cached": headers only, no
+    /// parameters, as TorchServe encodes them) plus the new ones, and reads one reply frame. A
+    /// part with `ts_stream_next: true` keeps its job running; a final part answers it and
+    /// frees its slot, which the policy refills before the next step. A step that takes longer
+    /// than `response_timeout` or a broken connection fails every running job (503 / 408) and
+    /// the worker is restarted.
+    async fn run_continuous(
+        &self,
+        backend: &mut Box<dyn Backend>,
+        batches: &mut mpsc::UnboundedReceiver<Batch>,
+    ) -> Result<(), Failure> {
+        let slot = self.slot;
+        let limit = self.spec.response_timeout;
+        let mut running: Vec<Running> = Vec::new();
+        let mut open = true;
+        // Jobs released in the last step: the supervisor answers with their refill.
+        let mut refill_due = false;
+        let fail_all = |running: &mut Vec<Running>, e: PoolError| {
+            for (_, _, job) in running.drain(..) {
+                job.fail(&e);
+            }
+            Err(Failure::Died(e.to_string()))
+        };
+        loop {
+            let mut fresh: Vec<Job> = Vec::new();
+            if running.is_empty() && !refill_due {
+                match batches.recv().await {
+                    Some(b) => fresh = b,
+                    None => return Ok(()),
+                }
+            } else if refill_due && open {
+                match batches.recv().await {
+                    Some(b) => fresh = b,
+                    None => open = false,
+                }
+            }
+            refill_due = false;
+            if running.is_empty() && fresh.is_empty() {
+                if open {
+                    continue;
+                }
+                return Ok(());
+            }
+            while open {
+                match batches.try_recv() {
+                    Ok(b) => fresh.extend(b),
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => open = false,
+                }
+            }
+            let mut requests: Vec<InferRequest> = running
+                .iter()
+                .map(|(id, headers, _)| InferRequest {
+                    id: id.clone(),
+                    headers: headers.clone(),
+                    params: Vec::new(),
+                })
+                .collect();
+            let now = Instant::now();
+            for mut job in fresh {
+                job.timings.batch_start = Some(now);
+                job.timings.backend_start = Some(now);
+                let mut request = std::mem::take(&mut job.request);
+                let mut id = request.id.clone();
+                let mut n = 2;
+                while running.iter().any(|(r, _, _)| *r == id) {
+                    id = format!("{}#{n}", request.id);
+                    n += 1;
+                }
+                request.id = id.clone();
+                running.push((id, request.headers.clone(), job));
+                requests.push(request);
+            }
+            self.metrics.batch_size.observe(requests.len() as f64);
+            let step = async {
+                backend.send(&requests).await?;
+                backend.recv().await
+            };
+            let parts =
+                match tokio::time::timeout(limit, AssertUnwindSafe(step).catch_unwind()).await {
+                    Ok(Ok(Ok(parts))) => parts,
+                    Ok(Ok(Err(e))) => {
+                        return fail_all(&mut running, PoolError::WorkerDied(e.to_string()))
+                    }
+                    Ok(Err(p)) => {
+                        return fail_all(&mut running, PoolError::Panicked(panic_message(&*p)))
+                    }
+                    Err(_) => return fail_all(&mut running, PoolError::Timeout(limit.as_secs())),
+                };
+            let mut released = 0;
+            for Part { id, response, last } in parts {
+                let Some(i) = running.iter().position(|(r, _, _)| *r == id) else {
+                    let e = PoolError::WorkerDied(format!(
+                        "the worker answered unknown request id {id:?}"
+                    ));
+                    return fail_all(&mut running, e);
+                };
+                if last {
+                    let (_, _, mut job) = running.remove(i);
+                    job.timings.backend_end = Some(Instant::now());
+                    job.finish(response);
+                    released += 1;
+                } else {
+                    running[i].2.send_partial(response);
+                }
+            }
+            if released > 0 {
+                self.report(Event::Released { slot, n: released });
+                refill_due = true;
             }
         }
     }
@@ -219,6 +454,21 @@ impl Runner {
             .set(frontend.as_millis() as f64);
         outcome
     }
+}
+
+/// A job in a continuous batch: its id as sent, its headers (resent with every step), the job.
+type Running = (String, Vec<(String, String)>, Job);
+
+/// `id`, or `id#2`, `id#3`, ... when a request with that id is already in flight on this worker:
+/// replies are matched by id, and clients choose their own `x-request-id`.
+fn unique_id<V>(flying: &HashMap<String, V>, id: String) -> String {
+    if !flying.contains_key(&id) {
+        return id;
+    }
+    (2u64..)
+        .map(|n| format!("{id}#{n}"))
+        .find(|c| !flying.contains_key(c))
+        .unwrap_or(id)
 }
 
 /// Forwards a backend's streamed parts to the jobs of the current batch.

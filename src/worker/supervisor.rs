@@ -17,9 +17,11 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use super::autoscale::{Autoscaler, Sample, Step};
-use super::policy::{later, Assignment, BatchPolicy, Classic, WorkerView};
+use super::policy::{later, Assignment, BatchPolicy, Classic, InFlight, WorkerView};
 use super::runner::{Batch, Event, Failure, Runner, FIRST_BACKOFF, MAX_BACKOFF};
-use super::{gpu_for, Command, Job, Msg, PoolError, PoolSettings, PoolStatus, WorkerInfo};
+use super::{
+    gpu_for, BatchMode, Command, Job, Msg, PoolError, PoolSettings, PoolStatus, WorkerInfo,
+};
 use super::{WorkerStatus, WorkerStatus as St};
 use crate::backend::{BackendLoader, WorkerSpec};
 use crate::metrics::{ModelMetrics, WorkerState};
@@ -56,6 +58,10 @@ struct Slot {
     backoff: Duration,
     restart_at: Option<Instant>,
     loaded_at: Option<Instant>,
+    /// Continuous batching: the worker released jobs and waits for this step's refill, which
+    /// it gets as its next batch (empty if nothing waits), so no step runs half empty while
+    /// jobs wait in the queue.
+    refill_due: bool,
 }
 
 /// A scale request waiting for its workers to settle (or, without `wait`, for the next publish:
@@ -95,11 +101,17 @@ impl Supervisor {
     pub(super) fn new(p: Parts) -> Supervisor {
         let s = &p.settings;
         p.metrics.queue_capacity.set(s.queue_capacity as f64);
-        let policy = Box::new(Classic::new(
-            s.batch_size,
-            s.max_batch_delay,
-            s.queue_capacity,
-        ));
+        let policy: Box<dyn BatchPolicy> = match s.mode {
+            BatchMode::Classic => Box::new(Classic::new(
+                s.batch_size,
+                s.max_batch_delay,
+                s.queue_capacity,
+            )),
+            BatchMode::Async => Box::new(InFlight::new(s.queue_capacity)),
+            // Continuous batching refills a worker's free slots (batchSize in all) as soon as
+            // it releases finished jobs: the same hand-out rule with batchSize as the room.
+            BatchMode::Continuous => Box::new(InFlight::new(s.batch_size.max(1) as usize)),
+        };
         Supervisor {
             loader: p.loader,
             spec: p.spec,
@@ -314,6 +326,7 @@ impl Supervisor {
             backoff: FIRST_BACKOFF,
             restart_at: None,
             loaded_at: None,
+            refill_due: false,
         };
         self.slots.push(slot);
         let i = self.slots.len() - 1;
@@ -330,6 +343,7 @@ impl Supervisor {
         let (tx, rx) = mpsc::unbounded_channel();
         let runner = Runner {
             slot: slot.id,
+            mode: self.settings.mode,
             spec,
             loader: self.loader.clone(),
             metrics: self.metrics.clone(),
@@ -341,6 +355,7 @@ impl Supervisor {
         slot.restart_at = None;
         slot.loaded_at = None;
         slot.in_flight = 0;
+        slot.refill_due = false;
         tokio::spawn(runner.run(rx));
     }
 
@@ -383,6 +398,7 @@ impl Supervisor {
                 s.in_flight = s.in_flight.saturating_sub(n);
                 // It served: the next failure restarts it quickly again.
                 s.backoff = FIRST_BACKOFF;
+                s.refill_due = self.settings.mode == BatchMode::Continuous;
                 s.status = match (s.retiring, s.in_flight) {
                     (true, _) => St::Stopping,
                     (false, 0) => St::Ready,
@@ -434,6 +450,12 @@ impl Supervisor {
             self.autoscale(now);
         }
         self.dispatch(now);
+        for s in self.slots.iter_mut().filter(|s| s.refill_due) {
+            s.refill_due = false;
+            if let Some(tx) = &s.tx {
+                let _ = tx.send(Vec::new());
+            }
+        }
         // Publish first: a scale waiter or describer reads the published state as soon as it
         // is answered (a synchronous registration checks the load error), maybe on another
         // thread before this step ends.

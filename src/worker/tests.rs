@@ -110,11 +110,11 @@ fn settings(batch_size: u32, queue_capacity: usize, rule: AutoscaleRule) -> Pool
         response_timeout: Duration::from_secs(3600),
         startup_timeout: Duration::from_secs(3600),
         autoscale: rule,
+        mode: BatchMode::Classic,
     }
 }
 
 fn harness(s: PoolSettings, plan: &[Load]) -> Harness {
-    let (config, _) = Config::from_sources(HashMap::new(), &[], &Overrides::default()).unwrap();
     let metrics = Arc::new(Metrics::for_tests());
     let (loads_tx, loads) = mpsc::unbounded_channel();
     let (calls_tx, calls) = mpsc::unbounded_channel();
@@ -123,6 +123,17 @@ fn harness(s: PoolSettings, plan: &[Load]) -> Harness {
         loads: loads_tx,
         calls: calls_tx,
     });
+    let pool = make_pool(loader, s, &metrics);
+    Harness {
+        pool,
+        loads,
+        calls,
+        metrics,
+    }
+}
+
+fn make_pool(loader: Arc<dyn BackendLoader>, s: PoolSettings, metrics: &Arc<Metrics>) -> Pool {
+    let (config, _) = Config::from_sources(HashMap::new(), &[], &Overrides::default()).unwrap();
     let spec = WorkerSpec {
         port: 0,
         name: String::new(),
@@ -138,13 +149,7 @@ fn harness(s: PoolSettings, plan: &[Load]) -> Harness {
         settings: Arc::new(config),
     };
     let model = metrics.model("m", "1.0");
-    let pool = Pool::new(loader, spec, s, model, Arc::new(AtomicU32::new(9000)));
-    Harness {
-        pool,
-        loads,
-        calls,
-        metrics,
-    }
+    Pool::new(loader, spec, s, model, Arc::new(AtomicU32::new(9000)))
 }
 
 fn request(id: &str) -> (Job, ReplyRx) {
@@ -528,4 +533,219 @@ async fn huge_configured_delays_are_deadlines_that_never_come_not_panics() {
     for rx in replies {
         assert_eq!(answer(rx).await.0, 200);
     }
+}
+
+/// A backend in async mode: the test sees each message sent and decides which reply parts come
+/// back, in any order.
+struct AsyncLoader {
+    sent: mpsc::UnboundedSender<Vec<String>>,
+    parts: Mutex<Option<mpsc::UnboundedReceiver<Vec<crate::backend::Part>>>>,
+}
+
+struct AsyncFake {
+    sent: mpsc::UnboundedSender<Vec<String>>,
+    parts: mpsc::UnboundedReceiver<Vec<crate::backend::Part>>,
+}
+
+#[async_trait]
+impl BackendLoader for AsyncLoader {
+    fn runtime(&self) -> &str {
+        "fake-async"
+    }
+    async fn load(&self, _spec: &WorkerSpec) -> Result<Box<dyn Backend>, BackendError> {
+        let parts = self.parts.lock().unwrap().take().expect("one worker");
+        Ok(Box::new(AsyncFake {
+            sent: self.sent.clone(),
+            parts,
+        }))
+    }
+}
+
+#[async_trait]
+impl Backend for AsyncFake {
+    async fn infer(
+        &mut self,
+        _batch: &[InferRequest],
+        _sink: &dyn StreamSink,
+    ) -> Result<Vec<InferResponse>, BackendError> {
+        panic!("an async backend is never given a classic batch")
+    }
+    fn is_async(&self) -> bool {
+        true
+    }
+    fn can_step(&self) -> bool {
+        true
+    }
+    async fn send(&mut self, batch: &[InferRequest]) -> Result<(), BackendError> {
+        let _ = self.sent.send(batch.iter().map(|r| r.id.clone()).collect());
+        Ok(())
+    }
+    async fn recv(&mut self) -> Result<Vec<crate::backend::Part>, BackendError> {
+        self.parts
+            .recv()
+            .await
+            .ok_or_else(|| BackendError::Died("socket closed".into()))
+    }
+}
+
+fn part(id: &str, body: &str, last: bool) -> crate::backend::Part {
+    crate::backend::Part {
+        id: id.into(),
+        response: InferResponse::ok("text/plain", body.to_string()),
+        last,
+    }
+}
+
+struct AsyncHarness {
+    pool: Pool,
+    sent: mpsc::UnboundedReceiver<Vec<String>>,
+    parts: mpsc::UnboundedSender<Vec<crate::backend::Part>>,
+}
+
+async fn async_harness(queue: usize, batch_size: u32, timeout: Duration) -> AsyncHarness {
+    mode_harness(BatchMode::Async, queue, batch_size, timeout).await
+}
+
+async fn mode_harness(
+    mode: BatchMode,
+    queue: usize,
+    batch_size: u32,
+    timeout: Duration,
+) -> AsyncHarness {
+    let (sent_tx, sent) = mpsc::unbounded_channel();
+    let (parts, parts_rx) = mpsc::unbounded_channel();
+    let loader = Arc::new(AsyncLoader {
+        sent: sent_tx,
+        parts: Mutex::new(Some(parts_rx)),
+    });
+    let mut s = settings(batch_size, queue, no_autoscale());
+    s.mode = mode;
+    s.response_timeout = timeout;
+    let pool = make_pool(loader, s, &Arc::new(Metrics::for_tests()));
+    assert_eq!(pool.scale(1, 1, true).await, 1);
+    AsyncHarness { pool, sent, parts }
+}
+
+impl AsyncHarness {
+    fn submit(&self, id: &str) -> ReplyRx {
+        let (job, rx) = request(id);
+        self.pool.submit(job).expect("queued");
+        rx
+    }
+    async fn sent(&mut self) -> Vec<String> {
+        self.sent
+            .recv()
+            .await
+            .expect("a message reaches the backend")
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn async_mode_sends_while_others_are_in_flight_and_answers_by_id() {
+    let mut h = async_harness(10, 1, Duration::from_secs(3600)).await;
+    let (a, b, c) = (h.submit("a"), h.submit("b"), h.submit("c"));
+    // All three reach the one worker before any is answered, one message each (batchSize 1).
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        seen.extend(h.sent().await);
+    }
+    assert_eq!(seen, ["a", "b", "c"]);
+    // Replies come back in the order the backend finished them.
+    h.parts.send(vec![part("c", "C", true)]).unwrap();
+    assert_eq!(answer(c).await, (200, "C".to_string()));
+    h.parts
+        .send(vec![part("a", "A", true), part("b", "B", true)])
+        .unwrap();
+    assert_eq!(answer(a).await, (200, "A".to_string()));
+    assert_eq!(answer(b).await, (200, "B".to_string()));
+    let s = h.pool.describe().await;
+    assert_eq!(statuses(&s), [WorkerStatus::Ready]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn async_mode_streams_parts_and_duplicate_ids_stay_apart() {
+    let mut h = async_harness(10, 4, Duration::from_secs(3600)).await;
+    let a1 = h.submit("same");
+    let _ = h.sent().await;
+    let a2 = h.submit("same");
+    assert_eq!(h.sent().await, ["same#2"]);
+    h.parts
+        .send(vec![part("same#2", "x1", false), part("same", "y", true)])
+        .unwrap();
+    assert_eq!(answer(a1).await, (200, "y".to_string()));
+    let Reply::Stream(first, mut rest) = a2.await.unwrap() else {
+        panic!("a stream")
+    };
+    assert!(!first.last);
+    assert_eq!(&first.response.body[..], b"x1");
+    h.parts.send(vec![part("same#2", "x2", true)]).unwrap();
+    let last = rest.recv().await.unwrap();
+    assert!(last.last);
+    assert_eq!(&last.response.body[..], b"x2");
+}
+
+#[tokio::test(start_paused = true)]
+async fn async_mode_times_out_one_request_and_a_crash_fails_only_those_in_flight() {
+    let mut h = async_harness(10, 1, Duration::from_secs(5)).await;
+    let slow = h.submit("slow");
+    let _ = h.sent().await;
+    // No part for 5 s: only that request answers 408; a late reply is ignored.
+    let (status, body) = answer(slow).await;
+    assert_eq!(status, 408, "{body}");
+    h.parts.send(vec![part("slow", "late", true)]).unwrap();
+    let ok = h.submit("ok");
+    let _ = h.sent().await;
+    h.parts.send(vec![part("ok", "fine", true)]).unwrap();
+    assert_eq!(answer(ok).await, (200, "fine".to_string()));
+    // The backend dies with two in flight: both answer 503, and the slot goes to backoff.
+    let (x, y) = (h.submit("x"), h.submit("y"));
+    let _ = h.sent().await;
+    let _ = h.sent().await;
+    drop(h.parts);
+    for rx in [x, y] {
+        let (status, body) = answer(rx).await;
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("Worker died"), "{body}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn async_mode_on_a_backend_without_one_serves_batches_of_batch_size_in_turn() {
+    let mut s = settings(2, 10, no_autoscale());
+    s.mode = BatchMode::Async;
+    let mut h = harness(s, &[]);
+    assert_eq!(h.pool.scale(1, 1, true).await, 1);
+    let (a, b, c) = (h.submit("a"), h.submit("b"), h.submit("c"));
+    let first = h.call().await;
+    assert_eq!(first.ids, ["a", "b"]);
+    first.answer.send(Outcome::Ok).unwrap();
+    let second = h.call().await;
+    assert_eq!(second.ids, ["c"]);
+    second.answer.send(Outcome::Ok).unwrap();
+    for (rx, id) in [(a, "a"), (b, "b"), (c, "c")] {
+        assert_eq!(answer(rx).await, (200, format!("ok {id}")));
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn continuous_batching_keeps_running_jobs_and_refills_freed_slots() {
+    let mut h = mode_harness(BatchMode::Continuous, 10, 2, Duration::from_secs(3600)).await;
+    let (a, b, c) = (h.submit("a"), h.submit("b"), h.submit("c"));
+    // batchSize 2: a and b start; c waits for a free slot.
+    assert_eq!(h.sent().await, ["a", "b"]);
+    h.parts
+        .send(vec![part("a", "a1", false), part("b", "B", true)])
+        .unwrap();
+    assert_eq!(answer(b).await, (200, "B".to_string()));
+    // Next step: a again (cached in the worker) and c in b's freed slot.
+    assert_eq!(h.sent().await, ["a", "c"]);
+    h.parts
+        .send(vec![part("a", "A", true), part("c", "C", true)])
+        .unwrap();
+    let Reply::Stream(first, mut rest) = a.await.unwrap() else {
+        panic!("a streamed")
+    };
+    assert_eq!(&first.response.body[..], b"a1");
+    assert_eq!(&rest.recv().await.unwrap().response.body[..], b"A");
+    assert_eq!(answer(c).await, (200, "C".to_string()));
 }

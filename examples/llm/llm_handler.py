@@ -1,0 +1,131 @@
+"""An OpenAI-shaped LLM deployment that runs on CPU in under a second: examples/llm.
+
+The handler is an `async def handle` served in async mode (`asyncCommunication: true` in
+model-config.yaml): oxserve sends each request to the worker as it arrives, and the toy engine
+(engine.py, continuous batching, words as tokens) generates for all of them at once. Routes, by
+the extra path of `/predictions/llm/1.0/<path>` (TorchServe passes it as the `url_path` header):
+
+- `v1/completions`: `{"prompt": "...", "max_tokens": 16, "stream": false, "stop": [...]}`
+- `v1/chat/completions`: `{"messages": [{"role": "user", "content": "..."}], ...}`
+
+Replies have OpenAI's shape with a `usage` object; with `"stream": true` they are Server-Sent
+Events (`data: {...}` per token, then `data: [DONE]`), one HTTP chunk per event. The first part
+carries the header `x-engine-ttft-ms`: the engine's own time to first token, which
+bench/llm_stream.py compares with what clients see.
+"""
+
+import asyncio
+import json
+import time
+import uuid
+
+from engine import Engine, count_tokens
+from ts.handler_utils.utils import send_intermediate_predict_response
+
+MAX_TOKENS_LIMIT = 4096
+
+
+class LlmHandler:
+    def __init__(self):
+        self.engine = None
+        self.model_name = "llm"
+        self.default_max_tokens = 16
+
+    def initialize(self, context):
+        cfg = (context.model_yaml_config or {}).get("handler", {}) or {}
+        self.engine = Engine(cfg.get("max_num_seqs", 64), cfg.get("step_ms", 10) / 1000.0)
+        self.default_max_tokens = int(cfg.get("max_tokens", 16))
+        self.model_name = context.model_name
+
+    async def handle(self, data, context):
+        if data is None:
+            return None
+        # TorchServe's async worker sends one request per message (batchSize 1, as vLLM's);
+        # a larger batch is generated concurrently all the same.
+        return list(await asyncio.gather(
+            *(self._one(i, request, context) for i, request in enumerate(data))))
+
+    async def _one(self, idx, request, context):
+        path = (context.get_request_header(idx, "url_path") or "v1/completions").strip("/")
+        body = request.get("body", request.get("data"))
+        if isinstance(body, (bytes, bytearray)):
+            body = json.loads(body.decode("utf-8"))
+        if not isinstance(body, dict):
+            return self._error(context, idx, 400, "the body must be a JSON object")
+        chat = path == "v1/chat/completions"
+        if not chat and path != "v1/completions":
+            return self._error(context, idx, 404, "unknown route %r" % path)
+        if chat:
+            messages = body.get("messages")
+            if not isinstance(messages, list) or not messages:
+                return self._error(context, idx, 400, "messages must be a non-empty list")
+            prompt = " ".join(str(m.get("content", "")) for m in messages if isinstance(m, dict))
+        else:
+            prompt = body.get("prompt")
+            if not isinstance(prompt, str):
+                return self._error(context, idx, 400, "prompt must be a string")
+        max_tokens = body.get("max_tokens", self.default_max_tokens)
+        if not isinstance(max_tokens, int) or not 0 <= max_tokens <= MAX_TOKENS_LIMIT:
+            return self._error(context, idx, 400, "max_tokens must be an integer from 0 to %d"
+                               % MAX_TOKENS_LIMIT)
+        stop = body.get("stop")
+        stop = [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else None
+        stream = bool(body.get("stream", False))
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        created = int(time.time())
+        prompt_tokens = count_tokens(prompt)
+        words, seq = [], None
+        first = True
+        if stream:
+            context.set_response_content_type(idx, "text/event-stream")
+        async for word, seq in self.engine.generate(prompt, max_tokens, stop):
+            words.append(word)
+            if not stream:
+                continue
+            if first:
+                ttft = (seq.first_token_at - seq.arrived) * 1000
+                context.set_response_header(idx, "x-engine-ttft-ms", "%.3f" % ttft)
+            text = word if first else " " + word
+            first = False
+            chunk = self._chunk(rid, created, chat, text, seq.finish_reason)
+            if seq.finish_reason:
+                chunk["usage"] = self._usage(prompt_tokens, len(words))
+            send_intermediate_predict_response(
+                {idx: "data: %s\n\n" % json.dumps(chunk)}, {idx: context.request_ids[idx]},
+                "Intermediate Prediction success", 200, context)
+        finish = (seq.finish_reason if seq else None) or "length"
+        if stream:
+            return "data: [DONE]\n\n"
+        text = " ".join(words)
+        usage = self._usage(prompt_tokens, len(words))
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                      "finish_reason": finish}
+            obj = "chat.completion"
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+            obj = "text_completion"
+        context.set_response_content_type(idx, "application/json")
+        return json.dumps({"id": rid, "object": obj, "created": created,
+                           "model": self.model_name, "choices": [choice], "usage": usage})
+
+    def _chunk(self, rid, created, chat, text, finish):
+        if chat:
+            choice = {"index": 0, "delta": {"content": text}, "finish_reason": finish}
+            obj = "chat.completion.chunk"
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+            obj = "text_completion"
+        return {"id": rid, "object": obj, "created": created, "model": self.model_name,
+                "choices": [choice]}
+
+    @staticmethod
+    def _usage(prompt_tokens, completion_tokens):
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens}
+
+    @staticmethod
+    def _error(context, idx, code, message):
+        context.set_response_status(code, message, idx)
+        context.set_response_content_type(idx, "application/json")
+        return json.dumps({"object": "error", "message": message, "code": code})

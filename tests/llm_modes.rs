@@ -1,0 +1,433 @@
+//! LLM serving modes over the real binary with real Python workers (oxserve's own runtime):
+//! async mode (`asyncCommunication: true`) with many requests in flight on one worker, replies
+//! matched by request id, failures answering only their own request, and examples/llm (the
+//! OpenAI-shaped toy engine) end to end. No test here depends on timing: concurrency is proven
+//! by handlers that cannot finish unless the other requests are in flight at the same time.
+
+mod common;
+
+use common::Server;
+use reqwest::Method;
+use std::path::Path;
+
+/// An unpacked model folder (a .mar's layout) with a model-config.yaml and extra files.
+fn model_folder(store: &Path, name: &str, yaml: &str, files: &[(&str, &str)]) {
+    let dir = store.join(name);
+    std::fs::create_dir_all(dir.join("MAR-INF")).unwrap();
+    std::fs::write(
+        dir.join("MAR-INF/MANIFEST.json"),
+        format!(
+            r#"{{"runtime": "python", "model": {{"modelName": "{name}", "modelVersion": "1.0", "handler": "{name}.py", "configFile": "model-config.yaml"}}}}"#
+        ),
+    )
+    .unwrap();
+    std::fs::write(dir.join("model-config.yaml"), yaml).unwrap();
+    for (file, text) in files {
+        std::fs::write(dir.join(file), text).unwrap();
+    }
+}
+
+fn start(store: &Path, models: &str) -> Server {
+    Server::start(
+        "",
+        &[
+            "--model-store",
+            store.to_str().unwrap(),
+            "--models",
+            models,
+            "--enable-model-api",
+        ],
+    )
+}
+
+const ASYNC_YAML: &str =
+    "minWorkers: 1\nmaxWorkers: 1\nasyncCommunication: true\nresponseTimeout: 120\n";
+
+/// A handler that answers only once `n` requests are inside it at the same time: with one
+/// worker, every request succeeds only if the worker holds all of them at once. "fail" raises at
+/// once (after counting itself in); "slow" waits until a later request has finished.
+const GATHER: &str = r#"
+import asyncio, os
+
+N = int(os.environ.get("GATHER_N", "8"))
+state = {"arrived": 0, "done": 0}
+events = {}
+
+def ev(name):
+    if name not in events:
+        events[name] = asyncio.Event()
+    return events[name]
+
+async def handle(data, context):
+    if data is None:
+        return None
+    body = data[0].get("body")
+    text = body.decode() if isinstance(body, (bytes, bytearray)) else str(body)
+    state["arrived"] += 1
+    if state["arrived"] >= N:
+        ev("all").set()
+    await asyncio.wait_for(ev("all").wait(), 100)
+    if text == "fail":
+        raise ValueError("asked to fail")
+    if text == "slow":
+        await asyncio.wait_for(ev("one-done").wait(), 100)
+    else:
+        ev("one-done").set()
+    return ["%s pid=%d" % (text, os.getpid())]
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn async_mode_holds_many_requests_in_one_worker_and_matches_replies_by_id() {
+    let store = tempfile::tempdir().unwrap();
+    model_folder(store.path(), "gather", ASYNC_YAML, &[("gather.py", GATHER)]);
+    let s = start(store.path(), "gather");
+    s.wait_healthy().await;
+    // 8 requests, one worker, a handler that returns only when all 8 are inside it: they all
+    // succeed, each with its own answer (replies come back in completion order, "slow" last).
+    let client = s.client.clone();
+    let url = format!("{}/predictions/gather", s.inference);
+    let got = common::concurrently(8, move |i| {
+        let (client, url) = (client.clone(), url.clone());
+        async move {
+            let body = if i == 3 {
+                "slow".to_string()
+            } else {
+                format!("r{i}")
+            };
+            let r = client.post(url).body(body.clone()).send().await.unwrap();
+            (body, r.status().as_u16(), r.text().await.unwrap())
+        }
+    })
+    .await;
+    let pids: std::collections::HashSet<String> = got
+        .iter()
+        .map(|(body, status, text)| {
+            assert_eq!(*status, 200, "{body}: {text}");
+            let (echo, pid) = text.split_once(" pid=").unwrap();
+            assert_eq!(echo, body);
+            pid.to_string()
+        })
+        .collect();
+    assert_eq!(pids.len(), 1, "one worker process served them all");
+    let (_, d) = s.mgmt(Method::GET, "/models/gather").await;
+    assert_eq!(d[0]["workers"].as_array().unwrap().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_request_in_async_mode_fails_only_itself() {
+    let store = tempfile::tempdir().unwrap();
+    model_folder(store.path(), "gather", ASYNC_YAML, &[("gather.py", GATHER)]);
+    let s = Server::start_with_env(
+        "",
+        &[
+            "--model-store",
+            store.path().to_str().unwrap(),
+            "--models",
+            "gather",
+        ],
+        &[("GATHER_N", "4")],
+    );
+    s.wait_healthy().await;
+    let client = s.client.clone();
+    let url = format!("{}/predictions/gather", s.inference);
+    let got = common::concurrently(4, move |i| {
+        let (client, url) = (client.clone(), url.clone());
+        async move {
+            let body = if i == 0 {
+                "fail".to_string()
+            } else {
+                format!("ok{i}")
+            };
+            let r = client.post(url).body(body.clone()).send().await.unwrap();
+            (body, r.status().as_u16(), r.text().await.unwrap())
+        }
+    })
+    .await;
+    for (body, status, text) in &got {
+        if body == "fail" {
+            assert_eq!(*status, 503, "{text}");
+            let e: serde_json::Value = serde_json::from_str(text).unwrap();
+            assert!(
+                e["message"].as_str().unwrap().contains("asked to fail"),
+                "{e}"
+            );
+            assert_eq!(e["code"], 503);
+        } else {
+            // TorchServe's frontend would answer these with the failing request's error.
+            assert_eq!(*status, 200, "{body}: {text}");
+            assert!(text.starts_with(body.as_str()), "{text}");
+        }
+    }
+    // The worker is still the same one and still serves.
+    let r = s.predict("gather", "again").await;
+    assert_eq!(r.status(), 200);
+}
+
+/// A plain `def handle` in async mode runs on threads (it may block), and an `async def handle`
+/// in classic mode is awaited: both answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_handlers_in_async_mode_and_async_handlers_in_classic_mode_both_answer() {
+    let store = tempfile::tempdir().unwrap();
+    let barrier = "import threading\nb = threading.Barrier(3, timeout=100)\ndef handle(data, context):\n    if data is None:\n        return None\n    b.wait()\n    return ['sync ok']\n";
+    model_folder(store.path(), "syncy", ASYNC_YAML, &[("syncy.py", barrier)]);
+    let coro = "import asyncio\nasync def handle(data, context):\n    if data is None:\n        return None\n    await asyncio.sleep(0)\n    return ['async ok' for _ in data]\n";
+    model_folder(
+        store.path(),
+        "classic",
+        "minWorkers: 1\nmaxWorkers: 1\n",
+        &[("classic.py", coro)],
+    );
+    let s = start(store.path(), "syncy,classic");
+    s.wait_healthy().await;
+    let client = s.client.clone();
+    let url = format!("{}/predictions/syncy", s.inference);
+    // Three blocking handler calls meet at a barrier: only possible if they run at once.
+    let got = common::concurrently(3, move |_| {
+        let (client, url) = (client.clone(), url.clone());
+        async move {
+            let r = client.post(url).body("x").send().await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    })
+    .await;
+    for (status, text) in got {
+        assert_eq!((status, text.as_str()), (200, "sync ok"));
+    }
+    let r = s.predict("classic", "x").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "async ok");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mode_keys_are_checked_at_registration() {
+    let store = tempfile::tempdir().unwrap();
+    let h = "def handle(data, context):\n    return data\n";
+    model_folder(
+        store.path(),
+        "badmode",
+        "asyncCommunication: yes please\n",
+        &[("badmode.py", h)],
+    );
+    let s = Server::start(
+        "",
+        &[
+            "--model-store",
+            store.path().to_str().unwrap(),
+            "--enable-model-api",
+        ],
+    );
+    let (code, e) = s.mgmt(Method::POST, "/models?url=badmode").await;
+    assert_eq!(code, 400, "{e}");
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap()
+            .contains("asyncCommunication"),
+        "{e}"
+    );
+}
+
+/// examples/llm, packaged as its folder: the OpenAI-shaped toy engine in async mode.
+fn llm_store() -> tempfile::TempDir {
+    let store = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/llm");
+    let read = |f: &str| std::fs::read_to_string(root.join(f)).unwrap();
+    let handler = read("llm_handler.py");
+    let engine = read("engine.py");
+    let yaml = read("model-config.yaml");
+    model_folder(
+        store.path(),
+        "llm",
+        &yaml,
+        &[("llm.py", &handler), ("engine.py", &engine)],
+    );
+    store
+}
+
+async fn post_json(s: &Server, path: &str, body: serde_json::Value) -> reqwest::Response {
+    s.client
+        .post(format!("{}/predictions/llm/1.0/{path}", s.inference))
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap()
+}
+
+/// The `data:` events of an SSE body.
+fn events(text: &str) -> Vec<String> {
+    text.split("\n\n")
+        .filter(|e| !e.is_empty())
+        .map(|e| e.strip_prefix("data: ").expect(e).to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_llm_example_answers_completions_and_chat_whole_and_streamed() {
+    let store = llm_store();
+    let s = start(store.path(), "llm");
+    s.wait_healthy().await;
+
+    let r = post_json(
+        &s,
+        "v1/completions",
+        serde_json::json!({"prompt": "hello there world", "max_tokens": 5}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["object"], "text_completion");
+    assert_eq!(
+        v["choices"][0]["text"].as_str().unwrap().split(' ').count(),
+        5
+    );
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    assert_eq!(
+        v["usage"],
+        serde_json::json!({"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8})
+    );
+
+    let msgs = serde_json::json!([{"role": "user", "content": "hi"}]);
+    let r = post_json(
+        &s,
+        "v1/chat/completions",
+        serde_json::json!({"messages": msgs, "max_tokens": 3}),
+    )
+    .await;
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["choices"][0]["message"]["role"], "assistant");
+    assert_eq!(v["usage"]["completion_tokens"], 3);
+
+    // Streamed: one SSE event per token, each its own HTTP chunk, then [DONE].
+    let mut r = post_json(
+        &s,
+        "v1/chat/completions",
+        serde_json::json!({"messages": msgs, "max_tokens": 4, "stream": true}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "text/event-stream");
+    let mut chunks = Vec::new();
+    while let Some(c) = r.chunk().await.unwrap() {
+        chunks.push(String::from_utf8(c.to_vec()).unwrap());
+    }
+    let all = chunks.concat();
+    let ev = events(&all);
+    assert_eq!(ev.len(), 5, "{all}");
+    assert_eq!(ev[4], "[DONE]");
+    let mut text = String::new();
+    for e in &ev[..4] {
+        let v: serde_json::Value = serde_json::from_str(e).unwrap();
+        assert_eq!(v["object"], "chat.completion.chunk");
+        text.push_str(v["choices"][0]["delta"]["content"].as_str().unwrap());
+    }
+    let last: serde_json::Value = serde_json::from_str(&ev[3]).unwrap();
+    assert_eq!(last["usage"]["completion_tokens"], 4);
+    assert_eq!(last["choices"][0]["finish_reason"], "length");
+    // The same prompt generates the same words whole or streamed (3 of them, then a 4th).
+    let whole = v["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(text.starts_with(&format!("{whole} ")), "{text} / {whole}");
+    assert_eq!(text.split(' ').count(), 4);
+
+    // Bad input answers a clear error and does not disturb the worker.
+    let r = post_json(&s, "v1/completions", serde_json::json!({"prompt": 7})).await;
+    assert_eq!(r.status(), 400);
+    let r = post_json(&s, "v1/unknown", serde_json::json!({})).await;
+    assert_eq!(r.status(), 404);
+    let r = post_json(
+        &s,
+        "v1/completions",
+        serde_json::json!({"prompt": "x", "max_tokens": 100000}),
+    )
+    .await;
+    assert_eq!(r.status(), 400);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_llm_example_streams_many_requests_at_once_on_one_worker() {
+    let store = llm_store();
+    let s = start(store.path(), "llm");
+    s.wait_healthy().await;
+    let client = s.client.clone();
+    let url = format!("{}/predictions/llm/1.0/v1/completions", s.inference);
+    let n = 32;
+    let got = common::concurrently(n, move |i| {
+        let (client, url) = (client.clone(), url.clone());
+        async move {
+            let body = serde_json::json!({"prompt": format!("prompt number {i}"), "max_tokens": 6 + i % 5, "stream": true});
+            let mut r = client.post(url).body(body.to_string()).header("content-type", "application/json").send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            let mut all = String::new();
+            while let Some(c) = r.chunk().await.unwrap() {
+                all.push_str(std::str::from_utf8(&c).unwrap());
+            }
+            (i, all)
+        }
+    })
+    .await;
+    for (i, all) in got {
+        let ev = events(&all);
+        assert_eq!(ev.len(), 6 + i % 5 + 1, "{all}");
+        assert_eq!(ev.last().unwrap(), "[DONE]");
+    }
+    let (_, d) = s.mgmt(Method::GET, "/models/llm").await;
+    assert_eq!(d[0]["workers"].as_array().unwrap().len(), 1);
+}
+
+/// TorchServe's continuous batching: the handler keeps per-request state across steps and says
+/// with `context.stopping_criteria` which requests are done; the others stay in the batch.
+const STEPPER: &str = r#"
+import json
+count = {}
+def handle(data, context):
+    if data is None:
+        return None
+    out = []
+    for idx, request in enumerate(data):
+        rid = context.get_request_id(idx)
+        if rid not in count:
+            count[rid] = [0, int(request["body"] if not isinstance(request.get("body"), (bytes, bytearray)) else request["body"].decode())]
+        count[rid][0] += 1
+        out.append("tok%d " % count[rid][0])
+    steps = {context.get_request_id(i): count[context.get_request_id(i)] for i in range(len(data))}
+    context.stopping_criteria = [
+        (lambda rid: (lambda _ret: steps[rid][0] >= steps[rid][1]))(context.get_request_id(i))
+        for i in range(len(data))
+    ]
+    return out
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn continuous_batching_streams_each_request_until_its_stopping_criterion() {
+    let store = tempfile::tempdir().unwrap();
+    model_folder(
+        store.path(),
+        "stepper",
+        "minWorkers: 1\nmaxWorkers: 1\nbatchSize: 4\ncontinuousBatching: true\n",
+        &[("stepper.py", STEPPER)],
+    );
+    let s = start(store.path(), "stepper");
+    s.wait_healthy().await;
+    let client = s.client.clone();
+    let url = format!("{}/predictions/stepper", s.inference);
+    // Six requests, four slots: each streams as many tokens as it asked for.
+    let got = common::concurrently(6, move |i| {
+        let (client, url) = (client.clone(), url.clone());
+        async move {
+            let r = client
+                .post(url)
+                .body(format!("{}", i + 1))
+                .send()
+                .await
+                .unwrap();
+            (i + 1, r.status().as_u16(), r.text().await.unwrap())
+        }
+    })
+    .await;
+    for (n, status, text) in got {
+        assert_eq!(status, 200, "{text}");
+        let want: String = (1..=n).map(|k| format!("tok{k} ")).collect();
+        assert_eq!(text, want);
+    }
+}

@@ -217,8 +217,9 @@ pub async fn run(mut config: Config) -> Result<()> {
     let outcome = tokio::select! {
         r = startup => match r {
             Ok(()) => {
-                registry.mark_started();
+                // The start-up snapshot exists before /ping turns healthy.
                 registry.save_snapshot("startup");
+                registry.mark_started();
                 tracing::info!("Model server started.");
                 let which = signals.recv().await;
                 tracing::info!("{which}: shutting down: stopping listeners and workers");

@@ -130,13 +130,9 @@ fn a_lax_key_file_is_replaced_by_a_private_one() {
         serde_json::from_str(&std::fs::read_to_string(&key_file).unwrap()).unwrap();
     assert!(keys["management"]["key"].as_str().is_some(), "{keys}");
     assert!(keys.get("old").is_none());
-    // No temporary key file is left next to it (logs/ is TorchServe's log folder, kept on purpose).
+    // No temporary key file is left next to it.
     let names = entries(cwd.path());
-    assert_eq!(
-        names,
-        ["config.properties", "key_file.json", "logs"],
-        "{names:?}"
-    );
+    assert_eq!(names, ["config.properties", "key_file.json"], "{names:?}");
 
     // The server serves with those keys.
     let inference = line
@@ -210,7 +206,7 @@ fn sigterm_while_archives_unpack_cleans_up() {
     assert_eq!(entries(tmp.path()), Vec::<String>::new(), "left in TMPDIR");
     assert_eq!(
         entries(cwd.path()),
-        ["config.properties", "logs"],
+        ["config.properties"],
         "left in the working folder"
     );
     assert_eq!(entries(store.path()), ["big1.mar", "big2.mar"]);

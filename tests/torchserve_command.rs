@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use common::{demo_manifest, write_mar, BIN};
 
-const CONFIG: &str = "inference_address=http://127.0.0.1:0\nmanagement_address=http://127.0.0.1:0\nmetrics_address=http://127.0.0.1:0\n";
+const CONFIG: &str = "inference_address=http://127.0.0.1:0\nmanagement_address=http://127.0.0.1:0\nmetrics_address=http://127.0.0.1:0\ngrpc_inference_port=0\ngrpc_management_port=0\n";
 
 struct Setup {
     dir: tempfile::TempDir,

@@ -609,6 +609,10 @@ impl ManagementApIsService for Management {
                     runtime: None,
                     default_workers: Some(management::api_default_workers(&self.0.state.config)),
                 };
+                // TorchServe's GRPCUtils.getRegisterParam reads an empty field as absent.
+                if r.url.is_empty() {
+                    return Err(api(ApiError::bad_request("Parameter url is required.")));
+                }
                 let (_, text) = management::register_model(&self.0.state, &r.url, options)
                     .await
                     .map_err(api)?;

@@ -139,6 +139,9 @@ class Service:
                                self.metrics, model_yaml_config)
         module, function_name = _import_handler(msg["handler"])
         self.entry, init = _entry_points(module, function_name)
+        # service_envelope (kserve, kservev2) wraps the entry point, as TorchServe's loader does.
+        from .envelope import wrap  # here, not at the top: envelope imports this module
+        self.entry = wrap(msg.get("envelope"), self.entry)
         if init is not None:
             init(self.context)
 

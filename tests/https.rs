@@ -11,16 +11,19 @@ use std::time::Duration;
 
 use common::Server;
 
-/// A self-signed certificate for 127.0.0.1 in `dir`: (key.pem, cert.pem).
+/// A self-signed P-256 certificate for 127.0.0.1 in `dir`: key.pem, cert.pem.
 fn make_cert(dir: &Path) {
+    make_cert_with(
+        dir,
+        &["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"],
+    );
+}
+
+fn make_cert_with(dir: &Path, key: &[&str]) {
     let status = Command::new("openssl")
+        .args(["req", "-x509"])
+        .args(key)
         .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
             "-nodes",
             "-days",
             "2",
@@ -168,6 +171,38 @@ async fn a_stalled_handshake_is_dropped_after_http_header_timeout() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+#[tokio::test]
+async fn a_short_legacy_rsa_key_is_served_over_tls12() {
+    // TorchServe's own test key is 1024-bit RSA, which ring refuses; oxserve serves it over
+    // TLS 1.2 (with a warning) rather than refuse TorchServe's documented set-up.
+    let certs = tempfile::tempdir().unwrap();
+    make_cert_with(certs.path(), &["-newkey", "rsa:1024"]);
+    let props = format!(
+        "inference_address=https://127.0.0.1:0\nprivate_key_file={}\ncertificate_file={}\n",
+        certs.path().join("key.pem").display(),
+        certs.path().join("cert.pem").display()
+    );
+    let server = Server::start(&props, &[]);
+    // webpki does not verify signatures of RSA keys under 2048 bits: this client checks nothing
+    // about the certificate, only that TLS works.
+    let c = reqwest::Client::builder()
+        .danger_accept_invalid_certs(true)
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let r = c
+        .get(format!("{}/ping", https(&server.inference)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(
+        server.log().contains("1024-bit RSA key"),
+        "{}",
+        server.log()
+    );
 }
 
 #[test]

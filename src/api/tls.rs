@@ -3,7 +3,7 @@
 //!
 //! Differences from TorchServe (docs/compatibility.md, "HTTPS"): PEM only (TorchServe also reads a
 //! Java keystore), no self-signed certificate when none is configured, TLS 1.2 and 1.3 only with
-//! rustls' safe defaults, HTTP/1.1 only (ALPN `http/1.1`). The handshake runs inside the
+//! rustls' safe defaults (RSA keys under 2048 bits: TLS 1.2 only, with a warning), HTTP/1.1 only (ALPN `http/1.1`). The handshake runs inside the
 //! connection's slot and under `http_header_timeout` (src/api/http.rs), so every connection
 //! limit applies to HTTPS as it does to HTTP.
 
@@ -63,20 +63,126 @@ pub fn acceptor(files: &TlsFiles) -> Result<TlsAcceptor, String> {
         )
     })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("TLS set-up failed: {e}"))?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| {
-            format!(
-                "config keys private_key_file and certificate_file: {} and {} do not make a usable key and certificate: {e}",
+        .with_no_client_auth();
+    let unusable = |e: &dyn std::fmt::Display| {
+        format!(
+            "config keys private_key_file and certificate_file: {} and {} do not make a usable key and certificate: {e}",
+            files.private_key_file.display(),
+            files.certificate_file.display()
+        )
+    };
+    let mut config = match builder.with_single_cert(certs.clone(), key.clone_key()) {
+        Ok(config) => config,
+        Err(e) => {
+            let Some(short) = legacy_rsa::Key::short(&key) else {
+                return Err(unusable(&e));
+            };
+            tracing::warn!(
+                "private_key_file {} is a {}-bit RSA key: insecure (2048 bits is the minimum); served with TLS 1.2 only for compatibility, replace it",
                 files.private_key_file.display(),
-                files.certificate_file.display()
-            )
-        })?;
+                short.bits()
+            );
+            let certified = rustls::sign::CertifiedKey::new(certs, Arc::new(short));
+            rustls::ServerConfig::builder_with_provider(provider)
+                .with_protocol_versions(&[&rustls::version::TLS12])
+                .map_err(|e| format!("TLS set-up failed: {e}"))?
+                .with_no_client_auth()
+                .with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(certified)))
+        }
+    };
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// RSA keys shorter than 2048 bits, which ring refuses to sign with. TorchServe serves them (its
+/// own test key, resources/key.pem, is 1024-bit RSA), so oxserve does too, but only over TLS 1.2
+/// with PKCS#1 v1.5 signatures made by the pure-Rust `rsa` crate, and with a warning at start.
+mod legacy_rsa {
+    use rsa::pkcs1::DecodeRsaPrivateKey;
+    use rsa::pkcs8::DecodePrivateKey;
+    use rsa::signature::{SignatureEncoding, Signer as _};
+    use rsa::traits::PublicKeyParts;
+    use rustls_pki_types::PrivateKeyDer;
+    use tokio_rustls::rustls::{self, SignatureAlgorithm, SignatureScheme};
+
+    const SCHEMES: [SignatureScheme; 3] = [
+        SignatureScheme::RSA_PKCS1_SHA256,
+        SignatureScheme::RSA_PKCS1_SHA384,
+        SignatureScheme::RSA_PKCS1_SHA512,
+    ];
+
+    #[derive(Debug, Clone)]
+    pub struct Key(rsa::RsaPrivateKey);
+
+    impl Key {
+        /// The key, when it is an RSA key of 1024 to 2047 bits (smaller ones stay refused).
+        pub fn short(key: &PrivateKeyDer<'_>) -> Option<Key> {
+            let k = match key {
+                PrivateKeyDer::Pkcs1(k) => {
+                    rsa::RsaPrivateKey::from_pkcs1_der(k.secret_pkcs1_der()).ok()?
+                }
+                PrivateKeyDer::Pkcs8(k) => {
+                    rsa::RsaPrivateKey::from_pkcs8_der(k.secret_pkcs8_der()).ok()?
+                }
+                _ => return None,
+            };
+            (1024..2048).contains(&(k.size() * 8)).then_some(Key(k))
+        }
+
+        pub fn bits(&self) -> usize {
+            self.0.size() * 8
+        }
+    }
+
+    impl rustls::sign::SigningKey for Key {
+        fn choose_scheme(
+            &self,
+            offered: &[SignatureScheme],
+        ) -> Option<Box<dyn rustls::sign::Signer>> {
+            let scheme = SCHEMES.into_iter().find(|s| offered.contains(s))?;
+            Some(Box::new(Signer {
+                key: self.0.clone(),
+                scheme,
+            }))
+        }
+
+        fn algorithm(&self) -> SignatureAlgorithm {
+            SignatureAlgorithm::RSA
+        }
+    }
+
+    #[derive(Debug)]
+    struct Signer {
+        key: rsa::RsaPrivateKey,
+        scheme: SignatureScheme,
+    }
+
+    impl rustls::sign::Signer for Signer {
+        fn sign(&self, message: &[u8]) -> Result<Vec<u8>, rustls::Error> {
+            use rsa::pkcs1v15::SigningKey;
+            use rsa::sha2::{Sha256, Sha384, Sha512};
+            let key = self.key.clone();
+            let signed = match self.scheme {
+                SignatureScheme::RSA_PKCS1_SHA384 => SigningKey::<Sha384>::new(key)
+                    .try_sign(message)
+                    .map(|s| s.to_vec()),
+                SignatureScheme::RSA_PKCS1_SHA512 => SigningKey::<Sha512>::new(key)
+                    .try_sign(message)
+                    .map(|s| s.to_vec()),
+                _ => SigningKey::<Sha256>::new(key)
+                    .try_sign(message)
+                    .map(|s| s.to_vec()),
+            };
+            signed.map_err(|e| rustls::Error::General(format!("RSA signing failed: {e}")))
+        }
+
+        fn scheme(&self) -> SignatureScheme {
+            self.scheme
+        }
+    }
 }
 
 #[cfg(test)]

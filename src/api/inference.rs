@@ -200,15 +200,13 @@ async fn kserve_v2_live(State(s): State<AppState>, req: Request) -> Response {
 fn kserve_v2_model(
     s: &AppState,
     p: &HashMap<String, String>,
-) -> Result<std::sync::Arc<crate::model::registry::ModelVersion>, Response> {
+) -> Result<std::sync::Arc<crate::model::registry::ModelVersion>, ApiError> {
     let model = p.get("model").map(String::as_str).unwrap_or_default();
     let version = p
         .get("version")
         .map(String::as_str)
         .filter(|v| !v.is_empty());
-    s.registry
-        .get(model, version)
-        .map_err(|e| ApiError::from(e).into_response())
+    s.registry.get(model, version).map_err(ApiError::from)
 }
 
 /// KServe v2 model readiness: 200 with a worker up, else 503 (KServe's rule for the route).
@@ -230,7 +228,7 @@ async fn kserve_v2_ready(
             )
                 .into_response()
         }
-        Err(r) => r,
+        Err(e) => e.into_response(),
     }
 }
 
@@ -249,7 +247,7 @@ async fn kserve_v2_metadata(
             "outputs": [],
         }))
         .into_response(),
-        Err(r) => r,
+        Err(e) => e.into_response(),
     }
 }
 

@@ -1049,6 +1049,41 @@ mod tests {
     }
 
     #[test]
+    fn https_addresses_need_pem_files_and_envelopes_are_checked() {
+        let c = build(&[]).unwrap();
+        assert_eq!(c.tls, None);
+        assert_eq!(c.tls_listeners, TlsListeners::default());
+        assert_eq!(c.service_envelope, ServiceEnvelope::None);
+        let e = build(&[("management_address", "https://127.0.0.1:8444")]).unwrap_err();
+        assert!(e.0.contains("private_key_file"), "{e}");
+        let e = build(&[
+            ("inference_address", "https://127.0.0.1:8443"),
+            ("keystore", "ks.p12"),
+        ])
+        .unwrap_err();
+        assert!(e.0.contains("PEM") && e.0.contains("ks.p12"), "{e}");
+        let e = build(&[
+            ("inference_address", "HTTPS://127.0.0.1:8443"),
+            ("private_key_file", "k.pem"),
+        ])
+        .unwrap_err();
+        assert!(e.0.contains("certificate_file"), "{e}");
+        let c = build(&[
+            ("inference_address", "https://127.0.0.1:8443"),
+            ("private_key_file", "k.pem"),
+            ("certificate_file", "c.pem"),
+            ("service_envelope", "kservev2"),
+        ])
+        .unwrap();
+        assert!(c.tls_listeners.inference && !c.tls_listeners.management);
+        assert_eq!(c.inference_address.port(), 8443);
+        assert_eq!(c.tls.unwrap().certificate_file, PathBuf::from("c.pem"));
+        assert_eq!(c.service_envelope.as_str(), "kservev2");
+        let e = build(&[("service_envelope", "seldon")]).unwrap_err();
+        assert!(e.0.contains("service_envelope"), "{e}");
+    }
+
+    #[test]
     fn defaults_match_torchserve_listeners() {
         let c = build(&[]).unwrap();
         assert_eq!(c.inference_address.to_string(), "127.0.0.1:8080");

@@ -118,6 +118,15 @@ pub async fn run(mut config: Config) -> Result<()> {
         crate::system::spawn(metrics.clone(), config.metric_time_interval, gpus);
     }
 
+    // Key and certificate are read once, before any listener serves: a bad file stops start-up.
+    let acceptor = match &config.tls {
+        Some(files) => Some(api::tls::acceptor(files).map_err(anyhow::Error::msg)?),
+        None => None,
+    };
+    let tls_for = |on: bool| if on { acceptor.clone() } else { None };
+    let scheme = |on: bool| if on { "https" } else { "http" };
+    let on = config.tls_listeners;
+
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let conf = api::http::Listener {
         limits: config.http.clone(),
@@ -127,6 +136,7 @@ pub async fn run(mut config: Config) -> Result<()> {
             .unwrap_or_else(api::http::default_max_connections),
         drain_limit: config.max_request_size,
         metrics: metrics.clone(),
+        tls: None,
     };
     tracing::info!(
         "HTTP limits per listener: {} connections, head {} bytes within {} s, body pauses up to {} s, keep-alive idle {} s",
@@ -136,22 +146,28 @@ pub async fn run(mut config: Config) -> Result<()> {
         conf.limits.body_timeout.as_secs(),
         conf.limits.keep_alive_timeout.as_secs()
     );
-    let serve = |listener: TcpListener, router: axum::Router| {
-        tokio::spawn(api::http::serve(
-            listener,
-            router,
-            conf.clone(),
-            stop_rx.clone(),
-        ))
+    let serve = |listener: TcpListener, router: axum::Router, tls: bool| {
+        let mut conf = conf.clone();
+        conf.tls = tls_for(tls);
+        tokio::spawn(api::http::serve(listener, router, conf, stop_rx.clone()))
     };
     // TorchServe's start-up lines, which runbooks and readiness scripts grep in ts_log.log.
-    tracing::info!("Inference API bind to: http://{}", inference.local_addr()?);
     tracing::info!(
-        "Management API bind to: http://{}",
+        "Inference API bind to: {}://{}",
+        scheme(on.inference),
+        inference.local_addr()?
+    );
+    tracing::info!(
+        "Management API bind to: {}://{}",
+        scheme(on.management),
         management.local_addr()?
     );
     if let Some(l) = &metrics_listener {
-        tracing::info!("Metrics API bind to: http://{}", l.local_addr()?);
+        tracing::info!(
+            "Metrics API bind to: {}://{}",
+            scheme(on.metrics),
+            l.local_addr()?
+        );
     }
     let mut line = format!(
         "oxserve listening: inference={} management={}",
@@ -159,8 +175,16 @@ pub async fn run(mut config: Config) -> Result<()> {
         management.local_addr()?
     );
     let mut tasks = vec![
-        serve(inference, api::inference::router(state.clone())),
-        serve(management, api::management::router(state.clone())),
+        serve(
+            inference,
+            api::inference::router(state.clone()),
+            on.inference,
+        ),
+        serve(
+            management,
+            api::management::router(state.clone()),
+            on.management,
+        ),
     ];
     if let Some(l) = metrics_listener {
         line.push_str(&format!(" metrics={}", l.local_addr()?));
@@ -170,7 +194,11 @@ pub async fn run(mut config: Config) -> Result<()> {
             d.spawn_sampler(metrics.clone());
             d
         });
-        tasks.push(serve(l, api::metrics::router(state.clone(), dashboard)));
+        tasks.push(serve(
+            l,
+            api::metrics::router(state.clone(), dashboard),
+            on.metrics,
+        ));
     }
     line.push_str(&format!(
         " grpc_inference={} grpc_management={}",

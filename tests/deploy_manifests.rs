@@ -650,3 +650,73 @@ fn grafana_dashboards_have_a_query_in_every_panel() {
     assert_eq!(str_at(p, "/folder"), "oxserve");
     assert!(!str_at(p, "/options/path").is_empty());
 }
+
+#[test]
+fn kserve_runtime_and_inference_service_fit_together() {
+    let cluster = Cluster::load();
+    let runtime = cluster.one("ServingRuntime");
+    let service = cluster.one("InferenceService");
+    let deployment = cluster.one("Deployment");
+    assert_eq!(str_at(runtime, "/apiVersion"), "serving.kserve.io/v1alpha1");
+    assert_eq!(str_at(service, "/apiVersion"), "serving.kserve.io/v1beta1");
+    // The InferenceService names the runtime, a format it supports and a protocol it speaks.
+    let model = &service["spec"]["predictor"]["model"];
+    assert_eq!(str_at(model, "/runtime"), str_at(runtime, "/metadata/name"));
+    let format = str_at(model, "/modelFormat/name");
+    assert!(
+        array_at(runtime, "/spec/supportedModelFormats")
+            .iter()
+            .any(|f| f["name"] == format),
+        "the runtime does not support model format {format}"
+    );
+    let protocol = str_at(model, "/protocolVersion");
+    let protocols: Vec<&str> = array_at(runtime, "/spec/protocolVersions")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(
+        protocols.contains(&protocol),
+        "{protocol} not in {protocols:?}"
+    );
+    assert!(protocols.contains(&"v1") && protocols.contains(&"v2"));
+    // KServe sends traffic to the runtime's first container port: oxserve's inference port,
+    // which the readiness probe (TorchServe's /ping) asks too.
+    let container = &array_at(runtime, "/spec/containers")[0];
+    assert_eq!(str_at(container, "/name"), "kserve-container");
+    let port = array_at(container, "/ports")[0]["containerPort"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(Some(&port), container_ports(deployment).get("inference"));
+    assert_eq!(str_at(container, "/readinessProbe/httpGet/path"), "/ping");
+    assert_eq!(
+        container["readinessProbe"]["httpGet"]["port"].as_u64(),
+        Some(port)
+    );
+    // Same image and the same start-up flags as the plain Deployment, on KServe's paths.
+    let plain = &array_at(deployment, "/spec/template/spec/containers")[0];
+    assert_eq!(str_at(container, "/image"), str_at(plain, "/image"));
+    let args: Vec<&str> = array_at(container, "/args")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert_eq!(
+        args,
+        [
+            "--ts-config",
+            "/mnt/models/config/config.properties",
+            "--model-store",
+            "/mnt/models/model-store"
+        ]
+    );
+    // The metrics port KServe's aggregation scrapes is oxserve's metrics port.
+    let metrics_port: u64 = str_at(runtime, "/spec/annotations/prometheus.kserve.io~1port")
+        .parse()
+        .unwrap();
+    assert_eq!(
+        Some(&metrics_port),
+        container_ports(deployment).get("metrics")
+    );
+    // Needs KServe's CRDs: not part of the plain kustomization.
+    let kustomization = read(&deploy_dir().join("kubernetes/kustomization.yaml"));
+    assert!(!kustomization.contains("kserve/"));
+}

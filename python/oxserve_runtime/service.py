@@ -146,6 +146,9 @@ class Service:
         # (TorchServe's vllm_handler does) binds its engine to the loop requests later run on.
         self._loop = asyncio.new_event_loop()
         asyncio.set_event_loop(self._loop)
+        # service_envelope (kserve, kservev2) wraps the entry point, as TorchServe's loader does.
+        from .envelope import wrap  # here, not at the top: envelope imports this module
+        self.entry = wrap(msg.get("envelope"), self.entry)
         if init is not None:
             ret = init(self.context)
             if inspect.isawaitable(ret):

@@ -42,6 +42,8 @@ pub struct Listener {
     /// the client (`max_request_size`).
     pub drain_limit: usize,
     pub metrics: Arc<Metrics>,
+    /// Set on an `https://` listener: every connection does a TLS handshake first.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 /// The default connection cap: a fifth of the open-file limit for each of the three listeners
@@ -125,6 +127,11 @@ pub async fn serve(
                     drop(permit);
                     drop(alive);
                 });
+            }
+            Err(_) if conf.tls.is_some() => {
+                // A plain-text 503 means nothing to a TLS client, and a handshake just to refuse
+                // costs the CPU the cap protects: the connection is closed unanswered.
+                drop(stream);
             }
             Err(_) => {
                 conf.metrics.host.count_response(503);
@@ -226,6 +233,34 @@ async fn connection(
     conf: Arc<Listener>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let Some(acceptor) = conf.tls.clone() else {
+        return serve_connection(stream, peer, router, conf, stop).await;
+    };
+    // The handshake holds the connection's slot and must finish within http_header_timeout, as
+    // a request head must: a client that opens TLS and stalls cannot hold a slot for longer.
+    let handshake = tokio::select! {
+        r = tokio::time::timeout(conf.limits.header_timeout, acceptor.accept(stream)) => r,
+        _ = stop.wait_for(|s| *s) => return,
+    };
+    match handshake {
+        Ok(Ok(tls)) => serve_connection(tls, peer, router, conf, stop).await,
+        Ok(Err(e)) => tracing::debug!("TLS handshake with {peer} failed: {e}"),
+        Err(_) => tracing::debug!(
+            "TLS handshake with {peer} did not finish within {} s (http_header_timeout)",
+            conf.limits.header_timeout.as_secs()
+        ),
+    }
+}
+
+async fn serve_connection<S>(
+    stream: S,
+    peer: std::net::SocketAddr,
+    router: axum::Router,
+    conf: Arc<Listener>,
+    mut stop: watch::Receiver<bool>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let shared = Arc::new(Shared::default());
     let io = Watched {
         inner: stream,
@@ -477,7 +512,7 @@ impl HttpBody for ResponseBody {
     }
 }
 
-/// The TCP stream under hyper. It adds two things hyper has no hook for:
+/// The TCP (or TLS) stream under hyper. It adds two things hyper has no hook for:
 /// - a keep-alive idle timeout: reading fails once no request is in flight and nothing has
 ///   arrived for `keep_alive` (hyper's own header timer also runs while idle, so the effective
 ///   idle limit is the smaller of the two);
@@ -485,8 +520,8 @@ impl HttpBody for ResponseBody {
 ///   (400 malformed, 414 URI too long, 431 head too large). hyper writes those as a bare head
 ///   with `content-length: 0` as the first bytes of a write (writev is off); the router never
 ///   answers an error without a body, so that shape identifies them.
-struct Watched {
-    inner: TcpStream,
+struct Watched<S> {
+    inner: S,
     shared: Arc<Shared>,
     keep_alive: Duration,
     idle: Option<Pin<Box<Sleep>>>,
@@ -495,7 +530,7 @@ struct Watched {
     metrics: Arc<Metrics>,
 }
 
-impl Watched {
+impl<S: AsyncWrite + Unpin> Watched<S> {
     /// Writes out a pending replacement; Ready(Ok) once none is left.
     fn poll_replacement(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while let Some((bytes, done)) = self.replacement.as_mut() {
@@ -528,7 +563,7 @@ fn hyper_error_head(buf: &[u8]) -> Option<(u16, usize)> {
         .then_some((status, end))
 }
 
-impl AsyncRead for Watched {
+impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -561,7 +596,7 @@ impl AsyncRead for Watched {
     }
 }
 
-impl AsyncWrite for Watched {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -1,4 +1,11 @@
-//! Inference API (default 127.0.0.1:8080): /ping, /predictions, /explanations.
+//! Inference API (default 127.0.0.1:8080): /ping, /predictions, /explanations, and KServe's
+//! v1 (`/v1/models/{m}:predict|:explain`) and v2 (`/v2/models/{m}/infer|explain`) routes.
+//!
+//! As in TorchServe, the KServe routes are plain predictions with an `explain` header; the
+//! request and reply shapes are the Python worker's `service_envelope`. Unlike TorchServe 0.12,
+//! oxserve also answers KServe's model-ready and metadata routes itself (TorchServe leaves them
+//! to the kserve wrapper in front of it), so it can be a KServe serving runtime on its own.
+//! `GET /v1/models` without a name is not KServe's: it is the OpenAI model list.
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -32,6 +39,30 @@ pub fn router(state: AppState) -> Router {
         .route("/predictions/{model}/{version}/{*rest}", any(predict))
         .route("/explanations/{model}", any(explain))
         .route("/explanations/{model}/{version}", any(explain))
+        .route("/v1/models/{target}", any(kserve_v1))
+        .route("/v2", get(kserve_v2_server))
+        .route("/v2/health/live", get(kserve_v2_live))
+        .route("/v2/health/ready", get(kserve_v2_live))
+        .route("/v2/models/{model}", get(kserve_v2_metadata))
+        .route("/v2/models/{model}/ready", get(kserve_v2_ready))
+        .route("/v2/models/{model}/infer", any(kserve_v2_infer))
+        .route("/v2/models/{model}/explain", any(kserve_v2_explain))
+        .route(
+            "/v2/models/{model}/versions/{version}",
+            get(kserve_v2_metadata),
+        )
+        .route(
+            "/v2/models/{model}/versions/{version}/ready",
+            get(kserve_v2_ready),
+        )
+        .route(
+            "/v2/models/{model}/versions/{version}/infer",
+            any(kserve_v2_infer),
+        )
+        .route(
+            "/v2/models/{model}/versions/{version}/explain",
+            any(kserve_v2_explain),
+        )
         .fallback(super::not_found);
     let routes = super::with_token_check(routes, &state, super::auth::inference);
     super::finish(routes, state)
@@ -81,6 +112,143 @@ async fn explain(
     req: Request,
 ) -> Response {
     serve(s, Target::from_path(p, true), req).await
+}
+
+/// KServe v1: `POST {m}:predict`, `POST {m}:explain`, `GET {m}` (readiness).
+async fn kserve_v1(
+    State(s): State<AppState>,
+    ApiPath(mut p): ApiPath<HashMap<String, String>>,
+    req: Request,
+) -> Response {
+    let target = p.remove("target").unwrap_or_default();
+    let (model, action) = match target.rsplit_once(':') {
+        Some((m, a)) => (m.to_string(), Some(a)),
+        None => (target.clone(), None),
+    };
+    match (action, req.method()) {
+        (None, &Method::GET) => {
+            let ready = s
+                .registry
+                .get(&model, None)
+                .map(|m| m.pool.live_workers() > 0);
+            match ready {
+                Ok(ready) => {
+                    Json(serde_json::json!({"name": model, "ready": ready})).into_response()
+                }
+                Err(e) => ApiError::from(e).into_response(),
+            }
+        }
+        (Some(a @ ("predict" | "explain")), _) => {
+            let target = Target {
+                model,
+                version: None,
+                url_path: None,
+                explain: a == "explain",
+            };
+            serve(s, target, req).await
+        }
+        (None, _) => ApiError::method_not_allowed().into_response(),
+        (Some(other), _) => ApiError::new(
+            404,
+            "ResourceNotFoundException",
+            format!("KServe v1 has :predict and :explain, not :{other}"),
+        )
+        .into_response(),
+    }
+}
+
+async fn kserve_v2_infer(
+    State(s): State<AppState>,
+    ApiPath(p): ApiPath<HashMap<String, String>>,
+    req: Request,
+) -> Response {
+    serve(s, Target::from_path(p, false), req).await
+}
+
+async fn kserve_v2_explain(
+    State(s): State<AppState>,
+    ApiPath(p): ApiPath<HashMap<String, String>>,
+    req: Request,
+) -> Response {
+    serve(s, Target::from_path(p, true), req).await
+}
+
+/// KServe v2 server metadata.
+async fn kserve_v2_server() -> Response {
+    Json(serde_json::json!({
+        "name": "oxserve",
+        "version": env!("CARGO_PKG_VERSION"),
+        "extensions": [],
+    }))
+    .into_response()
+}
+
+/// KServe v2 liveness and readiness of the server: TorchServe's /ping rule (every model has its
+/// minimum workers) decides readiness; liveness is answering at all.
+async fn kserve_v2_live(State(s): State<AppState>, req: Request) -> Response {
+    let live = req.uri().path().ends_with("/live");
+    let ready = live || s.registry.healthy();
+    let code = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let key = if live { "live" } else { "ready" };
+    (code, Json(serde_json::json!({ key: ready }))).into_response()
+}
+
+fn kserve_v2_model(
+    s: &AppState,
+    p: &HashMap<String, String>,
+) -> Result<std::sync::Arc<crate::model::registry::ModelVersion>, ApiError> {
+    let model = p.get("model").map(String::as_str).unwrap_or_default();
+    let version = p
+        .get("version")
+        .map(String::as_str)
+        .filter(|v| !v.is_empty());
+    s.registry.get(model, version).map_err(ApiError::from)
+}
+
+/// KServe v2 model readiness: 200 with a worker up, else 503 (KServe's rule for the route).
+async fn kserve_v2_ready(
+    State(s): State<AppState>,
+    ApiPath(p): ApiPath<HashMap<String, String>>,
+) -> Response {
+    match kserve_v2_model(&s, &p) {
+        Ok(m) => {
+            let ready = m.pool.live_workers() > 0;
+            let code = if ready {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            (
+                code,
+                Json(serde_json::json!({"name": m.name, "ready": ready})),
+            )
+                .into_response()
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+/// KServe v2 model metadata. Tensor names and shapes are the handler's business and unknown
+/// to the server, so `inputs` and `outputs` are empty lists (allowed by the protocol).
+async fn kserve_v2_metadata(
+    State(s): State<AppState>,
+    ApiPath(p): ApiPath<HashMap<String, String>>,
+) -> Response {
+    match kserve_v2_model(&s, &p) {
+        Ok(m) => Json(serde_json::json!({
+            "name": m.name,
+            "versions": [m.version],
+            "platform": "oxserve",
+            "inputs": [],
+            "outputs": [],
+        }))
+        .into_response(),
+        Err(e) => e.into_response(),
+    }
 }
 
 async fn serve(state: AppState, target: Target, req: Request) -> Response {

@@ -6,6 +6,7 @@ pub mod http;
 pub mod inference;
 pub mod management;
 pub mod metrics;
+pub mod tls;
 
 use std::sync::Arc;
 

@@ -59,6 +59,10 @@ const RUNTIME_FILES: &[(&str, &str)] = &[
         include_str!("../../python/oxserve_runtime/protocol.py"),
     ),
     (
+        "oxserve_runtime/envelope.py",
+        include_str!("../../python/oxserve_runtime/envelope.py"),
+    ),
+    (
         "oxserve_runtime/service.py",
         include_str!("../../python/oxserve_runtime/service.py"),
     ),
@@ -571,7 +575,7 @@ impl PythonBackend {
             batch_size: i32::try_from(spec.batch_size).unwrap_or(i32::MAX),
             handler: spec.manifest.model.handler.clone(),
             gpu_id: spec.gpu_id,
-            envelope: String::new(),
+            envelope: spec.settings.service_envelope.as_str().to_string(),
             limit_max_image_pixels: true,
         });
         let reply = tokio::time::timeout_at(deadline, async {

@@ -40,6 +40,44 @@ pub enum LogFormat {
     Json,
 }
 
+/// How the Python worker wraps requests and replies (`service_envelope`, TorchServe's
+/// `ts/torch_handler/request_envelope/`): the name travels to the worker in the load message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServiceEnvelope {
+    /// No envelope: the handler sees TorchServe's request rows as they are.
+    None,
+    /// KServe v1: `{"instances": [...]}` in, `{"predictions"|"explanations": [...]}` out.
+    KServe,
+    /// KServe v2 (Open Inference Protocol): `{"inputs": [tensors]}` in, `{"outputs": [...]}` out.
+    KServeV2,
+}
+
+impl ServiceEnvelope {
+    /// The name the worker protocol carries (TorchServe's values; "" for none).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServiceEnvelope::None => "",
+            ServiceEnvelope::KServe => "kserve",
+            ServiceEnvelope::KServeV2 => "kservev2",
+        }
+    }
+}
+
+/// The PEM files of the HTTPS listeners (`private_key_file`, `certificate_file`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub private_key_file: PathBuf,
+    pub certificate_file: PathBuf,
+}
+
+/// Which listeners serve HTTPS (their address starts with `https://`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TlsListeners {
+    pub inference: bool,
+    pub management: bool,
+    pub metrics: bool,
+}
+
 /// The validated server configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -52,6 +90,12 @@ pub struct Config {
     /// TorchServe's gRPC management listener: `grpc_management_address` and `grpc_management_port`.
     pub grpc_management_address: SocketAddr,
     pub enable_metrics_api: bool,
+    /// Listeners with an `https://` address.
+    pub tls_listeners: TlsListeners,
+    /// Key and certificate chain; set whenever a listener is HTTPS.
+    pub tls: Option<TlsFiles>,
+    /// `service_envelope`: how Python workers wrap requests and replies.
+    pub service_envelope: ServiceEnvelope,
     /// The live dashboard on the metrics listener and its in-process history (`enable_dashboard`).
     pub enable_dashboard: bool,
     pub metrics_mode: MetricsMode,
@@ -474,6 +518,12 @@ const KNOWN_KEYS: &[&str] = &[
     "grpc_management_port",
     "enable_grpc_ssl",
     "enable_metrics_api",
+    "private_key_file",
+    "certificate_file",
+    "keystore",
+    "keystore_pass",
+    "keystore_type",
+    "service_envelope",
     "enable_dashboard",
     "metrics_mode",
     "metrics_config",
@@ -686,6 +736,35 @@ impl Config {
                 "config key enable_grpc_ssl: \"true\" asks for TLS on the gRPC listeners, which oxserve does not serve; terminate TLS in front of it (a proxy or service mesh) or leave it false",
             );
         }
+
+        let https = |key: &str, default: &str| {
+            get(key)
+                .unwrap_or(default)
+                .trim()
+                .to_ascii_lowercase()
+                .starts_with("https://")
+        };
+        let tls_listeners = TlsListeners {
+            inference: https("inference_address", "http://127.0.0.1:8080"),
+            management: https("management_address", "http://127.0.0.1:8081"),
+            metrics: https("metrics_address", "http://127.0.0.1:8082"),
+        };
+        let tls = tls_files(
+            tls_listeners,
+            get("private_key_file"),
+            get("certificate_file"),
+            get("keystore"),
+        )?;
+        let service_envelope = match get("service_envelope").map(str::trim).unwrap_or("") {
+            "" => ServiceEnvelope::None,
+            v if v.eq_ignore_ascii_case("kserve") => ServiceEnvelope::KServe,
+            v if v.eq_ignore_ascii_case("kservev2") => ServiceEnvelope::KServeV2,
+            other => {
+                return err(format!(
+                    "config key service_envelope: {other:?} is not one of kserve, kservev2"
+                ))
+            }
+        };
 
         let metrics_mode = match get("metrics_mode")
             .unwrap_or("prometheus")
@@ -924,6 +1003,9 @@ impl Config {
                 7071,
             )?,
             enable_metrics_api: boolean("enable_metrics_api", true)?,
+            tls_listeners,
+            tls,
+            service_envelope,
             enable_dashboard: boolean("enable_dashboard", true)?,
             metrics_mode,
             metrics_config: get("metrics_config").map(PathBuf::from),
@@ -1050,14 +1132,46 @@ fn parse_buckets(value: &str) -> Result<Vec<f64>, ConfigError> {
     Ok(out)
 }
 
-/// Parses `http://host:port` (TorchServe's address form) into a socket address.
+/// The PEM files HTTPS listeners need. TorchServe also reads a Java keystore and, with neither,
+/// makes a self-signed certificate; oxserve reads PEM only and never serves a certificate nobody
+/// chose, so both cases stop start-up with a message saying what to do.
+fn tls_files(
+    listeners: TlsListeners,
+    key: Option<&str>,
+    cert: Option<&str>,
+    keystore: Option<&str>,
+) -> Result<Option<TlsFiles>, ConfigError> {
+    let key = key.map(str::trim).filter(|s| !s.is_empty());
+    let cert = cert.map(str::trim).filter(|s| !s.is_empty());
+    let keystore = keystore.map(str::trim).filter(|s| !s.is_empty());
+    let wanted = listeners.inference || listeners.management || listeners.metrics;
+    match (key, cert) {
+        (Some(k), Some(c)) => Ok(Some(TlsFiles {
+            private_key_file: PathBuf::from(k),
+            certificate_file: PathBuf::from(c),
+        })),
+        (None, None) if !wanted => Ok(None),
+        _ if keystore.is_some() => err(format!(
+            "config key keystore: {:?} is a Java keystore, which oxserve does not read; export the key and certificate chain as PEM (e.g. `openssl pkcs12 -in store.p12 -nodes -nocerts -out key.pem` and `-nokeys -out certs.pem`) and set private_key_file and certificate_file",
+            keystore.unwrap_or_default()
+        )),
+        (Some(_), None) => err("config key certificate_file is missing: private_key_file needs the PEM certificate chain that goes with it"),
+        (None, Some(_)) => err("config key private_key_file is missing: certificate_file needs the PEM private key that goes with it"),
+        (None, None) => err("an https:// address needs config keys private_key_file and certificate_file (PEM files); oxserve does not make a self-signed certificate"),
+    }
+}
+
+/// Parses `http://host:port` or `https://host:port` (TorchServe's address forms) into a socket
+/// address; the scheme is read separately (`TlsListeners`).
 fn parse_address(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
-    let rest = if let Some(r) = value.strip_prefix("http://") {
-        r
-    } else if value.starts_with("https://") {
-        return err(format!(
-            "config key {key}: {value:?} asks for TLS, which oxserve does not serve yet; use http:// behind a TLS proxy"
-        ));
+    let lower = value
+        .get(..8)
+        .map(str::to_ascii_lowercase)
+        .unwrap_or_default();
+    let rest = if lower.starts_with("http://") {
+        &value[7..]
+    } else if lower.starts_with("https://") {
+        &value[8..]
     } else {
         value
     };
@@ -1113,6 +1227,41 @@ mod tests {
         assert_eq!(m.batch_mode, Some(BatchMode::Continuous));
         let e = read(serde_json::json!({"sequenceBatching": true})).unwrap_err();
         assert!(e.contains("sequenceBatching is not supported"), "{e}");
+    }
+
+    #[test]
+    fn https_addresses_need_pem_files_and_envelopes_are_checked() {
+        let c = build(&[]).unwrap();
+        assert_eq!(c.tls, None);
+        assert_eq!(c.tls_listeners, TlsListeners::default());
+        assert_eq!(c.service_envelope, ServiceEnvelope::None);
+        let e = build(&[("management_address", "https://127.0.0.1:8444")]).unwrap_err();
+        assert!(e.0.contains("private_key_file"), "{e}");
+        let e = build(&[
+            ("inference_address", "https://127.0.0.1:8443"),
+            ("keystore", "ks.p12"),
+        ])
+        .unwrap_err();
+        assert!(e.0.contains("PEM") && e.0.contains("ks.p12"), "{e}");
+        let e = build(&[
+            ("inference_address", "HTTPS://127.0.0.1:8443"),
+            ("private_key_file", "k.pem"),
+        ])
+        .unwrap_err();
+        assert!(e.0.contains("certificate_file"), "{e}");
+        let c = build(&[
+            ("inference_address", "https://127.0.0.1:8443"),
+            ("private_key_file", "k.pem"),
+            ("certificate_file", "c.pem"),
+            ("service_envelope", "kservev2"),
+        ])
+        .unwrap();
+        assert!(c.tls_listeners.inference && !c.tls_listeners.management);
+        assert_eq!(c.inference_address.port(), 8443);
+        assert_eq!(c.tls.unwrap().certificate_file, PathBuf::from("c.pem"));
+        assert_eq!(c.service_envelope.as_str(), "kservev2");
+        let e = build(&[("service_envelope", "seldon")]).unwrap_err();
+        assert!(e.0.contains("service_envelope"), "{e}");
     }
 
     #[test]

@@ -1,0 +1,188 @@
+//! KServe v1 and v2 on the inference listener (`service_envelope=kserve|kservev2`), through the
+//! real binary and a real Python worker (oxserve's stdlib runtime) running an echo handler.
+
+mod common;
+
+use common::Server;
+use serde_json::{json, Value};
+
+/// Echoes what the envelope hands it: v1 instances as they are, v2 tensors' (reshaped) data.
+const ECHO: &str = r#"
+def handle(data, context):
+    if data is None:
+        return None
+    return [x["data"] if isinstance(x, dict) and "datatype" in x else x for x in data]
+"#;
+
+fn start(envelope: &str) -> (Server, tempfile::TempDir) {
+    let store = tempfile::tempdir().unwrap();
+    let manifest = json!({
+        "createdOn": "28/11/2026 12:00:00",
+        "runtime": "python",
+        "model": {"modelName": "echo", "modelVersion": "2.0", "handler": "echo.py"},
+        "archiverVersion": "0.12.0"
+    });
+    common::write_mar(
+        store.path(),
+        "echo.mar",
+        &manifest,
+        &[("echo.py", ECHO.as_bytes())],
+    );
+    let props = format!(
+        "service_envelope={envelope}\nmodel_store={}\nload_models=echo.mar\n",
+        store.path().display()
+    );
+    (Server::start(&props, &[]), store)
+}
+
+async fn post(server: &Server, path: &str, body: Value) -> (u16, Value) {
+    let r = server
+        .client
+        .post(format!("{}{path}", server.inference))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}")),
+    )
+}
+
+#[tokio::test]
+async fn kserve_v1_predict_explain_and_ready() {
+    let (server, _store) = start("kserve");
+    server.wait_healthy().await;
+    let (code, body) = post(
+        &server,
+        "/v1/models/echo:predict",
+        json!({"instances": [[1, 2], {"a": "b"}]}),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body, json!({"predictions": [[1, 2], {"a": "b"}]}));
+    let (code, body) = post(
+        &server,
+        "/v1/models/echo:explain",
+        json!({"instances": [7]}),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body, json!({"explanations": [7]}));
+    let (code, body) = server
+        .get_json(format!("{}/v1/models/echo", server.inference))
+        .await;
+    assert_eq!((code, body), (200, json!({"name": "echo", "ready": true})));
+    // Bad input: a clear 400 in TorchServe's error shape, and the worker keeps serving.
+    let (code, body) = post(&server, "/v1/models/echo:predict", json!({"rows": [1]})).await;
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("instances"),
+        "{body}"
+    );
+    let r = server
+        .client
+        .post(format!("{}/v1/models/echo:predict", server.inference))
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let (code, _) = post(&server, "/v1/models/echo:frobnicate", json!({})).await;
+    assert_eq!(code, 404);
+    let (code, _) = post(
+        &server,
+        "/v1/models/nobody:predict",
+        json!({"instances": []}),
+    )
+    .await;
+    assert_eq!(code, 404);
+    let (code, body) = post(
+        &server,
+        "/v1/models/echo:predict",
+        json!({"instances": [1]}),
+    )
+    .await;
+    assert_eq!((code, body), (200, json!({"predictions": [1]})));
+}
+
+#[tokio::test]
+async fn kserve_v2_infer_explain_metadata_and_ready() {
+    let (server, _store) = start("kservev2");
+    server.wait_healthy().await;
+    let request = json!({
+        "id": "req-1",
+        "inputs": [
+            {"name": "x", "shape": [2, 2], "datatype": "INT64", "data": [1, 2, 3, 4]},
+            {"name": "y", "shape": [2], "datatype": "FP32", "data": [0.5, 1.5]}
+        ]
+    });
+    let (code, body) = post(&server, "/v2/models/echo/infer", request.clone()).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(
+        body,
+        json!({
+            "id": "req-1",
+            "model_name": "echo",
+            "model_version": "2.0",
+            "outputs": [
+                {"name": "x", "shape": [4], "datatype": "INT64", "data": [1, 2, 3, 4]},
+                {"name": "y", "shape": [2], "datatype": "FP64", "data": [0.5, 1.5]}
+            ]
+        })
+    );
+    let (code, body) = post(&server, "/v2/models/echo/versions/2.0/explain", request).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["outputs"][0]["data"], json!([1, 2, 3, 4]));
+    // Without an id the reply carries the request's own id.
+    let (code, body) = post(
+        &server,
+        "/v2/models/echo/infer",
+        json!({"inputs": [{"name": "s", "shape": [1], "datatype": "BYTES", "data": ["hi"]}]}),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    assert!(!body["id"].as_str().unwrap().is_empty(), "{body}");
+    assert_eq!(body["outputs"][0]["datatype"], "BYTES");
+    let (code, body) = server
+        .get_json(format!("{}/v2/models/echo", server.inference))
+        .await;
+    assert_eq!(code, 200);
+    assert_eq!(body["name"], "echo");
+    assert_eq!(body["versions"], json!(["2.0"]));
+    let (code, body) = server
+        .get_json(format!("{}/v2/models/echo/ready", server.inference))
+        .await;
+    assert_eq!((code, body), (200, json!({"name": "echo", "ready": true})));
+    let (code, _) = server
+        .get_json(format!("{}/v2/health/ready", server.inference))
+        .await;
+    assert_eq!(code, 200);
+    // Bad tensors: 400 with a message, never a crash.
+    let (code, body) = post(
+        &server,
+        "/v2/models/echo/infer",
+        json!({"inputs": [{"name": "x", "shape": [3], "datatype": "INT64", "data": [1, 2]}]}),
+    )
+    .await;
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("reshape"),
+        "{body}"
+    );
+    let (code, _) = post(
+        &server,
+        "/v2/models/echo/infer",
+        json!({"inputs": [{"name": "x", "shape": [1], "datatype": "COMPLEX", "data": [1]}]}),
+    )
+    .await;
+    assert_eq!(code, 400);
+    let (code, _) = post(&server, "/v2/models/echo/infer", json!({"inputs": []})).await;
+    assert_eq!(code, 400);
+    let (code, _) = server
+        .get_json(format!("{}/v2/models/nobody/ready", server.inference))
+        .await;
+    assert_eq!(code, 404);
+}

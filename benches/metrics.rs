@@ -109,5 +109,45 @@ fn dashboard_sample(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, request_path, scrape_path, dashboard_sample);
+/// What the reply stream records per chunk of an OpenAI token stream: the chunk counter, the
+/// inter-token histogram, and the check for a `usage` (a substring scan; no parse). And once per
+/// stream, the last event's usage parse.
+fn streaming_path(c: &mut Criterion) {
+    let m = Metrics::for_tests();
+    let mm = m.model("bench", "1.0");
+    let token = br#"data: {"id":"cmpl-0123456789","object":"chat.completion.chunk","created":1764370000,"model":"llm","choices":[{"index":0,"delta":{"content":" word"},"finish_reason":null}]}
+
+"#;
+    let last = br#"data: {"id":"cmpl-0123456789","object":"chat.completion.chunk","created":1764370000,"model":"llm","choices":[],"usage":{"prompt_tokens":12,"completion_tokens":64,"total_tokens":76}}
+
+data: [DONE]
+
+"#;
+    let gap = Some(Duration::from_millis(12));
+    c.bench_function("stream_chunk_metrics", |b| {
+        b.iter(|| {
+            mm.record_chunk(gap);
+            std::hint::black_box(oxserve::metrics::Usage::from_chunk(std::hint::black_box(
+                token,
+            )))
+        })
+    });
+    c.bench_function("stream_last_chunk_usage", |b| {
+        b.iter(|| {
+            mm.record_chunk(gap);
+            let u = oxserve::metrics::Usage::from_chunk(std::hint::black_box(last));
+            if let Some(u) = u {
+                mm.record_usage(u);
+            }
+        })
+    });
+}
+
+criterion_group!(
+    benches,
+    request_path,
+    scrape_path,
+    dashboard_sample,
+    streaming_path
+);
 criterion_main!(benches);

@@ -11,11 +11,39 @@ use std::time::Duration;
 async fn every_dashboard_and_alert_query_returns_data() {
     let root = env!("CARGO_MANIFEST_DIR");
     // One worker and a one-slot queue, so a burst of slow requests produces real 503s.
+    // The model store holds the OpenAI fixture, registered next to the demo model so that the LLM
+    // dashboard's token and stream families have data.
+    let store = tempfile::tempdir().unwrap();
+    common::write_mar(
+        store.path(),
+        "llm.mar",
+        &serde_json::json!({
+            "createdOn": "28/11/2026 12:00:00",
+            "runtime": "python",
+            "model": {"modelName": "llm", "modelVersion": "1.0", "handler": "openai_handler.py"},
+            "archiverVersion": "0.12.0"
+        }),
+        &[(
+            "openai_handler.py",
+            include_bytes!("fixtures/openai_handler.py"),
+        )],
+    );
     let s = Server::start(
         "metric_time_interval=1\ndefault_workers_per_model=1\njob_queue_size=1",
-        &[],
+        &[
+            "--model-store",
+            store.path().to_str().unwrap(),
+            "--enable-model-api",
+        ],
     );
     s.wait_healthy().await;
+    let (code, body) = s
+        .mgmt(
+            reqwest::Method::POST,
+            "/models?url=llm.mar&initial_workers=1&synchronous=true",
+        )
+        .await;
+    assert_eq!(code, 200, "{body}");
 
     // The shipped configuration, pointed at this test's ports and scraping every second.
     let shipped =
@@ -55,6 +83,16 @@ async fn every_dashboard_and_alert_query_returns_data() {
                     .send()
             };
             let _ = post(r#"{"text": "good"}"#, "demo").await;
+            // A token stream with usage: TTFT, inter-token gaps, chunks and tokens.
+            if let Ok(r) = client
+                .post(format!("{inference}/v1/completions"))
+                .header("content-type", "application/json")
+                .body(r#"{"model": "llm", "prompt": "a b c d", "stream": true, "stream_options": {"include_usage": true}}"#)
+                .send()
+                .await
+            {
+                let _ = r.bytes().await;
+            }
             let _ = post("{}", "nope").await; // 404
             let _ = post(r#"{"nope": 1}"#, "demo").await; // 400 from the model
                                                           // Three slow requests at once against one worker and a one-slot queue: one 503.

@@ -375,6 +375,55 @@ def models_dashboard():
     return d
 
 
+def llm_dashboard():
+    d = Dash(
+        "oxserve-llm",
+        "oxserve / LLM",
+        "Token-level view of models that stream (LLMs): time to first token, inter-token latency, "
+        "tokens per second, requests running in workers vs waiting, GPU memory. Tokens are counted "
+        "from the OpenAI usage object of replies; TTFT and inter-token latency are measured on the "
+        "chunks of streamed replies (one chunk per token for a token stream). See docs/llm.md.",
+        [INSTANCE_VAR, MODEL_VAR],
+    )
+    d.row("Latency per token")
+    d.timeseries("Time to first token (TTFT)",
+                 "Streamed responses: arrival to first chunk, p50/p99, all replicas "
+                 "(oxserve_time_to_first_chunk_seconds). The OxserveLLMTimeToFirstTokenHigh alert "
+                 "fires when p99 stays above 2s.",
+                 quantiles("oxserve_time_to_first_chunk_seconds", [0.5, 0.99]), "s", min_=0,
+                 thresholds=[(2, "red")])
+    d.timeseries("Inter-token latency",
+                 "Time between consecutive chunks of a stream, p50/p99 "
+                 "(oxserve_inter_token_latency_seconds).",
+                 quantiles("oxserve_inter_token_latency_seconds", [0.5, 0.99]), "s", min_=0)
+    d.row("Throughput")
+    d.timeseries("Tokens per second",
+                 "Generated (completion) and prompt tokens per second, from the OpenAI usage of replies "
+                 "(oxserve_generated_tokens_total, oxserve_prompt_tokens_total).",
+                 [(f"sum by (model_name) (rate(oxserve_generated_tokens_total{{{M}}}{RI}))",
+                   "{{model_name}} generated"),
+                  (f"sum by (model_name) (rate(oxserve_prompt_tokens_total{{{M}}}{RI}))",
+                   "{{model_name}} prompt")],
+                 "short", min_=0, dashed=".* prompt$")
+    d.timeseries("Streamed chunks per second",
+                 "Chunks sent in streamed responses (oxserve_stream_chunks_total); with one token per "
+                 "chunk this is the decode rate even when replies carry no usage.",
+                 [(f"sum by (model_name) (rate(oxserve_stream_chunks_total{{{M}}}{RI}))",
+                   "{{model_name}}")],
+                 "short", min_=0)
+    d.row("Load")
+    d.timeseries("Requests running vs waiting",
+                 "Requests inside workers (oxserve_requests_running) and waiting in the queue "
+                 "(oxserve_queue_depth, dashed), summed over replicas. Waiting above running for "
+                 "minutes fires OxserveLLMQueueSaturated.",
+                 [(f"sum by (model_name) (oxserve_requests_running{{{M}}})", "{{model_name}} running"),
+                  (f"sum by (model_name) (oxserve_queue_depth{{{M}}})", "{{model_name}} waiting")],
+                 "short", min_=0, dashed=".* waiting$")
+    d.timeseries("GPU memory used", "GPUMemoryUsed per DeviceId (the KV cache lives here).",
+                 [(f"GPUMemoryUsed{{{I}}}", "{{instance}} GPU {{DeviceId}}")], "mbytes", min_=0)
+    return d
+
+
 def host_dashboard():
     d = Dash(
         "oxserve-host",
@@ -412,7 +461,7 @@ def host_dashboard():
 
 def main():
     OUT.mkdir(parents=True, exist_ok=True)
-    for d in (models_dashboard(), host_dashboard()):
+    for d in (models_dashboard(), llm_dashboard(), host_dashboard()):
         path = OUT / f"{d.uid}.json"
         path.write_text(json.dumps(d.json(), indent=2) + "\n")
         print(f"wrote {path}")

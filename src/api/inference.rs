@@ -1,11 +1,17 @@
-//! Inference API (default 127.0.0.1:8080): /ping, /predictions, /explanations, and KServe's
-//! v1 (`/v1/models/{m}:predict|:explain`) and v2 (`/v2/models/{m}/infer|explain`) routes.
+//! Inference API (default 127.0.0.1:8080): /ping, /predictions, /explanations, KServe's
+//! v1 (`/v1/models/{m}:predict|:explain`) and v2 (`/v2/models/{m}/infer|explain`) routes, and
+//! OpenAI's `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions` (beyond TorchServe).
 //!
 //! As in TorchServe, the KServe routes are plain predictions with an `explain` header; the
 //! request and reply shapes are the Python worker's `service_envelope`. Unlike TorchServe 0.12,
 //! oxserve also answers KServe's model-ready and metadata routes itself (TorchServe leaves them
 //! to the kserve wrapper in front of it), so it can be a KServe serving runtime on its own.
 //! `GET /v1/models` without a name is not KServe's: it is the OpenAI model list.
+//!
+//! The OpenAI routes are a front door, not an engine: the body's `model` names a registered model
+//! and the request reaches its handler exactly as TorchServe passes
+//! `/predictions/{model}/{version}/v1/completions` (the extra path in the `url_path` header), so one
+//! handler serves both URLs and SSE streams pass through as chunks.
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -23,7 +29,7 @@ use super::{openapi, parse_query, ApiPath, AppState};
 use crate::backend::{InferRequest, InferResponse, Param};
 use crate::logging::access::RequestId;
 use crate::logging::ModelInfo;
-use crate::metrics::{ModelMetrics, Timings};
+use crate::metrics::{ModelMetrics, Timings, Usage};
 use crate::model::registry::{Health, ModelVersion};
 use crate::worker::{Job, PoolError, Reply, ReplyPart, ReplyRx, SubmitError};
 
@@ -63,6 +69,10 @@ pub fn router(state: AppState) -> Router {
             "/v2/models/{model}/versions/{version}/explain",
             any(kserve_v2_explain),
         )
+        // Exactly these three: the KServe routes (`/v1/models/{name}...`) live beside them.
+        .route("/v1/models", any(openai_models))
+        .route("/v1/completions", any(openai_completions))
+        .route("/v1/chat/completions", any(openai_chat))
         .fallback(super::not_found);
     let routes = super::with_token_check(routes, &state, super::auth::inference);
     super::finish(routes, state)
@@ -257,35 +267,61 @@ async fn serve(state: AppState, target: Target, req: Request) -> Response {
         return ApiError::method_not_allowed().into_response();
     }
     let version = target.version.as_deref().filter(|v| !v.is_empty());
-    let model = match state.registry.get(&target.model, version) {
-        Ok(m) => m,
-        Err(e) => return ApiError::from(e).into_response(),
-    };
+    if let Err(e) = state.registry.get(&target.model, version) {
+        return ApiError::from(e).into_response();
+    }
     let (parts, body) = req.into_parts();
+    let body = match read_body(&state, &parts.headers, body).await {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    dispatch(state, target, parts, body, arrival).await
+}
+
+/// The request body, at most max_request_size bytes.
+async fn read_body(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
     let limit = state.config.max_request_size;
-    if let Some(len) = parts
-        .headers
+    if let Some(len) = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok())
     {
         if len > limit {
-            return too_large(limit).into_response();
+            return Err(too_large(limit));
         }
     }
-    let body = match http_body_util::Limited::new(body, limit).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            return too_large(limit).into_response()
-        }
+    match http_body_util::Limited::new(body, limit).collect().await {
+        Ok(b) => Ok(b.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large(limit)),
         Err(e) if super::http::is_body_timeout(e.as_ref()) => {
-            return ApiError::new(408, "RequestTimeoutException", e.to_string()).into_response()
+            Err(ApiError::new(408, "RequestTimeoutException", e.to_string()))
         }
-        Err(e) => {
-            return ApiError::bad_request(format!("cannot read the request body: {e}"))
-                .into_response()
-        }
+        Err(e) => Err(ApiError::bad_request(format!(
+            "cannot read the request body: {e}"
+        ))),
+    }
+}
+
+/// Hands a read request to its model version's pool and answers with the reply.
+async fn dispatch(
+    state: AppState,
+    target: Target,
+    parts: axum::http::request::Parts,
+    body: Bytes,
+    arrival: Instant,
+) -> Response {
+    let version = target.version.as_deref().filter(|v| !v.is_empty());
+    // Looked up again after the body is read: the version may have been unregistered meanwhile.
+    let model = match state.registry.get(&target.model, version) {
+        Ok(m) => m,
+        Err(e) => return ApiError::from(e).into_response(),
     };
+    // Replies of OpenAI requests (either URL) are read for their `usage`; other replies are not
+    // parsed at all, so an image model pays nothing for token metrics.
+    let openai = target
+        .url_path
+        .as_deref()
+        .is_some_and(|p| OPENAI_PATHS.contains(&p.trim_start_matches('/')));
     // The id the access layer gave the request (the client's x-request-id or a new UUID) is the
     // one the worker protocol carries, so the handler's context.request_ids shows it.
     let id = parts
@@ -299,7 +335,7 @@ async fn serve(state: AppState, target: Target, req: Request) -> Response {
     };
     let in_url = version.is_some();
     match enqueue(&model, request, arrival, in_url) {
-        Ok(rx) => respond(rx, model.metrics.clone(), in_url).await,
+        Ok(rx) => respond(rx, model.metrics.clone(), in_url, openai).await,
         Err(e) => {
             let mut r = e.into_response();
             r.extensions_mut()
@@ -460,13 +496,25 @@ fn to_response(part: &InferResponse, body: Body) -> Response {
     r
 }
 
-/// Waits for the reply; streams it as HTTP chunks when the backend sends parts.
-async fn respond(rx: ReplyRx, metrics: std::sync::Arc<ModelMetrics>, in_url: bool) -> Response {
+/// Waits for the reply; streams it as HTTP chunks when the backend sends parts. Token metrics are
+/// recorded here, where the chunks pass: chunk count and gaps for every stream, and for OpenAI
+/// requests (`openai`) the tokens of the reply's `usage`.
+async fn respond(
+    rx: ReplyRx,
+    metrics: std::sync::Arc<ModelMetrics>,
+    in_url: bool,
+    openai: bool,
+) -> Response {
     let (first, rest) = match rx.await {
         Ok(Reply::Whole(part)) => {
             let mut t = part.timings;
             t.responded = Some(Instant::now());
             metrics.record_request(&t, part.response.status, in_url);
+            if openai && (200..300).contains(&part.response.status) {
+                if let Some(u) = Usage::from_json(&part.response.body) {
+                    metrics.record_usage(u);
+                }
+            }
             let body = Body::from(part.response.body.clone());
             let mut r = to_response(&part.response, body);
             r.extensions_mut().insert(model_info(&metrics, &t));
@@ -487,33 +535,79 @@ async fn respond(rx: ReplyRx, metrics: std::sync::Arc<ModelMetrics>, in_url: boo
     let info = model_info(&metrics, &first.timings);
     let mut timings = first.timings;
     timings.first_chunk = Some(Instant::now());
-    let state = Some((Some(first), rest, metrics, timings));
+    let stream = Streamed {
+        metrics,
+        timings,
+        last_chunk: None,
+        usage: None,
+        openai,
+        in_url,
+    };
+    let state = Some((Some(first), rest, stream));
     let stream = futures_util::stream::unfold(state, move |state| async move {
-        let (pending, mut rx, metrics, mut timings) = state?;
+        let (pending, mut rx, mut st) = state?;
         let part: ReplyPart = match pending {
             Some(p) => p,
             None => match rx.recv().await {
                 Some(p) => p,
                 None => {
-                    timings.responded = Some(Instant::now());
-                    metrics.record_request(&timings, 500, in_url);
+                    st.finish(500);
                     return None;
                 }
             },
         };
+        st.chunk(&part.response.body);
         if part.last {
-            let mut t = timings;
-            t.responded = Some(Instant::now());
-            metrics.record_request(&t, part.response.status, in_url);
+            st.finish(part.response.status);
             Some((Ok::<Bytes, std::io::Error>(part.response.body), None))
         } else {
             let body = part.response.body;
-            Some((Ok(body), Some((None, rx, metrics, timings))))
+            Some((Ok(body), Some((None, rx, st))))
         }
     });
     let mut r = to_response(&head, Body::from_stream(stream));
     r.extensions_mut().insert(info);
     r
+}
+
+/// What a stream in flight remembers for its metrics.
+struct Streamed {
+    metrics: std::sync::Arc<ModelMetrics>,
+    timings: Timings,
+    last_chunk: Option<Instant>,
+    /// The last `usage` seen: engines send it once at the end (`stream_options.include_usage`) or
+    /// cumulatively on every event, and either way the last one is the request's total.
+    usage: Option<Usage>,
+    openai: bool,
+    in_url: bool,
+}
+
+impl Streamed {
+    /// One part on its way to the client. Empty parts (a final frame with no body) are no chunk.
+    fn chunk(&mut self, body: &[u8]) {
+        if body.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let gap = self.last_chunk.map(|t| now.saturating_duration_since(t));
+        self.last_chunk = Some(now);
+        self.metrics.record_chunk(gap);
+        if self.openai {
+            if let Some(u) = Usage::from_chunk(body) {
+                self.usage = Some(u);
+            }
+        }
+    }
+
+    /// The stream ended (last part, or the worker went away: `status` 500).
+    fn finish(&mut self, status: u16) {
+        let mut t = self.timings;
+        t.responded = Some(Instant::now());
+        self.metrics.record_request(&t, status, self.in_url);
+        if let Some(u) = self.usage.take() {
+            self.metrics.record_usage(u);
+        }
+    }
 }
 
 /// The model, version and timings the access log reports for a request.
@@ -526,5 +620,121 @@ fn model_info(metrics: &ModelMetrics, t: &Timings) -> ModelInfo {
             .backend_end
             .zip(t.backend_start)
             .map(|(end, start)| end.saturating_duration_since(start)),
+    }
+}
+
+/// The `url_path` values the OpenAI routes pass, which mark a request as an OpenAI one.
+const OPENAI_PATHS: &[&str] = &["v1/completions", "v1/chat/completions"];
+
+/// Most bytes of a `model` field: model names are short, and the value is echoed in errors.
+const MAX_MODEL_FIELD: usize = 512;
+
+/// `GET /v1/models`: every registered model (its default version), in OpenAI's list shape.
+async fn openai_models(State(state): State<AppState>, method: Method) -> Response {
+    if method != Method::GET {
+        return ApiError::method_not_allowed().into_response();
+    }
+    let data: Vec<serde_json::Value> = state
+        .registry
+        .list()
+        .into_iter()
+        .filter_map(|(name, _)| state.registry.get(&name, None).ok())
+        .map(|m| {
+            let created = m
+                .registered_at
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            serde_json::json!({
+                "id": m.name,
+                "object": "model",
+                "created": created,
+                "owned_by": "oxserve",
+                "version": m.version,
+            })
+        })
+        .collect();
+    Json(serde_json::json!({"object": "list", "data": data})).into_response()
+}
+
+async fn openai_completions(State(s): State<AppState>, req: Request) -> Response {
+    openai(s, OPENAI_PATHS[0], req).await
+}
+
+async fn openai_chat(State(s): State<AppState>, req: Request) -> Response {
+    openai(s, OPENAI_PATHS[1], req).await
+}
+
+/// An OpenAI request: routed by the body's `model` to that model's default version, and handed
+/// over as `/predictions/{model}/{version}/{path}` would be (body unchanged, `url_path` header).
+async fn openai(state: AppState, path: &str, req: Request) -> Response {
+    let arrival = Instant::now();
+    if req.method() != Method::POST {
+        return ApiError::method_not_allowed().into_response();
+    }
+    let (parts, body) = req.into_parts();
+    let body = match read_body(&state, &parts.headers, body).await {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    let model = match model_field(&body) {
+        Ok(m) => m,
+        Err(e) => return e.into_response(),
+    };
+    let target = Target {
+        model,
+        version: None,
+        url_path: Some(path.to_string()),
+        explain: false,
+    };
+    dispatch(state, target, parts, body, arrival).await
+}
+
+/// The `model` of an OpenAI request body, or a 400 saying what is wrong with the body.
+fn model_field(body: &[u8]) -> Result<String, ApiError> {
+    #[derive(serde::Deserialize)]
+    struct Head {
+        model: Option<serde_json::Value>,
+    }
+    let head: Head = serde_json::from_slice(body).map_err(|e| {
+        ApiError::bad_request(format!("the request body is not a JSON object: {e}"))
+    })?;
+    match head.model {
+        Some(serde_json::Value::String(m)) if !m.is_empty() && m.len() <= MAX_MODEL_FIELD => Ok(m),
+        Some(serde_json::Value::String(m)) if m.len() > MAX_MODEL_FIELD => Err(
+            ApiError::bad_request(format!("\"model\" is longer than {MAX_MODEL_FIELD} bytes")),
+        ),
+        Some(_) => Err(ApiError::bad_request(
+            "\"model\" must be a non-empty string naming a registered model",
+        )),
+        None => Err(ApiError::bad_request(
+            "the request body has no \"model\": it names the registered model to use",
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_model_field_is_required_and_bounded() {
+        assert_eq!(model_field(br#"{"model":"m","prompt":"x"}"#).unwrap(), "m");
+        for bad in [
+            &br#"{"prompt":"x"}"#[..],
+            br#"{"model":""}"#,
+            br#"{"model":3}"#,
+            br#"[1]"#,
+            b"",
+            b"{",
+        ] {
+            let e = model_field(bad).unwrap_err();
+            assert_eq!(e.status, 400, "{}", String::from_utf8_lossy(bad));
+        }
+        let long = format!(r#"{{"model":"{}"}}"#, "m".repeat(MAX_MODEL_FIELD + 1));
+        assert!(model_field(long.as_bytes())
+            .unwrap_err()
+            .message
+            .contains("longer"));
     }
 }

@@ -142,9 +142,11 @@ const MODEL_PRESENCE: &str = "oxserve_queue_capacity";
 /// The family whose series name the GPUs NVML reports.
 const GPU_PRESENCE: &str = "GPUMemoryUsed";
 
-/// Families of the LLM panels. They are not in the registry yet; their panels appear as soon as
-/// these families have series for a model (declared in metrics.yaml, or oxserve's own later).
-pub const LLM_TTFT: &str = "oxserve_time_to_first_token_seconds";
+/// Families of the LLM panels, all oxserve's own (src/metrics). Time to first token is the
+/// first-chunk histogram: for a token stream the first chunk is the first token, and one family
+/// for both keeps the two from disagreeing. Their panels appear once a model has data in them
+/// (a stream, or a reply carrying an OpenAI `usage`).
+pub const LLM_TTFT: &str = "oxserve_time_to_first_chunk_seconds";
 pub const LLM_ITL: &str = "oxserve_inter_token_latency_seconds";
 pub const LLM_TOKENS: &str = "oxserve_generated_tokens_total";
 
@@ -165,13 +167,12 @@ pub const COLUMNS: &[Column] = &[
     col("prediction_ms", Model, "PredictionTime", "ms", Source::Gauge(all("PredictionTime")), 1.0),
     col("queue_wait_p99_ms", Model, "queue wait p99", "ms", Source::Quantile { sel: all("oxserve_queue_wait_seconds"), q: 0.99 }, 1000.0),
     col("queue_depth", Model, "queue depth", "requests", Source::Gauge(all("oxserve_queue_depth")), 1.0),
+    col("requests_running", Model, "running in workers", "requests", Source::Gauge(all("oxserve_requests_running")), 1.0),
     col("queue_capacity", Model, "queue capacity", "requests", Source::Gauge(all(MODEL_PRESENCE)), 1.0),
     col("workers_starting", Model, "starting", "workers", Source::Gauge(only("oxserve_workers", "state", "starting")), 1.0),
     col("workers_ready", Model, "ready", "workers", Source::Gauge(only("oxserve_workers", "state", "ready")), 1.0),
     col("workers_busy", Model, "busy", "workers", Source::Gauge(only("oxserve_workers", "state", "busy")), 1.0),
     col("workers_stopping", Model, "stopping", "workers", Source::Gauge(only("oxserve_workers", "state", "stopping")), 1.0),
-    col("first_chunk_p50_ms", Model, "first chunk p50", "ms", Source::Quantile { sel: all("oxserve_time_to_first_chunk_seconds"), q: 0.5 }, 1000.0),
-    col("first_chunk_p99_ms", Model, "first chunk p99", "ms", Source::Quantile { sel: all("oxserve_time_to_first_chunk_seconds"), q: 0.99 }, 1000.0),
     col("ttft_p50_ms", Model, "TTFT p50", "ms", Source::Quantile { sel: all(LLM_TTFT), q: 0.5 }, 1000.0),
     col("ttft_p99_ms", Model, "TTFT p99", "ms", Source::Quantile { sel: all(LLM_TTFT), q: 0.99 }, 1000.0),
     col("itl_p50_ms", Model, "inter-token p50", "ms", Source::Quantile { sel: all(LLM_ITL), q: 0.5 }, 1000.0),
@@ -205,12 +206,11 @@ pub const PANELS: &[Panel] = &[
     Panel { id: "latency", title: "Latency: HandlerTime, PredictionTime, QueueTime", always: true, columns: &["handler_ms", "prediction_ms", "queue_time_ms", "queue_wait_p99_ms"] },
     Panel { id: "quantiles", title: "Request latency quantiles", always: true, columns: &["p50_ms", "p90_ms", "p99_ms"] },
     Panel { id: "errors", title: "Error rate", always: true, columns: &["err_5xx_pct", "err_4xx_pct", "host_5xx_pct"] },
-    Panel { id: "queue", title: "Queue depth vs capacity", always: true, columns: &["queue_depth", "queue_capacity"] },
+    Panel { id: "queue", title: "Queue depth vs capacity", always: true, columns: &["queue_depth", "requests_running", "queue_capacity"] },
     Panel { id: "workers", title: "Workers by state", always: true, columns: &["workers_ready", "workers_busy", "workers_starting", "workers_stopping"] },
     Panel { id: "gpu_memory", title: "GPU memory", always: false, columns: &["gpu_mem_pct", "gpu_mem_used_mb"] },
     Panel { id: "host", title: "Host CPU and memory", always: false, columns: &["cpu_pct", "mem_pct"] },
-    Panel { id: "first_chunk", title: "Streaming: time to first chunk", always: false, columns: &["first_chunk_p50_ms", "first_chunk_p99_ms"] },
-    Panel { id: "llm_ttft", title: "LLM: time to first token", always: false, columns: &["ttft_p50_ms", "ttft_p99_ms"] },
+    Panel { id: "llm_ttft", title: "Streaming: time to first chunk (LLM: first token)", always: false, columns: &["ttft_p50_ms", "ttft_p99_ms"] },
     Panel { id: "llm_itl", title: "LLM: inter-token latency", always: false, columns: &["itl_p50_ms", "itl_p99_ms"] },
     Panel { id: "llm_tokens", title: "LLM: tokens/s", always: false, columns: &["tokens_per_s"] },
 ];
@@ -909,7 +909,7 @@ mod tests {
         ));
         assert_eq!(latest(&h, "m", "workers_ready"), Some(0.0));
         // Families with no data for the model have no value, not zero.
-        assert_eq!(latest(&h, "m", "ttft_p50_ms"), None);
+        assert_eq!(latest(&h, "m", "itl_p50_ms"), None);
         assert_eq!(latest(&h, "m", "tokens_per_s"), None);
         // The host's 5xx share: every response counted by the listeners (none here).
         m.host.count_response(200);
@@ -931,18 +931,15 @@ mod tests {
         );
     }
 
-    /// Records one of each LLM family for a model, as a handler's [METRICS] lines would.
+    /// Records what a token stream records for a model: chunks with gaps and a usage.
     fn llm_traffic(m: &Metrics, model: &str) {
-        for (family, kind, v) in [
-            (LLM_TTFT, "HISTOGRAM", 0.08),
-            (LLM_ITL, "HISTOGRAM", 0.004),
-            (LLM_TOKENS, "COUNTER", 32.0),
-        ] {
-            m.record_backend_line(
-                &format!("{family}.s:{v}|#ModelName:{model}|#type:{kind}|#hostname:x,1"),
-                model,
-            );
-        }
+        let mm = m.model(model, "1");
+        mm.record_chunk(None);
+        mm.record_chunk(Some(Duration::from_millis(4)));
+        mm.record_usage(crate::metrics::Usage {
+            prompt_tokens: 8,
+            completion_tokens: 32,
+        });
     }
 
     #[test]
@@ -1007,8 +1004,8 @@ mod tests {
         };
         assert_eq!(req(&coarse, 990.0), req(&fine, 990.0));
         let ids: Vec<&str> = fine.panels.iter().map(|p| p.id).collect();
-        // No GPU here, no host sampler in this test, no streaming model: those panels are absent;
-        // the LLM panels appeared with their families' data.
+        // No GPU here, no host sampler in this test: those panels are absent; the streaming and
+        // LLM panels appeared with their families' data (the test requests have a first chunk).
         assert_eq!(
             ids,
             [
@@ -1018,7 +1015,6 @@ mod tests {
                 "errors",
                 "queue",
                 "workers",
-                "first_chunk",
                 "llm_ttft",
                 "llm_itl",
                 "llm_tokens"

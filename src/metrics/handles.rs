@@ -4,10 +4,11 @@
 //! [`GpuMetrics`] per device, and [`Timings`], the one interface through which a request's
 //! timings reach the metrics.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use super::registry::Series;
+use super::log::LogSink;
+use super::registry::{Family, Series};
 
 /// A series to update, or nothing when metrics.yaml does not declare the metric.
 #[derive(Debug, Clone, Default)]
@@ -37,6 +38,84 @@ impl Handle {
         if let Some(s) = &self.0 {
             s.observe(v)
         }
+    }
+}
+
+/// A series created on its first update, not at registration: for counters that only some models
+/// ever move (tokens, stream chunks). An eager series would show 0 for every model, and a rate of
+/// 0 is data, so the dashboards would draw LLM panels for an image classifier.
+#[derive(Debug, Default)]
+pub struct LazyHandle {
+    pub(super) family: Option<Arc<Family>>,
+    pub(super) values: Vec<String>,
+    pub(super) log: Option<Arc<LogSink>>,
+    pub(super) cell: OnceLock<Handle>,
+}
+
+impl LazyHandle {
+    fn get(&self) -> &Handle {
+        self.cell.get_or_init(|| {
+            let values: Vec<&str> = self.values.iter().map(String::as_str).collect();
+            Handle(self.family.as_ref().map(|f| f.series(&values, &self.log)))
+        })
+    }
+    #[inline]
+    pub fn inc_by(&self, v: f64) {
+        self.get().inc_by(v)
+    }
+}
+
+/// The OpenAI `usage` of one reply: prompt and completion tokens.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+}
+
+impl Usage {
+    /// The `usage` of an OpenAI JSON reply (`prompt_tokens`, `completion_tokens`), if it has one.
+    pub fn from_json(body: &[u8]) -> Option<Usage> {
+        #[derive(serde::Deserialize)]
+        struct Reply {
+            usage: Option<Shape>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Shape {
+            #[serde(default)]
+            prompt_tokens: u64,
+            #[serde(default)]
+            completion_tokens: u64,
+        }
+        let u = serde_json::from_slice::<Reply>(body).ok()?.usage?;
+        Some(Usage {
+            prompt_tokens: u.prompt_tokens,
+            completion_tokens: u.completion_tokens,
+        })
+    }
+
+    /// The last `usage` among the server-sent events of one streamed chunk (`data: {...}` lines);
+    /// a chunk that is one JSON document (a handler streaming JSON lines) counts as one event.
+    /// A chunk without the text `"usage"` is not parsed at all: most chunks of a token stream.
+    pub fn from_chunk(chunk: &[u8]) -> Option<Usage> {
+        const NEEDLE: &[u8] = b"\"usage\"";
+        if !chunk.windows(NEEDLE.len()).any(|w| w == NEEDLE) {
+            return None;
+        }
+        let text = std::str::from_utf8(chunk).ok()?;
+        let mut found = None;
+        let mut events = 0;
+        for line in text.lines() {
+            if let Some(data) = line.strip_prefix("data:") {
+                events += 1;
+                if let Some(u) = Usage::from_json(data.trim().as_bytes()) {
+                    found = Some(u);
+                }
+            }
+        }
+        if events == 0 {
+            return Usage::from_json(chunk);
+        }
+        found
     }
 }
 
@@ -125,7 +204,14 @@ pub struct ModelMetrics {
     pub batch_size: Handle,
     pub first_chunk: Handle,
     pub queue_depth: Handle,
+    /// Requests inside workers (handed over, not yet answered); the scheduler is the only writer.
+    pub requests_running: Handle,
     pub queue_capacity: Handle,
+    /// Time between consecutive chunks of a stream (inter-token latency for LLM streams).
+    pub inter_chunk: Handle,
+    pub(super) stream_chunks: LazyHandle,
+    pub(super) prompt_tokens: LazyHandle,
+    pub(super) generated_tokens: LazyHandle,
     pub workers_min: Handle,
     pub workers_max: Handle,
     pub(super) workers: [Handle; 5],
@@ -163,6 +249,22 @@ impl ModelMetrics {
                 .observe(first.saturating_duration_since(t.arrival).as_secs_f64());
         }
         self.responses[status_class(status)].inc();
+    }
+
+    /// Records one chunk of a streamed reply; `gap` is the time since the previous chunk (none for
+    /// the first, whose latency is the time to first chunk).
+    #[inline]
+    pub fn record_chunk(&self, gap: Option<Duration>) {
+        self.stream_chunks.inc_by(1.0);
+        if let Some(gap) = gap {
+            self.inter_chunk.observe(gap.as_secs_f64());
+        }
+    }
+
+    /// Counts the tokens of one reply's OpenAI `usage` object.
+    pub fn record_usage(&self, u: Usage) {
+        self.prompt_tokens.inc_by(u.prompt_tokens as f64);
+        self.generated_tokens.inc_by(u.completion_tokens as f64);
     }
 
     /// Sets the worker count of one state (the scheduler is the only writer).
@@ -208,4 +310,35 @@ pub struct GpuMetrics {
     pub utilization: Handle,
     pub memory_utilization: Handle,
     pub memory_used: Handle,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_is_read_from_json_replies_and_sse_events() {
+        let u = |p, c| {
+            Some(Usage {
+                prompt_tokens: p,
+                completion_tokens: c,
+            })
+        };
+        assert_eq!(
+            Usage::from_json(br#"{"id":"x","usage":{"prompt_tokens":5,"completion_tokens":7,"total_tokens":12}}"#),
+            u(5, 7)
+        );
+        assert_eq!(Usage::from_json(br#"{"usage":null}"#), None);
+        assert_eq!(Usage::from_json(br#"{"usage":{"prompt_tokens":-1}}"#), None);
+        assert_eq!(Usage::from_json(b"not json"), None);
+        // Two events in one chunk: the last usage wins; a null usage is no usage.
+        let chunk = b"data: {\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":1}}\n\ndata: {\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":2}}\n\ndata: {\"usage\":null}\n\ndata: [DONE]\n\n";
+        assert_eq!(Usage::from_chunk(chunk), u(3, 2));
+        assert_eq!(Usage::from_chunk(b"data: [DONE]\n\n"), None);
+        assert_eq!(
+            Usage::from_chunk(br#"{"usage":{"completion_tokens":4}}"#),
+            u(0, 4)
+        );
+        assert_eq!(Usage::from_chunk(&[0xff, 0xfe]), None);
+    }
 }

@@ -20,7 +20,9 @@ use registry::Family;
 use spec::{Kind, MetricSpec, Origin, Spec};
 
 use handles::TsCounters;
-pub use handles::{GpuMetrics, Handle, HostMetrics, ModelMetrics, Timings, WorkerState};
+pub use handles::{
+    GpuMetrics, Handle, HostMetrics, LazyHandle, ModelMetrics, Timings, Usage, WorkerState,
+};
 
 /// The registry.
 pub struct Metrics {
@@ -66,7 +68,12 @@ const OXSERVE_MODEL_FAMILIES: &[(&str, Kind, &str)] = &[
     ("oxserve_request_duration_seconds", Kind::Histogram, "Time from a prediction request's arrival to its response, in seconds."),
     ("oxserve_queue_wait_seconds", Kind::Histogram, "Time a prediction request waited in the model's queue (batching delay included), in seconds."),
     ("oxserve_backend_duration_seconds", Kind::Histogram, "Time the backend (handler) spent on one batch, in seconds."),
-    ("oxserve_time_to_first_chunk_seconds", Kind::Histogram, "Time from a streamed request's arrival to its first chunk, in seconds."),
+    ("oxserve_time_to_first_chunk_seconds", Kind::Histogram, "Time from a streamed request's arrival to its first chunk (time to first token for LLM streams), in seconds."),
+    ("oxserve_inter_token_latency_seconds", Kind::Histogram, "Time between consecutive chunks of a streamed response (inter-token latency for LLM streams), in seconds."),
+    ("oxserve_stream_chunks_total", Kind::Counter, "Chunks sent in streamed responses."),
+    ("oxserve_prompt_tokens_total", Kind::Counter, "Prompt tokens, from the OpenAI usage object of replies that carry one."),
+    ("oxserve_generated_tokens_total", Kind::Counter, "Completion (generated) tokens, from the OpenAI usage object of replies that carry one."),
+    ("oxserve_requests_running", Kind::Gauge, "Requests handed to workers and not answered yet (those waiting for one are oxserve_queue_depth)."),
     ("oxserve_batch_size", Kind::Histogram, "Requests per batch handed to a worker."),
     ("oxserve_queue_depth", Kind::Gauge, "Requests waiting in the model's queue."),
     ("oxserve_queue_capacity", Kind::Gauge, "Capacity of the model's queue (job_queue_size)."),
@@ -75,6 +82,12 @@ const OXSERVE_MODEL_FAMILIES: &[(&str, Kind, &str)] = &[
 ];
 
 const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
+
+/// Inter-token gaps are milliseconds to tens of them; the request buckets would put every gap of a
+/// fast engine into one or two buckets, and p50 vs p99 would be the same number.
+const INTER_TOKEN_BUCKETS: &[f64] = &[
+    0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5,
+];
 
 impl Metrics {
     /// Builds the registry from the configuration: metrics.yaml (built-in or `metrics_config`),
@@ -153,6 +166,9 @@ impl Metrics {
         for (name, kind, help) in OXSERVE_MODEL_FAMILIES {
             let buckets = match (*kind, *name) {
                 (Kind::Histogram, "oxserve_batch_size") => BATCH_BUCKETS.to_vec(),
+                (Kind::Histogram, "oxserve_inter_token_latency_seconds") => {
+                    INTER_TOKEN_BUCKETS.to_vec()
+                }
                 (Kind::Histogram, _) => name_buckets.clone(),
                 _ => Vec::new(),
             };
@@ -366,6 +382,12 @@ impl Metrics {
         };
         let mv = [model_name, model_version];
         let s = |name: &str| self.series(name, &mv);
+        let lazy = |name: &str| LazyHandle {
+            family: self.family(name),
+            values: vec![model_name.to_string(), model_version.to_string()],
+            log: self.log.clone(),
+            cell: std::sync::OnceLock::new(),
+        };
         let state = |st: WorkerState| {
             let h = self.series("oxserve_workers", &[model_name, model_version, st.as_str()]);
             h.set(0.0);
@@ -418,6 +440,11 @@ impl Metrics {
             batch_size: s("oxserve_batch_size"),
             first_chunk: s("oxserve_time_to_first_chunk_seconds"),
             queue_depth: s("oxserve_queue_depth"),
+            requests_running: s("oxserve_requests_running"),
+            inter_chunk: s("oxserve_inter_token_latency_seconds"),
+            stream_chunks: lazy("oxserve_stream_chunks_total"),
+            prompt_tokens: lazy("oxserve_prompt_tokens_total"),
+            generated_tokens: lazy("oxserve_generated_tokens_total"),
             queue_capacity: s("oxserve_queue_capacity"),
             workers_min: s("oxserve_workers_min"),
             workers_max: s("oxserve_workers_max"),
@@ -438,6 +465,7 @@ impl Metrics {
     pub fn forget_model(&self, model_name: &str, model_version: &str) {
         for name in [
             "oxserve_queue_depth",
+            "oxserve_requests_running",
             "oxserve_queue_capacity",
             "oxserve_workers_min",
             "oxserve_workers_max",

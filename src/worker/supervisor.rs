@@ -93,6 +93,8 @@ pub(super) struct Supervisor {
     /// Gauge values last written, so unchanged gauges are not rewritten (log mode logs writes).
     shown_workers: [usize; 5],
     shown_queue: Option<usize>,
+    /// Last value written to oxserve_requests_running (requests inside workers).
+    shown_running: Option<usize>,
     views: Vec<WorkerView>,
     assignments: Vec<Assignment>,
 }
@@ -136,6 +138,7 @@ impl Supervisor {
             // overwriting the live version's gauges.
             shown_workers: [0; 5],
             shown_queue: Some(0),
+            shown_running: Some(0),
             views: Vec::new(),
             assignments: Vec::new(),
         }
@@ -583,6 +586,12 @@ impl Supervisor {
         if self.shown_queue != Some(queue_len) {
             self.metrics.queue_depth.set(queue_len as f64);
             self.shown_queue = Some(queue_len);
+        }
+        // Running vs waiting, the pair LLM operators watch: what the workers hold now.
+        let running: usize = self.slots.iter().map(|s| s.in_flight).sum();
+        if self.shown_running != Some(running) {
+            self.metrics.requests_running.set(running as f64);
+            self.shown_running = Some(running);
         }
         let mut counts = [0usize; 5];
         for s in &self.slots {

@@ -129,12 +129,21 @@ async fn plain_http_to_an_https_listener_gets_no_answer_and_the_server_stays_up(
         !buf.starts_with(b"HTTP/1.1 200"),
         "a plain-text request was served on an HTTPS listener"
     );
-    let r = client(certs.path())
-        .get(format!("{}/ping", https(&server.inference)))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    // Still serving over TLS: /ping turns 200 once the demo model's worker is up.
+    let c = client(certs.path());
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        let r = c
+            .get(format!("{}/ping", https(&server.inference)))
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 200 || std::time::Instant::now() > deadline {
+            break r.status();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(status, 200);
 }
 
 #[tokio::test]

@@ -588,6 +588,10 @@ impl ManagementApIsService for Management {
         self.0
             .unary(&req, async {
                 model_api_enabled(&self.0.state)?;
+                // TorchServe's GRPCUtils.getRegisterParam reads an empty field as absent.
+                if r.url.is_empty() {
+                    return Err(api(ApiError::bad_request("Parameter url is required.")));
+                }
                 if !r.handler.is_empty() || !r.runtime.is_empty() {
                     return Err(api(ApiError::bad_request(
                         "oxserve takes handler and runtime from the archive's MANIFEST.json; \
@@ -609,10 +613,6 @@ impl ManagementApIsService for Management {
                     runtime: None,
                     default_workers: Some(management::api_default_workers(&self.0.state.config)),
                 };
-                // TorchServe's GRPCUtils.getRegisterParam reads an empty field as absent.
-                if r.url.is_empty() {
-                    return Err(api(ApiError::bad_request("Parameter url is required.")));
-                }
                 let (_, text) = management::register_model(&self.0.state, &r.url, options)
                     .await
                     .map_err(api)?;

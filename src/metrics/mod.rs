@@ -108,16 +108,15 @@ impl Metrics {
                 )
             })?,
         ));
-        let mut metrics = Metrics::new(
+        Ok(Metrics::new(
             spec,
             config.metrics_mode,
             config.model_metrics_auto_detect,
             config.histogram_buckets.clone(),
             log,
             hostname(),
-        );
-        metrics.max_series = config.model_metrics_max_series;
-        Ok(metrics)
+        )
+        .with_max_series(config.model_metrics_max_series))
     }
 
     /// Sets the cap on series per handler family and on auto-detected families.

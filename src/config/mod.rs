@@ -277,6 +277,74 @@ pub struct ModelSettings {
     pub autoscale_down_samples: Option<u32>,
     /// How requests reach the workers (`asyncCommunication`, `continuousBatching`, ...).
     pub batch_mode: Option<BatchMode>,
+    /// `sequenceBatching: true` and its keys (stateful sessions pinned to one worker).
+    pub sequence: Option<SequenceSettings>,
+}
+
+/// TorchServe's stateful-session keys (`sequenceBatching: true`; docs/scheduling.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SequenceSettings {
+    /// Sessions open at once over the model version (`maxNumSequence`).
+    pub max_sequences: u32,
+    /// A session with nothing waiting or running for this long is closed (`sequenceMaxIdleMSec`).
+    pub max_idle: Duration,
+    /// A session is closed this long after it started (`sequenceTimeoutMSec`; None: never).
+    pub timeout: Option<Duration>,
+    /// Requests of one session waiting at once (`maxSequenceJobQueueSize`).
+    pub max_queue: u32,
+}
+
+impl SequenceSettings {
+    /// Ceiling of `maxNumSequence` and `maxSequenceJobQueueSize`: each session and each queued
+    /// request holds memory, and a typo must not become an unbounded table.
+    pub const MAX_COUNT: u32 = 100_000;
+
+    /// Reads the keys when `sequenceBatching` is true. TorchServe's defaults: one sequence, a
+    /// queue of one. `sequenceMaxIdleMSec` must be set: TorchServe treats 0 as "not stateful"
+    /// and then fails every request of a sequence-batching model; oxserve refuses the model.
+    fn from_fields(
+        fields: &serde_json::Map<String, serde_json::Value>,
+        at: &str,
+    ) -> Result<Option<SequenceSettings>, String> {
+        match fields.get("sequenceBatching") {
+            None | Some(serde_json::Value::Bool(false)) => return Ok(None),
+            Some(serde_json::Value::Bool(true)) => {}
+            Some(v) => return Err(format!("{at}: sequenceBatching {v} is not true or false")),
+        }
+        if fields.get("asyncCommunication").and_then(|v| v.as_bool()) == Some(true) {
+            return Err(format!(
+                "{at}: sequenceBatching cannot be combined with asyncCommunication \
+                 (TorchServe has no such mode either)"
+            ));
+        }
+        let number = |key: &str, default: u64, lo: u64, hi: u64| -> Result<u64, String> {
+            match fields.get(key) {
+                None => Ok(default),
+                Some(v) => match v.as_u64() {
+                    Some(n) if (lo..=hi).contains(&n) => Ok(n),
+                    _ => Err(format!(
+                        "{at}: {key} {v} must be an integer from {lo} to {hi}"
+                    )),
+                },
+            }
+        };
+        const DAY_MS: u64 = 24 * 3600 * 1000;
+        let max_idle = number("sequenceMaxIdleMSec", 0, 0, DAY_MS)?;
+        if max_idle == 0 {
+            return Err(format!(
+                "{at}: sequenceBatching needs sequenceMaxIdleMSec (how long an idle sequence \
+                 stays open, 1 to {DAY_MS} ms)"
+            ));
+        }
+        let timeout = number("sequenceTimeoutMSec", 0, 0, 7 * DAY_MS)?;
+        let most = u64::from(SequenceSettings::MAX_COUNT);
+        Ok(Some(SequenceSettings {
+            max_sequences: number("maxNumSequence", 1, 1, most)? as u32,
+            max_idle: Duration::from_millis(max_idle),
+            timeout: (timeout > 0).then(|| Duration::from_millis(timeout)),
+            max_queue: number("maxSequenceJobQueueSize", 1, 1, most)? as u32,
+        }))
+    }
 }
 
 /// How a model version's requests reach its workers (docs/llm.md).
@@ -305,12 +373,6 @@ impl BatchMode {
         fields: &serde_json::Map<String, serde_json::Value>,
         at: &str,
     ) -> Result<Option<BatchMode>, String> {
-        // Modes TorchServe has that oxserve does not run yet: refused, not silently ignored.
-        for key in ["sequenceBatching"] {
-            if fields.get(key).and_then(|v| v.as_bool()) == Some(true) {
-                return Err(format!("{at}: {key} is not supported by oxserve yet"));
-            }
-        }
         let mut mode = None;
         for (key, m) in BatchMode::KEYS {
             match fields.get(key) {
@@ -392,6 +454,7 @@ impl ModelSettings {
             autoscale_up_samples: None,
             autoscale_down_samples: None,
             batch_mode: BatchMode::from_fields(fields, at)?,
+            sequence: SequenceSettings::from_fields(fields, at)?,
         };
         let mut settings = settings;
         let mut scale = [None; 4];
@@ -455,6 +518,7 @@ impl ModelSettings {
             autoscale_up_samples: self.autoscale_up_samples.or(other.autoscale_up_samples),
             autoscale_down_samples: self.autoscale_down_samples.or(other.autoscale_down_samples),
             batch_mode: self.batch_mode.or(other.batch_mode),
+            sequence: self.sequence.or(other.sequence),
         }
     }
 }
@@ -1226,7 +1290,63 @@ mod tests {
         let m = read(serde_json::json!({"continuousBatching": true})).unwrap();
         assert_eq!(m.batch_mode, Some(BatchMode::Continuous));
         let e = read(serde_json::json!({"sequenceBatching": true})).unwrap_err();
-        assert!(e.contains("sequenceBatching is not supported"), "{e}");
+        assert!(e.contains("needs sequenceMaxIdleMSec"), "{e}");
+    }
+
+    #[test]
+    fn sequence_batching_keys_have_torchserve_defaults_and_limits() {
+        let read = |v: serde_json::Value| ModelSettings::from_fields(&v, "m");
+        let m =
+            read(serde_json::json!({"sequenceBatching": true, "sequenceMaxIdleMSec": 10})).unwrap();
+        assert_eq!(
+            m.sequence,
+            Some(SequenceSettings {
+                max_sequences: 1,
+                max_idle: Duration::from_millis(10),
+                timeout: None,
+                max_queue: 1,
+            })
+        );
+        let m = read(serde_json::json!({
+            "sequenceBatching": true, "continuousBatching": true, "sequenceMaxIdleMSec": 5000,
+            "maxNumSequence": 4, "maxSequenceJobQueueSize": 10, "sequenceTimeoutMSec": 60000
+        }))
+        .unwrap();
+        assert_eq!(m.batch_mode, Some(BatchMode::Continuous));
+        let s = m.sequence.unwrap();
+        assert_eq!((s.max_sequences, s.max_queue), (4, 10));
+        assert_eq!(s.timeout, Some(Duration::from_secs(60)));
+        // Without sequenceBatching the keys are TorchServe's no-ops.
+        let m = read(serde_json::json!({"maxNumSequence": 4})).unwrap();
+        assert_eq!(m.sequence, None);
+        for (bad, want) in [
+            (
+                serde_json::json!({"sequenceBatching": "yes"}),
+                "is not true or false",
+            ),
+            (
+                serde_json::json!({"sequenceBatching": true, "sequenceMaxIdleMSec": -1}),
+                "sequenceMaxIdleMSec -1 must be an integer",
+            ),
+            (
+                serde_json::json!({"sequenceBatching": true, "sequenceMaxIdleMSec": 1,
+                                   "maxNumSequence": 0}),
+                "maxNumSequence 0 must be an integer from 1",
+            ),
+            (
+                serde_json::json!({"sequenceBatching": true, "sequenceMaxIdleMSec": 1,
+                                   "maxSequenceJobQueueSize": 100001}),
+                "maxSequenceJobQueueSize 100001 must be",
+            ),
+            (
+                serde_json::json!({"sequenceBatching": true, "sequenceMaxIdleMSec": 1,
+                                   "asyncCommunication": true}),
+                "cannot be combined with asyncCommunication",
+            ),
+        ] {
+            let e = read(bad).unwrap_err();
+            assert!(e.contains(want), "{e}");
+        }
     }
 
     #[test]

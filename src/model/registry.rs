@@ -638,6 +638,7 @@ impl Registry {
                 .unwrap_or(c.max_batch_delay),
             queue_capacity: c.job_queue_size,
             mode: m.batch_mode.unwrap_or_default(),
+            sequence: m.sequence,
             response_timeout: options
                 .response_timeout
                 .or(m.response_timeout)

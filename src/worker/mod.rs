@@ -29,7 +29,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{mpsc, oneshot, watch};
 
-pub use crate::config::BatchMode;
+pub use crate::config::{BatchMode, SequenceSettings};
 
 use crate::backend::{BackendLoader, InferRequest, InferResponse, WorkerSpec};
 use crate::metrics::{ModelMetrics, Timings, WorkerState};
@@ -88,6 +88,10 @@ impl ReplyTx {
 pub struct Job {
     pub request: InferRequest,
     pub timings: Timings,
+    /// Sequence batching: the session the job belongs to (set by the policy when it is queued).
+    /// Every reply part carries it back in TorchServe's `ts_request_sequence_id` header, so a
+    /// client that started a session learns its id from the first answer.
+    pub sequence: Option<Arc<str>>,
     reply: Mutex<ReplyTx>,
 }
 
@@ -103,14 +107,31 @@ impl Job {
             Job {
                 request,
                 timings,
+                sequence: None,
                 reply: Mutex::new(reply),
             },
             rx,
         )
     }
 
+    /// Adds the session's id header unless the handler set it already.
+    fn tag(&self, response: &mut InferResponse) {
+        if let Some(id) = &self.sequence {
+            if !response
+                .headers
+                .iter()
+                .any(|(k, _)| k.eq_ignore_ascii_case(SEQUENCE_ID_HEADER))
+            {
+                response
+                    .headers
+                    .push((SEQUENCE_ID_HEADER.to_string(), id.to_string()));
+            }
+        }
+    }
+
     /// Answers the job with its final reply.
-    pub fn finish(self, response: InferResponse) {
+    pub fn finish(self, mut response: InferResponse) {
+        self.tag(&mut response);
         let timings = self.timings;
         self.reply
             .lock()
@@ -128,7 +149,8 @@ impl Job {
     }
 
     /// Sends a streamed (not final) part.
-    fn send_partial(&self, response: InferResponse) {
+    fn send_partial(&self, mut response: InferResponse) {
+        self.tag(&mut response);
         self.reply
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -184,7 +206,18 @@ pub enum PoolError {
     /// A job was dropped without an answer (should not happen; answered rather than hung).
     #[error("the worker dropped the request without an answer")]
     Dropped,
+    /// Sequence batching: the request names a session that cannot take it (a malformed id, or
+    /// one that expired or was lost with its worker); the client starts a new one.
+    #[error("{0}")]
+    Sequence(String),
 }
+
+/// TorchServe's sequence headers (its `ts_header_key_sequence_*` defaults): the session id (set
+/// on requests and replies), the mark of a new session (set on its first request), and the
+/// reply header a handler sets to end sessions (ids separated by `;`).
+pub const SEQUENCE_ID_HEADER: &str = "ts_request_sequence_id";
+pub const SEQUENCE_START_HEADER: &str = "ts_request_sequence_start";
+pub const SEQUENCE_END_HEADER: &str = "ts_request_sequence_end";
 
 impl PoolError {
     /// HTTP status and TorchServe exception type.
@@ -199,6 +232,7 @@ impl PoolError {
             PoolError::Panicked(_) | PoolError::ReplyCount { .. } | PoolError::Dropped => {
                 (500, "InternalServerException")
             }
+            PoolError::Sequence(_) => (400, "BadRequestException"),
         }
     }
 
@@ -230,6 +264,9 @@ pub struct PoolSettings {
     pub autoscale: AutoscaleRule,
     /// How requests reach the workers (classic batches or async).
     pub mode: BatchMode,
+    /// `sequenceBatching: true`: stateful sessions pinned to one worker (with `mode` classic
+    /// or continuous).
+    pub sequence: Option<SequenceSettings>,
 }
 
 /// What a worker slot is doing. `Backoff` is a worker whose backend died or failed to load and

@@ -27,8 +27,9 @@ use crate::metrics::ModelMetrics;
 pub(super) enum Event {
     /// The backend is loaded; `pid` is the process serving it.
     Loaded { slot: u32, pid: u32 },
-    /// The worker answered `n` jobs and can take more.
-    Released { slot: u32, n: usize },
+    /// The worker answered `n` jobs and can take more; `seq` names the sessions involved
+    /// (sequence batching only, else empty).
+    Released { slot: u32, n: usize, seq: SeqNotes },
     /// The incarnation is over: stopped (None) or failed (why).
     Exited { slot: u32, failure: Option<Failure> },
 }
@@ -40,6 +41,31 @@ pub(super) enum Failure {
     Load(String),
     /// The backend died, hung or panicked after loading.
     Died(String),
+}
+
+/// Sequence batching: what answered jobs tell the policy. Empty (no allocation) for jobs
+/// without a session.
+#[derive(Debug, Default)]
+pub(super) struct SeqNotes {
+    /// The session of each answered job.
+    pub done: Vec<Arc<str>>,
+    /// Values of `ts_request_sequence_end` reply headers: sessions the handler ended.
+    pub ended: Vec<String>,
+}
+
+impl SeqNotes {
+    /// Notes a reply part of `job` (final when `last`).
+    fn note(&mut self, job: &Job, response: &InferResponse, last: bool) {
+        let Some(id) = &job.sequence else { return };
+        if last {
+            self.done.push(id.clone());
+        }
+        for (k, v) in &response.headers {
+            if k.eq_ignore_ascii_case(super::SEQUENCE_END_HEADER) {
+                self.ended.push(v.clone());
+            }
+        }
+    }
 }
 
 /// What the supervisor sends a worker task.
@@ -109,7 +135,7 @@ impl Runner {
                     let chunk = std::mem::replace(&mut batch, rest);
                     let n = chunk.len();
                     match self.run_batch(&mut backend, chunk).await {
-                        Ok(()) => self.report(Event::Released { slot, n }),
+                        Ok(seq) => self.report(Event::Released { slot, n, seq }),
                         Err(why) => {
                             let e = PoolError::WorkerDied(why.clone());
                             for job in batch.drain(..) {
@@ -224,7 +250,7 @@ impl Runner {
                         }
                     }
                     if released > 0 {
-                        self.report(Event::Released { slot, n: released });
+                        self.report(Event::Released { slot, n: released, seq: SeqNotes::default() });
                     }
                 }
                 _ = tokio::time::sleep_until(next_expiry.unwrap_or_else(tokio::time::Instant::now)), if next_expiry.is_some() => {
@@ -237,7 +263,7 @@ impl Runner {
                             job.fail(&e);
                         }
                     }
-                    self.report(Event::Released { slot, n: expired.len() });
+                    self.report(Event::Released { slot, n: expired.len(), seq: SeqNotes::default() });
                 }
             }
         }
@@ -334,6 +360,7 @@ impl Runner {
                     Err(_) => return fail_all(&mut running, PoolError::Timeout(limit.as_secs())),
                 };
             let mut released = 0;
+            let mut seq = SeqNotes::default();
             for Part { id, response, last } in parts {
                 let Some(i) = running.iter().position(|(r, _, _)| *r == id) else {
                     let e = PoolError::WorkerDied(format!(
@@ -343,16 +370,22 @@ impl Runner {
                 };
                 if last {
                     let (_, _, mut job) = running.remove(i);
+                    seq.note(&job, &response, true);
                     job.timings.backend_end = Some(Instant::now());
                     job.finish(response);
                     released += 1;
                 } else {
+                    seq.note(&running[i].2, &response, false);
                     running[i].2.send_partial(response);
                 }
             }
-            if released > 0 {
-                self.report(Event::Released { slot, n: released });
-                refill_due = true;
+            if released > 0 || !seq.ended.is_empty() {
+                self.report(Event::Released {
+                    slot,
+                    n: released,
+                    seq,
+                });
+                refill_due = released > 0;
             }
         }
     }
@@ -364,12 +397,14 @@ impl Runner {
         });
     }
 
-    /// Runs one batch and answers its jobs. Err means the backend is unusable.
+    /// Runs one batch and answers its jobs; returns what the answers tell a sequence policy.
+    /// Err means the backend is unusable.
     async fn run_batch(
         &self,
         backend: &mut Box<dyn Backend>,
         mut jobs: Vec<Job>,
-    ) -> Result<(), String> {
+    ) -> Result<SeqNotes, String> {
+        let mut seq = SeqNotes::default();
         let metrics = &self.metrics;
         let batch_start = Instant::now();
         for job in &mut jobs {
@@ -407,27 +442,29 @@ impl Runner {
         let outcome = match result {
             Ok(Ok(Ok(responses))) if responses.len() == n => {
                 for (job, response) in jobs.into_iter().zip(responses) {
+                    seq.note(&job, &response, true);
                     job.finish(response);
                 }
-                Ok(())
+                Ok(seq)
             }
             Ok(Ok(Ok(responses))) => {
                 let e = PoolError::ReplyCount {
                     got: responses.len(),
                     want: n,
                 };
+                seq.done
+                    .extend(jobs.iter().filter_map(|j| j.sequence.clone()));
                 fail_all(jobs, &e);
-                Ok(())
+                Ok(seq)
             }
             Ok(Ok(Err(BackendError::Failed { status, message }))) => {
                 for job in jobs {
-                    job.finish(InferResponse::error(
-                        status,
-                        "InternalServerException",
-                        &message,
-                    ));
+                    let response =
+                        InferResponse::error(status, "InternalServerException", &message);
+                    seq.note(&job, &response, true);
+                    job.finish(response);
                 }
-                Ok(())
+                Ok(seq)
             }
             Ok(Ok(Err(e @ (BackendError::Died(_) | BackendError::Load(_))))) => {
                 let e = PoolError::WorkerDied(e.to_string());

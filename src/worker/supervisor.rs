@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use super::autoscale::{Autoscaler, Sample, Step};
-use super::policy::{later, Assignment, BatchPolicy, Classic, InFlight, WorkerView};
+use super::policy::{later, Assignment, BatchPolicy, Classic, InFlight, Sequences, WorkerView};
 use super::runner::{Batch, Event, Failure, Runner, FIRST_BACKOFF, MAX_BACKOFF};
 use super::{
     gpu_for, BatchMode, Command, Job, Msg, PoolError, PoolSettings, PoolStatus, WorkerInfo,
@@ -103,16 +103,22 @@ impl Supervisor {
     pub(super) fn new(p: Parts) -> Supervisor {
         let s = &p.settings;
         p.metrics.queue_capacity.set(s.queue_capacity as f64);
-        let policy: Box<dyn BatchPolicy> = match s.mode {
-            BatchMode::Classic => Box::new(Classic::new(
+        let policy: Box<dyn BatchPolicy> = match (s.sequence, s.mode) {
+            (Some(seq), mode) => Box::new(Sequences::new(
+                seq,
+                &p.spec.model_name,
+                s.batch_size,
+                mode == BatchMode::Continuous,
+            )),
+            (None, BatchMode::Classic) => Box::new(Classic::new(
                 s.batch_size,
                 s.max_batch_delay,
                 s.queue_capacity,
             )),
-            BatchMode::Async => Box::new(InFlight::new(s.queue_capacity)),
+            (None, BatchMode::Async) => Box::new(InFlight::new(s.queue_capacity)),
             // Continuous batching refills a worker's free slots (batchSize in all) as soon as
             // it releases finished jobs: the same hand-out rule with batchSize as the room.
-            BatchMode::Continuous => Box::new(InFlight::new(s.batch_size.max(1) as usize)),
+            (None, BatchMode::Continuous) => Box::new(InFlight::new(s.batch_size.max(1) as usize)),
         };
         Supervisor {
             loader: p.loader,
@@ -393,8 +399,11 @@ impl Supervisor {
                 s.status = if s.retiring { St::Stopping } else { St::Ready };
                 self.load_error = None;
             }
-            Event::Released { slot, n } => {
+            Event::Released { slot, n, seq } => {
                 self.policy.on_released(slot, n);
+                if !seq.done.is_empty() || !seq.ended.is_empty() {
+                    self.policy.on_answered(&seq.done, &seq.ended, now);
+                }
                 let Some(s) = self.slots.iter_mut().find(|s| s.id == slot) else {
                     return;
                 };
@@ -514,7 +523,9 @@ impl Supervisor {
     }
 
     fn dispatch(&mut self, now: Instant) {
-        if self.policy.is_empty() {
+        // An empty queue needs no dispatch, except by a policy with timers of its own (sequence
+        // batching closes idle sessions).
+        if self.policy.is_empty() && !self.policy.has_timers() {
             self.batch_deadline = None;
             return;
         }

@@ -111,6 +111,7 @@ fn settings(batch_size: u32, queue_capacity: usize, rule: AutoscaleRule) -> Pool
         startup_timeout: Duration::from_secs(3600),
         autoscale: rule,
         mode: BatchMode::Classic,
+        sequence: None,
     }
 }
 

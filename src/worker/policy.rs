@@ -458,9 +458,16 @@ impl BatchPolicy for Sequences {
             return Sequences::refuse(job, e);
         }
         if let Some(s) = self.sessions.get(&id) {
-            if s.expires.is_some_and(|t| t <= now) && s.in_flight == 0 && s.queue.is_empty() {
-                self.forget(&id, Some(Gone::Timeout));
-                return self.push(job, now);
+            // Expired but not yet collected (the supervisor wakes at the deadline; this is the
+            // same rule when a request arrives first).
+            if s.in_flight == 0 && s.queue.is_empty() {
+                let idle = later(s.last_active, self.cfg.max_idle) <= now;
+                let timed_out = s.expires.is_some_and(|t| t <= now);
+                if idle || timed_out {
+                    let why = if timed_out { Gone::Timeout } else { Gone::Idle };
+                    self.forget(&id, Some(why));
+                    return self.push(job, now);
+                }
             }
             if s.queue.len() >= self.cfg.max_queue as usize {
                 tracing::warn!(model = %self.model, sequence = %id, "maxSequenceJobQueueSize reached");

@@ -750,3 +750,167 @@ async fn continuous_batching_keeps_running_jobs_and_refills_freed_slots() {
     assert_eq!(&rest.recv().await.unwrap().response.body[..], b"A");
     assert_eq!(answer(c).await, (200, "C".to_string()));
 }
+
+// ---- sequence batching through the supervisor ----
+
+fn seq_settings(batch_size: u32, max_sequences: u32, max_queue: u32) -> PoolSettings {
+    let mut s = settings(batch_size, 100, no_autoscale());
+    s.sequence = Some(SequenceSettings {
+        max_sequences,
+        max_idle: Duration::from_millis(1000),
+        timeout: None,
+        max_queue,
+    });
+    s
+}
+
+impl Harness {
+    fn submit_seq(&self, id: &str, seq: &str) -> ReplyRx {
+        let req = InferRequest {
+            id: id.into(),
+            headers: vec![(SEQUENCE_ID_HEADER.into(), seq.into())],
+            ..Default::default()
+        };
+        let (job, rx) = Job::new(req, Timings::new(std::time::Instant::now()));
+        self.pool.submit(job).expect("queued");
+        rx
+    }
+}
+
+/// (status, body, the reply's sequence id header).
+async fn seq_answer(rx: ReplyRx) -> (u16, String, Option<String>) {
+    match rx.await.expect("every job is answered") {
+        Reply::Whole(p) => (
+            p.response.status,
+            String::from_utf8(p.response.body.to_vec()).unwrap(),
+            p.response
+                .headers
+                .iter()
+                .find(|(k, _)| k == SEQUENCE_ID_HEADER)
+                .map(|(_, v)| v.clone()),
+        ),
+        Reply::Stream(..) => panic!("no streaming here"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn sequence_batching_pins_each_session_to_one_worker_and_serves_it_in_order() {
+    let mut h = harness(seq_settings(2, 4, 10), &[]);
+    assert_eq!(h.pool.scale(2, 2, true).await, 2);
+    let mut rx = Vec::new();
+    for i in 1..=3 {
+        rx.push(h.submit_seq(&format!("a{i}"), "A"));
+        rx.push(h.submit_seq(&format!("b{i}"), "B"));
+    }
+    let mut worker_of: HashMap<String, u32> = HashMap::new();
+    let mut served: Vec<String> = Vec::new();
+    for _ in 0..6 {
+        let call = h.call().await;
+        // Never two jobs of one session in a batch: each builds on the previous answer.
+        assert_eq!(call.ids.len(), 1, "{:?}", call.ids);
+        let id = call.ids[0].clone();
+        let session = id[..1].to_string();
+        let w = *worker_of.entry(session.clone()).or_insert(call.worker);
+        assert_eq!(w, call.worker, "{id} left its session's worker");
+        served.push(id);
+        call.answer.send(Outcome::Ok).unwrap();
+    }
+    assert_ne!(worker_of["a"], worker_of["b"], "two sessions, two workers");
+    let order = |s: char| -> Vec<String> {
+        served
+            .iter()
+            .filter(|i| i.starts_with(s))
+            .cloned()
+            .collect()
+    };
+    assert_eq!(order('a'), ["a1", "a2", "a3"]);
+    assert_eq!(order('b'), ["b1", "b2", "b3"]);
+    for (i, r) in rx.into_iter().enumerate() {
+        let (status, _, seq) = seq_answer(r).await;
+        assert_eq!(status, 200);
+        let want = if i % 2 == 0 { "A" } else { "B" };
+        assert_eq!(seq.as_deref(), Some(want), "every reply names its session");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn sequence_batching_closes_idle_sessions_on_time_and_refuses_their_id() {
+    let mut h = harness(seq_settings(1, 1, 1), &[]);
+    h.pool.scale(1, 1, true).await;
+    let a = h.submit_seq("a1", "A");
+    let call = h.call().await;
+    let answered_at = Instant::now();
+    call.answer.send(Outcome::Ok).unwrap();
+    assert_eq!(seq_answer(a).await.0, 200);
+    // maxNumSequence 1: while A is open a second session is refused with TorchServe's 503.
+    let (status, body, _) = seq_answer(h.submit_seq("b1", "B")).await;
+    assert_eq!(status, 503, "{body}");
+    // The supervisor wakes by itself at sequenceMaxIdleMSec after the answer (paused clock:
+    // sleeping past it lets every timer due by then fire).
+    tokio::time::sleep_until(answered_at + Duration::from_millis(1001)).await;
+    let (status, body, _) = seq_answer(h.submit_seq("a2", "A")).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body.contains("BadRequestException") && body.contains("idle"),
+        "{body}"
+    );
+    // The slot is free for a new session.
+    let b = h.submit_seq("b2", "B");
+    h.call().await.answer.send(Outcome::Ok).unwrap();
+    assert_eq!(seq_answer(b).await.0, 200);
+}
+
+#[tokio::test(start_paused = true)]
+async fn sequence_batching_per_sequence_queue_limit_answers_503() {
+    let mut h = harness(seq_settings(1, 4, 2), &[]);
+    h.pool.scale(1, 1, true).await;
+    let first = h.submit_seq("a1", "A");
+    let call = h.call().await;
+    // a1 runs; a2 and a3 wait (maxSequenceJobQueueSize 2); a4 is one too many.
+    let (a2, a3) = (h.submit_seq("a2", "A"), h.submit_seq("a3", "A"));
+    let (status, body, _) = seq_answer(h.submit_seq("a4", "A")).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("has no worker to serve inference request"),
+        "{body}"
+    );
+    call.answer.send(Outcome::Ok).unwrap();
+    for (rx, next) in [(first, "a2"), (a2, "a3")] {
+        assert_eq!(seq_answer(rx).await.0, 200);
+        let c = h.call().await;
+        assert_eq!(c.ids, [next]);
+        c.answer.send(Outcome::Ok).unwrap();
+    }
+    assert_eq!(seq_answer(a3).await.0, 200);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_worker_crash_fails_only_the_sequences_it_held() {
+    let mut h = harness(seq_settings(1, 4, 4), &[]);
+    assert_eq!(h.pool.scale(2, 2, true).await, 2);
+    let (a1, b1) = (h.submit_seq("a1", "A"), h.submit_seq("b1", "B"));
+    let (c1, c2) = (h.call().await, h.call().await);
+    let (a_call, b_call) = if c1.ids == ["a1"] { (c1, c2) } else { (c2, c1) };
+    assert_ne!(a_call.worker, b_call.worker);
+    let (a2, b2) = (h.submit_seq("a2", "A"), h.submit_seq("b2", "B"));
+    // A's worker dies mid-request: a1 (running) and a2 (waiting for that worker) fail.
+    a_call.answer.send(Outcome::Die).unwrap();
+    for rx in [a1, a2] {
+        let (status, body, _) = seq_answer(rx).await;
+        assert_eq!(status, 503, "{body}");
+    }
+    // B goes on, on its own worker.
+    b_call.answer.send(Outcome::Ok).unwrap();
+    assert_eq!(seq_answer(b1).await.0, 200);
+    let c = h.call().await;
+    assert_eq!(
+        (c.worker, c.ids.clone()),
+        (b_call.worker, vec!["b2".to_string()])
+    );
+    c.answer.send(Outcome::Ok).unwrap();
+    assert_eq!(seq_answer(b2).await.0, 200);
+    // A's id is refused: its state died with the worker.
+    let (status, body, _) = seq_answer(h.submit_seq("a3", "A")).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("lost when its worker stopped"), "{body}");
+}

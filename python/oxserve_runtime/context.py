@@ -1,5 +1,7 @@
 """The `context` object handed to handlers, with TorchServe's attributes and methods."""
 
+import os
+
 
 class RequestProcessor:
     """Per-request state of one batch: request headers in, status and headers out."""
@@ -59,6 +61,14 @@ class Context:
         # Continuous batching (TorchServe's): per request of the batch, a function of its reply
         # that says whether the request is done (False keeps it in the worker's batch).
         self.stopping_criteria = None
+        # Sequence batching (stateful sessions): the header names TorchServe's ts/context.py
+        # reads, with the same environment overrides. The server sets the id (and the start
+        # mark on a session's first request); a handler sets the end header to close sessions.
+        self.header_key_sequence_id = os.getenv("TS_REQUEST_SEQUENCE_ID", "ts_request_sequence_id")
+        self.header_key_sequence_start = os.getenv(
+            "TS_REQUEST_SEQUENCE_START", "ts_request_sequence_start")
+        self.header_key_sequence_end = os.getenv(
+            "TS_REQUEST_SEQUENCE_END", "ts_request_sequence_end")
 
     @property
     def system_properties(self):
@@ -98,3 +108,7 @@ class Context:
 
     def set_response_header(self, idx, key, value):
         self.request_processor[idx].add_response_property(key, value)
+
+    def get_sequence_id(self, idx):
+        """The session id of request `idx` (sequence batching), None outside a session."""
+        return self.request_processor[idx].get_request_property(self.header_key_sequence_id)

@@ -11,6 +11,7 @@ the KServe reply. Differences from TorchServe's classes (docs/compatibility.md, 
   from a Python traceback.
 """
 
+import inspect
 import json
 
 from .service import PredictionException
@@ -51,9 +52,7 @@ class KServeEnvelope:
     def __init__(self, handle_fn):
         self._handle_fn = handle_fn
 
-    def handle(self, data, context):
-        if not data:
-            return self._handle_fn(data, context)
+    def _parse(self, data, context):
         counts, instances = [], []
         for row in data:
             body = _body(row)
@@ -63,7 +62,9 @@ class KServeEnvelope:
                     'a KServe v1 request needs "instances": a JSON list', 400)
             counts.append(len(rows))
             instances.extend(rows)
-        out = self._handle_fn(instances, context)
+        return instances, counts
+
+    def _reply(self, out, counts, context):
         key = "explanations" if _explain(context) else "predictions"
         return [{key: part} for part in _split(out, counts, "instances")]
 
@@ -137,9 +138,7 @@ class KServev2Envelope:
             names.append(tensor["name"])
         return inputs, names
 
-    def handle(self, data, context):
-        if not data:
-            return self._handle_fn(data, context)
+    def _parse(self, data, context):
         bodies, counts, tensors, names = [], [], [], []
         for row in data:
             body = _body(row)
@@ -148,7 +147,10 @@ class KServev2Envelope:
             counts.append(len(inputs))
             tensors.extend(inputs)
             names.append(row_names)
-        out = self._handle_fn(tensors, context)
+        return tensors, (bodies, counts, names)
+
+    def _reply(self, out, state, context):
+        bodies, counts, names = state
         model = (getattr(context, "manifest", None) or {}).get("model", {})
         replies = []
         for idx, (body, part, row_names) in enumerate(
@@ -166,14 +168,46 @@ class KServev2Envelope:
         return replies
 
 
+class _Envelope:
+    """Runs an envelope's _parse, the handler, then its _reply. An `async def handle` is
+    awaited between the two (the envelope returns a coroutine the service runs on its loop),
+    never wrapped as if its coroutine object were the output."""
+
+    def __init__(self, envelope):
+        self._envelope = envelope
+
+    def handle(self, data, context):
+        if not data:
+            return self._envelope._handle_fn(data, context)
+        inputs, state = self._envelope._parse(data, context)
+        out = self._envelope._handle_fn(inputs, context)
+        if inspect.isawaitable(out):
+            return self._reply_later(out, state, context)
+        return self._envelope._reply(out, state, context)
+
+    async def handle_async(self, data, context):
+        if not data:
+            return await self._envelope._handle_fn(data, context)
+        inputs, state = self._envelope._parse(data, context)
+        out = await self._envelope._handle_fn(inputs, context)
+        return self._envelope._reply(out, state, context)
+
+    async def _reply_later(self, out, state, context):
+        return self._envelope._reply(await out, state, context)
+
+
 ENVELOPES = {"kserve": KServeEnvelope, "kservev2": KServev2Envelope}
 
 
 def wrap(name, entry):
-    """The entry point wrapped in the named envelope ("" or None: unchanged)."""
+    """The entry point wrapped in the named envelope ("" or None: unchanged). The wrapper is an
+    `async def` when the entry point is, so async mode awaits it on the event loop."""
     if not name:
         return entry
     cls = ENVELOPES.get(name)
     if cls is None:
         raise ValueError("unknown service_envelope %r" % name)
-    return cls(entry).handle
+    wrapped = _Envelope(cls(entry))
+    if inspect.iscoroutinefunction(entry):
+        return wrapped.handle_async
+    return wrapped.handle

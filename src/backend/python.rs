@@ -245,12 +245,24 @@ impl BackendLoader for PythonLoader {
             .map_err(BackendError::Load)?;
         // `asyncCommunication: true` starts the worker with `--async` as TorchServe does: it then
         // reads requests while others are in flight (TorchServe's ts/async_service.py, or
-        // oxserve's runtime) and answers them in any order.
-        let async_mode = model_yaml
-            .as_ref()
-            .and_then(|v| v.get("asyncCommunication"))
-            .and_then(|v| v.as_bool())
-            == Some(true);
+        // oxserve's runtime) and answers them in any order. The `models` config key may set it
+        // too (it takes precedence over model-config.yaml, as for every per-model key).
+        let from_models = spec
+            .settings
+            .models
+            .get(&spec.model_name)
+            .and_then(|versions| versions.get(&spec.model_version))
+            .and_then(|m| m.batch_mode);
+        let async_mode = match from_models {
+            Some(mode) => mode == crate::config::BatchMode::Async,
+            None => {
+                model_yaml
+                    .as_ref()
+                    .and_then(|v| v.get("asyncCommunication"))
+                    .and_then(|v| v.as_bool())
+                    == Some(true)
+            }
+        };
         let model_yaml = model_yaml
             .map(|v| v.to_string())
             .unwrap_or_else(|| "{}".to_string());
@@ -306,6 +318,7 @@ impl BackendLoader for PythonLoader {
             max_len: settings.max_response_size.max(1024),
             async_mode,
             batch_size: spec.batch_size.max(1) as usize,
+            last_sent: 0,
             dead: None,
             reaped: false,
             io_tasks,
@@ -514,6 +527,10 @@ struct PythonBackend {
     async_mode: bool,
     /// Requests per inference message at most (and so per reply frame).
     batch_size: usize,
+    /// Requests in the latest message sent: a continuous step may hold more than batch_size
+    /// (sequence + continuous batching runs 2 x batchSize, as TorchServe), and its reply frame
+    /// answers each of them.
+    last_sent: usize,
     /// Why the worker is unusable, once it is.
     dead: Option<String>,
     reaped: bool,
@@ -879,6 +896,7 @@ impl Backend for PythonBackend {
             return Err(BackendError::Died(reason.clone()));
         }
         let frame = protocol::encode_infer(batch);
+        self.last_sent = batch.len();
         match timeout(self.response_timeout, self.write(&frame)).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => {
@@ -902,12 +920,10 @@ impl Backend for PythonBackend {
         if let Some(reason) = &self.dead {
             return Err(BackendError::Died(reason.clone()));
         }
-        let max_frame = self
-            .max_len
-            .saturating_mul(self.batch_size)
-            .saturating_add(1 << 20);
+        let most = self.batch_size.max(self.last_sent);
+        let max_frame = self.max_len.saturating_mul(most).saturating_add(1 << 20);
         // Cancel safe: bytes read stay in self.buf, and decoding starts from the buffer.
-        let reply = match self.read_reply(max_frame, self.batch_size).await {
+        let reply = match self.read_reply(max_frame, most).await {
             Ok(reply) => reply,
             Err(e) => {
                 let what = format!("worker {} {e}", self.name);

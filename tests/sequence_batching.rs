@@ -1,0 +1,268 @@
+//! Sequence batching (`sequenceBatching: true`) over the real binary with real Python workers
+//! (oxserve's own runtime) running examples/stateful: TorchServe's two stateful pytest files
+//! (test_example_stateful_sequence_batching_http.py and
+//! test_example_stateful_sequence_continuous_batching_http.py) ported, plus the limits. The
+//! handlers keep each session's running sum in the worker's memory, so a right sum proves that
+//! every request of a session reached the same worker in order; nothing here depends on timing
+//! except the idle-expiry test, which waits past the idle limit and asserts only that the
+//! session is closed afterwards.
+
+mod common;
+
+use common::Server;
+use std::path::Path;
+
+const SEQ_ID: &str = "ts_request_sequence_id";
+
+/// An unpacked model folder named `name` with the example's handler and this model-config.yaml.
+fn example_folder(store: &Path, name: &str, example: &str, yaml: &str) {
+    let dir = store.join(name);
+    std::fs::create_dir_all(dir.join("MAR-INF")).unwrap();
+    std::fs::write(
+        dir.join("MAR-INF/MANIFEST.json"),
+        format!(
+            r#"{{"runtime": "python", "model": {{"modelName": "{name}", "modelVersion": "1.0", "handler": "stateful_handler.py", "configFile": "model-config.yaml"}}}}"#
+        ),
+    )
+    .unwrap();
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("examples/stateful")
+        .join(example)
+        .join("stateful_handler.py");
+    std::fs::copy(src, dir.join("stateful_handler.py")).unwrap();
+    std::fs::write(dir.join("model-config.yaml"), yaml).unwrap();
+}
+
+fn start(store: &Path, models: &str) -> Server {
+    Server::start(
+        "",
+        &["--model-store", store.to_str().unwrap(), "--models", models],
+    )
+}
+
+/// TorchServe's test YAML for sequence batching.
+const SEQ_YAML: &str = "minWorkers: 2\nmaxWorkers: 2\nbatchSize: 4\nmaxNumSequence: 4\n\
+sequenceMaxIdleMSec: 5000\nmaxSequenceJobQueueSize: 10\nsequenceBatching: true\n\
+handler:\n  cache:\n    capacity: 4\n";
+
+/// TorchServe's test YAML for sequence + continuous batching, with short stream steps (oxserve's
+/// example reads them; TorchServe's sleeps 1 s per step).
+fn continuous_yaml(idle_ms: u64, steps: u32) -> String {
+    format!(
+        "minWorkers: 2\nmaxWorkers: 2\nbatchSize: 1\nmaxNumSequence: 2\n\
+sequenceMaxIdleMSec: {idle_ms}\nmaxSequenceJobQueueSize: 10\nsequenceBatching: true\n\
+continuousBatching: true\nhandler:\n  cache:\n    capacity: 4\n  stream_steps: {steps}\n\
+  stream_step_seconds: 0.05\n"
+    )
+}
+
+async fn post(
+    s: &Server,
+    model: &str,
+    seq: Option<&str>,
+    body: &str,
+) -> (u16, Option<String>, String) {
+    let mut r = s
+        .client
+        .post(format!("{}/predictions/{model}", s.inference))
+        .body(body.to_string());
+    if let Some(id) = seq {
+        r = r.header(SEQ_ID, id);
+    }
+    let r = r.send().await.unwrap();
+    let status = r.status().as_u16();
+    let id = r
+        .headers()
+        .get(SEQ_ID)
+        .map(|v| v.to_str().unwrap().to_string());
+    (status, id, r.text().await.unwrap())
+}
+
+/// test_example_stateful_sequence_batching_http.py::test_stateful_mar: two clients, each with
+/// its own sequence id, interleaved over two workers with batchSize 4.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequence_batching_example_keeps_two_sessions_apart_over_two_workers() {
+    let store = tempfile::tempdir().unwrap();
+    example_folder(store.path(), "stateful", "sequence_batching", SEQ_YAML);
+    let s = start(store.path(), "stateful");
+    s.wait_healthy().await;
+    let run = |seq: &'static str, odd: bool| {
+        let s = &s;
+        async move {
+            let mut got = Vec::new();
+            for idx in 0..5 {
+                let n = if odd { 2 * idx + 2 } else { 2 * idx + 1 };
+                let (status, id, text) = post(s, "stateful", Some(seq), &n.to_string()).await;
+                assert_eq!(status, 200, "{text}");
+                assert_eq!(id.as_deref(), Some(seq), "the reply names the session");
+                got.push(text);
+            }
+            got.join(" ")
+        }
+    };
+    let (a, b) = tokio::join!(run("seq_0", false), run("seq_1", true));
+    assert_eq!(a, "1 4 9 16 25");
+    assert_eq!(b, "2 6 12 20 30");
+}
+
+/// maxNumSequence, a hostile sequence id, and the session table after the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequence_limits_answer_in_torchserve_shape() {
+    let store = tempfile::tempdir().unwrap();
+    let yaml = SEQ_YAML
+        .replace("maxNumSequence: 4", "maxNumSequence: 2")
+        .replace(
+            "minWorkers: 2\nmaxWorkers: 2",
+            "minWorkers: 1\nmaxWorkers: 1",
+        );
+    example_folder(store.path(), "stateful", "sequence_batching", &yaml);
+    let s = start(store.path(), "stateful");
+    s.wait_healthy().await;
+    for seq in ["a", "b"] {
+        assert_eq!(post(&s, "stateful", Some(seq), "1").await.0, 200);
+    }
+    // A third session is over maxNumSequence: TorchServe's 503.
+    let (status, _, text) = post(&s, "stateful", Some("c"), "1").await;
+    assert_eq!(status, 503, "{text}");
+    let e: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(e["type"], "ServiceUnavailableException");
+    // An id too long to keep: 400, and nothing is opened for it.
+    let long = "x".repeat(257);
+    let (status, _, text) = post(&s, "stateful", Some(&long), "1").await;
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("BadRequestException"), "{text}");
+    // The open sessions still serve, with their sums intact.
+    assert_eq!(post(&s, "stateful", Some("a"), "5").await.2, "6");
+}
+
+/// Runs a session of the continuous example from its start (no id) and returns the replies.
+async fn continuous_session(s: &Server, step: u32, end: bool) -> String {
+    let (status, id, first) = post(s, "stateful", None, &step.to_string()).await;
+    assert_eq!(status, 200, "{first}");
+    let id = id.expect("a new session's id comes back in the reply header");
+    assert!(id.starts_with("ts-seq-"), "{id}");
+    let mut got = vec![first];
+    for k in 2..=5 {
+        let n = if end && k == 5 { 0 } else { step * k };
+        let (status, rid, text) = post(s, "stateful", Some(&id), &n.to_string()).await;
+        assert_eq!(status, 200, "{text}");
+        assert_eq!(rid.as_deref(), Some(id.as_str()));
+        got.push(text);
+    }
+    got.join(" ")
+}
+
+/// test_infer_stateful and test_infer_stateful_end: sessions started without an id, one of
+/// them ended with 0 (the handler's sequence-end header closes it in the server).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequence_continuous_batching_example_starts_and_ends_sessions() {
+    let store = tempfile::tempdir().unwrap();
+    example_folder(
+        store.path(),
+        "stateful",
+        "sequence_continuous_batching",
+        &continuous_yaml(30000, 10),
+    );
+    let s = start(store.path(), "stateful");
+    s.wait_healthy().await;
+    let (a, b) = tokio::join!(
+        continuous_session(&s, 2, false),
+        continuous_session(&s, 4, false)
+    );
+    assert_eq!(a, "2 6 12 20 30");
+    assert_eq!(b, "4 12 24 40 60");
+    // maxNumSequence is 2 and both sessions are still open: a third is refused until one ends.
+    let (status, _, text) = post(&s, "stateful", None, "2").await;
+    assert_eq!(status, 503, "{text}");
+}
+
+/// test_infer_stateful_end, with the session table full: ending sessions frees their slots.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ended_sessions_free_their_slot() {
+    let store = tempfile::tempdir().unwrap();
+    example_folder(
+        store.path(),
+        "stateful",
+        "sequence_continuous_batching",
+        &continuous_yaml(30000, 10),
+    );
+    let s = start(store.path(), "stateful");
+    s.wait_healthy().await;
+    // Three rounds of two sessions (maxNumSequence 2): each round ends its sessions.
+    for _ in 0..3 {
+        let (a, b) = tokio::join!(
+            continuous_session(&s, 2, true),
+            continuous_session(&s, 4, true)
+        );
+        assert_eq!(a, "2 6 12 20 20");
+        assert_eq!(b, "4 12 24 40 40");
+    }
+}
+
+/// test_infer_stateful_cancel: a streamed request (odd input) is cancelled by a second request
+/// of its session (-1) sent while it streams, on the same worker; then the session is closed
+/// with 0. Four rounds, more than maxNumSequence, so closed sessions must free their slots.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_is_cancelled_by_a_request_of_its_own_session() {
+    let store = tempfile::tempdir().unwrap();
+    // So many steps that the stream can only end early because it was cancelled.
+    example_folder(
+        store.path(),
+        "stateful",
+        "sequence_continuous_batching",
+        &continuous_yaml(30000, 100_000),
+    );
+    let s = start(store.path(), "stateful");
+    s.wait_healthy().await;
+    for _ in 0..4 {
+        let (status, id, _) = post(&s, "stateful", None, "2").await;
+        assert_eq!(status, 200);
+        let id = id.unwrap();
+        let mut stream = s
+            .client
+            .post(format!("{}/predictions/stateful", s.inference))
+            .header(SEQ_ID, &id)
+            .json(&serde_json::json!({"input": 3}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(stream.status(), 200);
+        let mut chunks = Vec::new();
+        // The stream is running once its first chunk arrived: now cancel it.
+        chunks.push(stream.chunk().await.unwrap().expect("a first chunk"));
+        let (status, _, text) = post(&s, "stateful", Some(&id), "-1").await;
+        assert_eq!((status, text.as_str()), (200, "-1"));
+        while let Some(c) = stream.chunk().await.unwrap() {
+            chunks.push(c);
+        }
+        assert_eq!(&chunks[0][..], b"5");
+        assert!(chunks.len() < 100_000, "the stream ended by the cancel");
+        let (status, _, text) = post(&s, "stateful", Some(&id), "0").await;
+        assert_eq!(status, 200, "{text}");
+    }
+}
+
+/// test_infer_stateful_idle_timeout: a session idle longer than sequenceMaxIdleMSec is closed,
+/// and its id is refused (TorchServe: "does not process the new inference request").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_session_is_closed_and_its_id_refused() {
+    let store = tempfile::tempdir().unwrap();
+    example_folder(
+        store.path(),
+        "stateful",
+        "sequence_continuous_batching",
+        &continuous_yaml(300, 10),
+    );
+    let s = start(store.path(), "stateful");
+    s.wait_healthy().await;
+    let (status, id, _) = post(&s, "stateful", None, "2").await;
+    assert_eq!(status, 200);
+    let id = id.unwrap();
+    // Idle from the reply on: wait past the limit (the only wait here is the thing tested).
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    let (status, _, text) = post(&s, "stateful", Some(&id), "2").await;
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("sequenceMaxIdleMSec"), "{text}");
+    // A new session is served.
+    assert_eq!(post(&s, "stateful", None, "2").await.0, 200);
+}

@@ -15,6 +15,11 @@ def handle(data, context):
 "#;
 
 fn start(envelope: &str) -> (Server, tempfile::TempDir) {
+    start_with(envelope, ECHO, "")
+}
+
+/// The echo model with this handler, and these extra config.properties lines.
+fn start_with(envelope: &str, handler: &str, props: &str) -> (Server, tempfile::TempDir) {
     let store = tempfile::tempdir().unwrap();
     let manifest = json!({
         "createdOn": "28/11/2026 12:00:00",
@@ -26,10 +31,10 @@ fn start(envelope: &str) -> (Server, tempfile::TempDir) {
         store.path(),
         "echo.mar",
         &manifest,
-        &[("echo.py", ECHO.as_bytes())],
+        &[("echo.py", handler.as_bytes())],
     );
     let props = format!(
-        "service_envelope={envelope}\nmodel_store={}\nload_models=echo.mar\n",
+        "service_envelope={envelope}\nmodel_store={}\nload_models=echo.mar\n{props}",
         store.path().display()
     );
     (Server::start(&props, &[]), store)
@@ -185,4 +190,36 @@ async fn kserve_v2_infer_explain_metadata_and_ready() {
         .get_json(format!("{}/v2/models/nobody/ready", server.inference))
         .await;
     assert_eq!(code, 404);
+}
+
+/// The echo handler as an `async def handle`.
+const ECHO_ASYNC: &str = r#"
+import asyncio
+
+async def handle(data, context):
+    if data is None:
+        return None
+    await asyncio.sleep(0)
+    return [x["data"] if isinstance(x, dict) and "datatype" in x else x for x in data]
+"#;
+
+/// An `async def handle` behind the KServe envelope is awaited before the envelope wraps its
+/// output, in classic mode and in async mode (`asyncCommunication`).
+#[tokio::test]
+async fn kserve_envelope_awaits_an_async_def_handle() {
+    for props in [
+        "",
+        "models={\"echo\": {\"2.0\": {\"asyncCommunication\": true}}}\n",
+    ] {
+        let (server, _store) = start_with("kserve", ECHO_ASYNC, props);
+        server.wait_healthy().await;
+        let (code, body) = post(
+            &server,
+            "/v1/models/echo:predict",
+            json!({"instances": [[1, 2], 3]}),
+        )
+        .await;
+        assert_eq!(code, 200, "{props}: {body}");
+        assert_eq!(body, json!({"predictions": [[1, 2], 3]}), "{props}");
+    }
 }

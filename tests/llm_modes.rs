@@ -431,3 +431,41 @@ async fn continuous_batching_streams_each_request_until_its_stopping_criterion()
         assert_eq!(text, want);
     }
 }
+
+/// `asyncCommunication: true` given only in the `models` config key (not in the archive's
+/// model-config.yaml) starts the worker with `--async`: four requests meet inside one worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn async_communication_from_the_models_key_alone_starts_async_workers() {
+    let store = tempfile::tempdir().unwrap();
+    model_folder(
+        store.path(),
+        "gather",
+        "responseTimeout: 120\n",
+        &[("gather.py", GATHER)],
+    );
+    let props = r#"models={"gather": {"1.0": {"asyncCommunication": true, "minWorkers": 1, "maxWorkers": 1}}}"#;
+    let s = Server::start_with_env(
+        props,
+        &[
+            "--model-store",
+            store.path().to_str().unwrap(),
+            "--models",
+            "gather",
+        ],
+        &[("GATHER_N", "4")],
+    );
+    s.wait_healthy().await;
+    let client = s.client.clone();
+    let url = format!("{}/predictions/gather", s.inference);
+    let got = common::concurrently(4, move |i| {
+        let (client, url) = (client.clone(), url.clone());
+        async move {
+            let r = client.post(url).body(format!("r{i}")).send().await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    })
+    .await;
+    for (status, text) in got {
+        assert_eq!(status, 200, "{text}");
+    }
+}

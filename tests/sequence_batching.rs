@@ -266,3 +266,109 @@ async fn an_idle_session_is_closed_and_its_id_refused() {
     // A new session is served.
     assert_eq!(post(&s, "stateful", None, "2").await.0, 200);
 }
+
+/// TorchServe's own example handlers (BaseHandler, torch, lru-dict) on TorchServe's worker
+/// (`worker_runtime=torchserve`), with TorchServe's test YAMLs: the same expectations as its
+/// pytest files. Needs a Python with torchserve, torch and lru-dict, and the pytorch/serve tree:
+/// `OXSERVE_TEST_TORCHSERVE_PYTHON=/venv/bin/python OXSERVE_TEST_TORCHSERVE_SERVE=/path/to/serve
+/// cargo test --test sequence_batching -- --ignored`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs torchserve, torch and lru-dict: set OXSERVE_TEST_TORCHSERVE_PYTHON and OXSERVE_TEST_TORCHSERVE_SERVE"]
+async fn torchserve_worker_runs_torchserves_stateful_examples() {
+    let python = std::env::var("OXSERVE_TEST_TORCHSERVE_PYTHON")
+        .expect("OXSERVE_TEST_TORCHSERVE_PYTHON: a Python with torchserve, torch and lru-dict");
+    let serve = std::env::var("OXSERVE_TEST_TORCHSERVE_SERVE")
+        .expect("OXSERVE_TEST_TORCHSERVE_SERVE: the pytorch/serve source tree");
+    let examples = Path::new(&serve).join("examples/stateful");
+    let folder = |store: &Path, example: &str, yaml: &str| {
+        let dir = store.join("stateful");
+        std::fs::create_dir_all(dir.join("MAR-INF")).unwrap();
+        std::fs::write(
+            dir.join("MAR-INF/MANIFEST.json"),
+            r#"{"runtime": "python", "model": {"modelName": "stateful", "modelVersion": "1.0", "handler": "stateful_handler.py", "serializedFile": "model_cnn.pt", "modelFile": "model.py", "configFile": "model-config.yaml"}}"#,
+        )
+        .unwrap();
+        for (from, to) in [
+            (
+                examples.join(example).join("stateful_handler.py"),
+                "stateful_handler.py",
+            ),
+            (examples.join("model.py"), "model.py"),
+            (examples.join("model_cnn.pt"), "model_cnn.pt"),
+        ] {
+            std::fs::copy(&from, dir.join(to)).unwrap_or_else(|e| panic!("{from:?}: {e}"));
+        }
+        std::fs::write(dir.join("model-config.yaml"), yaml).unwrap();
+    };
+    let props = format!("worker_runtime=torchserve\npython_executable={python}\n");
+    let start_ts = |store: &Path| {
+        Server::start(
+            &props,
+            &[
+                "--model-store",
+                store.to_str().unwrap(),
+                "--models",
+                "stateful",
+            ],
+        )
+    };
+
+    // test_example_stateful_sequence_batching_http.py
+    let store = tempfile::tempdir().unwrap();
+    folder(store.path(), "sequence_batching", SEQ_YAML);
+    let s = start_ts(store.path());
+    s.wait_healthy().await;
+    let run = |seq: &'static str, odd: bool| {
+        let s = &s;
+        async move {
+            let mut got = Vec::new();
+            for idx in 0..5 {
+                let n = if odd { 2 * idx + 2 } else { 2 * idx + 1 };
+                let (status, _, text) = post(s, "stateful", Some(seq), &n.to_string()).await;
+                assert_eq!(status, 200, "{text}");
+                got.push(text);
+            }
+            got.join(" ")
+        }
+    };
+    let (a, b) = tokio::join!(run("seq_0", false), run("seq_1", true));
+    assert_eq!((a.as_str(), b.as_str()), ("1 4 9 16 25", "2 6 12 20 30"));
+    drop(s);
+
+    // test_example_stateful_sequence_continuous_batching_http.py (its YAML: 1 s stream steps).
+    let store = tempfile::tempdir().unwrap();
+    let yaml = "minWorkers: 2\nmaxWorkers: 2\nbatchSize: 1\nmaxNumSequence: 2\n\
+sequenceMaxIdleMSec: 30000\nsequenceTimeoutMSec: 60000\nmaxSequenceJobQueueSize: 10\n\
+sequenceBatching: true\ncontinuousBatching: true\nhandler:\n  cache:\n    capacity: 4\n";
+    folder(store.path(), "sequence_continuous_batching", yaml);
+    let s = start_ts(store.path());
+    s.wait_healthy().await;
+    let (a, b) = tokio::join!(
+        continuous_session(&s, 2, true),
+        continuous_session(&s, 4, false)
+    );
+    assert_eq!((a.as_str(), b.as_str()), ("2 6 12 20 20", "4 12 24 40 60"));
+    // test_infer_stateful_cancel, once per free slot and then some.
+    for _ in 0..3 {
+        let (status, id, _) = post(&s, "stateful", None, "2").await;
+        assert_eq!(status, 200);
+        let id = id.expect("TorchServe's handler sets the id header too");
+        let mut stream = s
+            .client
+            .post(format!("{}/predictions/stateful", s.inference))
+            .header(SEQ_ID, &id)
+            .json(&serde_json::json!({"input": 3}))
+            .send()
+            .await
+            .unwrap();
+        let mut chunks = vec![stream.chunk().await.unwrap().expect("a first chunk")];
+        let (status, _, text) = post(&s, "stateful", Some(&id), "-1").await;
+        assert_eq!((status, text.as_str()), (200, "-1"));
+        while let Some(c) = stream.chunk().await.unwrap() {
+            chunks.push(c);
+        }
+        assert_eq!(&chunks[0][..], b"5");
+        assert!(chunks.len() < 11, "{} chunks", chunks.len());
+        assert_eq!(post(&s, "stateful", Some(&id), "0").await.0, 200);
+    }
+}

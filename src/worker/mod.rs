@@ -10,7 +10,8 @@
 //! How it differs from TorchServe's wlm/ package (WorkLoadManager, WorkerThread, BatchAggregator):
 //! - Batching is a [`policy::BatchPolicy`] the supervisor consults, not code inside each worker
 //!   thread; classic (batch_size / max_batch_delay), async (many requests in flight per worker,
-//!   `asyncCommunication`) and continuous (`continuousBatching`) are implemented (see
+//!   `asyncCommunication`), continuous (`continuousBatching`) and sequence (stateful sessions
+//!   pinned to one worker, `sequenceBatching`, alone or with continuous) are implemented (see
 //!   `policy.rs`, docs/llm.md).
 //! - The pool autoscales between min_worker and max_worker on queue pressure
 //!   (`autoscale.rs`, docs/scheduling.md); TorchServe only scales when asked.

@@ -337,7 +337,8 @@ impl PoolStatus {
 
 /// A command to the supervisor.
 enum Command {
-    Submit(Job),
+    /// Boxed: a job is far larger than the other commands, and commands queue in a channel.
+    Submit(Box<Job>),
     Scale {
         min: u32,
         max: u32,
@@ -427,7 +428,11 @@ impl Pool {
     /// TorchServe's shape); Err only when the supervisor is already gone.
     pub fn submit(&self, mut job: Job) -> Result<(), SubmitError> {
         job.timings.enqueued = Some(Instant::now());
-        match self.handle.tx.send(Msg::Command(Command::Submit(job))) {
+        match self
+            .handle
+            .tx
+            .send(Msg::Command(Command::Submit(Box::new(job))))
+        {
             Ok(()) => Ok(()),
             Err(returned) => {
                 // Nobody reads this answer: the caller answers from the error. Answering keeps

@@ -202,7 +202,7 @@ impl Supervisor {
     fn handle(&mut self, msg: Msg) {
         let now = Instant::now();
         match msg {
-            Msg::Command(Command::Submit(job)) => self.submit(job, now),
+            Msg::Command(Command::Submit(job)) => self.submit(*job, now),
             Msg::Command(Command::Scale {
                 min,
                 max,

@@ -103,6 +103,18 @@ async fn sequence_batching_example_keeps_two_sessions_apart_over_two_workers() {
     let (a, b) = tokio::join!(run("seq_0", false), run("seq_1", true));
     assert_eq!(a, "1 4 9 16 25");
     assert_eq!(b, "2 6 12 20 30");
+    // Describe reports the sequence keys as TorchServe does.
+    let (code, d) = s
+        .get_json(format!("{}/models/stateful", s.management))
+        .await;
+    assert_eq!(code, 200, "{d}");
+    let d = &d[0];
+    assert_eq!(d["stateful"], true, "{d}");
+    assert_eq!(d["continuousBatching"], false, "{d}");
+    assert_eq!(d["sequenceMaxIdleMSec"], 5000, "{d}");
+    assert_eq!(d["sequenceTimeoutMSec"], 0, "{d}");
+    assert_eq!(d["maxNumSequence"], 4, "{d}");
+    assert_eq!(d["maxSequenceJobQueueSize"], 10, "{d}");
 }
 
 /// maxNumSequence, a hostile sequence id, and the session table after the limit.
@@ -174,6 +186,14 @@ async fn sequence_continuous_batching_example_starts_and_ends_sessions() {
     // maxNumSequence is 2 and both sessions are still open: a third is refused until one ends.
     let (status, _, text) = post(&s, "stateful", None, "2").await;
     assert_eq!(status, 503, "{text}");
+    let (_, d) = s
+        .get_json(format!("{}/models/stateful", s.management))
+        .await;
+    assert_eq!(
+        (&d[0]["stateful"], &d[0]["continuousBatching"]),
+        (&serde_json::json!(true), &serde_json::json!(true)),
+        "{d}"
+    );
 }
 
 /// test_infer_stateful_end, with the session table full: ending sessions frees their slots.

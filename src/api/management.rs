@@ -207,21 +207,25 @@ async fn describe_one(v: &ModelVersion, gpus: u32) -> Value {
         "responseTimeout": s.response_timeout.as_secs(),
         "startupTimeout": s.startup_timeout.as_secs(),
         // TorchServe's remaining describe fields, at the values its defaults give: oxserve has
-        // no client timeout, tensor/pipeline parallelism, job tickets, per-model venvs or
-        // sequence batching (docs/compatibility.md).
+        // no client timeout, tensor/pipeline parallelism, job tickets or per-model venvs
+        // (docs/compatibility.md).
         "maxRetryTimeoutInSec": 300,
         "clientTimeoutInMills": 0,
         "parallelType": "",
         "parallelLevel": 0,
         "deviceType": if gpus > 0 { "gpu" } else { "cpu" },
-        "continuousBatching": false,
+        "continuousBatching": s.mode == crate::worker::BatchMode::Continuous,
         "useJobTicket": false,
         "useVenv": false,
-        "stateful": false,
-        "sequenceMaxIdleMSec": 0,
-        "sequenceTimeoutMSec": 0,
-        "maxNumSequence": 0,
-        "maxSequenceJobQueueSize": 0,
+        // Sequence batching as TorchServe reports it (0 for a model without it).
+        "stateful": s.sequence.is_some(),
+        "sequenceMaxIdleMSec": s.sequence.map_or(0, |q| q.max_idle.as_millis() as u64),
+        "sequenceTimeoutMSec": s
+            .sequence
+            .and_then(|q| q.timeout)
+            .map_or(0, |t| t.as_millis() as u64),
+        "maxNumSequence": s.sequence.map_or(0, |q| q.max_sequences),
+        "maxSequenceJobQueueSize": s.sequence.map_or(0, |q| q.max_queue),
         "loadedAtStartup": v.loaded_at_startup,
         "workers": workers,
         "jobQueueStatus": {

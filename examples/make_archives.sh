@@ -4,9 +4,10 @@
 #
 #   examples/make_archives.sh [OUT_DIR]      # default: target/model-store
 #
-# Produces echo.mar, batching.mar, custom_metrics.mar, streaming.mar and llm.mar (examples/llm:
-# an OpenAI-shaped toy LLM in async mode, docs/llm.md), usable by oxserve and by
-# TorchServe alike (e.g. `oxserve --model-store target/model-store --models all`).
+# Produces echo.mar, batching.mar, custom_metrics.mar, streaming.mar, llm.mar (examples/llm:
+# an OpenAI-shaped toy LLM in async mode, docs/llm.md), stateful.mar and stateful_stream.mar
+# (examples/stateful: sequence batching, alone and with continuous batching), usable by oxserve
+# and by TorchServe alike (e.g. `oxserve --model-store target/model-store --models all`).
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -37,3 +38,6 @@ archive batching batching batch_handler.py
 archive custom_metrics custom_metrics metrics_handler.py
 archive streaming streaming stream_handler.py
 archive llm llm llm_handler.py --extra-files engine.py --config-file model-config.yaml
+archive stateful stateful/sequence_batching stateful_handler.py --config-file model-config.yaml
+archive stateful_stream stateful/sequence_continuous_batching stateful_handler.py \
+    --config-file model-config.yaml

@@ -95,6 +95,11 @@ pub trait BatchPolicy: Send {
     fn on_answered(&mut self, _done: &[Arc<str>], _ended: &[String], _now: Instant) {}
     /// A worker is gone (stopped or died); whatever the policy pinned to it is released.
     fn on_worker_gone(&mut self, _worker: u32) {}
+    /// Whether stopping this worker would lose state the policy pinned to it (open sessions):
+    /// scaling down stops such workers last, and autoscaling not at all.
+    fn holds_state(&self, _worker: u32) -> bool {
+        false
+    }
     /// Removes every waiting job (close), oldest first.
     fn drain(&mut self) -> Vec<Job>;
 }
@@ -586,6 +591,10 @@ impl BatchPolicy for Sequences {
                 }
             }
         }
+    }
+
+    fn holds_state(&self, worker: u32) -> bool {
+        self.pins.get(&worker).is_some_and(|&n| n > 0)
     }
 
     fn on_worker_gone(&mut self, worker: u32) {

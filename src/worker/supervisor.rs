@@ -273,17 +273,25 @@ impl Supervisor {
     }
 
     /// Tells up to `n` workers to stop: those not serving first (waiting to restart, loading,
-    /// idle), then the newest. With `idle_only`, only live idle ones. Returns how many.
+    /// idle), then those holding sessions (sequence batching), then the newest. With
+    /// `idle_only` (autoscaling), only live idle ones that hold no session. Returns how many.
     fn retire_some(&mut self, n: u32, idle_only: bool) -> u32 {
+        let policy = &self.policy;
         let mut order: Vec<usize> = (0..self.slots.len())
             .filter(|&i| !self.slots[i].retiring)
             .filter(|&i| {
-                !idle_only || (self.slots[i].status == St::Ready && self.slots[i].in_flight == 0)
+                let s = &self.slots[i];
+                !idle_only
+                    || (s.status == St::Ready && s.in_flight == 0 && !policy.holds_state(s.id))
             })
             .collect();
         order.sort_by_key(|&i| {
             let s = &self.slots[i];
-            (s.in_flight > 0, std::cmp::Reverse(s.id))
+            (
+                s.in_flight > 0,
+                policy.holds_state(s.id),
+                std::cmp::Reverse(s.id),
+            )
         });
         order.truncate(n as usize);
         let ids: Vec<u32> = order.iter().map(|&i| self.slots[i].id).collect();

@@ -914,3 +914,57 @@ async fn a_worker_crash_fails_only_the_sequences_it_held() {
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("lost when its worker stopped"), "{body}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn scaling_down_keeps_workers_that_hold_sessions() {
+    let rule = AutoscaleRule {
+        interval: Duration::from_millis(100),
+        queue_per_worker: 1,
+        up_samples: 2,
+        down_samples: 3,
+    };
+    let mut s = seq_settings(1, 4, 4);
+    s.autoscale = rule;
+    let mut h = harness(s, &[]);
+    assert_eq!(h.pool.scale(2, 2, true).await, 2);
+    let a = h.submit_seq("a1", "A");
+    let call = h.call().await;
+    let holder = call.worker;
+    call.answer.send(Outcome::Ok).unwrap();
+    assert_eq!(seq_answer(a).await.0, 200);
+    let idle_from = Instant::now();
+    // Autoscaling may go down to zero: the idle worker without a session goes...
+    h.pool.scale(0, 2, false).await;
+    let st = h.until(|s| s.workers.len() == 1).await;
+    assert_eq!(st.workers[0].id, holder, "the session's worker is kept");
+    // ...and the session's worker stays while the session is open (1 s idle limit), serving it.
+    tokio::time::sleep_until(idle_from + Duration::from_millis(900)).await;
+    let st = h.pool.describe().await;
+    assert_eq!(st.workers.len(), 1);
+    let a = h.submit_seq("a2", "A");
+    let call = h.call().await;
+    assert_eq!(call.worker, holder);
+    call.answer.send(Outcome::Ok).unwrap();
+    assert_eq!(seq_answer(a).await.0, 200);
+    // Once the session has expired, the worker is idle like any other and is stopped.
+    h.until(|s| s.workers.is_empty()).await;
+    // An explicit scale-down stops a worker without sessions before one with, even an older
+    // one: X's session on the older worker expires, B's on the newer one stays open.
+    h.pool.scale(2, 2, true).await;
+    let x = h.submit_seq("x1", "X");
+    let x_call = h.call().await;
+    let b = h.submit_seq("b1", "B");
+    let b_call = h.call().await;
+    assert!(b_call.worker > x_call.worker, "B went to the newer worker");
+    let holder = b_call.worker;
+    x_call.answer.send(Outcome::Ok).unwrap();
+    assert_eq!(seq_answer(x).await.0, 200);
+    let x_idle_from = Instant::now();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    b_call.answer.send(Outcome::Ok).unwrap();
+    assert_eq!(seq_answer(b).await.0, 200);
+    tokio::time::sleep_until(x_idle_from + Duration::from_millis(1001)).await;
+    h.pool.scale(1, 1, true).await;
+    let st = h.until(|s| s.workers.len() == 1).await;
+    assert_eq!(st.workers[0].id, holder);
+}

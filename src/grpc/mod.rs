@@ -12,7 +12,7 @@
 //!   error maps its HTTP status with TorchServe's own table (GRPCUtils.getGRPCStatusCode);
 //! - `Ping` needs no token, as `/ping` over HTTP;
 //! - `StreamPredictions2` answers each message of the stream in order, with TorchServe's sequence
-//!   headers, but oxserve has no sequence batching: each message is its own job;
+//!   headers; on a `sequenceBatching` model the scheduler pins the sequence by them, as for HTTP;
 //! - `RegisterModel` refuses `handler`/`runtime` overrides (oxserve takes them from the archive)
 //!   instead of ignoring them, and `enable_grpc_ssl` is refused at start-up (no TLS built in).
 

@@ -15,16 +15,18 @@
 //!   line at most `log_max_line_bytes` long, attributed to the requests oxserve's runtime names).
 //!
 //! One module each: [`runtime`] embeds oxserve's runtime, [`torchserve`] finds TorchServe's
-//! worker, [`process`] supervises the process, [`transport`] speaks the socket protocol and
-//! [`logs`] forwards the worker's output.
+//! worker, [`process`] supervises the process, [`transport`] speaks the socket protocol,
+//! [`logs`] forwards the worker's output and [`deps`] installs a model's own pip packages
+//! (`install_py_dep_per_model`) once per model version, before its first worker starts.
 
+mod deps;
 mod logs;
 mod process;
 mod runtime;
 mod torchserve;
 mod transport;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -43,6 +45,10 @@ use transport::PythonBackend;
 pub struct PythonLoader {
     /// TorchServe's worker script, found once per loader when `worker_runtime=torchserve`.
     torchserve_worker: OnceCell<Result<PathBuf, String>>,
+    /// The model's own packages (`install_py_dep_per_model`), installed once: a loader serves one
+    /// model version, and the folder goes when the version does. A failed install is not kept,
+    /// so a later worker start tries again.
+    dependencies: OnceCell<Option<deps::Dependencies>>,
 }
 
 impl PythonLoader {
@@ -59,6 +65,15 @@ impl PythonLoader {
             .clone()
             .map_err(BackendError::Load)
     }
+
+    /// The folder of the model's own packages, installing them first if they are not yet.
+    async fn dependencies(&self, spec: &WorkerSpec) -> Result<Option<&Path>, BackendError> {
+        let deps = self
+            .dependencies
+            .get_or_try_init(|| deps::install(spec))
+            .await?;
+        Ok(deps.as_ref().map(|d| d.path()))
+    }
 }
 
 #[async_trait]
@@ -67,7 +82,13 @@ impl BackendLoader for PythonLoader {
         "python"
     }
 
+    async fn prepare(&self, spec: &WorkerSpec) -> Result<(), BackendError> {
+        self.dependencies(spec).await.map(|_| ())
+    }
+
     async fn load(&self, spec: &WorkerSpec) -> Result<Box<dyn Backend>, BackendError> {
+        // Before the start-up clock runs: an install has its own limit (install_py_dep_timeout).
+        let dependencies = self.dependencies(spec).await?;
         let deadline = Instant::now() + spec.startup_timeout;
         let settings = &spec.settings;
         let runtime = runtime::runtime_dir().map_err(|e| {
@@ -125,7 +146,7 @@ impl BackendLoader for PythonLoader {
         }
         cmd.current_dir(&model_dir)
             .env("PYTHONUNBUFFERED", "1")
-            .env("PYTHONPATH", process::python_path(&model_dir));
+            .env("PYTHONPATH", process::python_path(&model_dir, dependencies));
         let (process, started_rx) = WorkerProcess::spawn(cmd, spec).map_err(|e| {
             BackendError::Load(format!(
                 "cannot start Python worker {:?} (python_executable): {e}",

@@ -124,9 +124,11 @@ impl Drop for WorkerProcess {
     }
 }
 
-/// PYTHONPATH with the model folder first (TorchServe's frontend does the same).
-pub(super) fn python_path(model_dir: &Path) -> std::ffi::OsString {
+/// PYTHONPATH with the model folder first (TorchServe's frontend does the same), then the model's
+/// own packages (TorchServe installs them into the model folder itself), then the server's.
+pub(super) fn python_path(model_dir: &Path, dependencies: Option<&Path>) -> std::ffi::OsString {
     let mut paths = vec![model_dir.to_path_buf()];
+    paths.extend(dependencies.map(Path::to_path_buf));
     if let Some(existing) = std::env::var_os("PYTHONPATH") {
         paths.extend(std::env::split_paths(&existing));
     }

@@ -6,11 +6,12 @@
 use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
-use tokio::sync::oneshot;
+use tokio::sync::watch;
 
 use crate::backend::WorkerSpec;
 
-/// The line a worker prints once its socket listens.
+/// The line a worker prints once its socket listens (each rank of a torchrun worker prints it;
+/// TorchServe matches the end of the line).
 pub(super) const STARTED_LINE: &str = "Torch worker started.";
 pub(super) const METRICS_PREFIX: &str = "[METRICS]";
 
@@ -111,9 +112,8 @@ pub(super) async fn forward_stdout(
     stdout: impl AsyncRead + Unpin,
     spec: WorkerSpec,
     tail: Arc<Mutex<Tail>>,
-    started: oneshot::Sender<()>,
+    started: watch::Sender<usize>,
 ) {
-    let mut started = Some(started);
     let mut ids: Option<String> = None;
     read_lines(stdout, max_line(&spec), |line, cut| {
         if let Some(rest) = line.strip_prefix(REQUEST_IDS_PREFIX) {
@@ -124,10 +124,9 @@ pub(super) async fn forward_stdout(
             spec.metrics.record_backend_line(rest, &spec.model_name);
             return;
         }
-        if line == STARTED_LINE {
-            if let Some(tx) = started.take() {
-                let _ = tx.send(());
-            }
+        if line.ends_with(STARTED_LINE) {
+            // Counted: a torchrun worker is up once every rank listens.
+            started.send_modify(|n| *n += 1);
         }
         if !line.trim().is_empty() {
             tail.lock().unwrap_or_else(|e| e.into_inner()).stdout = Some(line.to_string());

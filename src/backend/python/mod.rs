@@ -16,11 +16,14 @@
 //!
 //! One module each: [`runtime`] embeds oxserve's runtime, [`torchserve`] finds TorchServe's
 //! worker, [`process`] supervises the process, [`transport`] speaks the socket protocol,
-//! [`logs`] forwards the worker's output and [`deps`] installs a model's own pip packages
-//! (`install_py_dep_per_model`) once per model version, before its first worker starts.
+//! [`logs`] forwards the worker's output, [`deps`] installs a model's own pip packages
+//! (`install_py_dep_per_model`) once per model version, before its first worker starts, and
+//! [`parallel`] reads a model's parallelism (`parallelType`, `torchrun:`): such a worker runs
+//! under torchrun, one process per rank, each rank on a socket of its own.
 
 mod deps;
 mod logs;
+mod parallel;
 mod process;
 mod runtime;
 mod torchserve;
@@ -83,6 +86,10 @@ impl BackendLoader for PythonLoader {
     }
 
     async fn prepare(&self, spec: &WorkerSpec) -> Result<(), BackendError> {
+        // A malformed parallelism fails the registration, not each worker start.
+        let yaml = crate::model::archive::model_config(&spec.model_dir, &spec.manifest)
+            .map_err(BackendError::Load)?;
+        parallel::Parallel::from_model_yaml(yaml.as_ref()).map_err(BackendError::Load)?;
         self.dependencies(spec).await.map(|_| ())
     }
 
@@ -104,16 +111,6 @@ impl BackendLoader for PythonLoader {
             .metrics_config
             .clone()
             .unwrap_or_else(|| runtime.default_metrics_config());
-        // Private (0700): whoever can connect to the socket can drive the worker.
-        let sock_dir = crate::model::archive::private_tempdir("oxs-")
-            .map_err(|e| BackendError::Load(format!("cannot create a socket folder: {e}")))?;
-        let sock = sock_dir.path().join(format!(".oxs.sock.{}", spec.port));
-        if sock.as_os_str().len() >= 100 {
-            return Err(BackendError::Load(format!(
-                "socket path {} is too long for a Unix socket: set TMPDIR to a shorter folder",
-                sock.display()
-            )));
-        }
         let model_dir =
             std::path::absolute(&spec.model_dir).unwrap_or_else(|_| spec.model_dir.clone());
 
@@ -121,6 +118,9 @@ impl BackendLoader for PythonLoader {
         // a full YAML parser, so the stdlib runtime needs none).
         let model_yaml = crate::model::archive::model_config(&model_dir, &spec.manifest)
             .map_err(BackendError::Load)?;
+        let parallel =
+            parallel::Parallel::from_model_yaml(model_yaml.as_ref()).map_err(BackendError::Load)?;
+        let ranks = parallel.as_ref().map_or(1, |p| p.ranks());
         // `asyncCommunication: true` starts the worker with `--async` as TorchServe does: it then
         // reads requests while others are in flight (TorchServe's ts/async_service.py, or
         // oxserve's runtime) and answers them in any order.
@@ -132,10 +132,52 @@ impl BackendLoader for PythonLoader {
         let model_yaml = model_yaml
             .map(|v| v.to_string())
             .unwrap_or_else(|| "{}".to_string());
+
+        // Private (0700): whoever can connect to the socket can drive the worker.
+        let sock_dir = crate::model::archive::private_tempdir("oxs-")
+            .map_err(|e| BackendError::Load(format!("cannot create a socket folder: {e}")))?;
+        let sock = sock_dir.path().join(format!(".oxs.sock.{}", spec.port));
+        // The last rank's name is the longest.
+        let last = sock_dir.path().join(format!(
+            ".oxs.sock.{}",
+            u64::from(spec.port) + u64::from(ranks) - 1
+        ));
+        if last.as_os_str().len() >= 100 {
+            return Err(BackendError::Load(format!(
+                "socket path {} is too long for a Unix socket: set TMPDIR to a shorter folder",
+                last.display()
+            )));
+        }
+
         let mut cmd = Command::new(&settings.python_executable);
+        let mut launch_hint = None;
+        match &parallel {
+            Some(p) if p.uses_torchrun() => {
+                // torchrun runs `python -u <program> args` per rank; the program is oxserve's
+                // wrapper, which ties each rank's life to torchrun's, then runs the worker.
+                let rdzv_id = format!("{}_{}", spec.model_name, spec.port);
+                cmd.args(p.torchrun_args(&rdzv_id, &settings.log_dir.join("torchelastic_ts")))
+                    .arg(runtime.rank_wrapper())
+                    .arg(&script)
+                    .env("LOGLEVEL", "INFO")
+                    .env("OMP_NUM_THREADS", p.torchrun.omp_threads.to_string());
+                launch_hint = Some(format!(
+                    "parallelType runs the worker under torchrun with {} ranks: `{} -m torch.distributed.run` needs torch in that environment",
+                    p.level, settings.python_executable
+                ));
+            }
+            _ => {
+                cmd.arg(&script);
+            }
+        }
+        if let Some(p) = &parallel {
+            let gpus = settings.number_of_gpu.unwrap_or(0);
+            if let Some(ids) = p.visible_devices(spec.gpu_id, gpus) {
+                cmd.env("CUDA_VISIBLE_DEVICES", ids);
+            }
+        }
         cmd.env("OXSERVE_MODEL_YAML_CONFIG", model_yaml);
-        cmd.arg(&script)
-            .arg("--sock-type")
+        cmd.arg("--sock-type")
             .arg("unix")
             .arg("--sock-name")
             .arg(&sock)
@@ -157,6 +199,10 @@ impl BackendLoader for PythonLoader {
             name: spec.name.clone(),
             process,
             stream: None,
+            peers: Vec::new(),
+            ranks,
+            broadcast: parallel.as_ref().is_some_and(|p| p.broadcasts_inference()),
+            launch_hint,
             buf: BytesMut::with_capacity(64 * 1024),
             response_timeout: spec.response_timeout,
             max_len: settings.max_response_size.max(1024),

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::process::{Child, Command};
-use tokio::sync::oneshot;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
 
@@ -29,11 +29,12 @@ pub(super) struct WorkerProcess {
 
 impl WorkerProcess {
     /// Starts `cmd` (arguments, folder and environment already set) as a supervised worker of
-    /// `spec`. The receiver fires once the worker prints that it listens.
+    /// `spec`. The receiver counts the `Torch worker started.` lines the worker (each of its
+    /// ranks) printed; its sender goes when the worker's stdout closes.
     pub(super) fn spawn(
         mut cmd: Command,
         spec: &WorkerSpec,
-    ) -> io::Result<(WorkerProcess, oneshot::Receiver<()>)> {
+    ) -> io::Result<(WorkerProcess, watch::Receiver<usize>)> {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -43,7 +44,7 @@ impl WorkerProcess {
         let mut child = cmd.spawn()?;
         let pid = child.id().unwrap_or(0);
         let tail = Arc::new(Mutex::new(Tail::default()));
-        let (started_tx, started_rx) = oneshot::channel();
+        let (started_tx, started_rx) = watch::channel(0);
         let stdout = child.stdout.take().expect("stdout is piped");
         let stderr = child.stderr.take().expect("stderr is piped");
         let io_tasks = vec![

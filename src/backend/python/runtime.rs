@@ -59,6 +59,12 @@ impl RuntimeDir {
         self.dir.path().join("oxserve_worker.py")
     }
 
+    /// The program torchrun runs per rank: it ties the rank's life to torchrun's, then runs the
+    /// worker program named by its first argument.
+    pub(super) fn rank_wrapper(&self) -> std::path::PathBuf {
+        self.dir.path().join("oxserve_rank.py")
+    }
+
     /// The metrics configuration used when `metrics_config` is unset.
     pub(super) fn default_metrics_config(&self) -> std::path::PathBuf {
         self.dir.path().join(DEFAULT_METRICS_YAML.0)
@@ -99,6 +105,7 @@ mod tests {
             assert_eq!(std::fs::read(a.dir.path().join(rel)).unwrap(), text);
         }
         assert!(a.worker_script().is_file());
+        assert!(a.rank_wrapper().is_file());
         assert!(a.default_metrics_config().is_file());
         let path = a.dir.path().to_path_buf();
         drop((a, b));

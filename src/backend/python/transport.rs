@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
-use tokio::sync::oneshot;
+use tokio::sync::watch;
 use tokio::time::{timeout, Instant};
 
 use super::process::WorkerProcess;
@@ -29,7 +29,17 @@ use crate::backend::{
 pub(super) struct PythonBackend {
     pub(super) name: String,
     pub(super) process: WorkerProcess,
+    /// The connection to the worker (to rank 0 of a torchrun worker): replies come from it alone.
     pub(super) stream: Option<UnixStream>,
+    /// The connections to ranks 1.. of a torchrun worker: they get the load message and, with
+    /// `broadcast`, every inference message, and answer only the load.
+    pub(super) peers: Vec<UnixStream>,
+    /// Processes listening for the server: torchrun ranks, or 1.
+    pub(super) ranks: u32,
+    /// Inference messages go to every rank (tensor parallel), not to rank 0 alone.
+    pub(super) broadcast: bool,
+    /// Added to a start-up failure: how the worker was launched, when that may be the cause.
+    pub(super) launch_hint: Option<String>,
     /// Bytes received and not yet decoded.
     pub(super) buf: BytesMut,
     pub(super) response_timeout: Duration,
@@ -62,35 +72,70 @@ impl std::fmt::Display for ReadError {
 }
 
 impl PythonBackend {
-    /// Waits for the worker to listen, connects and loads the model. Errors are messages; the
-    /// caller adds what is known about the process.
+    /// Waits for the worker (every rank) to listen, connects and loads the model. Errors are
+    /// messages; the caller adds what is known about the process.
     pub(super) async fn start(
         &mut self,
         spec: &WorkerSpec,
         sock: &Path,
         model_dir: &Path,
-        started: oneshot::Receiver<()>,
+        mut started: watch::Receiver<usize>,
         deadline: Instant,
     ) -> Result<(), String> {
         let secs = spec.startup_timeout.as_secs_f64();
-        match tokio::time::timeout_at(deadline, started).await {
-            Err(_) => return Err(format!("worker {} did not start within {secs}s", self.name)),
-            Ok(Err(_)) => {
+        let ranks = self.ranks.max(1) as usize;
+        let hint = self
+            .launch_hint
+            .as_ref()
+            .map(|h| format!(" ({h})"))
+            .unwrap_or_default();
+        let all_listening = async {
+            loop {
+                if *started.borrow_and_update() >= ranks {
+                    return true;
+                }
+                if started.changed().await.is_err() {
+                    return *started.borrow() >= ranks;
+                }
+            }
+        };
+        match tokio::time::timeout_at(deadline, all_listening).await {
+            Err(_) => {
+                let up = *started.borrow();
+                let of = if ranks > 1 {
+                    format!(" ({up} of {ranks} ranks listening)")
+                } else {
+                    String::new()
+                };
                 return Err(format!(
-                    "worker {} exited before it started listening",
+                    "worker {} did not start within {secs}s{of}{hint}",
+                    self.name
+                ));
+            }
+            Ok(false) => {
+                return Err(format!(
+                    "worker {} exited before it started listening{hint}",
                     self.name
                 ))
             }
-            Ok(Ok(())) => {}
+            Ok(true) => {}
         }
-        let stream = UnixStream::connect(sock).await.map_err(|e| {
-            format!(
-                "cannot connect to worker {} at {}: {e}",
-                self.name,
-                sock.display()
-            )
-        })?;
-        self.stream = Some(stream);
+        for rank in 0..ranks as u64 {
+            // Rank r listens on the port number plus r (TorchServe's rule, LOCAL_RANK).
+            let path = sock.with_file_name(format!(".oxs.sock.{}", u64::from(spec.port) + rank));
+            let stream = UnixStream::connect(&path).await.map_err(|e| {
+                format!(
+                    "cannot connect to worker {} at {}: {e}",
+                    self.name,
+                    path.display()
+                )
+            })?;
+            if rank == 0 {
+                self.stream = Some(stream);
+            } else {
+                self.peers.push(stream);
+            }
+        }
         let load = protocol::encode_load(&LoadRequest {
             model_name: spec.model_name.clone(),
             model_path: model_dir.display().to_string(),
@@ -101,16 +146,39 @@ impl PythonBackend {
             limit_max_image_pixels: true,
         });
         let reply = tokio::time::timeout_at(deadline, async {
-            self.write(&load).await.map_err(ReadError::Io)?;
+            // Every rank loads (and its handler joins the process group) at once.
+            self.write_to_ranks(&load, true)
+                .await
+                .map_err(ReadError::Io)?;
+            let max_len = self.max_len;
+            let mut replies = Vec::with_capacity(ranks);
             loop {
-                if let Some((reply, used)) = protocol::decode_load_reply(&self.buf, self.max_len)
-                    .map_err(ReadError::Protocol)?
+                if let Some((reply, used)) =
+                    protocol::decode_load_reply(&self.buf, max_len).map_err(ReadError::Protocol)?
                 {
                     self.buf.advance(used);
-                    return Ok::<_, ReadError>(reply);
+                    replies.push(reply);
+                    break;
                 }
                 self.fill().await?;
             }
+            for peer in &mut self.peers {
+                let mut buf = BytesMut::new();
+                loop {
+                    if let Some((reply, _)) =
+                        protocol::decode_load_reply(&buf, max_len).map_err(ReadError::Protocol)?
+                    {
+                        replies.push(reply);
+                        break;
+                    }
+                    match peer.read_buf(&mut buf).await {
+                        Ok(0) => return Err(ReadError::Eof),
+                        Ok(_) => {}
+                        Err(e) => return Err(ReadError::Io(e)),
+                    }
+                }
+            }
+            Ok::<_, ReadError>(replies)
         })
         .await;
         match reply {
@@ -119,19 +187,44 @@ impl PythonBackend {
                 self.name
             )),
             Ok(Err(e)) => Err(format!("worker {} {e} while loading the model", self.name)),
-            Ok(Ok(reply)) if reply.code != 200 => Err(format!(
-                "worker {} failed to load the model ({}): {}",
-                self.name, reply.code, reply.message
-            )),
-            Ok(Ok(_)) => Ok(()),
+            Ok(Ok(replies)) => {
+                for (rank, reply) in replies.iter().enumerate() {
+                    if reply.code != 200 {
+                        let at = if ranks > 1 {
+                            format!(" at rank {rank}")
+                        } else {
+                            String::new()
+                        };
+                        return Err(format!(
+                            "worker {} failed to load the model{at} ({}): {}",
+                            self.name, reply.code, reply.message
+                        ));
+                    }
+                }
+                Ok(())
+            }
         }
     }
 
-    async fn write(&mut self, frame: &[u8]) -> io::Result<()> {
-        match self.stream.as_mut() {
-            Some(s) => s.write_all(frame).await,
-            None => Err(io::Error::from(io::ErrorKind::NotConnected)),
+    /// Writes a message to rank 0, and to the other ranks too when `all` (a load message, or an
+    /// inference message of a tensor-parallel worker), all at once: a rank waiting in a
+    /// collective operation for another must not keep that one's message from being sent.
+    async fn write_to_ranks(&mut self, frame: &[u8], all: bool) -> io::Result<()> {
+        let Some(first) = self.stream.as_mut() else {
+            return Err(io::Error::from(io::ErrorKind::NotConnected));
+        };
+        if !all || self.peers.is_empty() {
+            return first.write_all(frame).await;
         }
+        let mut writes = vec![first.write_all(frame)];
+        writes.extend(self.peers.iter_mut().map(|p| p.write_all(frame)));
+        futures_util::future::try_join_all(writes).await.map(|_| ())
+    }
+
+    /// Sends an inference message: to every rank of a tensor-parallel worker, else to rank 0.
+    async fn write_inference(&mut self, frame: &[u8]) -> io::Result<()> {
+        let all = self.broadcast;
+        self.write_to_ranks(frame, all).await
     }
 
     /// Reads more bytes into the buffer.
@@ -180,12 +273,14 @@ impl PythonBackend {
     /// reaps the process.
     async fn kill_and_reap(&mut self) -> Option<ExitStatus> {
         self.stream = None;
+        self.peers.clear();
         self.process.kill_and_reap().await
     }
 
     /// Drops the connection and describes how the process ended ([`WorkerProcess::reap_and_describe`]).
     pub(super) async fn reap_and_describe(&mut self, grace: Duration) -> String {
         self.stream = None;
+        self.peers.clear();
         self.process.reap_and_describe(grace).await
     }
 
@@ -265,7 +360,7 @@ impl Backend for PythonBackend {
             .map(|(i, r)| (r.id.as_str(), i))
             .collect();
         let frame = protocol::encode_infer(wire);
-        match timeout(self.response_timeout, self.write(&frame)).await {
+        match timeout(self.response_timeout, self.write_inference(&frame)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 let what = format!("worker {} connection failed: {e}", self.name);
@@ -359,7 +454,7 @@ impl Backend for PythonBackend {
             return Err(BackendError::Died(reason.clone()));
         }
         let frame = protocol::encode_infer(batch);
-        match timeout(self.response_timeout, self.write(&frame)).await {
+        match timeout(self.response_timeout, self.write_inference(&frame)).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => {
                 let what = format!("worker {} connection failed: {e}", self.name);
@@ -433,6 +528,7 @@ impl Backend for PythonBackend {
 
     async fn shutdown(mut self: Box<Self>) {
         self.stream = None;
+        self.peers.clear();
         self.process.shutdown().await;
     }
 }

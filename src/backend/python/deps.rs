@@ -106,7 +106,7 @@ pub(super) async fn install(spec: &WorkerSpec) -> Result<Option<Dependencies>, B
         .spawn()
         .map_err(|e| fail(format!("cannot run {python:?} -m pip: {e}")))?;
     let pid = child.id().unwrap_or(0);
-    let last = Arc::new(Mutex::new(None::<String>));
+    let last = Arc::new(Mutex::new(LastLines::default()));
     let stdout = child.stdout.take().expect("stdout is piped");
     let stderr = child.stderr.take().expect("stderr is piped");
     let readers = [
@@ -130,8 +130,10 @@ pub(super) async fn install(spec: &WorkerSpec) -> Result<Option<Dependencies>, B
     for reader in readers {
         let _ = timeout(std::time::Duration::from_secs(2), reader).await;
     }
-    let last = last.lock().unwrap_or_else(|e| e.into_inner()).take();
+    let last = std::mem::take(&mut *last.lock().unwrap_or_else(|e| e.into_inner()));
     let detail = last
+        .telling
+        .or(last.stderr)
         .map(|l| format!("; last output: {l}"))
         .unwrap_or_default();
     match status {
@@ -156,13 +158,22 @@ pub(super) async fn install(spec: &WorkerSpec) -> Result<Option<Dependencies>, B
     }
 }
 
+/// The lines of pip's output that best say why it failed.
+#[derive(Default)]
+struct LastLines {
+    /// The last `ERROR:` line, or stdout line.
+    telling: Option<String>,
+    /// The last stderr line (a Python error before pip ran: `No module named pip`).
+    stderr: Option<String>,
+}
+
 /// Forwards pip's output to MODEL_LOG as `pip-<model>_<version>-<stream>` lines, keeping the last
 /// non-empty one (pip's `ERROR:` line when it fails) for the error message.
 async fn forward(
     stream: impl tokio::io::AsyncRead + Unpin,
     spec: WorkerSpec,
     name: &'static str,
-    last: Arc<Mutex<Option<String>>>,
+    last: Arc<Mutex<LastLines>>,
 ) {
     let worker = format!("pip-{}_{}", spec.model_name, spec.model_version);
     let max = crate::logging::max_line().unwrap_or(spec.settings.log_max_line_bytes);
@@ -171,8 +182,13 @@ async fn forward(
             return;
         }
         // pip's warnings (stderr) are not the error; its `ERROR:` lines and stdout are.
-        if name == "stdout" || line.starts_with("ERROR") {
-            *last.lock().unwrap_or_else(|e| e.into_inner()) = Some(line.to_string());
+        {
+            let mut last = last.lock().unwrap_or_else(|e| e.into_inner());
+            if name == "stdout" || line.starts_with("ERROR") {
+                last.telling = Some(line.to_string());
+            } else {
+                last.stderr = Some(line.to_string());
+            }
         }
         if name == "stderr" {
             tracing::warn!(

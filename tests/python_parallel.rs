@@ -357,7 +357,7 @@ async fn a_malformed_parallelism_fails_the_registration() {
         body["message"]
             .as_str()
             .unwrap()
-            .contains("torchrun.nproc-per-node must be a whole number from 1 to 256"),
+            .contains("torchrun.nproc-per-node must be a whole number from 1 to 64"),
         "{body}"
     );
     let (status, _) = s.mgmt(Method::GET, "/models/badtp").await;

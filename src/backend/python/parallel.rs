@@ -22,8 +22,9 @@
 
 use serde_json::Value;
 
-/// Most ranks one worker may have (a node with more GPUs than this does not exist).
-pub(super) const MAX_RANKS: u32 = 256;
+/// Most ranks (processes, each typically importing torch) one worker may have: far above the GPUs
+/// of any node, yet an archive cannot make one worker start thousands of processes.
+pub(super) const MAX_RANKS: u32 = 64;
 /// Longest torchrun string setting (`rdzv-endpoint`, ...).
 const MAX_SETTING_LEN: usize = 256;
 
@@ -71,13 +72,21 @@ pub(super) struct Parallel {
     pub device_ids: Option<Vec<u32>>,
 }
 
-fn count(key: &str, v: &Value, min: u64) -> Result<u32, String> {
+/// Most nodes and OpenMP threads a torchrun setting may name.
+const MAX_COUNT: u32 = 1024;
+
+fn count_to(key: &str, v: &Value, min: u64, max: u32) -> Result<u32, String> {
     match v.as_u64() {
-        Some(n) if n >= min && n <= u64::from(MAX_RANKS) => Ok(n as u32),
+        Some(n) if n >= min && n <= u64::from(max) => Ok(n as u32),
         _ => Err(format!(
-            "model-config.yaml: {key} must be a whole number from {min} to {MAX_RANKS}, not {v}"
+            "model-config.yaml: {key} must be a whole number from {min} to {max}, not {v}"
         )),
     }
+}
+
+/// A number of ranks.
+fn count(key: &str, v: &Value, min: u64) -> Result<u32, String> {
+    count_to(key, v, min, MAX_RANKS)
 }
 
 fn setting(key: &str, v: &Value) -> Result<String, String> {
@@ -133,7 +142,7 @@ impl Parallel {
                 .ok_or_else(|| format!("model-config.yaml: torchrun must be a mapping, not {t}"))?;
             for (k, v) in map {
                 match k.as_str() {
-                    "nnodes" => torchrun.nnodes = count("torchrun.nnodes", v, 1)?,
+                    "nnodes" => torchrun.nnodes = count_to("torchrun.nnodes", v, 1, MAX_COUNT)?,
                     "nproc-per-node" => {
                         torchrun.nproc_per_node = count("torchrun.nproc-per-node", v, 1)?
                     }
@@ -141,7 +150,8 @@ impl Parallel {
                     "rdzv-endpoint" => torchrun.rdzv_endpoint = Some(setting(k, v)?),
                     "rdzv-conf" => torchrun.rdzv_conf = Some(setting(k, v)?),
                     "OMP_NUMBER_THREADS" => {
-                        torchrun.omp_threads = count("torchrun.OMP_NUMBER_THREADS", v, 1)?
+                        torchrun.omp_threads =
+                            count_to("torchrun.OMP_NUMBER_THREADS", v, 1, MAX_COUNT)?
                     }
                     // Read by TorchServe and never passed on; accepted for the same archives.
                     "monitor-interval" | "node-rank" | "rdzv-id" => {}
@@ -296,7 +306,7 @@ mod tests {
             ("parallelType: tensor\nparallelLevel: 2\n", "parallelType"),
             ("parallelType: 3\n", "parallelType"),
             ("parallelType: tp\nparallelLevel: -1\n", "parallelLevel"),
-            ("parallelType: tp\nparallelLevel: 100000\n", "parallelLevel"),
+            ("parallelType: tp\nparallelLevel: 65\n", "parallelLevel"),
             (
                 "parallelType: tp\ntorchrun:\n  nproc-per-node: 0\n",
                 "nproc-per-node",

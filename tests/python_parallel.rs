@@ -267,6 +267,44 @@ async fn a_torchrun_worker_with_two_ranks_answers_from_rank_0_with_oxserves_runt
     let names: Vec<&str> = ranks.iter().map(|(r, _)| r.as_str()).collect();
     assert_eq!(names, ["0", "1"], "{ranks:?}");
 
+    // A rank that dies takes its worker down (torchrun stops the other rank and exits); the
+    // pool starts a new worker with two new ranks, and requests are answered again.
+    let mut old = descendants(worker);
+    old.push(worker);
+    let rank1 = ranks[1].1;
+    // SAFETY: plain kill(2) of a process this test just found under the worker.
+    unsafe {
+        libc::kill(rank1 as i32, libc::SIGKILL);
+    }
+    wait_until("torchrun and rank 0 gone after rank 1 died", || {
+        old.iter().all(|&p| !alive(p))
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        // The first request after the death may fail with it; a new worker answers afterwards.
+        let r = s
+            .client
+            .post(format!("{}/predictions/tp_ox", s.inference))
+            .body("42")
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 200 {
+            let text = r.text().await.unwrap();
+            assert!(text.starts_with("0{\"sum\": 84"), "{text}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no worker answered after rank 1 died"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let worker = worker_pid(&s, "tp_ox").await;
+    assert!(!old.contains(&worker));
+    assert_eq!(ranks_of(worker).len(), 2);
+
     // The server killed outright: torchrun and both ranks go with it.
     let mut all = descendants(worker);
     all.push(worker);

@@ -106,6 +106,9 @@ pub(super) async fn install(spec: &WorkerSpec) -> Result<Option<Dependencies>, B
         .spawn()
         .map_err(|e| fail(format!("cannot run {python:?} -m pip: {e}")))?;
     let pid = child.id().unwrap_or(0);
+    // If this future is dropped while pip runs (the registration abandoned), pip's whole group
+    // goes; kill_on_drop alone would only stop pip itself.
+    let mut guard = GroupGuard(Some(pid));
     let last = Arc::new(Mutex::new(LastLines::default()));
     let stdout = child.stdout.take().expect("stdout is piped");
     let stderr = child.stderr.take().expect("stderr is piped");
@@ -115,11 +118,17 @@ pub(super) async fn install(spec: &WorkerSpec) -> Result<Option<Dependencies>, B
     ];
     let limit = spec.settings.install_py_dep_timeout;
     let status = match timeout(limit, child.wait()).await {
-        Ok(status) => status,
+        Ok(status) => {
+            // Reaped: the group id is no longer ours to signal.
+            guard.0 = None;
+            status
+        }
         Err(_) => {
             // pip may have started build processes of its own: the whole group goes (before
             // the reap, while the group id cannot belong to anyone else).
-            process::kill_group(pid);
+            if let Some(pid) = guard.0.take() {
+                process::kill_group(pid);
+            }
             let _ = child.kill().await;
             Err(std::io::Error::other(format!(
                 "pip did not finish within {} s (install_py_dep_timeout)",
@@ -154,6 +163,17 @@ pub(super) async fn install(spec: &WorkerSpec) -> Result<Option<Dependencies>, B
             let e = fail(format!("{e}{detail}"));
             tracing::error!("{e}");
             Err(e)
+        }
+    }
+}
+
+/// Kills a process group when dropped, unless disarmed (`None`).
+struct GroupGuard(Option<u32>);
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            process::kill_group(pid);
         }
     }
 }

@@ -6,6 +6,11 @@ Run with the unpacked model folder as working directory. Binds and listens on th
 `[PID]<pid>` and `Torch worker started.`, accepts one connection from the server and serves it
 until the server disconnects. Standard library only: no torch needed. With `--async`
 (`asyncCommunication: true`), requests are served concurrently and answered in any order.
+
+Under torchrun (model parallelism, `parallelType: tp|pp|pptp`), as TorchServe's worker does: rank
+`LOCAL_RANK` listens on the socket name's port number plus its rank (`.oxs.sock.9000` -> `.9001`
+for rank 1), every rank answers the load message, and only rank 0 answers inference messages
+(the others run the same batch for their collective operations and stay silent).
 """
 
 import argparse
@@ -16,6 +21,17 @@ import socket
 import sys
 import threading
 import traceback
+
+# torchrun's rank of this process on its node (0 without torchrun).
+LOCAL_RANK = int(os.environ.get("LOCAL_RANK", "0") or 0)
+
+
+def rank_socket_name(name):
+    """TorchServe's rule: the number after the last dot plus LOCAL_RANK."""
+    if LOCAL_RANK == 0:
+        return name
+    base, _, port = name.rpartition(".")
+    return "%s.%d" % (base, int(port) + LOCAL_RANK)
 
 
 def main():
@@ -37,6 +53,7 @@ def main():
     if args.sock_type == "unix":
         if not args.sock_name:
             parser.error("--sock-name is required with --sock-type unix")
+        args.sock_name = rank_socket_name(args.sock_name)
         try:
             os.remove(args.sock_name)
         except FileNotFoundError:
@@ -48,7 +65,7 @@ def main():
             parser.error("--port is required with --sock-type tcp")
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((args.host, args.port))
+        sock.bind((args.host, args.port + LOCAL_RANK))
     sock.listen(1)
     print("[PID]%d" % os.getpid(), flush=True)
     print("Torch worker started.", flush=True)
@@ -98,6 +115,8 @@ def serve_async(conn, protocol, service, metrics_config):
 
     async def run(batch):
         frame = await svc.predict_async(batch, loop)
+        if LOCAL_RANK != 0:
+            return
         with lock:
             conn.sendall(frame)
 
@@ -136,6 +155,8 @@ def serve(conn, protocol, service, metrics_config):
             return 1
         else:
             frame = svc.predict(msg)
+            if LOCAL_RANK != 0:
+                continue
             with service._send_lock(svc.context):  # pylint: disable=protected-access
                 conn.sendall(frame)
 

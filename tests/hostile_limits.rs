@@ -58,6 +58,12 @@ fn config_properties_refuses_sizes_past_their_ceilings() {
         ("onnx_load_memory_limit=0", "onnx_load_memory_limit"),
         ("onnx_load_memory_limit=4GiB", "onnx_load_memory_limit"),
         ("onnx_load_timeout=0", "onnx_load_timeout"),
+        ("install_py_dep_timeout=0", "install_py_dep_timeout"),
+        (
+            "install_py_dep_timeout=18446744073709551615",
+            "install_py_dep_timeout",
+        ),
+        ("install_py_dep_per_model=yes", "install_py_dep_per_model"),
         (
             r#"models={"m": {"1.0": {"marName": "m.mar", "batchSize": 4294967295}}}"#,
             "batchSize",

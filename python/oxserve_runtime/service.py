@@ -66,6 +66,9 @@ def _send_lock(context):
 
 def send_intermediate_predict_response(ret, req_id_map, message, code, context=None):
     """Sends one streamed part for each request of the batch before handle() returns."""
+    if os.environ.get("LOCAL_RANK", "0") not in ("", "0"):
+        # Under torchrun only rank 0 answers (TorchServe's rule).
+        return None
     if context is None or context.cl_socket is None:
         raise RuntimeError("send_intermediate_predict_response needs the handler's context")
     frame = create_predict_response(ret, req_id_map, message, code, context, ts_stream_next=True)

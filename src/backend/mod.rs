@@ -205,6 +205,11 @@ pub struct WorkerSpec {
 pub trait BackendLoader: Send + Sync {
     /// A short name shown in describe's `runtime` field.
     fn runtime(&self) -> &str;
+    /// Work done once per model version before any worker starts (a Python model's pip
+    /// dependencies); an error fails the registration. Nothing by default.
+    async fn prepare(&self, _spec: &WorkerSpec) -> Result<(), BackendError> {
+        Ok(())
+    }
     async fn load(&self, spec: &WorkerSpec) -> Result<Box<dyn Backend>, BackendError>;
 }
 

@@ -177,6 +177,11 @@ pub struct Config {
     pub onnx_load_memory_limit: Option<u64>,
     /// How long that test load may take (`onnx_load_timeout`, seconds).
     pub onnx_load_timeout: Duration,
+    /// pip-installs a Python model's `requirementsFile` before its workers start
+    /// (`install_py_dep_per_model`, TorchServe's key; docs/python-workers.md).
+    pub install_py_dep_per_model: bool,
+    /// How long that pip install may take (`install_py_dep_timeout`, seconds; oxserve's own).
+    pub install_py_dep_timeout: Duration,
 }
 
 /// Default of `onnx_load_memory_limit` for a model file of `file_size` bytes: 4 GiB, or 8 times
@@ -186,6 +191,9 @@ pub struct Config {
 pub fn default_onnx_load_memory_limit(file_size: u64) -> u64 {
     (4u64 << 30).max(file_size.saturating_mul(8))
 }
+
+/// Default of `install_py_dep_timeout` in seconds: room for a few large wheels on a slow link.
+pub const DEFAULT_INSTALL_PY_DEP_TIMEOUT: u64 = 600;
 
 /// Default of `onnx_load_timeout` in seconds.
 pub const DEFAULT_ONNX_LOAD_TIMEOUT: u64 = 300;
@@ -643,6 +651,8 @@ const KNOWN_KEYS: &[&str] = &[
     "max_download_size",
     "onnx_load_memory_limit",
     "onnx_load_timeout",
+    "install_py_dep_per_model",
+    "install_py_dep_timeout",
 ];
 
 /// A configuration error: one line naming the key and the offending value.
@@ -1053,6 +1063,13 @@ impl Config {
                 Some(_) => Some(positive("onnx_load_memory_limit", 0)?),
             },
             onnx_load_timeout: seconds("onnx_load_timeout", DEFAULT_ONNX_LOAD_TIMEOUT)?,
+            install_py_dep_per_model: boolean("install_py_dep_per_model", false)?,
+            install_py_dep_timeout: Duration::from_secs(bounded(
+                "install_py_dep_timeout",
+                DEFAULT_INSTALL_PY_DEP_TIMEOUT,
+                1,
+                MAX_TIMEOUT,
+            )?),
             inference_address: address("inference_address", "http://127.0.0.1:8080")?,
             management_address: address("management_address", "http://127.0.0.1:8081")?,
             metrics_address: address("metrics_address", "http://127.0.0.1:8082")?,

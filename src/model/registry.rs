@@ -70,6 +70,10 @@ pub enum RegistryError {
     Conflict { model: String, version: String },
     #[error("{0}")]
     BadRequest(String),
+    /// The model cannot be set up (its pip dependencies failed to install): TorchServe's
+    /// ModelException, 400.
+    #[error("{0}")]
+    Model(String),
     /// Synchronous registration whose workers could not load the model.
     #[error("{0}")]
     LoadFailed(String),
@@ -89,6 +93,7 @@ impl RegistryError {
             RegistryError::VersionNotFound { .. } => (404, "ModelVersionNotFoundException"),
             RegistryError::Conflict { .. } => (409, "ConflictStatusException"),
             RegistryError::BadRequest(_) => (400, "BadRequestException"),
+            RegistryError::Model(_) => (400, "ModelException"),
             RegistryError::LoadFailed(_) => (500, "InternalServerException"),
             RegistryError::FileExists(_) => (500, "InternalServerException"),
             RegistryError::EmptyUrl => (404, "ModelNotFoundException"),
@@ -693,6 +698,12 @@ impl Registry {
             metrics: self.metrics.clone(),
             settings: self.config.clone(),
         };
+        // Before any worker: a Python model's own pip packages (install_py_dep_per_model). As in
+        // TorchServe a failure is a 400 ModelException, and nothing stays registered.
+        loader.prepare(&spec).await.map_err(|e| match e {
+            backend::BackendError::Load(m) => RegistryError::Model(m),
+            other => RegistryError::Model(other.to_string()),
+        })?;
         let pool = Pool::new(
             loader,
             spec,

@@ -1,4 +1,5 @@
-//! TorchServe's token authorization: key_file.json, bearer keys per API, the token API.
+//! TorchServe's token authorization: on by default, key_file.json, bearer keys per API, the token
+//! API, the ways to turn it off (flag, config, `TS_DISABLE_TOKEN_AUTHORIZATION`) and their order.
 
 mod common;
 
@@ -7,8 +8,16 @@ use std::os::unix::fs::PermissionsExt;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_guard_each_api_and_rotate() {
-    let mut s = Server::start("disable_token_authorization=false", &[]);
+    // Nothing in the config: the default is on.
+    let mut s = Server::start_secure("", &[], &[]);
     s.wait_healthy().await; // /ping needs no key
+    assert!(
+        s.log().contains("Token authorization is on")
+            && s.log()
+                .contains(&s.path().join("key_file.json").display().to_string()),
+        "the start-up log says where the keys are: {}",
+        s.log()
+    );
     let file = s.path().join("key_file.json");
     assert_eq!(
         std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
@@ -87,13 +96,158 @@ async fn keys_guard_each_api_and_rotate() {
     assert!(!file.exists());
 }
 
+/// Whether `GET /models` on the management API answers without a key.
+async fn open_management(s: &Server) -> bool {
+    let r = s
+        .client
+        .get(format!("{}/models", s.management))
+        .send()
+        .await
+        .unwrap();
+    match r.status().as_u16() {
+        200 => true,
+        401 => {
+            let body: serde_json::Value = r.json().await.unwrap();
+            assert_eq!(body["code"], 401);
+            assert_eq!(body["type"], "UnauthorizedException");
+            false
+        }
+        other => panic!("unexpected status {other}"),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn disabled_by_default_and_by_flag() {
-    let s = Server::start(
-        "disable_token_authorization=false",
-        &["--disable-token-auth"],
-    );
+async fn turned_off_by_flag_or_config() {
+    let s = Server::start_secure("", &["--disable-token-auth"], &[]);
     s.wait_healthy().await;
     assert!(!s.path().join("key_file.json").exists());
+    assert!(
+        s.log().contains("Token authorization is off"),
+        "{}",
+        s.log()
+    );
     assert_eq!(s.predict("demo", r#""good""#).await.status(), 200);
+    assert!(open_management(&s).await);
+    drop(s);
+
+    let s = Server::start_secure("disable_token_authorization=true", &[], &[]);
+    s.wait_healthy().await;
+    assert!(!s.path().join("key_file.json").exists());
+    assert!(open_management(&s).await);
+}
+
+/// TorchServe's order (its test_priority_env and test_priority_env_cmd): with
+/// enable_envvars_config, `TS_DISABLE_TOKEN_AUTHORIZATION` beats the file and the flag; without
+/// it, the variable is ignored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn environment_beats_flag_and_file() {
+    let env_off = [("TS_DISABLE_TOKEN_AUTHORIZATION", "true")];
+    let env_on = [("TS_DISABLE_TOKEN_AUTHORIZATION", "false")];
+
+    let s = Server::start_secure(
+        "enable_envvars_config=true\ndisable_token_authorization=false",
+        &[],
+        &env_off,
+    );
+    s.wait_healthy().await;
+    assert!(open_management(&s).await);
+    drop(s);
+
+    let s = Server::start_secure(
+        "enable_envvars_config=true",
+        &["--disable-token-auth"],
+        &env_on,
+    );
+    s.wait_healthy().await;
+    assert!(!open_management(&s).await);
+    assert!(s.path().join("key_file.json").exists());
+    drop(s);
+
+    let s = Server::start_secure("", &[], &env_off);
+    s.wait_healthy().await;
+    assert!(
+        !open_management(&s).await,
+        "TS_* variables apply only with enable_envvars_config=true"
+    );
+}
+
+/// `token_expiration_min` takes fractions, as TorchServe's does: a key expires after that long
+/// and the token API hands out a fresh one that works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fractional_expiration_expires_keys() {
+    // 0.02 minutes: 1.2 s.
+    let s = Server::start_secure("token_expiration_min=0.02", &[], &[]);
+    s.wait_healthy().await;
+    let management = s.key("management");
+    let status = |key: String| {
+        let r = s
+            .client
+            .get(format!("{}/models", s.management))
+            .bearer_auth(key);
+        async move { r.send().await.unwrap() }
+    };
+    // Wait for the expiry itself (no fixed sleep): poll until the key stops working.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let expired = loop {
+        let r = status(management.clone()).await;
+        if r.status() == 401 {
+            break r.json::<serde_json::Value>().await.unwrap();
+        }
+        assert_eq!(r.status(), 200);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the key never expired"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert!(
+        expired["message"].as_str().unwrap().contains("expired"),
+        "{expired}"
+    );
+    let r = s
+        .client
+        .post(format!("{}/token?type=management", s.management))
+        .bearer_auth(s.key("API"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let fresh = s.key("management");
+    assert_ne!(fresh, management);
+    assert_eq!(status(fresh).await.status(), 200);
+}
+
+#[test]
+fn bad_expiration_stops_start_up() {
+    for bad in ["0", "-5", "forever", "NaN"] {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("config.properties");
+        std::fs::write(&config, format!("token_expiration_min={bad}\n")).unwrap();
+        let out = std::process::Command::new(common::BIN)
+            .args(["start", "--foreground", "--ts-config"])
+            .arg(&config)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{bad}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("token_expiration_min"), "{bad}: {err}");
+        assert!(!dir.path().join("key_file.json").exists());
+    }
+}
+
+/// The metrics listener is not behind the token, as in TorchServe 0.12 (its metrics connector
+/// has no TokenAuthorizationHandler): Prometheus scrapes it without a key; /ping needs none either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_and_ping_need_no_key() {
+    let s = Server::start_secure("", &[], &[]);
+    s.wait_healthy().await;
+    let r = s
+        .client
+        .get(format!("{}/metrics", s.metrics_url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(!open_management(&s).await);
 }

@@ -224,16 +224,38 @@ pub async fn token_api(
     }
 }
 
-/// Creates the keys when token authorization is on.
+/// Creates the keys when token authorization is on (the default, as in TorchServe 0.12).
 pub fn setup(config: &crate::config::Config) -> std::io::Result<Option<Arc<Tokens>>> {
     if config.disable_token_authorization {
+        tracing::info!(
+            "Token authorization is off (disable_token_authorization=true, --disable-token-auth or TS_DISABLE_TOKEN_AUTHORIZATION): the inference and management APIs take requests from anyone who reaches them"
+        );
         return Ok(None);
     }
     let dir = std::env::current_dir()?;
     let tokens = Tokens::create(&dir, config.token_expiration)?;
     tracing::info!(
-        "Token Authorization Enabled: keys are in {}",
+        "Token authorization is on: keys are in {} (send `Authorization: Bearer <key>`; turn it off with --disable-token-auth or disable_token_authorization=true)",
         tokens.file().display()
     );
     Ok(Some(Arc::new(tokens)))
+}
+
+/// A ready-to-paste first prediction for `inference` (the demo model's), with the inference key
+/// read from the key file at the moment it runs, so no key lands in a log file and a rotated key
+/// still works. `jq` is what TorchServe's own docs use to read key_file.json.
+pub fn first_prediction(key_file: Option<&Path>, url: &str) -> String {
+    match key_file {
+        Some(file) => format!(
+            "curl -H \"Authorization: Bearer $(jq -r .inference.key {})\" -X POST {url} -d 'I love this'",
+            file.display()
+        ),
+        None => format!("curl -X POST {url} -d 'I love this'"),
+    }
+}
+
+/// The same with the current key written out, for an operator at a terminal (never logged).
+pub fn first_prediction_inline(tokens: &Tokens, url: &str) -> String {
+    let key = tokens.inference.read().unwrap().value.clone();
+    format!("curl -H 'Authorization: Bearer {key}' -X POST {url} -d 'I love this'")
 }

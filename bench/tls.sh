@@ -27,6 +27,7 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 start() { # scheme -> starts oxserve, sets URL
   local IP MP XP; IP=$(free_port); MP=$(free_port); XP=$(free_port)
   cat >"$work/config.properties" <<CFG
+disable_token_authorization=true
 inference_address=$1://127.0.0.1:$IP
 management_address=http://127.0.0.1:$MP
 metrics_address=http://127.0.0.1:$XP

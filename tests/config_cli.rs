@@ -114,6 +114,25 @@ fn start_status_stop_in_the_background() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // Token authorization is on by default: `oxserve start` says where the keys are and how to
+    // send the first prediction with them, without writing a key to the terminal or the log.
+    let said = String::from_utf8_lossy(&out.stdout);
+    let key_file = dir.path().join("key_file.json");
+    assert!(
+        said.contains(&format!("keys in {}", key_file.display())),
+        "{said}"
+    );
+    assert!(
+        said.contains(&format!(
+            "curl -H \"Authorization: Bearer $(jq -r .inference.key {})\"",
+            key_file.display()
+        )) && said.contains("/predictions/demo"),
+        "{said}"
+    );
+    let keys: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&key_file).unwrap()).unwrap();
+    let inference_key = keys["inference"]["key"].as_str().unwrap();
+    assert!(!said.contains(inference_key), "{said}");
     let pid: i32 = std::fs::read_to_string(&pid_file)
         .unwrap()
         .trim()
@@ -138,6 +157,13 @@ fn start_status_stop_in_the_background() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    assert!(
+        !std::fs::read_to_string(&log_path)
+            .unwrap()
+            .contains(inference_key),
+        "a key reached the log"
+    );
+    assert!(!key_file.exists(), "the key file outlived the server");
     assert!(unsafe { libc::kill(pid, 0) } != 0, "server still running");
     let out = run(&["status"]);
     assert_eq!(out.status.code(), Some(3));

@@ -67,6 +67,17 @@ pub async fn run(mut config: Config) -> Result<()> {
     // the same clean-up as later (before, the default action killed it and left the unpacked
     // archives behind).
     let mut signals = Signals::install()?;
+    // TorchServe's launcher refuses a model store that is not a folder before starting anything
+    // (`--model-store directory not found: X`, exit 1); without the check, every later
+    // registration would fail one by one with less clear errors.
+    if let Some(store) = &config.model_store {
+        if !store.is_dir() {
+            anyhow::bail!(
+                "--model-store directory not found: {} (--model-store / model_store)",
+                store.display()
+            );
+        }
+    }
     api::http::raise_open_file_limit();
     // Workers are spread over the GPUs that exist, at most number_of_gpu of them (TorchServe's rule).
     // NVML is loaded once, here; the system sampler then reuses it.

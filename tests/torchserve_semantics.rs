@@ -151,21 +151,22 @@ class Types(object):
 
 async fn json_with_parameters_reaches_the_worker_as_json(runtime: &str) {
     let store = tempfile::tempdir().unwrap();
-    model_folder(store.path(), "types", TYPES);
+    // (Not "types": the handler module would shadow Python's own `types`.)
+    model_folder(store.path(), "body_types", TYPES);
     let s = Server::start(
         &format!("{runtime}default_workers_per_model=1"),
         &[
             "--model-store",
             store.path().to_str().unwrap(),
             "--models",
-            "types",
+            "body_types",
         ],
     );
     s.wait_healthy().await;
     let send = |content_type: &'static str, body: &'static str| {
         let r = s
             .client
-            .post(format!("{}/predictions/types", s.inference))
+            .post(format!("{}/predictions/body_types", s.inference))
             .header("content-type", content_type)
             .body(body);
         async move {

@@ -251,3 +251,76 @@ async fn metrics_and_ping_need_no_key() {
     assert_eq!(r.status(), 200);
     assert!(!open_management(&s).await);
 }
+
+/// At a terminal (`cargo run`, `oxserve start --foreground` by hand) the server prints the first
+/// prediction with the inference key written out, ready to paste; the log files never get the key.
+/// The terminal is a real pseudo-terminal made by util-linux `script`; Ctrl-C stops the server.
+#[test]
+fn a_terminal_gets_a_ready_to_paste_curl() {
+    use std::io::{BufRead, BufReader, Write};
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("config.properties"),
+        "inference_address=http://127.0.0.1:0\nmanagement_address=http://127.0.0.1:0\nmetrics_address=http://127.0.0.1:0\ngrpc_inference_port=0\ngrpc_management_port=0\n",
+    )
+    .unwrap();
+    let mut child = std::process::Command::new("script")
+        .args(["-q", "-e", "-c"])
+        .arg(format!(
+            "exec {} start --foreground --ts-config config.properties",
+            common::BIN
+        ))
+        .arg("/dev/null")
+        .current_dir(dir.path())
+        .env("LOG_LOCATION", dir.path().join("logs"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("util-linux script");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let out = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    let curl = loop {
+        match rx.recv_timeout(std::time::Duration::from_secs(120)) {
+            Ok(line) => {
+                if let Some(rest) = line.trim_end().strip_prefix("First prediction: ") {
+                    break rest.to_string();
+                }
+                seen.push(line);
+            }
+            Err(e) => {
+                let _ = child.kill();
+                panic!("no first-prediction line ({e}): {}", seen.join("\n"));
+            }
+        }
+    };
+    let keys: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("key_file.json")).unwrap())
+            .unwrap();
+    let key = keys["inference"]["key"].as_str().unwrap();
+    assert!(
+        curl.starts_with(&format!(
+            "curl -H 'Authorization: Bearer {key}' -X POST http://127.0.0.1:"
+        )) && curl.ends_with("/predictions/demo -d 'I love this'"),
+        "{curl}"
+    );
+    // Ctrl-C at the terminal stops the server cleanly.
+    child.stdin.as_mut().unwrap().write_all(b"\x03").unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    assert!(!dir.path().join("key_file.json").exists());
+    for file in ["ts_log.log", "model_log.log", "access_log.log"] {
+        let text = std::fs::read_to_string(dir.path().join("logs").join(file)).unwrap_or_default();
+        assert!(!text.contains(key), "the key reached {file}");
+    }
+    let ts_log = std::fs::read_to_string(dir.path().join("logs/ts_log.log")).unwrap();
+    assert!(ts_log.contains("jq -r .inference.key"), "{ts_log}");
+}

@@ -218,3 +218,45 @@ async fn json_with_parameters_with_oxserve_runtime() {
 async fn json_with_parameters_with_torchserve_worker() {
     json_with_parameters_reaches_the_worker_as_json(&torchserve_runtime()).await;
 }
+
+/// The metric logs are TorchServe's `${env:METRICS_LOCATION:-logs}`: created in every metrics
+/// mode (empty of metric lines in prometheus mode, as TorchServe's MetricBuilder makes Prometheus
+/// metrics there, never log metrics), and in `./logs` even when LOG_LOCATION moves the other logs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metric_logs_exist_in_every_mode_and_ignore_log_location() {
+    for mode in ["prometheus", "log"] {
+        let elsewhere = tempfile::tempdir().unwrap();
+        let s = Server::start_with_env(
+            &format!("metrics_mode={mode}\ndefault_workers_per_model=1\nmetric_time_interval=1"),
+            &[],
+            &[("LOG_LOCATION", elsewhere.path().to_str().unwrap())],
+        );
+        s.wait_healthy().await;
+        assert_eq!(s.predict("demo", r#""good""#).await.status(), 200);
+        let metrics_dir = s.path().join("logs");
+        // The server's own log follows LOG_LOCATION...
+        wait_for_all(
+            &elsewhere.path().join("ts_log.log"),
+            &["Model server started."],
+            mode,
+        )
+        .await;
+        // ...the metric logs do not.
+        for file in ["ts_metrics.log", "model_metrics.log"] {
+            assert!(metrics_dir.join(file).is_file(), "{mode}: {file}");
+            assert!(!elsewhere.path().join(file).exists(), "{mode}: {file}");
+        }
+        let ts_metrics = metrics_dir.join("ts_metrics.log");
+        if mode == "log" {
+            wait_for_all(&ts_metrics, &["Requests2XX.Count:1"], mode).await;
+        } else {
+            let mut s = s;
+            assert!(s.stop().success());
+            let text = std::fs::read_to_string(&ts_metrics).unwrap();
+            assert!(
+                text.is_empty(),
+                "prometheus mode wrote metric lines: {text}"
+            );
+        }
+    }
+}

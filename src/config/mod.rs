@@ -129,7 +129,7 @@ pub struct Config {
     pub histogram_buckets: Vec<f64>,
     pub python_executable: String,
     pub worker_runtime: WorkerRuntime,
-    /// Where log-mode metric files go (LOG_LOCATION / METRICS_LOCATION, else ./logs).
+    /// Where the metric log files go (METRICS_LOCATION, else ./logs, as in TorchServe).
     pub metrics_log_dir: PathBuf,
     /// Rotate a metrics log file once it grows past this many bytes.
     pub metrics_log_max_bytes: u64,
@@ -927,7 +927,10 @@ impl Config {
                 .map(|(_, v)| PathBuf::from(v))
         };
         let log_dir = env_dir("LOG_LOCATION").unwrap_or_else(|| PathBuf::from("logs"));
-        let metrics_log_dir = env_dir("METRICS_LOCATION").unwrap_or_else(|| log_dir.clone());
+        // TorchServe's log4j2.xml: `${env:METRICS_LOCATION:-logs}` for the two metric logs, not
+        // LOG_LOCATION: moving the server's logs leaves the metric logs in ./logs (its
+        // test_log_location_var_snapshot_disabled_custom_path_read_only checks exactly that).
+        let metrics_log_dir = env_dir("METRICS_LOCATION").unwrap_or_else(|| PathBuf::from("logs"));
         let log_format = match get("log_format").unwrap_or("text") {
             "text" => LogFormat::Text,
             "json" => LogFormat::Json,
@@ -1500,7 +1503,14 @@ mod tests {
         let env = [("LOG_LOCATION".to_string(), "/var/log/ox".to_string())];
         let (c, _) = Config::from_sources(HashMap::new(), &env, &Overrides::default()).unwrap();
         assert_eq!(c.log_dir, PathBuf::from("/var/log/ox"));
-        assert_eq!(c.metrics_log_dir, PathBuf::from("/var/log/ox"));
+        // As TorchServe's appenders: the metric logs follow METRICS_LOCATION only.
+        assert_eq!(c.metrics_log_dir, PathBuf::from("logs"));
+        let env = [
+            ("LOG_LOCATION".to_string(), "/var/log/ox".to_string()),
+            ("METRICS_LOCATION".to_string(), "/var/log/m".to_string()),
+        ];
+        let (c, _) = Config::from_sources(HashMap::new(), &env, &Overrides::default()).unwrap();
+        assert_eq!(c.metrics_log_dir, PathBuf::from("/var/log/m"));
     }
 
     #[test]

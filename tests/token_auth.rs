@@ -12,7 +12,7 @@ async fn keys_guard_each_api_and_rotate() {
     let mut s = Server::start_secure("", &[], &[]);
     s.wait_healthy().await; // /ping needs no key
     assert!(
-        s.log().contains("Token authorization is on")
+        s.log().contains("Token Authorization Enabled: keys are in")
             && s.log()
                 .contains(&s.path().join("key_file.json").display().to_string()),
         "the start-up log says where the keys are: {}",
@@ -122,7 +122,7 @@ async fn turned_off_by_flag_or_config() {
     s.wait_healthy().await;
     assert!(!s.path().join("key_file.json").exists());
     assert!(
-        s.log().contains("Token authorization is off"),
+        s.log().contains("Token Authorization Disabled"),
         "{}",
         s.log()
     );

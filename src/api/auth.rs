@@ -228,14 +228,14 @@ pub async fn token_api(
 pub fn setup(config: &crate::config::Config) -> std::io::Result<Option<Arc<Tokens>>> {
     if config.disable_token_authorization {
         tracing::info!(
-            "Token authorization is off (disable_token_authorization=true, --disable-token-auth or TS_DISABLE_TOKEN_AUTHORIZATION): the inference and management APIs take requests from anyone who reaches them"
+            "Token Authorization Disabled (disable_token_authorization=true, --disable-token-auth or TS_DISABLE_TOKEN_AUTHORIZATION): the inference and management APIs take requests from anyone who reaches them"
         );
         return Ok(None);
     }
     let dir = std::env::current_dir()?;
     let tokens = Tokens::create(&dir, config.token_expiration)?;
     tracing::info!(
-        "Token authorization is on: keys are in {} (send `Authorization: Bearer <key>`; turn it off with --disable-token-auth or disable_token_authorization=true)",
+        "Token Authorization Enabled: keys are in {} (send `Authorization: Bearer <key>`; turn it off with --disable-token-auth or disable_token_authorization=true)",
         tokens.file().display()
     );
     Ok(Some(Arc::new(tokens)))

@@ -34,7 +34,7 @@ default_workers_per_model=${WORKERS:-2}
 enable_access_log=${ACCESS_LOG:-true}
 log_format=${LOG_FORMAT:-text}
 CFG
-LOG_LOCATION="$work/logs" RUST_LOG=warn "$BIN" start --foreground --ts-config "$work/config.properties" >"$work/ox.log" 2>&1 &
+LOG_LOCATION="$work/logs" METRICS_LOCATION="$work/logs" RUST_LOG=warn "$BIN" start --foreground --ts-config "$work/config.properties" >"$work/ox.log" 2>&1 &
 ox_pid=$!
 pids+=($ox_pid)
 target/release/examples/hello_server "127.0.0.1:$HP" >/dev/null 2>&1 &

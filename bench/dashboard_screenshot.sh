@@ -7,7 +7,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BIN=$ROOT/target/debug/oxserve
 WORK=$(mktemp -d)
 cd "$WORK"
-printf 'inference_address=http://127.0.0.1:0\nmanagement_address=http://127.0.0.1:0\nmetrics_address=http://127.0.0.1:0\ngrpc_inference_port=0\ngrpc_management_port=0\nmetric_time_interval=1\ndefault_workers_per_model=2\njob_queue_size=6\n' > config.properties
+printf 'inference_address=http://127.0.0.1:0\nmanagement_address=http://127.0.0.1:0\nmetrics_address=http://127.0.0.1:0\ngrpc_inference_port=0\ngrpc_management_port=0\nmetric_time_interval=1\ndefault_workers_per_model=2\njob_queue_size=6\ndisable_token_authorization=true\n' > config.properties
 $BIN start --foreground --ts-config config.properties > out.txt 2> err.txt &
 SP=$!
 sleep 3

@@ -24,6 +24,7 @@ trap cleanup EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 IP=$(free_port); MP=$(free_port); XP=$(free_port); HP=$(free_port)
 cat >"$work/config.properties" <<CFG
+disable_token_authorization=true
 inference_address=http://127.0.0.1:$IP
 management_address=http://127.0.0.1:$MP
 metrics_address=http://127.0.0.1:$XP
@@ -33,7 +34,7 @@ default_workers_per_model=${WORKERS:-2}
 enable_access_log=${ACCESS_LOG:-true}
 log_format=${LOG_FORMAT:-text}
 CFG
-LOG_LOCATION="$work/logs" RUST_LOG=warn "$BIN" start --foreground --ts-config "$work/config.properties" >"$work/ox.log" 2>&1 &
+LOG_LOCATION="$work/logs" METRICS_LOCATION="$work/logs" RUST_LOG=warn "$BIN" start --foreground --ts-config "$work/config.properties" >"$work/ox.log" 2>&1 &
 ox_pid=$!
 pids+=($ox_pid)
 target/release/examples/hello_server "127.0.0.1:$HP" >/dev/null 2>&1 &

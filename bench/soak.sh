@@ -45,6 +45,7 @@ PY
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 IP=$(free_port); MP=$(free_port); XP=$(free_port)
 cat >"$work/config.properties" <<CFG
+disable_token_authorization=true
 inference_address=http://127.0.0.1:$IP
 grpc_inference_port=0
 grpc_management_port=0

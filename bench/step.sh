@@ -25,6 +25,7 @@ mkdir -p "$work/store/step/MAR-INF"
 echo '{"runtime": "python", "model": {"modelName": "step", "modelVersion": "1.0", "handler": "builtin"}}' \
   >"$work/store/step/MAR-INF/MANIFEST.json"
 cat >"$work/config.properties" <<CFG
+disable_token_authorization=true
 inference_address=http://127.0.0.1:$IP
 grpc_inference_port=0
 grpc_management_port=0

@@ -27,6 +27,7 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 start() { # scheme -> starts oxserve, sets URL
   local IP MP XP; IP=$(free_port); MP=$(free_port); XP=$(free_port)
   cat >"$work/config.properties" <<CFG
+disable_token_authorization=true
 inference_address=$1://127.0.0.1:$IP
 management_address=http://127.0.0.1:$MP
 metrics_address=http://127.0.0.1:$XP
@@ -35,7 +36,7 @@ certificate_file=$work/cert.pem
 default_workers_per_model=${WORKERS:-2}
 enable_access_log=false
 CFG
-  LOG_LOCATION="$work/logs" RUST_LOG=warn "$BIN" start --foreground --ts-config "$work/config.properties" >"$work/ox.log" 2>&1 &
+  LOG_LOCATION="$work/logs" METRICS_LOCATION="$work/logs" RUST_LOG=warn "$BIN" start --foreground --ts-config "$work/config.properties" >"$work/ox.log" 2>&1 &
   ox_pid=$!
   URL="$1://127.0.0.1:$IP/predictions/demo"
   for _ in $(seq 300); do curl -skf "$1://127.0.0.1:$IP/ping" >/dev/null && return; sleep 0.1; done

@@ -95,6 +95,7 @@ CFG
   # oxserve, same archive, same worker count, its own Python runtime
   ip=$(free_port); mp=$(free_port); xp=$(free_port)
   cat >"$work/ox.properties" <<CFG
+disable_token_authorization=true
 inference_address=http://127.0.0.1:$ip
 management_address=http://127.0.0.1:$mp
 metrics_address=http://127.0.0.1:$xp

@@ -313,6 +313,34 @@ fn daemonize(config: &Config) -> ExitCode {
                 config.metrics_address,
                 log_dir.display()
             );
+            // The child runs in this folder, where it wrote key_file.json before listening.
+            let scheme = if config.tls_listeners.inference {
+                "https"
+            } else {
+                "http"
+            };
+            let url = if config.builtin_default_model {
+                format!("{scheme}://{}/predictions/demo", config.inference_address)
+            } else {
+                format!("{scheme}://{}/predictions/MODEL", config.inference_address)
+            };
+            let key_file = (!config.disable_token_authorization)
+                .then(|| {
+                    std::env::current_dir()
+                        .map(|d| d.join("key_file.json"))
+                        .ok()
+                })
+                .flatten();
+            if let Some(file) = &key_file {
+                println!(
+                    "token authorization is on: keys in {} (--disable-token-auth turns it off)",
+                    file.display()
+                );
+            }
+            println!(
+                "first prediction: {}",
+                oxserve::api::auth::first_prediction(key_file.as_deref(), &url)
+            );
             ExitCode::SUCCESS
         }
         Err(e) => {

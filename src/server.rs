@@ -67,6 +67,17 @@ pub async fn run(mut config: Config) -> Result<()> {
     // the same clean-up as later (before, the default action killed it and left the unpacked
     // archives behind).
     let mut signals = Signals::install()?;
+    // TorchServe's launcher refuses a model store that is not a folder before starting anything
+    // (`--model-store directory not found: X`, exit 1); without the check, every later
+    // registration would fail one by one with less clear errors.
+    if let Some(store) = &config.model_store {
+        if !store.is_dir() {
+            anyhow::bail!(
+                "--model-store directory not found: {} (--model-store / model_store)",
+                store.display()
+            );
+        }
+    }
     api::http::raise_open_file_limit();
     // Workers are spread over the GPUs that exist, at most number_of_gpu of them (TorchServe's rule).
     // NVML is loaded once, here; the system sampler then reuses it.
@@ -169,6 +180,7 @@ pub async fn run(mut config: Config) -> Result<()> {
             l.local_addr()?
         );
     }
+    let inference_addr = inference.local_addr()?;
     let mut line = format!(
         "oxserve listening: inference={} management={}",
         inference.local_addr()?,
@@ -216,7 +228,26 @@ pub async fn run(mut config: Config) -> Result<()> {
                 .register_demo(config.default_workers_per_model)
                 .await
                 .map_err(|e| anyhow::anyhow!("cannot start the demo model: {e}"))?;
-            tracing::info!("serving the built-in demo model: curl -X POST http://{}/predictions/demo -d 'I love this'", config.inference_address);
+            let url = format!(
+                "{}://{}/predictions/demo",
+                scheme(on.inference),
+                inference_addr
+            );
+            tracing::info!(
+                "serving the built-in demo model: {}",
+                api::auth::first_prediction(tokens.as_deref().map(|t| t.file()), &url)
+            );
+            // At a terminal (`cargo run`, `oxserve start --foreground` by hand) the key itself,
+            // ready to paste; stdout that is captured (systemd, docker, `oxserve start`'s log)
+            // never gets it.
+            if let Some(t) = tokens.as_deref() {
+                if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+                    println!(
+                        "First prediction: {}",
+                        api::auth::first_prediction_inline(t, &url)
+                    );
+                }
+            }
         }
         // A model_snapshot in the config replaces the start-up models, as in TorchServe.
         if let Some(snap) = &config.model_snapshot {

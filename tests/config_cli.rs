@@ -114,6 +114,25 @@ fn start_status_stop_in_the_background() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // Token authorization is on by default: `oxserve start` says where the keys are and how to
+    // send the first prediction with them, without writing a key to the terminal or the log.
+    let said = String::from_utf8_lossy(&out.stdout);
+    let key_file = dir.path().join("key_file.json");
+    assert!(
+        said.contains(&format!("keys in {}", key_file.display())),
+        "{said}"
+    );
+    assert!(
+        said.contains(&format!(
+            "curl -H \"Authorization: Bearer $(jq -r .inference.key {})\"",
+            key_file.display()
+        )) && said.contains("/predictions/demo"),
+        "{said}"
+    );
+    let keys: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&key_file).unwrap()).unwrap();
+    let inference_key = keys["inference"]["key"].as_str().unwrap();
+    assert!(!said.contains(inference_key), "{said}");
     let pid: i32 = std::fs::read_to_string(&pid_file)
         .unwrap()
         .trim()
@@ -138,6 +157,13 @@ fn start_status_stop_in_the_background() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    assert!(
+        !std::fs::read_to_string(&log_path)
+            .unwrap()
+            .contains(inference_key),
+        "a key reached the log"
+    );
+    assert!(!key_file.exists(), "the key file outlived the server");
     assert!(unsafe { libc::kill(pid, 0) } != 0, "server still running");
     let out = run(&["status"]);
     assert_eq!(out.status.code(), Some(3));
@@ -190,4 +216,54 @@ fn background_start_reports_a_failed_start() {
         "{err}"
     );
     assert!(!dir.path().join("pid").exists());
+}
+
+/// A model store that is not a folder stops start-up with TorchServe's message, in the foreground
+/// and through `oxserve start` in the background, and leaves no key file behind.
+#[test]
+fn a_missing_model_store_stops_start_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.properties");
+    std::fs::write(
+        &config,
+        "inference_address=http://127.0.0.1:0\nmanagement_address=http://127.0.0.1:0\nmetrics_address=http://127.0.0.1:0\ngrpc_inference_port=0\ngrpc_management_port=0\n",
+    )
+    .unwrap();
+    let missing = dir.path().join("no-such-store");
+    let a_file = dir.path().join("store.txt");
+    std::fs::write(&a_file, "not a folder").unwrap();
+    for store in [&missing, &a_file] {
+        for background in [false, true] {
+            let mut args = vec!["start"];
+            if !background {
+                args.push("--foreground");
+            }
+            let out = Command::new(BIN)
+                .args(&args)
+                .arg("--ts-config")
+                .arg(&config)
+                .arg("--model-store")
+                .arg(store)
+                .current_dir(dir.path())
+                .env("OXSERVE_PID_FILE", dir.path().join("pid"))
+                .env("LOG_LOCATION", dir.path().join("logs"))
+                .output()
+                .unwrap();
+            assert_eq!(
+                out.status.code(),
+                Some(1),
+                "{store:?} background={background}"
+            );
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                err.contains(&format!(
+                    "--model-store directory not found: {}",
+                    store.display()
+                )),
+                "{err}"
+            );
+            assert!(!dir.path().join("key_file.json").exists());
+            assert!(!dir.path().join("pid").exists());
+        }
+    }
 }

@@ -248,7 +248,7 @@ fn an_https_address_without_key_files_or_with_a_bad_key_stops_start_up() {
         assert!(!out.status.success());
         String::from_utf8_lossy(&out.stderr).into_owned()
     };
-    let base = "inference_address=https://127.0.0.1:0\nmanagement_address=http://127.0.0.1:0\nmetrics_address=http://127.0.0.1:0\n";
+    let base = "inference_address=https://127.0.0.1:0\nmanagement_address=http://127.0.0.1:0\nmetrics_address=http://127.0.0.1:0\ngrpc_inference_port=0\ngrpc_management_port=0\n";
     let e = run(base);
     assert!(e.contains("private_key_file"), "stderr: {e}");
     std::fs::write(dir.path().join("k.pem"), "garbage").unwrap();

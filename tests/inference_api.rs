@@ -246,7 +246,7 @@ async fn full_queue_answers_503_and_is_counted() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn response_timeout_answers_408_and_worker_recovers() {
+async fn response_timeout_answers_500_and_worker_recovers() {
     let s = Server::start(
         "default_workers_per_model=1\ndefault_response_timeout=1",
         &[],
@@ -255,9 +255,15 @@ async fn response_timeout_answers_408_and_worker_recovers() {
     let r = s
         .predict("demo", r#"{"text": "x", "sleep_ms": 5000}"#)
         .await;
-    assert_eq!(r.status(), 408);
+    // TorchServe's answer (test_auto_recover): 500, the worker is killed and restarted.
+    assert_eq!(r.status(), 500);
     let v: serde_json::Value = r.json().await.unwrap();
-    assert_eq!(v["type"], "RequestTimeoutException");
+    assert_eq!(v["code"], 500);
+    assert_eq!(v["type"], "InternalServerException");
+    assert!(
+        v["message"].as_str().unwrap().contains("response timeout"),
+        "{v}"
+    );
     // The worker is restarted and serves again.
     let mut ok = false;
     for _ in 0..100 {
@@ -268,6 +274,19 @@ async fn response_timeout_answers_408_and_worker_recovers() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(ok, "worker did not recover: {}", s.log());
+    // The recovery is told in TorchServe's words, which its tests and operators grep.
+    let log = s.log();
+    for line in [
+        "Number or consecutive unsuccessful inference 1",
+        "Backend worker error: Backend worker did not respond in given time",
+        "Worker disconnected",
+        "Auto recovery start timestamp: ",
+        "Retry worker: W-",
+        "Auto recovery succeeded, reset recoveryStartTS",
+    ] {
+        assert!(log.contains(line), "{line:?} not in the log:\n{log}");
+    }
+    assert!(!log.contains("Auto recovery failed again"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

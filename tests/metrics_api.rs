@@ -184,7 +184,9 @@ async fn gzip_and_bearer_token() {
         .read_to_string(&mut text)
         .unwrap();
     assert!(text.contains("# TYPE Requests2XX counter"));
-    // The inference API needs no token.
+    // The inference API needs no metrics token (/ping answers 500 until the demo worker is up:
+    // wait for that first, as the other suites do).
+    s.wait_healthy().await;
     assert_eq!(
         s.client
             .get(format!("{}/ping", s.inference))

@@ -10,7 +10,7 @@ use std::process::Command;
 use common::{demo_manifest, write_mar, Server, BIN};
 use reqwest::Method;
 
-const BASE: &str = "inference_address=http://127.0.0.1:0\nmanagement_address=http://127.0.0.1:0\nmetrics_address=http://127.0.0.1:0\ngrpc_inference_port=0\ngrpc_management_port=0\nenable_model_api=true\n";
+const BASE: &str = "inference_address=http://127.0.0.1:0\nmanagement_address=http://127.0.0.1:0\nmetrics_address=http://127.0.0.1:0\ngrpc_inference_port=0\ngrpc_management_port=0\nenable_model_api=true\ndisable_token_authorization=true\n";
 
 /// `oxserve start --foreground ARGS` in `dir` with LOG_LOCATION=dir/logs.
 fn start_in(dir: &Path, args: &[&str]) -> Server {

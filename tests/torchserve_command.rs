@@ -213,7 +213,13 @@ async fn start_in_the_background_then_stop_like_torchserve() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn start_in_the_foreground_is_the_server_itself() {
     let s = Setup::new();
-    let mut args = s.start_args();
+    // Without --disable-token-auth: on, as TorchServe 0.12 has it (the other test passes the flag
+    // and reads /models without a key).
+    let mut args: Vec<String> = s
+        .start_args()
+        .into_iter()
+        .filter(|a| a != "--disable-token-auth")
+        .collect();
     args.push("--foreground".into());
     let mut server = s
         .cmd(&args.iter().map(String::as_str).collect::<Vec<_>>())
@@ -225,10 +231,16 @@ async fn start_in_the_foreground_is_the_server_itself() {
     let mut seen = Vec::new();
     wait_line(&rx, "Model server started.", &mut seen);
     assert_eq!(pid_in(&s.dir.path().join("ts.pid")), server.id() as i32);
+    let key_file = s.dir.path().join("key_file.json");
+    assert!(key_file.exists(), "{}", seen.join("\n"));
+    let mgmt = management_of(&seen);
+    let r = reqwest::get(format!("{mgmt}/models")).await.unwrap();
+    assert_eq!(r.status(), 400);
     let out = s.cmd(&["--stop"]).output().unwrap();
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("TorchServe has stopped."));
     assert!(server.wait().unwrap().success());
+    assert!(!key_file.exists(), "the key file outlived the server");
 }
 
 #[test]

@@ -1,7 +1,8 @@
 //! TorchServe's token authorization: a management key, an inference key and an API key, written to
 //! `key_file.json` (mode 0600) in the working directory, sent as `Authorization: Bearer <key>`.
 //!
-//! Differences from TorchServe, on purpose: a bad or missing key answers 401 (TorchServe: 400), keys
+//! A bad or missing key answers as TorchServe 0.12 does: 400 `InvalidKeyException` with its message
+//! (clients and TorchServe's own tests check for it). Differences from TorchServe, on purpose: keys
 //! are compared in constant time, and `/ping` needs no key so health probes keep working.
 
 use std::path::{Path, PathBuf};
@@ -122,7 +123,7 @@ impl Tokens {
             Scope::Management => self.management.read().unwrap().clone(),
         };
         if !bool::from(given.as_bytes().ct_eq(key.value.as_bytes())) {
-            return Err("Token Authorization failed: the bearer key is missing or wrong");
+            return Err(TOKEN_FAILED);
         }
         if SystemTime::now() > key.expires {
             return Err(
@@ -147,6 +148,10 @@ impl Tokens {
     }
 }
 
+/// TorchServe's message for every failed token check, HTTP and gRPC alike.
+pub(crate) const TOKEN_FAILED: &str =
+    "Token Authorization failed. Token either incorrect, expired, or not provided correctly";
+
 fn bearer(req: &Request) -> &str {
     req.headers()
         .get(header::AUTHORIZATION)
@@ -155,8 +160,11 @@ fn bearer(req: &Request) -> &str {
         .unwrap_or("")
 }
 
+/// TorchServe's answer to a failed token check (TokenAuthorizationHandler): 400, not 401, because
+/// scripts and TorchServe's own tests written against it test for exactly that. The
+/// `WWW-Authenticate` header still tells HTTP clients that a bearer key is what is missing.
 fn unauthorized(message: &str) -> Response {
-    let mut r = ApiError::new(401, "UnauthorizedException", message).into_response();
+    let mut r = ApiError::new(400, "InvalidKeyException", message).into_response();
     r.headers_mut()
         .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
     r
@@ -224,16 +232,38 @@ pub async fn token_api(
     }
 }
 
-/// Creates the keys when token authorization is on.
+/// Creates the keys when token authorization is on (the default, as in TorchServe 0.12).
 pub fn setup(config: &crate::config::Config) -> std::io::Result<Option<Arc<Tokens>>> {
     if config.disable_token_authorization {
+        tracing::info!(
+            "Token Authorization Disabled (disable_token_authorization=true, --disable-token-auth or TS_DISABLE_TOKEN_AUTHORIZATION): the inference and management APIs take requests from anyone who reaches them"
+        );
         return Ok(None);
     }
     let dir = std::env::current_dir()?;
     let tokens = Tokens::create(&dir, config.token_expiration)?;
     tracing::info!(
-        "Token Authorization Enabled: keys are in {}",
+        "Token Authorization Enabled: keys are in {} (send `Authorization: Bearer <key>`; turn it off with --disable-token-auth or disable_token_authorization=true)",
         tokens.file().display()
     );
     Ok(Some(Arc::new(tokens)))
+}
+
+/// A ready-to-paste first prediction for `inference` (the demo model's), with the inference key
+/// read from the key file at the moment it runs, so no key lands in a log file and a rotated key
+/// still works. `jq` is what TorchServe's own docs use to read key_file.json.
+pub fn first_prediction(key_file: Option<&Path>, url: &str) -> String {
+    match key_file {
+        Some(file) => format!(
+            "curl -H \"Authorization: Bearer $(jq -r .inference.key {})\" -X POST {url} -d 'I love this'",
+            file.display()
+        ),
+        None => format!("curl -X POST {url} -d 'I love this'"),
+    }
+}
+
+/// The same with the current key written out, for an operator at a terminal (never logged).
+pub fn first_prediction_inline(tokens: &Tokens, url: &str) -> String {
+    let key = tokens.inference.read().unwrap().value.clone();
+    format!("curl -H 'Authorization: Bearer {key}' -X POST {url} -d 'I love this'")
 }

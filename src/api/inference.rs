@@ -468,9 +468,19 @@ async fn build_request(
             }
         }
     } else if !body.is_empty() || req.params.is_empty() {
+        // The body's parameter carries the media type alone, as TorchServe's frontend sends it
+        // (Netty's getMimeType): its worker decodes JSON only when the type is exactly
+        // `application/json`, so `application/json; charset=utf-8` (or a bare trailing `;`)
+        // must not reach it. The full header still travels with the request headers.
+        let media = content_type
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_string();
         req.params.push(Param {
             name: "body".into(),
-            content_type,
+            content_type: media,
             value: body,
         });
     }

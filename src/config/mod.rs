@@ -129,7 +129,7 @@ pub struct Config {
     pub histogram_buckets: Vec<f64>,
     pub python_executable: String,
     pub worker_runtime: WorkerRuntime,
-    /// Where log-mode metric files go (LOG_LOCATION / METRICS_LOCATION, else ./logs).
+    /// Where the metric log files go (METRICS_LOCATION, else ./logs, as in TorchServe).
     pub metrics_log_dir: PathBuf,
     /// Rotate a metrics log file once it grows past this many bytes.
     pub metrics_log_max_bytes: u64,
@@ -220,6 +220,24 @@ pub const MAX_JOB_QUEUE_SIZE: u64 = 1_000_000;
 /// Ceiling of the timeout keys (seconds; milliseconds for max_batch_delay): a deadline that far
 /// ahead is "never", and larger values overflow clock arithmetic.
 pub const MAX_TIMEOUT: u64 = u32::MAX as u64;
+
+/// `token_expiration_min`: minutes, fractions allowed as in TorchServe (`0.25` is 15 s), more
+/// than 0 and at most [`MAX_TIMEOUT`] seconds. TorchServe logs a bad value and keeps 60; oxserve
+/// refuses to start, as for every other key.
+fn token_expiration(value: Option<&str>) -> Result<Duration, ConfigError> {
+    let Some(v) = value else {
+        return Ok(Duration::from_secs(60 * 60));
+    };
+    match v.parse::<f64>() {
+        Ok(min) if min.is_finite() && min > 0.0 && min * 60.0 <= MAX_TIMEOUT as f64 => {
+            Ok(Duration::from_secs_f64(min * 60.0))
+        }
+        _ => err(format!(
+            "config key token_expiration_min: {v:?} is not a number of minutes above 0 and at most {}",
+            MAX_TIMEOUT / 60
+        )),
+    }
+}
 
 /// Reads a small structured file (see [`MAX_SMALL_FILE_BYTES`]) as text, refusing a larger one
 /// without reading it. `what` names the file in errors.
@@ -731,14 +749,6 @@ impl Config {
                 .map(String::as_str)
                 .unwrap_or("false"),
         )?;
-        if envvars_enabled {
-            for key in KNOWN_KEYS {
-                let var = format!("TS_{}", key.to_ascii_uppercase());
-                if let Some((_, v)) = env.iter().find(|(k, _)| *k == var) {
-                    props.insert(key.to_string(), v.clone());
-                }
-            }
-        }
         if let Some(store) = &flags.model_store {
             props.insert("model_store".into(), store.display().to_string());
         }
@@ -750,6 +760,17 @@ impl Config {
         }
         if flags.enable_model_api {
             props.insert("enable_model_api".into(), "true".into());
+        }
+        // TorchServe applies the TS_* variables after the command line (ConfigManager's
+        // setSystemVars runs last): `TS_DISABLE_TOKEN_AUTHORIZATION=false` turns token
+        // authorization back on under `--disable-token-auth` (its test_priority_env_cmd).
+        if envvars_enabled {
+            for key in KNOWN_KEYS {
+                let var = format!("TS_{}", key.to_ascii_uppercase());
+                if let Some((_, v)) = env.iter().find(|(k, _)| *k == var) {
+                    props.insert(key.to_string(), v.clone());
+                }
+            }
         }
 
         let model_snapshot = match props.get(crate::model::snapshot::MODEL_SNAPSHOT) {
@@ -980,7 +1001,10 @@ impl Config {
                 .map(|(_, v)| PathBuf::from(v))
         };
         let log_dir = env_dir("LOG_LOCATION").unwrap_or_else(|| PathBuf::from("logs"));
-        let metrics_log_dir = env_dir("METRICS_LOCATION").unwrap_or_else(|| log_dir.clone());
+        // TorchServe's log4j2.xml: `${env:METRICS_LOCATION:-logs}` for the two metric logs, not
+        // LOG_LOCATION: moving the server's logs leaves the metric logs in ./logs (its
+        // test_log_location_var_snapshot_disabled_custom_path_read_only checks exactly that).
+        let metrics_log_dir = env_dir("METRICS_LOCATION").unwrap_or_else(|| PathBuf::from("logs"));
         let log_format = match get("log_format").unwrap_or("text") {
             "text" => LogFormat::Text,
             "json" => LogFormat::Json,
@@ -1132,15 +1156,10 @@ impl Config {
                 "the limit",
             )? as usize,
             enable_model_api: boolean("enable_model_api", false)?,
-            disable_token_authorization: boolean("disable_token_authorization", true)?,
-            token_expiration: Duration::from_secs(
-                60 * at_most(
-                    "token_expiration_min",
-                    number("token_expiration_min", 60)?,
-                    MAX_TIMEOUT / 60,
-                    "the limit",
-                )?,
-            ),
+            // On unless turned off, as in TorchServe 0.12: a team replacing TorchServe keeps its
+            // authentication (docs/security.md).
+            disable_token_authorization: boolean("disable_token_authorization", false)?,
+            token_expiration: token_expiration(get("token_expiration_min"))?,
             allowed_urls,
             initial_worker_port: at_most(
                 "initial_worker_port",
@@ -1465,6 +1484,51 @@ mod tests {
     }
 
     #[test]
+    fn token_authorization_is_on_by_default_and_env_beats_the_flag() {
+        let (c, _) = Config::from_sources(HashMap::new(), &[], &Overrides::default()).unwrap();
+        assert!(!c.disable_token_authorization);
+        assert_eq!(c.token_expiration, Duration::from_secs(3600));
+        let flag = Overrides {
+            disable_token_auth: true,
+            ..Default::default()
+        };
+        let (c, _) = Config::from_sources(HashMap::new(), &[], &flag).unwrap();
+        assert!(c.disable_token_authorization);
+        // TorchServe's test_priority_env_cmd: the variable wins over the flag...
+        let env = vec![(
+            "TS_DISABLE_TOKEN_AUTHORIZATION".to_string(),
+            "false".to_string(),
+        )];
+        let mut file = HashMap::new();
+        file.insert("enable_envvars_config".to_string(), "true".to_string());
+        let (c, _) = Config::from_sources(file.clone(), &env, &flag).unwrap();
+        assert!(!c.disable_token_authorization);
+        // ...and over the file (test_priority_env), only when enable_envvars_config is on.
+        let env = vec![(
+            "TS_DISABLE_TOKEN_AUTHORIZATION".to_string(),
+            "true".to_string(),
+        )];
+        file.insert("disable_token_authorization".into(), "false".into());
+        let (c, _) = Config::from_sources(file.clone(), &env, &Overrides::default()).unwrap();
+        assert!(c.disable_token_authorization);
+        file.remove("enable_envvars_config");
+        let (c, _) = Config::from_sources(file, &env, &Overrides::default()).unwrap();
+        assert!(!c.disable_token_authorization);
+    }
+
+    #[test]
+    fn token_expiration_takes_fractions_and_refuses_nonsense() {
+        let c = build(&[("token_expiration_min", "0.25")]).unwrap();
+        assert_eq!(c.token_expiration, Duration::from_secs(15));
+        let c = build(&[("token_expiration_min", "90")]).unwrap();
+        assert_eq!(c.token_expiration, Duration::from_secs(5400));
+        for bad in ["0", "-1", "NaN", "inf", "1e30", "soon", ""] {
+            let e = build(&[("token_expiration_min", bad)]).unwrap_err();
+            assert!(e.0.contains("token_expiration_min"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn per_model_settings_are_validated() {
         let c = build(&[("models", r#"{"m": {"2.0": {"marName": "m.mar", "minWorkers": 1, "maxWorkers": 3, "batchSize": 4, "maxBatchDelay": 50, "defaultVersion": true}}}"#)]).unwrap();
         let s = &c.models["m"]["2.0"];
@@ -1576,7 +1640,14 @@ mod tests {
         let env = [("LOG_LOCATION".to_string(), "/var/log/ox".to_string())];
         let (c, _) = Config::from_sources(HashMap::new(), &env, &Overrides::default()).unwrap();
         assert_eq!(c.log_dir, PathBuf::from("/var/log/ox"));
-        assert_eq!(c.metrics_log_dir, PathBuf::from("/var/log/ox"));
+        // As TorchServe's appenders: the metric logs follow METRICS_LOCATION only.
+        assert_eq!(c.metrics_log_dir, PathBuf::from("logs"));
+        let env = [
+            ("LOG_LOCATION".to_string(), "/var/log/ox".to_string()),
+            ("METRICS_LOCATION".to_string(), "/var/log/m".to_string()),
+        ];
+        let (c, _) = Config::from_sources(HashMap::new(), &env, &Overrides::default()).unwrap();
+        assert_eq!(c.metrics_log_dir, PathBuf::from("/var/log/m"));
     }
 
     #[test]

@@ -128,11 +128,9 @@ impl Api {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or("");
-        tokens.check(self.scope, given).map_err(|_| {
-            Status::permission_denied(
-                "Token Authorization failed. Token either incorrect, expired, or not provided correctly",
-            )
-        })
+        tokens
+            .check(self.scope, given)
+            .map_err(|_| Status::permission_denied(crate::api::auth::TOKEN_FAILED))
     }
 
     /// Counts a finished call in Requests2XX/4XX/5XX, as the HTTP listeners count responses.

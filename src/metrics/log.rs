@@ -1,7 +1,7 @@
 //! Metric log files: every metric event written as TorchServe's metric log lines.
 //!
 //! Frontend and system metrics go to `ts_metrics.log`, handler metrics to `model_metrics.log`, in the
-//! folder named by METRICS_LOCATION / LOG_LOCATION (default `logs`). Both files are created in every
+//! folder named by METRICS_LOCATION (default `logs`, whatever LOG_LOCATION says, as TorchServe's log4j2.xml). Both files are created in every
 //! metrics mode, as TorchServe's log4j2 appenders are; metric lines reach them in log and legacy
 //! modes (prometheus mode serves them on /metrics instead, as TorchServe does). The lines go through the log writer thread (`crate::logging::writer`),
 //! so recording a metric on the request path never waits for the disk; the files roll over by size

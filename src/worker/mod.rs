@@ -227,12 +227,15 @@ impl PoolError {
             PoolError::QueueFull(_) | PoolError::Closed(_) | PoolError::WorkerDied(_) => {
                 (503, "ServiceUnavailableException")
             }
-            PoolError::Timeout(_) | PoolError::RequestTimeout(_) => {
-                (408, "RequestTimeoutException")
-            }
-            PoolError::Panicked(_) | PoolError::ReplyCount { .. } | PoolError::Dropped => {
-                (500, "InternalServerException")
-            }
+            // TorchServe answers a worker that missed its response timeout with 500 ("Worker
+            // died.", test_auto_recover): the worker is killed and restarted, a server-side
+            // failure rather than a slow client.
+            PoolError::Timeout(_)
+            | PoolError::Panicked(_)
+            | PoolError::ReplyCount { .. }
+            | PoolError::Dropped => (500, "InternalServerException"),
+            // Async mode only (oxserve's): one request timed out, its worker keeps serving.
+            PoolError::RequestTimeout(_) => (408, "RequestTimeoutException"),
             PoolError::Sequence(_) => (400, "BadRequestException"),
         }
     }

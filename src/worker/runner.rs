@@ -10,6 +10,7 @@
 use std::any::Any;
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -79,6 +80,9 @@ pub(super) struct Runner {
     pub loader: Arc<dyn BackendLoader>,
     pub metrics: Arc<ModelMetrics>,
     pub events: mpsc::UnboundedSender<Msg>,
+    /// Response timeouts of this model version since its last answered batch (TorchServe's
+    /// "consecutive unsuccessful inference" count, which its logs and tests show).
+    pub failed_inferences: Arc<AtomicU32>,
 }
 
 /// A panic's message, for logs and the 500 answer.
@@ -90,6 +94,18 @@ fn panic_message(p: &(dyn Any + Send)) -> String {
 }
 
 impl Runner {
+    /// TorchServe's lines for a worker that missed its response timeout, which its
+    /// test_auto_recover and operators grep.
+    fn log_timeout(&self, limit: Duration) {
+        let n = self.failed_inferences.fetch_add(1, Ordering::Relaxed) + 1;
+        tracing::error!(worker = %self.spec.name, "Number or consecutive unsuccessful inference {n}");
+        tracing::error!(
+            worker = %self.spec.name,
+            "Backend worker error: Backend worker did not respond in given time ({}s); the worker is restarted",
+            limit.as_secs()
+        );
+    }
+
     fn report(&self, e: Event) {
         // The supervisor outlives its workers; if it is gone there is nobody left to tell.
         let _ = self.events.send(Msg::Worker(e));
@@ -357,7 +373,10 @@ impl Runner {
                     Ok(Err(p)) => {
                         return fail_all(&mut running, PoolError::Panicked(panic_message(&*p)))
                     }
-                    Err(_) => return fail_all(&mut running, PoolError::Timeout(limit.as_secs())),
+                    Err(_) => {
+                        self.log_timeout(limit);
+                        return fail_all(&mut running, PoolError::Timeout(limit.as_secs()));
+                    }
                 };
             let mut released = 0;
             let mut seq = SeqNotes::default();
@@ -478,6 +497,7 @@ impl Runner {
                 Err(e.to_string())
             }
             Err(_) => {
+                self.log_timeout(self.spec.response_timeout);
                 let e = PoolError::Timeout(self.spec.response_timeout.as_secs());
                 fail_all(jobs, &e);
                 Err(e.to_string())

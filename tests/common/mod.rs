@@ -25,8 +25,14 @@ pub struct Server {
     pub client: reqwest::Client,
 }
 
-/// Properties every test server gets: OS-chosen ports, quiet system metrics.
+/// Properties every test server gets: OS-chosen ports.
 const BASE: &str = "inference_address=http://127.0.0.1:0\nmanagement_address=http://127.0.0.1:0\nmetrics_address=http://127.0.0.1:0\ngrpc_inference_port=0\ngrpc_management_port=0\n";
+
+/// Token authorization is on by default, as in TorchServe. Most suites test something else and
+/// talk to the server without keys, so [`Server::start`] turns it off in the config (a later
+/// line in `props`, a flag or `TS_DISABLE_TOKEN_AUTHORIZATION` still decide). The suites about
+/// authorization start with [`Server::start_secure`], which leaves the default alone.
+const NO_TOKENS: &str = "disable_token_authorization=true\n";
 
 impl Server {
     /// Starts the server with these extra config.properties lines and CLI arguments.
@@ -42,6 +48,21 @@ impl Server {
     /// `address_space` is set: a test that provokes huge allocations then makes a regression
     /// abort the server instead of pushing this shared host into the OOM killer.
     pub fn start_capped(
+        props: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+        address_space: Option<u64>,
+    ) -> Server {
+        Self::launch(&format!("{NO_TOKENS}{props}"), args, env, address_space)
+    }
+
+    /// Starts the server with oxserve's defaults for token authorization (on: the keys are in
+    /// `key_file.json` in the server's folder; see [`Server::key`]).
+    pub fn start_secure(props: &str, args: &[&str], env: &[(&str, &str)]) -> Server {
+        Self::launch(props, args, env, None)
+    }
+
+    fn launch(
         props: &str,
         args: &[&str],
         env: &[(&str, &str)],
@@ -141,6 +162,18 @@ impl Server {
 
     pub fn path(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// A key from the server's `key_file.json`: `"inference"`, `"management"` or `"API"`.
+    pub fn key(&self, kind: &str) -> String {
+        let file = self.path().join("key_file.json");
+        let text = std::fs::read_to_string(&file)
+            .unwrap_or_else(|e| panic!("{}: {e}; log:\n{}", file.display(), self.log()));
+        let keys: serde_json::Value = serde_json::from_str(&text).unwrap();
+        keys[kind]["key"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no {kind} key in {text}"))
+            .to_string()
     }
 
     pub fn metrics_url(&self) -> String {

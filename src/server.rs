@@ -76,7 +76,7 @@ pub async fn run(mut config: Config) -> Result<()> {
     let found = gpus.device_count();
     config.number_of_gpu = Some(config.number_of_gpu.map_or(found, |n| n.min(found)));
     let config = Arc::new(config);
-    let metrics = Arc::new(Metrics::from_config(&config).map_err(anyhow::Error::msg)?);
+    let metrics = Arc::new(Metrics::from_config(&config)?);
     let registry = Arc::new(Registry::new(config.clone(), metrics.clone()));
     let tokens = api::auth::setup(&config).context("cannot write key_file.json")?;
     // Removes key_file.json on every way out of this function, errors included.

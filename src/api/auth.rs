@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use subtle::ConstantTimeEq;
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorKind};
 use super::{parse_query, AppState};
 
 /// Which API a key opens.
@@ -156,7 +156,7 @@ fn bearer(req: &Request) -> &str {
 }
 
 fn unauthorized(message: &str) -> Response {
-    let mut r = ApiError::new(401, "UnauthorizedException", message).into_response();
+    let mut r = ApiError::new(ErrorKind::Unauthorized, message).into_response();
     r.headers_mut()
         .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
     r
@@ -215,12 +215,7 @@ pub async fn token_api(
     };
     match tokens.rotate(scope) {
         Ok(keys) => Json(keys).into_response(),
-        Err(e) => ApiError::new(
-            500,
-            "InternalServerException",
-            format!("cannot write the key file: {e}"),
-        )
-        .into_response(),
+        Err(e) => ApiError::internal(format!("cannot write the key file: {e}")).into_response(),
     }
 }
 

@@ -43,8 +43,10 @@ use serde_json::Value;
 use tract_onnx::prelude::*;
 
 use super::{
-    Backend, BackendError, BackendLoader, InferRequest, InferResponse, StreamSink, WorkerSpec,
+    Backend, BackendError, BackendLoader, InferRequest, InferResponse, LoaderError, StreamSink,
+    WorkerSpec,
 };
+use crate::error::ErrorKind;
 use crate::model::archive::Manifest;
 
 /// Whether this model version is served by the ONNX backend: its `model.serializedFile` ends in
@@ -111,10 +113,11 @@ impl OnnxLoader {
     /// Parses and optimizes `model_dir/<model.serializedFile>`. Fails (with a message naming the
     /// file) if the manifest names no file, the path leaves `model_dir`, the file cannot be read,
     /// or tract cannot parse, type or optimize the model (e.g. an unsupported operator).
-    pub fn new(model_dir: &Path, manifest: &Manifest) -> Result<OnnxLoader, String> {
+    pub fn new(model_dir: &Path, manifest: &Manifest) -> Result<OnnxLoader, LoaderError> {
         let file = model_file(model_dir, manifest)?;
-        let model = load_model(&file)
-            .map_err(|e| format!("cannot load ONNX model {}: {e}", file.display()))?;
+        let model = load_model(&file).map_err(|e| {
+            LoaderError::Load(format!("cannot load ONNX model {}: {e}", file.display()))
+        })?;
         Ok(OnnxLoader {
             model: Arc::new(model),
             file,
@@ -130,17 +133,17 @@ impl OnnxLoader {
         manifest: &Manifest,
         config: &crate::config::Config,
         exe: &Path,
-    ) -> Result<OnnxLoader, String> {
+    ) -> Result<OnnxLoader, LoaderError> {
         let file = model_file(model_dir, manifest)?;
         let size = std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
         let limit = config
             .onnx_load_memory_limit
             .unwrap_or_else(|| crate::config::default_onnx_load_memory_limit(size));
         check_in_child(exe, &file, limit, config.onnx_load_timeout).map_err(|e| {
-            format!(
+            LoaderError::Load(format!(
                 "ONNX model {} refused: {e}",
                 file.file_name().unwrap_or_default().to_string_lossy()
-            )
+            ))
         })?;
         OnnxLoader::new(model_dir, manifest)
     }
@@ -184,25 +187,30 @@ impl OnnxLoader {
 }
 
 /// The `.onnx` file `model.serializedFile` names, which must exist inside `model_dir`.
-fn model_file(model_dir: &Path, manifest: &Manifest) -> Result<PathBuf, String> {
+fn model_file(model_dir: &Path, manifest: &Manifest) -> Result<PathBuf, LoaderError> {
     let name = manifest
         .model
         .serialized_file
         .as_deref()
         .filter(|f| !f.trim().is_empty())
-        .ok_or_else(|| "MANIFEST.json names no model.serializedFile".to_string())?;
+        .ok_or_else(|| {
+            LoaderError::ModelFile("MANIFEST.json names no model.serializedFile".to_string())
+        })?;
     let relative = Path::new(name);
     if !relative
         .components()
         .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
     {
-        return Err(format!(
+        return Err(LoaderError::ModelFile(format!(
             "model.serializedFile {name:?} must be a relative path inside the model folder"
-        ));
+        )));
     }
     let file = model_dir.join(relative);
     if !file.is_file() {
-        return Err(format!("ONNX model file {} not found", file.display()));
+        return Err(LoaderError::ModelFile(format!(
+            "ONNX model file {} not found",
+            file.display()
+        )));
     }
     Ok(file)
 }
@@ -559,7 +567,7 @@ impl Backend for OnnxBackend {
 }
 
 fn bad_request(message: &str) -> InferResponse {
-    InferResponse::error(400, "BadRequestException", message)
+    InferResponse::error(ErrorKind::BadRequest, message)
 }
 
 impl OnnxModel {
@@ -576,22 +584,20 @@ impl OnnxModel {
             Ok(Ok(outputs)) => outputs,
             Ok(Err(e)) => {
                 return InferResponse::error(
-                    500,
-                    "InternalServerException",
+                    ErrorKind::InternalServer,
                     &format!("ONNX inference failed: {e:#}"),
                 )
             }
             Err(_) => {
                 return InferResponse::error(
-                    500,
-                    "InternalServerException",
+                    ErrorKind::InternalServer,
                     "ONNX inference failed: the model panicked",
                 )
             }
         };
         match self.render(&outputs) {
             Ok(body) => InferResponse::ok("application/json", body),
-            Err(message) => InferResponse::error(500, "InternalServerException", &message),
+            Err(message) => InferResponse::error(ErrorKind::InternalServer, &message),
         }
     }
 

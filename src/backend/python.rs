@@ -242,7 +242,7 @@ impl BackendLoader for PythonLoader {
         // model-config.yaml reaches handlers as context.model_yaml_config (parsed here, once, with
         // a full YAML parser, so the stdlib runtime needs none).
         let model_yaml = crate::model::archive::model_config(&model_dir, &spec.manifest)
-            .map_err(BackendError::Load)?;
+            .map_err(|e| BackendError::Load(e.to_string()))?;
         // `asyncCommunication: true` starts the worker with `--async` as TorchServe does: it then
         // reads requests while others are in flight (TorchServe's ts/async_service.py, or
         // oxserve's runtime) and answers them in any order.
@@ -927,11 +927,11 @@ impl Backend for PythonBackend {
                 .into_iter()
                 .map(|r| Part {
                     id: r.request_id,
-                    response: InferResponse::error(
+                    response: InferResponse::from(crate::error::ApiError::with_status(
                         status,
-                        "InternalServerException",
+                        crate::error::ErrorKind::InternalServer,
                         &reply.message,
-                    ),
+                    )),
                     last: true,
                 })
                 .collect());

@@ -465,7 +465,7 @@ fn parse_models(
     max_batch: u32,
     max_workers: u32,
 ) -> Result<BTreeMap<String, BTreeMap<String, ModelSettings>>, ConfigError> {
-    let bad = |what: String| ConfigError(format!("config key models: {what}"));
+    let bad = |what: String| invalid(format!("config key models: {what}"));
     let json: serde_json::Value = serde_json::from_str(value)
         .map_err(|e| bad(format!("{value:?} is not valid JSON: {e}")))?;
     let models = json
@@ -581,21 +581,34 @@ const KNOWN_KEYS: &[&str] = &[
     "onnx_load_timeout",
 ];
 
-/// A configuration error: one line naming the key and the offending value.
+/// A configuration error, one line: the server does not start with it.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct ConfigError(pub String);
+pub enum ConfigError {
+    /// The config file cannot be read (missing, too large, not UTF-8) or parsed.
+    #[error("{reason}")]
+    File { path: PathBuf, reason: String },
+    /// A key's value is refused; the message names the key and the offending value.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn invalid(msg: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid(msg.into())
+}
 
 fn err<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
-    Err(ConfigError(msg.into()))
+    Err(invalid(msg))
 }
 
 /// Reads a Java-properties file into a map.
 pub fn read_properties(path: &Path) -> Result<HashMap<String, String>, ConfigError> {
-    let text =
-        read_small_file(path, &format!("config file {}", path.display())).map_err(ConfigError)?;
+    let file = |reason: String| ConfigError::File {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let text = read_small_file(path, &format!("config file {}", path.display())).map_err(file)?;
     parse_properties(&text)
-        .map_err(|e| ConfigError(format!("cannot parse config file {}: {e}", path.display())))
+        .map_err(|e| file(format!("cannot parse config file {}: {e}", path.display())))
 }
 
 /// Parses Java-properties text (the testable core of [`read_properties`]).
@@ -681,7 +694,7 @@ impl Config {
         let model_snapshot = match props.get(crate::model::snapshot::MODEL_SNAPSHOT) {
             Some(json) => Some(
                 crate::model::snapshot::parse(json)
-                    .map_err(|e| ConfigError(format!("config key model_snapshot: {e}")))?,
+                    .map_err(|e| invalid(format!("config key model_snapshot: {e}")))?,
             ),
             None => None,
         };
@@ -714,7 +727,7 @@ impl Config {
             let host = get(host_key).unwrap_or("127.0.0.1");
             let port = match get(port_key) {
                 Some(v) => v.parse::<u16>().map_err(|_| {
-                    ConfigError(format!(
+                    invalid(format!(
                         "config key {port_key}: {v:?} is not a port number from 0 to 65535"
                     ))
                 })?,
@@ -726,7 +739,7 @@ impl Config {
                 .ok()
                 .and_then(|mut a| a.next())
                 .ok_or_else(|| {
-                    ConfigError(format!(
+                    invalid(format!(
                         "config key {host_key}: {host:?} is not a usable host (an IP address or name, no scheme or port)"
                     ))
                 })
@@ -796,7 +809,7 @@ impl Config {
             .filter(|s| !s.is_empty())
             .map(|s| {
                 Regex::new(&format!("^(?:{s})$")).map_err(|e| {
-                    ConfigError(format!(
+                    invalid(format!(
                         "config key allowed_urls: {s:?} is not a valid regex: {e}"
                     ))
                 })
@@ -892,7 +905,8 @@ impl Config {
         let mut scale = [0u32; 4];
         for (i, (key, _, _, _)) in AUTOSCALE_LIMITS.iter().enumerate() {
             let v = number(key, default_values[i])?;
-            scale[i] = autoscale_value(i, v, &format!("config key {key}")).map_err(ConfigError)?;
+            scale[i] = autoscale_value(i, v, &format!("config key {key}"))
+                .map_err(ConfigError::Invalid)?;
         }
         let autoscale = crate::worker::AutoscaleRule {
             interval: Duration::from_millis(scale[0].into()),
@@ -1019,7 +1033,7 @@ impl Config {
             models,
             number_of_gpu: match get("number_of_gpu") {
                 Some(v) => Some(v.parse::<u32>().map_err(|_| {
-                    ConfigError(format!(
+                    invalid(format!(
                         "config key number_of_gpu: {v:?} is not a non-negative whole number"
                     ))
                 })?),
@@ -1115,7 +1129,7 @@ fn parse_buckets(value: &str) -> Result<Vec<f64>, ConfigError> {
     let mut out = Vec::new();
     for part in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         let b: f64 = part.parse().map_err(|_| {
-            ConfigError(format!(
+            invalid(format!(
                 "config key histogram_buckets: {part:?} is not a number"
             ))
         })?;
@@ -1177,12 +1191,12 @@ fn parse_address(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
     };
     let rest = rest.trim_end_matches('/');
     let (host, port) = rest.rsplit_once(':').ok_or_else(|| {
-        ConfigError(format!(
+        invalid(format!(
             "config key {key}: {value:?} needs a port, as in http://127.0.0.1:8080"
         ))
     })?;
     let port: u16 = port.parse().map_err(|_| {
-        ConfigError(format!(
+        invalid(format!(
             "config key {key}: {value:?} has a port that is not a number from 0 to 65535"
         ))
     })?;
@@ -1192,7 +1206,7 @@ fn parse_address(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
         .ok()
         .and_then(|mut a| a.next())
         .ok_or_else(|| {
-            ConfigError(format!(
+            invalid(format!(
                 "config key {key}: {value:?} is not a usable address"
             ))
         })
@@ -1236,19 +1250,22 @@ mod tests {
         assert_eq!(c.tls_listeners, TlsListeners::default());
         assert_eq!(c.service_envelope, ServiceEnvelope::None);
         let e = build(&[("management_address", "https://127.0.0.1:8444")]).unwrap_err();
-        assert!(e.0.contains("private_key_file"), "{e}");
+        assert!(e.to_string().contains("private_key_file"), "{e}");
         let e = build(&[
             ("inference_address", "https://127.0.0.1:8443"),
             ("keystore", "ks.p12"),
         ])
         .unwrap_err();
-        assert!(e.0.contains("PEM") && e.0.contains("ks.p12"), "{e}");
+        assert!(
+            e.to_string().contains("PEM") && e.to_string().contains("ks.p12"),
+            "{e}"
+        );
         let e = build(&[
             ("inference_address", "HTTPS://127.0.0.1:8443"),
             ("private_key_file", "k.pem"),
         ])
         .unwrap_err();
-        assert!(e.0.contains("certificate_file"), "{e}");
+        assert!(e.to_string().contains("certificate_file"), "{e}");
         let c = build(&[
             ("inference_address", "https://127.0.0.1:8443"),
             ("private_key_file", "k.pem"),
@@ -1261,7 +1278,7 @@ mod tests {
         assert_eq!(c.tls.unwrap().certificate_file, PathBuf::from("c.pem"));
         assert_eq!(c.service_envelope.as_str(), "kservev2");
         let e = build(&[("service_envelope", "seldon")]).unwrap_err();
-        assert!(e.0.contains("service_envelope"), "{e}");
+        assert!(e.to_string().contains("service_envelope"), "{e}");
     }
 
     #[test]
@@ -1280,16 +1297,19 @@ mod tests {
     fn bad_values_name_key_and_value() {
         let e = build(&[("inference_address", "http://127.0.0.1:80x")]).unwrap_err();
         assert!(
-            e.0.contains("inference_address") && e.0.contains("80x"),
+            e.to_string().contains("inference_address") && e.to_string().contains("80x"),
             "{e}"
         );
         let e = build(&[("metrics_mode", "statsd")]).unwrap_err();
         assert!(
-            e.0.contains("metrics_mode") && e.0.contains("statsd"),
+            e.to_string().contains("metrics_mode") && e.to_string().contains("statsd"),
             "{e}"
         );
         let e = build(&[("job_queue_size", "-3")]).unwrap_err();
-        assert!(e.0.contains("job_queue_size") && e.0.contains("-3"), "{e}");
+        assert!(
+            e.to_string().contains("job_queue_size") && e.to_string().contains("-3"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -1304,16 +1324,16 @@ mod tests {
         assert_eq!(c.grpc_management_address.to_string(), "127.0.0.1:0");
         let e = build(&[("grpc_inference_port", "70700")]).unwrap_err();
         assert!(
-            e.0.contains("grpc_inference_port") && e.0.contains("70700"),
+            e.to_string().contains("grpc_inference_port") && e.to_string().contains("70700"),
             "{e}"
         );
         let e = build(&[("grpc_management_address", "http://127.0.0.1:7071")]).unwrap_err();
-        assert!(e.0.contains("grpc_management_address"), "{e}");
+        assert!(e.to_string().contains("grpc_management_address"), "{e}");
         let e = build(&[("enable_grpc_ssl", "true")]).unwrap_err();
-        assert!(e.0.contains("enable_grpc_ssl"), "{e}");
+        assert!(e.to_string().contains("enable_grpc_ssl"), "{e}");
         assert!(build(&[("enable_grpc_ssl", "false")]).is_ok());
         let e = build(&[("enable_grpc_ssl", "maybe")]).unwrap_err();
-        assert!(e.0.contains("enable_grpc_ssl"), "{e}");
+        assert!(e.to_string().contains("enable_grpc_ssl"), "{e}");
     }
 
     #[test]
@@ -1343,14 +1363,19 @@ mod tests {
         )])
         .unwrap_err();
         assert!(
-            e.0.contains("models") && e.0.contains("minWorkers 4") && e.0.contains("maxWorkers 2"),
+            e.to_string().contains("models")
+                && e.to_string().contains("minWorkers 4")
+                && e.to_string().contains("maxWorkers 2"),
             "{e}"
         );
         let e = build(&[("models", r#"{"m": {"1.0": {"minWorkers": "two"}}}"#)]).unwrap_err();
-        assert!(e.0.contains("minWorkers") && e.0.contains("two"), "{e}");
+        assert!(
+            e.to_string().contains("minWorkers") && e.to_string().contains("two"),
+            "{e}"
+        );
         assert!(build(&[("models", "{not json")])
             .unwrap_err()
-            .0
+            .to_string()
             .contains("models"));
     }
 
@@ -1370,7 +1395,7 @@ mod tests {
             ("autoscale_down_samples", "-1"),
         ] {
             let e = build(&[(k, v)]).unwrap_err();
-            assert!(e.0.contains(k), "{e}");
+            assert!(e.to_string().contains(k), "{e}");
         }
         let c = build(&[(
             "models",
@@ -1381,11 +1406,15 @@ mod tests {
         assert_eq!(s.autoscale_up_samples, Some(5));
         assert_eq!(s.autoscale_interval, Some(Duration::from_millis(100)));
         let e = build(&[("models", r#"{"m": {"1.0": {"autoscaleDownSamples": 0}}}"#)]).unwrap_err();
-        assert!(e.0.contains("autoscaleDownSamples"), "{e}");
+        assert!(e.to_string().contains("autoscaleDownSamples"), "{e}");
         let e = build(&[("default_workers_per_model", "5000")]).unwrap_err();
-        assert!(e.0.contains("default_workers_per_model: \"5000\""), "{e}");
+        assert!(
+            e.to_string()
+                .contains("default_workers_per_model: \"5000\""),
+            "{e}"
+        );
         let e = build(&[("models", r#"{"m": {"1.0": {"maxWorkers": 100000}}}"#)]).unwrap_err();
-        assert!(e.0.contains("maxWorkers 100000"), "{e}");
+        assert!(e.to_string().contains("maxWorkers 100000"), "{e}");
     }
 
     #[test]
@@ -1408,7 +1437,10 @@ mod tests {
             ("download_read_timeout", "0"),
         ] {
             let e = build(&[(key, value)]).unwrap_err();
-            assert!(e.0.contains(key) && e.0.contains(value), "{e}");
+            assert!(
+                e.to_string().contains(key) && e.to_string().contains(value),
+                "{e}"
+            );
         }
         let file = [("http_keep_alive_timeout", "90")]
             .iter()
@@ -1429,13 +1461,19 @@ mod tests {
         assert_eq!(c.log_max_files, 5);
         assert!(c.enable_access_log);
         let e = build(&[("log_format", "xml")]).unwrap_err();
-        assert!(e.0.contains("log_format") && e.0.contains("xml"), "{e}");
+        assert!(
+            e.to_string().contains("log_format") && e.to_string().contains("xml"),
+            "{e}"
+        );
         let e = build(&[("log_max_bytes", "10")]).unwrap_err();
-        assert!(e.0.contains("log_max_bytes") && e.0.contains("1024"), "{e}");
+        assert!(
+            e.to_string().contains("log_max_bytes") && e.to_string().contains("1024"),
+            "{e}"
+        );
         let e = build(&[("log_max_files", "0")]).unwrap_err();
-        assert!(e.0.contains("log_max_files"), "{e}");
+        assert!(e.to_string().contains("log_max_files"), "{e}");
         let e = build(&[("log_max_line_bytes", "99999999999")]).unwrap_err();
-        assert!(e.0.contains("log_max_line_bytes"), "{e}");
+        assert!(e.to_string().contains("log_max_line_bytes"), "{e}");
         let env = [("LOG_LOCATION".to_string(), "/var/log/ox".to_string())];
         let (c, _) = Config::from_sources(HashMap::new(), &env, &Overrides::default()).unwrap();
         assert_eq!(c.log_dir, PathBuf::from("/var/log/ox"));

@@ -32,6 +32,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 pub use crate::config::BatchMode;
 
 use crate::backend::{BackendLoader, InferRequest, InferResponse, WorkerSpec};
+use crate::error::ErrorKind;
 use crate::metrics::{ModelMetrics, Timings, WorkerState};
 
 pub use autoscale::AutoscaleRule;
@@ -187,25 +188,22 @@ pub enum PoolError {
 }
 
 impl PoolError {
-    /// HTTP status and TorchServe exception type.
-    pub fn status(&self) -> (u16, &'static str) {
+    /// TorchServe's exception type (and so the status) of this error.
+    pub fn kind(&self) -> ErrorKind {
         match self {
             PoolError::QueueFull(_) | PoolError::Closed(_) | PoolError::WorkerDied(_) => {
-                (503, "ServiceUnavailableException")
+                ErrorKind::ServiceUnavailable
             }
-            PoolError::Timeout(_) | PoolError::RequestTimeout(_) => {
-                (408, "RequestTimeoutException")
-            }
+            PoolError::Timeout(_) | PoolError::RequestTimeout(_) => ErrorKind::RequestTimeout,
             PoolError::Panicked(_) | PoolError::ReplyCount { .. } | PoolError::Dropped => {
-                (500, "InternalServerException")
+                ErrorKind::InternalServer
             }
         }
     }
 
     /// The error as a reply in TorchServe's JSON shape.
     pub fn response(&self) -> InferResponse {
-        let (status, kind) = self.status();
-        InferResponse::error(status, kind, &self.to_string())
+        InferResponse::error(self.kind(), &self.to_string())
     }
 }
 

@@ -421,11 +421,11 @@ impl Runner {
             }
             Ok(Ok(Err(BackendError::Failed { status, message }))) => {
                 for job in jobs {
-                    job.finish(InferResponse::error(
+                    job.finish(InferResponse::from(crate::error::ApiError::with_status(
                         status,
-                        "InternalServerException",
+                        crate::error::ErrorKind::InternalServer,
                         &message,
-                    ));
+                    )));
                 }
                 Ok(())
             }

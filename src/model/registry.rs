@@ -286,10 +286,6 @@ impl Registry {
         })
     }
 
-    pub fn config(&self) -> &Arc<Config> {
-        &self.config
-    }
-
     /// The version a request names, or the default version.
     pub fn get(
         &self,

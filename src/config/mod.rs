@@ -4,9 +4,11 @@
 //! the properties file over defaults. Every value is checked here, once, so the rest of the server
 //! never sees a half-valid setting: a bad value stops start-up with one line naming key and value.
 
-use std::collections::{BTreeMap, HashMap};
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use regex::Regex;
@@ -507,79 +509,25 @@ pub struct Overrides {
     pub ncs: bool,
 }
 
-/// Keys oxserve reads. Anything else is warned about (TorchServe keys oxserve does not use included).
-const KNOWN_KEYS: &[&str] = &[
-    "inference_address",
-    "management_address",
-    "metrics_address",
-    "grpc_inference_address",
-    "grpc_inference_port",
-    "grpc_management_address",
-    "grpc_management_port",
-    "enable_grpc_ssl",
-    "enable_metrics_api",
-    "private_key_file",
-    "certificate_file",
-    "keystore",
-    "keystore_pass",
-    "keystore_type",
-    "service_envelope",
-    "enable_dashboard",
-    "metrics_mode",
-    "metrics_config",
-    "model_metrics_auto_detect",
-    "disable_system_metrics",
-    "metric_time_interval",
-    "model_store",
-    "load_models",
-    "default_workers_per_model",
-    "job_queue_size",
-    "default_response_timeout",
-    "default_startup_timeout",
-    "batch_size",
-    "max_batch_delay",
-    "max_request_size",
-    "max_response_size",
-    "enable_model_api",
-    "disable_token_authorization",
-    "token_expiration_min",
-    "allowed_urls",
-    "enable_envvars_config",
-    "initial_worker_port",
-    "metrics_auth_token",
-    "histogram_buckets",
-    "python_executable",
-    "worker_runtime",
-    "metrics_log_max_bytes",
-    "log_format",
-    "log_max_bytes",
-    "log_max_files",
-    "log_max_line_bytes",
-    "enable_access_log",
-    "models",
-    "number_of_gpu",
-    "max_batch_size",
-    "max_workers_per_model",
-    "max_archive_unpacked_bytes",
-    "max_archive_entries",
-    "model_metrics_max_series",
-    "autoscale_interval_ms",
-    "autoscale_queue_per_worker",
-    "autoscale_up_samples",
-    "autoscale_down_samples",
-    "http_header_timeout",
-    "http_body_timeout",
-    "http_keep_alive_timeout",
-    "http_max_connections",
-    "http_max_header_size",
-    "model_snapshot",
-    "tsConfigFile",
-    "download_connect_timeout",
-    "download_read_timeout",
-    "max_download_size",
-    "onnx_load_memory_limit",
-    "onnx_load_timeout",
-];
+/// TorchServe keys oxserve accepts without reading them: the config file its snapshots name, and
+/// the keystore's password and type (a keystore is refused with advice, whatever they say).
+const UNREAD_KEYS: &[&str] = &["tsConfigFile", "keystore_pass", "keystore_type"];
+
+/// Every key oxserve knows: the keys [`Config::from_sources`] reads (found once by parsing empty
+/// sources and recording each lookup: the parser reads every key on every parse, so this list
+/// cannot drift from the code), and [`UNREAD_KEYS`]. A key outside it is warned about, and only
+/// these keys take `TS_<KEY>` environment overrides.
+pub fn known_keys() -> &'static BTreeSet<String> {
+    static KEYS: OnceLock<BTreeSet<String>> = OnceLock::new();
+    KEYS.get_or_init(|| {
+        let read = RefCell::new(BTreeSet::new());
+        // Empty sources parse with every default (a unit test checks it), reading each key.
+        let _ = Config::parse_recording(HashMap::new(), &[], &Overrides::default(), None, &read);
+        let mut keys = read.into_inner();
+        keys.extend(UNREAD_KEYS.iter().map(|k| k.to_string()));
+        keys
+    })
+}
 
 /// A configuration error, one line: the server does not start with it.
 #[derive(Debug, thiserror::Error)]
@@ -653,16 +601,31 @@ impl Config {
         env: &[(String, String)],
         flags: &Overrides,
     ) -> Result<(Config, Vec<String>), ConfigError> {
+        let read = RefCell::new(BTreeSet::new());
+        Config::parse_recording(file, env, flags, Some(known_keys()), &read)
+    }
+
+    /// [`Config::from_sources`], recording every key it looks up into `read`. `known` is `None`
+    /// only while [`known_keys`] is being found (no warnings, no environment overrides then).
+    fn parse_recording(
+        file: HashMap<String, String>,
+        env: &[(String, String)],
+        flags: &Overrides,
+        known: Option<&BTreeSet<String>>,
+        read: &RefCell<BTreeSet<String>>,
+    ) -> Result<(Config, Vec<String>), ConfigError> {
         let mut warnings = Vec::new();
         let mut props: BTreeMap<String, String> = file
             .into_iter()
             .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
             .collect();
+        let known_keys = known.into_iter().flatten();
         for key in props.keys() {
-            if !KNOWN_KEYS.contains(&key.as_str()) {
+            if known.is_some_and(|k| !k.contains(key)) {
                 warnings.push(format!("unknown config key {key:?} is ignored"));
             }
         }
+        read.borrow_mut().insert("enable_envvars_config".into());
         let envvars_enabled = parse_bool(
             "enable_envvars_config",
             props
@@ -671,7 +634,7 @@ impl Config {
                 .unwrap_or("false"),
         )?;
         if envvars_enabled {
-            for key in KNOWN_KEYS {
+            for key in known_keys {
                 let var = format!("TS_{}", key.to_ascii_uppercase());
                 if let Some((_, v)) = env.iter().find(|(k, _)| *k == var) {
                     props.insert(key.to_string(), v.clone());
@@ -691,6 +654,8 @@ impl Config {
             props.insert("enable_model_api".into(), "true".into());
         }
 
+        read.borrow_mut()
+            .insert(crate::model::snapshot::MODEL_SNAPSHOT.into());
         let model_snapshot = match props.get(crate::model::snapshot::MODEL_SNAPSHOT) {
             Some(json) => Some(
                 crate::model::snapshot::parse(json)
@@ -704,7 +669,10 @@ impl Config {
             );
             props.remove("load_models");
         }
-        let get = |key: &str| props.get(key).map(String::as_str);
+        let get = |key: &str| {
+            read.borrow_mut().insert(key.to_string());
+            props.get(key).map(String::as_str)
+        };
         let boolean = |key: &str, default: bool| match get(key) {
             Some(v) => parse_bool(key, v),
             None => Ok(default),
@@ -1490,6 +1458,73 @@ mod tests {
     }
 
     #[test]
+    fn every_known_key_is_read_or_listed_unread_and_none_warns() {
+        // known_keys() parses empty sources: they must give a config, or the list would stop at
+        // the first error.
+        assert!(Config::from_sources(HashMap::new(), &[], &Overrides::default()).is_ok());
+        let keys = known_keys();
+        for key in [
+            "inference_address",
+            "load_models",
+            "model_snapshot",
+            "tsConfigFile",
+        ] {
+            assert!(keys.contains(key), "{key}");
+        }
+        let file: HashMap<String, String> = keys
+            .iter()
+            .filter(|k| !k.ends_with("_address") && k.as_str() != "model_snapshot")
+            .map(|k| (k.clone(), String::new()))
+            .collect();
+        // Empty values may be refused; what matters is that none is called unknown.
+        if let Ok((_, w)) = Config::from_sources(file, &[], &Overrides::default()) {
+            assert!(w.iter().all(|w| !w.contains("unknown")), "{w:?}");
+        }
+        // A key is read on every parse, so the environment override reaches each one.
+        let env = [
+            ("TS_JOB_QUEUE_SIZE".to_string(), "7".to_string()),
+            ("TS_ENABLE_DASHBOARD".to_string(), "false".to_string()),
+        ];
+        let mut file = HashMap::new();
+        file.insert("enable_envvars_config".to_string(), "true".to_string());
+        let (c, _) = Config::from_sources(file, &env, &Overrides::default()).unwrap();
+        assert_eq!(c.job_queue_size, 7);
+        assert!(!c.enable_dashboard);
+    }
+
+    /// docs/configuration.md's key table lists exactly the keys oxserve knows: a key added to the
+    /// parser without a line in the docs (or a documented key nothing reads) fails here.
+    #[test]
+    fn the_docs_list_exactly_the_known_keys() {
+        let doc = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/configuration.md"),
+        )
+        .unwrap();
+        let table = doc
+            .split("\n## Keys\n")
+            .nth(1)
+            .expect("a ## Keys section")
+            .split("\n## ")
+            .next()
+            .unwrap();
+        let documented: BTreeSet<String> = table
+            .lines()
+            .filter_map(|l| l.strip_prefix("| "))
+            .filter_map(|l| l.split(" |").next())
+            .filter(|cell| *cell != "key" && !cell.starts_with('-'))
+            .flat_map(|cell| cell.split(", "))
+            .map(|k| k.trim_matches('`').to_string())
+            .collect();
+        let known: BTreeSet<String> = known_keys().clone();
+        let undocumented: Vec<_> = known.difference(&documented).collect();
+        let unknown: Vec<_> = documented.difference(&known).collect();
+        assert!(
+            undocumented.is_empty() && unknown.is_empty(),
+            "keys oxserve reads but docs/configuration.md does not list: {undocumented:?}; keys it lists that oxserve does not know: {unknown:?}"
+        );
+    }
+
+    #[test]
     fn small_files_are_capped() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
@@ -1521,12 +1556,13 @@ mod tests {
 
             #[test]
             fn known_keys_with_random_values_stay_within_ceilings(
-                pairs in proptest::collection::vec((0..KNOWN_KEYS.len(), "[0-9]{0,22}|-[0-9]{1,3}|true|false|\\PC{0,12}|\\{\"m\": \\{\"1\": \\{\"batchSize\": [0-9]{1,12}\\}\\}\\}"), 0..8),
+                pairs in proptest::collection::vec((0..known_keys().len(), "[0-9]{0,22}|-[0-9]{1,3}|true|false|\\PC{0,12}|\\{\"m\": \\{\"1\": \\{\"batchSize\": [0-9]{1,12}\\}\\}\\}"), 0..8),
             ) {
+                let keys: Vec<&String> = known_keys().iter().collect();
                 let file: HashMap<String, String> = pairs
                     .into_iter()
-                    .filter(|(k, _)| !KNOWN_KEYS[*k].ends_with("_address"))
-                    .map(|(k, v)| (KNOWN_KEYS[k].to_string(), v))
+                    .filter(|(k, _)| !keys[*k].ends_with("_address"))
+                    .map(|(k, v)| (keys[k].clone(), v))
                     .collect();
                 if let Ok((c, _)) = Config::from_sources(file, &[], &Overrides::default()) {
                     prop_assert!(c.batch_size >= 1 && c.batch_size <= c.max_batch_size);

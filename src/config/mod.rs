@@ -354,7 +354,7 @@ fn autoscale_value(i: usize, v: u64, at: &str) -> Result<u32, String> {
     if v < lo || v > hi {
         return Err(format!("{at}: {v} is outside {lo}..={hi}"));
     }
-    Ok(v as u32)
+    u32::try_from(v).map_err(|_| format!("{at}: {v} is larger than {}", u32::MAX))
 }
 
 impl ModelSettings {
@@ -538,6 +538,17 @@ pub enum ConfigError {
     /// A key's value is refused; the message names the key and the offending value.
     #[error("{0}")]
     Invalid(String),
+}
+
+/// A checked key's value in the type the server holds it in. Range checks come first and keep
+/// every value in range; this makes an `as` cast's silent truncation impossible if one is ever
+/// loosened.
+fn narrow<T: TryFrom<u64>>(key: &str, v: u64) -> Result<T, ConfigError> {
+    T::try_from(v).map_err(|_| {
+        invalid(format!(
+            "config key {key}: \"{v}\" is larger than this platform can hold"
+        ))
+    })
 }
 
 fn invalid(msg: impl Into<String>) -> ConfigError {
@@ -858,9 +869,11 @@ impl Config {
             .collect();
         let model_store = get("model_store").map(PathBuf::from);
         let models = match get("models") {
-            Some(v) if !v.is_empty() => {
-                parse_models(v, max_batch_size as u32, max_workers_per_model as u32)?
-            }
+            Some(v) if !v.is_empty() => parse_models(
+                v,
+                narrow("max_batch_size", max_batch_size)?,
+                narrow("max_workers_per_model", max_workers_per_model)?,
+            )?,
             _ => BTreeMap::new(),
         };
         let defaults = crate::worker::AutoscaleRule::default();
@@ -927,7 +940,7 @@ impl Config {
                 None => None,
                 Some(_) => match number("http_max_connections", 0)? {
                     0 => return err("config key http_max_connections: \"0\" must be at least 1"),
-                    n => Some(n as usize),
+                    n => Some(narrow("http_max_connections", n)?),
                 },
             },
             max_header_size: match number("http_max_header_size", 16 * 1024)? {
@@ -936,7 +949,7 @@ impl Config {
                         "config key http_max_header_size: \"{n}\" must be at least 1024 bytes"
                     ))
                 }
-                n => n as usize,
+                n => narrow("http_max_header_size", n)?,
             },
         };
         if http.keep_alive_timeout > http.header_timeout {
@@ -1009,29 +1022,38 @@ impl Config {
             },
             model_store,
             load_models,
-            default_workers_per_model: default_workers_per_model as u32,
+            default_workers_per_model: narrow(
+                "default_workers_per_model",
+                default_workers_per_model,
+            )?,
             default_workers_per_model_configured: get("default_workers_per_model").is_some(),
-            job_queue_size: job_queue_size as usize,
+            job_queue_size: narrow("job_queue_size", job_queue_size)?,
             default_response_timeout: Duration::from_secs(timeout(
                 "default_response_timeout",
                 120,
             )?),
             default_startup_timeout: Duration::from_secs(timeout("default_startup_timeout", 120)?),
-            batch_size: batch_size as u32,
+            batch_size: narrow("batch_size", batch_size)?,
             max_batch_delay: Duration::from_millis(timeout("max_batch_delay", 100)?),
             // The worker protocol carries a body as an i32 length.
-            max_request_size: at_most(
+            max_request_size: narrow(
                 "max_request_size",
-                number("max_request_size", 6_553_500)?,
-                i32::MAX as u64,
-                "the limit",
-            )? as usize,
-            max_response_size: at_most(
+                at_most(
+                    "max_request_size",
+                    number("max_request_size", 6_553_500)?,
+                    i32::MAX as u64,
+                    "the limit",
+                )?,
+            )?,
+            max_response_size: narrow(
                 "max_response_size",
-                number("max_response_size", 6_553_500)?,
-                i32::MAX as u64,
-                "the limit",
-            )? as usize,
+                at_most(
+                    "max_response_size",
+                    number("max_response_size", 6_553_500)?,
+                    i32::MAX as u64,
+                    "the limit",
+                )?,
+            )?,
             enable_model_api: boolean("enable_model_api", false)?,
             disable_token_authorization: boolean("disable_token_authorization", true)?,
             token_expiration: Duration::from_secs(
@@ -1043,12 +1065,15 @@ impl Config {
                 )?,
             ),
             allowed_urls,
-            initial_worker_port: at_most(
+            initial_worker_port: narrow(
                 "initial_worker_port",
-                number("initial_worker_port", 9000)?,
-                u32::MAX.into(),
-                "the limit",
-            )? as u32,
+                at_most(
+                    "initial_worker_port",
+                    number("initial_worker_port", 9000)?,
+                    u32::MAX.into(),
+                    "the limit",
+                )?,
+            )?,
             metrics_auth_token: get("metrics_auth_token")
                 .filter(|s| !s.is_empty())
                 .map(String::from),
@@ -1059,21 +1084,24 @@ impl Config {
             log_dir,
             log_format,
             log_max_bytes,
-            log_max_files: log_max_files as usize,
-            log_max_line_bytes: log_max_line_bytes as usize,
+            log_max_files: narrow("log_max_files", log_max_files)?,
+            log_max_line_bytes: narrow("log_max_line_bytes", log_max_line_bytes)?,
             enable_access_log: boolean("enable_access_log", true)?,
             metrics_log_max_bytes: number("metrics_log_max_bytes", 10 * 1024 * 1024)?,
-            max_batch_size: max_batch_size as u32,
-            max_workers_per_model: max_workers_per_model as u32,
+            max_batch_size: narrow("max_batch_size", max_batch_size)?,
+            max_workers_per_model: narrow("max_workers_per_model", max_workers_per_model)?,
             max_archive_unpacked_bytes: positive(
                 "max_archive_unpacked_bytes",
                 DEFAULT_MAX_ARCHIVE_UNPACKED_BYTES,
             )?,
             max_archive_entries: positive("max_archive_entries", DEFAULT_MAX_ARCHIVE_ENTRIES)?,
-            model_metrics_max_series: positive(
+            model_metrics_max_series: narrow(
                 "model_metrics_max_series",
-                DEFAULT_MODEL_METRICS_MAX_SERIES as u64,
-            )? as usize,
+                positive(
+                    "model_metrics_max_series",
+                    DEFAULT_MODEL_METRICS_MAX_SERIES as u64,
+                )?,
+            )?,
             autoscale,
         };
         Ok((config, warnings))

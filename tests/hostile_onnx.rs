@@ -1,7 +1,7 @@
 //! Hostile ONNX models against the real binary: models whose loading makes tract allocate far more
 //! than any real model of their size (a constant-folded ConstantOfShape or Expand of 64 GiB, an
 //! initializer whose declared dims do not match its 4 bytes of data). Before the load check
-//! (src/backend/onnx.rs) such a registration aborted the server, or sent the host into the OOM
+//! (src/backend/onnx/check.rs) such a registration aborted the server, or sent the host into the OOM
 //! killer; now each is refused with a clear 500 (TorchServe's answer for a model whose workers
 //! cannot load it) that leaves nothing behind, and the server goes on
 //! serving the ONNX model it already has, with exact metrics.

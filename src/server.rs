@@ -120,7 +120,7 @@ pub async fn run(mut config: Config) -> Result<()> {
 
     // Key and certificate are read once, before any listener serves: a bad file stops start-up.
     let acceptor = match &config.tls {
-        Some(files) => Some(api::tls::acceptor(files).map_err(anyhow::Error::msg)?),
+        Some(files) => Some(api::tls::acceptor(files)?),
         None => None,
     };
     let tls_for = |on: bool| if on { acceptor.clone() } else { None };

@@ -668,10 +668,11 @@ impl Config {
         read.borrow_mut()
             .insert(crate::model::snapshot::MODEL_SNAPSHOT.into());
         let model_snapshot = match props.get(crate::model::snapshot::MODEL_SNAPSHOT) {
-            Some(json) => Some(
-                crate::model::snapshot::parse(json)
-                    .map_err(|e| invalid(format!("config key model_snapshot: {e}")))?,
-            ),
+            Some(json) => Some(crate::model::snapshot::parse(json).map_err(|e| {
+                invalid(format!(
+                    "config key model_snapshot: invalid model_snapshot: {e}"
+                ))
+            })?),
             None => None,
         };
         if model_snapshot.is_some() && props.contains_key("load_models") {

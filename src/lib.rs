@@ -7,6 +7,7 @@ pub mod api;
 pub mod backend;
 pub mod config;
 pub mod dashboard;
+pub mod error;
 pub mod grpc;
 pub mod logging;
 pub mod metrics;

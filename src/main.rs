@@ -38,7 +38,7 @@ enum Command {
     /// Show a running server's models, rates, latency, queues, workers and memory, every second.
     Top(TopArgs),
     /// Internal: load an ONNX model under an address-space cap and say whether it worked. The
-    /// server runs this in a child process before loading a model itself (src/backend/onnx.rs).
+    /// server runs this in a child process before loading a model itself (src/backend/onnx/check.rs).
     #[command(name = "check-onnx", hide = true)]
     CheckOnnx(CheckOnnxArgs),
 }

@@ -87,7 +87,7 @@ pub async fn run(mut config: Config) -> Result<()> {
     let found = gpus.device_count();
     config.number_of_gpu = Some(config.number_of_gpu.map_or(found, |n| n.min(found)));
     let config = Arc::new(config);
-    let metrics = Arc::new(Metrics::from_config(&config).map_err(anyhow::Error::msg)?);
+    let metrics = Arc::new(Metrics::from_config(&config)?);
     let registry = Arc::new(Registry::new(config.clone(), metrics.clone()));
     let tokens = api::auth::setup(&config).context("cannot write key_file.json")?;
     // Removes key_file.json on every way out of this function, errors included.
@@ -131,7 +131,7 @@ pub async fn run(mut config: Config) -> Result<()> {
 
     // Key and certificate are read once, before any listener serves: a bad file stops start-up.
     let acceptor = match &config.tls {
-        Some(files) => Some(api::tls::acceptor(files).map_err(anyhow::Error::msg)?),
+        Some(files) => Some(api::tls::acceptor(files)?),
         None => None,
     };
     let tls_for = |on: bool| if on { acceptor.clone() } else { None };

@@ -157,6 +157,7 @@ async fn a_redirect_to_a_host_not_allowed_is_refused() {
     );
     let (code, v) = register(&s, &good.url("/hop.mar")).await;
     assert_eq!(code, 400, "{v}");
+    assert_eq!(v["type"], "BadRequestException", "{v}");
     let msg = v["message"].as_str().unwrap();
     assert!(
         msg.contains("redirects to") && msg.contains("allowed"),
@@ -213,11 +214,21 @@ async fn a_failed_download_leaves_nothing_and_can_be_retried() {
         let (code, v) = register(&s, &web.url("/broken.mar")).await;
         assert_eq!(code, 400, "{v}");
         assert!(v["message"].as_str().unwrap().contains("zip"), "{v}");
+        // Downloaded, but not an archive: a bad request, not a failed download.
+        assert_eq!(v["type"], "BadRequestException", "{v}");
         assert!(store_files(store.path()).is_empty());
     }
+    // TorchServe's suite ("Register Model - Invalid URL"): a URL the server answers 404 for.
+    let (code, v) = register(&s, &web.url("/absent.mar")).await;
+    assert_eq!(code, 400, "{v}");
+    assert_eq!(v["type"], "DownloadArchiveException", "{v}");
+    assert!(v["message"].as_str().unwrap().contains("404"), "{v}");
+    assert!(store_files(store.path()).is_empty());
     for path in ["/big.mar", "/unsized.mar"] {
         let (code, v) = register(&s, &web.url(path)).await;
         assert_eq!(code, 400, "{path}: {v}");
+        // TorchServe's answer for an archive it cannot download (ArchiveUtils.downloadArchive).
+        assert_eq!(v["type"], "DownloadArchiveException", "{path}: {v}");
         assert!(
             v["message"].as_str().unwrap().contains("max_download_size"),
             "{path}: {v}"
@@ -226,6 +237,7 @@ async fn a_failed_download_leaves_nothing_and_can_be_retried() {
     }
     let (code, v) = register(&s, &web.url("/stalled.mar")).await;
     assert_eq!(code, 400, "{v}");
+    assert_eq!(v["type"], "DownloadArchiveException", "{v}");
     assert!(v["message"].as_str().unwrap().contains("timed out"), "{v}");
     assert!(store_files(store.path()).is_empty());
     assert_serving(&s).await;

@@ -1,8 +1,9 @@
 //! Hostile ONNX models against the real binary: models whose loading makes tract allocate far more
 //! than any real model of their size (a constant-folded ConstantOfShape or Expand of 64 GiB, an
 //! initializer whose declared dims do not match its 4 bytes of data). Before the load check
-//! (src/backend/onnx.rs) such a registration aborted the server, or sent the host into the OOM
-//! killer; now each is refused with a clear 400 that leaves nothing behind, and the server goes on
+//! (src/backend/onnx/check.rs) such a registration aborted the server, or sent the host into the OOM
+//! killer; now each is refused with a clear 500 (TorchServe's answer for a model whose workers
+//! cannot load it) that leaves nothing behind, and the server goes on
 //! serving the ONNX model it already has, with exact metrics.
 //!
 //! The files are written here with tract's own protobuf types, so the test needs no Python.
@@ -234,9 +235,10 @@ async fn models_that_would_exhaust_memory_while_loading_are_refused() {
             &format!("url={name}.mar&initial_workers=1&synchronous=true"),
         )
         .await;
-        assert_eq!(code, 400, "{name}: {e}");
-        assert_eq!(e["code"], 400, "{name}: {e}");
-        assert_eq!(e["type"], "BadRequestException", "{name}: {e}");
+        // A model that does not load is TorchServe's 500 (its workers fail to start).
+        assert_eq!(code, 500, "{name}: {e}");
+        assert_eq!(e["code"], 500, "{name}: {e}");
+        assert_eq!(e["type"], "InternalServerException", "{name}: {e}");
         let message = e["message"].as_str().unwrap();
         assert!(
             message.contains("ONNX model model.onnx refused")
@@ -272,8 +274,8 @@ async fn the_memory_cap_is_the_configured_one() {
     );
     s.wait_healthy().await;
     let (code, e) = register(&s, "url=tiny.mar&synchronous=true").await;
-    assert_eq!(code, 400, "{e}");
-    assert_eq!(e["type"], "BadRequestException", "{e}");
+    assert_eq!(code, 500, "{e}");
+    assert_eq!(e["type"], "InternalServerException", "{e}");
     let message = e["message"].as_str().unwrap();
     assert!(
         message.contains("capped at 1 MiB (onnx_load_memory_limit)"),
@@ -343,8 +345,8 @@ async fn external_data_must_stay_inside_the_model_folder() {
     s.wait_healthy().await;
     for (i, location) in escapes.iter().enumerate() {
         let (code, e) = register(&s, &format!("url=escape{i}.mar&synchronous=true")).await;
-        assert_eq!(code, 400, "{location}: {e}");
-        assert_eq!(e["type"], "BadRequestException", "{location}: {e}");
+        assert_eq!(code, 500, "{location}: {e}");
+        assert_eq!(e["type"], "InternalServerException", "{location}: {e}");
         let message = e["message"].as_str().unwrap();
         assert!(
             message.contains(&format!("external data at {location:?}"))
@@ -359,4 +361,53 @@ async fn external_data_must_stay_inside_the_model_folder() {
     assert_eq!(reply.status(), 200);
     let v: serde_json::Value = reply.json().await.unwrap();
     assert_eq!(v["outputs"]["y"]["data"], json!([3.5]), "{v}");
+}
+
+/// TorchServe answers a model that does not load with 500 InternalServerException (its workers
+/// fail to start), and an archive that names no usable model file with 400: oxserve gives the
+/// same statuses, with the reason, for an `.onnx` file that does not parse and for one missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unparsable_and_missing_models_get_torchserves_statuses() {
+    let store = tempfile::tempdir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    write_onnx_mar(store.path(), "garbage", b"this is not an ONNX protobuf");
+    let mut manifest = onnx_manifest("missing");
+    manifest["model"]["serializedFile"] = json!("absent.onnx");
+    write_mar(
+        store.path(),
+        "missing.mar",
+        &manifest,
+        &[("model.onnx", &example("model.onnx"))],
+    );
+    let s = Server::start_with_env(
+        "default_workers_per_model=1",
+        &[
+            "--model-store",
+            store.path().to_str().unwrap(),
+            "--enable-model-api",
+        ],
+        &[("TMPDIR", tmp.path().to_str().unwrap())],
+    );
+    s.wait_healthy().await;
+    let (code, e) = register(&s, "url=garbage.mar&synchronous=true").await;
+    assert_eq!(code, 500, "{e}");
+    assert_eq!(e["code"], 500, "{e}");
+    assert_eq!(e["type"], "InternalServerException", "{e}");
+    let message = e["message"].as_str().unwrap();
+    assert!(
+        message.contains("cannot load model from garbage.mar")
+            && message.contains("ONNX model model.onnx refused"),
+        "{message}"
+    );
+    let (code, e) = register(&s, "url=missing.mar&synchronous=true").await;
+    assert_eq!(code, 400, "{e}");
+    assert_eq!(e["type"], "BadRequestException", "{e}");
+    assert!(
+        e["message"].as_str().unwrap().contains("absent.onnx"),
+        "{e}"
+    );
+    for name in ["garbage", "missing"] {
+        assert_eq!(s.mgmt(Method::GET, &format!("/models/{name}")).await.0, 404);
+    }
+    assert_eq!(folders(tmp.path(), "oxserve-model-"), Vec::<PathBuf>::new());
 }

@@ -284,17 +284,20 @@ fn bad_model_files_are_refused_at_load() {
     manifest.model.serialized_file = Some("model.onnx".into());
     let err = OnnxLoader::new(temp.path(), &manifest)
         .err()
-        .expect("no file");
+        .expect("no file")
+        .to_string();
     assert!(err.contains("not found"), "{err}");
     std::fs::write(temp.path().join("model.onnx"), b"not a protobuf").unwrap();
     let err = OnnxLoader::new(temp.path(), &manifest)
         .err()
-        .expect("garbage");
+        .expect("garbage")
+        .to_string();
     assert!(err.contains("cannot load ONNX model"), "{err}");
     manifest.model.serialized_file = Some("../model.onnx".into());
     let err = OnnxLoader::new(temp.path(), &manifest)
         .err()
-        .expect("escape");
+        .expect("escape")
+        .to_string();
     assert!(err.contains("inside the model folder"), "{err}");
 }
 

@@ -16,7 +16,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use subtle::ConstantTimeEq;
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorKind};
 use super::{parse_query, AppState};
 
 /// Which API a key opens.
@@ -164,7 +164,7 @@ fn bearer(req: &Request) -> &str {
 /// scripts and TorchServe's own tests written against it test for exactly that. The
 /// `WWW-Authenticate` header still tells HTTP clients that a bearer key is what is missing.
 fn unauthorized(message: &str) -> Response {
-    let mut r = ApiError::new(400, "InvalidKeyException", message).into_response();
+    let mut r = ApiError::new(ErrorKind::InvalidKey, message).into_response();
     r.headers_mut()
         .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
     r
@@ -223,12 +223,7 @@ pub async fn token_api(
     };
     match tokens.rotate(scope) {
         Ok(keys) => Json(keys).into_response(),
-        Err(e) => ApiError::new(
-            500,
-            "InternalServerException",
-            format!("cannot write the key file: {e}"),
-        )
-        .into_response(),
+        Err(e) => ApiError::internal(format!("cannot write the key file: {e}")).into_response(),
     }
 }
 

@@ -28,7 +28,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio::time::Sleep;
 
-use crate::api::error::ApiError;
+use crate::api::error::{ApiError, ErrorKind};
 use crate::config::HttpLimits;
 use crate::metrics::Metrics;
 
@@ -156,13 +156,12 @@ pub async fn serve(
 
 /// The 503 of a connection over the cap.
 fn too_many(max: usize) -> Vec<u8> {
-    json_error(
-        503,
-        "ServiceUnavailableException",
-        &format!(
+    json_error(&ApiError::new(
+        ErrorKind::ServiceUnavailable,
+        format!(
             "too many open connections on this listener (http_max_connections={max}); retry later"
         ),
-    )
+    ))
 }
 
 /// Answers a connection over the cap with a 503 it can read, then closes it. Reads (and drops)
@@ -187,11 +186,9 @@ async fn refuse(mut stream: TcpStream, max: usize) {
 }
 
 /// A whole HTTP/1.1 error response in TorchServe's JSON shape, closing the connection.
-fn json_error(status: u16, kind: &str, message: &str) -> Vec<u8> {
-    let body = format!(
-        "{:#}\n",
-        serde_json::json!({"code": status, "type": kind, "message": message})
-    );
+fn json_error(e: &ApiError) -> Vec<u8> {
+    let body = e.json();
+    let status = e.status;
     let reason = axum::http::StatusCode::from_u16(status)
         .ok()
         .and_then(|s| s.canonical_reason())
@@ -343,8 +340,9 @@ async fn handle(
             405 => "Requested method is not allowed, please refer to API document.",
             _ => status.canonical_reason().unwrap_or("error"),
         };
-        let mut r = ApiError::new(status.as_u16(), exception_type(status.as_u16()), message)
-            .into_response();
+        let code = status.as_u16();
+        let mut r =
+            ApiError::with_status(code, ErrorKind::for_status(code), message).into_response();
         for (name, value) in response.headers() {
             if name != header::CONTENT_LENGTH {
                 r.headers_mut().insert(name.clone(), value.clone());
@@ -358,21 +356,6 @@ async fn handle(
             _guard: guard,
         })
     }))
-}
-
-/// TorchServe's exception type for a status the HTTP layer produces.
-fn exception_type(status: u16) -> &'static str {
-    match status {
-        400 => "BadRequestException",
-        404 => "ResourceNotFoundException",
-        405 => "MethodNotAllowedException",
-        408 => "RequestTimeoutException",
-        413 => "RequestEntityTooLargeException",
-        414 => "UriTooLongException",
-        431 => "RequestHeaderFieldsTooLargeException",
-        503 => "ServiceUnavailableException",
-        _ => "InternalServerException",
-    }
 }
 
 /// Reads and drops what is left of a request body, up to `limit` bytes. True when it ended.
@@ -613,7 +596,14 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
                 _ => "malformed HTTP request".to_string(),
             };
             this.metrics.host.count_response(status);
-            this.replacement = Some((json_error(status, exception_type(status), &message), 0));
+            this.replacement = Some((
+                json_error(&ApiError::with_status(
+                    status,
+                    ErrorKind::for_status(status),
+                    message,
+                )),
+                0,
+            ));
             // hyper sees its head as written; the JSON answer goes out in its place.
             let _ = this.poll_replacement(cx)?;
             return Poll::Ready(Ok(head));

@@ -24,7 +24,7 @@ use axum::routing::{any, get, options};
 use axum::{Json, Router};
 use http_body_util::BodyExt;
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorKind};
 use super::{openapi, parse_query, ApiPath, AppState};
 use crate::backend::{InferRequest, InferResponse, Param};
 use crate::logging::access::RequestId;
@@ -159,8 +159,7 @@ async fn kserve_v1(
         }
         (None, _) => ApiError::method_not_allowed().into_response(),
         (Some(other), _) => ApiError::new(
-            404,
-            "ResourceNotFoundException",
+            ErrorKind::ResourceNotFound,
             format!("KServe v1 has :predict and :explain, not :{other}"),
         )
         .into_response(),
@@ -294,7 +293,7 @@ async fn read_body(state: &AppState, headers: &HeaderMap, body: Body) -> Result<
         Ok(b) => Ok(b.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large(limit)),
         Err(e) if super::http::is_body_timeout(e.as_ref()) => {
-            Err(ApiError::new(408, "RequestTimeoutException", e.to_string()))
+            Err(ApiError::new(ErrorKind::RequestTimeout, e.to_string()))
         }
         Err(e) => Err(ApiError::bad_request(format!(
             "cannot read the request body: {e}"
@@ -372,9 +371,10 @@ pub fn enqueue(
 }
 
 fn too_large(limit: usize) -> ApiError {
-    ApiError::new(
+    // TorchServe answers 507 (Insufficient Storage) for a body over max_request_size.
+    ApiError::with_status(
         507,
-        "RequestEntityTooLargeException",
+        ErrorKind::RequestEntityTooLarge,
         format!("request body is larger than max_request_size ({limit} bytes)"),
     )
 }
@@ -532,12 +532,8 @@ async fn respond(
         }
         Ok(Reply::Stream(first, rest)) => (first, rest),
         Err(_) => {
-            return ApiError::new(
-                500,
-                "InternalServerException",
-                "the worker dropped the request without an answer",
-            )
-            .into_response()
+            return ApiError::internal("the worker dropped the request without an answer")
+                .into_response()
         }
     };
     // Streaming: the first part's head is the response head; every part is a chunk.

@@ -11,7 +11,7 @@ use axum::routing::{get, options};
 use axum::Router;
 use subtle::ConstantTimeEq;
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorKind};
 use super::{openapi, parse_query, AppState};
 use crate::config::MetricsMode;
 use crate::dashboard::Dashboard;
@@ -53,8 +53,7 @@ pub(crate) fn token_refusal(state: &AppState, headers: &HeaderMap, what: &str) -
     match &state.config.metrics_auth_token {
         Some(token) if !authorized(token, headers) => {
             let mut r = ApiError::new(
-                401,
-                "UnauthorizedException",
+                ErrorKind::Unauthorized,
                 format!("a valid bearer token is required for {what}"),
             )
             .into_response();

@@ -22,57 +22,77 @@ use crate::config::TlsFiles;
 /// at a huge file by mistake should fail with a message, not fill memory.
 const MAX_PEM_BYTES: u64 = 1024 * 1024;
 
-fn read_pem(path: &Path, key: &str) -> Result<Vec<u8>, String> {
+/// Why the HTTPS listeners cannot be set up; each names the config key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// `private_key_file` or `certificate_file` cannot be read, or does not hold what it should.
+    #[error("config key {key}: {reason}")]
+    File { key: &'static str, reason: String },
+    /// The key and the certificate do not go together.
+    #[error("config keys private_key_file and certificate_file: {0}")]
+    Pair(String),
+    /// rustls refused the protocol set-up.
+    #[error("TLS set-up failed: {0}")]
+    Setup(rustls::Error),
+}
+
+fn read_pem(path: &Path, key: &'static str) -> Result<Vec<u8>, TlsError> {
+    let file_error = |reason: String| TlsError::File { key, reason };
     let file = std::fs::File::open(path)
-        .map_err(|e| format!("config key {key}: cannot read {}: {e}", path.display()))?;
+        .map_err(|e| file_error(format!("cannot read {}: {e}", path.display())))?;
     let mut bytes = Vec::new();
     file.take(MAX_PEM_BYTES + 1)
         .read_to_end(&mut bytes)
-        .map_err(|e| format!("config key {key}: cannot read {}: {e}", path.display()))?;
+        .map_err(|e| file_error(format!("cannot read {}: {e}", path.display())))?;
     if bytes.len() as u64 > MAX_PEM_BYTES {
-        return Err(format!(
-            "config key {key}: {} is larger than {MAX_PEM_BYTES} bytes; it is not a PEM file",
+        return Err(file_error(format!(
+            "{} is larger than {MAX_PEM_BYTES} bytes; it is not a PEM file",
             path.display()
-        ));
+        )));
     }
     Ok(bytes)
 }
 
 /// The acceptor every HTTPS listener shares. Errors name the key and file at fault.
-pub fn acceptor(files: &TlsFiles) -> Result<TlsAcceptor, String> {
+pub fn acceptor(files: &TlsFiles) -> Result<TlsAcceptor, TlsError> {
     let cert_pem = read_pem(&files.certificate_file, "certificate_file")?;
     let certs = CertificateDer::pem_slice_iter(&cert_pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| {
-            format!(
-                "config key certificate_file: {} is not a PEM certificate chain: {e}",
+        .map_err(|e| TlsError::File {
+            key: "certificate_file",
+            reason: format!(
+                "{} is not a PEM certificate chain: {e}",
                 files.certificate_file.display()
-            )
+            ),
         })?;
     if certs.is_empty() {
-        return Err(format!(
-            "config key certificate_file: {} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
-            files.certificate_file.display()
-        ));
+        return Err(TlsError::File {
+            key: "certificate_file",
+            reason: format!(
+                "{} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+                files.certificate_file.display()
+            ),
+        });
     }
     let key_pem = read_pem(&files.private_key_file, "private_key_file")?;
-    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
-        format!(
-            "config key private_key_file: {} holds no PEM private key (PKCS#8, PKCS#1 or SEC1): {e}",
+    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| TlsError::File {
+        key: "private_key_file",
+        reason: format!(
+            "{} holds no PEM private key (PKCS#8, PKCS#1 or SEC1): {e}",
             files.private_key_file.display()
-        )
+        ),
     })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(|e| format!("TLS set-up failed: {e}"))?
+        .map_err(TlsError::Setup)?
         .with_no_client_auth();
     let unusable = |e: &dyn std::fmt::Display| {
-        format!(
-            "config keys private_key_file and certificate_file: {} and {} do not make a usable key and certificate: {e}",
+        TlsError::Pair(format!(
+            "{} and {} do not make a usable key and certificate: {e}",
             files.private_key_file.display(),
             files.certificate_file.display()
-        )
+        ))
     };
     let mut config = match builder.with_single_cert(certs.clone(), key.clone_key()) {
         Ok(config) => config,
@@ -88,7 +108,7 @@ pub fn acceptor(files: &TlsFiles) -> Result<TlsAcceptor, String> {
             let certified = rustls::sign::CertifiedKey::new(certs, Arc::new(short));
             rustls::ServerConfig::builder_with_provider(provider)
                 .with_protocol_versions(&[&rustls::version::TLS12])
-                .map_err(|e| format!("TLS set-up failed: {e}"))?
+                .map_err(TlsError::Setup)?
                 .with_no_client_auth()
                 .with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(certified)))
         }
@@ -192,7 +212,7 @@ mod tests {
     fn error(files: &TlsFiles) -> String {
         match acceptor(files) {
             Ok(_) => panic!("accepted {files:?}"),
-            Err(e) => e,
+            Err(e) => e.to_string(),
         }
     }
 

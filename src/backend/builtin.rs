@@ -19,6 +19,7 @@ use async_trait::async_trait;
 use super::{
     Backend, BackendError, BackendLoader, InferRequest, InferResponse, StreamSink, WorkerSpec,
 };
+use crate::error::ErrorKind;
 
 const POSITIVE: &[&str] = &[
     "good",
@@ -105,8 +106,7 @@ pub fn score(text: &str) -> (&'static str, f64) {
 fn infer_one(req: &InferRequest) -> InferResponse {
     let Some(payload) = req.payload() else {
         return InferResponse::error(
-            400,
-            "BadRequestException",
+            ErrorKind::BadRequest,
             "empty request: send text or {\"text\": ...}",
         );
     };
@@ -117,23 +117,20 @@ fn infer_one(req: &InferRequest) -> InferResponse {
                 Some(t) => t.to_string(),
                 None => {
                     return InferResponse::error(
-                        400,
-                        "BadRequestException",
+                        ErrorKind::BadRequest,
                         "JSON body needs a string field \"text\"",
                     )
                 }
             },
             Ok(_) => {
                 return InferResponse::error(
-                    400,
-                    "BadRequestException",
+                    ErrorKind::BadRequest,
                     "JSON body must be a string or {\"text\": ...}",
                 )
             }
             Err(e) => {
                 return InferResponse::error(
-                    400,
-                    "BadRequestException",
+                    ErrorKind::BadRequest,
                     &format!("invalid JSON body: {e}"),
                 )
             }
@@ -141,9 +138,7 @@ fn infer_one(req: &InferRequest) -> InferResponse {
     } else {
         match std::str::from_utf8(&payload.value) {
             Ok(s) => s.to_string(),
-            Err(_) => {
-                return InferResponse::error(400, "BadRequestException", "body is not UTF-8 text")
-            }
+            Err(_) => return InferResponse::error(ErrorKind::BadRequest, "body is not UTF-8 text"),
         }
     };
     if let Some(word) = &hooks().word {

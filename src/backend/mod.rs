@@ -17,6 +17,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 
+use crate::error::{ApiError, ErrorKind};
 use crate::model::archive::Manifest;
 
 /// One request of a batch, in the shape TorchServe's worker protocol carries it.
@@ -79,14 +80,19 @@ impl InferResponse {
         }
     }
 
-    /// A per-request error in TorchServe's JSON error shape.
-    pub fn error(status: u16, kind: &str, message: &str) -> Self {
-        let body = serde_json::json!({"code": status, "type": kind, "message": message});
+    /// A per-request error in TorchServe's JSON error shape, with its kind's status.
+    pub fn error(kind: ErrorKind, message: &str) -> Self {
+        InferResponse::from(ApiError::new(kind, message))
+    }
+}
+
+impl From<ApiError> for InferResponse {
+    fn from(e: ApiError) -> Self {
         InferResponse {
-            status,
+            status: e.status,
             content_type: "application/json".into(),
             headers: Vec::new(),
-            body: Bytes::from(body.to_string()),
+            body: Bytes::from(e.json()),
         }
     }
 }
@@ -126,6 +132,32 @@ pub enum BackendError {
     /// The worker is gone (process died, socket closed): the pool restarts it.
     #[error("worker died: {0}")]
     Died(String),
+}
+
+/// Why no backend could be made for a model version at registration.
+#[derive(Debug, thiserror::Error)]
+pub enum LoaderError {
+    /// The manifest names nothing any backend serves.
+    #[error("the manifest names no handler and no .onnx serializedFile (runtime {runtime:?}): nothing can serve it")]
+    NoBackend { runtime: String },
+    /// The archive's model file is not named, not inside its folder, or missing.
+    #[error("{0}")]
+    ModelFile(String),
+    /// The model did not load: a file that does not parse, an unsupported operator, over the
+    /// load check's memory cap or deadline, or weights refused.
+    #[error("{0}")]
+    Load(String),
+}
+
+impl LoaderError {
+    /// A bad archive is a bad request; a model that does not load is a 500, as TorchServe answers
+    /// a model whose workers fail to start ("Failed to start workers", InternalServerException).
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            LoaderError::NoBackend { .. } | LoaderError::ModelFile(_) => ErrorKind::BadRequest,
+            LoaderError::Load(_) => ErrorKind::InternalServer,
+        }
+    }
 }
 
 /// One loaded model instance, owned by one worker.
@@ -223,7 +255,7 @@ pub fn loader_for(
     dir: &std::path::Path,
     manifest: &Manifest,
     config: &Arc<crate::config::Config>,
-) -> Result<Arc<dyn BackendLoader>, String> {
+) -> Result<Arc<dyn BackendLoader>, LoaderError> {
     if manifest.model.handler == "builtin" {
         return Ok(Arc::new(builtin::DemoLoader));
     }
@@ -233,7 +265,8 @@ pub fn loader_for(
         let exe = if cfg!(target_os = "linux") {
             std::path::PathBuf::from("/proc/self/exe")
         } else {
-            std::env::current_exe().map_err(|e| format!("cannot find the oxserve binary: {e}"))?
+            std::env::current_exe()
+                .map_err(|e| LoaderError::Load(format!("cannot find the oxserve binary: {e}")))?
         };
         return Ok(Arc::new(onnx::OnnxLoader::new_checked(
             dir, manifest, config, &exe,
@@ -242,8 +275,7 @@ pub fn loader_for(
     if !manifest.model.handler.is_empty() {
         return Ok(Arc::new(python::PythonLoader::new()));
     }
-    Err(format!(
-        "the manifest names no handler and no .onnx serializedFile (runtime {:?}): nothing can serve it",
-        manifest.runtime
-    ))
+    Err(LoaderError::NoBackend {
+        runtime: manifest.runtime.clone(),
+    })
 }

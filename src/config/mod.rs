@@ -4,9 +4,11 @@
 //! the properties file over defaults. Every value is checked here, once, so the rest of the server
 //! never sees a half-valid setting: a bad value stops start-up with one line naming key and value.
 
-use std::collections::{BTreeMap, HashMap};
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use regex::Regex;
@@ -440,7 +442,7 @@ fn autoscale_value(i: usize, v: u64, at: &str) -> Result<u32, String> {
     if v < lo || v > hi {
         return Err(format!("{at}: {v} is outside {lo}..={hi}"));
     }
-    Ok(v as u32)
+    u32::try_from(v).map_err(|_| format!("{at}: {v} is larger than {}", u32::MAX))
 }
 
 impl ModelSettings {
@@ -555,7 +557,7 @@ fn parse_models(
     max_batch: u32,
     max_workers: u32,
 ) -> Result<BTreeMap<String, BTreeMap<String, ModelSettings>>, ConfigError> {
-    let bad = |what: String| ConfigError(format!("config key models: {what}"));
+    let bad = |what: String| invalid(format!("config key models: {what}"));
     let json: serde_json::Value = serde_json::from_str(value)
         .map_err(|e| bad(format!("{value:?} is not valid JSON: {e}")))?;
     let models = json
@@ -597,97 +599,65 @@ pub struct Overrides {
     pub ncs: bool,
 }
 
-/// Keys oxserve reads. Anything else is warned about (TorchServe keys oxserve does not use included).
-const KNOWN_KEYS: &[&str] = &[
-    "inference_address",
-    "management_address",
-    "metrics_address",
-    "grpc_inference_address",
-    "grpc_inference_port",
-    "grpc_management_address",
-    "grpc_management_port",
-    "enable_grpc_ssl",
-    "enable_metrics_api",
-    "private_key_file",
-    "certificate_file",
-    "keystore",
-    "keystore_pass",
-    "keystore_type",
-    "service_envelope",
-    "enable_dashboard",
-    "metrics_mode",
-    "metrics_config",
-    "model_metrics_auto_detect",
-    "disable_system_metrics",
-    "metric_time_interval",
-    "model_store",
-    "load_models",
-    "default_workers_per_model",
-    "job_queue_size",
-    "default_response_timeout",
-    "default_startup_timeout",
-    "batch_size",
-    "max_batch_delay",
-    "max_request_size",
-    "max_response_size",
-    "enable_model_api",
-    "disable_token_authorization",
-    "token_expiration_min",
-    "allowed_urls",
-    "enable_envvars_config",
-    "initial_worker_port",
-    "metrics_auth_token",
-    "histogram_buckets",
-    "python_executable",
-    "worker_runtime",
-    "metrics_log_max_bytes",
-    "log_format",
-    "log_max_bytes",
-    "log_max_files",
-    "log_max_line_bytes",
-    "enable_access_log",
-    "models",
-    "number_of_gpu",
-    "max_batch_size",
-    "max_workers_per_model",
-    "max_archive_unpacked_bytes",
-    "max_archive_entries",
-    "model_metrics_max_series",
-    "autoscale_interval_ms",
-    "autoscale_queue_per_worker",
-    "autoscale_up_samples",
-    "autoscale_down_samples",
-    "http_header_timeout",
-    "http_body_timeout",
-    "http_keep_alive_timeout",
-    "http_max_connections",
-    "http_max_header_size",
-    "model_snapshot",
-    "tsConfigFile",
-    "download_connect_timeout",
-    "download_read_timeout",
-    "max_download_size",
-    "onnx_load_memory_limit",
-    "onnx_load_timeout",
-    "install_py_dep_per_model",
-    "install_py_dep_timeout",
-];
+/// TorchServe keys oxserve accepts without reading them: the config file its snapshots name, and
+/// the keystore's password and type (a keystore is refused with advice, whatever they say).
+const UNREAD_KEYS: &[&str] = &["tsConfigFile", "keystore_pass", "keystore_type"];
 
-/// A configuration error: one line naming the key and the offending value.
+/// Every key oxserve knows: the keys [`Config::from_sources`] reads (found once by parsing empty
+/// sources and recording each lookup: the parser reads every key on every parse, so this list
+/// cannot drift from the code), and [`UNREAD_KEYS`]. A key outside it is warned about, and only
+/// these keys take `TS_<KEY>` environment overrides.
+pub fn known_keys() -> &'static BTreeSet<String> {
+    static KEYS: OnceLock<BTreeSet<String>> = OnceLock::new();
+    KEYS.get_or_init(|| {
+        let read = RefCell::new(BTreeSet::new());
+        // Empty sources parse with every default (a unit test checks it), reading each key.
+        let _ = Config::parse_recording(HashMap::new(), &[], &Overrides::default(), None, &read);
+        let mut keys = read.into_inner();
+        keys.extend(UNREAD_KEYS.iter().map(|k| k.to_string()));
+        keys
+    })
+}
+
+/// A configuration error, one line: the server does not start with it.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct ConfigError(pub String);
+pub enum ConfigError {
+    /// The config file cannot be read (missing, too large, not UTF-8) or parsed.
+    #[error("{reason}")]
+    File { path: PathBuf, reason: String },
+    /// A key's value is refused; the message names the key and the offending value.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// A checked key's value in the type the server holds it in. Range checks come first and keep
+/// every value in range; this makes an `as` cast's silent truncation impossible if one is ever
+/// loosened.
+fn narrow<T: TryFrom<u64>>(key: &str, v: u64) -> Result<T, ConfigError> {
+    T::try_from(v).map_err(|_| {
+        invalid(format!(
+            "config key {key}: \"{v}\" is larger than this platform can hold"
+        ))
+    })
+}
+
+fn invalid(msg: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid(msg.into())
+}
 
 fn err<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
-    Err(ConfigError(msg.into()))
+    Err(invalid(msg))
 }
 
 /// Reads a Java-properties file into a map.
 pub fn read_properties(path: &Path) -> Result<HashMap<String, String>, ConfigError> {
-    let text =
-        read_small_file(path, &format!("config file {}", path.display())).map_err(ConfigError)?;
+    let file = |reason: String| ConfigError::File {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let text = read_small_file(path, &format!("config file {}", path.display())).map_err(file)?;
     parse_properties(&text)
-        .map_err(|e| ConfigError(format!("cannot parse config file {}: {e}", path.display())))
+        .map_err(|e| file(format!("cannot parse config file {}: {e}", path.display())))
 }
 
 /// Parses Java-properties text (the testable core of [`read_properties`]).
@@ -732,16 +702,31 @@ impl Config {
         env: &[(String, String)],
         flags: &Overrides,
     ) -> Result<(Config, Vec<String>), ConfigError> {
+        let read = RefCell::new(BTreeSet::new());
+        Config::parse_recording(file, env, flags, Some(known_keys()), &read)
+    }
+
+    /// [`Config::from_sources`], recording every key it looks up into `read`. `known` is `None`
+    /// only while [`known_keys`] is being found (no warnings, no environment overrides then).
+    fn parse_recording(
+        file: HashMap<String, String>,
+        env: &[(String, String)],
+        flags: &Overrides,
+        known: Option<&BTreeSet<String>>,
+        read: &RefCell<BTreeSet<String>>,
+    ) -> Result<(Config, Vec<String>), ConfigError> {
         let mut warnings = Vec::new();
         let mut props: BTreeMap<String, String> = file
             .into_iter()
             .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
             .collect();
+        let known_keys = known.into_iter().flatten();
         for key in props.keys() {
-            if !KNOWN_KEYS.contains(&key.as_str()) {
+            if known.is_some_and(|k| !k.contains(key)) {
                 warnings.push(format!("unknown config key {key:?} is ignored"));
             }
         }
+        read.borrow_mut().insert("enable_envvars_config".into());
         let envvars_enabled = parse_bool(
             "enable_envvars_config",
             props
@@ -765,7 +750,7 @@ impl Config {
         // setSystemVars runs last): `TS_DISABLE_TOKEN_AUTHORIZATION=false` turns token
         // authorization back on under `--disable-token-auth` (its test_priority_env_cmd).
         if envvars_enabled {
-            for key in KNOWN_KEYS {
+            for key in known_keys {
                 let var = format!("TS_{}", key.to_ascii_uppercase());
                 if let Some((_, v)) = env.iter().find(|(k, _)| *k == var) {
                     props.insert(key.to_string(), v.clone());
@@ -773,11 +758,14 @@ impl Config {
             }
         }
 
+        read.borrow_mut()
+            .insert(crate::model::snapshot::MODEL_SNAPSHOT.into());
         let model_snapshot = match props.get(crate::model::snapshot::MODEL_SNAPSHOT) {
-            Some(json) => Some(
-                crate::model::snapshot::parse(json)
-                    .map_err(|e| ConfigError(format!("config key model_snapshot: {e}")))?,
-            ),
+            Some(json) => Some(crate::model::snapshot::parse(json).map_err(|e| {
+                invalid(format!(
+                    "config key model_snapshot: invalid model_snapshot: {e}"
+                ))
+            })?),
             None => None,
         };
         if model_snapshot.is_some() && props.contains_key("load_models") {
@@ -786,7 +774,10 @@ impl Config {
             );
             props.remove("load_models");
         }
-        let get = |key: &str| props.get(key).map(String::as_str);
+        let get = |key: &str| {
+            read.borrow_mut().insert(key.to_string());
+            props.get(key).map(String::as_str)
+        };
         let boolean = |key: &str, default: bool| match get(key) {
             Some(v) => parse_bool(key, v),
             None => Ok(default),
@@ -809,7 +800,7 @@ impl Config {
             let host = get(host_key).unwrap_or("127.0.0.1");
             let port = match get(port_key) {
                 Some(v) => v.parse::<u16>().map_err(|_| {
-                    ConfigError(format!(
+                    invalid(format!(
                         "config key {port_key}: {v:?} is not a port number from 0 to 65535"
                     ))
                 })?,
@@ -821,7 +812,7 @@ impl Config {
                 .ok()
                 .and_then(|mut a| a.next())
                 .ok_or_else(|| {
-                    ConfigError(format!(
+                    invalid(format!(
                         "config key {host_key}: {host:?} is not a usable host (an IP address or name, no scheme or port)"
                     ))
                 })
@@ -891,7 +882,7 @@ impl Config {
             .filter(|s| !s.is_empty())
             .map(|s| {
                 Regex::new(&format!("^(?:{s})$")).map_err(|e| {
-                    ConfigError(format!(
+                    invalid(format!(
                         "config key allowed_urls: {s:?} is not a valid regex: {e}"
                     ))
                 })
@@ -972,9 +963,11 @@ impl Config {
             .collect();
         let model_store = get("model_store").map(PathBuf::from);
         let models = match get("models") {
-            Some(v) if !v.is_empty() => {
-                parse_models(v, max_batch_size as u32, max_workers_per_model as u32)?
-            }
+            Some(v) if !v.is_empty() => parse_models(
+                v,
+                narrow("max_batch_size", max_batch_size)?,
+                narrow("max_workers_per_model", max_workers_per_model)?,
+            )?,
             _ => BTreeMap::new(),
         };
         let defaults = crate::worker::AutoscaleRule::default();
@@ -987,7 +980,8 @@ impl Config {
         let mut scale = [0u32; 4];
         for (i, (key, _, _, _)) in AUTOSCALE_LIMITS.iter().enumerate() {
             let v = number(key, default_values[i])?;
-            scale[i] = autoscale_value(i, v, &format!("config key {key}")).map_err(ConfigError)?;
+            scale[i] = autoscale_value(i, v, &format!("config key {key}"))
+                .map_err(ConfigError::Invalid)?;
         }
         let autoscale = crate::worker::AutoscaleRule {
             interval: Duration::from_millis(scale[0].into()),
@@ -1043,7 +1037,7 @@ impl Config {
                 None => None,
                 Some(_) => match number("http_max_connections", 0)? {
                     0 => return err("config key http_max_connections: \"0\" must be at least 1"),
-                    n => Some(n as usize),
+                    n => Some(narrow("http_max_connections", n)?),
                 },
             },
             max_header_size: match number("http_max_header_size", 16 * 1024)? {
@@ -1052,7 +1046,7 @@ impl Config {
                         "config key http_max_header_size: \"{n}\" must be at least 1024 bytes"
                     ))
                 }
-                n => n as usize,
+                n => narrow("http_max_header_size", n)?,
             },
         };
         if http.keep_alive_timeout > http.header_timeout {
@@ -1124,7 +1118,7 @@ impl Config {
             models,
             number_of_gpu: match get("number_of_gpu") {
                 Some(v) => Some(v.parse::<u32>().map_err(|_| {
-                    ConfigError(format!(
+                    invalid(format!(
                         "config key number_of_gpu: {v:?} is not a non-negative whole number"
                     ))
                 })?),
@@ -1132,41 +1126,53 @@ impl Config {
             },
             model_store,
             load_models,
-            default_workers_per_model: default_workers_per_model as u32,
+            default_workers_per_model: narrow(
+                "default_workers_per_model",
+                default_workers_per_model,
+            )?,
             default_workers_per_model_configured: get("default_workers_per_model").is_some(),
-            job_queue_size: job_queue_size as usize,
+            job_queue_size: narrow("job_queue_size", job_queue_size)?,
             default_response_timeout: Duration::from_secs(timeout(
                 "default_response_timeout",
                 120,
             )?),
             default_startup_timeout: Duration::from_secs(timeout("default_startup_timeout", 120)?),
-            batch_size: batch_size as u32,
+            batch_size: narrow("batch_size", batch_size)?,
             max_batch_delay: Duration::from_millis(timeout("max_batch_delay", 100)?),
             // The worker protocol carries a body as an i32 length.
-            max_request_size: at_most(
+            max_request_size: narrow(
                 "max_request_size",
-                number("max_request_size", 6_553_500)?,
-                i32::MAX as u64,
-                "the limit",
-            )? as usize,
-            max_response_size: at_most(
+                at_most(
+                    "max_request_size",
+                    number("max_request_size", 6_553_500)?,
+                    i32::MAX as u64,
+                    "the limit",
+                )?,
+            )?,
+            max_response_size: narrow(
                 "max_response_size",
-                number("max_response_size", 6_553_500)?,
-                i32::MAX as u64,
-                "the limit",
-            )? as usize,
+                at_most(
+                    "max_response_size",
+                    number("max_response_size", 6_553_500)?,
+                    i32::MAX as u64,
+                    "the limit",
+                )?,
+            )?,
             enable_model_api: boolean("enable_model_api", false)?,
             // On unless turned off, as in TorchServe 0.12: a team replacing TorchServe keeps its
             // authentication (docs/security.md).
             disable_token_authorization: boolean("disable_token_authorization", false)?,
             token_expiration: token_expiration(get("token_expiration_min"))?,
             allowed_urls,
-            initial_worker_port: at_most(
+            initial_worker_port: narrow(
                 "initial_worker_port",
-                number("initial_worker_port", 9000)?,
-                u32::MAX.into(),
-                "the limit",
-            )? as u32,
+                at_most(
+                    "initial_worker_port",
+                    number("initial_worker_port", 9000)?,
+                    u32::MAX.into(),
+                    "the limit",
+                )?,
+            )?,
             metrics_auth_token: get("metrics_auth_token")
                 .filter(|s| !s.is_empty())
                 .map(String::from),
@@ -1177,21 +1183,24 @@ impl Config {
             log_dir,
             log_format,
             log_max_bytes,
-            log_max_files: log_max_files as usize,
-            log_max_line_bytes: log_max_line_bytes as usize,
+            log_max_files: narrow("log_max_files", log_max_files)?,
+            log_max_line_bytes: narrow("log_max_line_bytes", log_max_line_bytes)?,
             enable_access_log: boolean("enable_access_log", true)?,
             metrics_log_max_bytes: number("metrics_log_max_bytes", 10 * 1024 * 1024)?,
-            max_batch_size: max_batch_size as u32,
-            max_workers_per_model: max_workers_per_model as u32,
+            max_batch_size: narrow("max_batch_size", max_batch_size)?,
+            max_workers_per_model: narrow("max_workers_per_model", max_workers_per_model)?,
             max_archive_unpacked_bytes: positive(
                 "max_archive_unpacked_bytes",
                 DEFAULT_MAX_ARCHIVE_UNPACKED_BYTES,
             )?,
             max_archive_entries: positive("max_archive_entries", DEFAULT_MAX_ARCHIVE_ENTRIES)?,
-            model_metrics_max_series: positive(
+            model_metrics_max_series: narrow(
                 "model_metrics_max_series",
-                DEFAULT_MODEL_METRICS_MAX_SERIES as u64,
-            )? as usize,
+                positive(
+                    "model_metrics_max_series",
+                    DEFAULT_MODEL_METRICS_MAX_SERIES as u64,
+                )?,
+            )?,
             autoscale,
         };
         Ok((config, warnings))
@@ -1215,7 +1224,7 @@ fn parse_buckets(value: &str) -> Result<Vec<f64>, ConfigError> {
     let mut out = Vec::new();
     for part in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         let b: f64 = part.parse().map_err(|_| {
-            ConfigError(format!(
+            invalid(format!(
                 "config key histogram_buckets: {part:?} is not a number"
             ))
         })?;
@@ -1277,12 +1286,12 @@ fn parse_address(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
     };
     let rest = rest.trim_end_matches('/');
     let (host, port) = rest.rsplit_once(':').ok_or_else(|| {
-        ConfigError(format!(
+        invalid(format!(
             "config key {key}: {value:?} needs a port, as in http://127.0.0.1:8080"
         ))
     })?;
     let port: u16 = port.parse().map_err(|_| {
-        ConfigError(format!(
+        invalid(format!(
             "config key {key}: {value:?} has a port that is not a number from 0 to 65535"
         ))
     })?;
@@ -1292,7 +1301,7 @@ fn parse_address(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
         .ok()
         .and_then(|mut a| a.next())
         .ok_or_else(|| {
-            ConfigError(format!(
+            invalid(format!(
                 "config key {key}: {value:?} is not a usable address"
             ))
         })
@@ -1392,19 +1401,22 @@ mod tests {
         assert_eq!(c.tls_listeners, TlsListeners::default());
         assert_eq!(c.service_envelope, ServiceEnvelope::None);
         let e = build(&[("management_address", "https://127.0.0.1:8444")]).unwrap_err();
-        assert!(e.0.contains("private_key_file"), "{e}");
+        assert!(e.to_string().contains("private_key_file"), "{e}");
         let e = build(&[
             ("inference_address", "https://127.0.0.1:8443"),
             ("keystore", "ks.p12"),
         ])
         .unwrap_err();
-        assert!(e.0.contains("PEM") && e.0.contains("ks.p12"), "{e}");
+        assert!(
+            e.to_string().contains("PEM") && e.to_string().contains("ks.p12"),
+            "{e}"
+        );
         let e = build(&[
             ("inference_address", "HTTPS://127.0.0.1:8443"),
             ("private_key_file", "k.pem"),
         ])
         .unwrap_err();
-        assert!(e.0.contains("certificate_file"), "{e}");
+        assert!(e.to_string().contains("certificate_file"), "{e}");
         let c = build(&[
             ("inference_address", "https://127.0.0.1:8443"),
             ("private_key_file", "k.pem"),
@@ -1417,7 +1429,7 @@ mod tests {
         assert_eq!(c.tls.unwrap().certificate_file, PathBuf::from("c.pem"));
         assert_eq!(c.service_envelope.as_str(), "kservev2");
         let e = build(&[("service_envelope", "seldon")]).unwrap_err();
-        assert!(e.0.contains("service_envelope"), "{e}");
+        assert!(e.to_string().contains("service_envelope"), "{e}");
     }
 
     #[test]
@@ -1436,16 +1448,19 @@ mod tests {
     fn bad_values_name_key_and_value() {
         let e = build(&[("inference_address", "http://127.0.0.1:80x")]).unwrap_err();
         assert!(
-            e.0.contains("inference_address") && e.0.contains("80x"),
+            e.to_string().contains("inference_address") && e.to_string().contains("80x"),
             "{e}"
         );
         let e = build(&[("metrics_mode", "statsd")]).unwrap_err();
         assert!(
-            e.0.contains("metrics_mode") && e.0.contains("statsd"),
+            e.to_string().contains("metrics_mode") && e.to_string().contains("statsd"),
             "{e}"
         );
         let e = build(&[("job_queue_size", "-3")]).unwrap_err();
-        assert!(e.0.contains("job_queue_size") && e.0.contains("-3"), "{e}");
+        assert!(
+            e.to_string().contains("job_queue_size") && e.to_string().contains("-3"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -1460,16 +1475,16 @@ mod tests {
         assert_eq!(c.grpc_management_address.to_string(), "127.0.0.1:0");
         let e = build(&[("grpc_inference_port", "70700")]).unwrap_err();
         assert!(
-            e.0.contains("grpc_inference_port") && e.0.contains("70700"),
+            e.to_string().contains("grpc_inference_port") && e.to_string().contains("70700"),
             "{e}"
         );
         let e = build(&[("grpc_management_address", "http://127.0.0.1:7071")]).unwrap_err();
-        assert!(e.0.contains("grpc_management_address"), "{e}");
+        assert!(e.to_string().contains("grpc_management_address"), "{e}");
         let e = build(&[("enable_grpc_ssl", "true")]).unwrap_err();
-        assert!(e.0.contains("enable_grpc_ssl"), "{e}");
+        assert!(e.to_string().contains("enable_grpc_ssl"), "{e}");
         assert!(build(&[("enable_grpc_ssl", "false")]).is_ok());
         let e = build(&[("enable_grpc_ssl", "maybe")]).unwrap_err();
-        assert!(e.0.contains("enable_grpc_ssl"), "{e}");
+        assert!(e.to_string().contains("enable_grpc_ssl"), "{e}");
     }
 
     #[test]
@@ -1544,14 +1559,19 @@ mod tests {
         )])
         .unwrap_err();
         assert!(
-            e.0.contains("models") && e.0.contains("minWorkers 4") && e.0.contains("maxWorkers 2"),
+            e.to_string().contains("models")
+                && e.to_string().contains("minWorkers 4")
+                && e.to_string().contains("maxWorkers 2"),
             "{e}"
         );
         let e = build(&[("models", r#"{"m": {"1.0": {"minWorkers": "two"}}}"#)]).unwrap_err();
-        assert!(e.0.contains("minWorkers") && e.0.contains("two"), "{e}");
+        assert!(
+            e.to_string().contains("minWorkers") && e.to_string().contains("two"),
+            "{e}"
+        );
         assert!(build(&[("models", "{not json")])
             .unwrap_err()
-            .0
+            .to_string()
             .contains("models"));
     }
 
@@ -1571,7 +1591,7 @@ mod tests {
             ("autoscale_down_samples", "-1"),
         ] {
             let e = build(&[(k, v)]).unwrap_err();
-            assert!(e.0.contains(k), "{e}");
+            assert!(e.to_string().contains(k), "{e}");
         }
         let c = build(&[(
             "models",
@@ -1582,11 +1602,15 @@ mod tests {
         assert_eq!(s.autoscale_up_samples, Some(5));
         assert_eq!(s.autoscale_interval, Some(Duration::from_millis(100)));
         let e = build(&[("models", r#"{"m": {"1.0": {"autoscaleDownSamples": 0}}}"#)]).unwrap_err();
-        assert!(e.0.contains("autoscaleDownSamples"), "{e}");
+        assert!(e.to_string().contains("autoscaleDownSamples"), "{e}");
         let e = build(&[("default_workers_per_model", "5000")]).unwrap_err();
-        assert!(e.0.contains("default_workers_per_model: \"5000\""), "{e}");
+        assert!(
+            e.to_string()
+                .contains("default_workers_per_model: \"5000\""),
+            "{e}"
+        );
         let e = build(&[("models", r#"{"m": {"1.0": {"maxWorkers": 100000}}}"#)]).unwrap_err();
-        assert!(e.0.contains("maxWorkers 100000"), "{e}");
+        assert!(e.to_string().contains("maxWorkers 100000"), "{e}");
     }
 
     #[test]
@@ -1609,7 +1633,10 @@ mod tests {
             ("download_read_timeout", "0"),
         ] {
             let e = build(&[(key, value)]).unwrap_err();
-            assert!(e.0.contains(key) && e.0.contains(value), "{e}");
+            assert!(
+                e.to_string().contains(key) && e.to_string().contains(value),
+                "{e}"
+            );
         }
         let file = [("http_keep_alive_timeout", "90")]
             .iter()
@@ -1630,13 +1657,19 @@ mod tests {
         assert_eq!(c.log_max_files, 5);
         assert!(c.enable_access_log);
         let e = build(&[("log_format", "xml")]).unwrap_err();
-        assert!(e.0.contains("log_format") && e.0.contains("xml"), "{e}");
+        assert!(
+            e.to_string().contains("log_format") && e.to_string().contains("xml"),
+            "{e}"
+        );
         let e = build(&[("log_max_bytes", "10")]).unwrap_err();
-        assert!(e.0.contains("log_max_bytes") && e.0.contains("1024"), "{e}");
+        assert!(
+            e.to_string().contains("log_max_bytes") && e.to_string().contains("1024"),
+            "{e}"
+        );
         let e = build(&[("log_max_files", "0")]).unwrap_err();
-        assert!(e.0.contains("log_max_files"), "{e}");
+        assert!(e.to_string().contains("log_max_files"), "{e}");
         let e = build(&[("log_max_line_bytes", "99999999999")]).unwrap_err();
-        assert!(e.0.contains("log_max_line_bytes"), "{e}");
+        assert!(e.to_string().contains("log_max_line_bytes"), "{e}");
         let env = [("LOG_LOCATION".to_string(), "/var/log/ox".to_string())];
         let (c, _) = Config::from_sources(HashMap::new(), &env, &Overrides::default()).unwrap();
         assert_eq!(c.log_dir, PathBuf::from("/var/log/ox"));
@@ -1657,6 +1690,76 @@ mod tests {
         let (_, w) = Config::from_sources(file, &[], &Overrides::default()).unwrap();
         assert_eq!(w.len(), 1);
         assert!(w[0].contains("no_such_key"));
+    }
+
+    #[test]
+    fn every_known_key_is_read_or_listed_unread_and_none_warns() {
+        // known_keys() parses empty sources: they must give a config, or the list would stop at
+        // the first error.
+        assert!(Config::from_sources(HashMap::new(), &[], &Overrides::default()).is_ok());
+        let keys = known_keys();
+        for key in [
+            "inference_address",
+            "load_models",
+            "model_snapshot",
+            "tsConfigFile",
+        ] {
+            assert!(keys.contains(key), "{key}");
+        }
+        // Neither a key the parser reads nor an accepted-unread one is called unknown.
+        let file: HashMap<String, String> = [
+            ("job_queue_size", "5"),
+            ("tsConfigFile", "/x/config.properties"),
+            ("keystore_pass", "changeit"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let (c, w) = Config::from_sources(file, &[], &Overrides::default()).unwrap();
+        assert_eq!(c.job_queue_size, 5);
+        assert!(w.is_empty(), "{w:?}");
+        // A key is read on every parse, so the environment override reaches each one.
+        let env = [
+            ("TS_JOB_QUEUE_SIZE".to_string(), "7".to_string()),
+            ("TS_ENABLE_DASHBOARD".to_string(), "false".to_string()),
+        ];
+        let mut file = HashMap::new();
+        file.insert("enable_envvars_config".to_string(), "true".to_string());
+        let (c, _) = Config::from_sources(file, &env, &Overrides::default()).unwrap();
+        assert_eq!(c.job_queue_size, 7);
+        assert!(!c.enable_dashboard);
+    }
+
+    /// docs/configuration.md's key table lists exactly the keys oxserve knows: a key added to the
+    /// parser without a line in the docs (or a documented key nothing reads) fails here.
+    #[test]
+    fn the_docs_list_exactly_the_known_keys() {
+        let doc = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/configuration.md"),
+        )
+        .unwrap();
+        let table = doc
+            .split("\n## Keys\n")
+            .nth(1)
+            .expect("a ## Keys section")
+            .split("\n## ")
+            .next()
+            .unwrap();
+        let documented: BTreeSet<String> = table
+            .lines()
+            .filter_map(|l| l.strip_prefix("| "))
+            .filter_map(|l| l.split(" |").next())
+            .filter(|cell| *cell != "key" && !cell.starts_with('-'))
+            .flat_map(|cell| cell.split(", "))
+            .map(|k| k.trim_matches('`').to_string())
+            .collect();
+        let known: BTreeSet<String> = known_keys().clone();
+        let undocumented: Vec<_> = known.difference(&documented).collect();
+        let unknown: Vec<_> = documented.difference(&known).collect();
+        assert!(
+            undocumented.is_empty() && unknown.is_empty(),
+            "keys oxserve reads but docs/configuration.md does not list: {undocumented:?}; keys it lists that oxserve does not know: {unknown:?}"
+        );
     }
 
     #[test]
@@ -1691,12 +1794,13 @@ mod tests {
 
             #[test]
             fn known_keys_with_random_values_stay_within_ceilings(
-                pairs in proptest::collection::vec((0..KNOWN_KEYS.len(), "[0-9]{0,22}|-[0-9]{1,3}|true|false|\\PC{0,12}|\\{\"m\": \\{\"1\": \\{\"batchSize\": [0-9]{1,12}\\}\\}\\}"), 0..8),
+                pairs in proptest::collection::vec((0..known_keys().len(), "[0-9]{0,22}|-[0-9]{1,3}|true|false|\\PC{0,12}|\\{\"m\": \\{\"1\": \\{\"batchSize\": [0-9]{1,12}\\}\\}\\}"), 0..8),
             ) {
+                let keys: Vec<&String> = known_keys().iter().collect();
                 let file: HashMap<String, String> = pairs
                     .into_iter()
-                    .filter(|(k, _)| !KNOWN_KEYS[*k].ends_with("_address"))
-                    .map(|(k, v)| (KNOWN_KEYS[k].to_string(), v))
+                    .filter(|(k, _)| !keys[*k].ends_with("_address"))
+                    .map(|(k, v)| (keys[k].clone(), v))
                     .collect();
                 if let Ok((c, _)) = Config::from_sources(file, &[], &Overrides::default()) {
                     prop_assert!(c.batch_size >= 1 && c.batch_size <= c.max_batch_size);

@@ -22,7 +22,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 
-use crate::api::error::ApiError;
+use crate::api::error::{ApiError, ErrorKind};
 use crate::api::{metrics::token_refusal, parse_query, AppState};
 use crate::metrics::Metrics;
 use history::{History, HistoryError};
@@ -162,7 +162,7 @@ fn json<T: serde::Serialize>(v: &T) -> Response {
             body,
         )
             .into_response(),
-        Err(e) => ApiError::new(500, "InternalServerException", e.to_string()).into_response(),
+        Err(e) => ApiError::internal(e.to_string()).into_response(),
     }
 }
 
@@ -200,7 +200,7 @@ fn history(d: &Dashboard, state: &AppState, headers: &HeaderMap, q: Option<&str>
     match view {
         Ok(v) => json(&v),
         Err(e @ HistoryError::UnknownModel(_)) => {
-            ApiError::new(404, "ModelNotFoundException", e.to_string()).into_response()
+            ApiError::new(ErrorKind::ModelNotFound, e.to_string()).into_response()
         }
         Err(e) => ApiError::bad_request(e.to_string()).into_response(),
     }

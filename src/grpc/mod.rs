@@ -27,7 +27,7 @@ use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::api::auth::Scope;
-use crate::api::error::ApiError;
+use crate::api::error::{ApiError, ErrorKind};
 use crate::api::{inference, management, AppState};
 use crate::backend::{InferRequest, Param};
 use crate::metrics::{ModelMetrics, Timings};
@@ -221,9 +221,9 @@ impl Inference {
 /// Answers the HTTP status the call ends with.
 async fn drain(q: Queued, mut each: impl FnMut(Result<Bytes, ApiError>)) -> u16 {
     let failed = |status: u16, body: &Bytes| {
-        ApiError::new(
+        ApiError::with_status(
             status,
-            "InternalServerException",
+            ErrorKind::InternalServer,
             String::from_utf8_lossy(body).into_owned(),
         )
     };
@@ -245,9 +245,7 @@ async fn drain(q: Queued, mut each: impl FnMut(Result<Bytes, ApiError>)) -> u16 
             let mut t = Timings::new(q.arrival);
             t.responded = Some(Instant::now());
             q.metrics.record_request(&t, 500, q.in_url);
-            each(Err(ApiError::new(
-                500,
-                "InternalServerException",
+            each(Err(ApiError::internal(
                 "the worker dropped the request without an answer",
             )));
             return 500;
@@ -279,9 +277,7 @@ async fn drain(q: Queued, mut each: impl FnMut(Result<Bytes, ApiError>)) -> u16 
                 timings.responded = Some(Instant::now());
                 q.metrics.record_request(&timings, 500, q.in_url);
                 if ok {
-                    each(Err(ApiError::new(
-                        500,
-                        "InternalServerException",
+                    each(Err(ApiError::internal(
                         "the worker ended the stream without its last part",
                     )));
                 }

@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use crate::config::{Config, MetricsMode};
 use log::LogSink;
 use registry::Family;
+pub use spec::SpecError;
 use spec::{Kind, MetricSpec, Origin, Spec};
 
 use handles::TsCounters;
@@ -89,10 +90,22 @@ const INTER_TOKEN_BUCKETS: &[f64] = &[
     0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5,
 ];
 
+/// Why the metrics registry could not be built at start-up.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    #[error("cannot open the metrics logs in {}: {source}", dir.display())]
+    LogDir {
+        dir: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}
+
 impl Metrics {
     /// Builds the registry from the configuration: metrics.yaml (built-in or `metrics_config`),
     /// mode, buckets, and the log sink for log and legacy modes.
-    pub fn from_config(config: &Config) -> Result<Metrics, String> {
+    pub fn from_config(config: &Config) -> Result<Metrics, MetricsError> {
         let spec = match &config.metrics_config {
             Some(path) => Spec::load(path)?,
             None => Spec::builtin(),
@@ -102,10 +115,10 @@ impl Metrics {
         // modes only, as in TorchServe.
         let log = Some(Arc::new(
             LogSink::open(&config.metrics_log_dir, config.metrics_log_max_bytes).map_err(|e| {
-                format!(
-                    "cannot open the metrics logs in {}: {e}",
-                    config.metrics_log_dir.display()
-                )
+                MetricsError::LogDir {
+                    dir: config.metrics_log_dir.clone(),
+                    source: e,
+                }
             })?,
         ));
         Ok(Metrics::new(

@@ -114,7 +114,7 @@ pub fn valid_label_name(name: &str) -> bool {
 
 /// Names an alias (`*name`) that no anchor (`&name`) defines, with its line and the entry it is
 /// in; the YAML parser alone only says "unknown anchor at line N".
-fn check_anchors(text: &str, source: &str) -> Result<(), String> {
+fn check_anchors(text: &str, source: &str) -> Result<(), SpecError> {
     let ident = |rest: &str| -> String {
         rest.chars()
             .take_while(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '-')
@@ -146,10 +146,12 @@ fn check_anchors(text: &str, source: &str) -> Result<(), String> {
                         } else {
                             format!(" ({entry})")
                         };
-                        return Err(format!(
-                            "metrics config {source}: line {}{at}: undefined anchor *{alias}",
-                            n + 1
-                        ));
+                        return Err(SpecError::UndefinedAnchor {
+                            file: source.to_string(),
+                            line: n + 1,
+                            entry: at,
+                            alias,
+                        });
                     }
                 }
                 _ => {}
@@ -157,6 +159,35 @@ fn check_anchors(text: &str, source: &str) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Why a metrics.yaml was refused; every message names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    /// The file cannot be read (missing, too large, not UTF-8).
+    #[error("{0}")]
+    Read(String),
+    /// Not YAML of the expected shape.
+    #[error("metrics config {file}: {reason}")]
+    Yaml { file: String, reason: String },
+    /// An alias (`*name`) no anchor defines; `entry` is ` (<metric name>)` when known.
+    #[error("metrics config {file}: line {line}{entry}: undefined anchor *{alias}")]
+    UndefinedAnchor {
+        file: String,
+        line: usize,
+        entry: String,
+        alias: String,
+    },
+    /// A metric entry that is refused; `at` names the file, section, index and metric.
+    #[error("{at}: {reason}")]
+    Entry { at: String, reason: String },
+}
+
+fn refused(at: &str, reason: impl Into<String>) -> SpecError {
+    SpecError::Entry {
+        at: at.to_string(),
+        reason: reason.into(),
+    }
 }
 
 impl Spec {
@@ -167,17 +198,20 @@ impl Spec {
     }
 
     /// Reads and validates a metrics.yaml file.
-    pub fn load(path: &Path) -> Result<Spec, String> {
+    pub fn load(path: &Path) -> Result<Spec, SpecError> {
         let text =
-            crate::config::read_small_file(path, &format!("metrics config {}", path.display()))?;
+            crate::config::read_small_file(path, &format!("metrics config {}", path.display()))
+                .map_err(SpecError::Read)?;
         Spec::parse(&text, &path.display().to_string())
     }
 
     /// Parses and validates metrics.yaml text; `source` names the file in errors.
-    pub fn parse(text: &str, source: &str) -> Result<Spec, String> {
+    pub fn parse(text: &str, source: &str) -> Result<Spec, SpecError> {
         check_anchors(text, source)?;
-        let shape: FileShape =
-            serde_yaml::from_str(text).map_err(|e| format!("metrics config {source}: {e}"))?;
+        let shape: FileShape = serde_yaml::from_str(text).map_err(|e| SpecError::Yaml {
+            file: source.to_string(),
+            reason: e.to_string(),
+        })?;
         let mut spec = Spec::default();
         let mut seen = HashSet::new();
         let sections = [
@@ -197,40 +231,40 @@ impl Spec {
                         "metrics config {source}: {section_name}.{}[{i}]",
                         kind.as_str()
                     );
-                    let name = entry.name.ok_or_else(|| format!("{at}: missing name"))?;
+                    let name = entry.name.ok_or_else(|| refused(&at, "missing name"))?;
                     let at = format!("{at} ({name})");
                     if !valid_metric_name(&name) {
-                        return Err(format!("{at}: invalid metric name {name:?}"));
+                        return Err(refused(&at, format!("invalid metric name {name:?}")));
                     }
-                    let unit = entry.unit.ok_or_else(|| format!("{at}: missing unit"))?;
+                    let unit = entry.unit.ok_or_else(|| refused(&at, "missing unit"))?;
                     for d in &entry.dimensions {
                         // `__` names are Prometheus' own; `le` is a histogram's bucket label.
                         if !valid_label_name(d)
                             || d.starts_with("__")
                             || (kind == Kind::Histogram && d == "le")
                         {
-                            return Err(format!("{at}: invalid dimension name {d:?}"));
+                            return Err(refused(&at, format!("invalid dimension name {d:?}")));
                         }
                     }
                     let mut dims = HashSet::new();
                     for d in &entry.dimensions {
                         if !dims.insert(d) {
-                            return Err(format!("{at}: dimension {d:?} is listed twice"));
+                            return Err(refused(&at, format!("dimension {d:?} is listed twice")));
                         }
                     }
                     if let Some(b) = &entry.buckets {
                         if kind != Kind::Histogram {
-                            return Err(format!("{at}: buckets are only for histograms"));
+                            return Err(refused(&at, "buckets are only for histograms"));
                         }
                         if b.is_empty()
                             || b.iter().any(|v| !v.is_finite())
                             || b.windows(2).any(|w| w[0] >= w[1])
                         {
-                            return Err(format!("{at}: buckets must be strictly increasing"));
+                            return Err(refused(&at, "buckets must be strictly increasing"));
                         }
                     }
                     if !seen.insert(name.clone()) {
-                        return Err(format!("{at}: duplicate metric name {name:?}"));
+                        return Err(refused(&at, format!("duplicate metric name {name:?}")));
                     }
                     let mut dimensions = entry.dimensions;
                     if origin == Origin::Model && !dimensions.iter().any(|d| d == "Hostname") {
@@ -274,17 +308,17 @@ mod tests {
     #[test]
     fn errors_name_file_entry_and_reason() {
         let dup = "ts_metrics:\n  counter:\n    - name: A\n      unit: Count\n    - name: A\n      unit: Count\n";
-        let e = Spec::parse(dup, "m.yaml").unwrap_err();
+        let e = Spec::parse(dup, "m.yaml").unwrap_err().to_string();
         assert!(
             e.contains("m.yaml") && e.contains("duplicate") && e.contains("A"),
             "{e}"
         );
         let nounit = "ts_metrics:\n  gauge:\n    - name: B\n";
-        let e = Spec::parse(nounit, "m.yaml").unwrap_err();
+        let e = Spec::parse(nounit, "m.yaml").unwrap_err().to_string();
         assert!(e.contains("missing unit") && e.contains("(B)"), "{e}");
         let anchor =
             "model_metrics:\n  gauge:\n    - name: C\n      unit: ms\n      dimensions: [*nope]\n";
-        let e = Spec::parse(anchor, "m.yaml").unwrap_err();
+        let e = Spec::parse(anchor, "m.yaml").unwrap_err().to_string();
         assert!(
             e.contains("m.yaml") && e.contains("undefined anchor *nope") && e.contains("(C)"),
             "{e}"
@@ -292,22 +326,24 @@ mod tests {
         let badname = "ts_metrics:\n  gauge:\n    - name: 9bad\n      unit: ms\n";
         assert!(Spec::parse(badname, "m.yaml")
             .unwrap_err()
+            .to_string()
             .contains("invalid metric name"));
         let badlabel =
             "ts_metrics:\n  gauge:\n    - name: ok\n      unit: ms\n      dimensions: [\"a-b\"]\n";
         assert!(Spec::parse(badlabel, "m.yaml")
             .unwrap_err()
+            .to_string()
             .contains("invalid dimension"));
         for bad in [
             "model_metrics:\n  histogram:\n    - name: H\n      unit: ms\n      dimensions: [le]\n",
             "model_metrics:\n  gauge:\n    - name: G\n      unit: ms\n      dimensions: [__name__]\n",
         ] {
-            let e = Spec::parse(bad, "m.yaml").unwrap_err();
+            let e = Spec::parse(bad, "m.yaml").unwrap_err().to_string();
             assert!(e.contains("invalid dimension"), "{e}");
         }
         let nan =
             "model_metrics:\n  histogram:\n    - name: H\n      unit: ms\n      buckets: [.nan]\n";
-        let e = Spec::parse(nan, "m.yaml").unwrap_err();
+        let e = Spec::parse(nan, "m.yaml").unwrap_err().to_string();
         assert!(e.contains("buckets"), "{e}");
     }
 

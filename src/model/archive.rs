@@ -102,6 +102,9 @@ pub enum ArchiveError {
     NotFound(String),
     #[error("invalid model archive {path}: {reason}")]
     Invalid { path: String, reason: String },
+    /// The manifest's `configFile` is missing, outside the archive, or not YAML.
+    #[error("{0}")]
+    ModelConfig(String),
 }
 
 fn invalid(path: &Path, reason: impl Into<String>) -> ArchiveError {
@@ -173,7 +176,10 @@ pub fn parse_manifest(text: &str) -> Result<Manifest, String> {
 /// stores it), as JSON; `None` when the manifest names none. TorchServe reads worker settings
 /// (`minWorkers`, `batchSize`, ...) from it and hands all of it to handlers as
 /// `context.model_yaml_config`.
-pub fn model_config(dir: &Path, manifest: &Manifest) -> Result<Option<serde_json::Value>, String> {
+pub fn model_config(
+    dir: &Path,
+    manifest: &Manifest,
+) -> Result<Option<serde_json::Value>, ArchiveError> {
     let Some(file) = manifest
         .model
         .config_file
@@ -182,10 +188,13 @@ pub fn model_config(dir: &Path, manifest: &Manifest) -> Result<Option<serde_json
     else {
         return Ok(None);
     };
-    let relative = safe_relative(file)?;
+    let relative = safe_relative(file).map_err(ArchiveError::ModelConfig)?;
     let path = dir.join(relative);
-    let text = read_small_file(&path, &format!("the model config {file}"))?;
-    parse_model_config(&text, file).map(Some)
+    let text = read_small_file(&path, &format!("the model config {file}"))
+        .map_err(ArchiveError::ModelConfig)?;
+    parse_model_config(&text, file)
+        .map(Some)
+        .map_err(ArchiveError::ModelConfig)
 }
 
 /// Parses model-config.yaml text (`file` names it in errors) into JSON.

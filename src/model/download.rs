@@ -12,7 +12,31 @@ use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
 
 use crate::config::Config;
+use crate::error::ErrorKind;
 use crate::model::loading::{Loading, Phase};
+
+/// Why a download failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DownloadError {
+    /// A redirect oxserve does not follow: to a URL allowed_urls does not allow, or not http://.
+    #[error("{0}")]
+    Refused(String),
+    /// The transfer failed: unreachable, an error status, a timeout, over max_download_size, cut
+    /// short, or the file could not be written.
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl DownloadError {
+    /// TorchServe answers a failed download with a 400 `DownloadArchiveException`
+    /// (`ArchiveUtils.downloadArchive`); a refused redirect is a bad request.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            DownloadError::Refused(_) => ErrorKind::BadRequest,
+            DownloadError::Failed(_) => ErrorKind::DownloadArchive,
+        }
+    }
+}
 
 /// Redirects followed at most (each one checked).
 const MAX_REDIRECTS: usize = 5;
@@ -24,7 +48,8 @@ pub async fn fetch(
     config: &Config,
     dir: &Path,
     loading: &Arc<Loading>,
-) -> Result<tempfile::TempPath, String> {
+) -> Result<tempfile::TempPath, DownloadError> {
+    use DownloadError::{Failed, Refused};
     let limits = &config.download;
     // Redirects are followed here, by hand, so that each hop is checked like the first URL.
     let client = reqwest::Client::builder()
@@ -32,59 +57,63 @@ pub async fn fetch(
         .connect_timeout(limits.connect_timeout)
         .read_timeout(limits.read_timeout)
         .build()
-        .map_err(|e| format!("cannot download {url}: {e}"))?;
-    let mut current =
-        reqwest::Url::parse(url).map_err(|e| format!("cannot download {url}: bad URL: {e}"))?;
+        .map_err(|e| Failed(format!("cannot download {url}: {e}")))?;
+    let mut current = reqwest::Url::parse(url)
+        .map_err(|e| Failed(format!("cannot download {url}: bad URL: {e}")))?;
     let mut hops = 0;
     let mut response = loop {
         let response = client
             .get(current.clone())
             .send()
             .await
-            .map_err(|e| format!("cannot download {url}: {}", describe(&e)))?;
+            .map_err(|e| Failed(format!("cannot download {url}: {}", describe(&e))))?;
         if !response.status().is_redirection() {
             break response;
         }
         hops += 1;
         if hops > MAX_REDIRECTS {
-            return Err(format!(
+            return Err(Failed(format!(
                 "cannot download {url}: more than {MAX_REDIRECTS} redirects"
-            ));
+            )));
         }
         let location = response
             .headers()
             .get(reqwest::header::LOCATION)
             .and_then(|v| v.to_str().ok())
             .ok_or_else(|| {
-                format!(
+                Failed(format!(
                     "cannot download {url}: {current} answered {} without a usable Location",
                     response.status()
-                )
+                ))
             })?;
-        let next = current
-            .join(location)
-            .map_err(|e| format!("cannot download {url}: bad redirect {location:?}: {e}"))?;
+        let next = current.join(location).map_err(|e| {
+            Failed(format!(
+                "cannot download {url}: bad redirect {location:?}: {e}"
+            ))
+        })?;
         if next.scheme() != "http" {
-            return Err(format!(
+            return Err(Refused(format!(
                 "cannot download {url}: it redirects to {next}; oxserve downloads plain http:// URLs only"
-            ));
+            )));
         }
         if !config.url_allowed(next.as_str()) {
-            return Err(format!(
+            return Err(Refused(format!(
                 "Given URL {url} redirects to {next}, which does not match any allowed URL(s)"
-            ));
+            )));
         }
         current = next;
     };
     if !response.status().is_success() {
-        return Err(format!(
+        return Err(Failed(format!(
             "cannot download {url}: the server answered {}",
             response.status()
-        ));
+        )));
     }
     let total = response.content_length();
     let too_big = |max: u64| {
-        format!("cannot download {url}: the archive is larger than max_download_size ({max} bytes)")
+        Failed(format!(
+            "cannot download {url}: the archive is larger than max_download_size ({max} bytes)"
+        ))
     };
     if let (Some(max), Some(len)) = (limits.max_size, total) {
         if len > max {
@@ -97,20 +126,20 @@ pub async fn fetch(
         .suffix(".part")
         .tempfile_in(dir)
         .map_err(|e| {
-            format!(
+            Failed(format!(
                 "cannot download {url}: cannot create a file in {}: {e}",
                 dir.display()
-            )
+            ))
         })?
         .into_temp_path();
     let mut file = tokio::fs::File::create(&temp)
         .await
-        .map_err(|e| format!("cannot write {}: {e}", temp.display()))?;
+        .map_err(|e| Failed(format!("cannot write {}: {e}", temp.display())))?;
     let mut written: u64 = 0;
     while let Some(chunk) = response
         .chunk()
         .await
-        .map_err(|e| format!("cannot download {url}: {}", describe(&e)))?
+        .map_err(|e| Failed(format!("cannot download {url}: {}", describe(&e))))?
     {
         written += chunk.len() as u64;
         if let Some(max) = limits.max_size {
@@ -120,19 +149,19 @@ pub async fn fetch(
         }
         file.write_all(&chunk)
             .await
-            .map_err(|e| format!("cannot write {}: {e}", temp.display()))?;
+            .map_err(|e| Failed(format!("cannot write {}: {e}", temp.display())))?;
         loading.advance(chunk.len() as u64);
     }
     if let Some(len) = total {
         if written != len {
-            return Err(format!(
+            return Err(Failed(format!(
                 "cannot download {url}: the body ended after {written} of {len} bytes"
-            ));
+            )));
         }
     }
     file.flush()
         .await
-        .map_err(|e| format!("cannot write {}: {e}", temp.display()))?;
+        .map_err(|e| Failed(format!("cannot write {}: {e}", temp.display())))?;
     Ok(temp)
 }
 

@@ -7,10 +7,12 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
-use crate::backend::{self, BackendLoader, WorkerSpec};
+use crate::backend::{self, BackendLoader, LoaderError, WorkerSpec};
 use crate::config::{Config, ModelSettings};
+use crate::error::ErrorKind;
 use crate::metrics::{Metrics, ModelMetrics};
-use crate::model::archive::{self, Manifest, UnpackedArchive};
+use crate::model::archive::{self, ArchiveError, Manifest, UnpackedArchive};
+use crate::model::download::DownloadError;
 use crate::model::loading::{Loading, Phase};
 use crate::model::snapshot;
 use crate::worker::{AutoscaleRule, Pool, PoolSettings};
@@ -83,20 +85,41 @@ pub enum RegistryError {
     /// `url=` given but empty (TorchServe's ModelArchive: 404 "empty url").
     #[error("empty url")]
     EmptyUrl,
+    /// The archive cannot be opened or unpacked, or a file in it is invalid.
+    #[error(transparent)]
+    Archive(#[from] ArchiveError),
+    /// A `http://` archive could not be downloaded.
+    #[error(transparent)]
+    Download(#[from] DownloadError),
+    /// No backend can serve the archive, or its model failed to load in the registration's check.
+    #[error("cannot load model from {url}: {source}")]
+    Loader { url: String, source: LoaderError },
+    /// The archive's model-config.yaml holds a setting oxserve refuses.
+    #[error("{0}")]
+    ModelConfig(String),
+    /// The blocking task opening the archive ended without an answer (it panicked).
+    #[error("archive unpacking failed: {0}")]
+    Unpacking(String),
 }
 
 impl RegistryError {
-    /// HTTP status and TorchServe exception type.
-    pub fn status(&self) -> (u16, &'static str) {
+    /// TorchServe's exception type (and so the status) of this error.
+    pub fn kind(&self) -> ErrorKind {
         match self {
-            RegistryError::ModelNotFound(_) => (404, "ModelNotFoundException"),
-            RegistryError::VersionNotFound { .. } => (404, "ModelVersionNotFoundException"),
-            RegistryError::Conflict { .. } => (409, "ConflictStatusException"),
-            RegistryError::BadRequest(_) => (400, "BadRequestException"),
-            RegistryError::Model(_) => (400, "ModelException"),
-            RegistryError::LoadFailed(_) => (500, "InternalServerException"),
-            RegistryError::FileExists(_) => (500, "InternalServerException"),
-            RegistryError::EmptyUrl => (404, "ModelNotFoundException"),
+            RegistryError::ModelNotFound(_) | RegistryError::EmptyUrl => ErrorKind::ModelNotFound,
+            RegistryError::VersionNotFound { .. } => ErrorKind::ModelVersionNotFound,
+            RegistryError::Conflict { .. } => ErrorKind::Conflict,
+            RegistryError::BadRequest(_)
+            | RegistryError::Archive(_)
+            | RegistryError::ModelConfig(_) => ErrorKind::BadRequest,
+            RegistryError::Model(_) => ErrorKind::Model,
+            RegistryError::Download(e) => e.kind(),
+            RegistryError::Loader { source, .. } => source.kind(),
+            // TorchServe: a model whose workers cannot start is a 500 (ApiUtils "Failed to start
+            // workers"), as is a file already in the store (FileAlreadyExistsException).
+            RegistryError::LoadFailed(_)
+            | RegistryError::FileExists(_)
+            | RegistryError::Unpacking(_) => ErrorKind::InternalServer,
         }
     }
 }
@@ -268,10 +291,6 @@ impl Registry {
         })
     }
 
-    pub fn config(&self) -> &Arc<Config> {
-        &self.config
-    }
-
     /// The version a request names, or the default version.
     pub fn get(
         &self,
@@ -421,8 +440,7 @@ impl Registry {
         let (handler, runtime) = (options.handler.clone(), options.runtime.clone());
         let (unpacked, loader, from_yaml) = tokio::task::spawn_blocking(move || {
             let limits = archive::Limits::from_config(&config);
-            let mut unpacked = archive::open_observed(&path, &limits, Some(observer))
-                .map_err(|e| e.to_string())?;
+            let mut unpacked = archive::open_observed(&path, &limits, Some(observer))?;
             // The register API's handler and runtime win over the manifest's, as in TorchServe.
             if let Some(h) = handler {
                 unpacked.manifest.model.handler = h;
@@ -431,16 +449,16 @@ impl Registry {
                 unpacked.manifest.runtime = r;
             }
             let loader = backend::loader_for(&unpacked.dir, &unpacked.manifest, &config)
-                .map_err(|e| format!("cannot load model from {shown}: {e}"))?;
+                .map_err(|source| RegistryError::Loader { url: shown, source })?;
             let from_yaml = match archive::model_config(&unpacked.dir, &unpacked.manifest)? {
-                Some(v) => ModelSettings::from_fields(&v, "model-config.yaml")?,
+                Some(v) => ModelSettings::from_fields(&v, "model-config.yaml")
+                    .map_err(RegistryError::ModelConfig)?,
                 None => ModelSettings::default(),
             };
-            Ok::<_, String>((unpacked, loader, from_yaml))
+            Ok::<_, RegistryError>((unpacked, loader, from_yaml))
         })
         .await
-        .map_err(|e| RegistryError::BadRequest(format!("archive unpacking failed: {e}")))?
-        .map_err(RegistryError::BadRequest)?;
+        .map_err(|e| RegistryError::Unpacking(e.to_string()))??;
         loading.loading.set_phase(Phase::StartingWorkers, 0);
         let source = Source {
             url: url.to_string(),
@@ -578,9 +596,7 @@ impl Registry {
         if target.exists() {
             return Err(RegistryError::FileExists(file.to_string()));
         }
-        let temp = super::download::fetch(url, &self.config, store, loading)
-            .await
-            .map_err(bad)?;
+        let temp = super::download::fetch(url, &self.config, store, loading).await?;
         Ok(Resolved {
             path: temp.to_path_buf(),
             download: Some((temp, target)),

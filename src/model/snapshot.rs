@@ -95,8 +95,8 @@ fn stamp(t: SystemTime) -> String {
 }
 
 /// Parses a `model_snapshot` value.
-pub fn parse(json: &str) -> Result<Snapshot, String> {
-    serde_json::from_str(json).map_err(|e| format!("invalid model_snapshot: {e}"))
+pub fn parse(json: &str) -> Result<Snapshot, serde_json::Error> {
+    serde_json::from_str(json)
 }
 
 /// Writes a snapshot of `kind` (startup, snapshot, shutdown) into `dir`: `props` plus

@@ -33,6 +33,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 pub use crate::config::{BatchMode, SequenceSettings};
 
 use crate::backend::{BackendLoader, InferRequest, InferResponse, WorkerSpec};
+use crate::error::ErrorKind;
 use crate::metrics::{ModelMetrics, Timings, WorkerState};
 
 pub use autoscale::AutoscaleRule;
@@ -221,11 +222,11 @@ pub const SEQUENCE_START_HEADER: &str = "ts_request_sequence_start";
 pub const SEQUENCE_END_HEADER: &str = "ts_request_sequence_end";
 
 impl PoolError {
-    /// HTTP status and TorchServe exception type.
-    pub fn status(&self) -> (u16, &'static str) {
+    /// TorchServe's exception type (and so the status) of this error.
+    pub fn kind(&self) -> ErrorKind {
         match self {
             PoolError::QueueFull(_) | PoolError::Closed(_) | PoolError::WorkerDied(_) => {
-                (503, "ServiceUnavailableException")
+                ErrorKind::ServiceUnavailable
             }
             // TorchServe answers a worker that missed its response timeout with 500 ("Worker
             // died.", test_auto_recover): the worker is killed and restarted, a server-side
@@ -233,17 +234,16 @@ impl PoolError {
             PoolError::Timeout(_)
             | PoolError::Panicked(_)
             | PoolError::ReplyCount { .. }
-            | PoolError::Dropped => (500, "InternalServerException"),
+            | PoolError::Dropped => ErrorKind::InternalServer,
             // Async mode only (oxserve's): one request timed out, its worker keeps serving.
-            PoolError::RequestTimeout(_) => (408, "RequestTimeoutException"),
-            PoolError::Sequence(_) => (400, "BadRequestException"),
+            PoolError::RequestTimeout(_) => ErrorKind::RequestTimeout,
+            PoolError::Sequence(_) => ErrorKind::BadRequest,
         }
     }
 
     /// The error as a reply in TorchServe's JSON shape.
     pub fn response(&self) -> InferResponse {
-        let (status, kind) = self.status();
-        InferResponse::error(status, kind, &self.to_string())
+        InferResponse::error(self.kind(), &self.to_string())
     }
 }
 

@@ -478,8 +478,11 @@ impl Runner {
             }
             Ok(Ok(Err(BackendError::Failed { status, message }))) => {
                 for job in jobs {
-                    let response =
-                        InferResponse::error(status, "InternalServerException", &message);
+                    let response = InferResponse::from(crate::error::ApiError::with_status(
+                        status,
+                        crate::error::ErrorKind::InternalServer,
+                        &message,
+                    ));
                     seq.note(&job, &response, true);
                     job.finish(response);
                 }

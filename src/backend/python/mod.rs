@@ -88,7 +88,7 @@ impl BackendLoader for PythonLoader {
     async fn prepare(&self, spec: &WorkerSpec) -> Result<(), BackendError> {
         // A malformed parallelism fails the registration, not each worker start.
         let yaml = crate::model::archive::model_config(&spec.model_dir, &spec.manifest)
-            .map_err(BackendError::Load)?;
+            .map_err(|e| BackendError::Load(e.to_string()))?;
         parallel::Parallel::from_model_yaml(yaml.as_ref()).map_err(BackendError::Load)?;
         self.dependencies(spec).await.map(|_| ())
     }
@@ -117,7 +117,7 @@ impl BackendLoader for PythonLoader {
         // model-config.yaml reaches handlers as context.model_yaml_config (parsed here, once, with
         // a full YAML parser, so the stdlib runtime needs none).
         let model_yaml = crate::model::archive::model_config(&model_dir, &spec.manifest)
-            .map_err(BackendError::Load)?;
+            .map_err(|e| BackendError::Load(e.to_string()))?;
         let parallel =
             parallel::Parallel::from_model_yaml(model_yaml.as_ref()).map_err(BackendError::Load)?;
         let ranks = parallel.as_ref().map_or(1, |p| p.ranks());

@@ -505,11 +505,11 @@ impl Backend for PythonBackend {
                 .into_iter()
                 .map(|r| Part {
                     id: r.request_id,
-                    response: InferResponse::error(
+                    response: InferResponse::from(crate::error::ApiError::with_status(
                         status,
-                        "InternalServerException",
+                        crate::error::ErrorKind::InternalServer,
                         &reply.message,
-                    ),
+                    )),
                     last: true,
                 })
                 .collect());

@@ -1539,7 +1539,7 @@ mod tests {
         assert_eq!(c.token_expiration, Duration::from_secs(5400));
         for bad in ["0", "-1", "NaN", "inf", "1e30", "soon", ""] {
             let e = build(&[("token_expiration_min", bad)]).unwrap_err();
-            assert!(e.0.contains("token_expiration_min"), "{bad}: {e}");
+            assert!(e.to_string().contains("token_expiration_min"), "{bad}: {e}");
         }
     }
 

@@ -206,6 +206,8 @@ mod tests {
         // TorchServe's HttpRequestHandler: the exception's class decides the status.
         let expected = [
             ("BadRequestException", 400),
+            ("InvalidKeyException", 400),
+            ("ModelException", 400),
             ("UnauthorizedException", 401),
             ("ResourceNotFoundException", 404),
             ("ModelNotFoundException", 404),

@@ -14,3 +14,4 @@ pub mod model;
 pub mod server;
 pub mod system;
 pub mod worker;
+pub mod workflow;

@@ -86,6 +86,10 @@ pub async fn run(mut config: Config) -> Result<()> {
         metrics: metrics.clone(),
         config: config.clone(),
         tokens: tokens.clone(),
+        workflows: Arc::new(crate::workflow::Workflows::new(
+            config.clone(),
+            registry.clone(),
+        )),
     };
 
     let inference = bind("inference", "inference_address", config.inference_address).await?;

@@ -104,6 +104,9 @@ pub struct Config {
     pub disable_system_metrics: bool,
     pub metric_time_interval: Duration,
     pub model_store: Option<PathBuf>,
+    /// Where workflow archives (.war) are looked up and downloaded to (`workflow_store`, or
+    /// `--workflow-store`); workflows cannot be registered without one, as in TorchServe.
+    pub workflow_store: Option<PathBuf>,
     /// `all`, or entries `name=file.mar` / `file.mar`.
     pub load_models: Vec<String>,
     pub default_workers_per_model: u32,
@@ -501,6 +504,7 @@ pub const DEFAULT_BUCKETS: &[f64] = &[
 pub struct Overrides {
     pub ts_config: Option<PathBuf>,
     pub model_store: Option<PathBuf>,
+    pub workflow_store: Option<PathBuf>,
     pub models: Option<String>,
     pub disable_token_auth: bool,
     pub enable_model_api: bool,
@@ -531,6 +535,7 @@ const KNOWN_KEYS: &[&str] = &[
     "disable_system_metrics",
     "metric_time_interval",
     "model_store",
+    "workflow_store",
     "load_models",
     "default_workers_per_model",
     "job_queue_size",
@@ -667,6 +672,9 @@ impl Config {
         }
         if let Some(store) = &flags.model_store {
             props.insert("model_store".into(), store.display().to_string());
+        }
+        if let Some(store) = &flags.workflow_store {
+            props.insert("workflow_store".into(), store.display().to_string());
         }
         if let Some(models) = &flags.models {
             props.insert("load_models".into(), models.clone());
@@ -1026,6 +1034,9 @@ impl Config {
                 None => None,
             },
             model_store,
+            workflow_store: get("workflow_store")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from),
             load_models,
             default_workers_per_model: default_workers_per_model as u32,
             default_workers_per_model_configured: get("default_workers_per_model").is_some(),

@@ -407,6 +407,34 @@ impl Registry {
         }
         let loading = self.start_loading(url, &options);
         let resolved = self.resolve(url, &loading.loading).await?;
+        self.register_resolved(url, resolved, loading, options)
+            .await
+    }
+
+    /// Registers a folder oxserve itself laid out (a workflow's function node: its manifest and
+    /// handler file), shown as `url`; allowed_urls and the model store do not apply to it.
+    pub async fn register_folder(
+        &self,
+        dir: &Path,
+        url: &str,
+        options: RegisterOptions,
+    ) -> Result<Arc<ModelVersion>, RegistryError> {
+        let loading = self.start_loading(url, &options);
+        let resolved = Resolved {
+            path: dir.to_path_buf(),
+            download: None,
+        };
+        self.register_resolved(url, resolved, loading, options)
+            .await
+    }
+
+    async fn register_resolved(
+        &self,
+        url: &str,
+        resolved: Resolved,
+        loading: LoadingGuard<'_>,
+        options: RegisterOptions,
+    ) -> Result<Arc<ModelVersion>, RegistryError> {
         let path = resolved.path.clone();
         let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         let config = self.config.clone();

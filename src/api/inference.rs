@@ -280,7 +280,10 @@ async fn serve(state: AppState, target: Target, req: Request) -> Response {
 }
 
 /// A `/wfpredict` request in the shape a prediction gets (body within max_request_size).
-pub(super) async fn workflow_request(state: &AppState, req: Request) -> Result<InferRequest, ApiError> {
+pub(super) async fn workflow_request(
+    state: &AppState,
+    req: Request,
+) -> Result<InferRequest, ApiError> {
     let (parts, body) = req.into_parts();
     let body = read_body(state, &parts.headers, body).await?;
     let id = parts

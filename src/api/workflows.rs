@@ -35,7 +35,10 @@ fn number(pairs: &[(String, String)], key: &str) -> Result<Option<u64>, ApiError
     }
 }
 
-pub async fn list(State(state): State<AppState>, RawQuery(q): RawQuery) -> Result<Response, ApiError> {
+pub async fn list(
+    State(state): State<AppState>,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
     let pairs = parse_query(q.as_deref())?;
     // TorchServe's bounds: a limit above 100 is 100.
     let limit = number(&pairs, "limit")?.unwrap_or(100).clamp(1, 100) as usize;
@@ -62,12 +65,7 @@ pub async fn register(
         return Err(ApiError::method_not_allowed());
     }
     let pairs = parse_query(q.as_deref())?;
-    let text = |key: &str| {
-        pairs
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.clone())
-    };
+    let text = |key: &str| pairs.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
     let Some(url) = text("url") else {
         return Err(ApiError::bad_request("Parameter url is required."));
     };

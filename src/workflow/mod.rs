@@ -249,7 +249,9 @@ impl Workflows {
     pub async fn register(&self, req: RegisterWorkflow) -> Result<String, WorkflowError> {
         let url = req.url.as_str();
         if url.is_empty() {
-            return Err(WorkflowError::BadRequest("Parameter url is required.".into()));
+            return Err(WorkflowError::BadRequest(
+                "Parameter url is required.".into(),
+            ));
         }
         let store = self
             .config
@@ -487,8 +489,9 @@ impl Workflows {
         leaves.sort_by_key(|(i, _)| *i);
         let mut object = serde_json::Map::new();
         for (i, body) in leaves {
-            let value = serde_json::from_slice(&body)
-                .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&body).into()));
+            let value = serde_json::from_slice(&body).unwrap_or_else(|_| {
+                serde_json::Value::String(String::from_utf8_lossy(&body).into())
+            });
             object.insert(nodes[i].name.clone(), value);
         }
         Ok(WorkflowReply {
@@ -507,7 +510,10 @@ impl Workflows {
         let n = &wf.spec.nodes[node];
         let model = &wf.models[node];
         for attempt in 0..=n.settings.retry_attempts {
-            match self.attempt(model, request.clone(), n.settings.timeout()).await {
+            match self
+                .attempt(model, request.clone(), n.settings.timeout())
+                .await
+            {
                 Ok(body) => return (node, Ok(body)),
                 Err(why) => tracing::warn!(
                     "workflow {} node {} attempt {}: {why}",

@@ -111,7 +111,9 @@ impl Settings {
         *slot = value
             .as_u64()
             .and_then(|v| u32::try_from(v).ok())
-            .ok_or_else(|| format!("{at}{key} must be a non-negative whole number, got {value:?}"))?;
+            .ok_or_else(|| {
+                format!("{at}{key} must be a non-negative whole number, got {value:?}")
+            })?;
         Ok(true)
     }
 }
@@ -151,14 +153,18 @@ pub struct Spec {
 
 fn valid_node_name(name: &str) -> bool {
     let mut chars = name.chars();
-    chars.next().is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
         && name.len() <= MAX_NODE_NAME
 }
 
 fn python_identifier(name: &str) -> bool {
     let mut chars = name.chars();
-    chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
@@ -209,9 +215,10 @@ pub fn parse(text: &str, has_handler: bool) -> Result<Spec, String> {
         for (k, v) in m {
             let key = as_name(k, "a model setting")?;
             if key == "url" {
-                url = Some(v.as_str().filter(|u| !u.is_empty()).ok_or_else(|| {
-                    format!("models: {name}: url must be a non-empty string")
-                })?);
+                url =
+                    Some(v.as_str().filter(|u| !u.is_empty()).ok_or_else(|| {
+                        format!("models: {name}: url must be a non-empty string")
+                    })?);
             } else if !settings.apply(&key, v, &format!("models: {name}: "))? {
                 return Err(format!("models: {name}: unknown setting {key:?}"));
             }
@@ -390,9 +397,18 @@ mod tests {
             ("dag:\n  a: [c]\n  b: [c]\n", "only one start node"),
             ("models: {}\n", "no `dag`"),
             ("dag: [a, b]\n", "mapping"),
-            ("models:\n  batch-size: \"4\"\ndag:\n  a: []\n", "batch-size"),
-            ("models:\n  m: {url: m.mar, min-workers: 3}\ndag:\n  m: []\n", "min-workers"),
-            ("models:\n  m: {url: m.mar, wat: 1}\ndag:\n  m: []\n", "unknown setting"),
+            (
+                "models:\n  batch-size: \"4\"\ndag:\n  a: []\n",
+                "batch-size",
+            ),
+            (
+                "models:\n  m: {url: m.mar, min-workers: 3}\ndag:\n  m: []\n",
+                "min-workers",
+            ),
+            (
+                "models:\n  m: {url: m.mar, wat: 1}\ndag:\n  m: []\n",
+                "unknown setting",
+            ),
             ("models:\n  m: {}\ndag:\n  m: []\n", "no url"),
             ("dag:\n  \"../x\": []\n", "invalid node name"),
             ("dag:\n  not-python: []\n", "Python function name"),
@@ -429,11 +445,26 @@ mod tests {
         let ok = r#"{"createdOn": "x", "archiverVersion": "0.2.15", "workflow": {"workflowName": "w", "specFile": "s.yaml", "handler": "h.py"}}"#;
         assert!(WarManifest::parse(ok).is_ok());
         for (text, want) in [
-            (r#"{"createdOn": "x", "archiverVersion": "1"}"#, "Missing Workflow"),
-            (r#"{"createdOn": "x", "archiverVersion": "1", "workflow": {"specFile": "s"}}"#, "name is not defined"),
-            (r#"{"archiverVersion": "1", "workflow": {"workflowName": "w", "specFile": "s"}}"#, "createdOn"),
-            (r#"{"createdOn": "x", "workflow": {"workflowName": "w", "specFile": "s"}}"#, "version"),
-            (r#"{"createdOn": "x", "archiverVersion": "1", "workflow": {"workflowName": "w"}}"#, "spec file"),
+            (
+                r#"{"createdOn": "x", "archiverVersion": "1"}"#,
+                "Missing Workflow",
+            ),
+            (
+                r#"{"createdOn": "x", "archiverVersion": "1", "workflow": {"specFile": "s"}}"#,
+                "name is not defined",
+            ),
+            (
+                r#"{"archiverVersion": "1", "workflow": {"workflowName": "w", "specFile": "s"}}"#,
+                "createdOn",
+            ),
+            (
+                r#"{"createdOn": "x", "workflow": {"workflowName": "w", "specFile": "s"}}"#,
+                "version",
+            ),
+            (
+                r#"{"createdOn": "x", "archiverVersion": "1", "workflow": {"workflowName": "w"}}"#,
+                "spec file",
+            ),
             ("[", "not valid"),
         ] {
             let e = WarManifest::parse(text).unwrap_err();

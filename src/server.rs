@@ -209,7 +209,8 @@ pub async fn run(mut config: Config) -> Result<()> {
         grpc_inference.local_addr()?,
         grpc_management.local_addr()?
     ));
-    let grpc_tasks = crate::grpc::spawn(&state, grpc_inference, grpc_management, stop_rx.clone());
+    let grpc_tasks = crate::grpc::spawn(&state, grpc_inference, grpc_management, stop_rx.clone())
+        .map_err(anyhow::Error::msg)?;
     // One parseable line on stdout: tests and scripts read the bound ports from it.
     println!("{line}");
     tracing::info!("{line}");

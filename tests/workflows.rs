@@ -229,7 +229,9 @@ async fn hostile_workflow_archives_are_refused_with_the_reason() {
     let (s, store) = start("", &[]);
     let _clean = Cleanup(store.clone());
     let handler = "def a(data, context):\n    return data\n";
-    let cases: Vec<(&str, Vec<(&str, String)>, &str)> = vec![
+    // (file, its entries, what the refusal says)
+    type Case<'a> = (&'a str, Vec<(&'a str, String)>, &'a str);
+    let cases: Vec<Case> = vec![
         (
             "cycle.war",
             vec![

@@ -67,6 +67,8 @@ pub enum WorkflowError {
     /// A node failed after its retries (TorchServe's message keeps only "Error executing X").
     #[error("Error executing {0}")]
     Execution(String),
+    #[error("{0}")]
+    Internal(String),
 }
 
 impl WorkflowError {
@@ -83,7 +85,9 @@ impl WorkflowError {
             WorkflowError::Invalid { .. } => (400, "InvalidWorkflowException"),
             WorkflowError::BadRequest(_) => (400, "BadRequestException"),
             WorkflowError::RegisterFailed { .. } => (500, "WorkflowException"),
-            WorkflowError::Execution(_) => (500, "InternalServerException"),
+            WorkflowError::Execution(_) | WorkflowError::Internal(_) => {
+                (500, "InternalServerException")
+            }
         }
     }
 }
@@ -431,9 +435,11 @@ impl Workflows {
         Ok(())
     }
 
-    /// Runs a request through a workflow's DAG.
+    /// Runs a request through a workflow's DAG. Each node call is a task of its own: a client
+    /// that goes away, or a failing sibling branch, does not cancel a call its model already
+    /// queued, so every request a model receives is answered and counted.
     pub async fn predict(
-        &self,
+        self: &Arc<Self>,
         name: &str,
         request: InferRequest,
     ) -> Result<WorkflowReply, WorkflowError> {
@@ -446,9 +452,17 @@ impl Workflows {
         let start = wf.spec.start;
         let mut first = request;
         first.id = crate::logging::new_request_id();
-        running.push(self.call(&wf, start, first));
+        running.push(tokio::spawn(Self::call(
+            self.clone(),
+            wf.clone(),
+            start,
+            first,
+        )));
         let mut leaves: Vec<(usize, Bytes)> = Vec::new();
-        while let Some((i, result)) = running.next().await {
+        while let Some(joined) = running.next().await {
+            let (i, result) = joined.map_err(|e| {
+                WorkflowError::Internal(format!("a workflow node task failed: {e}"))
+            })?;
             let out = result?;
             if nodes[i].children.is_empty() {
                 leaves.push((i, out));
@@ -475,7 +489,7 @@ impl Workflows {
                 indegree[c] -= 1;
                 if indegree[c] == 0 {
                     let input = inputs[c].take().expect("set above");
-                    running.push(self.call(&wf, c, input));
+                    running.push(tokio::spawn(Self::call(self.clone(), wf.clone(), c, input)));
                 }
             }
         }
@@ -502,8 +516,8 @@ impl Workflows {
 
     /// One node's call, with its retries: answers (node index, reply body).
     async fn call(
-        &self,
-        wf: &Workflow,
+        self: Arc<Self>,
+        wf: Arc<Workflow>,
         node: usize,
         request: InferRequest,
     ) -> (usize, Result<Bytes, WorkflowError>) {

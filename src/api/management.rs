@@ -448,6 +448,7 @@ async fn register(
         startup_timeout: duration_s(&p, "startup_timeout")?,
         synchronous,
         loaded_at_startup: false,
+        workflow: None,
     };
     let (code, message) = register_model(&state, &url, options).await?;
     Ok(status(

@@ -616,6 +616,7 @@ impl ManagementApIsService for Management {
                     handler: None,
                     runtime: None,
                     default_workers: Some(management::api_default_workers(&self.0.state.config)),
+                    workflow: None,
                 };
                 let (_, text) = management::register_model(&self.0.state, &r.url, options)
                     .await

@@ -50,6 +50,8 @@ pub struct ModelVersion {
     pub metrics: Arc<ModelMetrics>,
     pub loaded_at_startup: bool,
     pub registered_at: SystemTime,
+    /// The workflow this version is a node of (src/workflow registers it and removes it).
+    pub workflow: Option<String>,
     /// Keeps the unpacked folder alive while the version is registered.
     _archive: Option<UnpackedArchive>,
 }
@@ -115,6 +117,8 @@ pub struct RegisterOptions {
     /// Workers when neither initial_workers nor the model's settings say (None: the server's
     /// default_workers_per_model). The register API passes TorchServe's rule here.
     pub default_workers: Option<u32>,
+    /// The workflow registering this model as one of its nodes.
+    pub workflow: Option<String>,
 }
 
 /// What a version is registered from.
@@ -736,6 +740,7 @@ impl Registry {
             metrics,
             loaded_at_startup: options.loaded_at_startup,
             registered_at: SystemTime::now(),
+            workflow: options.workflow.clone(),
             _archive: unpacked,
         });
         {
@@ -833,6 +838,11 @@ impl Registry {
             for (version, v) in &m.versions {
                 if v.url == DEMO_URL {
                     continue; // the built-in demo comes back by itself
+                }
+                if v.workflow.is_some() {
+                    // A workflow's node comes back with its workflow, not as a model of its own
+                    // (restored alone, it would make registering the workflow again a conflict).
+                    continue;
                 }
                 let s = v.pool.settings();
                 let mar_name = v

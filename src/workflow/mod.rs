@@ -344,6 +344,7 @@ impl Workflows {
                 response_timeout: req.response_timeout,
                 startup_timeout: req.startup_timeout,
                 synchronous: true,
+                workflow: Some(name.clone()),
                 handler: match node.kind {
                     spec::Kind::Function => Some(format!("{handler}:{}", node.name)),
                     spec::Kind::Model { .. } => None,

@@ -421,6 +421,21 @@ async fn a_node_that_cannot_load_rolls_the_whole_workflow_back() {
     let (code, text) = wfpredict(&s, "twice", "ping").await;
     assert_eq!(code, 200, "{text}");
     assert_eq!(text, "ping");
+
+    // Several leaves: a JSON object keyed by leaf node.
+    function_war(
+        &store,
+        "fan.war",
+        "fan",
+        "dag:\n  a: [b, c]\n",
+        "def a(data, context):\n    return data and [row.get('body') for row in data]\n\n\ndef b(data, context):\n    return data and [{'b': row.get('body').decode()} for row in data]\n\n\ndef c(data, context):\n    return data and ['c saw ' + row.get('body').decode() for row in data]\n",
+    );
+    let (code, body) = post(&s, "/workflows?url=fan.war").await;
+    assert_eq!(code, 200, "{body}");
+    let (code, text) = wfpredict(&s, "fan", "x").await;
+    assert_eq!(code, 200, "{text}");
+    let reply: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(reply, serde_json::json!({"b": {"b": "x"}, "c": "c saw x"}));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

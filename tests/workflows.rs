@@ -507,3 +507,104 @@ async fn workflows_need_a_store_and_the_model_api() {
     let (code, _) = s2.mgmt(Method::GET, "/workflows").await;
     assert_eq!(code, 200);
 }
+
+/// A loopback HTTP server answering `GET /wf/dl.war` with `war` and anything else with 404.
+fn archive_server(war: Vec<u8>) -> u16 {
+    use std::io::{BufRead, BufReader};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut line = String::new();
+            if reader.read_line(&mut line).is_err() {
+                continue;
+            }
+            loop {
+                let mut h = String::new();
+                if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                    break;
+                }
+            }
+            let head = if line.split_whitespace().nth(1) == Some("/wf/dl.war") {
+                format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    war.len()
+                )
+            } else {
+                "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".into()
+            };
+            let _ = stream.write_all(head.as_bytes());
+            if head.starts_with("HTTP/1.1 200") {
+                let _ = stream.write_all(&war);
+            }
+        }
+    });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_downloaded_archive_is_kept_while_registered_and_removed_after() {
+    let scratch = tempfile::tempdir().unwrap();
+    function_war(
+        scratch.path(),
+        "dl.war",
+        "dl",
+        "dag:\n  a: []\n",
+        "def a(data, context):\n    return data and [row.get('body') for row in data]\n",
+    );
+    let port = archive_server(std::fs::read(scratch.path().join("dl.war")).unwrap());
+    let allowed = format!("allowed_urls=http://127\\\\.0\\\\.0\\\\.1:{port}/wf/.*");
+    let (s, store) = start(&allowed, &[]);
+    let _clean = Cleanup(store.clone());
+    let listing = || {
+        let mut v: Vec<String> = std::fs::read_dir(&store)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    let url = format!("http://127.0.0.1:{port}/wf/dl.war");
+
+    // A URL outside allowed_urls is refused before anything is fetched.
+    let (code, body) = post(
+        &s,
+        &format!("/workflows?url=http://127.0.0.1:{port}/other/x.war"),
+    )
+    .await;
+    assert_eq!(code, 404, "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("allowed URL"),
+        "{body}"
+    );
+    // A failed download leaves nothing in the store.
+    let (code, body) = post(
+        &s,
+        &format!("/workflows?url=http://127.0.0.1:{port}/wf/absent.war"),
+    )
+    .await;
+    assert_eq!(code, 400, "{body}");
+    assert_eq!(body["type"], "DownloadArchiveException");
+    assert_eq!(listing(), ["echo_pipeline.war"]);
+
+    let (code, body) = post(&s, &format!("/workflows?url={url}")).await;
+    assert_eq!(code, 200, "{body} {}", s.log());
+    assert_eq!(listing(), ["dl.war", "echo_pipeline.war"]);
+    let (_, d) = s.mgmt(Method::GET, "/workflows/dl").await;
+    assert_eq!(d[0]["workflowUrl"], url.as_str());
+    let (code, text) = wfpredict(&s, "dl", "over http").await;
+    assert_eq!((code, text.as_str()), (200, "over http"));
+    // The URL's file is in the store now: TorchServe's 500 FileAlreadyExistsException.
+    let (code, body) = post(&s, &format!("/workflows?url={url}")).await;
+    assert_eq!(code, 500, "{body}");
+    assert_eq!(body["type"], "FileAlreadyExistsException");
+    assert_eq!(body["message"], "dl.war");
+    // Unregistering removes what the server downloaded, so the URL registers again.
+    let (code, _) = s.mgmt(Method::DELETE, "/workflows/dl").await;
+    assert_eq!(code, 200);
+    assert_eq!(listing(), ["echo_pipeline.war"]);
+    let (code, body) = post(&s, &format!("/workflows?url={url}")).await;
+    assert_eq!(code, 200, "{body}");
+}

@@ -47,7 +47,7 @@ async fn grpc_serves_tls_with_the_configured_certificate() {
     let certs = tempfile::tempdir().unwrap();
     make_cert(certs.path());
     let props = format!(
-        "enable_grpc_ssl=true\ndefault_workers_per_model=1\nprivate_key_file={}\ncertificate_file={}\n",
+        "enable_grpc_ssl=true\ndefault_workers_per_model=1\nhttp_header_timeout=2\nprivate_key_file={}\ncertificate_file={}\n",
         certs.path().join("key.pem").display(),
         certs.path().join("cert.pem").display()
     );
@@ -109,6 +109,22 @@ async fn grpc_serves_tls_with_the_configured_certificate() {
         "{text}"
     );
     assert!(text.contains("cleartext: refused"), "{text}");
+
+    // A connection that never sends its ClientHello is closed once http_header_timeout (2 s
+    // here) has passed, rather than held open.
+    use std::io::Read;
+    let mut idle = _idle.into_iter().next().unwrap();
+    idle.set_read_timeout(Some(std::time::Duration::from_secs(120)))
+        .unwrap();
+    let mut buf = [0u8; 16];
+    match idle.read(&mut buf) {
+        Ok(0) => {}
+        Ok(n) => panic!("the server sent {n} bytes before any ClientHello"),
+        Err(e) => assert!(
+            matches!(e.kind(), std::io::ErrorKind::ConnectionReset),
+            "the idle connection was not closed: {e}"
+        ),
+    }
 }
 
 #[test]

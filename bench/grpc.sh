@@ -33,7 +33,7 @@ if [ "${GRPC_TLS:-0}" = 1 ]; then
     >>"$work/config.properties"
   ca=("$work/cert.pem")
 fi
-RUST_LOG=warn target/release/oxserve start --foreground --ts-config "$work/config.properties" >"$work/ox.log" 2>&1 &
+LOG_LOCATION="$work/logs" RUST_LOG=warn target/release/oxserve start --foreground --ts-config "$work/config.properties" >"$work/ox.log" 2>&1 &
 pid=$!
 for _ in $(seq 100); do grep -q "oxserve listening" "$work/ox.log" && break; sleep 0.1; done
 line=$(grep -m1 "oxserve listening" "$work/ox.log")

@@ -4,6 +4,7 @@
 #
 #   bench/grpc.sh                      # 32 clients, 10 s per run, built-in demo model, 2 workers
 #   CLIENTS=64 DURATION_S=30 bench/grpc.sh
+#   GRPC_TLS=1 bench/grpc.sh           # gRPC over TLS (enable_grpc_ssl, a fresh P-256 certificate)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CLIENTS=${CLIENTS:-32}
@@ -24,11 +25,20 @@ grpc_inference_port=0
 grpc_management_port=0
 default_workers_per_model=${WORKERS:-2}
 CFG
-RUST_LOG=warn target/release/oxserve start --foreground --ts-config "$work/config.properties" >"$work/ox.log" 2>&1 &
+ca=()
+if [ "${GRPC_TLS:-0}" = 1 ]; then
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 -subj /CN=localhost \
+    -addext "subjectAltName=IP:127.0.0.1" -addext "basicConstraints=critical,CA:FALSE" \
+    -keyout "$work/key.pem" -out "$work/cert.pem" 2>/dev/null
+  printf 'enable_grpc_ssl=true\nprivate_key_file=%s\ncertificate_file=%s\n' "$work/key.pem" "$work/cert.pem" \
+    >>"$work/config.properties"
+  ca=("$work/cert.pem")
+fi
+LOG_LOCATION="$work/logs" RUST_LOG=warn target/release/oxserve start --foreground --ts-config "$work/config.properties" >"$work/ox.log" 2>&1 &
 pid=$!
 for _ in $(seq 100); do grep -q "oxserve listening" "$work/ox.log" && break; sleep 0.1; done
 line=$(grep -m1 "oxserve listening" "$work/ox.log")
 field() { echo "$line" | tr ' ' '\n' | sed -n "s/^$1=//p"; }
 http=$(field inference); grpc=$(field grpc_inference)
 for _ in $(seq 100); do curl -sf "http://$http/ping" >/dev/null && break; sleep 0.1; done
-target/release/examples/grpc_load "$grpc" "$http" demo "$CLIENTS" "$SECONDS_PER_RUN"
+target/release/examples/grpc_load "$grpc" "$http" demo "$CLIENTS" "$SECONDS_PER_RUN" "${ca[@]}"

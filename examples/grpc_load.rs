@@ -3,10 +3,12 @@
 //! and against its HTTP `POST /predictions`, with the same body, from the same process, so that the
 //! two paths are compared under equal load (ghz is not available here; wrk speaks HTTP/1 only).
 //!
-//!     grpc_load <grpc host:port> <http host:port> [model] [clients] [seconds]
+//!     grpc_load <grpc host:port> <http host:port> [model] [clients] [seconds] [ca.pem]
 //!
 //! Each gRPC client has its own HTTP/2 connection, as each HTTP client has its own keep-alive
-//! connection; a last run multiplexes all gRPC clients over one connection.
+//! connection; a last run multiplexes all gRPC clients over one connection. With `ca.pem`, the
+//! gRPC connections are TLS (`enable_grpc_ssl=true`), verified against that certificate, made with
+//! the same tokio-rustls (ring) the server uses.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -88,12 +90,75 @@ async fn grpc_client(
     (n, errors, lat)
 }
 
-async fn channel(addr: &str) -> Channel {
-    Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .expect("connect")
+/// Opens TLS connections for tonic's channel (tonic is built without its own TLS here).
+#[derive(Clone)]
+struct TlsConnect {
+    config: std::sync::Arc<tokio_rustls::rustls::ClientConfig>,
+    addr: std::net::SocketAddr,
+}
+
+type TlsIo = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+
+impl tower_service::Service<tonic::codegen::http::Uri> for TlsConnect {
+    type Response = TlsIo;
+    type Error = std::io::Error;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<TlsIo, std::io::Error>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), std::io::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: tonic::codegen::http::Uri) -> Self::Future {
+        let (config, addr) = (self.config.clone(), self.addr);
+        Box::pin(async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await?;
+            tcp.set_nodelay(true)?;
+            let name = rustls_pki_types::ServerName::IpAddress(addr.ip().into());
+            let tls = tokio_rustls::TlsConnector::from(config)
+                .connect(name, tcp)
+                .await?;
+            Ok(hyper_util::rt::TokioIo::new(tls))
+        })
+    }
+}
+
+fn tls_config(ca: &str) -> std::sync::Arc<tokio_rustls::rustls::ClientConfig> {
+    use rustls_pki_types::pem::PemObject;
+    use tokio_rustls::rustls;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pki_types::CertificateDer::pem_file_iter(ca).expect("read ca.pem") {
+        roots.add(cert.expect("a PEM certificate")).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    std::sync::Arc::new(config)
+}
+
+async fn channel(
+    addr: &str,
+    tls: Option<&std::sync::Arc<tokio_rustls::rustls::ClientConfig>>,
+) -> Channel {
+    let endpoint = Channel::from_shared(format!("http://{addr}")).unwrap();
+    match tls {
+        None => endpoint.connect().await.expect("connect"),
+        Some(config) => endpoint
+            .connect_with_connector(TlsConnect {
+                config: config.clone(),
+                addr: addr.parse().expect("grpc address as ip:port"),
+            })
+            .await
+            .expect("connect over TLS"),
+    }
 }
 
 #[tokio::main]
@@ -108,6 +173,8 @@ async fn main() {
     let model = args.get(3).cloned().unwrap_or_else(|| "demo".into());
     let clients: usize = args.get(4).and_then(|v| v.parse().ok()).unwrap_or(32);
     let secs: u64 = args.get(5).and_then(|v| v.parse().ok()).unwrap_or(10);
+    let tls = args.get(6).map(|ca| tls_config(ca));
+    let grpc_kind = if tls.is_some() { "gRPC+TLS" } else { "gRPC" };
     println!(
         "{clients} clients, {secs} s each, body {} bytes, model {model}",
         BODY.len()
@@ -146,7 +213,7 @@ async fn main() {
     // gRPC: one HTTP/2 connection per client.
     let mut channels = Vec::new();
     for _ in 0..clients {
-        channels.push(channel(&grpc).await);
+        channels.push(channel(&grpc, tls.as_ref()).await);
     }
     let until = Instant::now() + Duration::from_secs(secs);
     let mut run = drive(clients, |i| {
@@ -157,10 +224,10 @@ async fn main() {
         )
     })
     .await;
-    run.print("gRPC Predictions, conn per client");
+    run.print(&format!("{grpc_kind} Predictions, conn per client"));
 
     // gRPC: every client on one multiplexed HTTP/2 connection.
-    let shared = channel(&grpc).await;
+    let shared = channel(&grpc, tls.as_ref()).await;
     let until = Instant::now() + Duration::from_secs(secs);
     let mut run = drive(clients, |_| {
         grpc_client(
@@ -170,5 +237,5 @@ async fn main() {
         )
     })
     .await;
-    run.print("gRPC Predictions, one connection");
+    run.print(&format!("{grpc_kind} Predictions, one connection"));
 }

@@ -36,13 +36,19 @@ pub enum ErrorKind {
     RequestHeaderFieldsTooLarge,
     /// An archive that could not be downloaded (TorchServe's `DownloadArchiveException`, a 400).
     DownloadArchive,
+    /// Workflows (TorchServe's workflow package): an unknown workflow (404), an archive already in
+    /// the store (500), an invalid archive or spec (400), nodes that failed to register (500).
+    WorkflowNotFound,
+    FileAlreadyExists,
+    InvalidWorkflow,
+    Workflow,
     InternalServer,
     ServiceUnavailable,
 }
 
 impl ErrorKind {
     /// Every kind, for tests and docs.
-    pub const ALL: [ErrorKind; 16] = [
+    pub const ALL: [ErrorKind; 20] = [
         ErrorKind::BadRequest,
         ErrorKind::InvalidKey,
         ErrorKind::Model,
@@ -57,6 +63,10 @@ impl ErrorKind {
         ErrorKind::UriTooLong,
         ErrorKind::RequestHeaderFieldsTooLarge,
         ErrorKind::DownloadArchive,
+        ErrorKind::WorkflowNotFound,
+        ErrorKind::FileAlreadyExists,
+        ErrorKind::InvalidWorkflow,
+        ErrorKind::Workflow,
         ErrorKind::InternalServer,
         ErrorKind::ServiceUnavailable,
     ];
@@ -78,6 +88,10 @@ impl ErrorKind {
             ErrorKind::UriTooLong => "UriTooLongException",
             ErrorKind::RequestHeaderFieldsTooLarge => "RequestHeaderFieldsTooLargeException",
             ErrorKind::DownloadArchive => "DownloadArchiveException",
+            ErrorKind::WorkflowNotFound => "WorkflowNotFoundException",
+            ErrorKind::FileAlreadyExists => "FileAlreadyExistsException",
+            ErrorKind::InvalidWorkflow => "InvalidWorkflowException",
+            ErrorKind::Workflow => "WorkflowException",
             ErrorKind::InternalServer => "InternalServerException",
             ErrorKind::ServiceUnavailable => "ServiceUnavailableException",
         }
@@ -89,7 +103,10 @@ impl ErrorKind {
             ErrorKind::BadRequest
             | ErrorKind::InvalidKey
             | ErrorKind::Model
-            | ErrorKind::DownloadArchive => 400,
+            | ErrorKind::DownloadArchive
+            | ErrorKind::InvalidWorkflow => 400,
+            ErrorKind::WorkflowNotFound => 404,
+            ErrorKind::FileAlreadyExists | ErrorKind::Workflow => 500,
             ErrorKind::Unauthorized => 401,
             ErrorKind::ResourceNotFound | ErrorKind::ModelNotFound => 404,
             ErrorKind::ModelVersionNotFound => 404,
@@ -219,6 +236,10 @@ mod tests {
             ("UriTooLongException", 414),
             ("RequestHeaderFieldsTooLargeException", 431),
             ("DownloadArchiveException", 400),
+            ("WorkflowNotFoundException", 404),
+            ("FileAlreadyExistsException", 500),
+            ("InvalidWorkflowException", 400),
+            ("WorkflowException", 500),
             ("InternalServerException", 500),
             ("ServiceUnavailableException", 503),
         ];

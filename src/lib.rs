@@ -15,3 +15,4 @@ pub mod model;
 pub mod server;
 pub mod system;
 pub mod worker;
+pub mod workflow;

@@ -96,8 +96,8 @@ struct StartArgs {
     /// set with the log_* keys (docs/logging.md); the console log with RUST_LOG.
     #[arg(long, value_name = "FILE")]
     log_config: Option<PathBuf>,
-    /// Accepted for compatibility (TorchServe's CI passes it): oxserve serves no workflows yet;
-    /// a warning says so.
+    /// Folder of workflow archives (.war): `POST /workflows?url=` names a file here, and
+    /// downloads land here (config key workflow_store).
     #[arg(long, value_name = "DIR")]
     workflow_store: Option<PathBuf>,
     /// Set by `oxserve start` on the background process it spawns: no console log (the log files
@@ -189,6 +189,7 @@ fn start(args: StartArgs) -> ExitCode {
     let overrides = Overrides {
         ts_config: args.ts_config.clone(),
         model_store: args.model_store.clone(),
+        workflow_store: args.workflow_store.clone(),
         models: args.models.as_ref().map(|m| m.join(",")),
         disable_token_auth: args.disable_token_auth,
         enable_model_api: args.enable_model_api,
@@ -210,12 +211,6 @@ fn start(args: StartArgs) -> ExitCode {
     }
     for w in warnings {
         tracing::warn!("{w}");
-    }
-    if let Some(path) = &args.workflow_store {
-        tracing::warn!(
-            "--workflow-store {} is accepted and not used: oxserve serves no workflows yet",
-            path.display()
-        );
     }
     if let Some(path) = &args.log_config {
         tracing::warn!(

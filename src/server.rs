@@ -97,6 +97,10 @@ pub async fn run(mut config: Config) -> Result<()> {
         metrics: metrics.clone(),
         config: config.clone(),
         tokens: tokens.clone(),
+        workflows: Arc::new(crate::workflow::Workflows::new(
+            config.clone(),
+            registry.clone(),
+        )),
     };
 
     let inference = bind("inference", "inference_address", config.inference_address).await?;
@@ -217,7 +221,8 @@ pub async fn run(mut config: Config) -> Result<()> {
         grpc_inference.local_addr()?,
         grpc_management.local_addr()?
     ));
-    let grpc_tasks = crate::grpc::spawn(&state, grpc_inference, grpc_management, stop_rx.clone());
+    let grpc_tasks = crate::grpc::spawn(&state, grpc_inference, grpc_management, stop_rx.clone())
+        .map_err(anyhow::Error::msg)?;
     // One parseable line on stdout: tests and scripts read the bound ports from it.
     println!("{line}");
     tracing::info!("{line}");

@@ -18,7 +18,7 @@
 //!   that started it does not stop it, which is what `--start` without `--foreground` promises.
 //! - The pid file is oxserve's (`$TMPDIR/.oxserve.pid`, or `OXSERVE_PID_FILE`), so `oxserve stop`
 //!   and `torchserve --stop` stop the same server.
-//! - `--model-store` is not mandatory (oxserve serves its demo model without one); `--workflow-store`,
+//! - `--model-store` is not mandatory (oxserve serves its demo model without one);
 //!   `--plugins-path` and `--cpp-log-config` have no oxserve equivalent: a note says so.
 
 use std::ffi::OsString;
@@ -53,7 +53,7 @@ struct TsArgs {
     /// Model store location from where local or default models can be loaded.
     #[arg(long, value_name = "DIR")]
     model_store: Option<PathBuf>,
-    /// Accepted; oxserve has no workflows (a note is printed).
+    /// Passed on to `oxserve start --workflow-store`.
     #[arg(long, value_name = "DIR")]
     workflow_store: Option<PathBuf>,
     /// Models to be loaded using [model_name=]model_location format.
@@ -160,7 +160,6 @@ fn start(args: TsArgs) -> ExitCode {
             ));
             return ExitCode::from(1);
         }
-        say("Note: --workflow-store is accepted, but oxserve does not serve workflows yet");
     }
     if args.plugins_path.is_some() {
         say("Note: --plugins-path is ignored: oxserve has no Java plugins");
@@ -175,6 +174,9 @@ fn start(args: TsArgs) -> ExitCode {
     }
     if let Some(d) = &args.model_store {
         server_args.extend(["--model-store".into(), d.into()]);
+    }
+    if let Some(d) = &args.workflow_store {
+        server_args.extend(["--workflow-store".into(), d.into()]);
     }
     if let Some(m) = &args.models {
         server_args.extend(["--models".into(), m.join(",").into()]);

@@ -163,7 +163,6 @@ async fn start_in_the_background_then_stop_like_torchserve() {
         all.contains("Inference API bind to: http://127.0.0.1:"),
         "{all}"
     );
-    assert!(all.contains("--workflow-store is accepted"), "{all}");
     let pid = pid_in(&s.dir.path().join("ts.pid"));
     assert!(alive(pid));
     assert_ne!(
@@ -180,6 +179,16 @@ async fn start_in_the_background_then_stop_like_torchserve() {
         .await
         .unwrap();
     assert_eq!(models["models"][0]["modelName"], "m", "{models}");
+    // --workflow-store reached the server: a workflow looked up there is "not found in the
+    // workflow store" (without one it would be "Workflow store has not been configured.").
+    let r = reqwest::Client::new()
+        .post(format!("{mgmt}/workflows?url=absent.war"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let body = r.text().await.unwrap();
+    assert!(body.contains("not found in workflow store"), "{body}");
 
     // A second start is refused while it runs.
     let out = s

@@ -105,13 +105,10 @@ def _entry_points(module, function_name):
         entry = getattr(module, name)
         init = getattr(module, "initialize", None) if not function_name else None
         if init is None:
-            # TorchServe initialises a function entry point by calling it with data=None.
+            # TorchServe initialises a function entry point by calling it with data=None, and a
+            # load whose call raises fails (a missing import, MemoryError): the worker reports it.
             def init(ctx):
-                try:
-                    entry(None, ctx)
-                except Exception as e:  # pylint: disable=broad-except
-                    logger.info("handler %s(None, context) at load raised %s: %s (ignored)",
-                                name, type(e).__name__, e)
+                entry(None, ctx)
         return entry, init
     if function_name:
         raise LoadError("handler module %r has no function %r" % (module.__name__, function_name))

@@ -43,6 +43,7 @@ pub fn router(state: AppState) -> Router {
         .route("/predictions/{model}", any(predict))
         .route("/predictions/{model}/{version}", any(predict))
         .route("/predictions/{model}/{version}/{*rest}", any(predict))
+        .route("/wfpredict/{name}", any(super::workflows::predict))
         .route("/explanations/{model}", any(explain))
         .route("/explanations/{model}/{version}", any(explain))
         .route("/v1/models/{target}", any(kserve_v1))
@@ -275,6 +276,27 @@ async fn serve(state: AppState, target: Target, req: Request) -> Response {
         Err(e) => return e.into_response(),
     };
     dispatch(state, target, parts, body, arrival).await
+}
+
+/// A `/wfpredict` request in the shape a prediction gets (body within max_request_size).
+pub(super) async fn workflow_request(
+    state: &AppState,
+    req: Request,
+) -> Result<InferRequest, ApiError> {
+    let (parts, body) = req.into_parts();
+    let body = read_body(state, &parts.headers, body).await?;
+    let id = parts
+        .extensions
+        .get::<RequestId>()
+        .map(|r| r.0.clone())
+        .unwrap_or_else(crate::logging::new_request_id);
+    let target = Target {
+        model: String::new(),
+        version: None,
+        url_path: None,
+        explain: false,
+    };
+    build_request(id, &parts.headers, parts.uri.query(), body, &target).await
 }
 
 /// The request body, at most max_request_size bytes.

@@ -61,6 +61,14 @@ pub fn router(state: AppState) -> Router {
                 .delete(unregister_version),
         )
         .route("/models/{model}/{version}/set-default", put(set_default))
+        .route(
+            "/workflows",
+            get(super::workflows::list).post(super::workflows::register),
+        )
+        .route(
+            "/workflows/{name}",
+            get(super::workflows::describe).delete(super::workflows::unregister),
+        )
         .fallback(super::not_found);
     let routes = super::with_token_check(routes, &state, super::auth::management);
     super::finish(routes, state)
@@ -444,6 +452,7 @@ async fn register(
         startup_timeout: duration_s(&p, "startup_timeout")?,
         synchronous,
         loaded_at_startup: false,
+        workflow: None,
     };
     let (code, message) = register_model(&state, &url, options).await?;
     Ok(status(

@@ -7,6 +7,7 @@ pub mod inference;
 pub mod management;
 pub mod metrics;
 pub mod tls;
+pub mod workflows;
 
 use std::sync::Arc;
 
@@ -27,6 +28,8 @@ pub struct AppState {
     pub config: Arc<Config>,
     /// TorchServe's API keys, when token authorization is on.
     pub tokens: Option<Arc<auth::Tokens>>,
+    /// Registered workflows (TorchServe's /workflows, /wfpredict).
+    pub workflows: Arc<crate::workflow::Workflows>,
 }
 
 /// Counts every response of a listener in Requests2XX / 4XX / 5XX (TorchServe counts all

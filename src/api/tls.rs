@@ -55,6 +55,11 @@ fn read_pem(path: &Path, key: &'static str) -> Result<Vec<u8>, TlsError> {
 
 /// The acceptor every HTTPS listener shares. Errors name the key and file at fault.
 pub fn acceptor(files: &TlsFiles) -> Result<TlsAcceptor, TlsError> {
+    acceptor_with_alpn(files, b"http/1.1")
+}
+
+/// An acceptor offering one ALPN protocol: `http/1.1` for the HTTPS listeners, `h2` for gRPC.
+pub fn acceptor_with_alpn(files: &TlsFiles, alpn: &[u8]) -> Result<TlsAcceptor, TlsError> {
     let cert_pem = read_pem(&files.certificate_file, "certificate_file")?;
     let certs = CertificateDer::pem_slice_iter(&cert_pem)
         .collect::<Result<Vec<_>, _>>()
@@ -113,7 +118,7 @@ pub fn acceptor(files: &TlsFiles) -> Result<TlsAcceptor, TlsError> {
                 .with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(certified)))
         }
     };
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = vec![alpn.to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 

@@ -94,8 +94,10 @@ pub struct Config {
     pub enable_metrics_api: bool,
     /// Listeners with an `https://` address.
     pub tls_listeners: TlsListeners,
-    /// Key and certificate chain; set whenever a listener is HTTPS.
+    /// Key and certificate chain; set whenever a listener is HTTPS or gRPC uses TLS.
     pub tls: Option<TlsFiles>,
+    /// `enable_grpc_ssl`: both gRPC listeners serve TLS with `tls`'s key and certificate.
+    pub grpc_ssl: bool,
     /// `service_envelope`: how Python workers wrap requests and replies.
     pub service_envelope: ServiceEnvelope,
     /// The live dashboard on the metrics listener and its in-process history (`enable_dashboard`).
@@ -106,6 +108,9 @@ pub struct Config {
     pub disable_system_metrics: bool,
     pub metric_time_interval: Duration,
     pub model_store: Option<PathBuf>,
+    /// Where workflow archives (.war) are looked up and downloaded to (`workflow_store`, or
+    /// `--workflow-store`); workflows cannot be registered without one, as in TorchServe.
+    pub workflow_store: Option<PathBuf>,
     /// `all`, or entries `name=file.mar` / `file.mar`.
     pub load_models: Vec<String>,
     pub default_workers_per_model: u32,
@@ -593,6 +598,7 @@ pub const DEFAULT_BUCKETS: &[f64] = &[
 pub struct Overrides {
     pub ts_config: Option<PathBuf>,
     pub model_store: Option<PathBuf>,
+    pub workflow_store: Option<PathBuf>,
     pub models: Option<String>,
     pub disable_token_auth: bool,
     pub enable_model_api: bool,
@@ -737,6 +743,9 @@ impl Config {
         if let Some(store) = &flags.model_store {
             props.insert("model_store".into(), store.display().to_string());
         }
+        if let Some(store) = &flags.workflow_store {
+            props.insert("workflow_store".into(), store.display().to_string());
+        }
         if let Some(models) = &flags.models {
             props.insert("load_models".into(), models.clone());
         }
@@ -817,11 +826,7 @@ impl Config {
                     ))
                 })
         };
-        if boolean("enable_grpc_ssl", false)? {
-            return err(
-                "config key enable_grpc_ssl: \"true\" asks for TLS on the gRPC listeners, which oxserve does not serve; terminate TLS in front of it (a proxy or service mesh) or leave it false",
-            );
-        }
+        let grpc_ssl = boolean("enable_grpc_ssl", false)?;
 
         let https = |key: &str, default: &str| {
             get(key)
@@ -837,6 +842,7 @@ impl Config {
         };
         let tls = tls_files(
             tls_listeners,
+            grpc_ssl,
             get("private_key_file"),
             get("certificate_file"),
             get("keystore"),
@@ -1104,6 +1110,7 @@ impl Config {
             enable_metrics_api: boolean("enable_metrics_api", true)?,
             tls_listeners,
             tls,
+            grpc_ssl,
             service_envelope,
             enable_dashboard: boolean("enable_dashboard", true)?,
             metrics_mode,
@@ -1125,6 +1132,9 @@ impl Config {
                 None => None,
             },
             model_store,
+            workflow_store: get("workflow_store")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from),
             load_models,
             default_workers_per_model: narrow(
                 "default_workers_per_model",
@@ -1246,6 +1256,7 @@ fn parse_buckets(value: &str) -> Result<Vec<f64>, ConfigError> {
 /// chose, so both cases stop start-up with a message saying what to do.
 fn tls_files(
     listeners: TlsListeners,
+    grpc_ssl: bool,
     key: Option<&str>,
     cert: Option<&str>,
     keystore: Option<&str>,
@@ -1253,7 +1264,7 @@ fn tls_files(
     let key = key.map(str::trim).filter(|s| !s.is_empty());
     let cert = cert.map(str::trim).filter(|s| !s.is_empty());
     let keystore = keystore.map(str::trim).filter(|s| !s.is_empty());
-    let wanted = listeners.inference || listeners.management || listeners.metrics;
+    let wanted = listeners.inference || listeners.management || listeners.metrics || grpc_ssl;
     match (key, cert) {
         (Some(k), Some(c)) => Ok(Some(TlsFiles {
             private_key_file: PathBuf::from(k),
@@ -1266,7 +1277,7 @@ fn tls_files(
         )),
         (Some(_), None) => err("config key certificate_file is missing: private_key_file needs the PEM certificate chain that goes with it"),
         (None, Some(_)) => err("config key private_key_file is missing: certificate_file needs the PEM private key that goes with it"),
-        (None, None) => err("an https:// address needs config keys private_key_file and certificate_file (PEM files); oxserve does not make a self-signed certificate"),
+        (None, None) => err("an https:// address or enable_grpc_ssl=true needs config keys private_key_file and certificate_file (PEM files); oxserve does not make a self-signed certificate"),
     }
 }
 
@@ -1480,9 +1491,18 @@ mod tests {
         );
         let e = build(&[("grpc_management_address", "http://127.0.0.1:7071")]).unwrap_err();
         assert!(e.to_string().contains("grpc_management_address"), "{e}");
+        // TLS for gRPC needs the key and certificate the HTTPS listeners use.
         let e = build(&[("enable_grpc_ssl", "true")]).unwrap_err();
         assert!(e.to_string().contains("enable_grpc_ssl"), "{e}");
-        assert!(build(&[("enable_grpc_ssl", "false")]).is_ok());
+        let c = build(&[
+            ("enable_grpc_ssl", "true"),
+            ("private_key_file", "k.pem"),
+            ("certificate_file", "c.pem"),
+        ])
+        .unwrap();
+        assert!(c.grpc_ssl && !c.tls_listeners.inference);
+        assert_eq!(c.tls.unwrap().private_key_file, PathBuf::from("k.pem"));
+        assert!(!build(&[("enable_grpc_ssl", "false")]).unwrap().grpc_ssl);
         let e = build(&[("enable_grpc_ssl", "maybe")]).unwrap_err();
         assert!(e.to_string().contains("enable_grpc_ssl"), "{e}");
     }

@@ -1,6 +1,7 @@
 //! TorchServe's gRPC APIs: `InferenceAPIsService` (default 127.0.0.1:7070) and
 //! `ManagementAPIsService` (default 127.0.0.1:7071), from TorchServe's own inference.proto and
-//! management.proto (vendored in proto/), served with tonic over HTTP/2 cleartext.
+//! management.proto (vendored in proto/), served with tonic over HTTP/2: cleartext, or TLS with
+//! `enable_grpc_ssl=true` and the HTTPS listeners' key and certificate (src/grpc/tls.rs).
 //!
 //! Every call goes through the same code as the HTTP listeners: the registry, the pool's queue
 //! (`api::inference::enqueue`) and the shared management functions, so gRPC requests count in the
@@ -14,9 +15,12 @@
 //! - `StreamPredictions2` answers each message of the stream in order, with TorchServe's sequence
 //!   headers; on a `sequenceBatching` model the scheduler pins the sequence by them, as for HTTP;
 //! - `RegisterModel` refuses `handler`/`runtime` overrides (oxserve takes them from the archive)
-//!   instead of ignoring them, and `enable_grpc_ssl` is refused at start-up (no TLS built in).
+//!   instead of ignoring them;
+//! - with `enable_grpc_ssl=true` and no key or certificate, start-up stops with a message
+//!   (TorchServe falls back to a self-signed certificate it makes).
 
 pub mod pb;
+pub mod tls;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -606,6 +610,7 @@ impl ManagementApIsService for Management {
                     handler: None,
                     runtime: None,
                     default_workers: Some(management::api_default_workers(&self.0.state.config)),
+                    workflow: None,
                 };
                 let (_, text) = management::register_model(&self.0.state, &r.url, options)
                     .await
@@ -674,16 +679,31 @@ impl ManagementApIsService for Management {
     }
 }
 
-/// Serves one gRPC service on a bound listener until `stop` turns true, logging a failure.
-/// (A macro: tonic's bound on a servable service is long and names crates oxserve does not use.)
+/// Serves one gRPC service on a bound listener until `stop` turns true, logging a failure; over
+/// TLS when `tls` is an acceptor. (A macro: tonic's bound on a servable service is long and names
+/// crates oxserve does not use.)
 macro_rules! serve {
-    ($listener:expr, $service:expr, $stop:expr, $what:literal) => {{
+    ($listener:expr, $service:expr, $stop:expr, $tls:expr, $timeout:expr, $what:literal) => {{
         let listener = $listener;
+        let service = $service;
+        let stop = $stop;
+        match $tls {
+            Some(acceptor) => {
+                let incoming = tls::incoming(listener, acceptor, $timeout, $what);
+                serve!(@run incoming, service, stop, $what)
+            }
+            None => {
+                let incoming =
+                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+                serve!(@run incoming, service, stop, $what)
+            }
+        }
+    }};
+    (@run $incoming:expr, $service:expr, $stop:expr, $what:literal) => {{
+        let incoming = $incoming;
         let service = $service;
         let mut stop = $stop;
         tokio::spawn(async move {
-            let incoming =
-                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
             let served = tonic::transport::Server::builder()
                 .max_concurrent_streams(Some(MAX_CONCURRENT_STREAMS))
                 .http2_max_header_list_size(Some(MAX_HEADER_LIST_BYTES))
@@ -703,13 +723,24 @@ macro_rules! serve {
     }};
 }
 
-/// Spawns the two gRPC listeners (already bound) with the request size limits of the config.
+/// Spawns the two gRPC listeners (already bound) with the request size limits of the config;
+/// with `enable_grpc_ssl`, over TLS (an unusable key or certificate is the error).
 pub fn spawn(
     state: &AppState,
     inference_listener: tokio::net::TcpListener,
     management_listener: tokio::net::TcpListener,
     stop: tokio::sync::watch::Receiver<bool>,
-) -> Vec<tokio::task::JoinHandle<()>> {
+) -> Result<Vec<tokio::task::JoinHandle<()>>, String> {
+    let acceptor = match (&state.config.tls, state.config.grpc_ssl) {
+        (Some(files), true) => {
+            Some(crate::api::tls::acceptor_with_alpn(files, b"h2").map_err(|e| e.to_string())?)
+        }
+        (None, true) => {
+            return Err("enable_grpc_ssl=true needs private_key_file and certificate_file".into())
+        }
+        (_, false) => None,
+    };
+    let timeout = state.config.http.header_timeout;
     let limit_in = state.config.max_request_size;
     let limit_out = state.config.max_response_size;
     let inference = InferenceApIsServiceServer::new(Inference(Api {
@@ -724,10 +755,24 @@ pub fn spawn(
     }))
     .max_decoding_message_size(limit_in)
     .max_encoding_message_size(limit_out);
-    vec![
-        serve!(inference_listener, inference, stop.clone(), "inference"),
-        serve!(management_listener, management, stop, "management"),
-    ]
+    Ok(vec![
+        serve!(
+            inference_listener,
+            inference,
+            stop.clone(),
+            acceptor.clone(),
+            timeout,
+            "inference"
+        ),
+        serve!(
+            management_listener,
+            management,
+            stop,
+            acceptor,
+            timeout,
+            "management"
+        ),
+    ])
 }
 
 #[cfg(test)]

@@ -222,7 +222,9 @@ fn safe_relative(name: &str) -> Result<PathBuf, String> {
     Ok(out)
 }
 
-fn unpack_zip(
+/// Unpacks a zip file into `dest` within `limits` (entry count, bytes written, no entry outside
+/// `dest`, no symbolic link); counts progress into `loading`.
+pub fn unpack_zip(
     archive: &Path,
     dest: &Path,
     limits: &Limits,

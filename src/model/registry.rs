@@ -52,6 +52,8 @@ pub struct ModelVersion {
     pub metrics: Arc<ModelMetrics>,
     pub loaded_at_startup: bool,
     pub registered_at: SystemTime,
+    /// The workflow this version is a node of (src/workflow registers it and removes it).
+    pub workflow: Option<String>,
     /// Keeps the unpacked folder alive while the version is registered.
     _archive: Option<UnpackedArchive>,
 }
@@ -143,6 +145,8 @@ pub struct RegisterOptions {
     /// Workers when neither initial_workers nor the model's settings say (None: the server's
     /// default_workers_per_model). The register API passes TorchServe's rule here.
     pub default_workers: Option<u32>,
+    /// The workflow registering this model as one of its nodes.
+    pub workflow: Option<String>,
 }
 
 /// What a version is registered from.
@@ -431,6 +435,34 @@ impl Registry {
         }
         let loading = self.start_loading(url, &options);
         let resolved = self.resolve(url, &loading.loading).await?;
+        self.register_resolved(url, resolved, loading, options)
+            .await
+    }
+
+    /// Registers a folder oxserve itself laid out (a workflow's function node: its manifest and
+    /// handler file), shown as `url`; allowed_urls and the model store do not apply to it.
+    pub async fn register_folder(
+        &self,
+        dir: &Path,
+        url: &str,
+        options: RegisterOptions,
+    ) -> Result<Arc<ModelVersion>, RegistryError> {
+        let loading = self.start_loading(url, &options);
+        let resolved = Resolved {
+            path: dir.to_path_buf(),
+            download: None,
+        };
+        self.register_resolved(url, resolved, loading, options)
+            .await
+    }
+
+    async fn register_resolved(
+        &self,
+        url: &str,
+        resolved: Resolved,
+        loading: LoadingGuard<'_>,
+        options: RegisterOptions,
+    ) -> Result<Arc<ModelVersion>, RegistryError> {
         let path = resolved.path.clone();
         let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         let config = self.config.clone();
@@ -736,6 +768,7 @@ impl Registry {
             metrics,
             loaded_at_startup: options.loaded_at_startup,
             registered_at: SystemTime::now(),
+            workflow: options.workflow.clone(),
             _archive: unpacked,
         });
         {
@@ -833,6 +866,11 @@ impl Registry {
             for (version, v) in &m.versions {
                 if v.url == DEMO_URL {
                     continue; // the built-in demo comes back by itself
+                }
+                if v.workflow.is_some() {
+                    // A workflow's node comes back with its workflow, not as a model of its own
+                    // (restored alone, it would make registering the workflow again a conflict).
+                    continue;
                 }
                 let s = v.pool.settings();
                 let mar_name = v

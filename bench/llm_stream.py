@@ -17,7 +17,11 @@ chunk is small and the same for every server. Reported:
   is the client's TTFT minus the engine's own;
 - with --access-log (oxserve with log_format=json): oxserve's own view per request, joined by
   x-request-id: queue_ms and duration_ms (arrival to the response head = the first chunk's arrival
-  from the worker, for a stream);
+  from the worker, for a stream). Then added = queue + worker side + outside: queue_ms; the
+  worker side (duration_ms - queue_ms - the engine's TTFT: unix socket both ways, the worker's
+  reader thread and event loop, the handler's send); outside oxserve (the client's TTFT -
+  duration_ms: the client, the kernel's TCP, oxserve's HTTP parse and routing before `arrival`,
+  and its write of the first chunk);
 - CPU seconds of each --cpu process (user + system, from /proc) per delivered chunk.
 """
 
@@ -169,9 +173,16 @@ async def main():
             # sockets and oxserve's accept, parse and write of the chunk.
             outside = [(o["first"] - o["t0"]) * 1000 - l["duration_ms"] for o, l in joined]
             s["outside_ox_p50_ms"] = pct(outside, 50)
-            if timed:
-                # Handler entry to the worker's first part reaching oxserve, minus the engine.
-                s["joined"] = len(joined)
+            s["outside_ox_p99_ms"] = pct(outside, 99)
+            both = [(o, l) for o, l in joined if o["handler_start"] == o["handler_start"]]
+            if both:
+                # oxserve's arrival-to-first-part minus its queue and the engine's own TTFT: the
+                # way to the worker and back (unix socket, the worker's reader and event loop,
+                # the handler's send), i.e. the worker's side.
+                side = [l["duration_ms"] - l.get("queue_ms", 0.0)
+                        - (o["engine_first"] - o["handler_start"]) * 1000 for o, l in both]
+                s["worker_side_p50_ms"] = pct(side, 50)
+                s["worker_side_p99_ms"] = pct(side, 99)
     print(" ".join("%s=%s" % (k, ("%.3f" % v) if isinstance(v, float) else v)
                    for k, v in s.items()))
     if a.json:

@@ -43,7 +43,17 @@ pids+=($!)
 for _ in $(seq 600); do curl -sf "http://127.0.0.1:$IP/ping" >/dev/null && break; sleep 0.1; done
 curl -sf "http://127.0.0.1:$IP/ping" >/dev/null || { cat "$work/ox.log"; exit 1; }
 worker=$(pgrep -P "${pids[0]}" -f oxserve_worker | head -1)
+# PERF=report.txt: also sample oxserve with perf (flat profile by symbol) while the client runs.
+if [ -n "${PERF:-}" ]; then
+  perf record -q -F 2000 -p "${pids[0]}" -o "$work/perf.data" >/dev/null 2>&1 &
+  perf_pid=$!
+fi
 python3 bench/llm_stream.py --url "http://127.0.0.1:$IP" --path /predictions/llm/1.0/v1/chat/completions \
   --cpu "server=${pids[0]}" --cpu "worker=$worker" --access-log "$work/logs/access_log.log" \
   --streams "${STREAMS:-64}" --max-tokens "${MAX_TOKENS:-64}" --rounds "${ROUNDS:-3}" \
   --label "${LABEL:-oxserve}" ${JSON:+--json "$JSON"}
+if [ -n "${PERF:-}" ]; then
+  kill -INT "$perf_pid"; wait "$perf_pid" 2>/dev/null || true
+  perf report -i "$work/perf.data" --no-children --sort symbol --percent-limit 0.7 --stdio 2>/dev/null \
+    | grep -v '^#' | grep -v '^$' >"$PERF"
+fi

@@ -36,13 +36,13 @@ fn standin_dir() -> PathBuf {
 
 /// TorchServe's vLLM deployment as an unpacked archive (torch-model-archiver's `no-archive`
 /// layout): only a manifest naming the built-in `vllm_handler` and the model-config.yaml.
-fn vllm_store(yaml: &str) -> tempfile::TempDir {
+fn vllm_store(name: &str, yaml: &str) -> tempfile::TempDir {
     let store = tempfile::tempdir().unwrap();
-    let dir = store.path().join("vllm");
+    let dir = store.path().join(name);
     std::fs::create_dir_all(dir.join("MAR-INF")).unwrap();
     std::fs::write(
         dir.join("MAR-INF/MANIFEST.json"),
-        r#"{"runtime": "python", "model": {"modelName": "vllm", "modelVersion": "1.0", "handler": "vllm_handler", "configFile": "model-config.yaml"}}"#,
+        format!(r#"{{"runtime": "python", "model": {{"modelName": "{name}", "modelVersion": "1.0", "handler": "vllm_handler", "configFile": "model-config.yaml"}}}}"#),
     )
     .unwrap();
     std::fs::write(dir.join("model-config.yaml"), yaml).unwrap();
@@ -53,9 +53,9 @@ fn shipped_yaml() -> String {
     std::fs::read_to_string(standin_dir().join("model-config.yaml")).unwrap()
 }
 
-/// Starts oxserve with TorchServe's worker and waits until the vllm worker is READY (importing
+/// Starts oxserve with TorchServe's worker and waits until the model's worker is READY (importing
 /// torch takes a while on a loaded machine, hence the generous deadline).
-async fn start(store: &Path) -> Server {
+async fn start(store: &Path, name: &str) -> Server {
     let props = format!(
         "worker_runtime=torchserve\npython_executable={}\n",
         ts_python()
@@ -63,18 +63,18 @@ async fn start(store: &Path) -> Server {
     let standin = standin_dir();
     let s = Server::start_with_env(
         &props,
-        &["--model-store", store.to_str().unwrap(), "--models", "vllm"],
+        &["--model-store", store.to_str().unwrap(), "--models", name],
         &[("PYTHONPATH", standin.to_str().unwrap())],
     );
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
-        let (code, d) = s.mgmt(Method::GET, "/models/vllm").await;
+        let (code, d) = s.mgmt(Method::GET, &format!("/models/{name}")).await;
         if code == 200 && d[0]["workers"][0]["status"] == "READY" {
             return s;
         }
         assert!(
             Instant::now() < deadline,
-            "the vllm worker never became READY: {}",
+            "the {name} worker never became READY: {}",
             s.log()
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -111,14 +111,24 @@ fn expected(prompt: &str, n: usize) -> String {
         .join(" ")
 }
 
-async fn post(s: &Server, path: &str, body: serde_json::Value) -> reqwest::Response {
+async fn post_to(s: &Server, url: String, body: serde_json::Value) -> reqwest::Response {
     s.client
-        .post(format!("{}/predictions/vllm/1.0/{path}", s.inference))
+        .post(url)
         .header("content-type", "application/json")
         .body(body.to_string())
         .send()
         .await
         .unwrap()
+}
+
+/// POST to `/predictions/{model}/1.0/{path}`: the extra path reaches the handler as `url_path`.
+async fn post(s: &Server, model: &str, path: &str, body: serde_json::Value) -> reqwest::Response {
+    post_to(
+        s,
+        format!("{}/predictions/{model}/1.0/{path}", s.inference),
+        body,
+    )
+    .await
 }
 
 /// A streamed reply: its HTTP chunks and the JSON of its `data:` events (without `[DONE]`, which
@@ -160,13 +170,17 @@ fn stream_text(events: &[serde_json::Value]) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs torchserve 0.12 + torch: set OXSERVE_TEST_TORCHSERVE_PYTHON=<venv>/bin/python and run with --ignored"]
 async fn vllm_handler_serves_completions_and_chat_whole_and_streamed() {
-    let store = vllm_store(&shipped_yaml());
-    let s = start(store.path()).await;
+    // Registered under one of vLLM's served model names, as TorchServe's recipe does, so that
+    // oxserve's own OpenAI routes (`/v1/completions`, routed by the body's `model`) reach it too.
+    const M: &str = "llama3-8b";
+    let store = vllm_store(M, &shipped_yaml());
+    let s = start(store.path(), M).await;
 
     // Completions, whole: vLLM's shape and usage, served under either served_model_name.
     let prompt = "hello there world";
     let r = post(
         &s,
+        M,
         "v1/completions",
         serde_json::json!({"model": "standin", "prompt": prompt, "max_tokens": 5}),
     )
@@ -185,6 +199,7 @@ async fn vllm_handler_serves_completions_and_chat_whole_and_streamed() {
     // Chat, whole.
     let r = post(
         &s,
+        M,
         "v1/chat/completions",
         serde_json::json!({"model": "llama3-8b", "max_tokens": 4,
             "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]}),
@@ -205,6 +220,7 @@ async fn vllm_handler_serves_completions_and_chat_whole_and_streamed() {
     // every event is its own HTTP chunk, as the worker sent it.
     let r = post(
         &s,
+        M,
         "v1/chat/completions",
         serde_json::json!({"model": "llama3-8b", "max_tokens": 3, "stream": true,
             "stream_options": {"include_usage": true},
@@ -230,6 +246,7 @@ async fn vllm_handler_serves_completions_and_chat_whole_and_streamed() {
         .collect();
     let r = post(
         &s,
+        M,
         "v1/completions",
         serde_json::json!({"model": "standin", "prompt": "stop here", "max_tokens": 6,
             "stream": true, "stop": [words[3]]}),
@@ -247,7 +264,7 @@ async fn vllm_handler_serves_completions_and_chat_whole_and_streamed() {
     let completion_stream_chunks = chunks.len();
 
     // The handler's own routes and errors, passed through as TorchServe passes them.
-    let r = post(&s, "v1/models", serde_json::json!({})).await;
+    let r = post(&s, M, "v1/models", serde_json::json!({})).await;
     assert_eq!(r.status(), 200);
     let v: serde_json::Value = r.json().await.unwrap();
     let ids: Vec<&str> = v["data"]
@@ -260,6 +277,7 @@ async fn vllm_handler_serves_completions_and_chat_whole_and_streamed() {
     // vLLM's ErrorResponse is the handler's return value: 200 with vLLM's error object.
     let r = post(
         &s,
+        M,
         "v1/completions",
         serde_json::json!({"model": "nope", "prompt": "x"}),
     )
@@ -271,6 +289,7 @@ async fn vllm_handler_serves_completions_and_chat_whole_and_streamed() {
     // The engine's limit: prompt + max_tokens over max_model_len (4096).
     let r = post(
         &s,
+        M,
         "v1/completions",
         serde_json::json!({"model": "standin", "prompt": "x", "max_tokens": 5000}),
     )
@@ -287,6 +306,7 @@ async fn vllm_handler_serves_completions_and_chat_whole_and_streamed() {
     // A body vLLM's request model rejects raises in the handler: 503 "Prediction failed".
     let r = post(
         &s,
+        M,
         "v1/completions",
         serde_json::json!({"model": "standin", "prompt": 5}),
     )
@@ -295,7 +315,7 @@ async fn vllm_handler_serves_completions_and_chat_whole_and_streamed() {
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["message"], "Prediction failed");
     // An unknown route: the handler's PredictionException(404).
-    let r = post(&s, "v1/embeddings", serde_json::json!({})).await;
+    let r = post(&s, M, "v1/embeddings", serde_json::json!({})).await;
     assert_eq!(r.status(), 404);
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["message"], "Unknown API endpoint: v1/embeddings");
@@ -303,6 +323,7 @@ async fn vllm_handler_serves_completions_and_chat_whole_and_streamed() {
     // Still serving after the errors.
     let r = post(
         &s,
+        M,
         "v1/completions",
         serde_json::json!({"model": "standin", "prompt": "again", "max_tokens": 2}),
     )
@@ -310,20 +331,36 @@ async fn vllm_handler_serves_completions_and_chat_whole_and_streamed() {
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["choices"][0]["text"], expected("again", 2).as_str());
 
-    // Token metrics for this deployment: usage of the three whole replies that carry one (5 + 4 +
-    // 2 generated) and of the chat stream that asked for it (3); chunks, TTFT and gaps of both
+    // oxserve's own OpenAI route: the body's `model` names the registered model, and the handler
+    // sees the same `url_path` as through /predictions.
+    let r = post_to(
+        &s,
+        format!("{}/v1/completions", s.inference),
+        serde_json::json!({"model": M, "prompt": "direct route", "max_tokens": 3}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["model"], M);
+    assert_eq!(
+        v["choices"][0]["text"],
+        expected("direct route", 3).as_str()
+    );
+
+    // Token metrics for this deployment: usage of the four whole replies that carry one (5 + 4 +
+    // 2 + 3 generated) and of the chat stream that asked for it (3); chunks, TTFT and gaps of both
     // streams.
     let text = s.scrape().await;
-    let mv = r#"{model_name="vllm",model_version="1.0"}"#;
+    let mv = r#"{model_name="llama3-8b",model_version="1.0"}"#;
     let v = |name: &str| common::sample(&text, &format!("{name}{mv}"));
     assert_eq!(
         v("oxserve_prompt_tokens_total"),
-        Some((3 + 3 + 1 + 2) as f64),
+        Some((3 + 3 + 1 + 2 + 2) as f64),
         "{text}"
     );
     assert_eq!(
         v("oxserve_generated_tokens_total"),
-        Some((5 + 4 + 2 + 3) as f64)
+        Some((5 + 4 + 2 + 3 + 3) as f64)
     );
     let chunks = 6 + completion_stream_chunks;
     assert_eq!(v("oxserve_stream_chunks_total"), Some(chunks as f64));
@@ -345,8 +382,8 @@ async fn many_streams_run_at_once_in_one_worker_and_a_failure_answers_only_itsel
         &format!("standin_step_ms: 10\n        standin_first_step_after_seqs: {N}"),
     );
     assert!(yaml.contains("standin_first_step_after_seqs"));
-    let store = vllm_store(&yaml);
-    let s = start(store.path()).await;
+    let store = vllm_store("vllm", &yaml);
+    let s = start(store.path(), "vllm").await;
     let url = format!("{}/predictions/vllm/1.0", s.inference);
 
     // N - 1 streams, completions and chat, of different lengths: none can get a token yet.
@@ -404,17 +441,19 @@ async fn many_streams_run_at_once_in_one_worker_and_a_failure_answers_only_itsel
     // each error to every request in flight on the worker).
     let r = post(
         &s,
+        "vllm",
         "v1/completions",
         serde_json::json!({"model": "standin", "prompt": ["a", 1]}),
     )
     .await;
     assert_eq!(r.status(), 503);
-    let r = post(&s, "v1/nothing", serde_json::json!({})).await;
+    let r = post(&s, "vllm", "v1/nothing", serde_json::json!({})).await;
     assert_eq!(r.status(), 404);
 
     // The N-th request lets the engine start; every stream gets its own tokens.
     let r = post(
         &s,
+        "vllm",
         "v1/completions",
         serde_json::json!({"model": "standin", "prompt": "the last one", "max_tokens": 4}),
     )

@@ -10,8 +10,9 @@ the extra path of `/predictions/llm/1.0/<path>` (TorchServe passes it as the `ur
 
 Replies have OpenAI's shape with a `usage` object; with `"stream": true` they are Server-Sent
 Events (`data: {...}` per token, then `data: [DONE]`), one HTTP chunk per event. The first part
-carries the header `x-engine-ttft-ms`: the engine's own time to first token, which
-bench/llm_stream.py compares with what clients see.
+carries the header `x-engine-ttft-ms`: the engine's own time to first token, and the wall-clock
+times (epoch seconds) of the request entering the handler (`x-handler-start`) and of its first
+token (`x-engine-first-token`), which bench/llm_stream.py compares with what clients see.
 """
 
 import asyncio
@@ -46,6 +47,7 @@ class LlmHandler:
             *(self._one(i, request, context) for i, request in enumerate(data))))
 
     async def _one(self, idx, request, context):
+        handler_start = time.time()
         path = (context.get_request_header(idx, "url_path") or "v1/completions").strip("/")
         body = request.get("body", request.get("data"))
         if isinstance(body, (bytes, bytearray)):
@@ -85,6 +87,9 @@ class LlmHandler:
             if first:
                 ttft = (seq.first_token_at - seq.arrived) * 1000
                 context.set_response_header(idx, "x-engine-ttft-ms", "%.3f" % ttft)
+                first_wall = time.time() - (time.monotonic() - seq.first_token_at)
+                context.set_response_header(idx, "x-handler-start", "%.6f" % handler_start)
+                context.set_response_header(idx, "x-engine-first-token", "%.6f" % first_wall)
             text = word if first else " " + word
             first = False
             chunk = self._chunk(rid, created, chat, text, seq.finish_reason)

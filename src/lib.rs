@@ -13,4 +13,5 @@ pub mod metrics;
 pub mod model;
 pub mod server;
 pub mod system;
+pub mod timefmt;
 pub mod worker;

@@ -15,9 +15,9 @@ use oxserve::backend::{
     Backend, BackendError, BackendLoader, InferRequest, InferResponse, NoStream, Param, StreamSink,
     WorkerSpec,
 };
-use oxserve::config::{Config, MetricsMode, Overrides};
+use oxserve::config::{Config, Overrides};
 use oxserve::metrics::spec::Spec;
-use oxserve::metrics::Metrics;
+use oxserve::metrics::{Metrics, Settings};
 use oxserve::model::archive::Manifest;
 
 const EXAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples");
@@ -328,14 +328,7 @@ async fn custom_metrics_reach_the_registry() {
     let yaml_path = PathBuf::from(EXAMPLES).join("custom_metrics/metrics.yaml");
     let spec_text = std::fs::read_to_string(&yaml_path).unwrap();
     let metric_spec = Spec::parse(&spec_text, "metrics.yaml").unwrap();
-    let metrics = Arc::new(Metrics::new(
-        metric_spec,
-        MetricsMode::Prometheus,
-        false,
-        oxserve::config::DEFAULT_BUCKETS.to_vec(),
-        None,
-        "testhost".into(),
-    ));
+    let metrics = Arc::new(Metrics::new(&metric_spec, Settings::for_tests()));
     let cfg = config(&[("metrics_config", yaml_path.to_str().unwrap())]);
     let mut backend = PythonLoader::new()
         .load(&spec(dir.path(), "mm", metrics.clone(), cfg))

@@ -824,7 +824,6 @@ pub fn quantile(q: f64, bounds: &[f64], counts: &[u64]) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::MetricsMode;
     use crate::metrics::spec::Spec;
     use crate::metrics::Timings;
     use std::time::{Duration, Instant};
@@ -832,12 +831,12 @@ mod tests {
     fn registry() -> Metrics {
         // auto-detect on, so a test can create the LLM families the way a handler would.
         Metrics::new(
-            Spec::builtin(),
-            MetricsMode::Prometheus,
-            true,
-            crate::config::DEFAULT_BUCKETS.to_vec(),
-            None,
-            "h".into(),
+            &Spec::builtin(),
+            crate::metrics::Settings {
+                auto_detect: true,
+                hostname: "h".into(),
+                ..crate::metrics::Settings::for_tests()
+            },
         )
     }
 

@@ -5,7 +5,7 @@
 //! Uses only std, serde_yaml and serde_json (plus the `serde::Deserialize` trait both are built
 //! on), nothing from the oxserve crate.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -89,16 +89,15 @@ fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String
     !selector.is_empty() && selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
-/// Java-properties `key=value` lines (also `key: value`), comments and blank lines skipped.
-fn properties(text: &str) -> BTreeMap<String, String> {
-    text.lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#') && !l.starts_with('!'))
-        .filter_map(|l| {
-            let at = l.find(['=', ':'])?;
-            Some((l[..at].trim().to_string(), l[at + 1..].trim().to_string()))
-        })
-        .collect()
+/// A config.properties as the server reads it (its own parser), checked to be a configuration the
+/// server accepts.
+fn properties(text: &str) -> HashMap<String, String> {
+    let props = oxserve::config::parse_properties(text)
+        .unwrap_or_else(|e| panic!("config.properties does not parse: {e}"));
+    if let Err(e) = oxserve::config::Config::from_sources(props.clone(), &[], &Default::default()) {
+        panic!("the server refuses this config.properties: {e}");
+    }
+    props
 }
 
 /// Host and port of `http://host:port` (trailing slash allowed).

@@ -73,6 +73,8 @@ pub struct Metrics {
     auto_families: AtomicUsize,
     /// (reason, metric name) pairs already reported as dropped, so each is logged once.
     warned: Mutex<HashSet<String>>,
+    /// metrics.yaml's handler metrics as JSON, for Python workers ([`Spec::handler_metrics_json`]).
+    handler_metrics_json: String,
 }
 
 /// Most distinct drop warnings logged; past it, one last warning says that the rest are silent
@@ -165,16 +167,21 @@ impl Families {
     }
 }
 
-/// The definition of a metrics.yaml entry.
+/// The definition of a metrics.yaml entry. Handler metrics get a Hostname dimension if they lack
+/// one: every `[METRICS]` line carries its host, and TorchServe labels them with it.
 fn declared(s: &MetricSpec) -> FamilyDef {
     let help = format!(
         "Torchserve prometheus {} metric with unit: {}",
         s.kind.as_str(),
         s.unit
     );
+    let mut labels = s.dimensions.clone();
+    if s.origin == Origin::Model && !labels.iter().any(|d| d == "Hostname") {
+        labels.push("Hostname".to_string());
+    }
     let def = FamilyDef::new(&s.name, s.kind, help)
         .unit(&s.unit)
-        .labels(&s.dimensions)
+        .labels(&labels)
         .buckets(s.buckets.as_deref().unwrap_or(f::TORCHSERVE_BUCKETS));
     match s.origin {
         Origin::Model => def.from_handlers(),
@@ -264,6 +271,7 @@ impl Metrics {
             max_series: settings.max_series,
             auto_families: AtomicUsize::new(0),
             warned: Mutex::new(HashSet::new()),
+            handler_metrics_json: spec.handler_metrics_json(),
             families,
         }
     }
@@ -271,6 +279,12 @@ impl Metrics {
     /// A registry with the built-in metric set, for tests and benchmarks.
     pub fn for_tests() -> Metrics {
         Metrics::new(&Spec::builtin(), Settings::for_tests())
+    }
+
+    /// The handler metrics metrics.yaml declares, as JSON in its shape: handed to Python workers,
+    /// which declare them in `context.metrics` without reading YAML.
+    pub fn handler_metrics_json(&self) -> &str {
+        &self.handler_metrics_json
     }
 
     /// The `Hostname` label's value.

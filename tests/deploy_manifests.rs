@@ -719,3 +719,37 @@ fn kserve_runtime_and_inference_service_fit_together() {
     let kustomization = read(&deploy_dir().join("kubernetes/kustomization.yaml"));
     assert!(!kustomization.contains("kserve/"));
 }
+
+#[test]
+fn committed_dashboards_are_what_the_generator_writes() {
+    let fresh = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new("python3")
+        .arg(deploy_dir().join("tools/gen_dashboards.py"))
+        .arg("--out")
+        .arg(fresh.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let committed = deploy_dir().join("grafana/dashboards");
+    let names = |dir: &Path| -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".json"))
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names(fresh.path()), names(&committed));
+    for name in names(&committed) {
+        assert!(
+            read(&committed.join(&name)) == read(&fresh.path().join(&name)),
+            "deploy/grafana/dashboards/{name} differs from what deploy/tools/gen_dashboards.py \
+             writes: edit the generator and rerun it"
+        );
+    }
+}

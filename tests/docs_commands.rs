@@ -80,7 +80,12 @@ fn blocks_of(file: &str, text: &str) -> Vec<Block> {
             continuing = line.trim_end().ends_with('\\');
             if continuing {
                 let last = joined.last_mut().expect("a line");
-                last.1 = last.1.trim_end().trim_end_matches('\\').trim_end().to_string();
+                last.1 = last
+                    .1
+                    .trim_end()
+                    .trim_end_matches('\\')
+                    .trim_end()
+                    .to_string();
             }
         }
         out.push(Block {

@@ -7,9 +7,11 @@ filters, PromQL only in targets[].expr). Edit the panels here and rerun:
 
     python3 deploy/tools/gen_dashboards.py
 
-Then check them against a Prometheus with deploy/tools/promql_check.py.
+Then check them against a Prometheus with deploy/tools/promql_check.py. tests/deploy_manifests.rs
+fails when the committed files differ from what this script writes.
 """
 
+import argparse
 import json
 import pathlib
 
@@ -459,10 +461,14 @@ def host_dashboard():
     return d
 
 
-def main():
-    OUT.mkdir(parents=True, exist_ok=True)
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Writes the Grafana dashboards.")
+    ap.add_argument("--out", type=pathlib.Path, default=OUT,
+                    help=f"folder to write them to (default {OUT}); a test compares a fresh one with it")
+    out = ap.parse_args(argv).out
+    out.mkdir(parents=True, exist_ok=True)
     for d in (models_dashboard(), llm_dashboard(), host_dashboard()):
-        path = OUT / f"{d.uid}.json"
+        path = out / f"{d.uid}.json"
         path.write_text(json.dumps(d.json(), indent=2) + "\n")
         print(f"wrote {path}")
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Proves the dashboards and alert rules against a real Prometheus, without oxserve (stdlib only).
+"""Proves the dashboards and alert rules against a real Prometheus, without oxserve (PyYAML).
 
     python3 deploy/tools/promql_selftest.py [--prometheus /usr/bin/prometheus] [--seconds 40]
 

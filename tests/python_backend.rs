@@ -555,34 +555,27 @@ async fn load_errors_are_clear() {
     let metrics = Arc::new(Metrics::for_tests());
     let loader = PythonLoader::new();
 
-    let dir = model_dir(
-        "broken",
-        "broken.py",
-        "import no_such_module_xyz\n",
-        "broken.py",
-    );
-    let m = load_error(
-        &loader,
-        &spec(dir.path(), "broken", metrics.clone(), config(&[])),
-    )
-    .await;
-    assert!(m.contains("no_such_module_xyz"), "{m}");
-
-    let dir = model_dir("missing", "other.py", "", "image_classifier");
-    let m = load_error(
-        &loader,
-        &spec(dir.path(), "missing", metrics.clone(), config(&[])),
-    )
-    .await;
-    assert!(m.contains("worker_runtime=torchserve"), "{m}");
-
-    let dir = model_dir("init", "init.py", "def initialize(ctx):\n    raise RuntimeError('no weights here')\n\ndef handle(d, c):\n    return d\n", "init.py");
-    let m = load_error(
-        &loader,
-        &spec(dir.path(), "init", metrics.clone(), config(&[])),
-    )
-    .await;
-    assert!(m.contains("no weights here"), "{m}");
+    // (model, handler file, its source, manifest handler, what the error says)
+    let cases = [
+        ("broken", "broken.py", "import no_such_module_xyz\n", "broken.py", "no_such_module_xyz"),
+        ("missing", "other.py", "", "image_classifier", "worker_runtime=torchserve"),
+        (
+            "init",
+            "init.py",
+            "def initialize(ctx):\n    raise RuntimeError('no weights here')\n\ndef handle(d, c):\n    return d\n",
+            "init.py",
+            "no weights here",
+        ),
+    ];
+    for (name, file, source, handler, says) in cases {
+        let dir = model_dir(name, file, source, handler);
+        let m = load_error(
+            &loader,
+            &spec(dir.path(), name, metrics.clone(), config(&[])),
+        )
+        .await;
+        assert!(m.contains(says), "{name}: {m}");
+    }
 
     let dir = model_dir(
         "echo",

@@ -102,3 +102,25 @@ fn format_line(series: &Series, value: f64, request_id: Option<&str>, now: Syste
     line.push('\n');
     line
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::registry::{Family, FamilyDef};
+    use crate::metrics::spec::Kind;
+    use std::time::Duration;
+
+    #[test]
+    fn lines_are_torchserves() {
+        let def = FamilyDef::new("HandlerTime", Kind::Gauge, "help")
+            .unit("ms")
+            .labels(&["ModelName", "Level", "Hostname"])
+            .from_handlers();
+        let series = Family::new(def, false, None).series(&["m", "Model", "host1"]);
+        let at = UNIX_EPOCH + Duration::from_millis(1_717_105_563_626);
+        assert_eq!(
+            format_line(&series, 5.5, Some("r1"), at),
+            "2024-05-30T21:46:03,626 - HandlerTime.ms:5.5|#ModelName:m,Level:Model|#hostname:host1,requestID:r1,timestamp:1717105563\n"
+        );
+    }
+}

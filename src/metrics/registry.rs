@@ -506,6 +506,49 @@ mod tests {
         assert!(!only.contains("_bucket") && only.contains("_count"));
     }
 
+    /// A sink that keeps what it is told.
+    #[derive(Debug, Default)]
+    struct Kept(std::sync::Mutex<Vec<(String, f64, Option<String>)>>);
+
+    impl Sink for Kept {
+        fn record(&self, series: &Series, value: f64, request_id: Option<&str>) {
+            self.0.lock().unwrap().push((
+                series.family.name.clone(),
+                value,
+                request_id.map(str::to_string),
+            ));
+        }
+    }
+
+    #[test]
+    fn logged_families_tell_their_sink_each_event() {
+        let kept = Arc::new(Kept::default());
+        let sink: Arc<dyn Sink> = kept.clone();
+        let counter = Family::new(
+            FamilyDef::new("c", Kind::Counter, ""),
+            false,
+            Some(sink.clone()),
+        );
+        let gauge = Family::new(FamilyDef::new("g", Kind::Gauge, ""), false, Some(sink));
+        let quiet = Family::new(FamilyDef::new("q", Kind::Counter, ""), true, None);
+        counter.series(&[]).inc_by(2.0);
+        counter.series(&[]).record(3.0, Some("r"));
+        gauge.series(&[]).set(4.0);
+        gauge.series(&[]).inc_by(1.0);
+        quiet.series(&[]).inc();
+        let events = kept.0.lock().unwrap().clone();
+        // A counter's event is the increment; a gauge's is its new value.
+        assert_eq!(
+            events,
+            [
+                ("c".to_string(), 2.0, None),
+                ("c".to_string(), 3.0, Some("r".to_string())),
+                ("g".to_string(), 4.0, None),
+                ("g".to_string(), 5.0, None),
+            ]
+        );
+    }
+
     #[test]
     fn whole_and_fractional_increments_add_up() {
         let v = Value::default();

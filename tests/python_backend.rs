@@ -710,7 +710,7 @@ async fn torchserve_worker_when_available() {
     assert_eq!(json(&replies[0]), serde_json::json!({"x": 1}));
     assert_eq!(&replies[1].body[..], b"hello");
     assert_eq!(&replies[2].body[..], b"\x00raw");
-    let labels = r#"{ModelName="echo",Level="Model",Hostname="testhost"}"#;
+    let labels = r#"{ModelName="echo",Level="Model",Hostname="testhost",}"#;
     wait_until("PredictionTime from TorchServe's worker", || {
         metrics
             .render(None)

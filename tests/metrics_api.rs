@@ -256,17 +256,12 @@ async fn log_mode_writes_torchserve_lines() {
     let text = s.scrape().await;
     assert!(text.starts_with("# metrics_mode=log"), "{text}");
     assert_eq!(text.lines().count(), 1);
-    let mut log = String::new();
-    for _ in 0..100 {
-        log = std::fs::read_to_string(logs.path().join("ts_metrics.log")).unwrap_or_default();
-        // The log is written by a writer thread: wait for the last request's line too.
-        if log.matches("ts_inference_requests_total.Count:1.0").count() >= 3
+    // The log is written by a writer thread: wait for the last request's line too.
+    let log = wait_for_log(&logs.path().join("ts_metrics.log"), |log| {
+        log.matches("ts_inference_requests_total.Count:1.0").count() >= 3
             && log.contains("Requests4XX.Count:1.0")
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await;
     let line = log
         .lines()
         .find(|l| l.contains("Requests4XX.Count:1.0"))
@@ -308,13 +303,26 @@ async fn legacy_mode_keeps_only_ts_counters_on_the_endpoint() {
         ]
     );
     // Metric lines reach the file through the log writer thread: wait for them.
+    wait_for_log(&logs.path().join("ts_metrics.log"), |log| {
+        log.contains("Requests4XX.Count:1.0")
+    })
+    .await;
+}
+
+/// Waits (60 s at most, then fails showing the file) until the metric log at `path` satisfies
+/// `ok`; its text.
+async fn wait_for_log(path: &std::path::Path, ok: impl Fn(&str) -> bool) -> String {
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
-        let log = std::fs::read_to_string(logs.path().join("ts_metrics.log")).unwrap();
-        if log.contains("Requests4XX.Count:1.0") {
-            break;
+        let log = std::fs::read_to_string(path).unwrap_or_default();
+        if ok(&log) {
+            return log;
         }
-        assert!(std::time::Instant::now() < deadline, "{log}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} never had the awaited lines:\n{log}",
+            path.display()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

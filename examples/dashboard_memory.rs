@@ -8,10 +8,9 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::{Duration, Instant};
 
-use oxserve::config::MetricsMode;
 use oxserve::dashboard::history::{History, COARSE_EVERY, LLM_ITL, LLM_TOKENS, LLM_TTFT};
 use oxserve::metrics::spec::Spec;
-use oxserve::metrics::{Metrics, Timings};
+use oxserve::metrics::{Metrics, Settings, Timings};
 
 struct Counting;
 
@@ -56,12 +55,12 @@ fn traffic(m: &Metrics, models: &[std::sync::Arc<oxserve::metrics::ModelMetrics>
 
 fn main() {
     let m = Metrics::new(
-        Spec::builtin(),
-        MetricsMode::Prometheus,
-        true,
-        oxserve::config::DEFAULT_BUCKETS.to_vec(),
-        None,
-        "host".into(),
+        &Spec::builtin(),
+        Settings {
+            auto_detect: true,
+            hostname: "host".into(),
+            ..Settings::for_tests()
+        },
     );
     let models: Vec<_> = (0..50)
         .map(|i| m.model(&format!("model-{i}"), "1"))

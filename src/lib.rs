@@ -14,5 +14,6 @@ pub mod metrics;
 pub mod model;
 pub mod server;
 pub mod system;
+pub mod timefmt;
 pub mod worker;
 pub mod workflow;

@@ -1,11 +1,104 @@
 //! Every PromQL expression of every shipped dashboard panel and alert rule, run through a real
 //! Prometheus that scrapes a real oxserve with the shipped prometheus.yml.
+//!
+//! deploy/tools/promql_check.py runs every panel, variable and recording rule (they must return
+//! data) and every alert (it must run). This test adds what needs a PromQL parser: that each
+//! alert can fire at all. It takes the threshold off each alert expression (`promql-parser`'s
+//! AST) and requires the rest to return data, so that a typo in a metric or label name cannot
+//! leave an alert that never fires.
 
 mod common;
 
 use common::prometheus::{value, Prometheus};
 use common::Server;
+use promql_parser::parser::{self, Expr};
 use std::time::Duration;
+
+/// The expressions whose non-emptiness shows that an alert expression can fire: outer
+/// parentheses dropped; for `A and B` / `A unless B` only A (the condition; B is a guard); for a
+/// comparison (`A > 0.8`, any of == != > < >= <=, with `bool` or on/ignoring/group_* modifiers)
+/// the side that is not a number, or both sides when both are expressions (`A < B`). A top-level
+/// `or`, or an expression without a comparison at the top, is checked as it is.
+fn data_expressions(expr: &Expr) -> Vec<Expr> {
+    match expr {
+        Expr::Paren(p) => data_expressions(&p.expr),
+        Expr::Binary(b) if b.op.to_string() == "or" => vec![expr.clone()],
+        Expr::Binary(b) if b.op.is_set_operator() => data_expressions(&b.lhs),
+        Expr::Binary(b) if b.op.is_comparison_operator() => {
+            let sides: Vec<Expr> = [&b.lhs, &b.rhs]
+                .into_iter()
+                .map(|side| unparen(side))
+                .filter(|side| !matches!(side, Expr::NumberLiteral(_)))
+                .collect();
+            if sides.is_empty() {
+                vec![expr.clone()]
+            } else {
+                sides
+            }
+        }
+        _ => vec![expr.clone()],
+    }
+}
+
+fn unparen(expr: &Expr) -> Expr {
+    match expr {
+        Expr::Paren(p) => unparen(&p.expr),
+        other => other.clone(),
+    }
+}
+
+/// (alert name, data expression) for every alert of a rule file.
+fn alert_data_checks(rules_yaml: &str) -> Vec<(String, String)> {
+    let doc: serde_yaml::Value = serde_yaml::from_str(rules_yaml).unwrap();
+    let mut out = Vec::new();
+    for group in doc["groups"].as_sequence().expect("groups") {
+        for rule in group["rules"].as_sequence().expect("rules") {
+            let Some(alert) = rule["alert"].as_str() else {
+                continue;
+            };
+            let expr = rule["expr"].as_str().expect("expr");
+            let parsed =
+                parser::parse(expr).unwrap_or_else(|e| panic!("alert {alert}: {e}\n{expr}"));
+            for data in data_expressions(&parsed) {
+                out.push((alert.to_string(), data.to_string()));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn thresholds_come_off_alert_expressions() {
+    let rules = r#"
+groups:
+  - name: g
+    rules:
+      - record: r
+        expr: sum(x)
+      - alert: Ratio
+        expr: |
+          (sum(rate(a[5m])) / sum(rate(b[5m]))) > 0.05 and sum(rate(b[5m])) > 1
+      - alert: Both
+        expr: sum by (m) (q) > bool on (m) group_left sum by (m) (c)
+      - alert: Either
+        expr: up == 0 or absent(up)
+      - alert: Plain
+        expr: absent(up)
+      - alert: Flipped
+        expr: 2 < (histogram_quantile(0.99, rate(h_bucket[5m])))
+"#;
+    let got = alert_data_checks(rules);
+    let want = [
+        ("Ratio", "sum(rate(a[5m])) / sum(rate(b[5m]))"),
+        ("Both", "sum by (m) (q)"),
+        ("Both", "sum by (m) (c)"),
+        ("Either", "up == 0 or absent(up)"),
+        ("Plain", "absent(up)"),
+        ("Flipped", "histogram_quantile(0.99, rate(h_bucket[5m]))"),
+    ];
+    let got: Vec<(&str, &str)> = got.iter().map(|(a, e)| (a.as_str(), e.as_str())).collect();
+    assert_eq!(got, want);
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_dashboard_and_alert_query_returns_data() {
@@ -63,17 +156,17 @@ async fn every_dashboard_and_alert_query_returns_data() {
     let rules =
         std::fs::read_to_string(format!("{root}/deploy/prometheus/rules/oxserve-alerts.yml"))
             .unwrap();
-    let prom = Prometheus::start(&config, &[("rules/oxserve-alerts.yml", rules)]);
+    let prom = Prometheus::start(&config, &[("rules/oxserve-alerts.yml", rules.clone())]);
     let c = reqwest::Client::new();
     prom.wait_for(&c, "up{job=\"oxserve\"}", Duration::from_secs(60), |r| {
         r.first().map(value) == Some(1.0)
     })
     .await;
 
-    // Known traffic with errors, kept flowing while the queries run (bounded: at most 90 s).
+    // Known traffic with errors, kept flowing while the queries run (bounded: at most 180 s).
     let (client, inference) = (s.client.clone(), s.inference.clone());
     let traffic = tokio::spawn(async move {
-        let deadline = std::time::Instant::now() + Duration::from_secs(90);
+        let deadline = std::time::Instant::now() + Duration::from_secs(180);
         while std::time::Instant::now() < deadline {
             let post = |body: &'static str, model: &'static str| {
                 client
@@ -104,6 +197,20 @@ async fn every_dashboard_and_alert_query_returns_data() {
             }
         }
     });
+
+    // Each alert can fire: its expression without the threshold returns data (GPU families have
+    // none on a machine without an NVIDIA GPU).
+    let mut data_checks = 0;
+    for (alert, expr) in alert_data_checks(&rules) {
+        if expr.contains("GPU") {
+            continue;
+        }
+        prom.wait_for(&c, &expr, Duration::from_secs(75), |r| !r.is_empty())
+            .await;
+        data_checks += 1;
+        println!("alert {alert}: data OK: {expr}");
+    }
+    assert!(data_checks >= 5, "only {data_checks} alert data checks");
 
     let out = tokio::task::spawn_blocking(move || {
         std::process::Command::new("python3")

@@ -5,7 +5,7 @@
 //! Uses only std, serde_yaml and serde_json (plus the `serde::Deserialize` trait both are built
 //! on), nothing from the oxserve crate.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -89,16 +89,15 @@ fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String
     !selector.is_empty() && selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
-/// Java-properties `key=value` lines (also `key: value`), comments and blank lines skipped.
-fn properties(text: &str) -> BTreeMap<String, String> {
-    text.lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#') && !l.starts_with('!'))
-        .filter_map(|l| {
-            let at = l.find(['=', ':'])?;
-            Some((l[..at].trim().to_string(), l[at + 1..].trim().to_string()))
-        })
-        .collect()
+/// A config.properties as the server reads it (its own parser), checked to be a configuration the
+/// server accepts.
+fn properties(text: &str) -> HashMap<String, String> {
+    let props = oxserve::config::parse_properties(text)
+        .unwrap_or_else(|e| panic!("config.properties does not parse: {e}"));
+    if let Err(e) = oxserve::config::Config::from_sources(props.clone(), &[], &Default::default()) {
+        panic!("the server refuses this config.properties: {e}");
+    }
+    props
 }
 
 /// Host and port of `http://host:port` (trailing slash allowed).
@@ -719,4 +718,38 @@ fn kserve_runtime_and_inference_service_fit_together() {
     // Needs KServe's CRDs: not part of the plain kustomization.
     let kustomization = read(&deploy_dir().join("kubernetes/kustomization.yaml"));
     assert!(!kustomization.contains("kserve/"));
+}
+
+#[test]
+fn committed_dashboards_are_what_the_generator_writes() {
+    let fresh = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new("python3")
+        .arg(deploy_dir().join("tools/gen_dashboards.py"))
+        .arg("--out")
+        .arg(fresh.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let committed = deploy_dir().join("grafana/dashboards");
+    let names = |dir: &Path| -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".json"))
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names(fresh.path()), names(&committed));
+    for name in names(&committed) {
+        assert!(
+            read(&committed.join(&name)) == read(&fresh.path().join(&name)),
+            "deploy/grafana/dashboards/{name} differs from what deploy/tools/gen_dashboards.py \
+             writes: edit the generator and rerun it"
+        );
+    }
 }

@@ -3,7 +3,41 @@
 mod common;
 
 use common::{concurrently, Server};
+use reqwest::Method;
+use serde_json::Value;
 use std::time::Duration;
+
+/// A request to `path` on the inference listener.
+fn to(s: &Server, method: Method, path: &str) -> reqwest::RequestBuilder {
+    s.client.request(method, format!("{}{path}", s.inference))
+}
+
+/// A JSON prediction request to `path` on the inference listener, as [`Server::predict`] sends it.
+fn json_post(s: &Server, path: &str, body: impl Into<reqwest::Body>) -> reqwest::RequestBuilder {
+    to(s, Method::POST, path)
+        .header("content-type", "application/json")
+        .body(body)
+}
+
+/// Sends `req`; its status and JSON body (`Null` when the body is not JSON).
+async fn reply(req: reqwest::RequestBuilder) -> (u16, Value) {
+    let r = req.send().await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+/// Posts a JSON prediction with a client of its own (for spawned tasks); the status.
+async fn post_json(client: reqwest::Client, url: String, body: String) -> u16 {
+    client
+        .post(url)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn default_start_serves_the_demo_model() {
@@ -20,24 +54,17 @@ async fn default_start_serves_the_demo_model() {
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["label"], "positive");
 
-    let r = s
-        .client
-        .post(format!("{}/predictions/demo/1.0", s.inference))
-        .header("content-type", "text/plain")
-        .body("terrible and slow")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    assert_eq!(
-        r.json::<serde_json::Value>().await.unwrap()["label"],
-        "negative"
-    );
+    let (code, v) = reply(
+        to(&s, Method::POST, "/predictions/demo/1.0")
+            .header("content-type", "text/plain")
+            .body("terrible and slow"),
+    )
+    .await;
+    assert_eq!((code, v["label"].as_str()), (200, Some("negative")));
 
     // The backend's own 400 for a bad payload reaches the client in TorchServe's shape.
-    let r = s.predict("demo", r#"{"nope": 1}"#).await;
-    assert_eq!(r.status(), 400);
-    let v: serde_json::Value = r.json().await.unwrap();
+    let (code, v) = reply(json_post(&s, "/predictions/demo", r#"{"nope": 1}"#)).await;
+    assert_eq!(code, 400);
     assert_eq!(v["code"], 400);
     assert!(v["message"].as_str().unwrap().contains("text"));
 }
@@ -54,50 +81,24 @@ async fn errors_have_torchserve_shape_and_codes() {
     assert_eq!(v["type"], "ModelNotFoundException");
     assert_eq!(v["message"], "Model not found: nope");
 
-    let r = s
-        .client
-        .post(format!("{}/predictions/demo/9.9", s.inference))
-        .body("x")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 404);
-    let v: serde_json::Value = r.json().await.unwrap();
+    let (code, v) = reply(to(&s, Method::POST, "/predictions/demo/9.9").body("x")).await;
+    assert_eq!(code, 404);
     assert_eq!(v["type"], "ModelVersionNotFoundException");
 
     let big = "x".repeat(101);
-    let r = s.predict("demo", &big).await;
-    assert_eq!(r.status(), 507);
-    let v: serde_json::Value = r.json().await.unwrap();
-    assert_eq!(v["code"], 507);
+    let (code, v) = reply(json_post(&s, "/predictions/demo", big)).await;
+    assert_eq!((code, &v["code"]), (507, &Value::from(507)));
     assert!(v["message"].as_str().unwrap().contains("max_request_size"));
 
-    let r = s
-        .client
-        .get(format!("{}/no/such/path", s.inference))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 404);
+    assert_eq!(reply(to(&s, Method::GET, "/no/such/path")).await.0, 404);
 
     // A path that is not UTF-8 once decoded: 400 in the JSON shape, never a panic.
-    let r = s
-        .client
-        .post(format!("{}/predictions/demo/%FF%FE", s.inference))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 400);
-    let v: serde_json::Value = r.json().await.unwrap();
+    let (code, v) = reply(to(&s, Method::POST, "/predictions/demo/%FF%FE")).await;
+    assert_eq!(code, 400);
     assert_eq!(v["type"], "BadRequestException");
 
-    let r = s
-        .client
-        .delete(format!("{}/predictions/demo", s.inference))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 405);
+    let (code, _) = reply(to(&s, Method::DELETE, "/predictions/demo")).await;
+    assert_eq!(code, 405);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -129,17 +130,11 @@ async fn concurrent_requests_form_one_batch() {
     let url = format!("{}/predictions/demo", s.inference);
     let client = s.client.clone();
     let statuses = concurrently(4, |i| {
-        let (c, u) = (client.clone(), url.clone());
-        async move {
-            c.post(u)
-                .header("content-type", "application/json")
-                .body(format!(r#"{{"text": "good {i}"}}"#))
-                .send()
-                .await
-                .unwrap()
-                .status()
-                .as_u16()
-        }
+        post_json(
+            client.clone(),
+            url.clone(),
+            format!(r#"{{"text": "good {i}"}}"#),
+        )
     })
     .await;
     assert_eq!(statuses, vec![200; 4]);
@@ -176,48 +171,29 @@ async fn batch_is_sent_when_max_batch_delay_passes() {
     assert!(wait >= 0.19, "queue wait {wait}");
 }
 
-/// Waits until the demo model has `n` busy workers.
-async fn wait_busy(s: &Server, n: f64) {
-    let prefix = r#"oxserve_workers{model_name="demo",model_version="1.0",state="busy"}"#;
-    for _ in 0..400 {
-        if s.sample(prefix).await == Some(n) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("never saw {n} busy workers");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_queue_answers_503_and_is_counted() {
     let s = Server::start("default_workers_per_model=1\njob_queue_size=2", &[]);
     s.wait_healthy().await;
     let url = format!("{}/predictions/demo", s.inference);
-    let slow = |c: reqwest::Client, u: String| async move {
-        c.post(u)
-            .header("content-type", "application/json")
-            .body(r#"{"text": "ok", "sleep_ms": 3000}"#)
-            .send()
-            .await
-            .unwrap()
-            .status()
-            .as_u16()
+    let slow = || {
+        let body = r#"{"text": "ok", "sleep_ms": 3000}"#.to_string();
+        tokio::spawn(post_json(s.client.clone(), url.clone(), body))
     };
-    let first = tokio::spawn(slow(s.client.clone(), url.clone()));
-    wait_busy(&s, 1.0).await;
-    let queued: Vec<_> = (0..2)
-        .map(|_| tokio::spawn(slow(s.client.clone(), url.clone())))
-        .collect();
-    let depth = r#"oxserve_queue_depth{model_name="demo",model_version="1.0"}"#;
-    for _ in 0..400 {
-        if s.sample(depth).await == Some(2.0) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    let r = s.predict("demo", r#""x""#).await;
-    assert_eq!(r.status(), 503);
-    let v: serde_json::Value = r.json().await.unwrap();
+    let first = slow();
+    s.wait_sample(
+        r#"oxserve_workers{model_name="demo",model_version="1.0",state="busy"}"#,
+        |busy| busy == 1.0,
+    )
+    .await;
+    let queued: Vec<_> = (0..2).map(|_| slow()).collect();
+    s.wait_sample(
+        r#"oxserve_queue_depth{model_name="demo",model_version="1.0"}"#,
+        |depth| depth == 2.0,
+    )
+    .await;
+    let (code, v) = reply(json_post(&s, "/predictions/demo", r#""x""#)).await;
+    assert_eq!(code, 503);
     assert_eq!(
         v["message"],
         "Model \"demo\" has no worker to serve inference request. Please use scale workers API to add workers."
@@ -252,12 +228,14 @@ async fn response_timeout_answers_500_and_worker_recovers() {
         &[],
     );
     s.wait_healthy().await;
-    let r = s
-        .predict("demo", r#"{"text": "x", "sleep_ms": 5000}"#)
-        .await;
+    let (code, v) = reply(json_post(
+        &s,
+        "/predictions/demo",
+        r#"{"text": "x", "sleep_ms": 5000}"#,
+    ))
+    .await;
     // TorchServe's answer (test_auto_recover): 500, the worker is killed and restarted.
-    assert_eq!(r.status(), 500);
-    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(code, 500);
     assert_eq!(v["code"], 500);
     assert_eq!(v["type"], "InternalServerException");
     assert!(
@@ -295,39 +273,18 @@ async fn headers_query_and_form_fields_reach_the_backend() {
     // query pair is a parameter of its own, as in TorchServe.
     let s = Server::start("", &[]);
     s.wait_healthy().await;
-    let r = s
-        .client
-        .post(format!("{}/predictions/demo", s.inference))
-        .form(&[("data", "I love it")])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    assert_eq!(
-        r.json::<serde_json::Value>().await.unwrap()["label"],
-        "positive"
-    );
-    let r = s
-        .client
-        .get(format!(
-            "{}/predictions/demo?text=awful%20and%20bad",
-            s.inference
-        ))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    assert_eq!(
-        r.json::<serde_json::Value>().await.unwrap()["label"],
-        "negative"
-    );
-    let r = s
-        .client
-        .post(format!("{}/predictions/demo?x=%zz", s.inference))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 400);
+    let form = to(&s, Method::POST, "/predictions/demo").form(&[("data", "I love it")]);
+    let (code, v) = reply(form).await;
+    assert_eq!((code, v["label"].as_str()), (200, Some("positive")));
+    let (code, v) = reply(to(
+        &s,
+        Method::GET,
+        "/predictions/demo?text=awful%20and%20bad",
+    ))
+    .await;
+    assert_eq!((code, v["label"].as_str()), (200, Some("negative")));
+    let (code, _) = reply(to(&s, Method::POST, "/predictions/demo?x=%zz")).await;
+    assert_eq!(code, 400);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -348,9 +305,8 @@ async fn onnx_model_is_served_over_http() {
         &std::fs::read_to_string(format!("{examples}/onnx/expected_output.json")).unwrap(),
     )
     .unwrap();
-    let r = s.predict("tiny_classifier", &input).await;
-    assert_eq!(r.status(), 200);
-    let v: serde_json::Value = r.json().await.unwrap();
+    let (code, v) = reply(json_post(&s, "/predictions/tiny_classifier", input)).await;
+    assert_eq!(code, 200);
     let got = v["outputs"]["probabilities"]["data"].as_array().unwrap();
     let want = expected["outputs"]["probabilities"]["data"]
         .as_array()
@@ -372,11 +328,13 @@ async fn onnx_model_is_served_over_http() {
         .await;
     assert_eq!(d[0]["runtime"], "onnx");
     // A shape error is the client's: 400 with the reason.
-    let r = s
-        .predict("tiny_classifier", r#"{"inputs": {"input": [[1, 2, 3]]}}"#)
-        .await;
-    assert_eq!(r.status(), 400);
-    let e: serde_json::Value = r.json().await.unwrap();
+    let (code, e) = reply(json_post(
+        &s,
+        "/predictions/tiny_classifier",
+        r#"{"inputs": {"input": [[1, 2, 3]]}}"#,
+    ))
+    .await;
+    assert_eq!(code, 400);
     assert!(e["message"].as_str().unwrap().contains('4'), "{e}");
 }
 
@@ -384,23 +342,15 @@ async fn onnx_model_is_served_over_http() {
 async fn explanations_reach_the_backend_with_the_explain_header() {
     let s = Server::start("", &[]);
     s.wait_healthy().await;
-    let r = s
-        .client
-        .post(format!("{}/explanations/demo", s.inference))
-        .header("content-type", "application/json")
-        .body(r#"{"text": "great but slow"}"#)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let v: serde_json::Value = r.json().await.unwrap();
+    let (code, v) = reply(json_post(
+        &s,
+        "/explanations/demo",
+        r#"{"text": "great but slow"}"#,
+    ))
+    .await;
+    assert_eq!(code, 200);
     assert_eq!(v["explanation"]["great"], 1);
     assert_eq!(v["explanation"]["slow"], -1);
-    let r = s.predict("demo", r#"{"text": "great"}"#).await;
-    assert!(r
-        .json::<serde_json::Value>()
-        .await
-        .unwrap()
-        .get("explanation")
-        .is_none());
+    let (_, v) = reply(json_post(&s, "/predictions/demo", r#"{"text": "great"}"#)).await;
+    assert!(v.get("explanation").is_none(), "{v}");
 }

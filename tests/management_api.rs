@@ -140,7 +140,7 @@ async fn scaling_under_load_loses_no_request() {
             tokio::spawn(async move {
                 c.post(u)
                     .header("content-type", "application/json")
-                    .body(format!(r#"{{"text": "good {i}", "sleep_ms": 30}}"#))
+                    .body(format!(r#"{{"text": "good {i}", "sleep_ms": 100}}"#))
                     .send()
                     .await
                     .unwrap()
@@ -149,7 +149,12 @@ async fn scaling_under_load_loses_no_request() {
             })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    // Scale while requests wait in the queue, and scale down while several workers are busy.
+    s.wait_sample(
+        r#"oxserve_queue_depth{model_name="demo",model_version="1.0"}"#,
+        |depth| depth > 0.0,
+    )
+    .await;
     let (code, _) = s
         .mgmt(
             Method::PUT,
@@ -157,7 +162,11 @@ async fn scaling_under_load_loses_no_request() {
         )
         .await;
     assert_eq!(code, 200);
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    s.wait_sample(
+        r#"oxserve_workers{model_name="demo",model_version="1.0",state="busy"}"#,
+        |busy| busy >= 2.0,
+    )
+    .await;
     let (code, _) = s
         .mgmt(
             Method::PUT,
@@ -338,7 +347,12 @@ async fn unregister_answers_queued_requests() {
     let handles: Vec<_> = (0..3)
         .map(|_| tokio::spawn(send(s.client.clone(), url.clone())))
         .collect();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // One request in the worker, two in the queue.
+    s.wait_sample(
+        r#"oxserve_queue_depth{model_name="q",model_version="1.0"}"#,
+        |depth| depth == 2.0,
+    )
+    .await;
     let (code, _) = s.mgmt(Method::DELETE, "/models/q").await;
     assert_eq!(code, 200);
     let mut statuses = Vec::new();

@@ -7,9 +7,11 @@ filters, PromQL only in targets[].expr). Edit the panels here and rerun:
 
     python3 deploy/tools/gen_dashboards.py
 
-Then check them against a Prometheus with deploy/tools/promql_check.py.
+Then check them against a Prometheus with deploy/tools/promql_check.py. tests/deploy_manifests.rs
+fails when the committed files differ from what this script writes.
 """
 
+import argparse
 import json
 import pathlib
 
@@ -17,7 +19,7 @@ DS = {"type": "prometheus", "uid": "prometheus"}
 OUT = pathlib.Path(__file__).resolve().parent.parent / "grafana" / "dashboards"
 
 M = 'model_name=~"$model", instance=~"$instance"'  # oxserve_* and ts_* per-model series
-I = 'instance=~"$instance"'  # host-level series
+HOST = 'instance=~"$instance"'  # host-level series
 TSM = 'ModelName=~"$model", instance=~"$instance"'  # TorchServe model gauges (HandlerTime...)
 RI = "[$__rate_interval]"
 
@@ -261,7 +263,7 @@ def models_dashboard():
     )
     d.row("Overview")
     d.stat("Servers up", "Scraped oxserve targets that answered (job=\"oxserve\").",
-           [(f'sum(up{{job="oxserve", {I}}})', "up")], "short", thresholds=None)
+           [(f'sum(up{{job="oxserve", {HOST}}})', "up")], "short", thresholds=None)
     d.stat("Predictions / s", "All models, all replicas (ts_inference_requests_total).",
            [(f"sum(rate(ts_inference_requests_total{{{M}}}{RI}))", "req/s")], "reqps")
     d.stat("5xx ratio", "Share of prediction responses that were 5xx (oxserve_model_responses_total).",
@@ -273,7 +275,7 @@ def models_dashboard():
     d.stat("Live workers", "Workers ready or busy (oxserve_workers).",
            [(f'sum(oxserve_workers{{state=~"ready|busy", {M}}})', "workers")], "short")
     d.stat("Versions", "Number of servers per oxserve version (oxserve_build_info).",
-           [(f"count by (version) (oxserve_build_info{{{I}}})", "{{version}}")], "short",
+           [(f"count by (version) (oxserve_build_info{{{HOST}}})", "{{version}}")], "short",
            text_mode="value_and_name")
 
     d.row("Traffic and errors")
@@ -293,7 +295,7 @@ def models_dashboard():
                   (f'sum by (model_name) (rate(oxserve_model_responses_total{{status_class="4xx", {M}}}{RI})) '
                    f"/ sum by (model_name) (rate(oxserve_model_responses_total{{{M}}}{RI}))", "{{model_name}} 4xx")],
                  "percentunit", min_=0, thresholds=[(0.05, "red")])
-    req = lambda c: f"(sum(rate(Requests{c}XX{{{I}}}{RI})) or vector(0))"  # noqa: E731
+    req = lambda c: f"(sum(rate(Requests{c}XX{{{HOST}}}{RI})) or vector(0))"  # noqa: E731
     total = f"({req(2)} + {req(4)} + {req(5)})"
     d.timeseries("HTTP error ratio, all listeners",
                  "Requests5XX and Requests4XX over all Requests*XX (TorchServe-compatible; counts every "
@@ -330,8 +332,8 @@ def models_dashboard():
                  "ms", min_=0)
     d.timeseries("QueueTime / WorkerThreadTime (TorchServe, last value)",
                  "Host-level gauges of the latest request / batch per server (no model label).",
-                 [(f"QueueTime{{{I}}}", "queue {{instance}}"),
-                  (f"WorkerThreadTime{{{I}}}", "worker thread {{instance}}")],
+                 [(f"QueueTime{{{HOST}}}", "queue {{instance}}"),
+                  (f"WorkerThreadTime{{{HOST}}}", "worker thread {{instance}}")],
                  "ms", min_=0)
     d.timeseries("Time to first chunk (streaming)",
                  "Streamed responses: arrival to first chunk, p50/p99 (oxserve_time_to_first_chunk_seconds).",
@@ -366,11 +368,11 @@ def models_dashboard():
                  "short", min_=0, dashed=".* (min|max)$")
     d.timeseries("Worker load time (TorchServe)",
                  "Milliseconds from worker creation until its model was loaded (WorkerLoadTime, per worker).",
-                 [(f"WorkerLoadTime{{{I}}}", "{{WorkerName}} {{instance}}")],
+                 [(f"WorkerLoadTime{{{HOST}}}", "{{WorkerName}} {{instance}}")],
                  "ms", min_=0)
     d.timeseries("Dropped backend metric lines",
                  "Handler [METRICS] lines oxserve dropped, by reason (malformed, undeclared in metrics.yaml).",
-                 [(f"sum by (reason) (rate(oxserve_backend_metric_lines_dropped_total{{{I}}}{RI}))", "{{reason}}")],
+                 [(f"sum by (reason) (rate(oxserve_backend_metric_lines_dropped_total{{{HOST}}}{RI}))", "{{reason}}")],
                  "short", min_=0, w=24, h=6)
     return d
 
@@ -420,7 +422,7 @@ def llm_dashboard():
                   (f"sum by (model_name) (oxserve_queue_depth{{{M}}})", "{{model_name}} waiting")],
                  "short", min_=0, dashed=".* waiting$")
     d.timeseries("GPU memory used", "GPUMemoryUsed per DeviceId (the KV cache lives here).",
-                 [(f"GPUMemoryUsed{{{I}}}", "{{instance}} GPU {{DeviceId}}")], "mbytes", min_=0)
+                 [(f"GPUMemoryUsed{{{HOST}}}", "{{instance}} GPU {{DeviceId}}")], "mbytes", min_=0)
     return d
 
 
@@ -434,35 +436,39 @@ def host_dashboard():
     )
     d.row("GPU")
     d.timeseries("GPU memory used", "GPUMemoryUsed per DeviceId.",
-                 [(f"GPUMemoryUsed{{{I}}}", "{{instance}} GPU {{DeviceId}}")], "mbytes", min_=0, w=8)
+                 [(f"GPUMemoryUsed{{{HOST}}}", "{{instance}} GPU {{DeviceId}}")], "mbytes", min_=0, w=8)
     d.timeseries("GPU memory utilization", "GPUMemoryUtilization per DeviceId.",
-                 [(f"GPUMemoryUtilization{{{I}}}", "{{instance}} GPU {{DeviceId}}")], "percent",
+                 [(f"GPUMemoryUtilization{{{HOST}}}", "{{instance}} GPU {{DeviceId}}")], "percent",
                  min_=0, max_=100, w=8, thresholds=[(90, "red")])
     d.timeseries("GPU utilization", "GPUUtilization per DeviceId.",
-                 [(f"GPUUtilization{{{I}}}", "{{instance}} GPU {{DeviceId}}")], "percent",
+                 [(f"GPUUtilization{{{HOST}}}", "{{instance}} GPU {{DeviceId}}")], "percent",
                  min_=0, max_=100, w=8)
     d.row("Host")
     d.timeseries("CPU utilization", "CPUUtilization (measured over metric_time_interval).",
-                 [(f"CPUUtilization{{{I}}}", "{{instance}}")], "percent", min_=0, max_=100, w=8)
+                 [(f"CPUUtilization{{{HOST}}}", "{{instance}}")], "percent", min_=0, max_=100, w=8)
     d.timeseries("Memory utilization", "MemoryUtilization.",
-                 [(f"MemoryUtilization{{{I}}}", "{{instance}}")], "percent", min_=0, max_=100, w=8,
+                 [(f"MemoryUtilization{{{HOST}}}", "{{instance}}")], "percent", min_=0, max_=100, w=8,
                  thresholds=[(90, "red")])
     d.timeseries("Disk utilization", "DiskUtilization.",
-                 [(f"DiskUtilization{{{I}}}", "{{instance}}")], "percent", min_=0, max_=100, w=8,
+                 [(f"DiskUtilization{{{HOST}}}", "{{instance}}")], "percent", min_=0, max_=100, w=8,
                  thresholds=[(90, "red")])
     d.timeseries("Memory used / available", "MemoryUsed and MemoryAvailable (megabytes).",
-                 [(f"MemoryUsed{{{I}}}", "{{instance}} used"),
-                  (f"MemoryAvailable{{{I}}}", "{{instance}} available")], "mbytes", min_=0)
+                 [(f"MemoryUsed{{{HOST}}}", "{{instance}} used"),
+                  (f"MemoryAvailable{{{HOST}}}", "{{instance}} available")], "mbytes", min_=0)
     d.timeseries("Disk used / available", "DiskUsage and DiskAvailable (gigabytes).",
-                 [(f"DiskUsage{{{I}}}", "{{instance}} used"),
-                  (f"DiskAvailable{{{I}}}", "{{instance}} available")], "gbytes", min_=0)
+                 [(f"DiskUsage{{{HOST}}}", "{{instance}} used"),
+                  (f"DiskAvailable{{{HOST}}}", "{{instance}} available")], "gbytes", min_=0)
     return d
 
 
-def main():
-    OUT.mkdir(parents=True, exist_ok=True)
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Writes the Grafana dashboards.")
+    ap.add_argument("--out", type=pathlib.Path, default=OUT,
+                    help=f"folder to write them to (default {OUT}); a test compares a fresh one with it")
+    out = ap.parse_args(argv).out
+    out.mkdir(parents=True, exist_ok=True)
     for d in (models_dashboard(), llm_dashboard(), host_dashboard()):
-        path = OUT / f"{d.uid}.json"
+        path = out / f"{d.uid}.json"
         path.write_text(json.dumps(d.json(), indent=2) + "\n")
         print(f"wrote {path}")
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Proves the dashboards and alert rules against a real Prometheus, without oxserve (stdlib only).
+"""Proves the dashboards and alert rules against a real Prometheus, without oxserve (PyYAML).
 
     python3 deploy/tools/promql_selftest.py [--prometheus /usr/bin/prometheus] [--seconds 40]
 
@@ -8,8 +8,9 @@ dashboards and rules use) from a throwaway `python3 -m http.server` on a free lo
 multiplying counters and histograms by a tick that grows every second so that rate() has
 something to see; starts Prometheus on another free loopback port scraping it every second with
 the shipped rule files (deploy/prometheus/rules/*.yml); checks that every rule group loaded with
-health "ok" and that the queue alert of the page's 85%-full model is pending; runs promql_check.py against it; and stops both processes and removes its temporary
-folder. Exit status: promql_check's, or 1 when the rules did not load.
+health "ok" and that the queue alert of the page's 85%-full model is pending; runs
+promql_check.py against it; and stops both processes and removes its temporary folder.
+Exit status: promql_check's, or 1 when the rules did not load.
 """
 
 from __future__ import annotations

@@ -1,12 +1,16 @@
 """Handler metrics with TorchServe's API, printed as `[METRICS]` lines on stdout.
 
 Line format: `[METRICS]<name>.<unit>:<value>|#<dim>:<val>,...|#type:<TYPE>|#hostname:<host>,<epoch>[,<request ids>]`.
-Declared metrics come from the model_metrics section of metrics.yaml (--metrics-config); others
-are created on first use, as TorchServe does (the server decides whether to keep them).
+Declared metrics come from the model_metrics section of metrics.yaml, which the server parses and
+hands over as JSON (OXSERVE_MODEL_METRICS), as it does model-config.yaml: the runtime needs no YAML
+reader. Others are created on first use, as TorchServe does (the server decides whether to keep
+them).
 """
 
 import enum
+import json
 import logging
+import os
 import socket
 import sys
 import threading
@@ -101,18 +105,29 @@ class CachingMetric:
 class MetricsCache:
     """`context.metrics`: TorchServe's metric cache API."""
 
-    def __init__(self, config_file_path=None, model_name=None):
+    def __init__(self, config_file_path=None, model_name=None, declared=None):
+        """`declared`: metrics.yaml's model_metrics section (`{"counter": [{"name", "unit",
+        "dimensions"}], ...}`). A handler that builds its own cache from a metrics.yaml path
+        (TorchServe's API) needs PyYAML, as in TorchServe."""
         self.cache = {}
         self.request_ids = None
         self.model_name = model_name
         self.config_file_path = config_file_path
-        if config_file_path:
-            self._load_yaml(config_file_path)
+        if declared is None and config_file_path:
+            import yaml  # TorchServe's own dependency for this path
 
-    def _load_yaml(self, path):
-        with open(path, "r", encoding="utf-8") as f:
-            doc = load_yaml(f.read()) or {}
-        for type_name, entries in (doc.get("model_metrics") or {}).items():
+            with open(config_file_path, "r", encoding="utf-8") as f:
+                declared = (yaml.safe_load(f) or {}).get("model_metrics")
+        self._declare(declared or {})
+
+    @classmethod
+    def from_server(cls, model_name, environ=None):
+        """The cache of a worker the server started: declarations from OXSERVE_MODEL_METRICS."""
+        text = (os.environ if environ is None else environ).get("OXSERVE_MODEL_METRICS")
+        return cls(model_name=model_name, declared=json.loads(text or "{}"))
+
+    def _declare(self, section):
+        for type_name, entries in section.items():
             metric_type = MetricTypes(type_name)
             for entry in entries or []:
                 self.add_metric_to_cache(entry["name"], entry.get("unit", ""),
@@ -186,144 +201,3 @@ class MetricsCache:
 
     def add_error(self, name, value, dimensions=None):
         self._record(name, value, "", None, dimensions, MetricTypes.COUNTER, level="Error")
-
-
-# --- a YAML subset, enough for metrics.yaml when PyYAML is not installed --------------------------
-
-def load_yaml(text):
-    try:
-        import yaml  # type: ignore
-    except ImportError:
-        return _MiniYaml(text).parse()
-    return yaml.safe_load(text)
-
-
-class _MiniYaml:
-    """Block mappings and sequences, flow sequences, quoted/plain scalars, anchors and aliases."""
-
-    def __init__(self, text):
-        self.anchors = {}
-        self.lines = []
-        for raw in text.splitlines():
-            line = self._strip_comment(raw).rstrip()
-            if line.strip() and line.strip() not in ("---", "..."):
-                self.lines.append([len(line) - len(line.lstrip(" ")), line.strip()])
-
-    @staticmethod
-    def _strip_comment(line):
-        quote = None
-        for i, ch in enumerate(line):
-            if quote:
-                if ch == quote:
-                    quote = None
-            elif ch in "'\"":
-                quote = ch
-            elif ch == "#" and (i == 0 or line[i - 1] in " \t"):
-                return line[:i]
-        return line
-
-    def parse(self):
-        if not self.lines:
-            return None
-        value, i = self._block(0, self.lines[0][0])
-        if i != len(self.lines):
-            raise ValueError("unsupported YAML near %r" % self.lines[i][1])
-        return value
-
-    @staticmethod
-    def _is_item(text):
-        return text == "-" or text.startswith("- ")
-
-    @staticmethod
-    def _split_key(text):
-        quote = None
-        for i, ch in enumerate(text):
-            if quote:
-                if ch == quote:
-                    quote = None
-            elif ch in "'\"":
-                quote = ch
-            elif ch == ":" and (i + 1 == len(text) or text[i + 1] == " "):
-                return text[:i].strip().strip("'\""), text[i + 1:].strip()
-        return None
-
-    def _block(self, i, indent):
-        if self._is_item(self.lines[i][1]):
-            seq = []
-            while i < len(self.lines) and self.lines[i][0] == indent and self._is_item(self.lines[i][1]):
-                rest = self.lines[i][1][1:].strip()
-                if not rest:
-                    value, i = self._nested(i + 1, indent)
-                elif self._split_key(rest) and not rest.startswith(("[", "'", '"')):
-                    col = indent + len(self.lines[i][1]) - len(self.lines[i][1][1:].lstrip())
-                    self.lines[i] = [col, rest]
-                    value, i = self._block(i, col)
-                else:
-                    value, i = self._scalar(rest), i + 1
-                seq.append(value)
-            return seq, i
-        mapping = {}
-        while i < len(self.lines) and self.lines[i][0] == indent and not self._is_item(self.lines[i][1]):
-            kv = self._split_key(self.lines[i][1])
-            if kv is None:
-                raise ValueError("unsupported YAML line %r" % self.lines[i][1])
-            key, rest = kv
-            if rest and not rest.startswith("&") or (rest.startswith("&") and " " in rest):
-                mapping[key], i = self._scalar(rest), i + 1
-            else:
-                anchor = rest[1:] if rest.startswith("&") else None
-                value, i = self._nested(i + 1, indent, allow_same_indent_seq=True)
-                if anchor:
-                    self.anchors[anchor] = value
-                mapping[key] = value
-        return mapping, i
-
-    def _nested(self, i, indent, allow_same_indent_seq=False):
-        if i < len(self.lines):
-            ind, text = self.lines[i]
-            if ind > indent or (allow_same_indent_seq and ind == indent and self._is_item(text)):
-                return self._block(i, ind)
-        return None, i
-
-    def _scalar(self, text):
-        text = text.strip()
-        if text.startswith("&"):
-            name, _, rest = text[1:].partition(" ")
-            value = self._scalar(rest)
-            self.anchors[name] = value
-            return value
-        if text.startswith("*"):
-            return self.anchors[text[1:]]
-        if text.startswith("["):
-            if not text.endswith("]"):
-                raise ValueError("unsupported YAML flow sequence %r" % text)
-            return [self._scalar(p) for p in self._split_flow(text[1:-1]) if p.strip()]
-        if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
-            return text[1:-1]
-        lowered = text.lower()
-        if lowered in ("null", "~", ""):
-            return None
-        if lowered in ("true", "false"):
-            return lowered == "true"
-        for cast in (int, float):
-            try:
-                return cast(text)
-            except ValueError:
-                pass
-        return text
-
-    @staticmethod
-    def _split_flow(text):
-        parts, current, quote = [], "", None
-        for ch in text:
-            if quote:
-                quote = None if ch == quote else quote
-            elif ch in "'\"":
-                quote = ch
-            elif ch == ",":
-                parts.append(current)
-                current = ""
-                continue
-            current += ch
-        parts.append(current)
-        return parts

@@ -133,7 +133,9 @@ class Service:
         if os.path.exists(manifest_file):
             with open(manifest_file, encoding="utf-8") as f:
                 manifest = json.load(f)
-        self.metrics = MetricsCache(metrics_config, msg["model_name"])
+        # metrics.yaml's model_metrics, parsed by the server (the --metrics-config path is for
+        # TorchServe's worker, which reads the file itself).
+        self.metrics = MetricsCache.from_server(msg["model_name"])
         # The archive's model-config.yaml, parsed by the server (TorchServe's model_yaml_config).
         model_yaml_config = json.loads(os.environ.get("OXSERVE_MODEL_YAML_CONFIG") or "{}")
         self.context = Context(msg["model_name"], model_dir, manifest, msg["batch_size"],

@@ -52,7 +52,7 @@ fn random_key() -> std::io::Result<String> {
 
 fn rfc3339(t: SystemTime) -> String {
     let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
-    let (y, mo, day, h, mi, s) = crate::metrics::log::civil_utc(d.as_secs());
+    let (y, mo, day, h, mi, s) = crate::timefmt::civil_utc(d.as_secs());
     format!(
         "{y:04}-{mo:02}-{day:02}T{h:02}:{mi:02}:{s:02}.{:06}Z",
         d.subsec_micros()

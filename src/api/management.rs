@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use axum::extract::{RawQuery, State};
 use axum::http::StatusCode;
@@ -149,16 +149,6 @@ pub fn list_page(state: &AppState, limit: u32, start: usize) -> Value {
     body
 }
 
-/// `2026-11-28T12:00:00.123Z`, the form of TorchServe's worker startTime.
-fn iso8601(t: SystemTime) -> String {
-    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let (year, month, day, h, m, s) = crate::metrics::log::civil_utc(d.as_secs());
-    format!(
-        "{year:04}-{month:02}-{day:02}T{h:02}:{m:02}:{s:02}.{:03}Z",
-        d.subsec_millis()
-    )
-}
-
 /// Resident memory of a process in bytes, from /proc (0 where unknown).
 fn rss_bytes(pid: u32) -> u64 {
     let Ok(statm) = std::fs::read_to_string(format!("/proc/{pid}/statm")) else {
@@ -193,7 +183,7 @@ async fn describe_one(v: &ModelVersion, gpus: u32) -> Value {
             let pid = w.pid.map_or(-1, i64::from);
             json!({
                 "id": w.id.to_string(),
-                "startTime": iso8601(w.start_time),
+                "startTime": crate::timefmt::rfc3339_millis(w.start_time),
                 "status": state,
                 "memoryUsage": w.pid.map_or(0, rss_bytes),
                 "pid": pid,

@@ -19,6 +19,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::Serialize;
 
+use crate::metrics::families as f;
 use crate::metrics::registry::{Cells, Series};
 use crate::metrics::Metrics;
 
@@ -133,29 +134,33 @@ const fn col(
     }
 }
 
-const RESPONSES: &str = "oxserve_model_responses_total";
+const RESPONSES: &str = f::MODEL_RESPONSES;
 const ALL_RESPONSES: &[Sel] = &[all(RESPONSES)];
-const HOST_REQUESTS: &[Sel] = &[all("Requests2XX"), all("Requests4XX"), all("Requests5XX")];
-const DURATION: &str = "oxserve_request_duration_seconds";
+const HOST_REQUESTS: &[Sel] = &[
+    all(f::REQUESTS_2XX),
+    all(f::REQUESTS_4XX),
+    all(f::REQUESTS_5XX),
+];
+const DURATION: &str = f::REQUEST_DURATION;
 /// The family whose series exist exactly while a model version is registered.
-const MODEL_PRESENCE: &str = "oxserve_queue_capacity";
+const MODEL_PRESENCE: &str = f::QUEUE_CAPACITY;
 /// The family whose series name the GPUs NVML reports.
-const GPU_PRESENCE: &str = "GPUMemoryUsed";
+const GPU_PRESENCE: &str = f::GPU_MEMORY_USED;
 
 /// Families of the LLM panels, all oxserve's own (src/metrics). Time to first token is the
 /// first-chunk histogram: for a token stream the first chunk is the first token, and one family
 /// for both keeps the two from disagreeing. Their panels appear once a model has data in them
 /// (a stream, or a reply carrying an OpenAI `usage`).
-pub const LLM_TTFT: &str = "oxserve_time_to_first_chunk_seconds";
-pub const LLM_ITL: &str = "oxserve_inter_token_latency_seconds";
-pub const LLM_TOKENS: &str = "oxserve_generated_tokens_total";
+pub const LLM_TTFT: &str = f::TIME_TO_FIRST_CHUNK;
+pub const LLM_ITL: &str = f::INTER_TOKEN_LATENCY;
+pub const LLM_TOKENS: &str = f::GENERATED_TOKENS;
 
 use Entity::{Gpu, Host, Model};
 
 /// Every column, defined once: the sampler, the page's panels and `oxserve top` read this table.
 #[rustfmt::skip]
 pub const COLUMNS: &[Column] = &[
-    col("req_per_s", Model, "requests/s", "req/s", Source::Rate(all("ts_inference_requests_total")), 1.0),
+    col("req_per_s", Model, "requests/s", "req/s", Source::Rate(all(f::TS_INFERENCE_REQUESTS)), 1.0),
     col("err_5xx_per_s", Model, "5xx/s", "req/s", Source::Rate(only(RESPONSES, "status_class", "5xx")), 1.0),
     col("err_4xx_per_s", Model, "4xx/s", "req/s", Source::Rate(only(RESPONSES, "status_class", "4xx")), 1.0),
     col("err_5xx_pct", Model, "5xx % of this model's requests", "%", Source::Percent { num: only(RESPONSES, "status_class", "5xx"), den: ALL_RESPONSES }, 1.0),
@@ -163,29 +168,29 @@ pub const COLUMNS: &[Column] = &[
     col("p50_ms", Model, "p50", "ms", Source::Quantile { sel: all(DURATION), q: 0.5 }, 1000.0),
     col("p90_ms", Model, "p90", "ms", Source::Quantile { sel: all(DURATION), q: 0.9 }, 1000.0),
     col("p99_ms", Model, "p99", "ms", Source::Quantile { sel: all(DURATION), q: 0.99 }, 1000.0),
-    col("handler_ms", Model, "HandlerTime", "ms", Source::Gauge(all("HandlerTime")), 1.0),
-    col("prediction_ms", Model, "PredictionTime", "ms", Source::Gauge(all("PredictionTime")), 1.0),
-    col("queue_wait_p99_ms", Model, "queue wait p99", "ms", Source::Quantile { sel: all("oxserve_queue_wait_seconds"), q: 0.99 }, 1000.0),
-    col("queue_depth", Model, "queue depth", "requests", Source::Gauge(all("oxserve_queue_depth")), 1.0),
-    col("requests_running", Model, "running in workers", "requests", Source::Gauge(all("oxserve_requests_running")), 1.0),
+    col("handler_ms", Model, "HandlerTime", "ms", Source::Gauge(all(f::HANDLER_TIME)), 1.0),
+    col("prediction_ms", Model, "PredictionTime", "ms", Source::Gauge(all(f::PREDICTION_TIME)), 1.0),
+    col("queue_wait_p99_ms", Model, "queue wait p99", "ms", Source::Quantile { sel: all(f::QUEUE_WAIT), q: 0.99 }, 1000.0),
+    col("queue_depth", Model, "queue depth", "requests", Source::Gauge(all(f::QUEUE_DEPTH)), 1.0),
+    col("requests_running", Model, "running in workers", "requests", Source::Gauge(all(f::REQUESTS_RUNNING)), 1.0),
     col("queue_capacity", Model, "queue capacity", "requests", Source::Gauge(all(MODEL_PRESENCE)), 1.0),
-    col("workers_starting", Model, "starting", "workers", Source::Gauge(only("oxserve_workers", "state", "starting")), 1.0),
-    col("workers_ready", Model, "ready", "workers", Source::Gauge(only("oxserve_workers", "state", "ready")), 1.0),
-    col("workers_busy", Model, "busy", "workers", Source::Gauge(only("oxserve_workers", "state", "busy")), 1.0),
-    col("workers_stopping", Model, "stopping", "workers", Source::Gauge(only("oxserve_workers", "state", "stopping")), 1.0),
+    col("workers_starting", Model, "starting", "workers", Source::Gauge(only(f::WORKERS, "state", "starting")), 1.0),
+    col("workers_ready", Model, "ready", "workers", Source::Gauge(only(f::WORKERS, "state", "ready")), 1.0),
+    col("workers_busy", Model, "busy", "workers", Source::Gauge(only(f::WORKERS, "state", "busy")), 1.0),
+    col("workers_stopping", Model, "stopping", "workers", Source::Gauge(only(f::WORKERS, "state", "stopping")), 1.0),
     col("ttft_p50_ms", Model, "TTFT p50", "ms", Source::Quantile { sel: all(LLM_TTFT), q: 0.5 }, 1000.0),
     col("ttft_p99_ms", Model, "TTFT p99", "ms", Source::Quantile { sel: all(LLM_TTFT), q: 0.99 }, 1000.0),
     col("itl_p50_ms", Model, "inter-token p50", "ms", Source::Quantile { sel: all(LLM_ITL), q: 0.5 }, 1000.0),
     col("itl_p99_ms", Model, "inter-token p99", "ms", Source::Quantile { sel: all(LLM_ITL), q: 0.99 }, 1000.0),
     col("tokens_per_s", Model, "tokens/s", "tokens/s", Source::Rate(all(LLM_TOKENS)), 1.0),
-    col("host_5xx_pct", Host, "5xx % of all responses (Requests5XX)", "%", Source::Percent { num: all("Requests5XX"), den: HOST_REQUESTS }, 1.0),
-    col("queue_time_ms", Host, "QueueTime (last request)", "ms", Source::Gauge(all("QueueTime")), 1.0),
-    col("cpu_pct", Host, "CPU", "%", Source::Gauge(all("CPUUtilization")), 1.0),
-    col("mem_pct", Host, "memory", "%", Source::Gauge(all("MemoryUtilization")), 1.0),
-    col("mem_used_mb", Host, "memory used", "MB", Source::Gauge(all("MemoryUsed")), 1.0),
-    col("gpu_mem_pct", Gpu, "memory utilization", "%", Source::Gauge(all("GPUMemoryUtilization")), 1.0),
+    col("host_5xx_pct", Host, "5xx % of all responses (Requests5XX)", "%", Source::Percent { num: all(f::REQUESTS_5XX), den: HOST_REQUESTS }, 1.0),
+    col("queue_time_ms", Host, "QueueTime (last request)", "ms", Source::Gauge(all(f::QUEUE_TIME)), 1.0),
+    col("cpu_pct", Host, "CPU", "%", Source::Gauge(all(f::CPU_UTILIZATION)), 1.0),
+    col("mem_pct", Host, "memory", "%", Source::Gauge(all(f::MEMORY_UTILIZATION)), 1.0),
+    col("mem_used_mb", Host, "memory used", "MB", Source::Gauge(all(f::MEMORY_USED)), 1.0),
+    col("gpu_mem_pct", Gpu, "memory utilization", "%", Source::Gauge(all(f::GPU_MEMORY_UTILIZATION)), 1.0),
     col("gpu_mem_used_mb", Gpu, "memory used", "MB", Source::Gauge(all(GPU_PRESENCE)), 1.0),
-    col("gpu_util_pct", Gpu, "utilization", "%", Source::Gauge(all("GPUUtilization")), 1.0),
+    col("gpu_util_pct", Gpu, "utilization", "%", Source::Gauge(all(f::GPU_UTILIZATION)), 1.0),
 ];
 
 /// A chart of the page: the columns it draws.
@@ -824,7 +829,6 @@ pub fn quantile(q: f64, bounds: &[f64], counts: &[u64]) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::MetricsMode;
     use crate::metrics::spec::Spec;
     use crate::metrics::Timings;
     use std::time::{Duration, Instant};
@@ -832,12 +836,12 @@ mod tests {
     fn registry() -> Metrics {
         // auto-detect on, so a test can create the LLM families the way a handler would.
         Metrics::new(
-            Spec::builtin(),
-            MetricsMode::Prometheus,
-            true,
-            crate::config::DEFAULT_BUCKETS.to_vec(),
-            None,
-            "h".into(),
+            &Spec::builtin(),
+            crate::metrics::Settings {
+                auto_detect: true,
+                hostname: "h".into(),
+                ..crate::metrics::Settings::for_tests()
+            },
         )
     }
 

@@ -262,7 +262,7 @@ pub fn access(r: &AccessRecord<'_>) {
         }
         LogFormat::Json => {
             let mut o = serde_json::Map::new();
-            o.insert("time".into(), json_time(now).into());
+            o.insert("time".into(), crate::timefmt::rfc3339_millis(now).into());
             o.insert("level".into(), "INFO".into());
             o.insert("logger".into(), ACCESS_LOG.into());
             o.insert("request_id".into(), r.request_id.into());
@@ -315,7 +315,7 @@ fn text_time(t: SystemTime) -> String {
     LAST.with(|last| {
         let mut last = last.borrow_mut();
         if last.0 != secs {
-            let full = crate::metrics::log::timestamp(secs, 0);
+            let full = crate::timefmt::log4j_timestamp(secs, 0);
             last.1 = full[..full.len() - 4].to_string();
             last.0 = secs;
         }
@@ -323,16 +323,6 @@ fn text_time(t: SystemTime) -> String {
     });
     let _ = write!(out, ",{:03}", d.subsec_millis());
     out
-}
-
-/// RFC 3339 in UTC with milliseconds: `2026-11-28T22:28:57.538Z`, what log stores parse natively.
-fn json_time(t: SystemTime) -> String {
-    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let (y, mo, day, h, mi, s) = crate::metrics::log::civil_utc(d.as_secs());
-    format!(
-        "{y:04}-{mo:02}-{day:02}T{h:02}:{mi:02}:{s:02}.{:03}Z",
-        d.subsec_millis()
-    )
 }
 
 fn dropped_text(n: u64) -> String {
@@ -351,7 +341,10 @@ fn dropped_access_text(n: u64) -> String {
 
 fn dropped_json(n: u64) -> String {
     let mut o = serde_json::Map::new();
-    o.insert("time".into(), json_time(SystemTime::now()).into());
+    o.insert(
+        "time".into(),
+        crate::timefmt::rfc3339_millis(SystemTime::now()).into(),
+    );
     o.insert("level".into(), "WARN".into());
     o.insert("logger".into(), "oxserve::logging".into());
     o.insert(
@@ -477,7 +470,7 @@ impl<S: Subscriber> Layer<S> for FileLayer {
             }
             LogFormat::Json => {
                 let mut o = serde_json::Map::new();
-                o.insert("time".into(), json_time(now).into());
+                o.insert("time".into(), crate::timefmt::rfc3339_millis(now).into());
                 o.insert("level".into(), meta.level().as_str().into());
                 o.insert("logger".into(), meta.target().into());
                 if !model {
@@ -545,7 +538,10 @@ mod tests {
     #[test]
     fn json_times_are_rfc3339_utc() {
         let t = UNIX_EPOCH + Duration::from_millis(1_764_369_000_538);
-        assert_eq!(json_time(t), "2025-11-28T22:30:00.538Z");
+        assert_eq!(
+            crate::timefmt::rfc3339_millis(t),
+            "2025-11-28T22:30:00.538Z"
+        );
         assert_eq!(text_time(t), "2025-11-28T22:30:00,538");
     }
 }

@@ -302,7 +302,7 @@ fn day_month(day: u64) -> String {
     const MONTHS: [&str; 12] = [
         "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
     ];
-    let (_, month, dom, ..) = crate::metrics::log::civil_utc(day * 86_400);
+    let (_, month, dom, ..) = crate::timefmt::civil_utc(day * 86_400);
     format!("{dom:02}-{}", MONTHS[(month - 1).clamp(0, 11) as usize])
 }
 

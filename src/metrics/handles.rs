@@ -7,7 +7,6 @@
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use super::log::LogSink;
 use super::registry::{Family, Series};
 
 /// A series to update, or nothing when metrics.yaml does not declare the metric.
@@ -48,7 +47,6 @@ impl Handle {
 pub struct LazyHandle {
     pub(super) family: Option<Arc<Family>>,
     pub(super) values: Vec<String>,
-    pub(super) log: Option<Arc<LogSink>>,
     pub(super) cell: OnceLock<Handle>,
 }
 
@@ -56,7 +54,7 @@ impl LazyHandle {
     fn get(&self) -> &Handle {
         self.cell.get_or_init(|| {
             let values: Vec<&str> = self.values.iter().map(String::as_str).collect();
-            Handle(self.family.as_ref().map(|f| f.series(&values, &self.log)))
+            Handle(self.family.as_ref().map(|f| f.series(&values)))
         })
     }
     #[inline]

@@ -10,8 +10,9 @@
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use super::registry::{write_value, Series};
+use super::registry::{write_value, Series, Sink};
 use crate::logging::writer::{FileSpec, Writer};
+use crate::timefmt::log4j_timestamp;
 
 const KEEP: usize = 5;
 const TS_FILE: usize = 0;
@@ -42,10 +43,12 @@ impl LogSink {
             writer: Writer::spawn("oxserve-metrics-log", files)?,
         })
     }
+}
 
+impl Sink for LogSink {
     /// Writes one event of `series` with value `value`, naming the request where there is one
     /// (handler metrics carry it).
-    pub fn record(&self, series: &Series, value: f64, request_id: Option<&str>) {
+    fn record(&self, series: &Series, value: f64, request_id: Option<&str>) {
         let line = format_line(series, value, request_id, SystemTime::now());
         let file = if series.family.model_origin {
             MODEL_FILE
@@ -56,7 +59,7 @@ impl LogSink {
     }
 
     /// Waits (a few seconds at most) until the events recorded so far are in the files.
-    pub fn flush(&self) {
+    fn flush(&self) {
         self.writer.flush(std::time::Duration::from_secs(5));
     }
 }
@@ -65,7 +68,7 @@ impl LogSink {
 fn format_line(series: &Series, value: f64, request_id: Option<&str>, now: SystemTime) -> String {
     let meta = &series.family;
     let since = now.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let mut line = timestamp(since.as_secs(), since.subsec_millis());
+    let mut line = log4j_timestamp(since.as_secs(), since.subsec_millis());
     line.push_str(" - ");
     line.push_str(&meta.name);
     line.push('.');
@@ -100,36 +103,24 @@ fn format_line(series: &Series, value: f64, request_id: Option<&str>, now: Syste
     line
 }
 
-/// `YYYY-MM-DDTHH:MM:SS,mmm` in UTC, TorchServe's metric log time stamp.
-pub(crate) fn timestamp(secs: u64, millis: u32) -> String {
-    let (year, month, day, h, m, s) = civil_utc(secs);
-    format!("{year:04}-{month:02}-{day:02}T{h:02}:{m:02}:{s:02},{millis:03}")
-}
-
-/// (year, month, day, hour, minute, second) of a Unix time in UTC (civil-from-days), so that no
-/// date crate is needed for the two fixed formats oxserve prints.
-pub(crate) fn civil_utc(secs: u64) -> (i64, i64, i64, u64, u64, u64) {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (year, month, day, rem / 3600, (rem / 60) % 60, rem % 60)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::metrics::registry::{Family, FamilyDef};
+    use crate::metrics::spec::Kind;
+    use std::time::Duration;
 
     #[test]
-    fn timestamps_are_civil_utc() {
-        assert_eq!(timestamp(1_717_105_563, 626), "2024-05-30T21:46:03,626");
-        assert_eq!(timestamp(0, 0), "1970-01-01T00:00:00,000");
+    fn lines_are_torchserves() {
+        let def = FamilyDef::new("HandlerTime", Kind::Gauge, "help")
+            .unit("ms")
+            .labels(&["ModelName", "Level", "Hostname"])
+            .from_handlers();
+        let series = Family::new(def, false, None).series(&["m", "Model", "host1"]);
+        let at = UNIX_EPOCH + Duration::from_millis(1_717_105_563_626);
+        assert_eq!(
+            format_line(&series, 5.5, Some("r1"), at),
+            "2024-05-30T21:46:03,626 - HandlerTime.ms:5.5|#ModelName:m,Level:Model|#hostname:host1,requestID:r1,timestamp:1717105563\n"
+        );
     }
 }

@@ -5,6 +5,7 @@
 //! own `oxserve_` families. Recorders hold pre-resolved [`Handle`]s ([`ModelMetrics`] per model
 //! version, [`HostMetrics`] for the server), so the request path does atomic adds and nothing else.
 
+pub mod families;
 mod handles;
 pub mod line;
 pub mod log;
@@ -12,11 +13,13 @@ pub mod registry;
 pub mod spec;
 
 use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use crate::config::{Config, MetricsMode};
+use families as f;
 use log::LogSink;
-use registry::Family;
+use registry::{Family, FamilyDef, Sink};
 pub use spec::SpecError;
 use spec::{Kind, MetricSpec, Origin, Spec};
 
@@ -25,15 +28,42 @@ pub use handles::{
     GpuMetrics, Handle, HostMetrics, LazyHandle, ModelMetrics, Timings, Usage, WorkerState,
 };
 
+/// How the registry is built, besides metrics.yaml.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub mode: MetricsMode,
+    /// Accept handler metrics that metrics.yaml does not declare (`model_metrics_auto_detect`).
+    pub auto_detect: bool,
+    /// Buckets of oxserve's latency histograms and of auto-detected handler histograms.
+    pub buckets: Vec<f64>,
+    /// Most series per handler family, and most auto-detected families (`model_metrics_max_series`).
+    pub max_series: usize,
+    /// The `Hostname` label's value.
+    pub hostname: String,
+    /// Where logged families' updates go (the metric log files); `None` logs nothing.
+    pub sink: Option<Arc<dyn Sink>>,
+}
+
+impl Settings {
+    /// Prometheus mode, default buckets and caps, host "testhost", no log: for tests and benchmarks.
+    pub fn for_tests() -> Settings {
+        Settings {
+            mode: MetricsMode::Prometheus,
+            auto_detect: false,
+            buckets: crate::config::DEFAULT_BUCKETS.to_vec(),
+            max_series: crate::config::DEFAULT_MODEL_METRICS_MAX_SERIES,
+            hostname: "testhost".into(),
+            sink: None,
+        }
+    }
+}
+
 /// The registry.
 pub struct Metrics {
-    pub hostname: String,
     pub mode: MetricsMode,
-    spec: Spec,
+    families: Families,
     auto_detect: bool,
     buckets: Vec<f64>,
-    log: Option<Arc<LogSink>>,
-    families: RwLock<BTreeMap<String, Arc<Family>>>,
     pub host: Arc<HostMetrics>,
     dropped_malformed: Handle,
     dropped_undeclared: Handle,
@@ -41,9 +71,11 @@ pub struct Metrics {
     /// Most series per handler family, and most auto-detected families (`model_metrics_max_series`).
     max_series: usize,
     /// Families created by auto-detection so far.
-    auto_families: std::sync::atomic::AtomicUsize,
+    auto_families: AtomicUsize,
     /// (reason, metric name) pairs already reported as dropped, so each is logged once.
     warned: Mutex<HashSet<String>>,
+    /// metrics.yaml's handler metrics as JSON, for Python workers ([`Spec::handler_metrics_json`]).
+    handler_metrics_json: String,
 }
 
 /// Most distinct drop warnings logged; past it, one last warning says that the rest are silent
@@ -57,38 +89,106 @@ impl std::fmt::Debug for Metrics {
     }
 }
 
-/// The ts_* counters that legacy mode keeps on /metrics.
-const LEGACY_EXPOSED: &[&str] = &[
-    "ts_inference_requests_total",
-    "ts_inference_latency_microseconds",
-    "ts_queue_latency_microseconds",
-];
+/// The families by name, and what every new family or series needs: the mode (which decides where
+/// a family's updates go), the log sink, and the host name (the `Hostname` label).
+struct Families {
+    mode: MetricsMode,
+    sink: Option<Arc<dyn Sink>>,
+    hostname: String,
+    map: RwLock<BTreeMap<String, Arc<Family>>>,
+}
 
-/// oxserve's own per-model families: name, kind, help, extra label.
-const OXSERVE_MODEL_FAMILIES: &[(&str, Kind, &str)] = &[
-    ("oxserve_request_duration_seconds", Kind::Histogram, "Time from a prediction request's arrival to its response, in seconds."),
-    ("oxserve_queue_wait_seconds", Kind::Histogram, "Time a prediction request waited in the model's queue (batching delay included), in seconds."),
-    ("oxserve_backend_duration_seconds", Kind::Histogram, "Time the backend (handler) spent on one batch, in seconds."),
-    ("oxserve_time_to_first_chunk_seconds", Kind::Histogram, "Time from a streamed request's arrival to its first chunk (time to first token for LLM streams), in seconds."),
-    ("oxserve_inter_token_latency_seconds", Kind::Histogram, "Time between consecutive chunks of a streamed response (inter-token latency for LLM streams), in seconds."),
-    ("oxserve_stream_chunks_total", Kind::Counter, "Chunks sent in streamed responses."),
-    ("oxserve_prompt_tokens_total", Kind::Counter, "Prompt tokens, from the OpenAI usage object of replies that carry one."),
-    ("oxserve_generated_tokens_total", Kind::Counter, "Completion (generated) tokens, from the OpenAI usage object of replies that carry one."),
-    ("oxserve_requests_running", Kind::Gauge, "Requests handed to workers and not answered yet (those waiting for one are oxserve_queue_depth)."),
-    ("oxserve_batch_size", Kind::Histogram, "Requests per batch handed to a worker."),
-    ("oxserve_queue_depth", Kind::Gauge, "Requests waiting in the model's queue."),
-    ("oxserve_queue_capacity", Kind::Gauge, "Capacity of the model's queue (job_queue_size)."),
-    ("oxserve_workers_min", Kind::Gauge, "Configured minimum number of workers."),
-    ("oxserve_workers_max", Kind::Gauge, "Configured maximum number of workers."),
-];
+impl Families {
+    /// Adds a family, or returns the one of that name that exists already (the first definition
+    /// wins: a metrics.yaml family shadows an oxserve one of the same name).
+    fn add(&self, def: FamilyDef) -> Arc<Family> {
+        // TorchServe's MetricBuilder: a metric is either a Prometheus metric or a LogMetric, never
+        // both, so prometheus mode logs no metric lines (its metric log files stay empty).
+        let (exposed, logged) = match self.mode {
+            MetricsMode::Prometheus => (true, false),
+            MetricsMode::Log => (false, true),
+            MetricsMode::Legacy => {
+                let kept = f::LEGACY_EXPOSED.contains(&def.name.as_str());
+                (kept, !kept)
+            }
+        };
+        let mut map = self.map.write().unwrap();
+        if let Some(existing) = map.get(&def.name) {
+            return existing.clone();
+        }
+        let sink = if logged { self.sink.clone() } else { None };
+        let name = def.name.clone();
+        let family = Arc::new(Family::new(def, exposed, sink));
+        map.insert(name, family.clone());
+        family
+    }
 
-const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
+    fn get(&self, name: &str) -> Option<Arc<Family>> {
+        self.map.read().unwrap().get(name).cloned()
+    }
 
-/// Inter-token gaps are milliseconds to tens of them; the request buckets would put every gap of a
-/// fast engine into one or two buckets, and p50 vs p99 would be the same number.
-const INTER_TOKEN_BUCKETS: &[f64] = &[
-    0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5,
-];
+    fn series(&self, name: &str, values: &[&str]) -> Handle {
+        Handle(self.get(name).map(|f| f.series(values)))
+    }
+
+    /// A series whose label values are filled by dimension name (see [`Families::resolve`]), any
+    /// dimension not known being "".
+    fn by_dimension(&self, name: &str, level: &str, known: &[(&str, &str)]) -> Handle {
+        let Some(family) = self.get(name) else {
+            return Handle::default();
+        };
+        let lookup = |label: &str| known.iter().find(|(k, _)| *k == label).map(|(_, v)| *v);
+        let values = self.resolve(&family.meta.label_names, level, lookup, Some(""));
+        Handle(values.ok().map(|v| family.series(&v)))
+    }
+
+    /// The one label resolver: the values of `labels`, in order. A label takes its value from
+    /// `given` first; failing that, `Level` is `level` ("Host" for frontend series, "Model" for
+    /// handler ones, as TorchServe fills it), `Hostname` is this host, and any other label is
+    /// `missing`, or, without one, resolution fails naming the label.
+    fn resolve<'a>(
+        &'a self,
+        labels: &'a [String],
+        level: &'a str,
+        given: impl Fn(&str) -> Option<&'a str>,
+        missing: Option<&'a str>,
+    ) -> Result<Vec<&'a str>, &'a str> {
+        labels
+            .iter()
+            .map(|label| {
+                given(label)
+                    .or(match label.as_str() {
+                        "Level" => Some(level),
+                        "Hostname" | "hostname" => Some(self.hostname.as_str()),
+                        _ => missing,
+                    })
+                    .ok_or(label.as_str())
+            })
+            .collect()
+    }
+}
+
+/// The definition of a metrics.yaml entry. Handler metrics get a Hostname dimension if they lack
+/// one: every `[METRICS]` line carries its host, and TorchServe labels them with it.
+fn declared(s: &MetricSpec) -> FamilyDef {
+    let help = format!(
+        "Torchserve prometheus {} metric with unit: {}",
+        s.kind.as_str(),
+        s.unit
+    );
+    let mut labels = s.dimensions.clone();
+    if s.origin == Origin::Model && !labels.iter().any(|d| d == "Hostname") {
+        labels.push("Hostname".to_string());
+    }
+    let def = FamilyDef::new(&s.name, s.kind, help)
+        .unit(&s.unit)
+        .labels(&labels)
+        .buckets(s.buckets.as_deref().unwrap_or(f::TORCHSERVE_BUCKETS));
+    match s.origin {
+        Origin::Model => def.from_handlers(),
+        Origin::Frontend => def,
+    }
+}
 
 /// Why the metrics registry could not be built at start-up.
 #[derive(Debug, thiserror::Error)]
@@ -113,273 +213,112 @@ impl Metrics {
         // The files exist in every mode, as TorchServe's log4j2 appenders create them at start-up, so
         // a log shipper configured for them finds them; metric lines go there in log and legacy
         // modes only, as in TorchServe.
-        let log = Some(Arc::new(
+        let log =
             LogSink::open(&config.metrics_log_dir, config.metrics_log_max_bytes).map_err(|e| {
                 MetricsError::LogDir {
                     dir: config.metrics_log_dir.clone(),
                     source: e,
                 }
-            })?,
-        ));
+            })?;
         Ok(Metrics::new(
-            spec,
-            config.metrics_mode,
-            config.model_metrics_auto_detect,
-            config.histogram_buckets.clone(),
-            log,
-            hostname(),
-        )
-        .with_max_series(config.model_metrics_max_series))
-    }
-
-    /// Sets the cap on series per handler family and on auto-detected families.
-    pub fn with_max_series(mut self, max_series: usize) -> Metrics {
-        self.max_series = max_series;
-        self
+            &spec,
+            Settings {
+                mode: config.metrics_mode,
+                auto_detect: config.model_metrics_auto_detect,
+                buckets: config.histogram_buckets.clone(),
+                max_series: config.model_metrics_max_series,
+                hostname: hostname(),
+                sink: Some(Arc::new(log)),
+            },
+        ))
     }
 
     /// Waits until the metric log lines recorded so far are in their files: call at shutdown, so
     /// that the last events (written by a background thread) are not lost.
     pub fn flush_log(&self) {
-        if let Some(log) = &self.log {
-            log.flush();
+        if let Some(sink) = &self.families.sink {
+            sink.flush();
         }
     }
 
-    pub fn new(
-        spec: Spec,
-        mode: MetricsMode,
-        auto_detect: bool,
-        buckets: Vec<f64>,
-        log: Option<Arc<LogSink>>,
-        hostname: String,
-    ) -> Metrics {
-        let mut m = Metrics {
-            hostname,
-            mode,
-            spec: Spec::default(),
-            auto_detect,
-            buckets,
-            log,
-            families: RwLock::new(BTreeMap::new()),
-            host: Arc::new(HostMetrics::default()),
-            dropped_malformed: Handle::default(),
-            dropped_undeclared: Handle::default(),
-            dropped_cardinality: Handle::default(),
-            max_series: crate::config::DEFAULT_MODEL_METRICS_MAX_SERIES,
-            auto_families: std::sync::atomic::AtomicUsize::new(0),
-            warned: Mutex::new(HashSet::new()),
+    /// The registry of the families `spec` declares and oxserve's own, with the server-wide
+    /// series resolved.
+    pub fn new(spec: &Spec, settings: Settings) -> Metrics {
+        let families = Families {
+            mode: settings.mode,
+            sink: settings.sink,
+            hostname: settings.hostname,
+            map: RwLock::new(BTreeMap::new()),
         };
-        for s in &spec.metrics {
-            m.add_declared(s);
+        for def in spec
+            .metrics
+            .iter()
+            .map(declared)
+            .chain(f::own(&settings.buckets))
+        {
+            families.add(def);
         }
-        m.spec = spec;
-        let name_buckets = m.buckets.clone();
-        for (name, kind, help) in OXSERVE_MODEL_FAMILIES {
-            let buckets = match (*kind, *name) {
-                (Kind::Histogram, "oxserve_batch_size") => BATCH_BUCKETS.to_vec(),
-                (Kind::Histogram, "oxserve_inter_token_latency_seconds") => {
-                    INTER_TOKEN_BUCKETS.to_vec()
-                }
-                (Kind::Histogram, _) => name_buckets.clone(),
-                _ => Vec::new(),
-            };
-            m.add_family(
-                name,
-                *kind,
-                "",
-                help.to_string(),
-                &["model_name", "model_version"],
-                buckets,
-                false,
-            );
-        }
-        m.add_family(
-            "oxserve_workers",
-            Kind::Gauge,
-            "",
-            "Workers of a model version by state (starting, ready, busy, stopping, backoff)."
-                .into(),
-            &["model_name", "model_version", "state"],
-            vec![],
-            false,
-        );
-        m.add_family(
-            "oxserve_worker_scale_events_total",
-            Kind::Counter,
-            "",
-            "Workers added (direction=up) or stopped (down) by a scale request (trigger=request) or the autoscaler (trigger=autoscale).".into(),
-            &["model_name", "model_version", "direction", "trigger"],
-            vec![],
-            false,
-        );
-        m.add_family(
-            "oxserve_model_responses_total",
-            Kind::Counter,
-            "",
-            "Prediction responses per model version by status class (2xx, 4xx, 5xx).".into(),
-            &["model_name", "model_version", "status_class"],
-            vec![],
-            false,
-        );
-        m.add_family(
-            "oxserve_backend_metric_lines_dropped_total",
-            Kind::Counter,
-            "",
-            "Backend [METRICS] lines that were dropped: malformed, undeclared in metrics.yaml, or past model_metrics_max_series (cardinality)."
-                .into(),
-            &["reason"],
-            vec![],
-            false,
-        );
-        m.add_family(
-            "oxserve_build_info",
-            Kind::Gauge,
-            "",
-            "Always 1; labels carry the oxserve version.".into(),
-            &["version"],
-            vec![],
-            false,
-        );
-        m.series("oxserve_build_info", &[env!("CARGO_PKG_VERSION")])
+        families
+            .series(f::BUILD_INFO, &[env!("CARGO_PKG_VERSION")])
             .set(1.0);
-        m.dropped_malformed =
-            m.series("oxserve_backend_metric_lines_dropped_total", &["malformed"]);
-        m.dropped_undeclared = m.series(
-            "oxserve_backend_metric_lines_dropped_total",
-            &["undeclared"],
-        );
-        m.dropped_cardinality = m.series(
-            "oxserve_backend_metric_lines_dropped_total",
-            &["cardinality"],
-        );
-        m.dropped_malformed.inc_by(0.0);
-        m.dropped_undeclared.inc_by(0.0);
-        m.dropped_cardinality.inc_by(0.0);
-        let host = HostMetrics {
-            requests: [
-                m.ts("Requests2XX", &[]),
-                m.ts("Requests4XX", &[]),
-                m.ts("Requests5XX", &[]),
-            ],
-            queue_time: m.ts("QueueTime", &[]),
-            worker_thread_time: m.ts("WorkerThreadTime", &[]),
+        // Present at 0 from the start, so that an alert on their rate sees the series.
+        let dropped = |reason: &str| {
+            let h = families.series(f::BACKEND_LINES_DROPPED, &[reason]);
+            h.inc_by(0.0);
+            h
         };
-        m.host = Arc::new(host);
-        m
+        let host_series = |name: &str| families.by_dimension(name, "Host", &[]);
+        let host = HostMetrics {
+            requests: [f::REQUESTS_2XX, f::REQUESTS_4XX, f::REQUESTS_5XX].map(host_series),
+            queue_time: host_series(f::QUEUE_TIME),
+            worker_thread_time: host_series(f::WORKER_THREAD_TIME),
+        };
+        Metrics {
+            mode: settings.mode,
+            auto_detect: settings.auto_detect,
+            buckets: settings.buckets,
+            host: Arc::new(host),
+            dropped_malformed: dropped("malformed"),
+            dropped_undeclared: dropped("undeclared"),
+            dropped_cardinality: dropped("cardinality"),
+            max_series: settings.max_series,
+            auto_families: AtomicUsize::new(0),
+            warned: Mutex::new(HashSet::new()),
+            handler_metrics_json: spec.handler_metrics_json(),
+            families,
+        }
     }
 
     /// A registry with the built-in metric set, for tests and benchmarks.
     pub fn for_tests() -> Metrics {
-        Metrics::new(
-            Spec::builtin(),
-            MetricsMode::Prometheus,
-            false,
-            crate::config::DEFAULT_BUCKETS.to_vec(),
-            None,
-            "testhost".into(),
-        )
+        Metrics::new(&Spec::builtin(), Settings::for_tests())
     }
 
-    fn add_declared(&self, s: &MetricSpec) {
-        let help = format!(
-            "Torchserve prometheus {} metric with unit: {}",
-            s.kind.as_str(),
-            s.unit
-        );
-        let buckets = s.buckets.clone().unwrap_or_else(|| {
-            // TorchServe's (Prometheus client's) default buckets, for compatibility.
-            vec![
-                0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
-            ]
-        });
-        let dims: Vec<&str> = s.dimensions.iter().map(String::as_str).collect();
-        self.add_family(
-            &s.name,
-            s.kind,
-            &s.unit,
-            help,
-            &dims,
-            if s.kind == Kind::Histogram {
-                buckets
-            } else {
-                Vec::new()
-            },
-            s.origin == Origin::Model,
-        );
+    /// The handler metrics metrics.yaml declares, as JSON in its shape: handed to Python workers,
+    /// which declare them in `context.metrics` without reading YAML.
+    pub fn handler_metrics_json(&self) -> &str {
+        &self.handler_metrics_json
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn add_family(
-        &self,
-        name: &str,
-        kind: Kind,
-        unit: &str,
-        help: String,
-        labels: &[&str],
-        buckets: Vec<f64>,
-        model_origin: bool,
-    ) -> Arc<Family> {
-        // TorchServe's MetricBuilder: a metric is either a Prometheus metric or a LogMetric, never
-        // both, so prometheus mode logs no metric lines (its metric log files stay empty).
-        let (exposed, logged) = match self.mode {
-            MetricsMode::Prometheus => (true, false),
-            MetricsMode::Log => (false, true),
-            MetricsMode::Legacy => {
-                let kept = LEGACY_EXPOSED.contains(&name);
-                (kept, !kept)
-            }
-        };
-        let family = Arc::new(Family::new(
-            name,
-            kind,
-            unit,
-            help,
-            labels.iter().map(|s| s.to_string()).collect(),
-            buckets,
-            exposed,
-            logged,
-            model_origin,
-        ));
-        self.families
-            .write()
-            .unwrap()
-            .entry(name.to_string())
-            .or_insert(family)
-            .clone()
+    /// The `Hostname` label's value.
+    pub fn hostname(&self) -> &str {
+        &self.families.hostname
     }
 
     /// A family by name.
     pub fn family(&self, name: &str) -> Option<Arc<Family>> {
-        self.families.read().unwrap().get(name).cloned()
+        self.families.get(name)
     }
 
     /// The series of family `name` with these label values; nothing if the family does not exist.
     pub fn series(&self, name: &str, values: &[&str]) -> Handle {
-        Handle(self.family(name).map(|f| f.series(values, &self.log)))
+        self.families.series(name, values)
     }
 
     /// A frontend series whose label values are filled by dimension name: Level -> Host,
     /// Hostname -> this host, the rest from `known`; a dimension nobody knows gets "".
     pub fn ts(&self, name: &str, known: &[(&str, &str)]) -> Handle {
-        let Some(family) = self.family(name) else {
-            return Handle::default();
-        };
-        let values: Vec<&str> = family
-            .meta
-            .label_names
-            .iter()
-            .map(|label| match label.as_str() {
-                "Level" => "Host",
-                "Hostname" | "hostname" => self.hostname.as_str(),
-                other => known
-                    .iter()
-                    .find(|(k, _)| *k == other)
-                    .map(|(_, v)| *v)
-                    .unwrap_or(""),
-            })
-            .collect();
-        Handle(Some(family.series(&values, &self.log)))
+        self.families.by_dimension(name, "Host", known)
     }
 
     /// Resolves every series a model version records into.
@@ -387,9 +326,9 @@ impl Metrics {
         let ts_counters = |label_version: &str| {
             let k = [("model_name", model_name), ("model_version", label_version)];
             TsCounters {
-                requests: self.ts("ts_inference_requests_total", &k),
-                latency_us: self.ts("ts_inference_latency_microseconds", &k),
-                queue_latency_us: self.ts("ts_queue_latency_microseconds", &k),
+                requests: self.ts(f::TS_INFERENCE_REQUESTS, &k),
+                latency_us: self.ts(f::TS_INFERENCE_LATENCY, &k),
+                queue_latency_us: self.ts(f::TS_QUEUE_LATENCY, &k),
             }
         };
         let mv = [model_name, model_version];
@@ -397,77 +336,57 @@ impl Metrics {
         let lazy = |name: &str| LazyHandle {
             family: self.family(name),
             values: vec![model_name.to_string(), model_version.to_string()],
-            log: self.log.clone(),
             cell: std::sync::OnceLock::new(),
         };
         let state = |st: WorkerState| {
-            let h = self.series("oxserve_workers", &[model_name, model_version, st.as_str()]);
+            let h = self.series(f::WORKERS, &[model_name, model_version, st.as_str()]);
             h.set(0.0);
             h
         };
         let class = |c: &str| {
-            let h = self.series(
-                "oxserve_model_responses_total",
-                &[model_name, model_version, c],
-            );
+            let h = self.series(f::MODEL_RESPONSES, &[model_name, model_version, c]);
             h.inc_by(0.0);
             h
         };
         let scale = |direction: &str, trigger: &str| {
             let h = self.series(
-                "oxserve_worker_scale_events_total",
+                f::WORKER_SCALE_EVENTS,
                 &[model_name, model_version, direction, trigger],
             );
             h.inc_by(0.0);
             h
         };
-        let model_dims = [("ModelName", model_name), ("Level", "Model")];
         let model_gauge = |name: &str| {
-            let Some(f) = self.family(name) else {
-                return Handle::default();
-            };
-            let values: Vec<&str> = f
-                .meta
-                .label_names
-                .iter()
-                .map(|l| match l.as_str() {
-                    "Hostname" => self.hostname.as_str(),
-                    other => model_dims
-                        .iter()
-                        .find(|(k, _)| *k == other)
-                        .map(|(_, v)| *v)
-                        .unwrap_or(""),
-                })
-                .collect();
-            Handle(Some(f.series(&values, &self.log)))
+            self.families
+                .by_dimension(name, "Model", &[("ModelName", model_name)])
         };
         Arc::new(ModelMetrics {
             model_name: model_name.to_string(),
             model_version: model_version.to_string(),
             url_default: ts_counters("default"),
             url_version: ts_counters(model_version),
-            request_duration: s("oxserve_request_duration_seconds"),
-            queue_wait: s("oxserve_queue_wait_seconds"),
-            backend_duration: s("oxserve_backend_duration_seconds"),
-            batch_size: s("oxserve_batch_size"),
-            first_chunk: s("oxserve_time_to_first_chunk_seconds"),
-            queue_depth: s("oxserve_queue_depth"),
-            requests_running: s("oxserve_requests_running"),
-            inter_chunk: s("oxserve_inter_token_latency_seconds"),
-            stream_chunks: lazy("oxserve_stream_chunks_total"),
-            prompt_tokens: lazy("oxserve_prompt_tokens_total"),
-            generated_tokens: lazy("oxserve_generated_tokens_total"),
-            queue_capacity: s("oxserve_queue_capacity"),
-            workers_min: s("oxserve_workers_min"),
-            workers_max: s("oxserve_workers_max"),
+            request_duration: s(f::REQUEST_DURATION),
+            queue_wait: s(f::QUEUE_WAIT),
+            backend_duration: s(f::BACKEND_DURATION),
+            batch_size: s(f::BATCH_SIZE),
+            first_chunk: s(f::TIME_TO_FIRST_CHUNK),
+            queue_depth: s(f::QUEUE_DEPTH),
+            requests_running: s(f::REQUESTS_RUNNING),
+            inter_chunk: s(f::INTER_TOKEN_LATENCY),
+            stream_chunks: lazy(f::STREAM_CHUNKS),
+            prompt_tokens: lazy(f::PROMPT_TOKENS),
+            generated_tokens: lazy(f::GENERATED_TOKENS),
+            queue_capacity: s(f::QUEUE_CAPACITY),
+            workers_min: s(f::WORKERS_MIN),
+            workers_max: s(f::WORKERS_MAX),
             workers: WorkerState::ALL.map(state),
             scale_events: [
                 [scale("up", "request"), scale("up", "autoscale")],
                 [scale("down", "request"), scale("down", "autoscale")],
             ],
             responses: ["2xx", "4xx", "5xx"].map(class),
-            handler_time: model_gauge("HandlerTime"),
-            prediction_time: model_gauge("PredictionTime"),
+            handler_time: model_gauge(f::HANDLER_TIME),
+            prediction_time: model_gauge(f::PREDICTION_TIME),
             host: self.host.clone(),
         })
     }
@@ -476,32 +395,32 @@ impl Metrics {
     /// histograms stay: they are cumulative, and Prometheus' rate() needs them not to vanish.
     pub fn forget_model(&self, model_name: &str, model_version: &str) {
         for name in [
-            "oxserve_queue_depth",
-            "oxserve_requests_running",
-            "oxserve_queue_capacity",
-            "oxserve_workers_min",
-            "oxserve_workers_max",
+            f::QUEUE_DEPTH,
+            f::REQUESTS_RUNNING,
+            f::QUEUE_CAPACITY,
+            f::WORKERS_MIN,
+            f::WORKERS_MAX,
         ] {
-            if let Some(f) = self.family(name) {
-                f.remove(&[model_name, model_version]);
+            if let Some(family) = self.family(name) {
+                family.remove(&[model_name, model_version]);
             }
         }
-        if let Some(f) = self.family("oxserve_workers") {
+        if let Some(family) = self.family(f::WORKERS) {
             for st in WorkerState::ALL {
-                f.remove(&[model_name, model_version, st.as_str()]);
+                family.remove(&[model_name, model_version, st.as_str()]);
             }
         }
     }
 
     /// WorkerLoadTime of one worker, in ms.
     pub fn worker_load_time(&self, worker_name: &str) -> Handle {
-        self.ts("WorkerLoadTime", &[("WorkerName", worker_name)])
+        self.ts(f::WORKER_LOAD_TIME, &[("WorkerName", worker_name)])
     }
 
     /// Removes a retired worker's WorkerLoadTime series.
     pub fn forget_worker(&self, worker_name: &str) {
-        if let Some(f) = self.family("WorkerLoadTime") {
-            f.remove_where("WorkerName", worker_name);
+        if let Some(family) = self.family(f::WORKER_LOAD_TIME) {
+            family.remove_where("WorkerName", worker_name);
         }
     }
 
@@ -510,9 +429,9 @@ impl Metrics {
         let id = device_id.to_string();
         let k = [("DeviceId", id.as_str())];
         GpuMetrics {
-            utilization: self.ts("GPUUtilization", &k),
-            memory_utilization: self.ts("GPUMemoryUtilization", &k),
-            memory_used: self.ts("GPUMemoryUsed", &k),
+            utilization: self.ts(f::GPU_UTILIZATION, &k),
+            memory_utilization: self.ts(f::GPU_MEMORY_UTILIZATION, &k),
+            memory_used: self.ts(f::GPU_MEMORY_USED, &k),
         }
     }
 
@@ -551,29 +470,28 @@ impl Metrics {
                 return;
             }
         };
-        let mut values = Vec::with_capacity(family.meta.label_names.len());
-        for label in &family.meta.label_names {
-            let v = parsed
-                .dimensions
-                .iter()
-                .find(|(k, _)| k == label)
-                .map(|(_, v)| v.as_str());
-            let v = match (label.as_str(), v) {
-                (_, Some(v)) => v,
-                ("Hostname", None) => self.hostname.as_str(),
-                ("ModelName", None) => model_name,
-                ("Level", None) => "Model",
-                (other, None) => {
-                    self.drop_undeclared(
-                        &parsed.name,
-                        &format!("the line lacks dimension {other:?} declared in metrics.yaml"),
-                    );
-                    return;
-                }
-            };
-            values.push(v);
-        }
-        match family.series_within(&values, &self.log, self.max_series) {
+        let given = |label: &str| {
+            let from_line = parsed.dimensions.iter().find(|(k, _)| k == label);
+            match from_line {
+                Some((_, v)) => Some(v.as_str()),
+                None if label == "ModelName" => Some(model_name),
+                None => None,
+            }
+        };
+        let values = match self
+            .families
+            .resolve(&family.meta.label_names, "Model", given, None)
+        {
+            Ok(values) => values,
+            Err(missing) => {
+                self.drop_undeclared(
+                    &parsed.name,
+                    &format!("the line lacks dimension {missing:?} declared in metrics.yaml"),
+                );
+                return;
+            }
+        };
+        match family.series_within(&values, self.max_series) {
             Some(series) => {
                 series.record(parsed.value, parsed.request_ids.first().map(String::as_str))
             }
@@ -618,11 +536,7 @@ impl Metrics {
         }
         // Counted before the family exists; two racing lines may both pass at the very edge,
         // which only moves the cap by one.
-        if self
-            .auto_families
-            .load(std::sync::atomic::Ordering::Relaxed)
-            >= self.max_series
-        {
+        if self.auto_families.load(Ordering::Relaxed) >= self.max_series {
             return Err(Refusal::Cardinality(format!(
                 "{} auto-detected families exist already (model_metrics_max_series)",
                 self.max_series
@@ -633,16 +547,15 @@ impl Metrics {
             kind.as_str(),
             parsed.unit
         );
-        let buckets = if kind == Kind::Histogram {
-            self.buckets.clone()
-        } else {
-            Vec::new()
-        };
-        let before = self.families.read().unwrap().len();
-        let family = self.add_family(&parsed.name, kind, &parsed.unit, help, &dims, buckets, true);
-        if self.families.read().unwrap().len() > before {
-            self.auto_families
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let def = FamilyDef::new(&parsed.name, kind, help)
+            .unit(&parsed.unit)
+            .labels(&dims)
+            .buckets(&self.buckets)
+            .from_handlers();
+        let before = self.families.map.read().unwrap().len();
+        let family = self.families.add(def);
+        if self.families.map.read().unwrap().len() > before {
+            self.auto_families.fetch_add(1, Ordering::Relaxed);
         }
         Ok(family)
     }
@@ -693,8 +606,14 @@ impl Metrics {
         let mut out = String::with_capacity(16 * 1024);
         match names {
             None => {
-                let families: Vec<Arc<Family>> =
-                    self.families.read().unwrap().values().cloned().collect();
+                let families: Vec<Arc<Family>> = self
+                    .families
+                    .map
+                    .read()
+                    .unwrap()
+                    .values()
+                    .cloned()
+                    .collect();
                 for f in families.iter().filter(|f| f.meta.exposed) {
                     f.render(&mut out, None);
                 }
@@ -795,12 +714,12 @@ mod tests {
     #[test]
     fn auto_detect_accepts_undeclared_metrics_with_their_type() {
         let m = Metrics::new(
-            Spec::builtin(),
-            MetricsMode::Prometheus,
-            true,
-            crate::config::DEFAULT_BUCKETS.to_vec(),
-            None,
-            "h".into(),
+            &Spec::builtin(),
+            Settings {
+                auto_detect: true,
+                hostname: "h".into(),
+                ..Settings::for_tests()
+            },
         );
         m.record_backend_line(
             "Tokens.Count:3|#ModelName:llm,Region:eu \"west\"|#type:COUNTER|#hostname:x,1",
@@ -879,15 +798,15 @@ mod tests {
             ) {
                 let cap = 4;
                 let m = Metrics::new(
-                    Spec::builtin(),
-                    MetricsMode::Prometheus,
-                    true,
-                    crate::config::DEFAULT_BUCKETS.to_vec(),
-                    None,
-                    "h".into(),
-                )
-                .with_max_series(cap);
-                let builtin: HashSet<String> = m.families.read().unwrap().keys().cloned().collect();
+                    &Spec::builtin(),
+                    Settings {
+                        auto_detect: true,
+                        max_series: cap,
+                        hostname: "h".into(),
+                        ..Settings::for_tests()
+                    },
+                );
+                let builtin: HashSet<String> = m.families.map.read().unwrap().keys().cloned().collect();
                 for (name, unit, value, dims, kind) in &lines {
                     let dims: Vec<String> = dims.iter().map(|(k, v)| format!("{k}:{v}")).collect();
                     m.record_backend_line(
@@ -895,7 +814,7 @@ mod tests {
                         "model",
                     );
                 }
-                let families = m.families.read().unwrap();
+                let families = m.families.map.read().unwrap();
                 let auto: Vec<&Arc<Family>> = families
                     .iter()
                     .filter(|(k, _)| !builtin.contains(*k))

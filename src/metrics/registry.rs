@@ -4,14 +4,26 @@
 //! cheap handles: an update is one or two relaxed atomic operations, so recording a request's metrics
 //! never takes a lock. Families keep their series in a `BTreeMap`, so rendering walks them in a stable
 //! order without sorting.
+//!
+//! Storage knows nothing of where else an update goes: a logged family holds a [`Sink`] (the metric
+//! log writer implements it) and tells it of each update.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
-use super::log::LogSink;
 use super::spec::Kind;
+
+/// Receives every update of a logged family's series: the metric log files
+/// ([`super::log::LogSink`]) in log and legacy modes. `value` is the event (a counter's increment, a
+/// gauge's new value, a histogram's observation).
+pub trait Sink: Send + Sync + std::fmt::Debug {
+    fn record(&self, series: &Series, value: f64, request_id: Option<&str>);
+
+    /// Waits (briefly) until the updates told so far are stored: called at shutdown.
+    fn flush(&self) {}
+}
 
 /// An f64 updated atomically (bits in an `AtomicU64`).
 #[derive(Debug, Default)]
@@ -88,32 +100,85 @@ pub struct Series {
     /// `a="x",b="y"` pre-escaped, so rendering copies it.
     pub labels_text: String,
     pub cells: Cells,
-    log: Option<Arc<LogSink>>,
+    sink: Option<Arc<dyn Sink>>,
 }
 
-/// What a family is, shared by its series.
-#[derive(Debug)]
-pub struct FamilyMeta {
+/// A metric family's definition: the one type for families from metrics.yaml, oxserve's own
+/// (`super::families`) and auto-detected handler metrics. Built with [`FamilyDef::new`] and the
+/// setters below, so that no call site lines up seven positional arguments.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FamilyDef {
     pub name: String,
     pub kind: Kind,
+    /// TorchServe's unit (`ms`, `Percent`), written in metric log lines; "" for oxserve's families.
     pub unit: String,
     pub help: String,
     pub label_names: Vec<String>,
-    /// Upper bounds, histograms only.
+    /// Upper bounds, histograms only (ignored for other kinds).
     pub buckets: Vec<f64>,
+    /// Emitted by handlers (`model_metrics` in metrics.yaml, or auto-detected): capped in series,
+    /// logged to model_metrics.log.
+    pub model_origin: bool,
+}
+
+impl FamilyDef {
+    pub fn new(name: &str, kind: Kind, help: impl Into<String>) -> FamilyDef {
+        FamilyDef {
+            name: name.to_string(),
+            kind,
+            unit: String::new(),
+            help: help.into(),
+            label_names: Vec::new(),
+            buckets: Vec::new(),
+            model_origin: false,
+        }
+    }
+
+    pub fn labels<S: AsRef<str>>(mut self, names: &[S]) -> FamilyDef {
+        self.label_names = names.iter().map(|n| n.as_ref().to_string()).collect();
+        self
+    }
+
+    pub fn unit(mut self, unit: &str) -> FamilyDef {
+        self.unit = unit.to_string();
+        self
+    }
+
+    pub fn buckets(mut self, buckets: &[f64]) -> FamilyDef {
+        self.buckets = buckets.to_vec();
+        self
+    }
+
+    pub fn from_handlers(mut self) -> FamilyDef {
+        self.model_origin = true;
+        self
+    }
+}
+
+/// What a family is, shared by its series: its definition (fields reachable directly, through
+/// `Deref`) and what the registry decided about its output.
+#[derive(Debug)]
+pub struct FamilyMeta {
+    pub def: FamilyDef,
     /// Rendered `le` values, one per bucket plus `+Inf`.
     pub(crate) le_text: Vec<String>,
     /// Whether the family appears on /metrics (false for logged families in log/legacy mode).
     pub exposed: bool,
-    /// Whether updates are written as log lines, and from which origin (ts or model log).
-    pub logged: bool,
-    pub model_origin: bool,
+}
+
+impl std::ops::Deref for FamilyMeta {
+    type Target = FamilyDef;
+    fn deref(&self) -> &FamilyDef {
+        &self.def
+    }
 }
 
 /// A family and its series.
 #[derive(Debug)]
 pub struct Family {
     pub meta: Arc<FamilyMeta>,
+    /// Where updates are logged; `None` for families that are not logged (prometheus mode).
+    sink: Option<Arc<dyn Sink>>,
     series: RwLock<BTreeMap<Vec<String>, Arc<Series>>>,
 }
 
@@ -157,19 +222,13 @@ pub fn write_value(v: f64, out: &mut String) {
 }
 
 impl Family {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        name: &str,
-        kind: Kind,
-        unit: &str,
-        help: String,
-        label_names: Vec<String>,
-        buckets: Vec<f64>,
-        exposed: bool,
-        logged: bool,
-        model_origin: bool,
-    ) -> Family {
-        let mut le_text: Vec<String> = buckets
+    /// A family of `def`, on /metrics if `exposed`, its updates told to `sink` if there is one.
+    pub fn new(mut def: FamilyDef, exposed: bool, sink: Option<Arc<dyn Sink>>) -> Family {
+        if def.kind != Kind::Histogram {
+            def.buckets.clear();
+        }
+        let mut le_text: Vec<String> = def
+            .buckets
             .iter()
             .map(|b| {
                 let mut s = String::new();
@@ -180,35 +239,24 @@ impl Family {
         le_text.push("+Inf".to_string());
         Family {
             meta: Arc::new(FamilyMeta {
-                name: name.to_string(),
-                kind,
-                unit: unit.to_string(),
-                help,
-                label_names,
-                buckets,
+                def,
                 le_text,
                 exposed,
-                logged,
-                model_origin,
             }),
+            sink,
             series: RwLock::new(BTreeMap::new()),
         }
     }
 
     /// The series with these label values (in label-name order), created on first use.
-    pub fn series(&self, values: &[&str], log: &Option<Arc<LogSink>>) -> Arc<Series> {
-        self.series_within(values, log, usize::MAX)
+    pub fn series(&self, values: &[&str]) -> Arc<Series> {
+        self.series_within(values, usize::MAX)
             .expect("an uncapped family always has room")
     }
 
     /// Like [`Family::series`], but creates no series past `max_series` of them: `None` then.
     /// Handler metrics go through here, since their label values are chosen by handler code.
-    pub fn series_within(
-        &self,
-        values: &[&str],
-        log: &Option<Arc<LogSink>>,
-        max_series: usize,
-    ) -> Option<Arc<Series>> {
+    pub fn series_within(&self, values: &[&str], max_series: usize) -> Option<Arc<Series>> {
         let key: Vec<String> = values.iter().map(|s| s.to_string()).collect();
         if let Some(s) = self.series.read().unwrap().get(&key) {
             return Some(s.clone());
@@ -244,7 +292,7 @@ impl Family {
                     label_values: key,
                     labels_text,
                     cells,
-                    log: if self.meta.logged { log.clone() } else { None },
+                    sink: self.sink.clone(),
                 })
             })
             .clone();
@@ -419,8 +467,8 @@ impl Series {
                 v
             }
         };
-        if let Some(log) = &self.log {
-            log.record(self, logged, request_id);
+        if let Some(sink) = &self.sink {
+            sink.record(self, logged, request_id);
         }
     }
 }
@@ -431,18 +479,12 @@ mod tests {
 
     #[test]
     fn renders_escaped_labels_and_histograms() {
-        let f = Family::new(
-            "h",
-            Kind::Histogram,
-            "s",
-            "help".into(),
-            vec!["m".into()],
-            vec![0.1, 1.0],
-            true,
-            false,
-            false,
-        );
-        let s = f.series(&["a\"b\\c\nd"], &None);
+        let def = FamilyDef::new("h", Kind::Histogram, "help")
+            .unit("s")
+            .labels(&["m"])
+            .buckets(&[0.1, 1.0]);
+        let f = Family::new(def, true, None);
+        let s = f.series(&["a\"b\\c\nd"]);
         s.observe(0.05);
         s.observe(0.5);
         s.observe(5.0);
@@ -462,6 +504,49 @@ mod tests {
         let mut only = String::new();
         f.render(&mut only, Some("_count"));
         assert!(!only.contains("_bucket") && only.contains("_count"));
+    }
+
+    /// A sink that keeps what it is told.
+    #[derive(Debug, Default)]
+    struct Kept(std::sync::Mutex<Vec<(String, f64, Option<String>)>>);
+
+    impl Sink for Kept {
+        fn record(&self, series: &Series, value: f64, request_id: Option<&str>) {
+            self.0.lock().unwrap().push((
+                series.family.name.clone(),
+                value,
+                request_id.map(str::to_string),
+            ));
+        }
+    }
+
+    #[test]
+    fn logged_families_tell_their_sink_each_event() {
+        let kept = Arc::new(Kept::default());
+        let sink: Arc<dyn Sink> = kept.clone();
+        let counter = Family::new(
+            FamilyDef::new("c", Kind::Counter, ""),
+            false,
+            Some(sink.clone()),
+        );
+        let gauge = Family::new(FamilyDef::new("g", Kind::Gauge, ""), false, Some(sink));
+        let quiet = Family::new(FamilyDef::new("q", Kind::Counter, ""), true, None);
+        counter.series(&[]).inc_by(2.0);
+        counter.series(&[]).record(3.0, Some("r"));
+        gauge.series(&[]).set(4.0);
+        gauge.series(&[]).inc_by(1.0);
+        quiet.series(&[]).inc();
+        let events = kept.0.lock().unwrap().clone();
+        // A counter's event is the increment; a gauge's is its new value.
+        assert_eq!(
+            events,
+            [
+                ("c".to_string(), 2.0, None),
+                ("c".to_string(), 3.0, Some("r".to_string())),
+                ("g".to_string(), 4.0, None),
+                ("g".to_string(), 5.0, None),
+            ]
+        );
     }
 
     #[test]

@@ -47,7 +47,7 @@ pub enum Origin {
     Model,
 }
 
-/// One declared metric.
+/// One declared metric, as metrics.yaml declares it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MetricSpec {
     pub name: String,
@@ -191,6 +191,28 @@ fn refused(at: &str, reason: impl Into<String>) -> SpecError {
 }
 
 impl Spec {
+    /// The `model_metrics` section as JSON, in metrics.yaml's shape
+    /// (`{"counter": [{"name", "unit", "dimensions"}], "gauge": [...], "histogram": [...]}`):
+    /// what the stdlib Python runtime declares in `context.metrics`. The server parses the file
+    /// once, so the runtime needs no YAML reader (as for model-config.yaml).
+    pub fn handler_metrics_json(&self) -> String {
+        let mut section = serde_json::Map::new();
+        for s in self.metrics.iter().filter(|s| s.origin == Origin::Model) {
+            let entry = serde_json::json!({
+                "name": s.name,
+                "unit": s.unit,
+                "dimensions": s.dimensions,
+            });
+            section
+                .entry(s.kind.as_str())
+                .or_insert_with(|| serde_json::Value::Array(Vec::new()))
+                .as_array_mut()
+                .expect("only arrays are inserted")
+                .push(entry);
+        }
+        serde_json::Value::Object(section).to_string()
+    }
+
     /// TorchServe's default set.
     pub fn builtin() -> Spec {
         Spec::parse(DEFAULT_YAML, "built-in metrics.yaml")
@@ -266,15 +288,11 @@ impl Spec {
                     if !seen.insert(name.clone()) {
                         return Err(refused(&at, format!("duplicate metric name {name:?}")));
                     }
-                    let mut dimensions = entry.dimensions;
-                    if origin == Origin::Model && !dimensions.iter().any(|d| d == "Hostname") {
-                        dimensions.push("Hostname".to_string());
-                    }
                     spec.metrics.push(MetricSpec {
                         name,
                         kind,
                         unit,
-                        dimensions,
+                        dimensions: entry.dimensions,
                         origin,
                         buckets: entry.buckets,
                     });
@@ -301,7 +319,8 @@ mod tests {
         assert_eq!(r.kind, Kind::Counter);
         assert_eq!(r.dimensions, ["Level", "Hostname"]);
         let h = s.get("HandlerTime").unwrap();
-        assert_eq!(h.dimensions, ["ModelName", "Level", "Hostname"]);
+        // As the file declares it; the registry adds Hostname to handler families.
+        assert_eq!(h.dimensions, ["ModelName", "Level"]);
         assert_eq!(h.unit, "ms");
     }
 

@@ -87,7 +87,7 @@ pub fn last(dir: &Path) -> Option<PathBuf> {
 /// `yyyyMMddHHmmssSSS` (UTC) of a point in time.
 fn stamp(t: SystemTime) -> String {
     let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let (y, mo, day, h, mi, s) = crate::metrics::log::civil_utc(d.as_secs());
+    let (y, mo, day, h, mi, s) = crate::timefmt::civil_utc(d.as_secs());
     format!(
         "{y:04}{mo:02}{day:02}{h:02}{mi:02}{s:02}{:03}",
         d.subsec_millis()

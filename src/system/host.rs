@@ -4,6 +4,7 @@ use std::path::Path;
 
 use sysinfo::{Disks, MemoryRefreshKind, System};
 
+use crate::metrics::families as f;
 use crate::metrics::Metrics;
 
 /// Keeps the previous CPU reading, so each sample covers the interval since the last one.
@@ -86,13 +87,13 @@ impl HostCollector {
         let s = self.read();
         // Series appear with the first sample (none at all with disable_system_metrics).
         for (name, value) in [
-            ("CPUUtilization", s.cpu_percent),
-            ("MemoryUsed", s.memory_used_mb),
-            ("MemoryAvailable", s.memory_available_mb),
-            ("MemoryUtilization", s.memory_percent),
-            ("DiskUsage", s.disk_used_gb),
-            ("DiskAvailable", s.disk_available_gb),
-            ("DiskUtilization", s.disk_percent),
+            (f::CPU_UTILIZATION, s.cpu_percent),
+            (f::MEMORY_USED, s.memory_used_mb),
+            (f::MEMORY_AVAILABLE, s.memory_available_mb),
+            (f::MEMORY_UTILIZATION, s.memory_percent),
+            (f::DISK_USAGE, s.disk_used_gb),
+            (f::DISK_AVAILABLE, s.disk_available_gb),
+            (f::DISK_UTILIZATION, s.disk_percent),
         ] {
             metrics.ts(name, &[]).set(value);
         }

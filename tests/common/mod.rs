@@ -247,6 +247,22 @@ impl Server {
         sample(&self.scrape().await, prefix)
     }
 
+    /// Waits (60 s at most, then fails naming the sample) until the sample whose line starts with
+    /// `prefix` exists with a value `ok` accepts; that value.
+    pub async fn wait_sample(&self, prefix: &str, ok: impl Fn(f64) -> bool) -> f64 {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match self.sample(prefix).await {
+                Some(v) if ok(v) => return v,
+                last => assert!(
+                    Instant::now() < deadline,
+                    "{prefix} never reached the awaited value (last: {last:?})"
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
     pub fn log(&self) -> String {
         self.stderr.lock().unwrap().join("\n")
     }

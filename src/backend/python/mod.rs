@@ -189,6 +189,9 @@ impl BackendLoader for PythonLoader {
             }
         }
         cmd.env("OXSERVE_MODEL_YAML_CONFIG", model_yaml);
+        // metrics.yaml's model_metrics, parsed by the server too (TorchServe's worker reads the
+        // file named by --metrics-config itself, with PyYAML).
+        cmd.env("OXSERVE_MODEL_METRICS", spec.metrics.handler_metrics_json());
         cmd.arg("--sock-type")
             .arg("unix")
             .arg("--sock-name")

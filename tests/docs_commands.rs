@@ -13,6 +13,9 @@
 //! management and metrics addresses. `curl` gets `-sS --fail-with-body --max-time 60` (an HTTP
 //! error fails the command), `oxserve` is the binary under test, `oxserve top` prints one frame
 //! (`--once`) from this server, and `xdg-open URL` fetches the page instead of opening a browser.
+//! The default server has token authorization on, as a new user's has: `key_file.json` names the
+//! test server's key file, and variable assignments (`INFERENCE="..."`) carry over to the block's
+//! later commands, as in the shell the reader pastes them into.
 
 mod common;
 
@@ -121,6 +124,10 @@ fn all_blocks() -> Vec<Block> {
 fn rewrite(cmd: &str, s: Option<&Server>) -> String {
     let mut cmd = cmd.trim().to_string();
     if let Some(s) = s {
+        // The keys of this run are in the server's folder, where the reader's server writes them
+        // too (the folder it started from).
+        let key_file = s.path().join("key_file.json");
+        cmd = cmd.replace("key_file.json", &key_file.display().to_string());
         for (port, url) in [
             ("8080", &s.inference),
             ("8081", &s.management),
@@ -148,6 +155,15 @@ fn rewrite(cmd: &str, s: Option<&Server>) -> String {
         cmd = format!("{BIN} {rest}");
     }
     cmd
+}
+
+/// Whether a line only sets a shell variable (`NAME=value`).
+fn is_assignment(line: &str) -> bool {
+    line.split_once('=').is_some_and(|(name, _)| {
+        !name.is_empty()
+            && name.chars().all(|c| c == '_' || c.is_ascii_alphanumeric())
+            && !name.starts_with(|c: char| c.is_ascii_digit())
+    })
 }
 
 /// Whether two JSON values are equal, numbers to within 1e-6 relative.
@@ -190,7 +206,8 @@ fn run(at: &str, cmd: &str) -> String {
 async fn server_for(block: &Block) -> Option<Server> {
     let examples = format!("{ROOT}/examples");
     let s = match block.setup.as_str() {
-        "" => Server::start("", &[]),
+        // A new user's server: token authorization on, as by default.
+        "" => Server::start_secure("", &[], &[]),
         "onnx" => Server::start(
             "default_workers_per_model=1",
             &[
@@ -219,6 +236,9 @@ async fn documented_commands_run() {
     for block in &blocks {
         let server = server_for(block).await;
         let mut last_out: Option<String> = None;
+        // Variable assignments (`KEY="..."`) carry over to the block's later commands, as in the
+        // shell the reader pastes them into.
+        let mut assignments = String::new();
         for (n, line) in &block.lines {
             let at = format!("{}:{n}", block.at.split(':').next().unwrap());
             let trimmed = line.trim();
@@ -234,6 +254,11 @@ async fn documented_commands_run() {
                 continue;
             }
             let cmd = rewrite(trimmed, server.as_ref());
+            if is_assignment(trimmed) {
+                assignments.push_str(&cmd);
+                assignments.push('\n');
+            }
+            let cmd = format!("{assignments}{cmd}");
             let out = tokio::task::spawn_blocking({
                 let (at, cmd) = (at.clone(), cmd.clone());
                 move || run(&at, &cmd)

@@ -223,3 +223,48 @@ async fn kserve_envelope_awaits_an_async_def_handle() {
         assert_eq!(body, json!({"predictions": [[1, 2], 3]}), "{props}");
     }
 }
+
+/// The same envelopes with TorchServe's own worker (`worker_runtime=torchserve`): the worker
+/// unwraps and wraps KServe's shapes itself (ts/torch_handler/request_envelope), oxserve routes
+/// and passes the envelope in the load message, as TorchServe's frontend does.
+#[tokio::test]
+#[ignore = "needs torchserve 0.12 + torch: OXSERVE_TEST_TORCHSERVE_PYTHON=/path/to/venv/bin/python cargo test --test kserve -- --ignored"]
+async fn kserve_v1_and_v2_with_torchserves_worker() {
+    let python = std::env::var("OXSERVE_TEST_TORCHSERVE_PYTHON")
+        .expect("set OXSERVE_TEST_TORCHSERVE_PYTHON to a python with torchserve 0.12 installed");
+    let props = format!("worker_runtime=torchserve\npython_executable={python}\n");
+
+    let (server, _store) = start_with("kserve", ECHO, &props);
+    server.wait_healthy().await;
+    let (code, body) = post(
+        &server,
+        "/v1/models/echo:predict",
+        json!({"instances": [[1, 2], {"a": "b"}]}),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body, json!({"predictions": [[1, 2], {"a": "b"}]}));
+    let (code, body) = server
+        .get_json(format!("{}/v1/models/echo", server.inference))
+        .await;
+    assert_eq!((code, body), (200, json!({"name": "echo", "ready": true})));
+    drop(server);
+
+    let (server, _store) = start_with("kservev2", ECHO, &props);
+    server.wait_healthy().await;
+    let (code, body) = post(
+        &server,
+        "/v2/models/echo/infer",
+        json!({
+            "id": "req-1",
+            "inputs": [{"name": "x", "shape": [2, 2], "datatype": "INT64", "data": [1, 2, 3, 4]}]
+        }),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["id"], "req-1", "{body}");
+    assert_eq!(body["model_name"], "echo", "{body}");
+    let outputs = body["outputs"].as_array().expect("outputs");
+    assert_eq!(outputs.len(), 1, "{body}");
+    assert_eq!(outputs[0]["data"], json!([1, 2, 3, 4]), "{body}");
+}

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use oxserve::backend::onnx::{is_onnx, OnnxLoader};
 use oxserve::backend::{
-    Backend, BackendLoader, InferRequest, InferResponse, NoStream, Param, WorkerSpec,
+    Backend, BackendLoader, InferRequest, InferResponse, ModelSpec, NoStream, Param, WorkerSpec,
 };
 use oxserve::model::archive;
 use serde_json::{json, Value};
@@ -20,18 +20,20 @@ fn spec(dir: &Path, manifest: archive::Manifest) -> WorkerSpec {
         oxserve::config::Config::from_sources(Default::default(), &[], &Default::default())
             .expect("default config");
     WorkerSpec {
-        port: 9000,
+        id: 9000,
         name: "W-9000-tiny_classifier_1.0".into(),
-        model_name: "tiny_classifier".into(),
-        model_version: "1.0".into(),
-        model_dir: dir.to_path_buf(),
-        manifest: Arc::new(manifest),
-        batch_size: 4,
         gpu_id: -1,
-        startup_timeout: Duration::from_secs(10),
-        response_timeout: Duration::from_secs(10),
-        metrics: Arc::new(oxserve::metrics::Metrics::for_tests()),
-        settings: Arc::new(config),
+        model: Arc::new(ModelSpec {
+            model_name: "tiny_classifier".into(),
+            model_version: "1.0".into(),
+            model_dir: dir.to_path_buf(),
+            manifest: Arc::new(manifest),
+            batch_size: 4,
+            startup_timeout: Duration::from_secs(10),
+            response_timeout: Duration::from_secs(10),
+            metrics: Arc::new(oxserve::metrics::Metrics::for_tests()),
+            settings: Arc::new(config),
+        }),
     }
 }
 

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use oxserve::backend::python::PythonLoader;
 use oxserve::backend::{
-    Backend, BackendError, BackendLoader, InferRequest, InferResponse, NoStream, Param, StreamSink,
-    WorkerSpec,
+    Backend, BackendError, BackendLoader, InferRequest, InferResponse, ModelSpec, NoStream, Param,
+    StreamSink, WorkerSpec,
 };
 use oxserve::config::{Config, Overrides};
 use oxserve::metrics::spec::Spec;
@@ -65,18 +65,20 @@ fn spec(dir: &Path, name: &str, metrics: Arc<Metrics>, config: Config) -> Worker
         serde_json::from_slice(&std::fs::read(dir.join("MAR-INF/MANIFEST.json")).unwrap()).unwrap();
     let port = PORT.fetch_add(1, Ordering::Relaxed);
     WorkerSpec {
-        port,
+        id: port,
         name: format!("W-{port}-{name}_1.0"),
-        model_name: name.into(),
-        model_version: "1.0".into(),
-        model_dir: dir.to_path_buf(),
-        manifest: Arc::new(manifest),
-        batch_size: 8,
         gpu_id: -1,
-        startup_timeout: Duration::from_secs(60),
-        response_timeout: Duration::from_secs(60),
-        metrics,
-        settings: Arc::new(config),
+        model: Arc::new(ModelSpec {
+            model_name: name.into(),
+            model_version: "1.0".into(),
+            model_dir: dir.to_path_buf(),
+            manifest: Arc::new(manifest),
+            batch_size: 8,
+            startup_timeout: Duration::from_secs(60),
+            response_timeout: Duration::from_secs(60),
+            metrics,
+            settings: Arc::new(config),
+        }),
     }
 }
 
@@ -497,7 +499,8 @@ async fn response_timeout_kills_the_worker() {
     let dir = model_dir("slow", "slow.py", SLOW, "slow.py");
     let metrics = Arc::new(Metrics::for_tests());
     let mut s = spec(dir.path(), "slow", metrics, config(&[]));
-    s.response_timeout = Duration::from_secs(2);
+    // The spec was just built: its model part is not shared yet.
+    Arc::get_mut(&mut s.model).unwrap().response_timeout = Duration::from_secs(2);
     let mut backend = PythonLoader::new().load(&s).await.unwrap();
     let pid = backend.pid().unwrap();
     assert_eq!(
@@ -648,18 +651,20 @@ async fn serves_from_a_mar_archive() {
     let unpacked = oxserve::model::archive::open(&mar, &Default::default()).unwrap();
     let port = PORT.fetch_add(1, Ordering::Relaxed);
     let spec = WorkerSpec {
-        port,
+        id: port,
         name: format!("W-{port}-echo_1.0"),
-        model_name: unpacked.manifest.model.model_name.clone(),
-        model_version: unpacked.manifest.model.model_version.clone(),
-        model_dir: unpacked.dir.clone(),
-        manifest: Arc::new(unpacked.manifest.clone()),
-        batch_size: 1,
         gpu_id: -1,
-        startup_timeout: Duration::from_secs(60),
-        response_timeout: Duration::from_secs(60),
-        metrics: Arc::new(Metrics::for_tests()),
-        settings: Arc::new(config(&[])),
+        model: Arc::new(ModelSpec {
+            model_name: unpacked.manifest.model.model_name.clone(),
+            model_version: unpacked.manifest.model.model_version.clone(),
+            model_dir: unpacked.dir.clone(),
+            manifest: Arc::new(unpacked.manifest.clone()),
+            batch_size: 1,
+            startup_timeout: Duration::from_secs(60),
+            response_timeout: Duration::from_secs(60),
+            metrics: Arc::new(Metrics::for_tests()),
+            settings: Arc::new(config(&[])),
+        }),
     };
     let mut backend = PythonLoader::new().load(&spec).await.unwrap();
     let replies = backend

@@ -209,27 +209,34 @@ pub trait Backend: Send {
     async fn shutdown(self: Box<Self>) {}
 }
 
-/// What a worker needs to load its model.
-#[derive(Clone)]
-pub struct WorkerSpec {
-    /// The worker's port-like id (`initial_worker_port` counting up), also used in socket names.
-    pub port: u32,
-    /// `W-<port>-<model>_<version>`, TorchServe's worker name.
-    pub name: String,
+/// What every worker of one model version shares: built once, when the version is registered.
+pub struct ModelSpec {
     pub model_name: String,
     pub model_version: String,
     /// The unpacked model folder (the working directory of Python workers).
     pub model_dir: PathBuf,
     pub manifest: Arc<Manifest>,
     pub batch_size: u32,
-    /// GPU the worker should use, -1 for none.
-    pub gpu_id: i32,
     pub startup_timeout: Duration,
     pub response_timeout: Duration,
     /// Where backend-emitted metrics go.
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Server-wide settings backends may need (python interpreter, runtime folder, metrics config).
     pub settings: Arc<crate::config::Config>,
+}
+
+/// What one worker needs to load its model: the model version's [`ModelSpec`] and the worker's own
+/// slot, built by the scheduler when it starts the worker.
+#[derive(Clone)]
+pub struct WorkerSpec {
+    /// The worker's port-like id (`initial_worker_port` counting up), also used in socket names.
+    pub id: u32,
+    /// `W-<id>-<model>_<version>`, TorchServe's worker name.
+    pub name: String,
+    /// GPU the worker should use, -1 for none (TorchServe's encoding, sent as is in the load
+    /// message).
+    pub gpu_id: i32,
+    pub model: Arc<ModelSpec>,
 }
 
 /// Creates backends of one kind; one loader per model version, called once per worker (re)start.
@@ -239,7 +246,7 @@ pub trait BackendLoader: Send + Sync {
     fn runtime(&self) -> &str;
     /// Work done once per model version before any worker starts (a Python model's pip
     /// dependencies); an error fails the registration. Nothing by default.
-    async fn prepare(&self, _spec: &WorkerSpec) -> Result<(), BackendError> {
+    async fn prepare(&self, _model: &Arc<ModelSpec>) -> Result<(), BackendError> {
         Ok(())
     }
     async fn load(&self, spec: &WorkerSpec) -> Result<Box<dyn Backend>, BackendError>;

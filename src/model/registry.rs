@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
-use crate::backend::{self, BackendLoader, LoaderError, WorkerSpec};
+use crate::backend::{self, BackendLoader, LoaderError, ModelSpec};
 use crate::config::{Config, ModelSettings};
 use crate::error::ErrorKind;
 use crate::metrics::{Metrics, ModelMetrics};
@@ -732,20 +732,17 @@ impl Registry {
         let _reservation = self.reserve(&name, &version)?;
         let manifest = Arc::new(manifest);
         let metrics = self.metrics.model(&name, &version);
-        let spec = WorkerSpec {
-            port: 0,
-            name: String::new(),
+        let spec = Arc::new(ModelSpec {
             model_name: name.clone(),
             model_version: version.clone(),
             model_dir: dir,
             manifest: manifest.clone(),
             batch_size: settings.batch_size,
-            gpu_id: -1,
             startup_timeout: settings.startup_timeout,
             response_timeout: settings.response_timeout,
             metrics: self.metrics.clone(),
             settings: self.config.clone(),
-        };
+        });
         // Before any worker: a Python model's own pip packages (install_py_dep_per_model). As in
         // TorchServe a failure is a 400 ModelException, and nothing stays registered.
         loader.prepare(&spec).await.map_err(|e| match e {

@@ -32,7 +32,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 pub use crate::config::{BatchMode, SequenceSettings};
 
-use crate::backend::{BackendLoader, InferRequest, InferResponse, WorkerSpec};
+use crate::backend::{BackendLoader, InferRequest, InferResponse, ModelSpec};
 use crate::error::ErrorKind;
 use crate::metrics::{ModelMetrics, Timings, WorkerState};
 
@@ -386,7 +386,7 @@ impl Pool {
     /// worker). Must be called inside a tokio runtime.
     pub fn new(
         loader: Arc<dyn BackendLoader>,
-        spec: WorkerSpec,
+        spec: Arc<ModelSpec>,
         settings: PoolSettings,
         metrics: Arc<ModelMetrics>,
         next_port: Arc<AtomicU32>,

@@ -115,7 +115,7 @@ impl Runner {
         let slot = self.slot;
         let started = Instant::now();
         let load = AssertUnwindSafe(self.loader.load(&self.spec)).catch_unwind();
-        let loaded = tokio::time::timeout(self.spec.startup_timeout, load).await;
+        let loaded = tokio::time::timeout(self.spec.model.startup_timeout, load).await;
         let mut backend = match loaded {
             Ok(Ok(Ok(b))) => b,
             Ok(Ok(Err(e))) => return self.exit(Failure::Load(format!("model load failed: {e}"))),
@@ -124,11 +124,15 @@ impl Runner {
                 return self.exit(Failure::Load(why));
             }
             Err(_) => {
-                let why = format!("model load timed out after {:?}", self.spec.startup_timeout);
+                let why = format!(
+                    "model load timed out after {:?}",
+                    self.spec.model.startup_timeout
+                );
                 return self.exit(Failure::Load(why));
             }
         };
         self.spec
+            .model
             .metrics
             .worker_load_time(&self.spec.name)
             .set(started.elapsed().as_millis() as f64);
@@ -144,7 +148,7 @@ impl Runner {
             // An async policy may hand a backend without an async mode more than batch_size
             // jobs at once (`asyncCommunication` on a built-in or ONNX model): it gets them in
             // batches of at most batch_size, one after another.
-            let most = self.spec.batch_size.max(1) as usize;
+            let most = self.spec.model.batch_size.max(1) as usize;
             'serve: while let Some(mut batch) = batches.recv().await {
                 while !batch.is_empty() {
                     let rest = batch.split_off(most.min(batch.len()));
@@ -196,8 +200,8 @@ impl Runner {
         batches: &mut mpsc::UnboundedReceiver<Batch>,
     ) -> Result<(), Failure> {
         let slot = self.slot;
-        let timeout = self.spec.response_timeout;
-        let chunk = (self.spec.batch_size.max(1)) as usize;
+        let timeout = self.spec.model.response_timeout;
+        let chunk = (self.spec.model.batch_size.max(1)) as usize;
         let mut flying: HashMap<String, (Job, tokio::time::Instant)> = HashMap::new();
         let mut open = true;
         let died = |flying: &mut HashMap<String, (Job, tokio::time::Instant)>, why: String| {
@@ -298,7 +302,7 @@ impl Runner {
         batches: &mut mpsc::UnboundedReceiver<Batch>,
     ) -> Result<(), Failure> {
         let slot = self.slot;
-        let limit = self.spec.response_timeout;
+        let limit = self.spec.model.response_timeout;
         let mut running: Vec<Running> = Vec::new();
         let mut open = true;
         // Jobs released in the last step: the supervisor answers with their refill.
@@ -438,7 +442,7 @@ impl Runner {
         let result = {
             let sink = BatchSink { jobs: &jobs };
             let infer = AssertUnwindSafe(backend.infer(&requests, &sink)).catch_unwind();
-            tokio::time::timeout(self.spec.response_timeout, infer).await
+            tokio::time::timeout(self.spec.model.response_timeout, infer).await
         };
         let backend_end = Instant::now();
         let backend_time = backend_end - backend_start;
@@ -500,14 +504,15 @@ impl Runner {
                 Err(e.to_string())
             }
             Err(_) => {
-                self.log_timeout(self.spec.response_timeout);
-                let e = PoolError::Timeout(self.spec.response_timeout.as_secs());
+                self.log_timeout(self.spec.model.response_timeout);
+                let e = PoolError::Timeout(self.spec.model.response_timeout.as_secs());
                 fail_all(jobs, &e);
                 Err(e.to_string())
             }
         };
         let frontend = batch_start.elapsed().saturating_sub(backend_time);
         self.spec
+            .model
             .metrics
             .host
             .worker_thread_time

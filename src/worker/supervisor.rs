@@ -23,7 +23,7 @@ use super::{
     gpu_for, BatchMode, Command, Job, Msg, PoolError, PoolSettings, PoolStatus, WorkerInfo,
 };
 use super::{WorkerStatus, WorkerStatus as St};
-use crate::backend::{BackendLoader, WorkerSpec};
+use crate::backend::{BackendLoader, ModelSpec, WorkerSpec};
 use crate::metrics::{ModelMetrics, WorkerState};
 
 /// Messages handled per step at most, so deadlines are not starved under a flood of submits.
@@ -32,7 +32,7 @@ const MAX_MESSAGES_PER_STEP: usize = 256;
 /// What [`Supervisor::new`] is built from.
 pub(super) struct Parts {
     pub loader: Arc<dyn BackendLoader>,
-    pub spec: WorkerSpec,
+    pub spec: Arc<ModelSpec>,
     pub settings: PoolSettings,
     pub metrics: Arc<ModelMetrics>,
     pub next_port: Arc<AtomicU32>,
@@ -76,7 +76,7 @@ struct Waiter {
 
 pub(super) struct Supervisor {
     loader: Arc<dyn BackendLoader>,
-    spec: WorkerSpec,
+    spec: Arc<ModelSpec>,
     settings: PoolSettings,
     metrics: Arc<ModelMetrics>,
     next_port: Arc<AtomicU32>,
@@ -360,10 +360,12 @@ impl Supervisor {
     /// Starts a task (a fresh backend) for slot `i`.
     fn start(&mut self, i: usize, _now: Instant) {
         let slot = &mut self.slots[i];
-        let mut spec = self.spec.clone();
-        spec.port = slot.id;
-        spec.name = slot.name.clone();
-        spec.gpu_id = slot.gpu;
+        let spec = WorkerSpec {
+            id: slot.id,
+            name: slot.name.clone(),
+            gpu_id: slot.gpu,
+            model: self.spec.clone(),
+        };
         let (tx, rx) = mpsc::unbounded_channel();
         let runner = Runner {
             slot: slot.id,

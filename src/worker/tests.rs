@@ -12,7 +12,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::*;
-use crate::backend::{Backend, BackendError, BackendLoader, InferResponse, StreamSink};
+use crate::backend::{
+    Backend, BackendError, BackendLoader, InferResponse, ModelSpec, StreamSink, WorkerSpec,
+};
 use crate::config::{Config, Overrides};
 use crate::metrics::Metrics;
 
@@ -57,11 +59,11 @@ impl BackendLoader for FakeLoader {
         "fake"
     }
     async fn load(&self, spec: &WorkerSpec) -> Result<Box<dyn Backend>, BackendError> {
-        let _ = self.loads.send((spec.port, Instant::now()));
+        let _ = self.loads.send((spec.id, Instant::now()));
         let plan = self.plan.lock().unwrap().pop_front().unwrap_or(Load::Ok);
         match plan {
             Load::Ok => Ok(Box::new(FakeBackend {
-                worker: spec.port,
+                worker: spec.id,
                 calls: self.calls.clone(),
             })),
             Load::Fail => Err(BackendError::Load("no such file".into())),
@@ -135,20 +137,17 @@ fn harness(s: PoolSettings, plan: &[Load]) -> Harness {
 
 fn make_pool(loader: Arc<dyn BackendLoader>, s: PoolSettings, metrics: &Arc<Metrics>) -> Pool {
     let (config, _) = Config::from_sources(HashMap::new(), &[], &Overrides::default()).unwrap();
-    let spec = WorkerSpec {
-        port: 0,
-        name: String::new(),
+    let spec = Arc::new(ModelSpec {
         model_name: "m".into(),
         model_version: "1.0".into(),
         model_dir: Default::default(),
         manifest: Default::default(),
         batch_size: s.batch_size,
-        gpu_id: -1,
         startup_timeout: s.startup_timeout,
         response_timeout: s.response_timeout,
         metrics: metrics.clone(),
         settings: Arc::new(config),
-    };
+    });
     let model = metrics.model("m", "1.0");
     Pool::new(loader, spec, s, model, Arc::new(AtomicU32::new(9000)))
 }

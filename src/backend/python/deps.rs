@@ -21,7 +21,7 @@ use tokio::process::Command;
 use tokio::time::timeout;
 
 use super::{logs, process};
-use crate::backend::{BackendError, WorkerSpec};
+use crate::backend::{BackendError, ModelSpec};
 
 /// Nested `-r`/`-c` files followed at most this deep (pip has no limit; a loop of files would
 /// otherwise never end the check).
@@ -41,7 +41,7 @@ impl Dependencies {
 /// The requirements file the manifest names, relative to the model folder, when
 /// `install_py_dep_per_model` asks for an install (TorchServe installs nothing otherwise, and
 /// nothing for an archive whose manifest names no file, even one holding a requirements.txt).
-pub(super) fn requirements_file(spec: &WorkerSpec) -> Option<&str> {
+pub(super) fn requirements_file(spec: &ModelSpec) -> Option<&str> {
     if !spec.settings.install_py_dep_per_model {
         return None;
     }
@@ -58,7 +58,7 @@ fn failed(model: &str) -> String {
 }
 
 /// Installs the requirements of `spec`'s model, or returns None when there is nothing to install.
-pub(super) async fn install(spec: &WorkerSpec) -> Result<Option<Dependencies>, BackendError> {
+pub(super) async fn install(spec: &Arc<ModelSpec>) -> Result<Option<Dependencies>, BackendError> {
     let Some(file) = requirements_file(spec) else {
         return Ok(None);
     };
@@ -191,7 +191,7 @@ struct LastLines {
 /// non-empty one (pip's `ERROR:` line when it fails) for the error message.
 async fn forward(
     stream: impl tokio::io::AsyncRead + Unpin,
-    spec: WorkerSpec,
+    spec: Arc<ModelSpec>,
     name: &'static str,
     last: Arc<Mutex<LastLines>>,
 ) {

@@ -87,7 +87,7 @@ enum Stream {
 /// the model, version, worker and request it belongs to.
 fn log_line(spec: &WorkerSpec, stream: Stream, line: &str, cut: Option<u64>, ids: Option<&str>) {
     // A cut line names its full length in `line_bytes`; the log files add the marker.
-    let (model, version) = (&spec.model_name, &spec.model_version);
+    let (model, version) = (&spec.model.model_name, &spec.model.model_version);
     match stream {
         Stream::Stdout => tracing::info!(
             target: crate::logging::MODEL_LOG,
@@ -105,7 +105,7 @@ fn log_line(spec: &WorkerSpec, stream: Stream, line: &str, cut: Option<u64>, ids
 /// The longest worker output line kept: the files' cap once logging is set up, the configured one
 /// otherwise (a backend used as a library).
 fn max_line(spec: &WorkerSpec) -> usize {
-    crate::logging::max_line().unwrap_or(spec.settings.log_max_line_bytes)
+    crate::logging::max_line().unwrap_or(spec.model.settings.log_max_line_bytes)
 }
 
 pub(super) async fn forward_stdout(
@@ -121,7 +121,9 @@ pub(super) async fn forward_stdout(
             return;
         }
         if let Some(rest) = line.strip_prefix(METRICS_PREFIX) {
-            spec.metrics.record_backend_line(rest, &spec.model_name);
+            spec.model
+                .metrics
+                .record_backend_line(rest, &spec.model.model_name);
             return;
         }
         if line.ends_with(STARTED_LINE) {

@@ -38,7 +38,9 @@ use tokio::process::Command;
 use tokio::sync::OnceCell;
 use tokio::time::Instant;
 
-use super::{Backend, BackendError, BackendLoader, WorkerSpec};
+use std::sync::Arc;
+
+use super::{Backend, BackendError, BackendLoader, ModelSpec, WorkerSpec};
 use crate::config::WorkerRuntime;
 use process::WorkerProcess;
 use transport::PythonBackend;
@@ -70,7 +72,7 @@ impl PythonLoader {
     }
 
     /// The folder of the model's own packages, installing them first if they are not yet.
-    async fn dependencies(&self, spec: &WorkerSpec) -> Result<Option<&Path>, BackendError> {
+    async fn dependencies(&self, spec: &Arc<ModelSpec>) -> Result<Option<&Path>, BackendError> {
         let deps = self
             .dependencies
             .get_or_try_init(|| deps::install(spec))
@@ -85,7 +87,7 @@ impl BackendLoader for PythonLoader {
         "python"
     }
 
-    async fn prepare(&self, spec: &WorkerSpec) -> Result<(), BackendError> {
+    async fn prepare(&self, spec: &Arc<ModelSpec>) -> Result<(), BackendError> {
         // A malformed parallelism fails the registration, not each worker start.
         let yaml = crate::model::archive::model_config(&spec.model_dir, &spec.manifest)
             .map_err(|e| BackendError::Load(e.to_string()))?;
@@ -95,9 +97,9 @@ impl BackendLoader for PythonLoader {
 
     async fn load(&self, spec: &WorkerSpec) -> Result<Box<dyn Backend>, BackendError> {
         // Before the start-up clock runs: an install has its own limit (install_py_dep_timeout).
-        let dependencies = self.dependencies(spec).await?;
-        let deadline = Instant::now() + spec.startup_timeout;
-        let settings = &spec.settings;
+        let dependencies = self.dependencies(&spec.model).await?;
+        let deadline = Instant::now() + spec.model.startup_timeout;
+        let settings = &spec.model.settings;
         let runtime = runtime::runtime_dir().map_err(|e| {
             BackendError::Load(format!("cannot write the Python worker runtime: {e}"))
         })?;
@@ -111,12 +113,12 @@ impl BackendLoader for PythonLoader {
             .metrics_config
             .clone()
             .unwrap_or_else(|| runtime.default_metrics_config());
-        let model_dir =
-            std::path::absolute(&spec.model_dir).unwrap_or_else(|_| spec.model_dir.clone());
+        let model_dir = std::path::absolute(&spec.model.model_dir)
+            .unwrap_or_else(|_| spec.model.model_dir.clone());
 
         // model-config.yaml reaches handlers as context.model_yaml_config (parsed here, once, with
         // a full YAML parser, so the stdlib runtime needs none).
-        let model_yaml = crate::model::archive::model_config(&model_dir, &spec.manifest)
+        let model_yaml = crate::model::archive::model_config(&model_dir, &spec.model.manifest)
             .map_err(|e| BackendError::Load(e.to_string()))?;
         let parallel =
             parallel::Parallel::from_model_yaml(model_yaml.as_ref()).map_err(BackendError::Load)?;
@@ -126,10 +128,11 @@ impl BackendLoader for PythonLoader {
         // oxserve's runtime) and answers them in any order. The `models` config key may set it
         // too (it takes precedence over model-config.yaml, as for every per-model key).
         let from_models = spec
+            .model
             .settings
             .models
-            .get(&spec.model_name)
-            .and_then(|versions| versions.get(&spec.model_version))
+            .get(&spec.model.model_name)
+            .and_then(|versions| versions.get(&spec.model.model_version))
             .and_then(|m| m.batch_mode);
         let async_mode = match from_models {
             Some(mode) => mode == crate::config::BatchMode::Async,
@@ -148,11 +151,11 @@ impl BackendLoader for PythonLoader {
         // Private (0700): whoever can connect to the socket can drive the worker.
         let sock_dir = crate::model::archive::private_tempdir("oxs-")
             .map_err(|e| BackendError::Load(format!("cannot create a socket folder: {e}")))?;
-        let sock = sock_dir.path().join(format!(".oxs.sock.{}", spec.port));
+        let sock = sock_dir.path().join(format!(".oxs.sock.{}", spec.id));
         // The last rank's name is the longest.
         let last = sock_dir.path().join(format!(
             ".oxs.sock.{}",
-            u64::from(spec.port) + u64::from(ranks) - 1
+            u64::from(spec.id) + u64::from(ranks) - 1
         ));
         if last.as_os_str().len() >= 100 {
             return Err(BackendError::Load(format!(
@@ -167,7 +170,7 @@ impl BackendLoader for PythonLoader {
             Some(p) if p.uses_torchrun() => {
                 // torchrun runs `python -u <program> args` per rank; the program is oxserve's
                 // wrapper, which ties each rank's life to torchrun's, then runs the worker.
-                let rdzv_id = format!("{}_{}", spec.model_name, spec.port);
+                let rdzv_id = format!("{}_{}", spec.model.model_name, spec.id);
                 cmd.args(p.torchrun_args(&rdzv_id, &settings.log_dir.join("torchelastic_ts")))
                     .arg(runtime.rank_wrapper())
                     .arg(&script)
@@ -191,7 +194,10 @@ impl BackendLoader for PythonLoader {
         cmd.env("OXSERVE_MODEL_YAML_CONFIG", model_yaml);
         // metrics.yaml's model_metrics, parsed by the server too (TorchServe's worker reads the
         // file named by --metrics-config itself, with PyYAML).
-        cmd.env("OXSERVE_MODEL_METRICS", spec.metrics.handler_metrics_json());
+        cmd.env(
+            "OXSERVE_MODEL_METRICS",
+            spec.model.metrics.handler_metrics_json(),
+        );
         cmd.arg("--sock-type")
             .arg("unix")
             .arg("--sock-name")
@@ -219,10 +225,10 @@ impl BackendLoader for PythonLoader {
             broadcast: parallel.as_ref().is_some_and(|p| p.broadcasts_inference()),
             launch_hint,
             buf: BytesMut::with_capacity(64 * 1024),
-            response_timeout: spec.response_timeout,
+            response_timeout: spec.model.response_timeout,
             max_len: settings.max_response_size.max(1024),
             async_mode,
-            batch_size: spec.batch_size.max(1) as usize,
+            batch_size: spec.model.batch_size.max(1) as usize,
             last_sent: 0,
             dead: None,
             _sock_dir: sock_dir,

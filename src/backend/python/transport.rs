@@ -86,7 +86,7 @@ impl PythonBackend {
         mut started: watch::Receiver<usize>,
         deadline: Instant,
     ) -> Result<(), String> {
-        let secs = spec.startup_timeout.as_secs_f64();
+        let secs = spec.model.startup_timeout.as_secs_f64();
         let ranks = self.ranks.max(1) as usize;
         let hint = self
             .launch_hint
@@ -126,7 +126,7 @@ impl PythonBackend {
         }
         for rank in 0..ranks as u64 {
             // Rank r listens on the port number plus r (TorchServe's rule, LOCAL_RANK).
-            let path = sock.with_file_name(format!(".oxs.sock.{}", u64::from(spec.port) + rank));
+            let path = sock.with_file_name(format!(".oxs.sock.{}", u64::from(spec.id) + rank));
             let stream = UnixStream::connect(&path).await.map_err(|e| {
                 format!(
                     "cannot connect to worker {} at {}: {e}",
@@ -141,12 +141,12 @@ impl PythonBackend {
             }
         }
         let load = protocol::encode_load(&LoadRequest {
-            model_name: spec.model_name.clone(),
+            model_name: spec.model.model_name.clone(),
             model_path: model_dir.display().to_string(),
-            batch_size: i32::try_from(spec.batch_size).unwrap_or(i32::MAX),
-            handler: spec.manifest.model.handler.clone(),
+            batch_size: i32::try_from(spec.model.batch_size).unwrap_or(i32::MAX),
+            handler: spec.model.manifest.model.handler.clone(),
             gpu_id: spec.gpu_id,
-            envelope: spec.settings.service_envelope.as_str().to_string(),
+            envelope: spec.model.settings.service_envelope.as_str().to_string(),
             limit_max_image_pixels: true,
         });
         let reply = tokio::time::timeout_at(deadline, async {

@@ -480,9 +480,12 @@ impl Supervisor {
                 );
                 match failure {
                     Failure::Load(why) => {
+                        // Two lines, as TorchServe logs the exception under the message: its
+                        // tests (test_startup_timeout) and operators read the line after
+                        // "Backend worker error" for the cause.
                         tracing::error!(
                             worker = %s.name,
-                            "Backend worker error: {}; retrying in {delay:?}",
+                            "Backend worker error; retrying in {delay:?}\norg.pytorch.serve.wlm.WorkerInitializationException: {}",
                             without_worker_output(&why)
                         );
                         self.load_error = Some(why);

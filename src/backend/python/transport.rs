@@ -112,7 +112,7 @@ impl PythonBackend {
                     String::new()
                 };
                 return Err(format!(
-                    "worker {} did not start within {secs}s{of}{hint}",
+                    "Backend worker did not respond in given time: worker {} did not start within {secs}s{of}{hint}",
                     self.name
                 ));
             }
@@ -187,7 +187,7 @@ impl PythonBackend {
         .await;
         match reply {
             Err(_) => Err(format!(
-                "worker {} did not load the model within {secs}s",
+                "Backend worker did not respond in given time: worker {} did not load the model within {secs}s",
                 self.name
             )),
             Ok(Err(e)) => Err(format!("worker {} {e} while loading the model", self.name)),

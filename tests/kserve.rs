@@ -56,18 +56,31 @@ async fn post(server: &Server, path: &str, body: Value) -> (u16, Value) {
     )
 }
 
-#[tokio::test]
-async fn kserve_v1_predict_explain_and_ready() {
-    let (server, _store) = start("kserve");
-    server.wait_healthy().await;
+/// A v1 predict of mixed instances comes back as they were.
+async fn v1_predict_echoes(server: &Server) {
     let (code, body) = post(
-        &server,
+        server,
         "/v1/models/echo:predict",
         json!({"instances": [[1, 2], {"a": "b"}]}),
     )
     .await;
     assert_eq!(code, 200, "{body}");
     assert_eq!(body, json!({"predictions": [[1, 2], {"a": "b"}]}));
+}
+
+/// KServe v1's model-ready route.
+async fn v1_ready(server: &Server) {
+    let (code, body) = server
+        .get_json(format!("{}/v1/models/echo", server.inference))
+        .await;
+    assert_eq!((code, body), (200, json!({"name": "echo", "ready": true})));
+}
+
+#[tokio::test]
+async fn kserve_v1_predict_explain_and_ready() {
+    let (server, _store) = start("kserve");
+    server.wait_healthy().await;
+    v1_predict_echoes(&server).await;
     let (code, body) = post(
         &server,
         "/v1/models/echo:explain",
@@ -76,10 +89,7 @@ async fn kserve_v1_predict_explain_and_ready() {
     .await;
     assert_eq!(code, 200, "{body}");
     assert_eq!(body, json!({"explanations": [7]}));
-    let (code, body) = server
-        .get_json(format!("{}/v1/models/echo", server.inference))
-        .await;
-    assert_eq!((code, body), (200, json!({"name": "echo", "ready": true})));
+    v1_ready(&server).await;
     // Bad input: a clear 400 in TorchServe's error shape, and the worker keeps serving.
     let (code, body) = post(&server, "/v1/models/echo:predict", json!({"rows": [1]})).await;
     assert_eq!(code, 400, "{body}");
@@ -236,18 +246,8 @@ async fn kserve_v1_and_v2_with_torchserves_worker() {
 
     let (server, _store) = start_with("kserve", ECHO, &props);
     server.wait_healthy().await;
-    let (code, body) = post(
-        &server,
-        "/v1/models/echo:predict",
-        json!({"instances": [[1, 2], {"a": "b"}]}),
-    )
-    .await;
-    assert_eq!(code, 200, "{body}");
-    assert_eq!(body, json!({"predictions": [[1, 2], {"a": "b"}]}));
-    let (code, body) = server
-        .get_json(format!("{}/v1/models/echo", server.inference))
-        .await;
-    assert_eq!((code, body), (200, json!({"name": "echo", "ready": true})));
+    v1_predict_echoes(&server).await;
+    v1_ready(&server).await;
     drop(server);
 
     let (server, _store) = start_with("kservev2", ECHO, &props);

@@ -79,6 +79,43 @@ class Buffered(unittest.TestCase):
             b.close()
 
 
+    def test_one_pass_and_field_by_field_parses_agree(self):
+        data = (b"I" + frame_str("r1") + frame_str("h1") + frame_str("v1") + frame_str("h2")
+                + frame_str("\u00e9") + END
+                + frame_str("body") + frame_str("application/json") + frame_str('{"a": [1]}')
+                + frame_str("b") + frame_str("application/octet-stream") + frame_str(b"\xff\x00")
+                + END
+                + frame_str("r2") + END + END + END)
+        parsed = []
+        for size in (1 << 16, 1):  # the whole message buffered, then one byte per read
+            a, b = socket.socketpair()
+            try:
+                a.sendall(data)
+                a.shutdown(socket.SHUT_WR)
+                parsed.append(protocol.read_message(protocol.BufferedConn(b, size=size)))
+            finally:
+                a.close()
+                b.close()
+        self.assertEqual(parsed[0], parsed[1])
+        cmd, batch = parsed[0]
+        self.assertEqual(cmd, protocol.PREDICT)
+        self.assertEqual([r["request_id"] for r in batch], ["r1", "r2"])
+        self.assertEqual(batch[0]["headers"], [("h1", "v1"), ("h2", "\u00e9")])
+        self.assertEqual(batch[0]["params"], [("body", "application/json", {"a": [1]}),
+                                              ("b", "application/octet-stream", b"\xff\x00")])
+
+    def test_negative_length_is_refused_by_the_one_pass_parse(self):
+        a, b = socket.socketpair()
+        try:
+            a.sendall(b"I" + frame_str("r") + struct.pack("!i", -7) + b"rest" * 8)
+            a.shutdown(socket.SHUT_WR)
+            with self.assertRaises(ValueError):
+                protocol.read_message(protocol.BufferedConn(b))
+        finally:
+            a.close()
+            b.close()
+
+
 class Coalescing(unittest.TestCase):
     def test_frames_of_one_iteration_share_writes_and_keep_order(self):
         a, b = socket.socketpair()

@@ -49,10 +49,13 @@ def predict_msg(rid, body):
 class Reader:
     def __init__(self, sock):
         self.sock, self.buf = sock, bytearray()
+        self.t = 0.0  # when the last piece of data arrived: a frame's arrival, not its parse
+
 
     def exact(self, n):
         while len(self.buf) < n:
             d = self.sock.recv(1 << 16)
+            self.t = time.time()
             if not d:
                 raise EOFError
             self.buf += d
@@ -67,7 +70,7 @@ class Reader:
         return self.exact(self.int())
 
     def frame(self):
-        """(code, message, [(rid, headers, body)])"""
+        """(code, message, [(rid, headers, body)]); self.t is then the frame's arrival time."""
         code, message, items = self.int(), self.str(), []
         while True:
             n = self.int()
@@ -146,7 +149,7 @@ def main():
                 finished = 0
                 while finished < a.streams:
                     _, _, items = rd.frame()
-                    now = time.time()
+                    now = rd.t
                     for rid, headers, _ in items:
                         frames += 1
                         if rid not in first:

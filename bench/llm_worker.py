@@ -119,8 +119,8 @@ def main():
         env = dict(os.environ, OXSERVE_MODEL_YAML_CONFIG=json.dumps(
             {"handler": {"max_num_seqs": a.streams, "step_ms": a.step_ms}}))
         prof = ["-m", "cProfile", "-o", os.path.abspath(a.profile)] if a.profile else []
-        proc = subprocess.Popen([sys.executable] + prof + [a.worker, "--sock-type", "unix", "--sock-name",
-                                 sock_name, "--async"], cwd=model, env=env,
+        argv = [os.path.abspath(a.worker), "--sock-type", "unix", "--sock-name", sock_name, "--async"]
+        proc = subprocess.Popen([sys.executable] + prof + argv, cwd=model, env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         for _ in range(600):
@@ -128,7 +128,11 @@ def main():
                 sock.connect(sock_name)
                 break
             except OSError:
+                if proc.poll() is not None:
+                    sys.exit("the worker exited with %s before listening" % proc.returncode)
                 time.sleep(0.05)
+        else:
+            sys.exit("the worker did not listen on %s in 30 s" % sock_name)
         sock.sendall(b"L" + s("llm") + s(model) + struct.pack("!i", 1) + s("llm_handler.py")
                      + struct.pack("!i", -1) + s("") + b"\x01")
         rd = Reader(sock)

@@ -106,7 +106,7 @@ def serve_async(conn, protocol, service, metrics_config):
     through a buffer and hands every message decoded from what has arrived to the loop in one
     call (64 requests arriving together are one wake-up of the loop, not 64), and the loop starts
     them all in the same iteration. Replies go through service.CoalescingWriter: the frames
-    written in one loop iteration leave in one socket write."""
+    written in one loop iteration leave together, in writes of up to 16 frames."""
     cmd, msg = protocol.read_message(conn)
     if cmd != protocol.LOAD:
         print("the first message must load the model", file=sys.stderr)

@@ -101,8 +101,12 @@ def serve_async(conn, protocol, service, metrics_config):
     """Async mode (`asyncCommunication: true`, TorchServe's `--async`): after the load, every
     inference message is started on the event loop as it arrives, many run at once, and each
     reply frame (streamed parts included) is sent when it is ready, matched by request id.
-    A thread reads the socket so that a handler hogging the loop cannot stop reading; replies
-    are written under the context's send lock so frames never interleave."""
+
+    A thread reads the socket so that a handler hogging the loop cannot stop reading. It reads
+    through a buffer and hands every message decoded from what has arrived to the loop in one
+    call (64 requests arriving together are one wake-up of the loop, not 64), and the loop starts
+    them all in the same iteration. Replies go through service.CoalescingWriter: the frames
+    written in one loop iteration leave together, in writes of up to 16 frames."""
     cmd, msg = protocol.read_message(conn)
     if cmd != protocol.LOAD:
         print("the first message must load the model", file=sys.stderr)
@@ -111,27 +115,42 @@ def serve_async(conn, protocol, service, metrics_config):
     if svc is None:
         return 1
     loop = svc.loop()
-    lock = service._send_lock(svc.context)  # pylint: disable=protected-access
+    writer = service.CoalescingWriter(conn, loop)
+    svc.context._oxserve_writer = writer  # pylint: disable=protected-access
 
     async def run(batch):
         frame = await svc.predict_async(batch, loop)
         if LOCAL_RANK != 0:
             return
-        with lock:
-            conn.sendall(frame)
+        writer.write(frame)
+
+    def start(batches):
+        for batch in batches:
+            loop.create_task(run(batch))
+
+    decoded = []
+
+    def hand_over():
+        # Called by the buffered reader before it may block on the socket.
+        if decoded:
+            batches = decoded[:]
+            decoded.clear()
+            loop.call_soon_threadsafe(start, batches)
 
     def reader():
+        source = protocol.BufferedConn(conn, on_block=hand_over)
         try:
             while True:
-                cmd, msg = protocol.read_message(conn)
+                cmd, msg = protocol.read_message(source)
                 if cmd != protocol.PREDICT:
                     print("unexpected command %r in async mode" % cmd, file=sys.stderr)
                     break
-                loop.call_soon_threadsafe(loop.create_task, run(msg))
+                decoded.append(msg)
         except protocol.Disconnected:
             pass
         except BaseException:  # pylint: disable=broad-except
             traceback.print_exc()
+        hand_over()
         loop.call_soon_threadsafe(loop.stop)
 
     threading.Thread(target=reader, name="oxserve-reader", daemon=True).start()
@@ -141,9 +160,10 @@ def serve_async(conn, protocol, service, metrics_config):
 
 def serve(conn, protocol, service, metrics_config):
     svc = None
+    source = protocol.BufferedConn(conn)
     while True:
         try:
-            cmd, msg = protocol.read_message(conn)
+            cmd, msg = protocol.read_message(source)
         except protocol.Disconnected:
             return 0
         if cmd == protocol.LOAD:

@@ -457,6 +457,19 @@ async fn torchserve_register_rules_and_paths() {
     // An empty value is "not given"; `url=` is TorchServe's 404, no url its 400.
     let (code, v) = s.mgmt(Method::GET, "/models?limit=&next_page_token=").await;
     assert_eq!((code, v.clone()), (200, json!({"models": []})), "{v}");
+    // `/models/` is `/models` (TorchServe drops empty path segments; its test_snapshot.py lists
+    // models that way), and so are `/workflows/` and a workflow's name with a trailing slash.
+    let (code, v) = s.mgmt(Method::GET, "/models/").await;
+    assert_eq!((code, v.clone()), (200, json!({"models": []})), "{v}");
+    let (code, v) = s.mgmt(Method::GET, "/workflows/").await;
+    assert_eq!(code, 200, "{v}");
+    let (code, e) = s.mgmt(Method::GET, "/workflows/nope/").await;
+    assert_eq!(
+        (code, e.clone()),
+        s.mgmt(Method::GET, "/workflows/nope").await,
+        "{e}"
+    );
+    assert_ne!(e["type"], "ResourceNotFoundException", "{e}");
     let (code, e) = s.mgmt(Method::POST, "/models?url=&model_name=x").await;
     assert_eq!(code, 404, "{e}");
     assert_eq!(e["type"], "ModelNotFoundException");
@@ -482,6 +495,12 @@ async fn torchserve_register_rules_and_paths() {
         );
         let (code, d) = s.mgmt(Method::GET, "/models/m/").await;
         assert_eq!(code, 200, "{d}");
+        let (code, l) = s.mgmt(Method::GET, "/models/").await;
+        assert_eq!(
+            (code, l["models"][0]["modelName"].clone()),
+            (200, json!("m")),
+            "{l}"
+        );
         assert_eq!(d[0]["minWorkers"], 0, "{d}");
         assert_eq!(d[0]["workers"], json!([]), "{d}");
         for (field, value) in [

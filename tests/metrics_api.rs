@@ -481,3 +481,118 @@ async fn label_sets_end_with_a_comma_like_torchserves() {
         "promtool: {report}"
     );
 }
+
+/// A handler that emits, per request, the auto-detected metrics of TorchServe's
+/// examples/custom_metrics handler, in the line format TorchServe's `ts.metrics` prints.
+const PERCENT_HANDLER: &str = r#"
+def handle(data, context):
+    if data is None:
+        return None
+    for _ in data:
+        print("[METRICS]ExamplePercentMetric.Percent:50.0|#ModelName:pm,Level:Model|#type:HISTOGRAM|#hostname:x,1717105563,req", flush=True)
+        print("[METRICS]HandlerMethodTime.ms:2.5|#ModelName:pm,Level:Model|#type:GAUGE|#hostname:x,1717105563,req", flush=True)
+    return ["ok" for _ in data]
+"#;
+
+/// A model store holding the folder model `pm` run by [`PERCENT_HANDLER`].
+fn percent_model_store() -> tempfile::TempDir {
+    let store = tempfile::tempdir().unwrap();
+    let dir = store.path().join("pm");
+    std::fs::create_dir_all(dir.join("MAR-INF")).unwrap();
+    std::fs::write(
+        dir.join("MAR-INF/MANIFEST.json"),
+        r#"{"runtime": "python", "model": {"modelName": "pm", "modelVersion": "1.0", "handler": "pm.py"}}"#,
+    )
+    .unwrap();
+    std::fs::write(dir.join("pm.py"), PERCENT_HANDLER).unwrap();
+    store
+}
+
+/// TorchServe's test_auto_detect_backend_metrics_prometheus_mode: auto-detection switched on by
+/// `TS_MODEL_METRICS_AUTO_DETECT` (with enable_envvars_config), and an undeclared HISTOGRAM line
+/// served as a histogram whose `_sum` and `_count` print as doubles (`_count{...} 1.0`), the
+/// shape its regular expressions (`\d+\.\d+`) expect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_detected_histogram_from_env_is_torchserves_shape() {
+    let store = percent_model_store();
+    let s = Server::start_with_env(
+        "enable_envvars_config=true\ndefault_workers_per_model=1",
+        &[
+            "--model-store",
+            store.path().to_str().unwrap(),
+            "--models",
+            "pm",
+        ],
+        &[
+            ("TS_MODEL_METRICS_AUTO_DETECT", "true"),
+            ("TS_METRICS_MODE", "prometheus"),
+        ],
+    );
+    s.wait_healthy().await;
+    assert_eq!(s.predict("pm", "x").await.status(), 200);
+    let labels = "{ModelName=\"pm\",Level=\"Model\",Hostname=\"";
+    // Metric lines are read from the worker's stdout after its reply: wait for them.
+    s.wait_sample(&format!("ExamplePercentMetric_count{labels}"), |v| v == 1.0)
+        .await;
+    let text = s.scrape().await;
+    assert!(
+        text.contains("# TYPE ExamplePercentMetric histogram\n"),
+        "{text}"
+    );
+    let line = |prefix: &str| {
+        text.lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no {prefix}: {text}"))
+            .to_string()
+    };
+    assert!(
+        line(&format!("ExamplePercentMetric_count{labels}")).ends_with("\",} 1.0"),
+        "{text}"
+    );
+    assert!(
+        line(&format!("ExamplePercentMetric_sum{labels}")).ends_with("\",} 50.0"),
+        "{text}"
+    );
+    assert!(
+        line("ExamplePercentMetric_bucket{").ends_with(" 0.0")
+            || line("ExamplePercentMetric_bucket{").ends_with(" 1.0"),
+        "{text}"
+    );
+    assert!(
+        line(&format!("HandlerMethodTime{labels}")).ends_with("\",} 2.5"),
+        "{text}"
+    );
+    assert!(!s.log().contains("dropped backend metric"), "{}", s.log());
+}
+
+/// TorchServe's test_metrics_legacy_mode: in legacy mode, auto-detected handler metrics are
+/// written to model_metrics.log (and are not served on /metrics).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legacy_mode_logs_auto_detected_handler_metrics() {
+    let store = percent_model_store();
+    let logs = tempfile::tempdir().unwrap();
+    let s = Server::start_with_env(
+        "enable_envvars_config=true\ndefault_workers_per_model=1",
+        &[
+            "--model-store",
+            store.path().to_str().unwrap(),
+            "--models",
+            "pm",
+        ],
+        &[
+            ("TS_MODEL_METRICS_AUTO_DETECT", "true"),
+            ("TS_METRICS_MODE", "legacy"),
+            ("METRICS_LOCATION", logs.path().to_str().unwrap()),
+        ],
+    );
+    s.wait_healthy().await;
+    assert_eq!(s.predict("pm", "x").await.status(), 200);
+    let log = wait_for_log(&logs.path().join("model_metrics.log"), |log| {
+        log.contains("ExamplePercentMetric.Percent:50.0|#ModelName:pm,Level:Model|#hostname:")
+            && log.contains("HandlerMethodTime.ms:2.5|#ModelName:pm,Level:Model|#hostname:")
+    })
+    .await;
+    assert!(log.contains(",requestID:req,timestamp:"), "{log}");
+    let text = s.scrape().await;
+    assert!(!text.contains("ExamplePercentMetric"), "{text}");
+}

@@ -192,7 +192,7 @@ async fn custom_metrics_reach_the_registry_with_their_labels() {
     assert!(
         text.contains("InputChars_bucket{ModelName=\"custom_metrics\",Level=\"Model\",Hostname=")
     );
-    assert!(text.contains(",le=\"8.0\",} 1\n"), "{text}");
+    assert!(text.contains(",le=\"8.0\",} 1.0\n"), "{text}");
     assert!(common::sample(
         &text,
         "PreprocessTime{Stage=\"pre\",ModelName=\"custom_metrics\",Level=\"Model\","

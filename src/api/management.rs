@@ -31,6 +31,9 @@ pub fn router(state: AppState) -> Router {
         .route("/", options(|| async { openapi(OPENAPI) }))
         .route("/api-description", get(|| async { openapi(OPENAPI) }))
         .route("/models", get(list).post(register))
+        // TorchServe splits the path on '/' and drops empty segments: `/models/` is `/models`
+        // (its test_snapshot.py lists models with `GET /models/`).
+        .route("/models/", get(list).post(register))
         .route(
             "/token",
             get(super::auth::token_api).post(super::auth::token_api),
@@ -66,7 +69,15 @@ pub fn router(state: AppState) -> Router {
             get(super::workflows::list).post(super::workflows::register),
         )
         .route(
+            "/workflows/",
+            get(super::workflows::list).post(super::workflows::register),
+        )
+        .route(
             "/workflows/{name}",
+            get(super::workflows::describe).delete(super::workflows::unregister),
+        )
+        .route(
+            "/workflows/{name}/",
             get(super::workflows::describe).delete(super::workflows::unregister),
         )
         .fallback(super::not_found);

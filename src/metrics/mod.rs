@@ -743,7 +743,7 @@ mod tests {
         );
         assert!(
             out.contains("# TYPE Lat histogram\n")
-                && out.contains("Lat_count{ModelName=\"llm\",Hostname=\"h\",} 1\n"),
+                && out.contains("Lat_count{ModelName=\"llm\",Hostname=\"h\",} 1.0\n"),
             "{out}"
         );
         assert!(

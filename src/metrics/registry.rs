@@ -359,7 +359,10 @@ impl Family {
                         for (c, le) in bucket_counts.iter().zip(&m.le_text) {
                             cumulative += c;
                             sample_head(out, &m.name, "_bucket", &s.labels_text, Some(le));
-                            out.push_str(itoa::Buffer::new().format(cumulative));
+                            // Counts print as doubles ("1.0"), as TorchServe's Prometheus
+                            // client writes every sample: its test_metrics.py matches
+                            // `_count{...} \d+\.\d+`. Exact while counts stay below 2^53.
+                            write_value(cumulative as f64, out);
                             out.push('\n');
                         }
                     }
@@ -371,7 +374,7 @@ impl Family {
                     if want("_count") {
                         let total: u64 = bucket_counts.iter().sum();
                         sample_head(out, &m.name, "_count", &s.labels_text, None);
-                        out.push_str(itoa::Buffer::new().format(total));
+                        write_value(total as f64, out);
                         out.push('\n');
                     }
                 }
@@ -491,16 +494,19 @@ mod tests {
         let mut out = String::new();
         f.render(&mut out, None);
         assert!(
-            out.contains("h_bucket{m=\"a\\\"b\\\\c\\nd\",le=\"0.1\",} 1\n"),
+            out.contains("h_bucket{m=\"a\\\"b\\\\c\\nd\",le=\"0.1\",} 1.0\n"),
             "{out}"
         );
-        assert!(out.contains("le=\"1.0\",} 2\n"), "{out}");
-        assert!(out.contains("le=\"+Inf\",} 3\n"), "{out}");
+        assert!(out.contains("le=\"1.0\",} 2.0\n"), "{out}");
+        assert!(out.contains("le=\"+Inf\",} 3.0\n"), "{out}");
         assert!(
             out.contains("h_sum{m=\"a\\\"b\\\\c\\nd\",} 5.55\n"),
             "{out}"
         );
-        assert!(out.contains("h_count{m=\"a\\\"b\\\\c\\nd\",} 3\n"), "{out}");
+        assert!(
+            out.contains("h_count{m=\"a\\\"b\\\\c\\nd\",} 3.0\n"),
+            "{out}"
+        );
         let mut only = String::new();
         f.render(&mut only, Some("_count"));
         assert!(!only.contains("_bucket") && only.contains("_count"));

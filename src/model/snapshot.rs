@@ -17,6 +17,7 @@
 //! aborting the whole restore.
 
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -130,20 +131,20 @@ pub fn write(
         models,
     };
     let json = serde_json::to_string_pretty(&snapshot).map_err(std::io::Error::other)?;
-    let mut buf = Vec::new();
-    {
-        let mut w = java_properties::PropertiesWriter::new(&mut buf);
-        let io = |e: java_properties::PropertiesError| std::io::Error::other(e.to_string());
-        w.set_comment_prefix("#").map_err(io)?;
-        w.write_comment("Saving snapshot").map_err(io)?;
-        for (k, v) in props {
-            if k != MODEL_SNAPSHOT && k != "tsConfigFile" {
-                w.write(k, v).map_err(io)?;
-            }
+    let mut text = String::from("#Saving snapshot\n");
+    let mut entry = |k: &str, v: &str| {
+        java_escape(k, true, &mut text);
+        text.push('=');
+        java_escape(v, false, &mut text);
+        text.push('\n');
+    };
+    for (k, v) in props {
+        if k != MODEL_SNAPSHOT && k != "tsConfigFile" {
+            entry(k, v);
         }
-        w.write(MODEL_SNAPSHOT, &json).map_err(io)?;
-        w.finish().map_err(io)?;
     }
+    entry(MODEL_SNAPSHOT, &json);
+    let buf = text.into_bytes();
     // Owner-only: a snapshot holds the whole configuration, tokens included.
     let tmp = dir.join(format!(".{name}.tmp"));
     {
@@ -159,6 +160,35 @@ pub fn write(
     }
     std::fs::rename(&tmp, &path)?;
     Ok(path)
+}
+
+/// Escapes `s` as java.util.Properties.store does (its saveConvert): in a value only a leading
+/// space is escaped, so the pretty-printed model_snapshot keeps its spaces and reads back with
+/// TorchServe's own tooling (test_snapshot.py's test_empty_runtime only unescapes `\:` and `\n`
+/// before parsing the JSON); `=`, `:`, `#`, `!` and `\\` are escaped, control characters take
+/// their letter, and anything outside printable ASCII becomes `\uXXXX` (store(OutputStream)).
+fn java_escape(s: &str, is_key: bool, out: &mut String) {
+    for (i, c) in s.chars().enumerate() {
+        match c {
+            ' ' if i == 0 || is_key => out.push_str("\\ "),
+            '\\' => out.push_str("\\\\"),
+            '\t' => out.push_str("\\t"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\x0c' => out.push_str("\\f"),
+            '=' | ':' | '#' | '!' => {
+                out.push('\\');
+                out.push(c);
+            }
+            ' '..='~' => out.push(c),
+            _ => {
+                let mut units = [0u16; 2];
+                for u in c.encode_utf16(&mut units) {
+                    let _ = write!(out, "\\u{u:04X}");
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -184,6 +214,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let mut props = BTreeMap::new();
         props.insert("inference_address".into(), "http://127.0.0.1:8080".into());
+        props.insert(" odd key".into(), " v=1:#!\\ \t\u{e9}".into());
         let mut models = BTreeMap::new();
         models.insert(
             "m".to_string(),
@@ -206,6 +237,19 @@ mod tests {
             "{text}"
         );
         let read = crate::config::parse_properties(&text).unwrap();
+        assert_eq!(read[" odd key"], " v=1:#!\\ \t\u{e9}", "{text}");
+        // TorchServe's test_empty_runtime reads the line its own way: it only unescapes `\:` and
+        // `\n`, so spaces inside the value must not be escaped (java.util.Properties' rule).
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("model_snapshot="))
+            .unwrap();
+        let json = line["model_snapshot=".len()..]
+            .replace("\\:", ":")
+            .replace("\\n", "");
+        let v: serde_json::Value =
+            serde_json::from_str(&json).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert_eq!(v["models"]["m"]["1.0"]["runtimeType"], "python");
         let snap = parse(&read[MODEL_SNAPSHOT]).unwrap();
         assert_eq!(snap.model_count, 1);
         assert_eq!(snap.models["m"]["1.0"], state(true));

@@ -125,7 +125,7 @@ impl Runner {
             }
             Err(_) => {
                 let why = format!(
-                    "model load timed out after {:?}",
+                    "Backend worker did not respond in given time: model load timed out after {:?}",
                     self.spec.model.startup_timeout
                 );
                 return self.exit(Failure::Load(why));

@@ -436,12 +436,9 @@ async fn build_request(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_string();
-    let mime = content_type
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
+    // The media type without parameters, as sent (the worker gets it so) and lowercased (to match).
+    let media = content_type.split(';').next().unwrap_or("").trim();
+    let mime = media.to_ascii_lowercase();
     if mime == "application/x-www-form-urlencoded" {
         let text = std::str::from_utf8(&body)
             .map_err(|_| ApiError::bad_request("form body is not UTF-8"))?;
@@ -494,15 +491,9 @@ async fn build_request(
         // (Netty's getMimeType): its worker decodes JSON only when the type is exactly
         // `application/json`, so `application/json; charset=utf-8` (or a bare trailing `;`)
         // must not reach it. The full header still travels with the request headers.
-        let media = content_type
-            .split(';')
-            .next()
-            .unwrap_or("")
-            .trim()
-            .to_string();
         req.params.push(Param {
             name: "body".into(),
-            content_type: media,
+            content_type: media.to_string(),
             value: body,
         });
     }

@@ -209,6 +209,10 @@ pub trait Backend: Send {
     async fn shutdown(self: Box<Self>) {}
 }
 
+/// TorchServe's words for a worker that missed a deadline (start-up or response): its tests and
+/// operators grep for them, so every such message starts with them.
+pub const NO_RESPONSE: &str = "Backend worker did not respond in given time";
+
 /// What every worker of one model version shares: built once, when the version is registered.
 pub struct ModelSpec {
     pub model_name: String,

@@ -19,7 +19,8 @@ use tokio::sync::mpsc;
 
 use super::{BatchMode, Job, Msg, PoolError};
 use crate::backend::{
-    Backend, BackendError, BackendLoader, InferRequest, InferResponse, Part, StreamSink, WorkerSpec,
+    Backend, BackendError, BackendLoader, InferRequest, InferResponse, Part, StreamSink,
+    WorkerSpec, NO_RESPONSE,
 };
 use crate::metrics::ModelMetrics;
 
@@ -101,7 +102,7 @@ impl Runner {
         tracing::error!(worker = %self.spec.name, "Number or consecutive unsuccessful inference {n}");
         tracing::error!(
             worker = %self.spec.name,
-            "Backend worker error: Backend worker did not respond in given time ({}s); the worker is restarted",
+            "Backend worker error: {NO_RESPONSE} ({}s); the worker is restarted",
             limit.as_secs()
         );
     }
@@ -125,7 +126,7 @@ impl Runner {
             }
             Err(_) => {
                 let why = format!(
-                    "Backend worker did not respond in given time: model load timed out after {:?}",
+                    "{NO_RESPONSE}: model load timed out after {:?}",
                     self.spec.model.startup_timeout
                 );
                 return self.exit(Failure::Load(why));

@@ -22,7 +22,7 @@ use super::process::WorkerProcess;
 use super::runtime::RuntimeDir;
 use crate::backend::protocol::{self, FrameResponse, LoadRequest};
 use crate::backend::{
-    Backend, BackendError, InferRequest, InferResponse, Part, StreamSink, WorkerSpec,
+    Backend, BackendError, InferRequest, InferResponse, Part, StreamSink, WorkerSpec, NO_RESPONSE,
 };
 
 /// One Python worker process and its connection.
@@ -112,7 +112,7 @@ impl PythonBackend {
                     String::new()
                 };
                 return Err(format!(
-                    "Backend worker did not respond in given time: worker {} did not start within {secs}s{of}{hint}",
+                    "{NO_RESPONSE}: worker {} did not start within {secs}s{of}{hint}",
                     self.name
                 ));
             }
@@ -187,7 +187,7 @@ impl PythonBackend {
         .await;
         match reply {
             Err(_) => Err(format!(
-                "Backend worker did not respond in given time: worker {} did not load the model within {secs}s",
+                "{NO_RESPONSE}: worker {} did not load the model within {secs}s",
                 self.name
             )),
             Ok(Err(e)) => Err(format!("worker {} {e} while loading the model", self.name)),

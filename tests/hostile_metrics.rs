@@ -62,30 +62,6 @@ async fn wait_for(s: &Server, prefix: &str, want: f64) -> String {
     }
 }
 
-fn promtool_parses(text: &str) {
-    let mut child = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("promtool is installed (apt-get install prometheus)");
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let report = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(!report.contains("error while linting"), "{report}\n{text}");
-}
-
 fn mode_of(path: &Path) -> u32 {
     std::fs::metadata(path).unwrap().permissions().mode() & 0o777
 }
@@ -151,7 +127,7 @@ async fn handler_metrics_stay_bounded_valid_and_counted() {
         text.contains("Lat_count{ModelName=\"noisy\",Hostname=\""),
         "{text}"
     );
-    promtool_parses(&text);
+    common::promtool_parses(&text);
     // Each problem is logged once per metric name, however many bad values it came with.
     let log = s.log();
     let warnings: Vec<&str> = log

@@ -458,28 +458,7 @@ async fn label_sets_end_with_a_comma_like_torchserves() {
         text.contains("_bucket{") && text.contains("le=\"+Inf\",} "),
         "{text}"
     );
-    let mut child = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("promtool is installed (apt-get install prometheus)");
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let report =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    // promtool lints TorchServe's names (counters without _total); only a parse error matters.
-    assert!(
-        !report.contains("error while linting"),
-        "promtool: {report}"
-    );
+    common::promtool_parses(&text);
 }
 
 /// A handler that emits, per request, the auto-detected metrics of TorchServe's

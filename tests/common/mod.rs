@@ -350,3 +350,29 @@ where
     }
     out
 }
+
+/// `promtool check metrics` on an exposition: fails on a parse error only (promtool also lints
+/// TorchServe's names, e.g. counters without `_total`, which are not errors).
+pub fn promtool_parses(text: &str) {
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool is installed (apt-get install prometheus)");
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!report.contains("error while linting"), "{report}\n{text}");
+}

@@ -147,7 +147,7 @@ impl std::fmt::Display for ErrorKind {
 }
 
 /// An error answer: status, TorchServe exception type, message. (Every HTTP answer >= 400 also
-/// closes the connection: see `api::count_responses`.)
+/// closes the connection: see `api::http::handle`.)
 #[derive(Debug, Clone)]
 pub struct ApiError {
     pub status: u16,

@@ -22,14 +22,15 @@ use axum::response::IntoResponse;
 use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 
 use crate::api::error::{ApiError, ErrorKind};
 use crate::config::HttpLimits;
+use crate::logging::access;
 use crate::metrics::Metrics;
 
 /// What one listener runs under.
@@ -205,6 +206,8 @@ fn json_error(e: &ApiError) -> Vec<u8> {
 struct Shared {
     /// Requests whose response has not been written out yet.
     in_flight: AtomicUsize,
+    /// The unread rest of the current request's body, for `handle` to drain.
+    leftover: Mutex<Option<Incoming>>,
 }
 
 /// Counts a request as in flight until dropped (with its response body, once written).
@@ -259,30 +262,20 @@ async fn serve_connection<S>(
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let shared = Arc::new(Shared::default());
-    let io = Watched {
-        inner: stream,
-        shared: shared.clone(),
-        keep_alive: conf.limits.keep_alive_timeout,
-        idle: None,
-        replacement: None,
-        metrics: conf.metrics.clone(),
-    };
+    let io = Watched::new(stream, shared.clone(), &conf);
     let service = {
         let conf = conf.clone();
-        hyper::service::service_fn(move |mut req: Request<Incoming>| {
-            // The client's address, as axum's `into_make_service_with_connect_info` provides it:
-            // the access log names it, as TorchServe's does.
-            req.extensions_mut()
-                .insert(axum::extract::ConnectInfo(peer));
+        hyper::service::service_fn(move |req: Request<Incoming>| {
             // Counted here, synchronously, so that the IO never sees a dispatched request as idle.
             let guard = InFlight::new(&shared);
-            handle(req, router.clone(), conf.clone(), guard)
+            handle(req, peer, router.clone(), conf.clone(), guard)
         })
     };
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(conf.limits.header_timeout)
+        // The head timeout is `Watched`'s (with the keep-alive one, on one timer per connection):
+        // hyper's own re-arms a timer for every request.
+        .header_read_timeout(None)
         .max_header_size(conf.limits.max_header_size)
         // One contiguous buffer per write: `Watched` recognises hyper's own error answers by
         // their first bytes (see there).
@@ -298,30 +291,51 @@ async fn serve_connection<S>(
     let _ = conn.await;
 }
 
+/// One request, around the router: its id, the body limits, TorchServe's JSON for errors the
+/// router answers without a body, the response count and the access log line. Done here rather
+/// than as axum middleware, which boxes a future and clones the boxed service per request.
 async fn handle(
     req: Request<Incoming>,
+    peer: std::net::SocketAddr,
     mut router: axum::Router,
     conf: Arc<Listener>,
     guard: InFlight,
 ) -> Result<Response<Body>, Infallible> {
-    let leftover = Arc::new(Mutex::new(None));
-    let req = req.map(|b| {
+    let seen = access::Seen::new(
+        std::time::Instant::now(),
+        peer,
+        req.method(),
+        req.uri(),
+        req.version(),
+    );
+    let shared = guard.0.clone();
+    let mut req = req.map(|b| {
         Body::new(RequestBody {
             inner: Some(b),
-            leftover: leftover.clone(),
+            shared,
             idle: conf.limits.body_timeout,
             sleep: None,
             timed_out: false,
         })
     });
-    let mut response = match tower_service::Service::call(&mut router, req).await {
-        Ok(r) => r,
-        Err(never) => match never {},
+    let (id, mut response) = match access::request_id(req.headers()) {
+        Ok(id) => {
+            req.extensions_mut().insert(access::RequestId(id.clone()));
+            let response = match tower_service::Service::call(&mut router, req).await {
+                Ok(r) => r,
+                Err(never) => match never {},
+            };
+            (id, response)
+        }
+        Err(refused) => {
+            drop(req);
+            (crate::logging::new_request_id(), refused.into_response())
+        }
     };
     // The handler answered without reading the whole body (a 404, a 401, a 413...). Read the
     // rest first, up to max_request_size: closing with unread data makes the kernel reset the
     // connection, and a client still sending would get EPIPE instead of this answer.
-    let rest = leftover.lock().unwrap().take();
+    let rest = guard.0.leftover.lock().unwrap().take();
     if let Some(rest) = rest {
         if !drain(rest, conf.drain_limit, conf.limits.body_timeout).await {
             response
@@ -350,6 +364,14 @@ async fn handle(
         }
         response = r;
     }
+    conf.metrics.host.count_response(status.as_u16());
+    if status.as_u16() >= 400 {
+        // TorchServe closes the connection after an error answer (see error.rs).
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    access::finish(seen, &id, &mut response);
     Ok(response.map(|body| {
         Body::new(ResponseBody {
             inner: body,
@@ -382,7 +404,9 @@ async fn drain(mut body: Incoming, limit: usize, idle: Duration) -> bool {
 /// ([`BodyTimeout`]); a body dropped unread is handed back for draining.
 struct RequestBody {
     inner: Option<Incoming>,
-    leftover: Arc<Mutex<Option<Incoming>>>,
+    /// The connection's: its `leftover` slot takes a body dropped unread (one request at a time
+    /// on an HTTP/1 connection, so one slot serves them all).
+    shared: Arc<Shared>,
     idle: Duration,
     sleep: Option<Pin<Box<Sleep>>>,
     timed_out: bool,
@@ -463,7 +487,7 @@ impl Drop for RequestBody {
     fn drop(&mut self) {
         if let Some(body) = self.inner.take() {
             if !body.is_end_stream() {
-                *self.leftover.lock().unwrap() = Some(body);
+                *self.shared.leftover.lock().unwrap() = Some(body);
             }
         }
     }
@@ -495,10 +519,13 @@ impl HttpBody for ResponseBody {
     }
 }
 
-/// The TCP (or TLS) stream under hyper. It adds two things hyper has no hook for:
-/// - a keep-alive idle timeout: reading fails once no request is in flight and nothing has
-///   arrived for `keep_alive` (hyper's own header timer also runs while idle, so the effective
-///   idle limit is the smaller of the two);
+/// The TCP (or TLS) stream under hyper. It adds what hyper has no hook for, or does at a cost:
+/// - the two timeouts of the wait for a request head: nothing at all has arrived for
+///   `keep_alive` since the last byte (an idle keep-alive connection), or the head is not
+///   complete `header_timeout` after the wait began. Both run on one timer per connection
+///   that moves only when it fires, where hyper's own head timer and a per-wait idle timer were
+///   each set and cleared for every request (a timer-wheel lock and an allocation each time,
+///   visible in the request path's CPU);
 /// - TorchServe's JSON body on the answers hyper writes itself for requests it cannot parse
 ///   (400 malformed, 414 URI too long, 431 head too large). hyper writes those as a bare head
 ///   with `content-length: 0` as the first bytes of a write (writev is off); the router never
@@ -507,10 +534,77 @@ struct Watched<S> {
     inner: S,
     shared: Arc<Shared>,
     keep_alive: Duration,
-    idle: Option<Pin<Box<Sleep>>>,
+    header: Duration,
+    /// The current wait for a request head: when it began and when a byte last arrived. None
+    /// while a request is in flight (hyper then reads only to notice a closed connection).
+    wait: Option<(Instant, Instant)>,
+    /// Fires at or before the current wait's deadline; re-armed only when it fires early.
+    timer: Pin<Box<Sleep>>,
     /// A replacement answer still to be written, and how much of it is written.
     replacement: Option<(Vec<u8>, usize)>,
     metrics: Arc<Metrics>,
+}
+
+impl<S> Watched<S> {
+    fn new(inner: S, shared: Arc<Shared>, conf: &Listener) -> Watched<S> {
+        let now = Instant::now();
+        let keep_alive = conf.limits.keep_alive_timeout;
+        Watched {
+            inner,
+            shared,
+            keep_alive,
+            header: conf.limits.header_timeout,
+            wait: None,
+            timer: Box::pin(tokio::time::sleep_until(later(now, keep_alive))),
+            replacement: None,
+            metrics: conf.metrics.clone(),
+        }
+    }
+
+    /// Starts the wait for a head once no request is in flight (ends it while one is).
+    fn note_wait(&mut self) {
+        if self.shared.in_flight.load(Ordering::Acquire) > 0 {
+            self.wait = None;
+        } else if self.wait.is_none() {
+            let now = Instant::now();
+            self.wait = Some((now, now));
+        }
+    }
+
+    /// Ready(error) once the wait for a head is over its deadline; otherwise makes sure the
+    /// timer wakes the connection by then.
+    fn poll_wait(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        let Some((began, last)) = self.wait else {
+            return Poll::Pending;
+        };
+        let idle_end = later(last, self.keep_alive);
+        let head_end = later(began, self.header);
+        let deadline = idle_end.min(head_end);
+        loop {
+            if Instant::now() >= deadline {
+                let why = if last == began && idle_end <= head_end {
+                    "idle keep-alive connection closed (http_keep_alive_timeout)"
+                } else {
+                    "request head not complete within http_header_timeout"
+                };
+                return Poll::Ready(io::Error::new(io::ErrorKind::TimedOut, why));
+            }
+            if self.timer.deadline() > deadline {
+                self.timer.as_mut().reset(deadline);
+            }
+            if self.timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            // It fired for an earlier wait's deadline: move it to this one's.
+            self.timer.as_mut().reset(deadline);
+        }
+    }
+}
+
+/// `at + d`, or far in the future when that overflows (a timeout of years).
+fn later(at: Instant, d: Duration) -> Instant {
+    at.checked_add(d)
+        .unwrap_or_else(|| at + Duration::from_secs(86_400 * 365))
 }
 
 impl<S: AsyncWrite + Unpin> Watched<S> {
@@ -553,29 +647,20 @@ impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        this.note_wait();
         let before = buf.filled().len();
         if let Poll::Ready(r) = Pin::new(&mut this.inner).poll_read(cx, buf) {
             if buf.filled().len() > before {
-                this.idle = None;
+                if let Some((_, last)) = this.wait.as_mut() {
+                    *last = Instant::now();
+                }
             }
             return Poll::Ready(r);
         }
-        if this.shared.in_flight.load(Ordering::Acquire) > 0 {
-            // A request is being answered: hyper may poll only to notice a closed connection.
-            this.idle = None;
-            return Poll::Pending;
+        match this.poll_wait(cx) {
+            Poll::Ready(e) => Poll::Ready(Err(e)),
+            Poll::Pending => Poll::Pending,
         }
-        let keep_alive = this.keep_alive;
-        let sleep = this
-            .idle
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(keep_alive)));
-        if sleep.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "idle keep-alive connection closed (http_keep_alive_timeout)",
-            )));
-        }
-        Poll::Pending
     }
 }
 
@@ -614,7 +699,18 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         std::task::ready!(this.poll_replacement(cx))?;
-        Pin::new(&mut this.inner).poll_flush(cx)
+        let flushed = Pin::new(&mut this.inner).poll_flush(cx);
+        // The last write of a response is where its request stops being in flight. hyper may
+        // have polled the read side earlier in the same turn (and not again before the client
+        // sends something), so the wait for the next head starts, and its timer is set, here:
+        // otherwise an idle connection would never be woken to time out.
+        if this.wait.is_none() {
+            this.note_wait();
+            if this.poll_wait(cx).is_ready() {
+                cx.waker().wake_by_ref();
+            }
+        }
+        flushed
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

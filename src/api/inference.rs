@@ -359,8 +359,7 @@ async fn dispatch(
         Ok(rx) => respond(rx, model.metrics.clone(), in_url, openai).await,
         Err(e) => {
             let mut r = e.into_response();
-            r.extensions_mut()
-                .insert(model_info(&model.metrics, &Timings::new(arrival)));
+            tag(&mut r, &model.metrics, &Timings::new(arrival));
             r
         }
     }
@@ -540,7 +539,7 @@ async fn respond(
             }
             let body = Body::from(part.response.body.clone());
             let mut r = to_response(&part.response, body);
-            r.extensions_mut().insert(model_info(&metrics, &t));
+            tag(&mut r, &metrics, &t);
             return r;
         }
         Ok(Reply::Stream(first, rest)) => (first, rest),
@@ -551,7 +550,7 @@ async fn respond(
     };
     // Streaming: the first part's head is the response head; every part is a chunk.
     let head = first.response.clone();
-    let info = model_info(&metrics, &first.timings);
+    let info = crate::logging::access_wants_model().then(|| model_info(&metrics, &first.timings));
     let mut timings = first.timings;
     timings.first_chunk = Some(Instant::now());
     let stream = Streamed {
@@ -585,7 +584,9 @@ async fn respond(
         }
     });
     let mut r = to_response(&head, Body::from_stream(stream));
-    r.extensions_mut().insert(info);
+    if let Some(info) = info {
+        r.extensions_mut().insert(info);
+    }
     r
 }
 
@@ -630,6 +631,14 @@ impl Streamed {
 }
 
 /// The model, version and timings the access log reports for a request.
+/// Hands the access log the model's fields, when its lines carry them (JSON lines only: the
+/// record costs two string copies per request).
+fn tag(r: &mut Response, metrics: &ModelMetrics, t: &Timings) {
+    if crate::logging::access_wants_model() {
+        r.extensions_mut().insert(model_info(metrics, t));
+    }
+}
+
 fn model_info(metrics: &ModelMetrics, t: &Timings) -> ModelInfo {
     ModelInfo {
         model: metrics.model_name.clone(),

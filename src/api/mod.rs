@@ -12,7 +12,7 @@ pub mod workflows;
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::{header, HeaderValue, Request};
+use axum::http::{header, Request};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
@@ -30,24 +30,6 @@ pub struct AppState {
     pub tokens: Option<Arc<auth::Tokens>>,
     /// Registered workflows (TorchServe's /workflows, /wfpredict).
     pub workflows: Arc<crate::workflow::Workflows>,
-}
-
-/// Counts every response of a listener in Requests2XX / 4XX / 5XX (TorchServe counts all
-/// listeners, /metrics included).
-pub async fn count_responses(
-    State(state): State<AppState>,
-    req: Request<axum::body::Body>,
-    next: Next,
-) -> Response {
-    let mut response = next.run(req).await;
-    let status = response.status().as_u16();
-    state.metrics.host.count_response(status);
-    if status >= 400 {
-        response
-            .headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
-    }
-    response
 }
 
 /// Path parameters whose rejection (say, invalid UTF-8 in a model name) is a 400 in TorchServe's
@@ -95,16 +77,11 @@ where
     }
 }
 
-/// The layers every listener shares (request ids and the access log inside, response counting
-/// outside, so that a refused `x-request-id` is counted too), and the state.
+/// A listener's router with its state. What every listener's requests share (request ids, the
+/// access log, counting responses in Requests2XX / 4XX / 5XX as TorchServe counts all listeners,
+/// /metrics included) is done around the router by the connection layer, `http::handle`.
 pub fn finish(router: axum::Router<AppState>, state: AppState) -> axum::Router {
-    router
-        .layer(axum::middleware::from_fn(crate::logging::access::layer))
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            count_responses,
-        ))
-        .with_state(state)
+    router.with_state(state)
 }
 
 /// Answers `OPTIONS /` and `GET /api-description` with a listener's OpenAPI document.

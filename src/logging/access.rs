@@ -1,19 +1,20 @@
-//! The layer every listener shares for request ids and the access log.
+//! Request ids and the access log, for every listener.
 //!
 //! Like TorchServe, every response of every listener carries `x-request-id` and gets one
 //! access_log.log line. Unlike TorchServe (which always makes a new UUID), a client's own
 //! `x-request-id` is kept, so one id follows a request from the caller's logs through oxserve's
 //! to the handler's (`context.request_ids`); one that is malformed or too long is refused with a
 //! 400 rather than silently replaced, so the caller learns why its id does not show up.
+//!
+//! These are plain functions that the connection layer (`api::http`) calls around the router,
+//! not an axum middleware: a `from_fn` layer boxes a future and clones the boxed inner service
+//! on every request, which the request path's CPU budget (issue 9) showed.
 
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use axum::body::Body;
-use axum::extract::ConnectInfo;
-use axum::http::{HeaderName, HeaderValue, Request, Version};
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, Uri, Version};
+use axum::response::Response;
 
 use super::{AccessRecord, ModelInfo};
 use crate::api::error::ApiError;
@@ -24,54 +25,64 @@ pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 #[derive(Debug, Clone)]
 pub struct RequestId(pub String);
 
-/// Gives the request its id, answers with it in `x-request-id`, and writes the access log line.
-pub async fn layer(mut req: Request<Body>, next: Next) -> Response {
-    let start = Instant::now();
-    // None: no header; Some(Err(why)): one that is not an id oxserve can carry.
-    let sent: Option<Result<String, String>> = req.headers().get(&X_REQUEST_ID).map(|v| {
-        let s = v.to_str().map_err(|_| super::REQUEST_ID_RULE.to_string())?;
-        super::check_request_id(s)?;
-        Ok(s.to_string())
-    });
-    let remote = req
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0);
-    let method = req.method().clone();
-    let uri = req.uri().clone();
-    let version = req.version();
-    let (id, mut response) = match sent {
-        Some(Err(why)) => (
-            super::new_request_id(),
-            ApiError::bad_request(why).into_response(),
-        ),
-        Some(Ok(id)) => {
-            req.extensions_mut().insert(RequestId(id.clone()));
-            (id, next.run(req).await)
-        }
-        None => {
-            let id = super::new_request_id();
-            req.extensions_mut().insert(RequestId(id.clone()));
-            (id, next.run(req).await)
-        }
+/// The id a request goes by: the client's `x-request-id`, or a new UUID when it sent none.
+/// A header that is not an id oxserve can carry is the request's 400 answer.
+pub fn request_id(headers: &HeaderMap) -> Result<String, ApiError> {
+    let Some(v) = headers.get(&X_REQUEST_ID) else {
+        return Ok(super::new_request_id());
     };
-    if let Ok(v) = HeaderValue::from_str(&id) {
+    match v.to_str() {
+        Ok(s) if super::is_request_id(s) => Ok(s.to_string()),
+        _ => Err(ApiError::bad_request(super::REQUEST_ID_RULE)),
+    }
+}
+
+/// What the access line needs of the request, taken before the router consumes it.
+pub struct Seen {
+    pub start: Instant,
+    pub remote: SocketAddr,
+    /// None when the access log is off: then nothing is copied.
+    line: Option<(Method, Uri, Version)>,
+}
+
+impl Seen {
+    pub fn new(start: Instant, remote: SocketAddr, method: &Method, uri: &Uri, v: Version) -> Seen {
+        let line = super::access_enabled().then(|| (method.clone(), uri.clone(), v));
+        Seen {
+            start,
+            remote,
+            line,
+        }
+    }
+}
+
+/// Answers with the id in `x-request-id` and writes the access log line (when it is on).
+pub fn finish(seen: Seen, id: &str, response: &mut Response) {
+    if let Ok(v) = HeaderValue::from_str(id) {
         response.headers_mut().insert(X_REQUEST_ID, v);
     }
-    if !super::access_enabled() {
-        return response;
-    }
+    let Some((method, uri, version)) = seen.line else {
+        return;
+    };
+    // A request line in origin form (all but proxies send that) is its path and query as sent.
+    let full;
+    let uri = match uri.path_and_query() {
+        Some(p) if uri.scheme().is_none() => p.as_str(),
+        _ => {
+            full = uri.to_string();
+            &full
+        }
+    };
     super::access(&AccessRecord {
-        remote,
+        remote: Some(seen.remote),
         method: method.as_str(),
-        uri: &uri.to_string(),
+        uri,
         protocol: protocol(version),
         status: response.status().as_u16(),
-        duration: start.elapsed(),
-        request_id: &id,
+        duration: seen.start.elapsed(),
+        request_id: id,
         model: response.extensions().get::<ModelInfo>(),
     });
-    response
 }
 
 fn protocol(v: Version) -> &'static str {

@@ -60,7 +60,7 @@ static LOGS: OnceLock<Logs> = OnceLock::new();
 /// Opens the log files and installs the tracing subscriber: the console log on stderr when
 /// `console` (the foreground; a detached server has no terminal and its files say it all), and
 /// the files always.
-pub fn init(config: &Config, console: bool) -> Result<(), String> {
+pub fn init(config: &Config, console: bool) -> Result<(), InitError> {
     let mut files = Vec::new();
     for name in FILES {
         files.push(FileSpec {
@@ -74,7 +74,7 @@ pub fn init(config: &Config, console: bool) -> Result<(), String> {
             }),
         });
     }
-    let writer = Writer::spawn("oxserve-log-writer", files).map_err(|e| e.to_string())?;
+    let writer = Writer::spawn("oxserve-log-writer", files).map_err(InitError::Files)?;
     let logs = Logs {
         writer,
         format: config.log_format,
@@ -82,7 +82,7 @@ pub fn init(config: &Config, console: bool) -> Result<(), String> {
         access: config.enable_access_log,
     };
     if LOGS.set(logs).is_err() {
-        return Err("logging is already set up".into());
+        return Err(InitError::Twice);
     }
 
     // The files take oxserve's own events at info and above (TorchServe's ts_log takes its own
@@ -120,7 +120,19 @@ pub fn init(config: &Config, console: bool) -> Result<(), String> {
         .with(console_layer)
         .with(FileLayer.with_filter(file_filter))
         .try_init()
-        .map_err(|e| e.to_string())
+        .map_err(|e| InitError::Subscriber(e.to_string()))
+}
+
+/// Why the logs could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    #[error("{0}")]
+    Files(std::io::Error),
+    #[error("logging is already set up")]
+    Twice,
+    /// Another tracing subscriber is installed (tracing's error type is only `Display`).
+    #[error("{0}")]
+    Subscriber(String),
 }
 
 /// Waits (a few seconds at most) until every line logged so far is in the files; call before

@@ -157,7 +157,8 @@ impl Runner {
                     let n = chunk.len();
                     match self.run_batch(&mut backend, chunk).await {
                         Ok(seq) => self.report(Event::Released { slot, n, seq }),
-                        Err(why) => {
+                        Err(died) => {
+                            let why = died.to_string();
                             let e = PoolError::WorkerDied(why.clone());
                             for job in batch.drain(..) {
                                 job.fail(&e);
@@ -427,7 +428,7 @@ impl Runner {
         &self,
         backend: &mut Box<dyn Backend>,
         mut jobs: Vec<Job>,
-    ) -> Result<SeqNotes, String> {
+    ) -> Result<SeqNotes, PoolError> {
         let mut seq = SeqNotes::default();
         let metrics = &self.metrics;
         let batch_start = Instant::now();
@@ -496,19 +497,19 @@ impl Runner {
             Ok(Ok(Err(e @ (BackendError::Died(_) | BackendError::Load(_))))) => {
                 let e = PoolError::WorkerDied(e.to_string());
                 fail_all(jobs, &e);
-                Err(e.to_string())
+                Err(e)
             }
             Ok(Err(p)) => {
                 let e = PoolError::Panicked(panic_message(&*p));
                 tracing::error!(worker = %self.spec.name, "{e}");
                 fail_all(jobs, &e);
-                Err(e.to_string())
+                Err(e)
             }
             Err(_) => {
                 self.log_timeout(self.spec.model.response_timeout);
                 let e = PoolError::Timeout(self.spec.model.response_timeout.as_secs());
                 fail_all(jobs, &e);
-                Err(e.to_string())
+                Err(e)
             }
         };
         let frontend = batch_start.elapsed().saturating_sub(backend_time);

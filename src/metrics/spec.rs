@@ -165,8 +165,8 @@ fn check_anchors(text: &str, source: &str) -> Result<(), SpecError> {
 #[derive(Debug, thiserror::Error)]
 pub enum SpecError {
     /// The file cannot be read (missing, too large, not UTF-8).
-    #[error("{0}")]
-    Read(String),
+    #[error(transparent)]
+    Read(#[from] crate::config::ReadFileError),
     /// Not YAML of the expected shape.
     #[error("metrics config {file}: {reason}")]
     Yaml { file: String, reason: String },
@@ -222,8 +222,7 @@ impl Spec {
     /// Reads and validates a metrics.yaml file.
     pub fn load(path: &Path) -> Result<Spec, SpecError> {
         let text =
-            crate::config::read_small_file(path, &format!("metrics config {}", path.display()))
-                .map_err(SpecError::Read)?;
+            crate::config::read_small_file(path, &format!("metrics config {}", path.display()))?;
         Spec::parse(&text, &path.display().to_string())
     }
 

@@ -723,6 +723,15 @@ macro_rules! serve {
     }};
 }
 
+/// Why the gRPC listeners cannot start (the server does not start either).
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error(transparent)]
+    Tls(#[from] crate::api::tls::TlsError),
+    #[error("enable_grpc_ssl=true needs private_key_file and certificate_file")]
+    NoTlsFiles,
+}
+
 /// Spawns the two gRPC listeners (already bound) with the request size limits of the config;
 /// with `enable_grpc_ssl`, over TLS (an unusable key or certificate is the error).
 pub fn spawn(
@@ -730,14 +739,10 @@ pub fn spawn(
     inference_listener: tokio::net::TcpListener,
     management_listener: tokio::net::TcpListener,
     stop: tokio::sync::watch::Receiver<bool>,
-) -> Result<Vec<tokio::task::JoinHandle<()>>, String> {
+) -> Result<Vec<tokio::task::JoinHandle<()>>, SpawnError> {
     let acceptor = match (&state.config.tls, state.config.grpc_ssl) {
-        (Some(files), true) => {
-            Some(crate::api::tls::acceptor_with_alpn(files, b"h2").map_err(|e| e.to_string())?)
-        }
-        (None, true) => {
-            return Err("enable_grpc_ssl=true needs private_key_file and certificate_file".into())
-        }
+        (Some(files), true) => Some(crate::api::tls::acceptor_with_alpn(files, b"h2")?),
+        (None, true) => return Err(SpawnError::NoTlsFiles),
         (_, false) => None,
     };
     let timeout = state.config.http.header_timeout;

@@ -60,7 +60,7 @@ pub enum WorkflowError {
     #[error("Workflow {0} is already registered.")]
     Conflict(String),
     #[error("Invalid workflow archive {url}: {why}")]
-    Invalid { url: String, why: WarError },
+    Invalid { url: String, why: Box<WarError> },
     #[error("{0}")]
     BadRequest(String),
     #[error("Workflow {name} has failed to register. Failures: [{}]", failures.join(", "))]
@@ -324,7 +324,7 @@ impl Workflows {
         let (path, download) = self.locate(url, &store).await?;
         let invalid = |why: WarError| WorkflowError::Invalid {
             url: url.to_string(),
-            why,
+            why: Box::new(why),
         };
         // Unpacking and reading are file work: off the async threads.
         let limits = archive::Limits::from_config(&self.config);

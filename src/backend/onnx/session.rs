@@ -66,7 +66,8 @@ pub(super) enum RequestError {
 #[error("cannot write output {output:?}: {source}")]
 pub(super) struct OutputError {
     output: String,
-    source: CodecError,
+    // Boxed: rendering's Ok path stays small; CodecError's request variants are large.
+    source: Box<CodecError>,
 }
 
 pub(super) fn load_model(file: &Path) -> Result<OnnxModel, ModelError> {
@@ -277,7 +278,7 @@ impl OnnxModel {
             out.push_str("],\"data\":");
             write_tensor(&mut out, value).map_err(|source| OutputError {
                 output: spec.name.clone(),
-                source,
+                source: Box::new(source),
             })?;
             out.push('}');
         }

@@ -990,29 +990,25 @@ impl Config {
             }
         };
 
-        let metrics_mode = match get("metrics_mode")
-            .unwrap_or("prometheus")
-            .to_ascii_lowercase()
-            .as_str()
-        {
-            "prometheus" => MetricsMode::Prometheus,
-            "log" => MetricsMode::Log,
-            "legacy" => MetricsMode::Legacy,
-            other => {
-                return err(format!(
-                    "config key metrics_mode: {other:?} is not one of prometheus, log, legacy"
-                ))
-            }
-        };
-        let worker_runtime = match get("worker_runtime").unwrap_or("oxserve") {
-            "oxserve" => WorkerRuntime::Oxserve,
-            "torchserve" => WorkerRuntime::TorchServe,
-            other => {
-                return err(format!(
-                    "config key worker_runtime: {other:?} is not one of oxserve, torchserve"
-                ))
-            }
-        };
+        let metrics_mode = one_of(
+            "metrics_mode",
+            &get("metrics_mode")
+                .unwrap_or("prometheus")
+                .to_ascii_lowercase(),
+            &[
+                ("prometheus", MetricsMode::Prometheus),
+                ("log", MetricsMode::Log),
+                ("legacy", MetricsMode::Legacy),
+            ],
+        )?;
+        let worker_runtime = one_of(
+            "worker_runtime",
+            get("worker_runtime").unwrap_or("oxserve"),
+            &[
+                ("oxserve", WorkerRuntime::Oxserve),
+                ("torchserve", WorkerRuntime::TorchServe),
+            ],
+        )?;
         let allowed_urls = get("allowed_urls")
             .unwrap_or(r"file://.*|http(s)?://.*")
             .split(',')
@@ -1030,21 +1026,17 @@ impl Config {
             None => DEFAULT_BUCKETS.to_vec(),
             Some(v) => parse_buckets(v)?,
         };
-        let max_batch_size = number("max_batch_size", 1024)?;
-        if !(1..=u64::from(u32::MAX)).contains(&max_batch_size) {
-            return err(format!(
-                "config key max_batch_size: \"{max_batch_size}\" must be from 1 to {}",
-                u32::MAX
-            ));
-        }
-        let max_workers_per_model = number("max_workers_per_model", 256)?;
+        let from_one_to = |key: &str, default: u64, max: u64| match number(key, default)? {
+            v if (1..=max).contains(&v) => Ok(v),
+            v => err(format!("config key {key}: \"{v}\" must be from 1 to {max}")),
+        };
+        let max_batch_size = from_one_to("max_batch_size", 1024, u32::MAX.into())?;
         // The scheduler's own hard cap (crate::worker::MAX_WORKERS) bounds the configurable one.
-        if !(1..=u64::from(crate::worker::MAX_WORKERS)).contains(&max_workers_per_model) {
-            return err(format!(
-                "config key max_workers_per_model: \"{max_workers_per_model}\" must be from 1 to {}",
-                crate::worker::MAX_WORKERS
-            ));
-        }
+        let max_workers_per_model = from_one_to(
+            "max_workers_per_model",
+            256,
+            crate::worker::MAX_WORKERS.into(),
+        )?;
         let at_most = |key: &str, v: u64, max: u64, max_key: &str| {
             if v > max {
                 err(format!(
@@ -1054,40 +1046,36 @@ impl Config {
                 Ok(v)
             }
         };
-        let timeout =
-            |key: &str, default: u64| at_most(key, number(key, default)?, MAX_TIMEOUT, "the limit");
+        let capped = |key: &str, default: u64, max: u64| {
+            at_most(key, number(key, default)?, max, "the limit")
+        };
+        let timeout = |key: &str, default: u64| capped(key, default, MAX_TIMEOUT);
         let cpus = std::thread::available_parallelism()
             .map(|n| n.get() as u64)
             .unwrap_or(1);
         let default_workers_per_model = match get("default_workers_per_model") {
-            Some(_) => number("default_workers_per_model", 1)?,
-            // One worker per CPU, but never past the ceiling on a very large host.
+            Some(_) => positive("default_workers_per_model", 1)?,
+            // One worker per CPU (at least 1), but never past the ceiling on a very large host.
             None => cpus.min(max_workers_per_model),
         };
-        if default_workers_per_model == 0 {
-            return err("config key default_workers_per_model: \"0\" must be at least 1");
-        }
         at_most(
             "default_workers_per_model",
             default_workers_per_model,
             max_workers_per_model,
             "max_workers_per_model",
         )?;
-        let job_queue_size = number("job_queue_size", 100)?;
-        if job_queue_size == 0 {
-            return err("config key job_queue_size: \"0\" must be at least 1");
-        }
-        at_most(
+        let job_queue_size = at_most(
             "job_queue_size",
-            job_queue_size,
+            positive("job_queue_size", 100)?,
             MAX_JOB_QUEUE_SIZE,
             "the limit",
         )?;
-        let batch_size = number("batch_size", 1)?;
-        if batch_size == 0 {
-            return err("config key batch_size: \"0\" must be at least 1");
-        }
-        at_most("batch_size", batch_size, max_batch_size, "max_batch_size")?;
+        let batch_size = at_most(
+            "batch_size",
+            positive("batch_size", 1)?,
+            max_batch_size,
+            "max_batch_size",
+        )?;
         let metric_time_interval = number("metric_time_interval", 60)?;
         if metric_time_interval == 0 {
             return err("config key metric_time_interval: \"0\" must be at least 1 second");
@@ -1137,15 +1125,11 @@ impl Config {
         // LOG_LOCATION: moving the server's logs leaves the metric logs in ./logs (its
         // test_log_location_var_snapshot_disabled_custom_path_read_only checks exactly that).
         let metrics_log_dir = env_dir("METRICS_LOCATION").unwrap_or_else(|| PathBuf::from("logs"));
-        let log_format = match get("log_format").unwrap_or("text") {
-            "text" => LogFormat::Text,
-            "json" => LogFormat::Json,
-            other => {
-                return err(format!(
-                    "config key log_format: {other:?} is not one of text, json"
-                ))
-            }
-        };
+        let log_format = one_of(
+            "log_format",
+            get("log_format").unwrap_or("text"),
+            &[("text", LogFormat::Text), ("json", LogFormat::Json)],
+        )?;
         let bounded = |key: &str, default: u64, min: u64, max: u64| {
             let v = number(key, default)?;
             if v < min || v > max {
@@ -1173,10 +1157,10 @@ impl Config {
             keep_alive_timeout: seconds("http_keep_alive_timeout", 15)?,
             max_connections: match get("http_max_connections") {
                 None => None,
-                Some(_) => match number("http_max_connections", 0)? {
-                    0 => return err("config key http_max_connections: \"0\" must be at least 1"),
-                    n => Some(narrow("http_max_connections", n)?),
-                },
+                Some(_) => Some(narrow(
+                    "http_max_connections",
+                    positive("http_max_connections", 0)?,
+                )?),
             },
             max_header_size: match number("http_max_header_size", 16 * 1024)? {
                 n if n < 1024 => {
@@ -1284,21 +1268,11 @@ impl Config {
             // The worker protocol carries a body as an i32 length.
             max_request_size: narrow(
                 "max_request_size",
-                at_most(
-                    "max_request_size",
-                    number("max_request_size", 6_553_500)?,
-                    i32::MAX as u64,
-                    "the limit",
-                )?,
+                capped("max_request_size", 6_553_500, i32::MAX as u64)?,
             )?,
             max_response_size: narrow(
                 "max_response_size",
-                at_most(
-                    "max_response_size",
-                    number("max_response_size", 6_553_500)?,
-                    i32::MAX as u64,
-                    "the limit",
-                )?,
+                capped("max_response_size", 6_553_500, i32::MAX as u64)?,
             )?,
             enable_model_api: boolean("enable_model_api", false)?,
             // On unless turned off, as in TorchServe 0.12: a team replacing TorchServe keeps its
@@ -1308,12 +1282,7 @@ impl Config {
             allowed_urls,
             initial_worker_port: narrow(
                 "initial_worker_port",
-                at_most(
-                    "initial_worker_port",
-                    number("initial_worker_port", 9000)?,
-                    u32::MAX.into(),
-                    "the limit",
-                )?,
+                capped("initial_worker_port", 9000, u32::MAX.into())?,
             )?,
             metrics_auth_token: get("metrics_auth_token")
                 .filter(|s| !s.is_empty())
@@ -1351,6 +1320,20 @@ impl Config {
     /// Whether a registration URL matches `allowed_urls`.
     pub fn url_allowed(&self, url: &str) -> bool {
         self.allowed_urls.iter().any(|r| r.is_match(url))
+    }
+}
+
+/// The option of `options` named exactly `value`, or an error listing the names.
+fn one_of<T: Copy>(key: &str, value: &str, options: &[(&str, T)]) -> Result<T, ConfigError> {
+    match options.iter().find(|(name, _)| *name == value) {
+        Some(&(_, v)) => Ok(v),
+        None => {
+            let names: Vec<&str> = options.iter().map(|(name, _)| *name).collect();
+            err(format!(
+                "config key {key}: {value:?} is not one of {}",
+                names.join(", ")
+            ))
+        }
     }
 }
 

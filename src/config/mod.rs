@@ -938,7 +938,11 @@ impl Config {
         let address = |key: &str, default: &str| parse_address(key, get(key).unwrap_or(default));
         // TorchServe names the gRPC host and port in two keys each.
         let grpc_address = |host_key: &str, port_key: &str, default_port: u16| {
-            let host = get(host_key).unwrap_or("127.0.0.1");
+            // Named without brackets in the error, as the address is resolved.
+            let host = get(host_key)
+                .unwrap_or("127.0.0.1")
+                .trim_start_matches('[')
+                .trim_end_matches(']');
             let port = match get(port_key) {
                 Some(v) => v.parse::<u16>().map_err(|_| {
                     invalid(format!(
@@ -947,12 +951,7 @@ impl Config {
                 })?,
                 None => default_port,
             };
-            let host = host.trim_start_matches('[').trim_end_matches(']');
-            (host, port)
-                .to_socket_addrs()
-                .ok()
-                .and_then(|mut a| a.next())
-                .ok_or_else(|| {
+            resolve(host, port).ok_or_else(|| {
                     invalid(format!(
                         "config key {host_key}: {host:?} is not a usable host (an IP address or name, no scheme or port)"
                     ))
@@ -1396,6 +1395,12 @@ fn tls_files(
     }
 }
 
+/// The first socket address of `host` (an IP address, bracketed or not, or a name) and `port`.
+fn resolve(host: &str, port: u16) -> Option<SocketAddr> {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    (host, port).to_socket_addrs().ok()?.next()
+}
+
 /// Parses `http://host:port` or `https://host:port` (TorchServe's address forms) into a socket
 /// address; the scheme is read separately (`TlsListeners`).
 fn parse_address(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
@@ -1421,16 +1426,11 @@ fn parse_address(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
             "config key {key}: {value:?} has a port that is not a number from 0 to 65535"
         ))
     })?;
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    (host, port)
-        .to_socket_addrs()
-        .ok()
-        .and_then(|mut a| a.next())
-        .ok_or_else(|| {
-            invalid(format!(
-                "config key {key}: {value:?} is not a usable address"
-            ))
-        })
+    resolve(host, port).ok_or_else(|| {
+        invalid(format!(
+            "config key {key}: {value:?} is not a usable address"
+        ))
+    })
 }
 
 #[cfg(test)]

@@ -164,9 +164,10 @@ fn check_anchors(text: &str, source: &str) -> Result<(), SpecError> {
 /// Why a metrics.yaml was refused; every message names the file.
 #[derive(Debug, thiserror::Error)]
 pub enum SpecError {
-    /// The file cannot be read (missing, too large, not UTF-8).
-    #[error(transparent)]
-    Read(#[from] crate::config::ReadFileError),
+    /// The file cannot be read (missing, too large, not UTF-8). Shown, not chained as a source:
+    /// its message already holds the reason, and start-up errors are printed with their chain.
+    #[error("{0}")]
+    Read(crate::config::ReadFileError),
     /// Not YAML of the expected shape.
     #[error("metrics config {file}: {reason}")]
     Yaml { file: String, reason: String },
@@ -222,7 +223,8 @@ impl Spec {
     /// Reads and validates a metrics.yaml file.
     pub fn load(path: &Path) -> Result<Spec, SpecError> {
         let text =
-            crate::config::read_small_file(path, &format!("metrics config {}", path.display()))?;
+            crate::config::read_small_file(path, &format!("metrics config {}", path.display()))
+                .map_err(SpecError::Read)?;
         Spec::parse(&text, &path.display().to_string())
     }
 

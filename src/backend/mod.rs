@@ -143,10 +143,23 @@ pub enum LoaderError {
     /// The archive's model file is not named, not inside its folder, or missing.
     #[error("{0}")]
     ModelFile(String),
-    /// The model did not load: a file that does not parse, an unsupported operator, over the
-    /// load check's memory cap or deadline, or weights refused.
-    #[error("{0}")]
-    Load(String),
+    /// The ONNX model did not load in-process: a file that does not parse, an unsupported
+    /// operator.
+    #[error("cannot load ONNX model {}: {source}", .file.display())]
+    Onnx {
+        file: std::path::PathBuf,
+        source: onnx::ModelError,
+    },
+    /// The ONNX model failed the load check: over its memory cap or deadline, or weights
+    /// refused. `file` is the file's name only.
+    #[error("ONNX model {file} refused: {source}")]
+    OnnxRefused {
+        file: String,
+        source: onnx::CheckError,
+    },
+    /// The load check needs this binary's path, and it cannot be found.
+    #[error("cannot find the oxserve binary: {0}")]
+    NoExe(std::io::Error),
 }
 
 impl LoaderError {
@@ -155,7 +168,9 @@ impl LoaderError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             LoaderError::NoBackend { .. } | LoaderError::ModelFile(_) => ErrorKind::BadRequest,
-            LoaderError::Load(_) => ErrorKind::InternalServer,
+            LoaderError::Onnx { .. } | LoaderError::OnnxRefused { .. } | LoaderError::NoExe(_) => {
+                ErrorKind::InternalServer
+            }
         }
     }
 }
@@ -276,8 +291,7 @@ pub fn loader_for(
         let exe = if cfg!(target_os = "linux") {
             std::path::PathBuf::from("/proc/self/exe")
         } else {
-            std::env::current_exe()
-                .map_err(|e| LoaderError::Load(format!("cannot find the oxserve binary: {e}")))?
+            std::env::current_exe().map_err(LoaderError::NoExe)?
         };
         return Ok(Arc::new(onnx::OnnxLoader::new_checked(
             dir, manifest, config, &exe,

@@ -246,23 +246,100 @@ fn token_expiration(value: Option<&str>) -> Result<Duration, ConfigError> {
     }
 }
 
+/// Why a small structured file (config, manifest, spec) could not be read. `what` names the
+/// file as the operator knows it (a path inside an archive, not a temporary folder).
+#[derive(Debug, thiserror::Error)]
+pub enum ReadFileError {
+    /// Missing, unreadable, or not UTF-8.
+    #[error("cannot read {what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("{what} is larger than the limit of {MAX_SMALL_FILE_BYTES} bytes")]
+    TooLarge { what: String },
+}
+
 /// Reads a small structured file (see [`MAX_SMALL_FILE_BYTES`]) as text, refusing a larger one
 /// without reading it. `what` names the file in errors.
-pub fn read_small_file(path: &Path, what: &str) -> Result<String, String> {
+pub fn read_small_file(path: &Path, what: &str) -> Result<String, ReadFileError> {
     use std::io::Read;
-    let file = std::fs::File::open(path).map_err(|e| format!("cannot read {what}: {e}"))?;
+    let io = |source| ReadFileError::Io {
+        what: what.to_string(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(io)?;
     let mut text = String::new();
     // Read one byte past the limit: a file that fills it is too large, whatever its metadata says
     // (a FIFO or /proc file has no useful length).
     file.take(MAX_SMALL_FILE_BYTES + 1)
         .read_to_string(&mut text)
-        .map_err(|e| format!("cannot read {what}: {e}"))?;
+        .map_err(io)?;
     if text.len() as u64 > MAX_SMALL_FILE_BYTES {
-        return Err(format!(
-            "{what} is larger than the limit of {MAX_SMALL_FILE_BYTES} bytes"
-        ));
+        return Err(ReadFileError::TooLarge {
+            what: what.to_string(),
+        });
     }
     Ok(text)
+}
+
+/// Why a model's settings (an entry of the `models` key, or an archive's model-config.yaml) are
+/// refused. `at` names the entry (`"m 1.0"`, `"model-config.yaml"`); for the autoscaling keys it
+/// also names the key (`"m 1.0: autoscaleUpSamples"`, `"config key autoscale_up_samples"`).
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("{at}: must be an object")]
+    NotObject { at: String },
+    #[error("{at}: {key} {value} is not true or false")]
+    NotBool {
+        at: String,
+        key: &'static str,
+        value: serde_json::Value,
+    },
+    #[error("{at}: {key} {value} is not a non-negative integer")]
+    NotCount {
+        at: String,
+        key: String,
+        value: serde_json::Value,
+    },
+    #[error("{at}: {key} {value} must be an integer from {lo} to {hi}")]
+    NotInRange {
+        at: String,
+        key: String,
+        value: serde_json::Value,
+        lo: u64,
+        hi: u64,
+    },
+    #[error("{at}: {value} is outside {lo}..={hi}")]
+    Outside {
+        at: String,
+        value: u64,
+        lo: u64,
+        hi: u64,
+    },
+    #[error(
+        "{at}: sequenceBatching cannot be combined with asyncCommunication \
+         (TorchServe has no such mode either)"
+    )]
+    SequenceWithAsync { at: String },
+    #[error(
+        "{at}: sequenceBatching needs sequenceMaxIdleMSec (how long an idle sequence \
+         stays open, 1 to {max_ms} ms)"
+    )]
+    NoSequenceIdle { at: String, max_ms: u64 },
+    #[error("{at}: minWorkers {min} is greater than maxWorkers {max}")]
+    MinAboveMax { at: String, min: u32, max: u32 },
+    #[error("{at}: batchSize 0 must be at least 1")]
+    ZeroBatch { at: String },
+    /// Over a server ceiling (`max_batch_size`, `max_workers_per_model`).
+    #[error("{at}: {key} {value} is larger than {ceiling_key} {ceiling}")]
+    OverCeiling {
+        at: String,
+        key: &'static str,
+        value: u32,
+        ceiling_key: &'static str,
+        ceiling: u32,
+    },
 }
 
 /// Connection limits of the three listeners (oxserve's own keys; TorchServe's Netty has none).
@@ -338,36 +415,42 @@ impl SequenceSettings {
     fn from_fields(
         fields: &serde_json::Map<String, serde_json::Value>,
         at: &str,
-    ) -> Result<Option<SequenceSettings>, String> {
+    ) -> Result<Option<SequenceSettings>, SettingsError> {
+        let at = || at.to_string();
         match fields.get("sequenceBatching") {
             None | Some(serde_json::Value::Bool(false)) => return Ok(None),
             Some(serde_json::Value::Bool(true)) => {}
-            Some(v) => return Err(format!("{at}: sequenceBatching {v} is not true or false")),
+            Some(v) => {
+                return Err(SettingsError::NotBool {
+                    at: at(),
+                    key: "sequenceBatching",
+                    value: v.clone(),
+                })
+            }
         }
         if fields.get("asyncCommunication").and_then(|v| v.as_bool()) == Some(true) {
-            return Err(format!(
-                "{at}: sequenceBatching cannot be combined with asyncCommunication \
-                 (TorchServe has no such mode either)"
-            ));
+            return Err(SettingsError::SequenceWithAsync { at: at() });
         }
-        let number = |key: &str, default: u64, lo: u64, hi: u64| -> Result<u64, String> {
-            match fields.get(key) {
-                None => Ok(default),
-                Some(v) => match v.as_u64() {
-                    Some(n) if (lo..=hi).contains(&n) => Ok(n),
-                    _ => Err(format!(
-                        "{at}: {key} {v} must be an integer from {lo} to {hi}"
-                    )),
-                },
-            }
+        let number = |key: &str, default: u64, lo: u64, hi: u64| match fields.get(key) {
+            None => Ok(default),
+            Some(v) => match v.as_u64() {
+                Some(n) if (lo..=hi).contains(&n) => Ok(n),
+                _ => Err(SettingsError::NotInRange {
+                    at: at(),
+                    key: key.to_string(),
+                    value: v.clone(),
+                    lo,
+                    hi,
+                }),
+            },
         };
         const DAY_MS: u64 = 24 * 3600 * 1000;
         let max_idle = number("sequenceMaxIdleMSec", 0, 0, DAY_MS)?;
         if max_idle == 0 {
-            return Err(format!(
-                "{at}: sequenceBatching needs sequenceMaxIdleMSec (how long an idle sequence \
-                 stays open, 1 to {DAY_MS} ms)"
-            ));
+            return Err(SettingsError::NoSequenceIdle {
+                at: at(),
+                max_ms: DAY_MS,
+            });
         }
         let timeout = number("sequenceTimeoutMSec", 0, 0, 7 * DAY_MS)?;
         let most = u64::from(SequenceSettings::MAX_COUNT);
@@ -405,13 +488,19 @@ impl BatchMode {
     fn from_fields(
         fields: &serde_json::Map<String, serde_json::Value>,
         at: &str,
-    ) -> Result<Option<BatchMode>, String> {
+    ) -> Result<Option<BatchMode>, SettingsError> {
         let mut mode = None;
         for (key, m) in BatchMode::KEYS {
             match fields.get(key) {
                 None | Some(serde_json::Value::Bool(false)) => {}
                 Some(serde_json::Value::Bool(true)) => mode = Some(m),
-                Some(v) => return Err(format!("{at}: {key} {v} is not true or false")),
+                Some(v) => {
+                    return Err(SettingsError::NotBool {
+                        at: at.to_string(),
+                        key,
+                        value: v.clone(),
+                    })
+                }
             }
         }
         Ok(mode)
@@ -442,30 +531,41 @@ const AUTOSCALE_LIMITS: [(&str, &str, u64, u64); 4] = [
 ];
 
 /// Checks one autoscaling value against [`AUTOSCALE_LIMITS`] (index `i`).
-fn autoscale_value(i: usize, v: u64, at: &str) -> Result<u32, String> {
+fn autoscale_value(i: usize, v: u64, at: &str) -> Result<u32, SettingsError> {
     let (_, _, lo, hi) = AUTOSCALE_LIMITS[i];
-    if v < lo || v > hi {
-        return Err(format!("{at}: {v} is outside {lo}..={hi}"));
-    }
-    u32::try_from(v).map_err(|_| format!("{at}: {v} is larger than {}", u32::MAX))
+    // Every ceiling of the table fits in a u32, so the range check also makes the cast exact.
+    u32::try_from(v)
+        .ok()
+        .filter(|_| (lo..=hi).contains(&v))
+        .ok_or_else(|| SettingsError::Outside {
+            at: at.to_string(),
+            value: v,
+            lo,
+            hi,
+        })
 }
 
 impl ModelSettings {
     /// Reads TorchServe's per-model fields (`minWorkers`, `batchSize`, ...) from a JSON object: an
     /// entry of the `models` key, or an archive's model-config.yaml. `at` names it in errors.
-    pub fn from_fields(fields: &serde_json::Value, at: &str) -> Result<ModelSettings, String> {
+    pub fn from_fields(
+        fields: &serde_json::Value,
+        at: &str,
+    ) -> Result<ModelSettings, SettingsError> {
         let fields = fields
             .as_object()
-            .ok_or_else(|| format!("{at}: must be an object"))?;
-        let uint = |key: &str| -> Result<Option<u32>, String> {
-            match fields.get(key) {
-                None => Ok(None),
-                Some(v) => v
-                    .as_u64()
-                    .and_then(|n| u32::try_from(n).ok())
-                    .map(Some)
-                    .ok_or_else(|| format!("{at}: {key} {v} is not a non-negative integer")),
-            }
+            .ok_or_else(|| SettingsError::NotObject { at: at.to_string() })?;
+        let uint = |key: &str| match fields.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .map(Some)
+                .ok_or_else(|| SettingsError::NotCount {
+                    at: at.to_string(),
+                    key: key.to_string(),
+                    value: v.clone(),
+                }),
         };
         let settings = ModelSettings {
             mar_name: fields
@@ -502,32 +602,49 @@ impl ModelSettings {
         settings.autoscale_down_samples = scale[3];
         if let (Some(min), Some(max)) = (settings.min_workers, settings.max_workers) {
             if min > max {
-                return Err(format!(
-                    "{at}: minWorkers {min} is greater than maxWorkers {max}"
-                ));
+                return Err(SettingsError::MinAboveMax {
+                    at: at.to_string(),
+                    min,
+                    max,
+                });
             }
         }
         if settings.batch_size == Some(0) {
-            return Err(format!("{at}: batchSize 0 must be at least 1"));
+            return Err(SettingsError::ZeroBatch { at: at.to_string() });
         }
         Ok(settings)
     }
 
     /// Checks the sizes against the server's ceilings (`max_batch_size`, `max_workers_per_model`).
-    pub fn check_limits(&self, max_batch: u32, max_workers: u32, at: &str) -> Result<(), String> {
-        if let Some(b) = self.batch_size.filter(|&b| b > max_batch) {
-            return Err(format!(
-                "{at}: batchSize {b} is larger than max_batch_size {max_batch}"
-            ));
-        }
-        for (key, v) in [
-            ("minWorkers", self.min_workers),
-            ("maxWorkers", self.max_workers),
+    pub fn check_limits(
+        &self,
+        max_batch: u32,
+        max_workers: u32,
+        at: &str,
+    ) -> Result<(), SettingsError> {
+        for (key, v, ceiling_key, ceiling) in [
+            ("batchSize", self.batch_size, "max_batch_size", max_batch),
+            (
+                "minWorkers",
+                self.min_workers,
+                "max_workers_per_model",
+                max_workers,
+            ),
+            (
+                "maxWorkers",
+                self.max_workers,
+                "max_workers_per_model",
+                max_workers,
+            ),
         ] {
-            if let Some(n) = v.filter(|&n| n > max_workers) {
-                return Err(format!(
-                    "{at}: {key} {n} is larger than max_workers_per_model {max_workers}"
-                ));
+            if let Some(value) = v.filter(|&n| n > ceiling) {
+                return Err(SettingsError::OverCeiling {
+                    at: at.to_string(),
+                    key,
+                    value,
+                    ceiling_key,
+                    ceiling,
+                });
             }
         }
         Ok(())
@@ -563,6 +680,7 @@ fn parse_models(
     max_workers: u32,
 ) -> Result<BTreeMap<String, BTreeMap<String, ModelSettings>>, ConfigError> {
     let bad = |what: String| invalid(format!("config key models: {what}"));
+    let refused = |source| ConfigError::Models { source };
     let json: serde_json::Value = serde_json::from_str(value)
         .map_err(|e| bad(format!("{value:?} is not valid JSON: {e}")))?;
     let models = json
@@ -576,10 +694,10 @@ fn parse_models(
         let mut parsed = BTreeMap::new();
         for (version, fields) in versions {
             let at = format!("{name} {version}");
-            let settings = ModelSettings::from_fields(fields, &at).map_err(bad)?;
+            let settings = ModelSettings::from_fields(fields, &at).map_err(refused)?;
             settings
                 .check_limits(max_batch, max_workers, &at)
-                .map_err(bad)?;
+                .map_err(refused)?;
             parsed.insert(version.clone(), settings);
         }
         out.insert(name.clone(), parsed);
@@ -628,10 +746,24 @@ pub fn known_keys() -> &'static BTreeSet<String> {
 /// A configuration error, one line: the server does not start with it.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// The config file cannot be read (missing, too large, not UTF-8) or parsed.
-    #[error("{reason}")]
-    File { path: PathBuf, reason: String },
-    /// A key's value is refused; the message names the key and the offending value.
+    /// The config file cannot be read (missing, too large, not UTF-8).
+    #[error(transparent)]
+    Read(#[from] ReadFileError),
+    /// The config file is not Java-properties text.
+    #[error("cannot parse config file {}: {source}", path.display())]
+    Parse {
+        path: PathBuf,
+        source: java_properties::PropertiesError,
+    },
+    /// An entry of the `models` key is refused.
+    #[error("config key models: {source}")]
+    Models { source: SettingsError },
+    /// An autoscaling key is out of its range.
+    #[error(transparent)]
+    Autoscale(SettingsError),
+    /// A key's value is refused; the message names the key and the offending value. (A
+    /// sentence, not an enum: each of the many keys has its own rule, and nothing but a reader
+    /// of the log or the start-up error looks at it.)
     #[error("{0}")]
     Invalid(String),
 }
@@ -657,18 +789,18 @@ fn err<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
 
 /// Reads a Java-properties file into a map.
 pub fn read_properties(path: &Path) -> Result<HashMap<String, String>, ConfigError> {
-    let file = |reason: String| ConfigError::File {
+    let text = read_small_file(path, &format!("config file {}", path.display()))?;
+    parse_properties(&text).map_err(|source| ConfigError::Parse {
         path: path.to_path_buf(),
-        reason,
-    };
-    let text = read_small_file(path, &format!("config file {}", path.display())).map_err(file)?;
-    parse_properties(&text)
-        .map_err(|e| file(format!("cannot parse config file {}: {e}", path.display())))
+        source,
+    })
 }
 
 /// Parses Java-properties text (the testable core of [`read_properties`]).
-pub fn parse_properties(text: &str) -> Result<HashMap<String, String>, String> {
-    java_properties::read(text.as_bytes()).map_err(|e| e.to_string())
+pub fn parse_properties(
+    text: &str,
+) -> Result<HashMap<String, String>, java_properties::PropertiesError> {
+    java_properties::read(text.as_bytes())
 }
 
 impl Config {
@@ -806,7 +938,11 @@ impl Config {
         let address = |key: &str, default: &str| parse_address(key, get(key).unwrap_or(default));
         // TorchServe names the gRPC host and port in two keys each.
         let grpc_address = |host_key: &str, port_key: &str, default_port: u16| {
-            let host = get(host_key).unwrap_or("127.0.0.1");
+            // Named without brackets in the error, as the address is resolved.
+            let host = get(host_key)
+                .unwrap_or("127.0.0.1")
+                .trim_start_matches('[')
+                .trim_end_matches(']');
             let port = match get(port_key) {
                 Some(v) => v.parse::<u16>().map_err(|_| {
                     invalid(format!(
@@ -815,12 +951,7 @@ impl Config {
                 })?,
                 None => default_port,
             };
-            let host = host.trim_start_matches('[').trim_end_matches(']');
-            (host, port)
-                .to_socket_addrs()
-                .ok()
-                .and_then(|mut a| a.next())
-                .ok_or_else(|| {
+            resolve(host, port).ok_or_else(|| {
                     invalid(format!(
                         "config key {host_key}: {host:?} is not a usable host (an IP address or name, no scheme or port)"
                     ))
@@ -858,29 +989,25 @@ impl Config {
             }
         };
 
-        let metrics_mode = match get("metrics_mode")
-            .unwrap_or("prometheus")
-            .to_ascii_lowercase()
-            .as_str()
-        {
-            "prometheus" => MetricsMode::Prometheus,
-            "log" => MetricsMode::Log,
-            "legacy" => MetricsMode::Legacy,
-            other => {
-                return err(format!(
-                    "config key metrics_mode: {other:?} is not one of prometheus, log, legacy"
-                ))
-            }
-        };
-        let worker_runtime = match get("worker_runtime").unwrap_or("oxserve") {
-            "oxserve" => WorkerRuntime::Oxserve,
-            "torchserve" => WorkerRuntime::TorchServe,
-            other => {
-                return err(format!(
-                    "config key worker_runtime: {other:?} is not one of oxserve, torchserve"
-                ))
-            }
-        };
+        let metrics_mode = one_of(
+            "metrics_mode",
+            &get("metrics_mode")
+                .unwrap_or("prometheus")
+                .to_ascii_lowercase(),
+            &[
+                ("prometheus", MetricsMode::Prometheus),
+                ("log", MetricsMode::Log),
+                ("legacy", MetricsMode::Legacy),
+            ],
+        )?;
+        let worker_runtime = one_of(
+            "worker_runtime",
+            get("worker_runtime").unwrap_or("oxserve"),
+            &[
+                ("oxserve", WorkerRuntime::Oxserve),
+                ("torchserve", WorkerRuntime::TorchServe),
+            ],
+        )?;
         let allowed_urls = get("allowed_urls")
             .unwrap_or(r"file://.*|http(s)?://.*")
             .split(',')
@@ -898,21 +1025,17 @@ impl Config {
             None => DEFAULT_BUCKETS.to_vec(),
             Some(v) => parse_buckets(v)?,
         };
-        let max_batch_size = number("max_batch_size", 1024)?;
-        if !(1..=u64::from(u32::MAX)).contains(&max_batch_size) {
-            return err(format!(
-                "config key max_batch_size: \"{max_batch_size}\" must be from 1 to {}",
-                u32::MAX
-            ));
-        }
-        let max_workers_per_model = number("max_workers_per_model", 256)?;
+        let from_one_to = |key: &str, default: u64, max: u64| match number(key, default)? {
+            v if (1..=max).contains(&v) => Ok(v),
+            v => err(format!("config key {key}: \"{v}\" must be from 1 to {max}")),
+        };
+        let max_batch_size = from_one_to("max_batch_size", 1024, u32::MAX.into())?;
         // The scheduler's own hard cap (crate::worker::MAX_WORKERS) bounds the configurable one.
-        if !(1..=u64::from(crate::worker::MAX_WORKERS)).contains(&max_workers_per_model) {
-            return err(format!(
-                "config key max_workers_per_model: \"{max_workers_per_model}\" must be from 1 to {}",
-                crate::worker::MAX_WORKERS
-            ));
-        }
+        let max_workers_per_model = from_one_to(
+            "max_workers_per_model",
+            256,
+            crate::worker::MAX_WORKERS.into(),
+        )?;
         let at_most = |key: &str, v: u64, max: u64, max_key: &str| {
             if v > max {
                 err(format!(
@@ -922,40 +1045,36 @@ impl Config {
                 Ok(v)
             }
         };
-        let timeout =
-            |key: &str, default: u64| at_most(key, number(key, default)?, MAX_TIMEOUT, "the limit");
+        let capped = |key: &str, default: u64, max: u64| {
+            at_most(key, number(key, default)?, max, "the limit")
+        };
+        let timeout = |key: &str, default: u64| capped(key, default, MAX_TIMEOUT);
         let cpus = std::thread::available_parallelism()
             .map(|n| n.get() as u64)
             .unwrap_or(1);
         let default_workers_per_model = match get("default_workers_per_model") {
-            Some(_) => number("default_workers_per_model", 1)?,
-            // One worker per CPU, but never past the ceiling on a very large host.
+            Some(_) => positive("default_workers_per_model", 1)?,
+            // One worker per CPU (at least 1), but never past the ceiling on a very large host.
             None => cpus.min(max_workers_per_model),
         };
-        if default_workers_per_model == 0 {
-            return err("config key default_workers_per_model: \"0\" must be at least 1");
-        }
         at_most(
             "default_workers_per_model",
             default_workers_per_model,
             max_workers_per_model,
             "max_workers_per_model",
         )?;
-        let job_queue_size = number("job_queue_size", 100)?;
-        if job_queue_size == 0 {
-            return err("config key job_queue_size: \"0\" must be at least 1");
-        }
-        at_most(
+        let job_queue_size = at_most(
             "job_queue_size",
-            job_queue_size,
+            positive("job_queue_size", 100)?,
             MAX_JOB_QUEUE_SIZE,
             "the limit",
         )?;
-        let batch_size = number("batch_size", 1)?;
-        if batch_size == 0 {
-            return err("config key batch_size: \"0\" must be at least 1");
-        }
-        at_most("batch_size", batch_size, max_batch_size, "max_batch_size")?;
+        let batch_size = at_most(
+            "batch_size",
+            positive("batch_size", 1)?,
+            max_batch_size,
+            "max_batch_size",
+        )?;
         let metric_time_interval = number("metric_time_interval", 60)?;
         if metric_time_interval == 0 {
             return err("config key metric_time_interval: \"0\" must be at least 1 second");
@@ -987,7 +1106,7 @@ impl Config {
         for (i, (key, _, _, _)) in AUTOSCALE_LIMITS.iter().enumerate() {
             let v = number(key, default_values[i])?;
             scale[i] = autoscale_value(i, v, &format!("config key {key}"))
-                .map_err(ConfigError::Invalid)?;
+                .map_err(ConfigError::Autoscale)?;
         }
         let autoscale = crate::worker::AutoscaleRule {
             interval: Duration::from_millis(scale[0].into()),
@@ -1005,15 +1124,11 @@ impl Config {
         // LOG_LOCATION: moving the server's logs leaves the metric logs in ./logs (its
         // test_log_location_var_snapshot_disabled_custom_path_read_only checks exactly that).
         let metrics_log_dir = env_dir("METRICS_LOCATION").unwrap_or_else(|| PathBuf::from("logs"));
-        let log_format = match get("log_format").unwrap_or("text") {
-            "text" => LogFormat::Text,
-            "json" => LogFormat::Json,
-            other => {
-                return err(format!(
-                    "config key log_format: {other:?} is not one of text, json"
-                ))
-            }
-        };
+        let log_format = one_of(
+            "log_format",
+            get("log_format").unwrap_or("text"),
+            &[("text", LogFormat::Text), ("json", LogFormat::Json)],
+        )?;
         let bounded = |key: &str, default: u64, min: u64, max: u64| {
             let v = number(key, default)?;
             if v < min || v > max {
@@ -1041,10 +1156,10 @@ impl Config {
             keep_alive_timeout: seconds("http_keep_alive_timeout", 15)?,
             max_connections: match get("http_max_connections") {
                 None => None,
-                Some(_) => match number("http_max_connections", 0)? {
-                    0 => return err("config key http_max_connections: \"0\" must be at least 1"),
-                    n => Some(narrow("http_max_connections", n)?),
-                },
+                Some(_) => Some(narrow(
+                    "http_max_connections",
+                    positive("http_max_connections", 0)?,
+                )?),
             },
             max_header_size: match number("http_max_header_size", 16 * 1024)? {
                 n if n < 1024 => {
@@ -1152,21 +1267,11 @@ impl Config {
             // The worker protocol carries a body as an i32 length.
             max_request_size: narrow(
                 "max_request_size",
-                at_most(
-                    "max_request_size",
-                    number("max_request_size", 6_553_500)?,
-                    i32::MAX as u64,
-                    "the limit",
-                )?,
+                capped("max_request_size", 6_553_500, i32::MAX as u64)?,
             )?,
             max_response_size: narrow(
                 "max_response_size",
-                at_most(
-                    "max_response_size",
-                    number("max_response_size", 6_553_500)?,
-                    i32::MAX as u64,
-                    "the limit",
-                )?,
+                capped("max_response_size", 6_553_500, i32::MAX as u64)?,
             )?,
             enable_model_api: boolean("enable_model_api", false)?,
             // On unless turned off, as in TorchServe 0.12: a team replacing TorchServe keeps its
@@ -1176,12 +1281,7 @@ impl Config {
             allowed_urls,
             initial_worker_port: narrow(
                 "initial_worker_port",
-                at_most(
-                    "initial_worker_port",
-                    number("initial_worker_port", 9000)?,
-                    u32::MAX.into(),
-                    "the limit",
-                )?,
+                capped("initial_worker_port", 9000, u32::MAX.into())?,
             )?,
             metrics_auth_token: get("metrics_auth_token")
                 .filter(|s| !s.is_empty())
@@ -1219,6 +1319,20 @@ impl Config {
     /// Whether a registration URL matches `allowed_urls`.
     pub fn url_allowed(&self, url: &str) -> bool {
         self.allowed_urls.iter().any(|r| r.is_match(url))
+    }
+}
+
+/// The option of `options` named exactly `value`, or an error listing the names.
+fn one_of<T: Copy>(key: &str, value: &str, options: &[(&str, T)]) -> Result<T, ConfigError> {
+    match options.iter().find(|(name, _)| *name == value) {
+        Some(&(_, v)) => Ok(v),
+        None => {
+            let names: Vec<&str> = options.iter().map(|(name, _)| *name).collect();
+            err(format!(
+                "config key {key}: {value:?} is not one of {}",
+                names.join(", ")
+            ))
+        }
     }
 }
 
@@ -1281,6 +1395,12 @@ fn tls_files(
     }
 }
 
+/// The first socket address of `host` (an IP address, bracketed or not, or a name) and `port`.
+fn resolve(host: &str, port: u16) -> Option<SocketAddr> {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    (host, port).to_socket_addrs().ok()?.next()
+}
+
 /// Parses `http://host:port` or `https://host:port` (TorchServe's address forms) into a socket
 /// address; the scheme is read separately (`TlsListeners`).
 fn parse_address(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
@@ -1306,16 +1426,11 @@ fn parse_address(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
             "config key {key}: {value:?} has a port that is not a number from 0 to 65535"
         ))
     })?;
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    (host, port)
-        .to_socket_addrs()
-        .ok()
-        .and_then(|mut a| a.next())
-        .ok_or_else(|| {
-            invalid(format!(
-                "config key {key}: {value:?} is not a usable address"
-            ))
-        })
+    resolve(host, port).ok_or_else(|| {
+        invalid(format!(
+            "config key {key}: {value:?} is not a usable address"
+        ))
+    })
 }
 
 #[cfg(test)]
@@ -1338,14 +1453,18 @@ mod tests {
         let m = read(serde_json::json!({"asyncCommunication": false})).unwrap();
         assert_eq!(m.batch_mode, None);
         assert_eq!(read(serde_json::json!({})).unwrap().batch_mode, None);
-        let e = read(serde_json::json!({"asyncCommunication": "yes"})).unwrap_err();
+        let e = read(serde_json::json!({"asyncCommunication": "yes"}))
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("asyncCommunication \"yes\" is not true or false"),
             "{e}"
         );
         let m = read(serde_json::json!({"continuousBatching": true})).unwrap();
         assert_eq!(m.batch_mode, Some(BatchMode::Continuous));
-        let e = read(serde_json::json!({"sequenceBatching": true})).unwrap_err();
+        let e = read(serde_json::json!({"sequenceBatching": true}))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("needs sequenceMaxIdleMSec"), "{e}");
     }
 
@@ -1400,7 +1519,7 @@ mod tests {
                 "cannot be combined with asyncCommunication",
             ),
         ] {
-            let e = read(bad).unwrap_err();
+            let e = read(bad).unwrap_err().to_string();
             assert!(e.contains(want), "{e}");
         }
     }
@@ -1792,7 +1911,9 @@ mod tests {
             MAX_SMALL_FILE_BYTES
         );
         std::fs::write(&path, vec![b'a'; MAX_SMALL_FILE_BYTES as usize + 1]).unwrap();
-        let e = read_small_file(&path, "the file f").unwrap_err();
+        let e = read_small_file(&path, "the file f")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("the file f is larger than the limit"), "{e}");
     }
 

@@ -39,27 +39,59 @@ pub struct Latest {
 /// The largest answer top accepts (a frame for many models is a few hundred KB at most).
 const MAX_BODY: usize = 8 * 1024 * 1024;
 
+/// Why top cannot show the server: the fetch failed (shown on screen, retried every second), or
+/// the terminal cannot be driven (top ends).
+#[derive(Debug, thiserror::Error)]
+pub enum TopError {
+    #[error("cannot reach {url}: {source}")]
+    Unreachable { url: String, source: reqwest::Error },
+    #[error("reading {url}: {source}")]
+    Read { url: String, source: reqwest::Error },
+    #[error("{url} answered {len} bytes, more than top reads")]
+    TooLarge { url: String, len: usize },
+    /// An error status; `message` is the server's (or the body's start), `hint` what may fix it.
+    #[error("{url}: {status}: {message}{hint}")]
+    Status {
+        url: String,
+        status: reqwest::StatusCode,
+        message: String,
+        hint: &'static str,
+    },
+    #[error("{url} answered something else than the dashboard's data: {source}")]
+    NotData {
+        url: String,
+        source: serde_json::Error,
+    },
+    #[error("{0}")]
+    Client(reqwest::Error),
+    #[error("this terminal cannot run top: {0}")]
+    Terminal(std::io::Error),
+    /// Writing to the terminal or reading its keys failed, or no runtime could be built.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
 /// Fetches the newest point from the server.
-pub async fn fetch(client: &reqwest::Client, opts: &TopOptions) -> Result<Latest, String> {
+pub async fn fetch(client: &reqwest::Client, opts: &TopOptions) -> Result<Latest, TopError> {
     let url = format!("{}/dashboard/api/latest", opts.url.trim_end_matches('/'));
     let mut req = client.get(&url);
     if let Some(t) = &opts.token {
         req = req.bearer_auth(t);
     }
-    let resp = req
-        .send()
-        .await
-        .map_err(|e| format!("cannot reach {url}: {e}"))?;
+    let resp = req.send().await.map_err(|source| TopError::Unreachable {
+        url: url.clone(),
+        source,
+    })?;
     let status = resp.status();
-    let body = resp
-        .bytes()
-        .await
-        .map_err(|e| format!("reading {url}: {e}"))?;
+    let body = resp.bytes().await.map_err(|source| TopError::Read {
+        url: url.clone(),
+        source,
+    })?;
     if body.len() > MAX_BODY {
-        return Err(format!(
-            "{url} answered {} bytes, more than top reads",
-            body.len()
-        ));
+        return Err(TopError::TooLarge {
+            url,
+            len: body.len(),
+        });
     }
     if !status.is_success() {
         let message = serde_json::from_slice::<serde_json::Value>(&body)
@@ -73,10 +105,14 @@ pub async fn fetch(client: &reqwest::Client, opts: &TopOptions) -> Result<Latest
         } else {
             ""
         };
-        return Err(format!("{url}: {status}: {message}{hint}"));
+        return Err(TopError::Status {
+            url,
+            status,
+            message,
+            hint,
+        });
     }
-    serde_json::from_slice(&body)
-        .map_err(|e| format!("{url} answered something else than the dashboard's data: {e}"))
+    serde_json::from_slice(&body).map_err(|source| TopError::NotData { url, source })
 }
 
 /// A number with `digits` decimals, or `-` when there is none.
@@ -192,15 +228,14 @@ pub fn frame(latest: &Latest, source: &str, width: usize, height: Option<usize>)
 }
 
 /// Runs top until the user quits (or after one frame with `--once`).
-pub fn run(opts: TopOptions) -> Result<(), String> {
+pub fn run(opts: TopOptions) -> Result<(), TopError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
+        .build()?;
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
         .build()
-        .map_err(|e| e.to_string())?;
+        .map_err(TopError::Client)?;
     if opts.once {
         let latest = runtime.block_on(fetch(&client, &opts))?;
         for line in frame(&latest, &opts.url, 200, None) {
@@ -216,7 +251,7 @@ fn interactive(
     runtime: &tokio::runtime::Runtime,
     client: &reqwest::Client,
     opts: &TopOptions,
-) -> Result<(), String> {
+) -> Result<(), TopError> {
     use crossterm::event::{self, Event, KeyCode, KeyEvent, KeyModifiers};
     use crossterm::{cursor, execute, queue, terminal};
 
@@ -231,10 +266,10 @@ fn interactive(
             );
         }
     }
-    terminal::enable_raw_mode().map_err(|e| format!("this terminal cannot run top: {e}"))?;
+    terminal::enable_raw_mode().map_err(TopError::Terminal)?;
     let _restore = Restore;
     let mut out = std::io::stdout();
-    execute!(out, terminal::EnterAlternateScreen, cursor::Hide).map_err(|e| e.to_string())?;
+    execute!(out, terminal::EnterAlternateScreen, cursor::Hide)?;
     loop {
         let started = Instant::now();
         let (w, h) = terminal::size().unwrap_or((100, 30));
@@ -251,23 +286,22 @@ fn interactive(
             out,
             cursor::MoveTo(0, 0),
             terminal::Clear(terminal::ClearType::All)
-        )
-        .map_err(|e| e.to_string())?;
+        )?;
         for (i, line) in lines.iter().enumerate() {
-            queue!(out, cursor::MoveTo(0, i as u16)).map_err(|e| e.to_string())?;
+            queue!(out, cursor::MoveTo(0, i as u16))?;
             let _ = out.write_all(line.as_bytes());
         }
-        queue!(out, cursor::MoveTo(0, h.saturating_sub(1))).map_err(|e| e.to_string())?;
+        queue!(out, cursor::MoveTo(0, h.saturating_sub(1)))?;
         let _ = out.write_all(b"q: quit");
-        out.flush().map_err(|e| e.to_string())?;
+        out.flush()?;
         // Wait for the rest of the second, answering keys meanwhile.
         while let Some(left) = Duration::from_secs(1).checked_sub(started.elapsed()) {
-            if !event::poll(left).map_err(|e| e.to_string())? {
+            if !event::poll(left)? {
                 break;
             }
             if let Event::Key(KeyEvent {
                 code, modifiers, ..
-            }) = event::read().map_err(|e| e.to_string())?
+            }) = event::read()?
             {
                 let ctrl_c =
                     code == KeyCode::Char('c') && modifiers.contains(KeyModifiers::CONTROL);

@@ -93,6 +93,12 @@ fn status_of(e: &ApiError) -> Status {
     Status::new(code_for(e.status), format!("{}\n{}", e.message, e.kind))
 }
 
+impl From<ApiError> for Status {
+    fn from(e: ApiError) -> Status {
+        status_of(&e)
+    }
+}
+
 /// The HTTP status a gRPC outcome counts as in Requests2XX/4XX/5XX.
 fn http_of(code: tonic::Code) -> u16 {
     use tonic::Code;
@@ -142,6 +148,11 @@ impl Api {
         self.state.metrics.host.count_response(http_of(code));
     }
 
+    /// [`Api::authorize`] for a call that counts its own outcome: a refusal is counted here.
+    fn admit<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        self.authorize(req).inspect_err(|e| self.count(e.code()))
+    }
+
     /// Runs a unary call: token check, then `f`, counting the outcome.
     async fn unary<T, F>(&self, req: &Request<impl Sized>, f: F) -> Result<Response<T>, Status>
     where
@@ -179,6 +190,16 @@ struct Queued {
 }
 
 impl Inference {
+    /// A unary or server-streaming prediction admitted and queued; a refusal (token, bad
+    /// request, full queue) is counted and answered here. What is queued is counted when drained.
+    fn admit_and_submit(&self, req: Request<PredictionsRequest>) -> Result<Queued, Status> {
+        self.0.admit(&req)?;
+        self.submit(req.into_inner(), Vec::new()).map_err(|e| {
+            self.0.count(code_for(e.status));
+            Status::from(e)
+        })
+    }
+
     /// Checks a request, builds TorchServe's request shape (one parameter per `input` entry) and
     /// queues it on the model's pool.
     fn submit(
@@ -307,17 +328,7 @@ impl InferenceApIsService for Inference {
         &self,
         req: Request<PredictionsRequest>,
     ) -> Result<Response<PredictionResponse>, Status> {
-        if let Err(e) = self.0.authorize(&req) {
-            self.0.count(e.code());
-            return Err(e);
-        }
-        let queued = match self.submit(req.into_inner(), Vec::new()) {
-            Ok(q) => q,
-            Err(e) => {
-                self.0.count(code_for(e.status));
-                return Err(status_of(&e));
-            }
-        };
+        let queued = self.admit_and_submit(req)?;
         // A streamed reply to a unary call is answered whole, as HTTP joins its chunks. The reply
         // is drained by its own task: a client that gives up (a deadline, a cancel) drops this
         // future, and the request must still be recorded once the worker answers.
@@ -354,17 +365,7 @@ impl InferenceApIsService for Inference {
         &self,
         req: Request<PredictionsRequest>,
     ) -> Result<Response<Self::StreamPredictionsStream>, Status> {
-        if let Err(e) = self.0.authorize(&req) {
-            self.0.count(e.code());
-            return Err(e);
-        }
-        let queued = match self.submit(req.into_inner(), Vec::new()) {
-            Ok(q) => q,
-            Err(e) => {
-                self.0.count(code_for(e.status));
-                return Err(status_of(&e));
-            }
-        };
+        let queued = self.admit_and_submit(req)?;
         // The reply is drained by its own task so that it is recorded even when the client goes
         // away mid-stream; the channel holds what the worker has sent and the client not yet read.
         let (tx, rx) = mpsc::unbounded_channel();
@@ -392,10 +393,7 @@ impl InferenceApIsService for Inference {
         &self,
         req: Request<Streaming<PredictionsRequest>>,
     ) -> Result<Response<Self::StreamPredictions2Stream>, Status> {
-        if let Err(e) = self.0.authorize(&req) {
-            self.0.count(e.code());
-            return Err(e);
-        }
+        self.0.admit(&req)?;
         let mut inbound = req.into_inner();
         let (tx, rx) = mpsc::unbounded_channel();
         let this = Inference(self.0.clone());
@@ -512,10 +510,6 @@ fn positive_or(v: i32, default: Option<u32>) -> Option<u32> {
     }
 }
 
-fn api(e: ApiError) -> Status {
-    status_of(&e)
-}
-
 /// TorchServe's refusal when the model API is off (`enable_model_api=false`).
 fn model_api_enabled(state: &AppState) -> Result<(), Status> {
     if state.config.enable_model_api {
@@ -529,9 +523,7 @@ fn model_api_enabled(state: &AppState) -> Result<(), Status> {
 
 fn required(value: &str, name: &str) -> Result<(), Status> {
     if value.is_empty() {
-        Err(api(ApiError::bad_request(format!(
-            "Parameter {name} is required."
-        ))))
+        Err(ApiError::bad_request(format!("Parameter {name} is required.")).into())
     } else {
         Ok(())
     }
@@ -552,8 +544,7 @@ impl ManagementApIsService for Management {
             .unary(&req, async {
                 required(&r.model_name, "model_name")?;
                 let v = management::describe(&self.0.state, &r.model_name, given(&r.model_version))
-                    .await
-                    .map_err(api)?;
+                    .await?;
                 Ok(msg(pretty(&v)))
             })
             .await
@@ -588,13 +579,14 @@ impl ManagementApIsService for Management {
                 model_api_enabled(&self.0.state)?;
                 // TorchServe's GRPCUtils.getRegisterParam reads an empty field as absent.
                 if r.url.is_empty() {
-                    return Err(api(ApiError::bad_request("Parameter url is required.")));
+                    return Err(ApiError::bad_request("Parameter url is required.").into());
                 }
                 if !r.handler.is_empty() || !r.runtime.is_empty() {
-                    return Err(api(ApiError::bad_request(
+                    return Err(ApiError::bad_request(
                         "oxserve takes handler and runtime from the archive's MANIFEST.json; \
                          they cannot be overridden at registration",
-                    )));
+                    )
+                    .into());
                 }
                 let ms = |v: i32| positive_or(v, None).map(|v| Duration::from_millis(v.into()));
                 let s = |v: i32| positive_or(v, None).map(|v| Duration::from_secs(v.into()));
@@ -612,9 +604,7 @@ impl ManagementApIsService for Management {
                     default_workers: Some(management::api_default_workers(&self.0.state.config)),
                     workflow: None,
                 };
-                let (_, text) = management::register_model(&self.0.state, &r.url, options)
-                    .await
-                    .map_err(api)?;
+                let (_, text) = management::register_model(&self.0.state, &r.url, options).await?;
                 Ok(msg(text))
             })
             .await
@@ -638,8 +628,7 @@ impl ManagementApIsService for Management {
                     (min, max, gpus),
                     r.synchronous,
                 )
-                .await
-                .map_err(api)?;
+                .await?;
                 Ok(msg(text))
             })
             .await
@@ -654,9 +643,12 @@ impl ManagementApIsService for Management {
             .unary(&req, async {
                 required(&r.model_name, "model_name")?;
                 required(&r.model_version, "model_version")?;
-                management::set_default_version(&self.0.state, &r.model_name, &r.model_version)
-                    .map(msg)
-                    .map_err(api)
+                let text = management::set_default_version(
+                    &self.0.state,
+                    &r.model_name,
+                    &r.model_version,
+                )?;
+                Ok(msg(text))
             })
             .await
     }
@@ -670,10 +662,13 @@ impl ManagementApIsService for Management {
             .unary(&req, async {
                 model_api_enabled(&self.0.state)?;
                 required(&r.model_name, "model_name")?;
-                management::unregister_model(&self.0.state, &r.model_name, given(&r.model_version))
-                    .await
-                    .map(msg)
-                    .map_err(api)
+                let text = management::unregister_model(
+                    &self.0.state,
+                    &r.model_name,
+                    given(&r.model_version),
+                )
+                .await?;
+                Ok(msg(text))
             })
             .await
     }
@@ -723,6 +718,15 @@ macro_rules! serve {
     }};
 }
 
+/// Why the gRPC listeners cannot start (the server does not start either).
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error(transparent)]
+    Tls(#[from] crate::api::tls::TlsError),
+    #[error("enable_grpc_ssl=true needs private_key_file and certificate_file")]
+    NoTlsFiles,
+}
+
 /// Spawns the two gRPC listeners (already bound) with the request size limits of the config;
 /// with `enable_grpc_ssl`, over TLS (an unusable key or certificate is the error).
 pub fn spawn(
@@ -730,14 +734,10 @@ pub fn spawn(
     inference_listener: tokio::net::TcpListener,
     management_listener: tokio::net::TcpListener,
     stop: tokio::sync::watch::Receiver<bool>,
-) -> Result<Vec<tokio::task::JoinHandle<()>>, String> {
+) -> Result<Vec<tokio::task::JoinHandle<()>>, SpawnError> {
     let acceptor = match (&state.config.tls, state.config.grpc_ssl) {
-        (Some(files), true) => {
-            Some(crate::api::tls::acceptor_with_alpn(files, b"h2").map_err(|e| e.to_string())?)
-        }
-        (None, true) => {
-            return Err("enable_grpc_ssl=true needs private_key_file and certificate_file".into())
-        }
+        (Some(files), true) => Some(crate::api::tls::acceptor_with_alpn(files, b"h2")?),
+        (None, true) => return Err(SpawnError::NoTlsFiles),
         (_, false) => None,
     };
     let timeout = state.config.http.header_timeout;

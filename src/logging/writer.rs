@@ -363,6 +363,31 @@ mod tests {
         }
     }
 
+    /// A writer of one file that says how many lines it dropped as `dropped <n>` lines.
+    fn counting_writer(path: &Path) -> Writer {
+        Writer::spawn(
+            "test-writer",
+            vec![FileSpec {
+                path: path.to_path_buf(),
+                max_bytes: u64::MAX,
+                keep: 1,
+                notice: Some(|n| format!("dropped {n}\n")),
+            }],
+        )
+        .unwrap()
+    }
+
+    /// The lines of `path` that start with `prefix`, and the drops its notices count.
+    fn written_and_dropped(path: &Path, prefix: &str) -> (usize, usize) {
+        let text = fs::read_to_string(path).unwrap();
+        let written = text.lines().filter(|l| l.starts_with(prefix)).count();
+        let dropped = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("dropped ")?.parse::<usize>().ok())
+            .sum();
+        (written, dropped)
+    }
+
     fn rolled(dir: &Path, stem: &str) -> Vec<String> {
         let mut v: Vec<String> = fs::read_dir(dir)
             .unwrap()
@@ -429,27 +454,13 @@ mod tests {
     fn a_full_queue_drops_lines_and_says_so() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("model_log.log");
-        let w = Writer::spawn(
-            "test-writer",
-            vec![FileSpec {
-                path: path.clone(),
-                max_bytes: u64::MAX,
-                keep: 1,
-                notice: Some(|n| format!("dropped {n}\n")),
-            }],
-        )
-        .unwrap();
+        let w = counting_writer(&path);
         // Far more than the queue holds, faster than any disk: some must be dropped, none blocks.
         for i in 0..(CAPACITY * 8) {
             w.write(0, format!("line {i}\n"));
         }
         w.flush(Duration::from_secs(30));
-        let text = fs::read_to_string(&path).unwrap();
-        let written = text.lines().filter(|l| l.starts_with("line ")).count();
-        let dropped: usize = text
-            .lines()
-            .filter_map(|l| l.strip_prefix("dropped ")?.parse::<usize>().ok())
-            .sum();
+        let (written, dropped) = written_and_dropped(&path, "line ");
         assert_eq!(
             written + dropped,
             CAPACITY * 8,
@@ -492,16 +503,7 @@ mod tests {
     fn the_queue_is_bounded_in_bytes_too() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("model_log.log");
-        let w = Writer::spawn(
-            "test-writer",
-            vec![FileSpec {
-                path: path.clone(),
-                max_bytes: u64::MAX,
-                keep: 1,
-                notice: Some(|n| format!("dropped {n}\n")),
-            }],
-        )
-        .unwrap();
+        let w = counting_writer(&path);
         // 64 lines of 1 MiB: twice what the queue may hold at once.
         let big = "z".repeat((1 << 20) - 1) + "\n";
         for _ in 0..64 {
@@ -509,12 +511,7 @@ mod tests {
             assert!(w.queued.load(Ordering::Relaxed) <= CAPACITY_BYTES);
         }
         w.flush(Duration::from_secs(60));
-        let text = fs::read_to_string(&path).unwrap();
-        let written = text.lines().filter(|l| l.starts_with('z')).count();
-        let dropped: usize = text
-            .lines()
-            .filter_map(|l| l.strip_prefix("dropped ")?.parse::<usize>().ok())
-            .sum();
+        let (written, dropped) = written_and_dropped(&path, "z");
         assert_eq!(written + dropped, 64);
         assert_eq!(w.queued.load(Ordering::Relaxed), 0);
     }

@@ -32,19 +32,53 @@ pub struct MetricLine {
     pub request_ids: Vec<String>,
 }
 
+/// Why a metric line is refused; the registry logs it and counts the line as dropped. Fields hold
+/// the offending part of the line as written.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum LineError {
+    #[error("no ':<value>' in {0:?}")]
+    NoValue(String),
+    #[error("no '.<unit>' after the name in {0:?}")]
+    NoUnit(String),
+    #[error("invalid metric name {0:?}")]
+    Name(String),
+    #[error("invalid unit {0:?}")]
+    Unit(String),
+    #[error("value {0:?} is not a number")]
+    Value(String),
+    #[error("no '|#' dimensions part")]
+    NoDimensions,
+    #[error("dimension {0:?} has no ':'")]
+    DimensionPair(String),
+    #[error("invalid dimension name {0:?}")]
+    DimensionName(String),
+    #[error("dimension {0:?} has a value longer than {MAX_VALUE_LEN} bytes")]
+    DimensionValue(String),
+    #[error("dimension {0:?} appears twice")]
+    Duplicate(String),
+    #[error("more than {MAX_DIMENSIONS} dimensions")]
+    TooManyDimensions,
+    #[error("unknown type {0:?}")]
+    Type(String),
+    #[error("timestamp {0:?} is not a whole number")]
+    Timestamp(String),
+    #[error("unexpected part {0:?}")]
+    Part(String),
+}
+
 /// Parses a line without its `[METRICS]` prefix.
-pub fn parse(line: &str) -> Result<MetricLine, String> {
+pub fn parse(line: &str) -> Result<MetricLine, LineError> {
     let line = line.trim_end_matches(['\r', '\n']);
     let mut segments = line.split("|#");
     let head = segments.next().unwrap_or_default();
     let (name_unit, value) = head
         .rsplit_once(':')
-        .ok_or_else(|| format!("no ':<value>' in {head:?}"))?;
+        .ok_or_else(|| LineError::NoValue(head.into()))?;
     let (name, unit) = name_unit
         .split_once('.')
-        .ok_or_else(|| format!("no '.<unit>' after the name in {name_unit:?}"))?;
+        .ok_or_else(|| LineError::NoUnit(name_unit.into()))?;
     if !valid_metric_name(name) || name.len() > MAX_NAME_LEN {
-        return Err(format!("invalid metric name {name:?}"));
+        return Err(LineError::Name(name.into()));
     }
     // TorchServe's unit pattern is [\w\s]+; the unit goes into the HELP text.
     if unit.is_empty()
@@ -53,12 +87,12 @@ pub fn parse(line: &str) -> Result<MetricLine, String> {
             .chars()
             .all(|c| c.is_alphanumeric() || c == '_' || c == ' ')
     {
-        return Err(format!("invalid unit {unit:?}"));
+        return Err(LineError::Unit(unit.into()));
     }
     let value: f64 = value
         .trim()
         .parse()
-        .map_err(|_| format!("value {value:?} is not a number"))?;
+        .map_err(|_| LineError::Value(value.into()))?;
     let mut out = MetricLine {
         name: name.to_string(),
         unit: unit.to_string(),
@@ -69,33 +103,29 @@ pub fn parse(line: &str) -> Result<MetricLine, String> {
         timestamp: None,
         request_ids: Vec::new(),
     };
-    let dims = segments
-        .next()
-        .ok_or_else(|| "no '|#' dimensions part".to_string())?;
+    let dims = segments.next().ok_or(LineError::NoDimensions)?;
     for pair in dims.split(',').filter(|p| !p.is_empty()) {
         let (k, v) = pair
             .split_once(':')
-            .ok_or_else(|| format!("dimension {pair:?} has no ':'"))?;
+            .ok_or_else(|| LineError::DimensionPair(pair.into()))?;
         // `__` names are reserved to Prometheus itself (`__name__`).
         if !valid_label_name(k) || k.starts_with("__") || k.len() > MAX_NAME_LEN {
-            return Err(format!("invalid dimension name {k:?}"));
+            return Err(LineError::DimensionName(k.into()));
         }
         if v.len() > MAX_VALUE_LEN {
-            return Err(format!(
-                "dimension {k:?} has a value longer than {MAX_VALUE_LEN} bytes"
-            ));
+            return Err(LineError::DimensionValue(k.into()));
         }
         if out.dimensions.iter().any(|(name, _)| name == k) {
-            return Err(format!("dimension {k:?} appears twice"));
+            return Err(LineError::Duplicate(k.into()));
         }
         if out.dimensions.len() == MAX_DIMENSIONS {
-            return Err(format!("more than {MAX_DIMENSIONS} dimensions"));
+            return Err(LineError::TooManyDimensions);
         }
         out.dimensions.push((k.to_string(), v.to_string()));
     }
     for segment in segments {
         if let Some(t) = segment.strip_prefix("type:") {
-            out.kind = Some(Kind::from_line_type(t).ok_or_else(|| format!("unknown type {t:?}"))?);
+            out.kind = Some(Kind::from_line_type(t).ok_or_else(|| LineError::Type(t.into()))?);
         } else if let Some(rest) = segment.strip_prefix("hostname:") {
             let mut parts = rest.split(',');
             out.hostname = parts.next().unwrap_or_default().to_string();
@@ -103,7 +133,7 @@ pub fn parse(line: &str) -> Result<MetricLine, String> {
                 out.timestamp = Some(
                     ts.trim()
                         .parse()
-                        .map_err(|_| format!("timestamp {ts:?} is not a whole number"))?,
+                        .map_err(|_| LineError::Timestamp(ts.into()))?,
                 );
             }
             out.request_ids = parts
@@ -111,7 +141,7 @@ pub fn parse(line: &str) -> Result<MetricLine, String> {
                 .map(|p| p.to_string())
                 .collect();
         } else {
-            return Err(format!("unexpected part {segment:?}"));
+            return Err(LineError::Part(segment.into()));
         }
     }
     Ok(out)
@@ -158,9 +188,11 @@ mod tests {
         assert!(parse("garbage").is_err());
         assert!(parse("A.Count:x|#|#hostname:h,1")
             .unwrap_err()
+            .to_string()
             .contains("not a number"));
         assert!(parse("9A.Count:1|#|#hostname:h,1")
             .unwrap_err()
+            .to_string()
             .contains("invalid metric name"));
         assert!(parse("A.Count:1|#|#type:SUMMARY|#hostname:h,1").is_err());
         for (line, why) in [
@@ -172,11 +204,13 @@ mod tests {
             ("A.Co\\unt:1|#|#hostname:h,1", "invalid unit"),
             ("A.:1|#|#hostname:h,1", "invalid unit"),
         ] {
-            let e = parse(line).unwrap_err();
+            let e = parse(line).unwrap_err().to_string();
             assert!(e.contains(why), "{line}: {e}");
         }
         let many: Vec<String> = (0..=MAX_DIMENSIONS).map(|i| format!("d{i}:v")).collect();
-        let e = parse(&format!("A.Count:1|#{}|#hostname:h,1", many.join(","))).unwrap_err();
+        let e = parse(&format!("A.Count:1|#{}|#hostname:h,1", many.join(",")))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("more than"), "{e}");
     }
 

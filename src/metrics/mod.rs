@@ -444,7 +444,7 @@ impl Metrics {
         let parsed = match line::parse(text) {
             Ok(l) => l,
             Err(reason) => {
-                self.drop_malformed(&line_name(text), &reason, text);
+                self.drop_malformed(&line_name(text), &reason.to_string(), text);
                 return;
             }
         };

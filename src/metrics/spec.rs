@@ -164,9 +164,10 @@ fn check_anchors(text: &str, source: &str) -> Result<(), SpecError> {
 /// Why a metrics.yaml was refused; every message names the file.
 #[derive(Debug, thiserror::Error)]
 pub enum SpecError {
-    /// The file cannot be read (missing, too large, not UTF-8).
+    /// The file cannot be read (missing, too large, not UTF-8). Shown, not chained as a source:
+    /// its message already holds the reason, and start-up errors are printed with their chain.
     #[error("{0}")]
-    Read(String),
+    Read(crate::config::ReadFileError),
     /// Not YAML of the expected shape.
     #[error("metrics config {file}: {reason}")]
     Yaml { file: String, reason: String },

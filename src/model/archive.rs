@@ -18,7 +18,7 @@ use crate::model::loading::{Counting, Loading};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{read_small_file, Config};
+use crate::config::{read_small_file, Config, ReadFileError};
 
 /// What an archive may unpack to.
 #[derive(Debug, Clone, Copy)]
@@ -100,11 +100,39 @@ pub struct ManifestModel {
 pub enum ArchiveError {
     #[error("model archive not found: {0}")]
     NotFound(String),
+    /// The archive's structure is refused (not a zip, over a limit, an entry outside it, a
+    /// link). The reason is a sentence: the many limits of unpacking are only ever shown.
     #[error("invalid model archive {path}: {reason}")]
     Invalid { path: String, reason: String },
+    /// A file of the archive (its manifest, an entry name) is refused.
+    #[error("invalid model archive {path}: {source}")]
+    File { path: String, source: FileError },
     /// The manifest's `configFile` is missing, outside the archive, or not YAML.
-    #[error("{0}")]
-    ModelConfig(String),
+    #[error(transparent)]
+    ModelConfig(FileError),
+}
+
+/// Why a file named by or inside an archive is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    #[error(transparent)]
+    Read(#[from] ReadFileError),
+    #[error("MAR-INF/MANIFEST.json is not valid: {0}")]
+    Manifest(serde_json::Error),
+    #[error("the model config {file} is not valid YAML: {source}")]
+    Yaml {
+        file: String,
+        source: serde_yaml::Error,
+    },
+    #[error("the model config {file} cannot be represented as JSON: {source}")]
+    NotJson {
+        file: String,
+        source: serde_json::Error,
+    },
+    #[error("entry {0:?} points outside the archive")]
+    Outside(String),
+    #[error("entry {0:?} has an empty name")]
+    EmptyName(String),
 }
 
 fn invalid(path: &Path, reason: impl Into<String>) -> ArchiveError {
@@ -140,7 +168,10 @@ pub fn open_observed(
         return Err(ArchiveError::NotFound(path.display().to_string()));
     }
     if path.is_dir() {
-        let manifest = read_manifest(path)?;
+        let manifest = read_manifest(path).map_err(|source| ArchiveError::File {
+            path: path.display().to_string(),
+            source,
+        })?;
         return Ok(UnpackedArchive {
             dir: path.to_path_buf(),
             manifest,
@@ -150,9 +181,10 @@ pub fn open_observed(
     let temp = private_tempdir("oxserve-model-")
         .map_err(|e| invalid(path, format!("cannot create a temporary folder: {e}")))?;
     unpack_zip(path, temp.path(), limits, loading)?;
-    let manifest = read_manifest(temp.path()).map_err(|e| match e {
-        ArchiveError::Invalid { reason, .. } => invalid(path, reason),
-        other => other,
+    // Errors name the archive, not the temporary folder it was unpacked into.
+    let manifest = read_manifest(temp.path()).map_err(|source| ArchiveError::File {
+        path: path.display().to_string(),
+        source,
     })?;
     Ok(UnpackedArchive {
         dir: temp.path().to_path_buf(),
@@ -161,15 +193,14 @@ pub fn open_observed(
     })
 }
 
-fn read_manifest(dir: &Path) -> Result<Manifest, ArchiveError> {
+fn read_manifest(dir: &Path) -> Result<Manifest, FileError> {
     let file = dir.join("MAR-INF").join("MANIFEST.json");
-    let text = read_small_file(&file, "MAR-INF/MANIFEST.json").map_err(|e| invalid(dir, e))?;
-    parse_manifest(&text).map_err(|e| invalid(dir, e))
+    parse_manifest(&read_small_file(&file, "MAR-INF/MANIFEST.json")?)
 }
 
 /// Parses MANIFEST.json text.
-pub fn parse_manifest(text: &str) -> Result<Manifest, String> {
-    serde_json::from_str(text).map_err(|e| format!("MAR-INF/MANIFEST.json is not valid: {e}"))
+pub fn parse_manifest(text: &str) -> Result<Manifest, FileError> {
+    serde_json::from_str(text).map_err(FileError::Manifest)
 }
 
 /// The archive's model-config.yaml (manifest `configFile`, as torch-model-archiver's `--config-file`
@@ -191,33 +222,37 @@ pub fn model_config(
     let relative = safe_relative(file).map_err(ArchiveError::ModelConfig)?;
     let path = dir.join(relative);
     let text = read_small_file(&path, &format!("the model config {file}"))
-        .map_err(ArchiveError::ModelConfig)?;
+        .map_err(|e| ArchiveError::ModelConfig(e.into()))?;
     parse_model_config(&text, file)
         .map(Some)
         .map_err(ArchiveError::ModelConfig)
 }
 
 /// Parses model-config.yaml text (`file` names it in errors) into JSON.
-pub fn parse_model_config(text: &str, file: &str) -> Result<serde_json::Value, String> {
-    let yaml: serde_yaml::Value = serde_yaml::from_str(text)
-        .map_err(|e| format!("the model config {file} is not valid YAML: {e}"))?;
-    serde_json::to_value(yaml)
-        .map_err(|e| format!("the model config {file} cannot be represented as JSON: {e}"))
+pub fn parse_model_config(text: &str, file: &str) -> Result<serde_json::Value, FileError> {
+    let yaml: serde_yaml::Value = serde_yaml::from_str(text).map_err(|source| FileError::Yaml {
+        file: file.to_string(),
+        source,
+    })?;
+    serde_json::to_value(yaml).map_err(|source| FileError::NotJson {
+        file: file.to_string(),
+        source,
+    })
 }
 
 /// A zip entry name as a relative path that stays inside the destination, or why not.
-fn safe_relative(name: &str) -> Result<PathBuf, String> {
+fn safe_relative(name: &str) -> Result<PathBuf, FileError> {
     let path = Path::new(name);
     let mut out = PathBuf::new();
     for component in path.components() {
         match component {
             Component::Normal(part) => out.push(part),
             Component::CurDir => {}
-            _ => return Err(format!("entry {name:?} points outside the archive")),
+            _ => return Err(FileError::Outside(name.to_string())),
         }
     }
     if out.as_os_str().is_empty() {
-        return Err(format!("entry {name:?} has an empty name"));
+        return Err(FileError::EmptyName(name.to_string()));
     }
     Ok(out)
 }
@@ -270,7 +305,10 @@ pub fn unpack_zip(
         let entry = zip
             .by_index(i)
             .map_err(|e| invalid(archive, format!("corrupt entry {i}: {e}")))?;
-        let relative = safe_relative(entry.name()).map_err(|r| invalid(archive, r))?;
+        let relative = safe_relative(entry.name()).map_err(|source| ArchiveError::File {
+            path: archive.display().to_string(),
+            source,
+        })?;
         if entry.is_symlink() {
             return Err(invalid(
                 archive,

@@ -97,8 +97,8 @@ pub enum RegistryError {
     #[error("cannot load model from {url}: {source}")]
     Loader { url: String, source: LoaderError },
     /// The archive's model-config.yaml holds a setting oxserve refuses.
-    #[error("{0}")]
-    ModelConfig(String),
+    #[error(transparent)]
+    ModelConfig(crate::config::SettingsError),
     /// The blocking task opening the archive ended without an answer (it panicked).
     #[error("archive unpacking failed: {0}")]
     Unpacking(String),

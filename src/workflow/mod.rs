@@ -60,7 +60,7 @@ pub enum WorkflowError {
     #[error("Workflow {0} is already registered.")]
     Conflict(String),
     #[error("Invalid workflow archive {url}: {why}")]
-    Invalid { url: String, why: String },
+    Invalid { url: String, why: Box<WarError> },
     #[error("{0}")]
     BadRequest(String),
     #[error("Workflow {name} has failed to register. Failures: [{}]", failures.join(", "))]
@@ -70,6 +70,66 @@ pub enum WorkflowError {
     Execution(String),
     #[error("{0}")]
     Internal(String),
+}
+
+/// Why a workflow archive's contents are refused.
+#[derive(Debug, thiserror::Error)]
+pub enum WarError {
+    #[error("cannot create a temporary folder: {0}")]
+    TempDir(std::io::Error),
+    /// Unzipping failed; shown without the model-archive wording ([`unzip_reason`]).
+    #[error("{}", unzip_reason(.0))]
+    Unzip(archive::ArchiveError),
+    #[error(transparent)]
+    Read(#[from] crate::config::ReadFileError),
+    #[error(transparent)]
+    Manifest(#[from] spec::ManifestError),
+    #[error(transparent)]
+    Spec(#[from] spec::SpecError),
+    /// A file the manifest names (spec, handler) that leaves the archive.
+    #[error("{0:?} points outside the archive")]
+    Outside(String),
+    #[error("the archive has no file {0:?}")]
+    Missing(String),
+    /// The manifest that makes the unpacked archive a model folder cannot be written.
+    #[error("cannot prepare the function nodes: {0}")]
+    FunctionNodes(std::io::Error),
+    /// The blocking task unpacking the archive ended without an answer (it panicked).
+    #[error("unpacking failed: {0}")]
+    Unpacking(tokio::task::JoinError),
+}
+
+/// An unzip error's reason alone: the archive is named by the workflow error around it, and is
+/// not a model archive.
+fn unzip_reason(e: &archive::ArchiveError) -> String {
+    match e {
+        archive::ArchiveError::Invalid { reason, .. } => reason.clone(),
+        archive::ArchiveError::File { source, .. } => source.to_string(),
+        other => other.to_string(),
+    }
+}
+
+/// Why one attempt of a model node failed (logged; the node's retries decide the outcome).
+#[derive(Debug, thiserror::Error)]
+enum AttemptError {
+    #[error(transparent)]
+    Model(#[from] RegistryError),
+    /// The model's queue refused the job (full, or the model is going away).
+    #[error("model {model} refused the request: {reason:?}")]
+    Refused {
+        model: String,
+        reason: crate::worker::SubmitError,
+    },
+    #[error("model {model} answered {status}: {body}")]
+    Status {
+        model: String,
+        status: u16,
+        body: String,
+    },
+    #[error("model {0} dropped the request")]
+    Dropped(String),
+    #[error("no reply from model {model} within {timeout:?}")]
+    Timeout { model: String, timeout: Duration },
 }
 
 impl WorkflowError {
@@ -262,19 +322,15 @@ impl Workflows {
             .clone()
             .ok_or(WorkflowError::NoStore)?;
         let (path, download) = self.locate(url, &store).await?;
-        let invalid = |why: String| WorkflowError::Invalid {
+        let invalid = |why: WarError| WorkflowError::Invalid {
             url: url.to_string(),
-            why,
+            why: Box::new(why),
         };
         // Unpacking and reading are file work: off the async threads.
         let limits = archive::Limits::from_config(&self.config);
         let (dir, manifest, spec) = tokio::task::spawn_blocking(move || {
-            let dir = archive::private_tempdir("oxserve-workflow-")
-                .map_err(|e| format!("cannot create a temporary folder: {e}"))?;
-            archive::unpack_zip(&path, dir.path(), &limits, None).map_err(|e| match e {
-                archive::ArchiveError::Invalid { reason, .. } => reason,
-                other => other.to_string(),
-            })?;
+            let dir = archive::private_tempdir("oxserve-workflow-").map_err(WarError::TempDir)?;
+            archive::unpack_zip(&path, dir.path(), &limits, None).map_err(WarError::Unzip)?;
             let text = read_small_file(
                 &dir.path().join("WAR-INF").join("MANIFEST.json"),
                 "WAR-INF/MANIFEST.json",
@@ -289,10 +345,10 @@ impl Workflows {
                 relative_file(dir.path(), h)?;
             }
             let spec = spec::parse(&text, handler.is_some())?;
-            Ok::<_, String>((dir, manifest, spec))
+            Ok::<_, WarError>((dir, manifest, spec))
         })
         .await
-        .map_err(|e| invalid(format!("unpacking failed: {e}")))?
+        .map_err(|e| invalid(WarError::Unpacking(e)))?
         .map_err(invalid)?;
         let w = manifest.workflow.expect("checked by parse");
         let name = req
@@ -325,7 +381,7 @@ impl Workflows {
         let handler = w.handler.unwrap_or_default();
         if spec.nodes.iter().any(|n| n.kind == spec::Kind::Function) {
             write_function_manifest(dir.path(), &name, &handler)
-                .map_err(|e| invalid(format!("cannot prepare the function nodes: {e}")))?;
+                .map_err(|e| invalid(WarError::FunctionNodes(e)))?;
         }
         let models: Vec<String> = spec
             .nodes
@@ -546,8 +602,8 @@ impl Workflows {
         model: &str,
         mut request: InferRequest,
         timeout: Duration,
-    ) -> Result<Bytes, String> {
-        let version = self.registry.get(model, None).map_err(|e| e.to_string())?;
+    ) -> Result<Bytes, AttemptError> {
+        let version = self.registry.get(model, None)?;
         let arrival = Instant::now();
         request.id = crate::logging::new_request_id();
         let (job, rx) = Job::new(request, Timings::new(arrival));
@@ -555,7 +611,10 @@ impl Workflows {
             let mut t = Timings::new(arrival);
             t.responded = Some(Instant::now());
             version.metrics.record_request(&t, 503, false);
-            return Err(format!("model {model} refused the request: {e:?}"));
+            return Err(AttemptError::Refused {
+                model: model.to_string(),
+                reason: e,
+            });
         }
         let metrics = version.metrics.clone();
         let mut rx = Box::pin(collect(rx));
@@ -565,13 +624,14 @@ impl Workflows {
                 if (200..300).contains(&status) {
                     Ok(body)
                 } else {
-                    Err(format!(
-                        "model {model} answered {status}: {}",
-                        String::from_utf8_lossy(&body[..body.len().min(200)])
-                    ))
+                    Err(AttemptError::Status {
+                        model: model.to_string(),
+                        status,
+                        body: String::from_utf8_lossy(&body[..body.len().min(200)]).into(),
+                    })
                 }
             }
-            Ok(None) => Err(format!("model {model} dropped the request")),
+            Ok(None) => Err(AttemptError::Dropped(model.to_string())),
             Err(_) => {
                 // The worker still has it: its reply is counted when it comes.
                 tokio::spawn(async move {
@@ -579,7 +639,10 @@ impl Workflows {
                         metrics.record_request(&t, status, false);
                     }
                 });
-                Err(format!("no reply from model {model} within {timeout:?}"))
+                Err(AttemptError::Timeout {
+                    model: model.to_string(),
+                    timeout,
+                })
             }
         }
     }
@@ -619,14 +682,14 @@ fn valid_workflow_name(name: &str) -> bool {
 }
 
 /// A file named inside the unpacked archive, which must exist there.
-fn relative_file(dir: &Path, name: &str) -> Result<PathBuf, String> {
+fn relative_file(dir: &Path, name: &str) -> Result<PathBuf, WarError> {
     let path = Path::new(name);
     if !path.components().all(|c| matches!(c, Component::Normal(_))) {
-        return Err(format!("{name:?} points outside the archive"));
+        return Err(WarError::Outside(name.to_string()));
     }
     let full = dir.join(path);
     if !full.is_file() {
-        return Err(format!("the archive has no file {name:?}"));
+        return Err(WarError::Missing(name.to_string()));
     }
     Ok(full)
 }

@@ -25,6 +25,75 @@ pub const MAX_NODES: usize = 64;
 /// Longest node name (the model name `<workflow>__<node>` has the registry's own limit too).
 const MAX_NODE_NAME: usize = 100;
 
+/// Why `WAR-INF/MANIFEST.json` is refused (TorchServe's WorkflowArchive.validate words).
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("WAR-INF/MANIFEST.json is not valid: {0}")]
+    Json(serde_json::Error),
+    #[error("Missing Workflow entry in manifest file.")]
+    NoWorkflow,
+    #[error("Workflow name is not defined.")]
+    NoName,
+    #[error("Workflow archive version is not defined.")]
+    NoVersion,
+    #[error("Workflow archive createdOn is not defined.")]
+    NoCreatedOn,
+    #[error("Workflow spec file is not defined.")]
+    NoSpecFile,
+}
+
+/// Why a workflow spec is refused. Values are shown as YAML read them (`String("4")`); the
+/// DAG's words (self loop, start node) are TorchServe's.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    #[error("Failed to parse yaml: {0}")]
+    Yaml(serde_yaml::Error),
+    #[error("the workflow spec must be a YAML mapping with `models` and `dag`")]
+    NotMapping,
+    #[error("`models` must be a mapping")]
+    ModelsNotMapping,
+    #[error("{what} must be a name, got {value:?}")]
+    NotName { what: String, value: Value },
+    /// `at` is the setting's place (`"models: "`, `"models: m: "`).
+    #[error("{at}{key} must be a non-negative whole number, got {value:?}")]
+    NotCount {
+        at: String,
+        key: String,
+        value: Value,
+    },
+    #[error("models: {0} must be a mapping with a url")]
+    ModelNotMapping(String),
+    #[error("models: {0}: url must be a non-empty string")]
+    EmptyUrl(String),
+    #[error("models: {model}: unknown setting {key:?}")]
+    UnknownSetting { model: String, key: String },
+    #[error("models: {0} has no url")]
+    NoUrl(String),
+    #[error("models: {model}: min-workers {min} is more than max-workers {max}")]
+    MinAboveMax { model: String, min: u32, max: u32 },
+    #[error("the workflow spec has no `dag`")]
+    NoDag,
+    #[error("`dag` must be a mapping of node: [next nodes]")]
+    DagNotMapping,
+    /// The name shortened to [`MAX_NODE_NAME`] characters.
+    #[error("invalid node name {0:?}: it must start with a letter, digit or '_', hold only letters, digits, '_', '-' and '.', and be at most {MAX_NODE_NAME} characters")]
+    NodeName(String),
+    #[error("the DAG has more than {MAX_NODES} nodes")]
+    TooManyNodes,
+    #[error("node {0} is not in `models`, so it is a function of the workflow handler, but the archive names no handler")]
+    NoHandler(String),
+    #[error("node {0} is not in `models`, so it is a function of the workflow handler, and {0:?} is not a Python function name")]
+    NotPython(String),
+    #[error("dag: {0} must be a list of node names")]
+    NotList(String),
+    #[error("Self loop exception: {0}")]
+    SelfLoop(String),
+    #[error("DAG should have only one start node, it has {0}")]
+    Starts(usize),
+    #[error("Not a valid DAG: it has a cycle")]
+    Cycle,
+}
+
 /// `WAR-INF/MANIFEST.json`.
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -45,23 +114,22 @@ pub struct WarWorkflow {
 
 impl WarManifest {
     /// Parses and checks the fields TorchServe's WorkflowArchive.validate requires.
-    pub fn parse(text: &str) -> Result<WarManifest, String> {
-        let m: WarManifest = serde_json::from_str(text)
-            .map_err(|e| format!("WAR-INF/MANIFEST.json is not valid: {e}"))?;
+    pub fn parse(text: &str) -> Result<WarManifest, ManifestError> {
+        let m: WarManifest = serde_json::from_str(text).map_err(ManifestError::Json)?;
         let Some(w) = &m.workflow else {
-            return Err("Missing Workflow entry in manifest file.".into());
+            return Err(ManifestError::NoWorkflow);
         };
         if w.workflow_name.as_deref().unwrap_or("").is_empty() {
-            return Err("Workflow name is not defined.".into());
+            return Err(ManifestError::NoName);
         }
         if m.archiver_version.is_none() {
-            return Err("Workflow archive version is not defined.".into());
+            return Err(ManifestError::NoVersion);
         }
         if m.created_on.is_none() {
-            return Err("Workflow archive createdOn is not defined.".into());
+            return Err(ManifestError::NoCreatedOn);
         }
         if w.spec_file.as_deref().unwrap_or("").is_empty() {
-            return Err("Workflow spec file is not defined.".into());
+            return Err(ManifestError::NoSpecFile);
         }
         Ok(m)
     }
@@ -98,7 +166,7 @@ impl Settings {
     }
 
     /// Applies the known keys of a YAML map; unknown keys are left to the caller.
-    fn apply(&mut self, key: &str, value: &Value, at: &str) -> Result<bool, String> {
+    fn apply(&mut self, key: &str, value: &Value, at: &str) -> Result<bool, SpecError> {
         let slot = match key {
             "min-workers" => &mut self.min_workers,
             "max-workers" => &mut self.max_workers,
@@ -111,8 +179,10 @@ impl Settings {
         *slot = value
             .as_u64()
             .and_then(|v| u32::try_from(v).ok())
-            .ok_or_else(|| {
-                format!("{at}{key} must be a non-negative whole number, got {value:?}")
+            .ok_or_else(|| SpecError::NotCount {
+                at: at.to_string(),
+                key: key.to_string(),
+                value: value.clone(),
             })?;
         Ok(true)
     }
@@ -168,24 +238,24 @@ fn python_identifier(name: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
-fn as_name(v: &Value, what: &str) -> Result<String, String> {
+fn as_name(v: &Value, what: &str) -> Result<String, SpecError> {
     match v {
         Value::String(s) => Ok(s.trim().to_string()),
         // YAML reads `1` or `true` as numbers and booleans; TorchServe's names are strings.
         Value::Number(n) => Ok(n.to_string()),
         Value::Bool(b) => Ok(b.to_string()),
-        other => Err(format!("{what} must be a name, got {other:?}")),
+        other => Err(SpecError::NotName {
+            what: what.to_string(),
+            value: other.clone(),
+        }),
     }
 }
 
 /// Parses the spec YAML. `has_handler`: whether the archive names a handler file (function
 /// nodes need one).
-pub fn parse(text: &str, has_handler: bool) -> Result<Spec, String> {
-    let root: Value =
-        serde_yaml::from_str(text).map_err(|e| format!("Failed to parse yaml: {e}"))?;
-    let root = root
-        .as_mapping()
-        .ok_or("the workflow spec must be a YAML mapping with `models` and `dag`")?;
+pub fn parse(text: &str, has_handler: bool) -> Result<Spec, SpecError> {
+    let root: Value = serde_yaml::from_str(text).map_err(SpecError::Yaml)?;
+    let root = root.as_mapping().ok_or(SpecError::NotMapping)?;
     let mut defaults = Settings::default();
     // Model entries in spec order, resolved against the defaults once all are read (TorchServe
     // applies the defaults read so far; a spec lists them first in practice, and applying all of
@@ -195,7 +265,7 @@ pub fn parse(text: &str, has_handler: bool) -> Result<Spec, String> {
         let models = match models {
             Value::Null => None,
             Value::Mapping(m) => Some(m),
-            _ => return Err("`models` must be a mapping".into()),
+            _ => return Err(SpecError::ModelsNotMapping),
         };
         for (k, v) in models.into_iter().flatten() {
             let key = as_name(k, "a key of `models`")?;
@@ -204,7 +274,7 @@ pub fn parse(text: &str, has_handler: bool) -> Result<Spec, String> {
             }
             let m = v
                 .as_mapping()
-                .ok_or_else(|| format!("models: {key} must be a mapping with a url"))?;
+                .ok_or_else(|| SpecError::ModelNotMapping(key.clone()))?;
             raw_models.push((key, m));
         }
     }
@@ -215,59 +285,53 @@ pub fn parse(text: &str, has_handler: bool) -> Result<Spec, String> {
         for (k, v) in m {
             let key = as_name(k, "a model setting")?;
             if key == "url" {
-                url =
-                    Some(v.as_str().filter(|u| !u.is_empty()).ok_or_else(|| {
-                        format!("models: {name}: url must be a non-empty string")
-                    })?);
+                url = Some(
+                    v.as_str()
+                        .filter(|u| !u.is_empty())
+                        .ok_or_else(|| SpecError::EmptyUrl(name.clone()))?,
+                );
             } else if !settings.apply(&key, v, &format!("models: {name}: "))? {
-                return Err(format!("models: {name}: unknown setting {key:?}"));
+                return Err(SpecError::UnknownSetting { model: name, key });
             }
         }
-        let url = url.ok_or_else(|| format!("models: {name} has no url"))?;
+        let url = url.ok_or_else(|| SpecError::NoUrl(name.clone()))?;
         if settings.min_workers > settings.max_workers {
-            return Err(format!(
-                "models: {name}: min-workers {} is more than max-workers {}",
-                settings.min_workers, settings.max_workers
-            ));
+            return Err(SpecError::MinAboveMax {
+                model: name,
+                min: settings.min_workers,
+                max: settings.max_workers,
+            });
         }
         models.insert(name, (url.to_string(), settings));
     }
 
     let dag = match root.get("dag") {
         Some(Value::Mapping(m)) if !m.is_empty() => m,
-        Some(Value::Mapping(_)) | None | Some(Value::Null) => {
-            return Err("the workflow spec has no `dag`".into())
-        }
-        Some(_) => return Err("`dag` must be a mapping of node: [next nodes]".into()),
+        Some(Value::Mapping(_)) | None | Some(Value::Null) => return Err(SpecError::NoDag),
+        Some(_) => return Err(SpecError::DagNotMapping),
     };
     let mut nodes: Vec<Node> = Vec::new();
     let mut index: HashMap<String, usize> = HashMap::new();
     let mut dag_text = Vec::new();
-    let mut node_of = |name: &str, nodes: &mut Vec<Node>| -> Result<usize, String> {
+    let mut node_of = |name: &str, nodes: &mut Vec<Node>| -> Result<usize, SpecError> {
         if let Some(&i) = index.get(name) {
             return Ok(i);
         }
         if !valid_node_name(name) {
             let shown: String = name.chars().take(MAX_NODE_NAME).collect();
-            return Err(format!(
-                "invalid node name {shown:?}: it must start with a letter, digit or '_', hold only letters, digits, '_', '-' and '.', and be at most {MAX_NODE_NAME} characters"
-            ));
+            return Err(SpecError::NodeName(shown));
         }
         if nodes.len() == MAX_NODES {
-            return Err(format!("the DAG has more than {MAX_NODES} nodes"));
+            return Err(SpecError::TooManyNodes);
         }
         let (kind, settings) = match models.get(name) {
             Some((url, s)) => (Kind::Model { url: url.clone() }, *s),
             None => {
                 if !has_handler {
-                    return Err(format!(
-                        "node {name} is not in `models`, so it is a function of the workflow handler, but the archive names no handler"
-                    ));
+                    return Err(SpecError::NoHandler(name.to_string()));
                 }
                 if !python_identifier(name) {
-                    return Err(format!(
-                        "node {name} is not in `models`, so it is a function of the workflow handler, and {name:?} is not a Python function name"
-                    ));
+                    return Err(SpecError::NotPython(name.to_string()));
                 }
                 // TorchServe's function nodes: 1 worker, batch 1, no delay; the workflow's
                 // retries and timeout.
@@ -297,7 +361,7 @@ pub fn parse(text: &str, has_handler: bool) -> Result<Spec, String> {
         let targets: Vec<&Value> = match v {
             Value::Null => Vec::new(),
             Value::Sequence(s) => s.iter().collect(),
-            _ => return Err(format!("dag: {from_name} must be a list of node names")),
+            _ => return Err(SpecError::NotList(from_name)),
         };
         let mut shown = Vec::new();
         for t in targets {
@@ -307,7 +371,7 @@ pub fn parse(text: &str, has_handler: bool) -> Result<Spec, String> {
                 continue;
             }
             if to_name == from_name {
-                return Err(format!("Self loop exception: {from_name}"));
+                return Err(SpecError::SelfLoop(from_name));
             }
             let to = node_of(&to_name, &mut nodes)?;
             if !nodes[from].children.contains(&to) {
@@ -321,10 +385,7 @@ pub fn parse(text: &str, has_handler: bool) -> Result<Spec, String> {
         .filter(|&i| nodes[i].parents.is_empty())
         .collect();
     if starts.len() != 1 {
-        return Err(format!(
-            "DAG should have only one start node, it has {}",
-            starts.len()
-        ));
+        return Err(SpecError::Starts(starts.len()));
     }
     // Kahn's algorithm: every node is reached exactly when the graph has no cycle.
     let mut indegree: Vec<usize> = nodes.iter().map(|n| n.parents.len()).collect();
@@ -340,7 +401,7 @@ pub fn parse(text: &str, has_handler: bool) -> Result<Spec, String> {
         }
     }
     if seen != nodes.len() {
-        return Err("Not a valid DAG: it has a cycle".into());
+        return Err(SpecError::Cycle);
     }
     Ok(Spec {
         defaults,
@@ -414,10 +475,10 @@ mod tests {
             ("dag:\n  not-python: []\n", "Python function name"),
             ("{{{", "Failed to parse yaml"),
         ] {
-            let e = parse(spec, true).unwrap_err();
+            let e = parse(spec, true).unwrap_err().to_string();
             assert!(e.contains(want), "{spec:?}: {e}");
         }
-        let e = parse("dag:\n  f: []\n", false).unwrap_err();
+        let e = parse("dag:\n  f: []\n", false).unwrap_err().to_string();
         assert!(e.contains("names no handler"), "{e}");
     }
 
@@ -426,7 +487,9 @@ mod tests {
         let chain: Vec<String> = (0..MAX_NODES)
             .map(|i| format!("  n{i}: [n{}]\n", i + 1))
             .collect();
-        let e = parse(&format!("dag:\n{}", chain.concat()), true).unwrap_err();
+        let e = parse(&format!("dag:\n{}", chain.concat()), true)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("more than 64 nodes"), "{e}");
         let ok: Vec<String> = (0..MAX_NODES - 1)
             .map(|i| format!("  n{i}: [n{}]\n", i + 1))
@@ -467,7 +530,7 @@ mod tests {
             ),
             ("[", "not valid"),
         ] {
-            let e = WarManifest::parse(text).unwrap_err();
+            let e = WarManifest::parse(text).unwrap_err().to_string();
             assert!(e.contains(want), "{text}: {e}");
         }
     }

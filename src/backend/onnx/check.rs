@@ -7,7 +7,41 @@ use std::path::{Component, Path};
 
 use tract_onnx::prelude::Framework as _;
 
-use super::session::load_model;
+use super::session::{load_model, ModelError};
+
+/// Why the load check refused a model: in the child ([`check_main`]: the cap cannot be set,
+/// external data points outside the folder, tract fails), or in the parent ([`check_in_child`]:
+/// the child cannot be started, ran too long, or died).
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    #[error("cannot set RLIMIT_AS to {limit} bytes: {source}")]
+    Limit { limit: u64, source: std::io::Error },
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("tensor {tensor:?} has external data at {location:?}: external data must be a relative path inside the model folder")]
+    ExternalData { tensor: String, location: String },
+    #[error("cannot start the load check {}: {source}", .exe.display())]
+    Spawn {
+        exe: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot wait for the load check: {0}")]
+    Wait(std::io::Error),
+    #[error("loading it took longer than onnx_load_timeout ({seconds} s)")]
+    Timeout { seconds: u64 },
+    /// The child did not say it loaded: `how` it ended ("exited with status 3"), and the last
+    /// lines of its stderr (`tail`, possibly empty).
+    #[error(
+        "loading it in a check process capped at {} (onnx_load_memory_limit) failed: the process {how}{}",
+        human_bytes(*.limit),
+        if .tail.is_empty() { String::new() } else { format!(": {}", .tail) }
+    )]
+    Failed {
+        limit: u64,
+        how: String,
+        tail: String,
+    },
+}
 
 /// What the `check-onnx` child prints on stdout once the model loaded: the parent accepts nothing
 /// less, so a process that exits 0 without loading (a wrong executable) does not pass the check.
@@ -20,14 +54,16 @@ const CHECK_OUTPUT_KEEP: usize = 16 * 1024;
 /// bytes, refuses external data outside the model's folder ([`check_external_data`]), loads and
 /// optimizes `file` exactly as [`OnnxLoader::new`] does, and returns whether it worked. An allocation past the cap fails here: tract panics, or Rust aborts, and only this
 /// process goes.
-pub fn check_main(file: &Path, memory_limit: u64) -> Result<(), String> {
-    set_limit(libc::RLIMIT_AS, memory_limit)
-        .map_err(|e| format!("cannot set RLIMIT_AS to {memory_limit} bytes: {e}"))?;
+pub fn check_main(file: &Path, memory_limit: u64) -> Result<(), CheckError> {
+    set_limit(libc::RLIMIT_AS, memory_limit).map_err(|source| CheckError::Limit {
+        limit: memory_limit,
+        source,
+    })?;
     // A crash under the cap is expected here; do not write gigabytes of core file for it.
     let _ = set_limit(libc::RLIMIT_CORE, 0);
     let proto = tract_onnx::onnx()
         .proto_model_for_path(file)
-        .map_err(|e| format!("{e:#}"))?;
+        .map_err(ModelError::from)?;
     if let Some(graph) = &proto.graph {
         check_external_data(graph)?;
     }
@@ -42,9 +78,9 @@ pub fn check_main(file: &Path, memory_limit: u64) -> Result<(), String> {
 /// `../../config.properties` would be read into a weight, and a model that outputs that weight
 /// hands the file to every client. Walks initializers, tensor attributes and subgraphs (If, Loop,
 /// Scan bodies), where tract loads tensors too.
-fn check_external_data(graph: &tract_onnx::pb::GraphProto) -> Result<(), String> {
+fn check_external_data(graph: &tract_onnx::pb::GraphProto) -> Result<(), CheckError> {
     use tract_onnx::pb::{tensor_proto::DataLocation, AttributeProto, TensorProto};
-    fn tensor(t: &TensorProto) -> Result<(), String> {
+    fn tensor(t: &TensorProto) -> Result<(), CheckError> {
         if t.data_location != Some(DataLocation::External as i32) {
             return Ok(());
         }
@@ -54,15 +90,15 @@ fn check_external_data(graph: &tract_onnx::pb::GraphProto) -> Result<(), String>
                     .components()
                     .all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
             if !inside {
-                return Err(format!(
-                    "tensor {:?} has external data at {:?}: external data must be a relative path inside the model folder",
-                    t.name, entry.value
-                ));
+                return Err(CheckError::ExternalData {
+                    tensor: t.name.clone(),
+                    location: entry.value.clone(),
+                });
             }
         }
         Ok(())
     }
-    fn attribute(a: &AttributeProto) -> Result<(), String> {
+    fn attribute(a: &AttributeProto) -> Result<(), CheckError> {
         a.t.iter().chain(&a.tensors).try_for_each(tensor)?;
         a.sparse_tensor
             .iter()
@@ -128,7 +164,7 @@ pub fn check_in_child(
     file: &Path,
     memory_limit: u64,
     timeout: std::time::Duration,
-) -> Result<(), String> {
+) -> Result<(), CheckError> {
     use std::io::Read;
     use std::process::{Command, Stdio};
     let mut cmd = Command::new(exe);
@@ -150,9 +186,10 @@ pub fn check_in_child(
             });
         }
     }
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| format!("cannot start the load check {}: {e}", exe.display()))?;
+    let mut child = cmd.spawn().map_err(|source| CheckError::Spawn {
+        exe: exe.to_path_buf(),
+        source,
+    })?;
     // Pipes are drained on their own threads, keeping only their last bytes (where the marker
     // and the panic or abort message are), so a chatty child can neither block on a full pipe nor
     // make us hold its output.
@@ -203,17 +240,16 @@ pub fn check_in_child(
             Err(e) => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(format!("cannot wait for the load check: {e}"));
+                return Err(CheckError::Wait(e));
             }
         }
     };
     let stdout = stdout.join().unwrap_or_default();
     let stderr = stderr.join().unwrap_or_default();
     let Some(status) = status else {
-        return Err(format!(
-            "loading it took longer than onnx_load_timeout ({} s)",
-            timeout.as_secs()
-        ));
+        return Err(CheckError::Timeout {
+            seconds: timeout.as_secs(),
+        });
     };
     if status.success() && stdout.lines().any(|l| l.trim() == CHECK_PASSED) {
         return Ok(());
@@ -243,15 +279,11 @@ pub fn check_in_child(
         .filter(|l| !l.is_empty() && !l.starts_with("note: run with"))
         .collect();
     let tail = tail[tail.len().saturating_sub(3)..].join(" | ");
-    Err(format!(
-        "loading it in a check process capped at {} (onnx_load_memory_limit) failed: the process {how}{}",
-        human_bytes(memory_limit),
-        if tail.is_empty() {
-            String::new()
-        } else {
-            format!(": {tail}")
-        }
-    ))
+    Err(CheckError::Failed {
+        limit: memory_limit,
+        how,
+        tail,
+    })
 }
 
 fn human_bytes(n: u64) -> String {
@@ -295,12 +327,16 @@ mod tests {
         let file = dir.path().join("model.onnx");
         let minute = std::time::Duration::from_secs(60);
 
-        assert_eq!(check_in_child(&passes, &file, 1 << 30, minute), Ok(()));
+        check_in_child(&passes, &file, 1 << 30, minute).unwrap();
         // Exit 0 alone is not enough: a wrong executable must not pass the check.
-        let e = check_in_child(&silent, &file, 1 << 30, minute).unwrap_err();
+        let e = check_in_child(&silent, &file, 1 << 30, minute)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("exited with status 0"), "{e}");
         // Megabytes of stderr: drained without blocking, and only the end is quoted.
-        let e = check_in_child(&chatty, &file, 3 << 20, minute).unwrap_err();
+        let e = check_in_child(&chatty, &file, 3 << 20, minute)
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("capped at 3 MiB (onnx_load_memory_limit)")
                 && e.contains("exited with status 3")
@@ -309,8 +345,9 @@ mod tests {
         );
         assert!(e.len() < 1000, "{} bytes", e.len());
         // Past the deadline the child is killed and reaped: its pid is gone.
-        let e =
-            check_in_child(&hangs, &file, 1 << 30, std::time::Duration::from_secs(5)).unwrap_err();
+        let e = check_in_child(&hangs, &file, 1 << 30, std::time::Duration::from_secs(5))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("longer than onnx_load_timeout (5 s)"), "{e}");
         let pid = std::fs::read_to_string(&pid_file).unwrap();
         assert!(
@@ -318,7 +355,9 @@ mod tests {
             "pid {pid} still exists"
         );
         // A missing executable is an error, not a pass.
-        let e = check_in_child(&dir.path().join("absent"), &file, 1 << 30, minute).unwrap_err();
+        let e = check_in_child(&dir.path().join("absent"), &file, 1 << 30, minute)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("cannot start the load check"), "{e}");
     }
 }

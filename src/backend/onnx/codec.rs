@@ -42,6 +42,75 @@ pub(super) struct OutputSpec {
     pub(super) shape: Vec<String>,
 }
 
+/// Why a nested JSON array is not rectangular. Positions and values are rendered as the client
+/// wrote them (`[1, 0]`, a shortened JSON value).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub(super) enum RaggedError {
+    #[error("ragged array: element at {at} is a nested array, but the first elements are nested only {depth} deep")]
+    TooDeep { at: String, depth: usize },
+    #[error("ragged array: element at {at} is {found}, expected an array of {len} elements")]
+    NotArray {
+        at: String,
+        found: String,
+        len: usize,
+    },
+    #[error(
+        "ragged array: array at {at} has {len} elements, expected {want} like its first sibling"
+    )]
+    Width { at: String, len: usize, want: usize },
+}
+
+/// Why a request's JSON cannot become an input tensor (a 400 naming the input), or an output
+/// tensor cannot be written as JSON (a 500). Shapes are rendered as `[2, N]`.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum CodecError {
+    #[error("input {input:?}: {source}")]
+    Ragged { input: String, source: RaggedError },
+    #[error("input {input:?}: expected shape {want} (rank {want_rank}), got shape {got} (rank {got_rank})")]
+    Rank {
+        input: String,
+        want: String,
+        want_rank: usize,
+        got: String,
+        got_rank: usize,
+    },
+    #[error("input {input:?}: expected shape {want}, got shape {got} (dimension {axis} must be {size}, got {got_size})")]
+    Dimension {
+        input: String,
+        want: String,
+        got: String,
+        axis: usize,
+        size: usize,
+        got_size: usize,
+    },
+    #[error("input {input:?}: dimension {axis} ({symbol}) is {size}, but input {owner:?} has {symbol} = {owner_size}")]
+    Symbol {
+        input: String,
+        axis: usize,
+        symbol: String,
+        size: usize,
+        owner: String,
+        owner_size: usize,
+    },
+    #[error("input {input:?} ({dtype}): element at {at} is {found}, expected {expected}")]
+    Element {
+        input: String,
+        dtype: String,
+        at: String,
+        found: String,
+        expected: String,
+    },
+    #[error("input {input:?} has element type {dtype}, which JSON requests cannot supply")]
+    InputType { input: String, dtype: String },
+    #[error("element type {0} cannot be written as JSON")]
+    OutputType(String),
+    /// tract refused to build or read a tensor (shapes were checked first, so not expected).
+    #[error("{0:#}")]
+    Tract(#[from] TractError),
+    #[error("{0}")]
+    Shape(#[from] tract_ndarray::ShapeError),
+}
+
 /// A JSON value shortened for error messages.
 pub(super) fn show(value: &Value) -> String {
     let text = value.to_string();
@@ -65,7 +134,7 @@ pub(super) fn show_dims(shape: &[Dim]) -> String {
 
 /// The shape of a nested JSON array and its leaves in row-major order, or why it is not a
 /// rectangular array.
-pub(super) fn flatten(value: &Value) -> Result<(Vec<usize>, Vec<&Value>), String> {
+pub(super) fn flatten(value: &Value) -> Result<(Vec<usize>, Vec<&Value>), RaggedError> {
     let mut shape = Vec::new();
     let mut probe = value;
     while let Value::Array(items) = probe {
@@ -89,34 +158,31 @@ fn collect<'a>(
     shape: &[usize],
     at: &mut Vec<usize>,
     leaves: &mut Vec<&'a Value>,
-) -> Result<(), String> {
+) -> Result<(), RaggedError> {
     let depth = at.len();
     if depth == shape.len() {
         if value.is_array() {
-            return Err(format!(
-                "ragged array: element at {} is a nested array, but the first elements are nested only {} deep",
-                show_shape(at),
-                shape.len()
-            ));
+            return Err(RaggedError::TooDeep {
+                at: show_shape(at),
+                depth: shape.len(),
+            });
         }
         leaves.push(value);
         return Ok(());
     }
     let Value::Array(items) = value else {
-        return Err(format!(
-            "ragged array: element at {} is {}, expected an array of {} elements",
-            show_shape(at),
-            show(value),
-            shape[depth]
-        ));
+        return Err(RaggedError::NotArray {
+            at: show_shape(at),
+            found: show(value),
+            len: shape[depth],
+        });
     };
     if items.len() != shape[depth] {
-        return Err(format!(
-            "ragged array: array at {} has {} elements, expected {} like its first sibling",
-            show_shape(at),
-            items.len(),
-            shape[depth]
-        ));
+        return Err(RaggedError::Width {
+            at: show_shape(at),
+            len: items.len(),
+            want: shape[depth],
+        });
     }
     for (i, item) in items.iter().enumerate() {
         at.push(i);
@@ -144,35 +210,43 @@ pub(super) fn to_tensor(
     spec: &InputSpec,
     value: &Value,
     symbols: &mut Vec<(String, usize, String)>,
-) -> Result<Tensor, String> {
-    let (shape, leaves) = flatten(value).map_err(|e| format!("input {:?}: {e}", spec.name))?;
+) -> Result<Tensor, CodecError> {
+    let (shape, leaves) = flatten(value).map_err(|source| CodecError::Ragged {
+        input: spec.name.clone(),
+        source,
+    })?;
     if shape.len() != spec.shape.len() {
-        return Err(format!(
-            "input {:?}: expected shape {} (rank {}), got shape {} (rank {})",
-            spec.name,
-            show_dims(&spec.shape),
-            spec.shape.len(),
-            show_shape(&shape),
-            shape.len()
-        ));
+        return Err(CodecError::Rank {
+            input: spec.name.clone(),
+            want: show_dims(&spec.shape),
+            want_rank: spec.shape.len(),
+            got: show_shape(&shape),
+            got_rank: shape.len(),
+        });
     }
     for (axis, (want, &got)) in spec.shape.iter().zip(shape.iter()).enumerate() {
         match want {
             Dim::Fixed(n) if *n != got => {
-                return Err(format!(
-                    "input {:?}: expected shape {}, got shape {} (dimension {axis} must be {n}, got {got})",
-                    spec.name,
-                    show_dims(&spec.shape),
-                    show_shape(&shape)
-                ));
+                return Err(CodecError::Dimension {
+                    input: spec.name.clone(),
+                    want: show_dims(&spec.shape),
+                    got: show_shape(&shape),
+                    axis,
+                    size: *n,
+                    got_size: got,
+                });
             }
             Dim::Symbol(sym) => {
                 if let Some((_, size, owner)) = symbols.iter().find(|(s, _, _)| s == sym) {
                     if *size != got {
-                        return Err(format!(
-                            "input {:?}: dimension {axis} ({sym}) is {got}, but input {owner:?} has {sym} = {size}",
-                            spec.name
-                        ));
+                        return Err(CodecError::Symbol {
+                            input: spec.name.clone(),
+                            axis,
+                            symbol: sym.clone(),
+                            size: got,
+                            owner: owner.clone(),
+                            owner_size: *size,
+                        });
                     }
                 } else {
                     symbols.push((sym.clone(), got, spec.name.clone()));
@@ -182,14 +256,12 @@ pub(super) fn to_tensor(
         }
     }
     let dt = spec.datum_type;
-    let wrong = |i: usize, expected: &str| {
-        format!(
-            "input {:?} ({}): element at {} is {}, expected {expected}",
-            spec.name,
-            dtype_name(dt),
-            position(&shape, i),
-            show(leaves[i])
-        )
+    let wrong = |i: usize, expected: &str| CodecError::Element {
+        input: spec.name.clone(),
+        dtype: dtype_name(dt),
+        at: position(&shape, i),
+        found: show(leaves[i]),
+        expected: expected.to_string(),
     };
     let tensor = match dt {
         DatumType::F16 | DatumType::F32 | DatumType::F64 => {
@@ -197,11 +269,11 @@ pub(super) fn to_tensor(
             for (i, leaf) in leaves.iter().enumerate() {
                 data.push(leaf.as_f64().ok_or_else(|| wrong(i, "a number"))?);
             }
-            let t = Tensor::from_shape(&shape, &data).map_err(|e| format!("{e:#}"))?;
+            let t = Tensor::from_shape(&shape, &data)?;
             if dt == DatumType::F64 {
                 t
             } else {
-                t.cast_to_dt(dt).map_err(|e| format!("{e:#}"))?.into_owned()
+                t.cast_to_dt(dt)?.into_owned()
             }
         }
         DatumType::I8
@@ -223,14 +295,14 @@ pub(super) fn to_tensor(
             }
             if dt == DatumType::U64 {
                 let data: Vec<u64> = data.into_iter().map(|v| v as u64).collect();
-                Tensor::from_shape(&shape, &data).map_err(|e| format!("{e:#}"))?
+                Tensor::from_shape(&shape, &data)?
             } else {
                 let data: Vec<i64> = data.into_iter().map(|v| v as i64).collect();
-                let t = Tensor::from_shape(&shape, &data).map_err(|e| format!("{e:#}"))?;
+                let t = Tensor::from_shape(&shape, &data)?;
                 if dt == DatumType::I64 {
                     t
                 } else {
-                    t.cast_to_dt(dt).map_err(|e| format!("{e:#}"))?.into_owned()
+                    t.cast_to_dt(dt)?.into_owned()
                 }
             }
         }
@@ -247,7 +319,7 @@ pub(super) fn to_tensor(
                 };
                 data.push(v);
             }
-            Tensor::from_shape(&shape, &data).map_err(|e| format!("{e:#}"))?
+            Tensor::from_shape(&shape, &data)?
         }
         DatumType::String => {
             let mut data = Vec::with_capacity(leaves.len());
@@ -258,16 +330,13 @@ pub(super) fn to_tensor(
                         .to_string(),
                 );
             }
-            tract_ndarray::ArrayD::from_shape_vec(shape.clone(), data)
-                .map_err(|e| e.to_string())?
-                .into()
+            tract_ndarray::ArrayD::from_shape_vec(shape.clone(), data)?.into()
         }
         other => {
-            return Err(format!(
-                "input {:?} has element type {}, which JSON requests cannot supply",
-                spec.name,
-                dtype_name(other)
-            ))
+            return Err(CodecError::InputType {
+                input: spec.name.clone(),
+                dtype: dtype_name(other),
+            })
         }
     };
     Ok(tensor)
@@ -332,14 +401,13 @@ fn write_floats<F: ryu::Float + Copy + Into<f64>>(out: &mut String, shape: &[usi
 }
 
 /// Writes a tensor's elements as a JSON array nested to the tensor's rank.
-pub(super) fn write_tensor(out: &mut String, t: &Tensor) -> Result<(), String> {
+pub(super) fn write_tensor(out: &mut String, t: &Tensor) -> Result<(), CodecError> {
     let shape = t.shape().to_vec();
-    let err = |e: TractError| format!("{e:#}");
     match t.datum_type() {
-        DatumType::F32 => write_floats(out, &shape, t.as_slice::<f32>().map_err(err)?),
+        DatumType::F32 => write_floats(out, &shape, t.as_slice::<f32>()?),
         DatumType::F16 | DatumType::F64 => {
-            let cast = t.cast_to::<f64>().map_err(err)?;
-            write_floats(out, &shape, cast.as_slice::<f64>().map_err(err)?);
+            let cast = t.cast_to::<f64>()?;
+            write_floats(out, &shape, cast.as_slice::<f64>()?);
         }
         DatumType::I8
         | DatumType::I16
@@ -348,38 +416,33 @@ pub(super) fn write_tensor(out: &mut String, t: &Tensor) -> Result<(), String> {
         | DatumType::U8
         | DatumType::U16
         | DatumType::U32 => {
-            let cast = t.cast_to::<i64>().map_err(err)?;
-            let data = cast.as_slice::<i64>().map_err(err)?;
+            let cast = t.cast_to::<i64>()?;
+            let data = cast.as_slice::<i64>()?;
             let mut buf = itoa::Buffer::new();
             write_nested(out, &shape, data, &mut |out, v| {
                 out.push_str(buf.format(*v))
             });
         }
         DatumType::U64 => {
-            let data = t.as_slice::<u64>().map_err(err)?;
+            let data = t.as_slice::<u64>()?;
             let mut buf = itoa::Buffer::new();
             write_nested(out, &shape, data, &mut |out, v| {
                 out.push_str(buf.format(*v))
             });
         }
         DatumType::Bool => {
-            let data = t.as_slice::<bool>().map_err(err)?;
+            let data = t.as_slice::<bool>()?;
             write_nested(out, &shape, data, &mut |out, v| {
                 out.push_str(if *v { "true" } else { "false" })
             });
         }
         DatumType::String => {
-            let data = t.as_slice::<String>().map_err(err)?;
+            let data = t.as_slice::<String>()?;
             write_nested(out, &shape, data, &mut |out, v| {
                 out.push_str(&Value::String(v.clone()).to_string())
             });
         }
-        other => {
-            return Err(format!(
-                "element type {} cannot be written as JSON",
-                dtype_name(other)
-            ))
-        }
+        other => return Err(CodecError::OutputType(dtype_name(other))),
     }
     Ok(())
 }
@@ -421,10 +484,13 @@ mod tests {
         assert_eq!(shape, vec![2, 3]);
         assert_eq!(leaves.len(), 6);
         let v: Value = serde_json::from_str("[[1, 2, 3], [4, 5]]").unwrap();
-        let e = flatten(&v).unwrap_err();
+        let e = flatten(&v).unwrap_err().to_string();
         assert!(e.contains("array at [1] has 2 elements, expected 3"), "{e}");
         let v: Value = serde_json::from_str("[[1, 2], 3]").unwrap();
-        assert!(flatten(&v).unwrap_err().contains("element at [1] is 3"));
+        assert!(flatten(&v)
+            .unwrap_err()
+            .to_string()
+            .contains("element at [1] is 3"));
         let scalar = Value::from(1.5);
         let (shape, leaves) = flatten(&scalar).unwrap();
         assert!(shape.is_empty());
@@ -444,7 +510,9 @@ mod tests {
         assert_eq!(t.as_slice::<u8>().unwrap(), &[0, 255, 3]);
         for bad in ["[256]", "[-1]", "[1.5]", "[\"1\"]"] {
             let v: Value = serde_json::from_str(bad).unwrap();
-            let e = to_tensor(&spec, &v, &mut Vec::new()).unwrap_err();
+            let e = to_tensor(&spec, &v, &mut Vec::new())
+                .unwrap_err()
+                .to_string();
             assert!(e.contains("expected an integer in 0..=255"), "{bad}: {e}");
         }
     }
@@ -464,7 +532,7 @@ mod tests {
         let two: Value = serde_json::from_str("[[1, 2], [3, 4]]").unwrap();
         let one: Value = serde_json::from_str("[[1, 2]]").unwrap();
         to_tensor(&a, &two, &mut symbols).unwrap();
-        let e = to_tensor(&b, &one, &mut symbols).unwrap_err();
+        let e = to_tensor(&b, &one, &mut symbols).unwrap_err().to_string();
         assert!(e.contains("input \"a\" has N = 2"), "{e}");
     }
 

@@ -46,8 +46,9 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-pub use check::{check_in_child, check_main};
+pub use check::{check_in_child, check_main, CheckError};
 use codec::{dtype_name, Dim};
+pub use session::ModelError;
 use session::{load_model, OnnxModel};
 
 use super::{
@@ -81,8 +82,9 @@ impl OnnxLoader {
     /// or tract cannot parse, type or optimize the model (e.g. an unsupported operator).
     pub fn new(model_dir: &Path, manifest: &Manifest) -> Result<OnnxLoader, LoaderError> {
         let file = model_file(model_dir, manifest)?;
-        let model = load_model(&file).map_err(|e| {
-            LoaderError::Load(format!("cannot load ONNX model {}: {e}", file.display()))
+        let model = load_model(&file).map_err(|source| LoaderError::Onnx {
+            file: file.clone(),
+            source,
         })?;
         Ok(OnnxLoader {
             model: Arc::new(model),
@@ -105,11 +107,15 @@ impl OnnxLoader {
         let limit = config
             .onnx_load_memory_limit
             .unwrap_or_else(|| crate::config::default_onnx_load_memory_limit(size));
-        check_in_child(exe, &file, limit, config.onnx_load_timeout).map_err(|e| {
-            LoaderError::Load(format!(
-                "ONNX model {} refused: {e}",
-                file.file_name().unwrap_or_default().to_string_lossy()
-            ))
+        check_in_child(exe, &file, limit, config.onnx_load_timeout).map_err(|source| {
+            LoaderError::OnnxRefused {
+                file: file
+                    .file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into(),
+                source,
+            }
         })?;
         OnnxLoader::new(model_dir, manifest)
     }

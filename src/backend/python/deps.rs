@@ -74,7 +74,7 @@ pub(super) async fn install(spec: &Arc<ModelSpec>) -> Result<Option<Dependencies
     tokio::task::spawn_blocking(move || check_requirements(&check_dir, &checked, 0))
         .await
         .map_err(|e| fail(format!("checking the requirements failed: {e}")))?
-        .map_err(fail)?;
+        .map_err(|e| fail(e.to_string()))?;
     let dir = crate::model::archive::private_tempdir("oxserve-pydeps-")
         .map_err(|e| fail(format!("cannot create a folder for the packages: {e}")))?;
 
@@ -257,13 +257,52 @@ const INSECURE_OPTIONS: &[&str] = &["--trusted-host"];
 /// pip options whose value is a file of more requirements or constraints.
 const FILE_OPTIONS: &[&str] = &["-r", "--requirement", "-c", "--constraint"];
 
+/// Why a requirements file of the archive is refused.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum RequirementsError {
+    #[error(transparent)]
+    Read(#[from] crate::config::ReadFileError),
+    /// `file` as the archive names it (never the temporary folder), `line` from 1.
+    #[error("{file} line {line}: {why}")]
+    Line {
+        file: String,
+        line: usize,
+        why: Refused,
+    },
+}
+
+/// What on a requirements line is refused (docs/security.md).
+#[derive(Debug, thiserror::Error)]
+pub(super) enum Refused {
+    #[error("environment variables (${{...}}) are not allowed")]
+    EnvironmentVariable,
+    #[error("{0} would replace the package index this machine is configured for (use --extra-index-url)")]
+    IndexUrl(String),
+    #[error("{0} turns off TLS checks")]
+    NoTls(String),
+    #[error("{option} {file:?} is outside the archive")]
+    IncludeOutside { option: String, file: String },
+    #[error("requirement files nest deeper than {MAX_NESTING}")]
+    TooDeep,
+    #[error("{0:?} points at a local file outside the archive")]
+    FileUrlOutside(String),
+    #[error("{0:?} is fetched without TLS (use https://)")]
+    PlainHttp(String),
+    #[error("{0:?} is a local path outside the archive")]
+    PathOutside(String),
+}
+
 /// Checks a requirements file of the archive, and the files it includes, for what oxserve refuses
 /// (docs/security.md): a local path outside the archive (an absolute path, `~`, `..` climbing out,
 /// a `file:` URL outside), an environment variable (pip expands `${VAR}`, so it could name any
 /// path), `--index-url` (the machine's configured index stays the one packages come from: an
 /// archive may add one with `--extra-index-url`, as TorchServe's examples do), `--trusted-host`
 /// (no TLS check) and a plain-http index. Errors name the file, line and reason.
-pub(super) fn check_requirements(root: &Path, file: &Path, depth: usize) -> Result<(), String> {
+pub(super) fn check_requirements(
+    root: &Path,
+    file: &Path,
+    depth: usize,
+) -> Result<(), RequirementsError> {
     let shown = file
         .strip_prefix(root)
         .unwrap_or(file)
@@ -272,9 +311,15 @@ pub(super) fn check_requirements(root: &Path, file: &Path, depth: usize) -> Resu
     let text = crate::config::read_small_file(file, &shown)?;
     let base = file.parent().unwrap_or(root);
     for (number, line) in logical_lines(&text) {
-        let refuse = |why: String| Err(format!("{shown} line {number}: {why}"));
+        let refuse = |why: Refused| {
+            Err(RequirementsError::Line {
+                file: shown.clone(),
+                line: number,
+                why,
+            })
+        };
         if line.contains("${") {
-            return refuse("environment variables (${...}) are not allowed".into());
+            return refuse(Refused::EnvironmentVariable);
         }
         let tokens: Vec<&str> = line.split_whitespace().collect();
         let mut i = 0;
@@ -295,18 +340,20 @@ pub(super) fn check_requirements(root: &Path, file: &Path, depth: usize) -> Resu
             i += 1;
             let value = match (option, value) {
                 (Some(o), _) if INDEX_OPTIONS.contains(&o) => {
-                    return refuse(format!(
-                        "{o} would replace the package index this machine is configured for (use --extra-index-url)"
-                    ))
+                    return refuse(Refused::IndexUrl(o.to_string()))
                 }
                 (Some(o), _) if INSECURE_OPTIONS.contains(&o) => {
-                    return refuse(format!("{o} turns off TLS checks"))
+                    return refuse(Refused::NoTls(o.to_string()))
                 }
                 (Some(o), Some(v)) if FILE_OPTIONS.contains(&o) => {
-                    let nested = inside(root, base, &v)
-                        .ok_or_else(|| format!("{shown} line {number}: {o} {v:?} is outside the archive"))?;
+                    let Some(nested) = inside(root, base, &v) else {
+                        return refuse(Refused::IncludeOutside {
+                            option: o.to_string(),
+                            file: v,
+                        });
+                    };
                     if depth + 1 > MAX_NESTING {
-                        return refuse(format!("requirement files nest deeper than {MAX_NESTING}"));
+                        return refuse(Refused::TooDeep);
                     }
                     check_requirements(root, &nested, depth + 1)?;
                     continue;
@@ -330,7 +377,7 @@ fn value_after(tokens: &[&str], i: &mut usize) -> Option<String> {
 }
 
 /// Checks one word of a requirement (a name, a specifier, a URL or a path).
-fn check_location(root: &Path, word: &str) -> Result<(), String> {
+fn check_location(root: &Path, word: &str) -> Result<(), Refused> {
     // `name @ url` and `url#egg=name`: the URL part is what points somewhere.
     let lower = word.to_ascii_lowercase();
     if let Some(i) = lower.find("file:") {
@@ -343,22 +390,20 @@ fn check_location(root: &Path, word: &str) -> Result<(), String> {
             None => inside(root, root, path).is_some(),
         };
         if !ok {
-            return Err(format!(
-                "{word:?} points at a local file outside the archive"
-            ));
+            return Err(Refused::FileUrlOutside(word.to_string()));
         }
         return Ok(());
     }
     if lower.contains("://") {
         if lower.starts_with("http://") || lower.contains("+http://") {
-            return Err(format!("{word:?} is fetched without TLS (use https://)"));
+            return Err(Refused::PlainHttp(word.to_string()));
         }
         return Ok(());
     }
     // A path: `./pkg`, `wheels/x.whl`, `/abs`, `~/x`, `../x`.
     let looks_like_path = word.starts_with(['.', '/', '~']) || word.contains('/');
     if looks_like_path && inside(root, root, word).is_none() {
-        return Err(format!("{word:?} is a local path outside the archive"));
+        return Err(Refused::PathOutside(word.to_string()));
     }
     Ok(())
 }
@@ -405,7 +450,7 @@ fn strip_comment(line: &str) -> &str {
 mod tests {
     use super::*;
 
-    fn check(text: &str) -> Result<(), String> {
+    fn check(text: &str) -> Result<(), RequirementsError> {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("model");
         std::fs::create_dir_all(root.join("sub")).unwrap();
@@ -415,7 +460,10 @@ mod tests {
         std::fs::write(root.join("requirements.txt"), text).unwrap();
         check_requirements(&root, &root.join("requirements.txt"), 0).map_err(|e| {
             // Messages name the archive's file, never the temporary folder.
-            assert!(!e.contains(&*dir.path().to_string_lossy()), "{e}");
+            assert!(
+                !e.to_string().contains(&*dir.path().to_string_lossy()),
+                "{e}"
+            );
             e
         })
     }
@@ -450,7 +498,7 @@ mod tests {
             "-r sub/bad.txt",
             "${HOME}/pkg.whl",
         ] {
-            let e = check(bad).expect_err(bad);
+            let e = check(bad).expect_err(bad).to_string();
             assert!(
                 e.starts_with("requirements.txt line 1: ") || e.starts_with("sub/bad.txt line 1: "),
                 "{bad}: {e}"
@@ -475,14 +523,14 @@ mod tests {
             ("--pre -i https://evil.example/simple", "-i would replace"),
             ("git+http://evil.example/repo#egg=x", "without TLS"),
         ] {
-            let e = check(bad).expect_err(bad);
+            let e = check(bad).expect_err(bad).to_string();
             assert!(e.contains(why), "{bad}: {e}");
         }
     }
 
     #[test]
     fn a_loop_of_included_files_ends() {
-        let e = check("-r sub/loop.txt").unwrap_err();
+        let e = check("-r sub/loop.txt").unwrap_err().to_string();
         assert!(e.contains("nest deeper than"), "{e}");
     }
 

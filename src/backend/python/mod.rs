@@ -49,7 +49,7 @@ use transport::PythonBackend;
 #[derive(Default)]
 pub struct PythonLoader {
     /// TorchServe's worker script, found once per loader when `worker_runtime=torchserve`.
-    torchserve_worker: OnceCell<Result<PathBuf, String>>,
+    torchserve_worker: OnceCell<Result<PathBuf, torchserve::LocateError>>,
     /// The model's own packages (`install_py_dep_per_model`), installed once: a loader serves one
     /// model version, and the folder goes when the version does. A failed install is not kept,
     /// so a later worker start tries again.
@@ -68,7 +68,7 @@ impl PythonLoader {
             .get_or_init(|| torchserve::locate_torchserve_worker(python.to_string()))
             .await
             .clone()
-            .map_err(BackendError::Load)
+            .map_err(|e| BackendError::Load(e.to_string()))
     }
 
     /// The folder of the model's own packages, installing them first if they are not yet.
@@ -91,7 +91,8 @@ impl BackendLoader for PythonLoader {
         // A malformed parallelism fails the registration, not each worker start.
         let yaml = crate::model::archive::model_config(&spec.model_dir, &spec.manifest)
             .map_err(|e| BackendError::Load(e.to_string()))?;
-        parallel::Parallel::from_model_yaml(yaml.as_ref()).map_err(BackendError::Load)?;
+        parallel::Parallel::from_model_yaml(yaml.as_ref())
+            .map_err(|e| BackendError::Load(e.to_string()))?;
         self.dependencies(spec).await.map(|_| ())
     }
 
@@ -120,8 +121,8 @@ impl BackendLoader for PythonLoader {
         // a full YAML parser, so the stdlib runtime needs none).
         let model_yaml = crate::model::archive::model_config(&model_dir, &spec.model.manifest)
             .map_err(|e| BackendError::Load(e.to_string()))?;
-        let parallel =
-            parallel::Parallel::from_model_yaml(model_yaml.as_ref()).map_err(BackendError::Load)?;
+        let parallel = parallel::Parallel::from_model_yaml(model_yaml.as_ref())
+            .map_err(|e| BackendError::Load(e.to_string()))?;
         let ranks = parallel.as_ref().map_or(1, |p| p.ranks());
         // `asyncCommunication: true` starts the worker with `--async` as TorchServe does: it then
         // reads requests while others are in flight (TorchServe's ts/async_service.py, or
@@ -239,9 +240,9 @@ impl BackendLoader for PythonLoader {
             .await
         {
             Ok(()) => Ok(Box::new(backend)),
-            Err(message) => {
+            Err(e) => {
                 let detail = backend.reap_and_describe(Duration::from_secs(2)).await;
-                Err(BackendError::Load(format!("{message}{detail}")))
+                Err(BackendError::Load(format!("{e}{detail}")))
             }
         }
     }

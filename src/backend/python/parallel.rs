@@ -75,21 +75,52 @@ pub(super) struct Parallel {
 /// Most nodes and OpenMP threads a torchrun setting may name.
 const MAX_COUNT: u32 = 1024;
 
-fn count_to(key: &str, v: &Value, min: u64, max: u32) -> Result<u32, String> {
-    match v.as_u64() {
-        Some(n) if n >= min && n <= u64::from(max) => Ok(n as u32),
-        _ => Err(format!(
-            "model-config.yaml: {key} must be a whole number from {min} to {max}, not {v}"
-        )),
+/// Why a model-config.yaml's parallelism keys are refused; values are shown as written (JSON).
+#[derive(Debug, thiserror::Error)]
+pub(super) enum ParallelError {
+    #[error("model-config.yaml: {key} must be a whole number from {min} to {max}, not {value}")]
+    Count {
+        key: String,
+        min: u64,
+        max: u32,
+        value: Value,
+    },
+    #[error("model-config.yaml: torchrun.{key} must be a string of 1 to {MAX_SETTING_LEN} characters, not starting with '-', without control characters, not {value}")]
+    Setting { key: String, value: Value },
+    #[error("model-config.yaml: parallelType {0:?} is not one of tp, pp, pptp, custom")]
+    UnknownType(String),
+    #[error("model-config.yaml: parallelType must be a string, not {0}")]
+    TypeNotString(Value),
+    #[error("model-config.yaml: torchrun must be a mapping, not {0}")]
+    TorchrunNotMapping(Value),
+    #[error("model-config.yaml: unknown torchrun setting {0:?} (nnodes, nproc-per-node, rdzv-backend, rdzv-endpoint, rdzv-conf, OMP_NUMBER_THREADS)")]
+    UnknownSetting(String),
+    #[error("model-config.yaml: deviceIds must be GPU numbers, not {0}")]
+    DeviceId(Value),
+    #[error(
+        "model-config.yaml: deviceIds must be a list of at most {MAX_RANKS} GPU numbers, not {0}"
+    )]
+    DeviceIds(Value),
+}
+
+fn count_to(key: &str, v: &Value, min: u64, max: u32) -> Result<u32, ParallelError> {
+    match u32::try_from(v.as_u64().unwrap_or(u64::MAX)) {
+        Ok(n) if u64::from(n) >= min && n <= max => Ok(n),
+        _ => Err(ParallelError::Count {
+            key: key.to_string(),
+            min,
+            max,
+            value: v.clone(),
+        }),
     }
 }
 
 /// A number of ranks.
-fn count(key: &str, v: &Value, min: u64) -> Result<u32, String> {
+fn count(key: &str, v: &Value, min: u64) -> Result<u32, ParallelError> {
     count_to(key, v, min, MAX_RANKS)
 }
 
-fn setting(key: &str, v: &Value) -> Result<String, String> {
+fn setting(key: &str, v: &Value) -> Result<String, ParallelError> {
     match v.as_str() {
         Some(s)
             if !s.is_empty()
@@ -99,15 +130,16 @@ fn setting(key: &str, v: &Value) -> Result<String, String> {
         {
             Ok(s.to_string())
         }
-        _ => Err(format!(
-            "model-config.yaml: torchrun.{key} must be a string of 1 to {MAX_SETTING_LEN} characters, not starting with '-', without control characters, not {v}"
-        )),
+        _ => Err(ParallelError::Setting {
+            key: key.to_string(),
+            value: v.clone(),
+        }),
     }
 }
 
 impl Parallel {
     /// Reads the parallelism of a model-config.yaml (as JSON); `Ok(None)` without one.
-    pub fn from_model_yaml(yaml: Option<&Value>) -> Result<Option<Parallel>, String> {
+    pub fn from_model_yaml(yaml: Option<&Value>) -> Result<Option<Parallel>, ParallelError> {
         let Some(yaml) = yaml else {
             return Ok(None);
         };
@@ -119,17 +151,9 @@ impl Parallel {
                 "tp" => Some(ParallelType::Tp),
                 "pptp" => Some(ParallelType::Pptp),
                 "custom" => Some(ParallelType::Custom),
-                _ => {
-                    return Err(format!(
-                        "model-config.yaml: parallelType {s:?} is not one of tp, pp, pptp, custom"
-                    ))
-                }
+                _ => return Err(ParallelError::UnknownType(s.clone())),
             },
-            Some(v) => {
-                return Err(format!(
-                    "model-config.yaml: parallelType must be a string, not {v}"
-                ))
-            }
+            Some(v) => return Err(ParallelError::TypeNotString(v.clone())),
         };
         let mut level = match yaml.get("parallelLevel") {
             None | Some(Value::Null) => 0,
@@ -139,7 +163,7 @@ impl Parallel {
         if let Some(t) = yaml.get("torchrun").filter(|t| !t.is_null()) {
             let map = t
                 .as_object()
-                .ok_or_else(|| format!("model-config.yaml: torchrun must be a mapping, not {t}"))?;
+                .ok_or_else(|| ParallelError::TorchrunNotMapping(t.clone()))?;
             for (k, v) in map {
                 match k.as_str() {
                     "nnodes" => torchrun.nnodes = count_to("torchrun.nnodes", v, 1, MAX_COUNT)?,
@@ -155,11 +179,7 @@ impl Parallel {
                     }
                     // Read by TorchServe and never passed on; accepted for the same archives.
                     "monitor-interval" | "node-rank" | "rdzv-id" => {}
-                    _ => {
-                        return Err(format!(
-                            "model-config.yaml: unknown torchrun setting {k:?} (nnodes, nproc-per-node, rdzv-backend, rdzv-endpoint, rdzv-conf, OMP_NUMBER_THREADS)"
-                        ))
-                    }
+                    _ => return Err(ParallelError::UnknownSetting(k.clone())),
                 }
             }
             // TorchServe: "this variable is auto calculated based on torchrun nproc-per-node".
@@ -172,17 +192,11 @@ impl Parallel {
                     .map(|v| {
                         v.as_u64()
                             .and_then(|n| u32::try_from(n).ok())
-                            .ok_or_else(|| {
-                                format!("model-config.yaml: deviceIds must be GPU numbers, not {v}")
-                            })
+                            .ok_or_else(|| ParallelError::DeviceId(v.clone()))
                     })
-                    .collect::<Result<Vec<u32>, String>>()?,
+                    .collect::<Result<Vec<u32>, _>>()?,
             ),
-            Some(v) => {
-                return Err(format!(
-                    "model-config.yaml: deviceIds must be a list of at most {MAX_RANKS} GPU numbers, not {v}"
-                ))
-            }
+            Some(v) => return Err(ParallelError::DeviceIds(v.clone())),
         };
         let Some(kind) = kind.filter(|_| level > 0) else {
             return Ok(None);
@@ -270,7 +284,7 @@ impl Parallel {
 mod tests {
     use super::*;
 
-    fn parse(yaml: &str) -> Result<Option<Parallel>, String> {
+    fn parse(yaml: &str) -> Result<Option<Parallel>, ParallelError> {
         let v = crate::model::archive::parse_model_config(yaml, "model-config.yaml").unwrap();
         Parallel::from_model_yaml(Some(&v))
     }
@@ -337,7 +351,7 @@ mod tests {
                 "deviceIds",
             ),
         ] {
-            let e = parse(yaml).expect_err(yaml);
+            let e = parse(yaml).expect_err(yaml).to_string();
             assert!(e.contains(key), "{yaml}: {e}");
         }
     }

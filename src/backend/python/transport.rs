@@ -59,7 +59,8 @@ pub(super) struct PythonBackend {
 }
 
 /// Why reading a reply stopped.
-enum ReadError {
+#[derive(Debug)]
+pub(super) enum ReadError {
     Eof,
     Io(io::Error),
     Protocol(protocol::ProtocolError),
@@ -75,9 +76,42 @@ impl std::fmt::Display for ReadError {
     }
 }
 
+/// Why a worker did not start; the caller adds what is known about the process (its exit, the
+/// last lines of its log). `hint` is the launch hint in parentheses (or empty).
+#[derive(Debug, thiserror::Error)]
+pub(super) enum StartError {
+    /// `of`: how many ranks of a multi-rank worker were listening (or empty).
+    #[error("{NO_RESPONSE}: worker {name} did not start within {secs}s{of}{hint}")]
+    NotListening {
+        name: String,
+        secs: f64,
+        of: String,
+        hint: String,
+    },
+    #[error("worker {name} exited before it started listening{hint}")]
+    Exited { name: String, hint: String },
+    #[error("cannot connect to worker {name} at {}: {source}", .path.display())]
+    Connect {
+        name: String,
+        path: std::path::PathBuf,
+        source: io::Error,
+    },
+    #[error("{NO_RESPONSE}: worker {name} did not load the model within {secs}s")]
+    NotLoaded { name: String, secs: f64 },
+    #[error("worker {name} {reason} while loading the model")]
+    Read { name: String, reason: ReadError },
+    /// The handler answered the load with an error; `at` names the rank of a multi-rank worker.
+    #[error("worker {name} failed to load the model{at} ({code}): {message}")]
+    Refused {
+        name: String,
+        at: String,
+        code: i32,
+        message: String,
+    },
+}
+
 impl PythonBackend {
-    /// Waits for the worker (every rank) to listen, connects and loads the model. Errors are
-    /// messages; the caller adds what is known about the process.
+    /// Waits for the worker (every rank) to listen, connects and loads the model.
     pub(super) async fn start(
         &mut self,
         spec: &WorkerSpec,
@@ -85,7 +119,7 @@ impl PythonBackend {
         model_dir: &Path,
         mut started: watch::Receiver<usize>,
         deadline: Instant,
-    ) -> Result<(), String> {
+    ) -> Result<(), StartError> {
         let secs = spec.model.startup_timeout.as_secs_f64();
         let ranks = self.ranks.max(1) as usize;
         let hint = self
@@ -111,29 +145,32 @@ impl PythonBackend {
                 } else {
                     String::new()
                 };
-                return Err(format!(
-                    "{NO_RESPONSE}: worker {} did not start within {secs}s{of}{hint}",
-                    self.name
-                ));
+                return Err(StartError::NotListening {
+                    name: self.name.clone(),
+                    secs,
+                    of,
+                    hint,
+                });
             }
             Ok(false) => {
-                return Err(format!(
-                    "worker {} exited before it started listening{hint}",
-                    self.name
-                ))
+                return Err(StartError::Exited {
+                    name: self.name.clone(),
+                    hint,
+                })
             }
             Ok(true) => {}
         }
         for rank in 0..ranks as u64 {
             // Rank r listens on the port number plus r (TorchServe's rule, LOCAL_RANK).
             let path = sock.with_file_name(format!(".oxs.sock.{}", u64::from(spec.id) + rank));
-            let stream = UnixStream::connect(&path).await.map_err(|e| {
-                format!(
-                    "cannot connect to worker {} at {}: {e}",
-                    self.name,
-                    path.display()
-                )
-            })?;
+            let stream =
+                UnixStream::connect(&path)
+                    .await
+                    .map_err(|source| StartError::Connect {
+                        name: self.name.clone(),
+                        path: path.clone(),
+                        source,
+                    })?;
             if rank == 0 {
                 self.stream = Some(stream);
             } else {
@@ -186,11 +223,14 @@ impl PythonBackend {
         })
         .await;
         match reply {
-            Err(_) => Err(format!(
-                "{NO_RESPONSE}: worker {} did not load the model within {secs}s",
-                self.name
-            )),
-            Ok(Err(e)) => Err(format!("worker {} {e} while loading the model", self.name)),
+            Err(_) => Err(StartError::NotLoaded {
+                name: self.name.clone(),
+                secs,
+            }),
+            Ok(Err(reason)) => Err(StartError::Read {
+                name: self.name.clone(),
+                reason,
+            }),
             Ok(Ok(replies)) => {
                 for (rank, reply) in replies.iter().enumerate() {
                     if reply.code != 200 {
@@ -199,10 +239,12 @@ impl PythonBackend {
                         } else {
                             String::new()
                         };
-                        return Err(format!(
-                            "worker {} failed to load the model{at} ({}): {}",
-                            self.name, reply.code, reply.message
-                        ));
+                        return Err(StartError::Refused {
+                            name: self.name.clone(),
+                            at,
+                            code: reply.code,
+                            message: reply.message.clone(),
+                        });
                     }
                 }
                 Ok(())

@@ -343,7 +343,7 @@ async fn dispatch(
         .url_path
         .as_deref()
         .is_some_and(|p| OPENAI_PATHS.contains(&p.trim_start_matches('/')));
-    // The id the access layer gave the request (the client's x-request-id or a new UUID) is the
+    // The id the connection layer gave the request (the client's x-request-id or a new UUID) is the
     // one the worker protocol carries, so the handler's context.request_ids shows it.
     let id = parts
         .extensions

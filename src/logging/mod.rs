@@ -53,7 +53,7 @@ struct Logs {
     access: bool,
 }
 
-/// One per process: the worker output reader and the access layer reach it without a handle
+/// One per process: the worker output reader and the connection layer reach it without a handle
 /// being threaded through the worker pool.
 static LOGS: OnceLock<Logs> = OnceLock::new();
 

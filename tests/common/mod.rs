@@ -26,7 +26,7 @@ pub struct Server {
 }
 
 /// Properties every test server gets: OS-chosen ports.
-const BASE: &str = "inference_address=http://127.0.0.1:0\nmanagement_address=http://127.0.0.1:0\nmetrics_address=http://127.0.0.1:0\ngrpc_inference_port=0\ngrpc_management_port=0\n";
+pub const BASE: &str = "inference_address=http://127.0.0.1:0\nmanagement_address=http://127.0.0.1:0\nmetrics_address=http://127.0.0.1:0\ngrpc_inference_port=0\ngrpc_management_port=0\n";
 
 /// Token authorization is on by default, as in TorchServe. Most suites test something else and
 /// talk to the server without keys, so [`Server::start`] turns it off in the config (a later

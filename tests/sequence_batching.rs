@@ -287,6 +287,114 @@ async fn an_idle_session_is_closed_and_its_id_refused() {
     assert_eq!(post(&s, "stateful", None, "2").await.0, 200);
 }
 
+/// A session over gRPC's `StreamPredictions2`, TorchServe's bidirectional stream, as its
+/// client (ts_scripts/torchserve_grpc_client.py `infer_stream2`) runs one: the first message
+/// carries no sequence id and its reply names the session; every later message carries that id.
+/// Two such streams run at once on the two-worker example: each sum must be its own session's,
+/// and the HTTP API continues a session the stream started (one session table, whatever the
+/// transport). Then the breaks: a sequence id too long to keep, and the id of a session the
+/// handler ended, each get an in-band error naming why, and the stream keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_predictions2_runs_sessions_over_grpc() {
+    use common::grpc::{inference, predict, Stream2};
+    let store = tempfile::tempdir().unwrap();
+    example_folder(store.path(), "stateful", "sequence_batching", SEQ_YAML);
+    // Idle sessions close after 1.5 s (the test waits past that once, below).
+    let one_worker = continuous_yaml(1500, 10).replace(
+        "minWorkers: 2\nmaxWorkers: 2",
+        "minWorkers: 1\nmaxWorkers: 1",
+    );
+    example_folder(
+        store.path(),
+        "stateful_end",
+        "sequence_continuous_batching",
+        &one_worker,
+    );
+    let s = start(store.path(), "stateful,stateful_end");
+    s.wait_healthy().await;
+    let message = |model: &str, seq: Option<&str>, n: i64| {
+        let mut m = predict(model, n.to_string().as_bytes());
+        m.sequence_id = seq.map(str::to_string);
+        m
+    };
+    let session = |start: i64| {
+        let s = &s;
+        async move {
+            let mut stream = Stream2::open(&mut inference(s).await).await;
+            let first = stream.ask(message("stateful", None, start)).await;
+            assert!(first.status.is_none(), "{first:?}");
+            let id = first.sequence_id.clone().expect("the session's id");
+            assert!(id.starts_with("ts-seq-"), "{id}");
+            let mut sums = vec![String::from_utf8(first.prediction).unwrap()];
+            for k in 2..=5 {
+                let r = stream.ask(message("stateful", Some(&id), start * k)).await;
+                assert!(r.status.is_none(), "{r:?}");
+                assert_eq!(r.sequence_id.as_deref(), Some(id.as_str()));
+                sums.push(String::from_utf8(r.prediction).unwrap());
+            }
+            (id, sums.join(" "), stream)
+        }
+    };
+    let ((a_id, a, mut a_stream), (b_id, b, _)) = tokio::join!(session(1), session(2));
+    assert_ne!(a_id, b_id);
+    assert_eq!(a, "1 3 6 10 15");
+    assert_eq!(b, "2 6 12 20 30");
+    // The HTTP API finds the session the stream opened, with its sum.
+    let (status, id, text) = post(&s, "stateful", Some(&b_id), "100").await;
+    assert_eq!(
+        (status, id.as_deref(), text.as_str()),
+        (200, Some(b_id.as_str()), "130")
+    );
+
+    // An id over the server's 256-byte limit: refused in-band, as TorchServe sends an error on
+    // this stream (a google.rpc.Status: INVALID_ARGUMENT for its 400), nothing opened for it.
+    let long = "x".repeat(257);
+    let r = a_stream.ask(message("stateful", Some(&long), 1)).await;
+    let status = r.status.expect("an in-band error");
+    assert_eq!(
+        status.code,
+        tonic::Code::InvalidArgument as i32,
+        "{status:?}"
+    );
+    assert!(status.message.contains("sequence"), "{status:?}");
+    assert!(r.prediction.is_empty());
+    // The stream and its session go on.
+    let r = a_stream.ask(message("stateful", Some(&a_id), 5)).await;
+    assert_eq!((r.status, r.prediction), (None, b"20".to_vec()));
+
+    // A session the handler ends (the continuous example ends one on 0) is forgotten by the
+    // server, and its id may open a session again (docs/llm.md, "Closing").
+    let mut stream = Stream2::open(&mut inference(&s).await).await;
+    let first = stream.ask(message("stateful_end", None, 2)).await;
+    let id = first.sequence_id.expect("the session's id");
+    let r = stream.ask(message("stateful_end", Some(&id), 4)).await;
+    assert_eq!((r.status, r.prediction), (None, b"6".to_vec()));
+    let r = stream.ask(message("stateful_end", Some(&id), 0)).await;
+    assert_eq!((r.status, r.prediction), (None, b"6".to_vec()));
+    // As under TorchServe, only a message without an id is marked as a session's start
+    // (`ts_request_sequence_start`), so the handler, which keeps sums in an LRU of its own, goes
+    // on from the old sum: 6 + 2.
+    let r = stream.ask(message("stateful_end", Some(&id), 2)).await;
+    assert_eq!((r.status, r.prediction), (None, b"8".to_vec()));
+    assert_eq!(r.sequence_id.as_deref(), Some(id.as_str()));
+    // A session closed for idling past sequenceMaxIdleMSec: its id is refused from then on, over
+    // gRPC as over HTTP, in-band with the reason (the only wait here is the thing tested).
+    tokio::time::sleep(std::time::Duration::from_millis(3000)).await;
+    let r = stream.ask(message("stateful_end", Some(&id), 2)).await;
+    let status = r.status.expect("an in-band error for the closed session");
+    assert_eq!(
+        status.code,
+        tonic::Code::InvalidArgument as i32,
+        "{status:?}"
+    );
+    assert!(status.message.contains("sequenceMaxIdleMSec"), "{status:?}");
+    assert_eq!(r.sequence_id.as_deref(), Some(id.as_str()));
+    assert!(r.prediction.is_empty());
+    // A new session on the same stream is served.
+    let r = stream.ask(message("stateful_end", None, 2)).await;
+    assert_eq!((r.status, r.prediction), (None, b"2".to_vec()));
+}
+
 /// TorchServe's own example handlers (BaseHandler, torch, lru-dict) on TorchServe's worker
 /// (`worker_runtime=torchserve`), with TorchServe's test YAMLs: the same expectations as its
 /// pytest files. Needs a Python with torchserve, torch and lru-dict, and the pytorch/serve tree:

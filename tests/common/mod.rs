@@ -1,6 +1,7 @@
 //! Test harness: the real `oxserve` binary on free loopback ports, driven over real HTTP.
 #![allow(dead_code)]
 
+pub mod grpc;
 pub mod prometheus;
 
 use std::io::{BufRead, BufReader};

@@ -5,40 +5,11 @@ mod common;
 
 use common::Server;
 use reqwest::Method;
-use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-/// The example archives, packaged once per test run by examples/make_archives.sh (which installs
-/// torch-model-archiver 0.12.0 from PyPI into target/mar-venv the first time).
-fn model_store() -> &'static Path {
-    static STORE: OnceLock<PathBuf> = OnceLock::new();
-    STORE.get_or_init(|| {
-        let root = env!("CARGO_MANIFEST_DIR");
-        let store = PathBuf::from(format!("{root}/target/test-model-store"));
-        let out = std::process::Command::new("bash")
-            .arg(format!("{root}/examples/make_archives.sh"))
-            .arg(&store)
-            .output()
-            .expect("run examples/make_archives.sh");
-        assert!(
-            out.status.success(),
-            "make_archives.sh failed:\n{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        for name in ["echo", "batching", "custom_metrics", "streaming", "llm"] {
-            assert!(
-                store.join(format!("{name}.mar")).is_file(),
-                "{name}.mar missing"
-            );
-        }
-        store
-    })
-}
-
 fn start(props: &str, models: &str) -> Server {
-    let store = model_store().to_str().unwrap().to_string();
+    let store = common::example_archives().to_str().unwrap().to_string();
     Server::start(
         props,
         &[
@@ -228,17 +199,11 @@ async fn streamed_chunks_arrive_before_the_handler_finishes() {
         "chunks: {chunks:?}"
     );
     let p = r#"{model_name="streaming",model_version="1.0"}"#;
-    let mut ttfc = None;
-    for _ in 0..50 {
-        ttfc = s
-            .sample(&format!("oxserve_time_to_first_chunk_seconds_count{p}"))
-            .await;
-        if ttfc == Some(1.0) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(ttfc, Some(1.0));
+    s.wait_sample(
+        &format!("oxserve_time_to_first_chunk_seconds_count{p}"),
+        |v| v == 1.0,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -386,7 +351,7 @@ async fn a_worker_dying_mid_batch_fails_it_with_a_5xx_and_is_replaced() {
 async fn log_mode_writes_handler_metrics_to_model_metrics_log() {
     let root = env!("CARGO_MANIFEST_DIR");
     let logs = tempfile::tempdir().unwrap();
-    let store = model_store().to_str().unwrap().to_string();
+    let store = common::example_archives().to_str().unwrap().to_string();
     let s = Server::start_with_env(
         &format!("default_workers_per_model=1\nmetrics_mode=log\nmetrics_config={root}/examples/custom_metrics/metrics.yaml"),
         &["--model-store", &store, "--models", "custom_metrics.mar"],

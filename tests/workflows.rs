@@ -16,30 +16,14 @@ fn root() -> &'static str {
     env!("CARGO_MANIFEST_DIR")
 }
 
-fn run_script(script: &str, out: &Path) {
-    let out = std::process::Command::new("bash")
-        .arg(format!("{}/examples/{script}", root()))
-        .arg(out)
-        .output()
-        .expect("run the archive script");
-    assert!(
-        out.status.success(),
-        "{script} failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// echo.mar (examples/make_archives.sh) and echo_pipeline.war (examples/make_workflow_archive.sh),
 /// packaged once per test run into target/.
 fn stores() -> &'static (PathBuf, PathBuf) {
     static STORES: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
     STORES.get_or_init(|| {
-        let models = PathBuf::from(format!("{}/target/test-model-store", root()));
+        let models = common::example_archives().to_path_buf();
         let workflows = PathBuf::from(format!("{}/target/test-workflow-store", root()));
-        run_script("make_archives.sh", &models);
-        run_script("make_workflow_archive.sh", &workflows);
-        assert!(models.join("echo.mar").is_file());
+        common::package_examples("make_workflow_archive.sh", &workflows);
         assert!(workflows.join("echo_pipeline.war").is_file());
         (models, workflows)
     })

@@ -337,6 +337,52 @@ pub fn demo_manifest(name: &str, version: &str) -> serde_json::Value {
     })
 }
 
+/// Runs one of examples/' packaging scripts (`make_archives.sh`, `make_workflow_archive.sh`) with
+/// `out` as its output folder. The scripts install the real torch-model-archiver and
+/// torch-workflow-archiver from PyPI into target/*-venv the first time.
+pub fn package_examples(script: &str, out: &Path) {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let run = Command::new("bash")
+        .arg(format!("{root}/examples/{script}"))
+        .arg(out)
+        .output()
+        .unwrap_or_else(|e| panic!("run examples/{script}: {e}"));
+    assert!(
+        run.status.success(),
+        "{script} failed:\n{}{}",
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr)
+    );
+}
+
+/// The example archives of examples/make_archives.sh (echo, batching, custom_metrics, streaming,
+/// llm, stateful, stateful_stream), packaged once per test binary into target/test-model-store.
+pub fn example_archives() -> &'static Path {
+    static STORE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    STORE.get_or_init(|| {
+        let store = PathBuf::from(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/target/test-model-store"
+        ));
+        package_examples("make_archives.sh", &store);
+        for name in [
+            "echo",
+            "batching",
+            "custom_metrics",
+            "streaming",
+            "llm",
+            "stateful",
+            "stateful_stream",
+        ] {
+            assert!(
+                store.join(format!("{name}.mar")).is_file(),
+                "{name}.mar missing"
+            );
+        }
+        store
+    })
+}
+
 /// Runs a future `n` times concurrently and returns the outputs.
 pub async fn concurrently<F, Fut, T>(n: usize, f: F) -> Vec<T>
 where

@@ -161,6 +161,57 @@ impl Server {
         }
     }
 
+    /// Starts the server over the model store `store` with these start-up `models` (the
+    /// `--models` value: `name`, `name=file.mar`, comma-separated; `""` for none), these extra
+    /// config.properties lines and these extra CLI arguments (e.g. `--enable-model-api`).
+    pub fn start_store(props: &str, store: &Path, models: &str, args: &[&str]) -> Server {
+        Self::start_store_with_env(props, store, models, args, &[])
+    }
+
+    /// As [`Server::start_store`], with these environment variables for the server (and so its
+    /// workers).
+    pub fn start_store_with_env(
+        props: &str,
+        store: &Path,
+        models: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Server {
+        let mut all = vec!["--model-store", store.to_str().unwrap()];
+        if !models.is_empty() {
+            all.extend(["--models", models]);
+        }
+        all.extend(args);
+        Self::start_with_env(props, &all, env)
+    }
+
+    /// POSTs every body to `/predictions/{path}` at once (with this content type, or none), and
+    /// returns each answer's status and text, in the order of `bodies`.
+    pub async fn post_all(
+        &self,
+        path: &str,
+        content_type: Option<&'static str>,
+        bodies: Vec<String>,
+    ) -> Vec<(u16, String)> {
+        let url = format!("{}/predictions/{path}", self.inference);
+        let requests = bodies.into_iter().map(|body| {
+            let mut r = self.client.post(&url).body(body);
+            if let Some(t) = content_type {
+                r = r.header("content-type", t);
+            }
+            tokio::spawn(async move {
+                let r = r.send().await.unwrap();
+                (r.status().as_u16(), r.text().await.unwrap())
+            })
+        });
+        let handles: Vec<_> = requests.collect();
+        let mut out = Vec::with_capacity(handles.len());
+        for h in handles {
+            out.push(h.await.unwrap());
+        }
+        out
+    }
+
     pub fn path(&self) -> &Path {
         self.dir.path()
     }
@@ -303,6 +354,32 @@ pub fn sample(text: &str, prefix: &str) -> Option<f64> {
         .find(|l| l.starts_with(prefix) || l.replace("\",}", "\"}").starts_with(prefix))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
+}
+
+/// Writes an unpacked model folder (a .mar's layout) named `name` into the model store `store`:
+/// MAR-INF/MANIFEST.json (Python runtime, version 1.0, this handler), model-config.yaml when
+/// `yaml` is given, and these files. Returns the folder.
+pub fn model_folder(
+    store: &Path,
+    name: &str,
+    handler: &str,
+    yaml: Option<&str>,
+    files: &[(&str, &str)],
+) -> PathBuf {
+    let dir = store.join(name);
+    std::fs::create_dir_all(dir.join("MAR-INF")).unwrap();
+    let mut model =
+        serde_json::json!({"modelName": name, "modelVersion": "1.0", "handler": handler});
+    if let Some(yaml) = yaml {
+        model["configFile"] = "model-config.yaml".into();
+        std::fs::write(dir.join("model-config.yaml"), yaml).unwrap();
+    }
+    let manifest = serde_json::json!({"runtime": "python", "model": model});
+    std::fs::write(dir.join("MAR-INF/MANIFEST.json"), manifest.to_string()).unwrap();
+    for (file, text) in files {
+        std::fs::write(dir.join(file), text).unwrap();
+    }
+    dir
 }
 
 /// Writes a .mar (zip) with this manifest and extra files into `dir`.

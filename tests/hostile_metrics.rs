@@ -39,14 +39,8 @@ def handle(data, context):
 "#;
 
 fn model_folder(store: &Path, name: &str, code: &str) {
-    let dir = store.join(name);
-    std::fs::create_dir_all(dir.join("MAR-INF")).unwrap();
-    std::fs::write(
-        dir.join("MAR-INF/MANIFEST.json"),
-        format!(r#"{{"runtime": "python", "model": {{"modelName": "{name}", "modelVersion": "1.0", "handler": "{name}.py"}}}}"#),
-    )
-    .unwrap();
-    std::fs::write(dir.join(format!("{name}.py")), code).unwrap();
+    let handler = format!("{name}.py");
+    common::model_folder(store, name, &handler, None, &[(&handler, code)]);
 }
 
 /// Waits until the sample `prefix` has value `want` (metric lines are read from the worker's

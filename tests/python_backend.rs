@@ -3,6 +3,8 @@
 //! Needs `python3` (3.8+, standard library only) on PATH. Timeouts are generous and nothing asserts
 //! on timing: waits are "until this is true, or fail after a long time".
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -133,16 +135,6 @@ async fn infer_died(backend: &mut Box<dyn Backend>, batch: &[InferRequest]) -> S
     match backend.infer(batch, &NoStream).await {
         Err(BackendError::Died(reason)) => reason,
         other => panic!("expected Died, got {other:?}"),
-    }
-}
-
-fn pid_alive(pid: u32) -> bool {
-    // A zombie (killed, not yet reaped by its new parent) counts as gone.
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat
-            .rsplit_once(") ")
-            .is_some_and(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X')),
-        Err(_) => false,
     }
 }
 
@@ -479,7 +471,7 @@ async fn killed_worker_reports_died() {
         backend.infer(&[text("x")], &NoStream).await,
         Err(BackendError::Died(_))
     ));
-    assert!(!pid_alive(pid));
+    assert!(!common::pid_alive(pid.into()));
     backend.shutdown().await;
 }
 
@@ -509,7 +501,7 @@ async fn response_timeout_kills_the_worker() {
     );
     let reason = infer_died(&mut backend, &[text("sleep")]).await;
     assert!(reason.contains("timed out after 2s"), "{reason}");
-    assert!(!pid_alive(pid));
+    assert!(!common::pid_alive(pid.into()));
     backend.shutdown().await;
 }
 
@@ -534,11 +526,17 @@ async fn shutdown_leaves_no_process_behind() {
     let pid = backend.pid().unwrap();
     let replies = backend.infer(&[text("x")], &NoStream).await.unwrap();
     let grandchild: u32 = String::from_utf8_lossy(&replies[0].body).parse().unwrap();
-    assert!(pid_alive(pid) && pid_alive(grandchild));
+    assert!(common::pid_alive(pid.into()) && common::pid_alive(grandchild.into()));
     backend.shutdown().await;
-    assert!(!pid_alive(pid), "worker {pid} survived shutdown");
+    assert!(
+        !common::pid_alive(pid.into()),
+        "worker {pid} survived shutdown"
+    );
     // The handler's own subprocess shares the worker's process group and goes with it.
-    wait_until("the handler's subprocess to go", || !pid_alive(grandchild)).await;
+    wait_until("the handler's subprocess to go", || {
+        !common::pid_alive(grandchild.into())
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -549,8 +547,11 @@ async fn dropping_a_backend_kills_its_process_group() {
     let replies = backend.infer(&[text("x")], &NoStream).await.unwrap();
     let grandchild: u32 = String::from_utf8_lossy(&replies[0].body).parse().unwrap();
     drop(backend);
-    wait_until("the worker to go", || !pid_alive(pid)).await;
-    wait_until("the handler's subprocess to go", || !pid_alive(grandchild)).await;
+    wait_until("the worker to go", || !common::pid_alive(pid.into())).await;
+    wait_until("the handler's subprocess to go", || {
+        !common::pid_alive(grandchild.into())
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -751,5 +752,5 @@ async fn torchserve_worker_when_available() {
     assert_eq!(&replies[0].body[..], b"ok");
     let pid = backend.pid().unwrap();
     backend.shutdown().await;
-    assert!(!pid_alive(pid));
+    assert!(!common::pid_alive(pid.into()));
 }

@@ -143,18 +143,6 @@ fn descendants(root: u32) -> Vec<u32> {
     out
 }
 
-fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .trim_start()
-            .starts_with('Z'),
-        Err(_) => false,
-    }
-}
-
 /// The LOCAL_RANK in a process's environment, if it has one.
 fn local_rank(pid: u32) -> Option<String> {
     let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
@@ -277,7 +265,7 @@ async fn a_torchrun_worker_with_two_ranks_answers_from_rank_0_with_oxserves_runt
         libc::kill(rank1 as i32, libc::SIGKILL);
     }
     wait_until("torchrun and rank 0 gone after rank 1 died", || {
-        old.iter().all(|&p| !alive(p))
+        old.iter().all(|&p| !common::pid_alive(p.into()))
     })
     .await;
     let deadline = Instant::now() + Duration::from_secs(300);
@@ -311,7 +299,7 @@ async fn a_torchrun_worker_with_two_ranks_answers_from_rank_0_with_oxserves_runt
     s.child.kill().unwrap();
     s.child.wait().unwrap();
     wait_until("torchrun and its ranks gone with the server", || {
-        all.iter().all(|&p| !alive(p))
+        all.iter().all(|&p| !common::pid_alive(p.into()))
     })
     .await;
 }
@@ -343,7 +331,7 @@ async fn torchserves_test_parallelism_model_runs_under_torchserves_worker() {
     let (status, body) = s.mgmt(Method::DELETE, "/models/tp_model").await;
     assert_eq!(status, 200, "{body}");
     wait_until("torchrun and its ranks gone after unregister", || {
-        all.iter().all(|&p| !alive(p))
+        all.iter().all(|&p| !common::pid_alive(p.into()))
     })
     .await;
 }

@@ -22,18 +22,6 @@ fn start(props: &str, models: &str) -> Server {
     )
 }
 
-fn alive(pid: u64) -> bool {
-    // A zombie is not alive: it has exited and only waits to be reaped.
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat
-            .rsplit(')')
-            .next()
-            .map(|r| !r.trim_start().starts_with('Z'))
-            .unwrap_or(false),
-        Err(_) => false,
-    }
-}
-
 async fn worker_pids(s: &Server, model: &str) -> Vec<u64> {
     let (_, d) = s.mgmt(Method::GET, &format!("/models/{model}")).await;
     d[0]["workers"]
@@ -67,7 +55,7 @@ async fn echo_archive_answers_through_a_python_worker() {
     assert_eq!(d[0]["runtime"], "python");
     let pid = d[0]["workers"][0]["pid"].as_u64().unwrap();
     assert_ne!(pid, u64::from(std::process::id()));
-    assert!(alive(pid));
+    assert!(common::pid_alive(pid));
     // HandlerTime and PredictionTime come from the worker runtime with TorchServe's labels.
     let text = s.scrape().await;
     assert!(
@@ -243,7 +231,10 @@ async fn no_worker_outlives_the_server() {
     assert_eq!(pids.len(), 2);
     assert!(s.stop().success());
     for pid in &pids {
-        assert!(!alive(*pid), "worker {pid} survived SIGTERM of the server");
+        assert!(
+            !common::pid_alive(*pid),
+            "worker {pid} survived SIGTERM of the server"
+        );
     }
     // Killed with SIGKILL: the parent-death signal takes the workers down too.
     let mut s = start("default_workers_per_model=2", "echo.mar");
@@ -252,24 +243,21 @@ async fn no_worker_outlives_the_server() {
     s.child.kill().unwrap();
     s.child.wait().unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while pids.iter().any(|p| alive(*p)) && Instant::now() < deadline {
+    while pids.iter().any(|p| common::pid_alive(*p)) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
     for pid in &pids {
-        assert!(!alive(*pid), "worker {pid} survived SIGKILL of the server");
+        assert!(
+            !common::pid_alive(*pid),
+            "worker {pid} survived SIGKILL of the server"
+        );
     }
 }
 
 /// Writes an unpacked model folder (the layout of a .mar) named `name` with handler `code`.
 fn model_folder(store: &Path, name: &str, code: &str) {
-    let dir = store.join(name);
-    std::fs::create_dir_all(dir.join("MAR-INF")).unwrap();
-    std::fs::write(
-        dir.join("MAR-INF/MANIFEST.json"),
-        format!(r#"{{"runtime": "python", "model": {{"modelName": "{name}", "modelVersion": "1.0", "handler": "{name}.py"}}}}"#),
-    )
-    .unwrap();
-    std::fs::write(dir.join(format!("{name}.py")), code).unwrap();
+    let handler = format!("{name}.py");
+    common::model_folder(store, name, &handler, None, &[(&handler, code)]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -484,37 +472,22 @@ async fn a_synchronous_registration_that_cannot_load_fails_and_is_undone() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn model_config_yaml_sets_workers_and_reaches_the_handler() {
     let store = tempfile::tempdir().unwrap();
-    let dir = store.path().join("cfg");
-    std::fs::create_dir_all(dir.join("MAR-INF")).unwrap();
-    std::fs::write(
-        dir.join("MAR-INF/MANIFEST.json"),
-        r#"{"runtime": "python", "model": {"modelName": "cfg", "modelVersion": "1.0", "handler": "cfg.py", "configFile": "model-config.yaml"}}"#,
-    )
-    .unwrap();
-    std::fs::write(
-        dir.join("model-config.yaml"),
-        "minWorkers: 2\nmaxWorkers: 3\nbatchSize: 2\nmaxBatchDelay: 77\nresponseTimeout: 30\nhandler:\n  threshold: 0.5\n  labels: [cat, dog]\n",
-    )
-    .unwrap();
-    std::fs::write(
-        dir.join("cfg.py"),
-        "def handle(data, context):\n    if data is None:\n        return None\n    return [context.model_yaml_config['handler'] for _ in data]\n",
-    )
-    .unwrap();
+    let handler = "def handle(data, context):\n    if data is None:\n        return None\n    return [context.model_yaml_config['handler'] for _ in data]\n";
+    common::model_folder(
+        store.path(),
+        "cfg",
+        "cfg.py",
+        Some("minWorkers: 2\nmaxWorkers: 3\nbatchSize: 2\nmaxBatchDelay: 77\nresponseTimeout: 30\nhandler:\n  threshold: 0.5\n  labels: [cat, dog]\n"),
+        &[("cfg.py", handler)],
+    );
     // The same layout with a model-config.yaml that is not valid for its worker settings.
-    let bad = store.path().join("bad");
-    std::fs::create_dir_all(bad.join("MAR-INF")).unwrap();
-    std::fs::write(
-        bad.join("MAR-INF/MANIFEST.json"),
-        r#"{"runtime": "python", "model": {"modelName": "bad", "modelVersion": "1.0", "handler": "cfg.py", "configFile": "model-config.yaml"}}"#,
-    )
-    .unwrap();
-    std::fs::write(
-        bad.join("model-config.yaml"),
-        "minWorkers: 3\nmaxWorkers: 1\n",
-    )
-    .unwrap();
-    std::fs::copy(dir.join("cfg.py"), bad.join("cfg.py")).unwrap();
+    common::model_folder(
+        store.path(),
+        "bad",
+        "cfg.py",
+        Some("minWorkers: 3\nmaxWorkers: 1\n"),
+        &[("cfg.py", handler)],
+    );
 
     let s = Server::start(
         "",

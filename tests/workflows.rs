@@ -76,17 +76,6 @@ async fn wfpredict(s: &Server, name: &str, body: &str) -> (u16, String) {
     (status, r.text().await.unwrap())
 }
 
-fn alive(pid: u64) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat
-            .rsplit(')')
-            .next()
-            .map(|r| !r.trim_start().starts_with('Z'))
-            .unwrap_or(false),
-        Err(_) => false,
-    }
-}
-
 /// Writes a .war (zip) of these entries into `dir`.
 fn write_war(dir: &Path, file: &str, entries: &[(&str, &str)]) {
     let mut zip = zip::ZipWriter::new(std::fs::File::create(dir.join(file)).unwrap());
@@ -184,13 +173,13 @@ async fn a_workflow_registers_its_models_runs_parallel_branches_and_unregisters(
 
     let (_, d) = s.mgmt(Method::GET, "/models/echo_pipeline__left").await;
     let pid = d[0]["workers"][0]["pid"].as_u64().unwrap();
-    assert!(alive(pid));
+    assert!(common::pid_alive(pid));
     let (code, body) = s.mgmt(Method::DELETE, "/workflows/echo_pipeline").await;
     assert_eq!(code, 200, "{body}");
     assert_eq!(body["status"], "Workflow \"echo_pipeline\" unregistered");
     assert!(model_names(&s).await.is_empty());
     let deadline = Instant::now() + Duration::from_secs(60);
-    while alive(pid) {
+    while common::pid_alive(pid) {
         assert!(
             Instant::now() < deadline,
             "worker {pid} outlived its workflow"

@@ -356,6 +356,17 @@ pub fn sample(text: &str, prefix: &str) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// Whether process `pid` runs: a zombie (exited, not reaped yet by its parent) or a dead
+/// process does not.
+pub fn pid_alive(pid: u64) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X')),
+        Err(_) => false,
+    }
+}
+
 /// Writes an unpacked model folder (a .mar's layout) named `name` into the model store `store`:
 /// MAR-INF/MANIFEST.json (Python runtime, version 1.0, this handler), model-config.yaml when
 /// `yaml` is given, and these files. Returns the folder.
@@ -476,8 +487,9 @@ where
 }
 
 /// `promtool check metrics` on an exposition: fails on a parse error only (promtool also lints
-/// TorchServe's names, e.g. counters without `_total`, which are not errors).
-pub fn promtool_parses(text: &str) {
+/// TorchServe's names, e.g. counters without `_total`, which are not errors). Its report (the
+/// lint findings).
+pub fn promtool_parses(text: &str) -> String {
     let mut child = std::process::Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(std::process::Stdio::piped())
@@ -499,4 +511,5 @@ pub fn promtool_parses(text: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(!report.contains("error while linting"), "{report}\n{text}");
+    report
 }

@@ -319,22 +319,15 @@ fn json_matches(got: &serde_json::Value, want: &serde_json::Value) -> bool {
 
 /// Runs one command (two minutes at most) in `dir`; its stdout, or a failure naming the doc line.
 fn run(at: &str, cmd: &str, dir: &Path) -> String {
-    let out = Command::new("timeout")
-        .args(["120", "sh", "-c", cmd])
-        .current_dir(dir)
-        // `oxserve start` (in the background), `status` and `stop` find each other through this
-        // file; the default (in /tmp) would be shared with every other test and user here.
-        .env("OXSERVE_PID_FILE", dir.join("oxserve.pid"))
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{at}: `{cmd}` failed ({}):\n{stdout}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
+    common::run_ok(
+        &format!("{at}: `{cmd}`"),
+        Command::new("timeout")
+            .args(["120", "sh", "-c", cmd])
+            .current_dir(dir)
+            // `oxserve start` (in the background), `status` and `stop` find each other through
+            // this file; the default (in /tmp) would be shared with every other test and user.
+            .env("OXSERVE_PID_FILE", dir.join("oxserve.pid")),
+    )
 }
 
 /// The folder an `own-server` block runs in: the reader's fresh clone, as far as the block can
@@ -400,24 +393,17 @@ impl Scratch {
     /// logs/oxserve.log (where the detached server's stdout goes), once it serves every model.
     async fn started_in_background(&self) -> Addrs {
         let log = self.path().join("logs/oxserve.log");
-        let deadline = Instant::now() + Duration::from_secs(120);
-        let addrs = loop {
+        let what = format!("a listening line in {}", log.display());
+        let addrs = common::wait_until(&what, Duration::from_secs(120), || {
             let text = std::fs::read_to_string(&log).unwrap_or_default();
-            if let Some(a) = text
+            let found = text
                 .lines()
                 .rev()
                 .find(|l| l.contains("oxserve listening"))
-                .and_then(Addrs::from_listening)
-            {
-                break a;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no listening line in {}:\n{text}",
-                log.display()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
+                .and_then(Addrs::from_listening);
+            std::future::ready(found.ok_or(text))
+        })
+        .await;
         wait_healthy(&addrs).await;
         addrs
     }
@@ -449,23 +435,14 @@ impl Drop for Scratch {
 /// workers, which the reader sees as the server's start-up lines before pasting the next command.
 async fn wait_healthy(a: &Addrs) {
     let client = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let status = client
-            .get(format!("{}/ping", a.inference))
-            .send()
-            .await
-            .map(|r| r.status().as_u16());
-        if status.as_ref().is_ok_and(|s| *s == 200) {
-            return;
+    let ping = format!("{}/ping", a.inference);
+    common::wait_until(&ping, Duration::from_secs(120), || async {
+        match client.get(&ping).send().await {
+            Ok(r) if r.status() == 200 => Ok(()),
+            other => Err(format!("{other:?}")),
         }
-        assert!(
-            Instant::now() < deadline,
-            "{} never became healthy (last: {status:?})",
-            a.inference
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await
 }
 
 async fn server_for(block: &Block, setup: &str) -> Option<Server> {
@@ -594,14 +571,19 @@ fn every_shell_block_of_a_tested_doc_runs_or_says_why_not() {
         unmarked.is_empty(),
         "shell blocks neither `sh doctest ...` nor `sh no-doctest <reason>`: {unmarked:?}"
     );
-    for doc in [
+    let untested: Vec<&str> = [
         "README.md",
         "docs/llm.md",
         "docs/onnx.md",
         "docs/monitoring.md",
-    ] {
-        assert!(tested.contains(doc), "{doc} runs none of its blocks");
-    }
+    ]
+    .into_iter()
+    .filter(|doc| !tested.contains(*doc))
+    .collect();
+    assert!(
+        untested.is_empty(),
+        "these docs run none of their blocks: {untested:?}"
+    );
 }
 
 /// Compares a command's output with the JSON the doc shows.

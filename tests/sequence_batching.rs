@@ -286,6 +286,20 @@ async fn an_idle_session_is_closed_and_its_id_refused() {
     assert_eq!(post(&s, "stateful", None, "2").await.0, 200);
 }
 
+/// A `StreamPredictions2` reply that is an in-band error, as TorchServe sends one on the stream:
+/// a google.rpc.Status with INVALID_ARGUMENT (its code for a 400) whose message names `why`, and
+/// no prediction.
+fn refused(r: oxserve::grpc::pb::inference::PredictionResponse, why: &str) {
+    let status = r.status.expect("an in-band error");
+    assert_eq!(
+        status.code,
+        tonic::Code::InvalidArgument as i32,
+        "{status:?}"
+    );
+    assert!(status.message.contains(why), "{status:?}");
+    assert!(r.prediction.is_empty());
+}
+
 /// A session over gRPC's `StreamPredictions2`, TorchServe's bidirectional stream, as its
 /// client (ts_scripts/torchserve_grpc_client.py `infer_stream2`) runs one: the first message
 /// carries no sequence id and its reply names the session; every later message carries that id.
@@ -344,15 +358,10 @@ async fn stream_predictions2_runs_sessions_over_grpc() {
     // An id over the server's 256-byte limit: refused in-band, as TorchServe sends an error on
     // this stream (a google.rpc.Status: INVALID_ARGUMENT for its 400), nothing opened for it.
     let long = "x".repeat(257);
-    let r = a_stream.ask(message("stateful", Some(&long), 1)).await;
-    let status = r.status.expect("an in-band error");
-    assert_eq!(
-        status.code,
-        tonic::Code::InvalidArgument as i32,
-        "{status:?}"
+    refused(
+        a_stream.ask(message("stateful", Some(&long), 1)).await,
+        "sequence",
     );
-    assert!(status.message.contains("sequence"), "{status:?}");
-    assert!(r.prediction.is_empty());
     // The stream and its session go on.
     let r = a_stream.ask(message("stateful", Some(&a_id), 5)).await;
     assert_eq!((r.status, r.prediction), (None, b"20".to_vec()));
@@ -376,15 +385,8 @@ async fn stream_predictions2_runs_sessions_over_grpc() {
     // gRPC as over HTTP, in-band with the reason (the only wait here is the thing tested).
     tokio::time::sleep(std::time::Duration::from_millis(3000)).await;
     let r = stream.ask(message("stateful_end", Some(&id), 2)).await;
-    let status = r.status.expect("an in-band error for the closed session");
-    assert_eq!(
-        status.code,
-        tonic::Code::InvalidArgument as i32,
-        "{status:?}"
-    );
-    assert!(status.message.contains("sequenceMaxIdleMSec"), "{status:?}");
     assert_eq!(r.sequence_id.as_deref(), Some(id.as_str()));
-    assert!(r.prediction.is_empty());
+    refused(r, "sequenceMaxIdleMSec");
     // A new session on the same stream is served.
     let r = stream.ask(message("stateful_end", None, 2)).await;
     assert_eq!((r.status, r.prediction), (None, b"2".to_vec()));

@@ -81,16 +81,8 @@ pub fn grpcio_python() -> &'static str {
     use std::sync::OnceLock;
     static PYTHON: OnceLock<String> = OnceLock::new();
     PYTHON.get_or_init(|| {
-        let root = env!("CARGO_MANIFEST_DIR");
-        let out = std::process::Command::new("bash")
-            .arg(format!("{root}/tests/grpc_client/setup.sh"))
-            .output()
-            .expect("run tests/grpc_client/setup.sh");
-        assert!(
-            out.status.success(),
-            "setup.sh failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap().trim().to_string()
+        let setup = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/grpc_client/setup.sh");
+        let python = super::run_ok(setup, std::process::Command::new("bash").arg(setup));
+        python.trim().to_string()
     })
 }

@@ -234,25 +234,14 @@ impl Server {
 
     /// Waits until /ping says Healthy.
     pub async fn wait_healthy(&self) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Ok(r) = self
-                .client
-                .get(format!("{}/ping", self.inference))
-                .send()
-                .await
-            {
-                if r.status() == 200 {
-                    return;
-                }
+        let ping = format!("{}/ping", self.inference);
+        wait_until("a healthy server", Duration::from_secs(60), || async {
+            match self.client.get(&ping).send().await {
+                Ok(r) if r.status() == 200 => Ok(()),
+                other => Err(format!("{other:?}; log:\n{}", self.log())),
             }
-            assert!(
-                Instant::now() < deadline,
-                "server never became healthy: {}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        })
+        .await
     }
 
     pub async fn predict(&self, model: &str, body: &str) -> reqwest::Response {
@@ -302,17 +291,13 @@ impl Server {
     /// Waits (60 s at most, then fails naming the sample) until the sample whose line starts with
     /// `prefix` exists with a value `ok` accepts; that value.
     pub async fn wait_sample(&self, prefix: &str, ok: impl Fn(f64) -> bool) -> f64 {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
+        wait_until(prefix, Duration::from_secs(60), || async {
             match self.sample(prefix).await {
-                Some(v) if ok(v) => return v,
-                last => assert!(
-                    Instant::now() < deadline,
-                    "{prefix} never reached the awaited value (last: {last:?})"
-                ),
+                Some(v) if ok(v) => Ok(v),
+                last => Err(format!("{last:?}")),
             }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+        })
+        .await
     }
 
     pub fn log(&self) -> String {
@@ -343,6 +328,27 @@ impl Drop for Server {
         if self.child.try_wait().ok().flatten().is_none() {
             self.stop();
         }
+    }
+}
+
+/// Polls `probe` (every 50 ms) until it gives `Ok(value)`, for `limit` at most, and returns the
+/// value; past the limit, fails naming `what` and the probe's last `Err` (what it saw). Tests
+/// wait on conditions this way, not with fixed sleeps.
+pub async fn wait_until<T, Fut>(what: &str, limit: Duration, mut probe: impl FnMut() -> Fut) -> T
+where
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        let last = match probe().await {
+            Ok(v) => return v,
+            Err(last) => last,
+        };
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not reached within {limit:?} (last: {last})"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -430,17 +436,28 @@ pub fn demo_manifest(name: &str, version: &str) -> serde_json::Value {
 /// torch-workflow-archiver from PyPI into target/*-venv the first time.
 pub fn package_examples(script: &str, out: &Path) {
     let root = env!("CARGO_MANIFEST_DIR");
-    let run = Command::new("bash")
-        .arg(format!("{root}/examples/{script}"))
-        .arg(out)
-        .output()
-        .unwrap_or_else(|e| panic!("run examples/{script}: {e}"));
-    assert!(
-        run.status.success(),
-        "{script} failed:\n{}{}",
-        String::from_utf8_lossy(&run.stdout),
-        String::from_utf8_lossy(&run.stderr)
+    run_ok(
+        &format!("examples/{script}"),
+        Command::new("bash")
+            .arg(format!("{root}/examples/{script}"))
+            .arg(out),
     );
+}
+
+/// Runs a command to its end and returns its stdout; fails naming `what`, with its stdout and
+/// stderr, unless it exits 0.
+pub fn run_ok(what: &str, cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n{stdout}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
 }
 
 /// The example archives of examples/make_archives.sh (echo, batching, custom_metrics, streaming,

@@ -350,15 +350,7 @@ async fn token_authorization_guards_both_services() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_predictions_sends_each_part_of_a_python_handler_as_a_message() {
     let store = common::example_archives();
-    let s = Server::start(
-        "default_workers_per_model=1",
-        &[
-            "--model-store",
-            store.to_str().unwrap(),
-            "--models",
-            "streaming.mar",
-        ],
-    );
+    let s = Server::start_store("default_workers_per_model=1", store, "streaming.mar", &[]);
     s.wait_healthy().await;
     let mut c = inference(&s).await;
     let mut parts = c
@@ -433,13 +425,11 @@ async fn torchserve_grpc_client_works_against_oxserve() {
         &demo_manifest("sentiment", "1.0"),
         &[],
     );
-    let s = Server::start(
+    let s = Server::start_store(
         "default_workers_per_model=1\ndisable_token_authorization=false",
-        &[
-            "--model-store",
-            store.path().to_str().unwrap(),
-            "--enable-model-api",
-        ],
+        store.path(),
+        "",
+        &["--enable-model-api"],
     );
     s.wait_healthy().await;
     let (inference_key, management_key) = (s.key("inference"), s.key("management"));

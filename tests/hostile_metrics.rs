@@ -66,14 +66,11 @@ async fn handler_metrics_stay_bounded_valid_and_counted() {
     let tmp = tempfile::tempdir().unwrap();
     model_folder(store.path(), "noisy", NOISY);
     write_mar(store.path(), "demo.mar", &demo_manifest("demo", "1.0"), &[]);
-    let s = Server::start_with_env(
+    let s = Server::start_store_with_env(
         "default_workers_per_model=1\nmodel_metrics_auto_detect=true\nmodel_metrics_max_series=5",
-        &[
-            "--model-store",
-            store.path().to_str().unwrap(),
-            "--models",
-            "noisy,demo.mar",
-        ],
+        store.path(),
+        "noisy,demo.mar",
+        &[],
         &[("TMPDIR", tmp.path().to_str().unwrap())],
     );
     s.wait_healthy().await;
@@ -238,14 +235,11 @@ async fn a_reply_with_countless_headers_fails_its_batch_only() {
         "def handle(data, context):\n    if data is None:\n        return None\n    for i in range(2000):\n        context.set_response_header(0, f'h{i}', 'v')\n    return ['ok' for _ in data]\n",
     );
     write_mar(store.path(), "demo.mar", &demo_manifest("demo", "1.0"), &[]);
-    let s = Server::start(
+    let s = Server::start_store(
         "default_workers_per_model=1",
-        &[
-            "--model-store",
-            store.path().to_str().unwrap(),
-            "--models",
-            "headers,demo.mar",
-        ],
+        store.path(),
+        "headers,demo.mar",
+        &[],
     );
     s.wait_healthy().await;
     let r = s.predict("headers", "x").await;

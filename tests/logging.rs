@@ -328,14 +328,11 @@ def handle(data, context):
 }
 
 fn start_printer(props: &str, store: &Path) -> Server {
-    Server::start(
+    Server::start_store(
         &format!("default_workers_per_model=1\n{props}"),
-        &[
-            "--model-store",
-            store.to_str().unwrap(),
-            "--models",
-            "printer",
-        ],
+        store,
+        "printer",
+        &[],
     )
 }
 

@@ -164,14 +164,7 @@ fn start(store: &std::path::Path, runtime: &str) -> Server {
         "python_executable={}\nworker_runtime={runtime}\ndefault_startup_timeout=300\ndefault_response_timeout=300\n",
         python()
     );
-    Server::start(
-        &props,
-        &[
-            "--model-store",
-            store.to_str().unwrap(),
-            "--enable-model-api",
-        ],
-    )
+    Server::start_store(&props, store, "", &["--enable-model-api"])
 }
 
 async fn register(s: &Server, name: &str) {
@@ -363,14 +356,7 @@ async fn a_malformed_parallelism_fails_the_registration() {
             ),
         ],
     );
-    let s = Server::start(
-        "",
-        &[
-            "--model-store",
-            store.path().to_str().unwrap(),
-            "--enable-model-api",
-        ],
-    );
+    let s = Server::start_store("", store.path(), "", &["--enable-model-api"]);
     let (status, body) = s
         .mgmt(
             Method::POST,

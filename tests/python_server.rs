@@ -268,15 +268,7 @@ async fn a_worker_dying_mid_batch_fails_it_with_a_5xx_and_is_replaced() {
         "sleepy",
         "import time\n\ndef handle(data, context):\n    if data is None:\n        return None\n    time.sleep(float(data[0].get('body', 0)))\n    return ['awake' for _ in data]\n",
     );
-    let s = Server::start(
-        "default_workers_per_model=1",
-        &[
-            "--model-store",
-            store.path().to_str().unwrap(),
-            "--models",
-            "sleepy",
-        ],
-    );
+    let s = Server::start_store("default_workers_per_model=1", store.path(), "sleepy", &[]);
     s.wait_healthy().await;
     let pid = worker_pids(&s, "sleepy").await[0];
     let slow = {
@@ -388,15 +380,7 @@ async fn headers_and_extra_path_reach_the_handler() {
         "peek",
         "def handle(data, context):\n    if data is None:\n        return None\n    return [{\n        'url_path': context.get_request_header(i, 'url_path'),\n        'explain': context.get_request_header(i, 'explain'),\n        'x_custom': context.get_request_header(i, 'x-custom'),\n        'params': sorted(r.keys()),\n    } for i, r in enumerate(data)]\n",
     );
-    let s = Server::start(
-        "default_workers_per_model=1",
-        &[
-            "--model-store",
-            store.path().to_str().unwrap(),
-            "--models",
-            "peek",
-        ],
-    );
+    let s = Server::start_store("default_workers_per_model=1", store.path(), "peek", &[]);
     s.wait_healthy().await;
     let r = s
         .client
@@ -434,13 +418,11 @@ async fn a_synchronous_registration_that_cannot_load_fails_and_is_undone() {
         "broken",
         "import no_such_module_here\n\ndef handle(data, context):\n    return data\n",
     );
-    let s = Server::start(
+    let s = Server::start_store(
         "default_workers_per_model=1",
-        &[
-            "--model-store",
-            store.path().to_str().unwrap(),
-            "--enable-model-api",
-        ],
+        store.path(),
+        "",
+        &["--enable-model-api"],
     );
     s.wait_healthy().await;
     let (code, e) = s
@@ -489,16 +471,7 @@ async fn model_config_yaml_sets_workers_and_reaches_the_handler() {
         &[("cfg.py", handler)],
     );
 
-    let s = Server::start(
-        "",
-        &[
-            "--model-store",
-            store.path().to_str().unwrap(),
-            "--models",
-            "cfg",
-            "--enable-model-api",
-        ],
-    );
+    let s = Server::start_store("", store.path(), "cfg", &["--enable-model-api"]);
     s.wait_healthy().await;
     let (_, d) = s.mgmt(Method::GET, "/models/cfg").await;
     let d = &d[0];

@@ -426,17 +426,7 @@ async fn torchserve_worker_runs_torchserves_stateful_examples() {
         std::fs::write(dir.join("model-config.yaml"), yaml).unwrap();
     };
     let props = format!("worker_runtime=torchserve\npython_executable={python}\n");
-    let start_ts = |store: &Path| {
-        Server::start(
-            &props,
-            &[
-                "--model-store",
-                store.to_str().unwrap(),
-                "--models",
-                "stateful",
-            ],
-        )
-    };
+    let start_ts = |store: &Path| Server::start_store(&props, store, "stateful", &[]);
 
     // test_example_stateful_sequence_batching_http.py
     let store = tempfile::tempdir().unwrap();

@@ -463,14 +463,11 @@ async fn workflows_need_a_store_and_the_model_api() {
     // Without --enable-model-api, registering and unregistering are refused, as for models.
     let (models, _) = stores();
     let store = tempfile::tempdir().unwrap();
-    let s2 = Server::start(
+    let s2 = Server::start_store(
         "",
-        &[
-            "--model-store",
-            models.to_str().unwrap(),
-            "--workflow-store",
-            store.path().to_str().unwrap(),
-        ],
+        models,
+        "",
+        &["--workflow-store", store.path().to_str().unwrap()],
     );
     let (code, body) = post(&s2, "/workflows?url=echo_pipeline.war").await;
     assert_eq!(code, 405, "{body}");

@@ -170,15 +170,11 @@ async fn a_conflicting_registration_leaves_the_live_version_alone() {
         &demo_manifest("demo", "1.0"),
         &[],
     );
-    let s = Server::start(
+    let s = Server::start_store(
         "default_workers_per_model=2",
-        &[
-            "--model-store",
-            store.path().to_str().unwrap(),
-            "--enable-model-api",
-            "--models",
-            "demo.mar",
-        ],
+        store.path(),
+        "demo.mar",
+        &["--enable-model-api"],
     );
     s.wait_healthy().await;
     let ready = "oxserve_workers{model_name=\"demo\",model_version=\"1.0\",state=\"ready\"}";

@@ -48,6 +48,12 @@ fn model_dir(name: &str, handler_file: &str, source: &str, handler: &str) -> tem
     dir
 }
 
+/// A model folder named `name` whose handler is the example file `rel` (examples/`rel`).
+fn example_dir(name: &str, rel: &str) -> tempfile::TempDir {
+    let file = Path::new(rel).file_name().unwrap().to_str().unwrap();
+    model_dir(name, file, &example(rel), file)
+}
+
 fn example(rel: &str) -> String {
     std::fs::read_to_string(Path::new(EXAMPLES).join(rel)).unwrap()
 }
@@ -151,12 +157,7 @@ async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
 
 #[tokio::test]
 async fn echo_batch_of_three_in_order() {
-    let dir = model_dir(
-        "echo",
-        "echo_handler.py",
-        &example("echo/echo_handler.py"),
-        "echo_handler.py",
-    );
+    let dir = example_dir("echo", "echo/echo_handler.py");
     let mut backend = load(dir.path(), "echo").await;
     assert!(backend.pid().is_some());
     assert!(backend.reports_handler_metrics());
@@ -393,12 +394,7 @@ impl StreamSink for Collect {
 
 #[tokio::test]
 async fn streaming_parts_reach_the_sink_before_the_final_reply() {
-    let dir = model_dir(
-        "stream",
-        "stream_handler.py",
-        &example("streaming/stream_handler.py"),
-        "stream_handler.py",
-    );
+    let dir = example_dir("stream", "streaming/stream_handler.py");
     let mut backend = load(dir.path(), "stream").await;
     let sink = Collect::default();
     let replies = backend.infer(&[text("a"), text("b")], &sink).await.unwrap();
@@ -429,12 +425,7 @@ async fn streaming_parts_reach_the_sink_before_the_final_reply() {
 
 #[tokio::test]
 async fn batching_example_sees_the_whole_batch() {
-    let dir = model_dir(
-        "batch",
-        "batch_handler.py",
-        &example("batching/batch_handler.py"),
-        "batch_handler.py",
-    );
+    let dir = example_dir("batch", "batching/batch_handler.py");
     let mut backend = load(dir.path(), "batch").await;
     let replies = backend
         .infer(&[text("1"), text("2"), text("3")], &NoStream)
@@ -451,12 +442,7 @@ async fn batching_example_sees_the_whole_batch() {
 
 #[tokio::test]
 async fn killed_worker_reports_died() {
-    let dir = model_dir(
-        "echo",
-        "echo_handler.py",
-        &example("echo/echo_handler.py"),
-        "echo_handler.py",
-    );
+    let dir = example_dir("echo", "echo/echo_handler.py");
     let mut backend = load(dir.path(), "echo").await;
     let pid = backend.pid().unwrap();
     // SAFETY: plain syscall on our own child.
@@ -581,12 +567,7 @@ async fn load_errors_are_clear() {
         assert!(m.contains(says), "{name}: {m}");
     }
 
-    let dir = model_dir(
-        "echo",
-        "echo_handler.py",
-        &example("echo/echo_handler.py"),
-        "echo_handler.py",
-    );
+    let dir = example_dir("echo", "echo/echo_handler.py");
     let cfg = config(&[("python_executable", "/nonexistent/python3")]);
     let m = load_error(&loader, &spec(dir.path(), "echo", metrics.clone(), cfg)).await;
     assert!(m.contains("/nonexistent/python3"), "{m}");
@@ -603,12 +584,7 @@ async fn torchserve_runtime_without_torchserve_says_so() {
     let python = bin.path().join("python-without-site");
     std::fs::write(&python, "#!/bin/sh\nexec python3 -S -E \"$@\"\n").unwrap();
     std::fs::set_permissions(&python, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let dir = model_dir(
-        "echo",
-        "echo_handler.py",
-        &example("echo/echo_handler.py"),
-        "echo_handler.py",
-    );
+    let dir = example_dir("echo", "echo/echo_handler.py");
     let cfg = config(&[
         ("worker_runtime", "torchserve"),
         ("python_executable", python.to_str().unwrap()),
@@ -697,12 +673,7 @@ async fn torchserve_worker_when_available() {
     let loader = PythonLoader::new();
     let metrics = Arc::new(Metrics::for_tests());
 
-    let dir = model_dir(
-        "echo",
-        "echo_handler.py",
-        &example("echo/echo_handler.py"),
-        "echo_handler.py",
-    );
+    let dir = example_dir("echo", "echo/echo_handler.py");
     let mut backend = loader
         .load(&spec(dir.path(), "echo", metrics.clone(), cfg()))
         .await
@@ -725,12 +696,7 @@ async fn torchserve_worker_when_available() {
     .await;
     backend.shutdown().await;
 
-    let dir = model_dir(
-        "stream",
-        "stream_handler.py",
-        &example("streaming/stream_handler.py"),
-        "stream_handler.py",
-    );
+    let dir = example_dir("stream", "streaming/stream_handler.py");
     let mut backend = loader
         .load(&spec(dir.path(), "stream", metrics.clone(), cfg()))
         .await

@@ -104,15 +104,11 @@ async fn ping_says_partial_healthy_while_some_minimums_are_not_met() {
         &[("h.py", "import no_such_module_here\n")],
     );
     write_mar(store.path(), "good.mar", &demo_manifest("good", "1.0"), &[]);
-    let s = Server::start(
+    let s = Server::start_store(
         "default_workers_per_model=1",
-        &[
-            "--model-store",
-            store.path().to_str().unwrap(),
-            "--enable-model-api",
-            "--models",
-            "good.mar",
-        ],
+        store.path(),
+        "good.mar",
+        &["--enable-model-api"],
     );
     s.wait_healthy().await;
     assert_eq!(ping(&s).await, (200, "Healthy".to_string()));

@@ -121,13 +121,11 @@ async fn every_dashboard_and_alert_query_returns_data() {
             include_bytes!("fixtures/openai_handler.py"),
         )],
     );
-    let s = Server::start(
+    let s = Server::start_store(
         "metric_time_interval=1\ndefault_workers_per_model=1\njob_queue_size=1",
-        &[
-            "--model-store",
-            store.path().to_str().unwrap(),
-            "--enable-model-api",
-        ],
+        store.path(),
+        "",
+        &["--enable-model-api"],
     );
     s.wait_healthy().await;
     let (code, body) = s

@@ -4,44 +4,27 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
+use common::grpc::{grpcio_python, inference, management, predict};
 use common::{demo_manifest, write_mar, Server};
-use oxserve::grpc::pb::inference::inference_ap_is_service_client::InferenceApIsServiceClient;
-use oxserve::grpc::pb::inference::PredictionsRequest;
-use oxserve::grpc::pb::management::management_ap_is_service_client::ManagementApIsServiceClient;
 use oxserve::grpc::pb::management::{
-    DescribeModelRequest, ListModelsRequest, RegisterModelRequest, ScaleWorkerRequest,
-    SetDefaultRequest, UnregisterModelRequest,
+    DescribeModelRequest, ListModelsRequest, ManagementResponse, RegisterModelRequest,
+    ScaleWorkerRequest, SetDefaultRequest, UnregisterModelRequest,
 };
-use tonic::transport::Channel;
-use tonic::Code;
+use tonic::{Code, Response, Status};
 
-async fn channel(url: &str) -> Channel {
-    Channel::from_shared(url.to_string())
-        .unwrap()
-        .timeout(Duration::from_secs(60))
-        .connect()
-        .await
-        .expect("connect to the gRPC listener")
+/// A request carrying `authorization: Bearer <key>`, as TorchServe's clients send a token.
+fn with_key<T>(key: &str, msg: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.metadata_mut()
+        .insert("authorization", format!("Bearer {key}").parse().unwrap());
+    r
 }
 
-async fn inference(s: &Server) -> InferenceApIsServiceClient<Channel> {
-    InferenceApIsServiceClient::new(channel(s.grpc_inference.as_deref().unwrap()).await)
-}
-
-async fn management(s: &Server) -> ManagementApIsServiceClient<Channel> {
-    ManagementApIsServiceClient::new(channel(s.grpc_management.as_deref().unwrap()).await)
-}
-
-fn predict(model: &str, data: &[u8]) -> PredictionsRequest {
-    PredictionsRequest {
-        model_name: model.into(),
-        model_version: String::new(),
-        input: BTreeMap::from([("data".to_string(), data.to_vec())]),
-        sequence_id: None,
-    }
+/// The message of a management call that succeeded.
+fn msg(r: Result<Response<ManagementResponse>, Status>) -> String {
+    r.expect("the management call succeeds").into_inner().msg
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -72,15 +55,7 @@ async fn ping_and_predictions_answer_like_http_and_count_in_the_same_metrics() {
 
     // One gRPC and one HTTP prediction: both in the model's request counter.
     let total = r#"ts_inference_requests_total{model_name="demo",model_version="default""#;
-    let mut seen = None;
-    for _ in 0..100 {
-        seen = s.sample(total).await;
-        if seen == Some(2.0) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(seen, Some(2.0), "{}", s.scrape().await);
+    s.wait_sample(total, |v| v == 2.0).await;
 
     // A model error (the demo refuses a request without input) is the mapped gRPC code with its message,
     // and counts as a 4XX.
@@ -181,24 +156,16 @@ async fn management_calls_match_the_http_api() {
     s.wait_healthy().await;
     let mut m = management(&s).await;
 
-    let list = m
-        .list_models(ListModelsRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .msg;
+    let list = msg(m.list_models(ListModelsRequest::default()).await);
     let list: serde_json::Value = serde_json::from_str(&list).unwrap();
     assert_eq!(list["models"][0]["modelName"], "demo");
 
-    let d = m
+    let d = msg(m
         .describe_model(DescribeModelRequest {
             model_name: "demo".into(),
             ..Default::default()
         })
-        .await
-        .unwrap()
-        .into_inner()
-        .msg;
+        .await);
     let d: serde_json::Value = serde_json::from_str(&d).unwrap();
     assert_eq!(d[0]["modelName"], "demo");
     assert_eq!(d[0]["minWorkers"], 1);
@@ -212,7 +179,7 @@ async fn management_calls_match_the_http_api() {
         .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
 
-    let r = m
+    let r = msg(m
         .scale_worker(ScaleWorkerRequest {
             model_name: "demo".into(),
             min_worker: 2,
@@ -220,10 +187,7 @@ async fn management_calls_match_the_http_api() {
             synchronous: true,
             ..Default::default()
         })
-        .await
-        .unwrap()
-        .into_inner()
-        .msg;
+        .await);
     assert!(r.contains("Workers scaled to 2"), "{r}");
     let (_, d) = s.mgmt(reqwest::Method::GET, "/models/demo").await;
     assert_eq!(d[0]["workers"].as_array().unwrap().len(), 2);
@@ -242,31 +206,25 @@ async fn management_calls_match_the_http_api() {
     // Register two versions of an archive, switch the default, unregister.
     for v in ["1.0", "2.0"] {
         let mar = write_mar(s.path(), &format!("g{v}.mar"), &demo_manifest("g", v), &[]);
-        let r = m
+        let r = msg(m
             .register_model(RegisterModelRequest {
                 url: mar.to_str().unwrap().into(),
                 initial_workers: 1,
                 synchronous: true,
                 ..Default::default()
             })
-            .await
-            .unwrap()
-            .into_inner()
-            .msg;
+            .await);
         assert!(
             r.contains(&format!("Model \"g\" Version: {v} registered")),
             "{r}"
         );
     }
-    let r = m
+    let r = msg(m
         .set_default(SetDefaultRequest {
             model_name: "g".into(),
             model_version: "2.0".into(),
         })
-        .await
-        .unwrap()
-        .into_inner()
-        .msg;
+        .await);
     assert!(r.contains("Default version successfully updated"), "{r}");
     let (_, d) = s.mgmt(reqwest::Method::GET, "/models/g").await;
     assert_eq!(d[0]["modelVersion"], "2.0");
@@ -279,15 +237,12 @@ async fn management_calls_match_the_http_api() {
         .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
 
-    let r = m
+    let r = msg(m
         .unregister_model(UnregisterModelRequest {
             model_name: "g".into(),
             model_version: "1.0".into(),
         })
-        .await
-        .unwrap()
-        .into_inner()
-        .msg;
+        .await);
     assert_eq!(r, "Model \"g\" unregistered");
 
     // TorchServe's refusals, with its messages.
@@ -354,17 +309,7 @@ async fn token_authorization_guards_both_services() {
         &[],
     );
     s.wait_healthy().await;
-    let keys: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(s.path().join("key_file.json")).unwrap())
-            .unwrap();
-    let inference_key = keys["inference"]["key"].as_str().unwrap().to_string();
-    let management_key = keys["management"]["key"].as_str().unwrap().to_string();
-    let with = |key: &str, r: PredictionsRequest| {
-        let mut r = tonic::Request::new(r);
-        r.metadata_mut()
-            .insert("authorization", format!("Bearer {key}").parse().unwrap());
-        r
-    };
+    let (inference_key, management_key) = (s.key("inference"), s.key("management"));
     let mut c = inference(&s).await;
     // Ping needs no key, as /ping over HTTP.
     let health = c.ping(()).await.unwrap().into_inner().health;
@@ -373,12 +318,12 @@ async fn token_authorization_guards_both_services() {
     assert_eq!(e.code(), Code::PermissionDenied);
     assert!(e.message().contains("Token Authorization failed"), "{e:?}");
     let e = c
-        .predictions(with(&management_key, predict("demo", b"x")))
+        .predictions(with_key(&management_key, predict("demo", b"x")))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
     let ok = c
-        .predictions(with(&inference_key, predict("demo", b"I love it")))
+        .predictions(with_key(&inference_key, predict("demo", b"I love it")))
         .await
         .unwrap();
     assert!(String::from_utf8_lossy(&ok.into_inner().prediction).contains("positive"));
@@ -389,60 +334,23 @@ async fn token_authorization_guards_both_services() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
-    let mut r = tonic::Request::new(ListModelsRequest::default());
-    r.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {inference_key}").parse().unwrap(),
-    );
     assert_eq!(
-        m.list_models(r).await.unwrap_err().code(),
+        m.list_models(with_key(&inference_key, ListModelsRequest::default()))
+            .await
+            .unwrap_err()
+            .code(),
         Code::PermissionDenied
     );
-    let mut r = tonic::Request::new(ListModelsRequest::default());
-    r.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {management_key}").parse().unwrap(),
-    );
-    assert!(m
-        .list_models(r)
-        .await
-        .unwrap()
-        .into_inner()
-        .msg
-        .contains("demo"));
-}
-
-/// The example archives (examples/make_archives.sh installs torch-model-archiver from PyPI into
-/// target/mar-venv the first time), as tests/python_server.rs uses them.
-fn model_store() -> std::path::PathBuf {
-    let root = env!("CARGO_MANIFEST_DIR");
-    let store = std::path::PathBuf::from(format!("{root}/target/test-model-store"));
-    let out = std::process::Command::new("bash")
-        .arg(format!("{root}/examples/make_archives.sh"))
-        .arg(&store)
-        .output()
-        .expect("run examples/make_archives.sh");
-    assert!(
-        out.status.success(),
-        "make_archives.sh failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    store
+    assert!(msg(m
+        .list_models(with_key(&management_key, ListModelsRequest::default()))
+        .await)
+    .contains("demo"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_predictions_sends_each_part_of_a_python_handler_as_a_message() {
-    let store = model_store();
-    let s = Server::start(
-        "default_workers_per_model=1",
-        &[
-            "--model-store",
-            store.to_str().unwrap(),
-            "--models",
-            "streaming.mar",
-        ],
-    );
+    let store = common::example_archives();
+    let s = Server::start_store("default_workers_per_model=1", store, "streaming.mar", &[]);
     s.wait_healthy().await;
     let mut c = inference(&s).await;
     let mut parts = c
@@ -471,37 +379,18 @@ async fn stream_predictions_sends_each_part_of_a_python_handler_as_a_message() {
     );
     // Both counted in the model's metrics, the stream with its time to first chunk.
     let p = r#"{model_name="streaming",model_version="1.0"}"#;
-    let mut ttfc = None;
-    for _ in 0..100 {
-        ttfc = s
-            .sample(&format!("oxserve_time_to_first_chunk_seconds_count{p}"))
-            .await;
-        if ttfc == Some(2.0) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(ttfc, Some(2.0), "{}", s.scrape().await);
+    s.wait_sample(
+        &format!("oxserve_time_to_first_chunk_seconds_count{p}"),
+        |v| v == 2.0,
+    )
+    .await;
 }
 
 /// Runs TorchServe's own gRPC client (tests/grpc_client/torchserve_grpc_client.py, with grpcio from
 /// PyPI) against the server: (exit code, stdout + stderr).
 fn torchserve_client(s: &Server, args: &[&str]) -> (i32, String) {
-    use std::sync::OnceLock;
-    static PYTHON: OnceLock<String> = OnceLock::new();
     let root = env!("CARGO_MANIFEST_DIR");
-    let python = PYTHON.get_or_init(|| {
-        let out = std::process::Command::new("bash")
-            .arg(format!("{root}/tests/grpc_client/setup.sh"))
-            .output()
-            .expect("run tests/grpc_client/setup.sh");
-        assert!(
-            out.status.success(),
-            "setup.sh failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap().trim().to_string()
-    });
+    let python = grpcio_python();
     let host_port = |url: &Option<String>| {
         url.as_deref()
             .unwrap()
@@ -536,20 +425,14 @@ async fn torchserve_grpc_client_works_against_oxserve() {
         &demo_manifest("sentiment", "1.0"),
         &[],
     );
-    let s = Server::start(
+    let s = Server::start_store(
         "default_workers_per_model=1\ndisable_token_authorization=false",
-        &[
-            "--model-store",
-            store.path().to_str().unwrap(),
-            "--enable-model-api",
-        ],
+        store.path(),
+        "",
+        &["--enable-model-api"],
     );
     s.wait_healthy().await;
-    let keys: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(s.path().join("key_file.json")).unwrap())
-            .unwrap();
-    let inference_key = keys["inference"]["key"].as_str().unwrap().to_string();
-    let management_key = keys["management"]["key"].as_str().unwrap().to_string();
+    let (inference_key, management_key) = (s.key("inference"), s.key("management"));
     std::fs::write(s.path().join("input.txt"), "I love this").unwrap();
 
     // Register from the model store, as the client does when the archive is in its mar_set.

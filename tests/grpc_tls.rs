@@ -27,21 +27,6 @@ fn make_cert(dir: &Path) {
     assert!(status.success(), "openssl could not make a certificate");
 }
 
-/// grpcio's python from target/grpc-venv (tests/grpc_client/setup.sh installs it the first time).
-fn python() -> String {
-    let root = env!("CARGO_MANIFEST_DIR");
-    let out = Command::new("bash")
-        .arg(format!("{root}/tests/grpc_client/setup.sh"))
-        .output()
-        .expect("run tests/grpc_client/setup.sh");
-    assert!(
-        out.status.success(),
-        "setup.sh failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_serves_tls_with_the_configured_certificate() {
     let certs = tempfile::tempdir().unwrap();
@@ -71,7 +56,7 @@ async fn grpc_serves_tls_with_the_configured_certificate() {
             .trim_start_matches("http://")
             .to_string()
     };
-    let out = Command::new(python())
+    let out = Command::new(common::grpc::grpcio_python())
         .arg(format!("{root}/tests/grpc_client/tls_client.py"))
         .arg(certs.path().join("cert.pem"))
         .args(["demo", "I love this"])
@@ -130,34 +115,29 @@ async fn grpc_serves_tls_with_the_configured_certificate() {
 #[test]
 fn grpc_tls_without_a_key_and_certificate_stops_start_up() {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("config.properties");
-    std::fs::write(&config, "enable_grpc_ssl=true\n").unwrap();
-    let out = Command::new(common::BIN)
-        .args(["start", "--foreground", "--ts-config"])
-        .arg(&config)
-        .current_dir(dir.path())
-        .output()
-        .unwrap();
+    // A start with this config.properties, which must stop at once (no listener is ever bound:
+    // every address here is OS-chosen anyway).
+    let start = |props: &str| {
+        let config = dir.path().join("config.properties");
+        std::fs::write(&config, format!("{}{props}", common::BASE)).unwrap();
+        Command::new(common::BIN)
+            .args(["start", "--foreground", "--ts-config"])
+            .arg(&config)
+            .current_dir(dir.path())
+            .output()
+            .unwrap()
+    };
+    let out = start("enable_grpc_ssl=true\n");
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("enable_grpc_ssl"), "{err}");
 
     // A certificate file that is not one: start-up stops naming it, before any listener serves.
     std::fs::write(dir.path().join("junk.pem"), "not pem").unwrap();
-    std::fs::write(
-        &config,
-        format!(
-            "enable_grpc_ssl=true\ninference_address=http://127.0.0.1:0\nmanagement_address=http://127.0.0.1:0\nmetrics_address=http://127.0.0.1:0\ngrpc_inference_port=0\ngrpc_management_port=0\nprivate_key_file={0}\ncertificate_file={0}\n",
-            dir.path().join("junk.pem").display()
-        ),
-    )
-    .unwrap();
-    let out = Command::new(common::BIN)
-        .args(["start", "--foreground", "--ts-config"])
-        .arg(&config)
-        .current_dir(dir.path())
-        .output()
-        .unwrap();
+    let out = start(&format!(
+        "enable_grpc_ssl=true\nprivate_key_file={0}\ncertificate_file={0}\n",
+        dir.path().join("junk.pem").display()
+    ));
     assert!(!out.status.success(), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("certificate_file"), "{err}");

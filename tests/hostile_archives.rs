@@ -110,15 +110,11 @@ async fn oversized_archives_are_refused_and_leave_nothing_behind() {
     );
 
     write_mar(store.path(), "demo.mar", &demo_manifest("demo", "1.0"), &[]);
-    let s = Server::start_with_env(
+    let s = Server::start_store_with_env(
         "default_workers_per_model=1\nmax_archive_unpacked_bytes=4194304\nmax_archive_entries=20",
-        &[
-            "--model-store",
-            store.path().to_str().unwrap(),
-            "--enable-model-api",
-            "--models",
-            "demo.mar",
-        ],
+        store.path(),
+        "demo.mar",
+        &["--enable-model-api"],
         &[("TMPDIR", tmp.path().to_str().unwrap())],
     );
     s.wait_healthy().await;
@@ -180,15 +176,11 @@ async fn names_and_versions_follow_torchserves_rule() {
         &[],
     );
     write_mar(store.path(), "demo.mar", &demo_manifest("demo", "1.0"), &[]);
-    let s = Server::start(
+    let s = Server::start_store(
         "default_workers_per_model=1",
-        &[
-            "--model-store",
-            store.path().to_str().unwrap(),
-            "--enable-model-api",
-            "--models",
-            "demo.mar",
-        ],
+        store.path(),
+        "demo.mar",
+        &["--enable-model-api"],
     );
     s.wait_healthy().await;
     for (query, needle) in [

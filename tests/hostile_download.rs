@@ -119,13 +119,11 @@ fn store_files(store: &Path) -> Vec<String> {
 }
 
 fn start(store: &Path, props: &str) -> Server {
-    Server::start(
+    Server::start_store(
         &format!("default_workers_per_model=1\n{props}"),
-        &[
-            "--model-store",
-            store.to_str().unwrap(),
-            "--enable-model-api",
-        ],
+        store,
+        "",
+        &["--enable-model-api"],
     )
 }
 

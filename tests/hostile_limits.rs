@@ -104,15 +104,11 @@ async fn apis_and_model_config_refuse_sizes_past_their_ceilings() {
             &[("model-config.yaml", yaml.as_bytes())],
         );
     }
-    let s = Server::start(
+    let s = Server::start_store(
         "default_workers_per_model=1\nmax_workers_per_model=4\nmax_batch_size=64",
-        &[
-            "--model-store",
-            store.path().to_str().unwrap(),
-            "--enable-model-api",
-            "--models",
-            "demo.mar",
-        ],
+        store.path(),
+        "demo.mar",
+        &["--enable-model-api"],
     );
     s.wait_healthy().await;
     for (method, path, needle) in [

@@ -39,14 +39,8 @@ def handle(data, context):
 "#;
 
 fn model_folder(store: &Path, name: &str, code: &str) {
-    let dir = store.join(name);
-    std::fs::create_dir_all(dir.join("MAR-INF")).unwrap();
-    std::fs::write(
-        dir.join("MAR-INF/MANIFEST.json"),
-        format!(r#"{{"runtime": "python", "model": {{"modelName": "{name}", "modelVersion": "1.0", "handler": "{name}.py"}}}}"#),
-    )
-    .unwrap();
-    std::fs::write(dir.join(format!("{name}.py")), code).unwrap();
+    let handler = format!("{name}.py");
+    common::model_folder(store, name, &handler, None, &[(&handler, code)]);
 }
 
 /// Waits until the sample `prefix` has value `want` (metric lines are read from the worker's
@@ -72,14 +66,11 @@ async fn handler_metrics_stay_bounded_valid_and_counted() {
     let tmp = tempfile::tempdir().unwrap();
     model_folder(store.path(), "noisy", NOISY);
     write_mar(store.path(), "demo.mar", &demo_manifest("demo", "1.0"), &[]);
-    let s = Server::start_with_env(
+    let s = Server::start_store_with_env(
         "default_workers_per_model=1\nmodel_metrics_auto_detect=true\nmodel_metrics_max_series=5",
-        &[
-            "--model-store",
-            store.path().to_str().unwrap(),
-            "--models",
-            "noisy,demo.mar",
-        ],
+        store.path(),
+        "noisy,demo.mar",
+        &[],
         &[("TMPDIR", tmp.path().to_str().unwrap())],
     );
     s.wait_healthy().await;
@@ -179,15 +170,11 @@ async fn a_conflicting_registration_leaves_the_live_version_alone() {
         &demo_manifest("demo", "1.0"),
         &[],
     );
-    let s = Server::start(
+    let s = Server::start_store(
         "default_workers_per_model=2",
-        &[
-            "--model-store",
-            store.path().to_str().unwrap(),
-            "--enable-model-api",
-            "--models",
-            "demo.mar",
-        ],
+        store.path(),
+        "demo.mar",
+        &["--enable-model-api"],
     );
     s.wait_healthy().await;
     let ready = "oxserve_workers{model_name=\"demo\",model_version=\"1.0\",state=\"ready\"}";
@@ -244,14 +231,11 @@ async fn a_reply_with_countless_headers_fails_its_batch_only() {
         "def handle(data, context):\n    if data is None:\n        return None\n    for i in range(2000):\n        context.set_response_header(0, f'h{i}', 'v')\n    return ['ok' for _ in data]\n",
     );
     write_mar(store.path(), "demo.mar", &demo_manifest("demo", "1.0"), &[]);
-    let s = Server::start(
+    let s = Server::start_store(
         "default_workers_per_model=1",
-        &[
-            "--model-store",
-            store.path().to_str().unwrap(),
-            "--models",
-            "headers,demo.mar",
-        ],
+        store.path(),
+        "headers,demo.mar",
+        &[],
     );
     s.wait_healthy().await;
     let r = s.predict("headers", "x").await;

@@ -263,13 +263,11 @@ async fn the_memory_cap_is_the_configured_one() {
     let tmp = tempfile::tempdir().unwrap();
     write_onnx_mar(store.path(), "tiny", &example("model.onnx"));
     // 1 MiB: not even the tiny model loads under it, which shows the key reaches the check.
-    let s = Server::start_with_env(
+    let s = Server::start_store_with_env(
         "default_workers_per_model=1\nonnx_load_memory_limit=1048576",
-        &[
-            "--model-store",
-            store.path().to_str().unwrap(),
-            "--enable-model-api",
-        ],
+        store.path(),
+        "",
+        &["--enable-model-api"],
         &[("TMPDIR", tmp.path().to_str().unwrap())],
     );
     s.wait_healthy().await;
@@ -333,13 +331,11 @@ async fn external_data_must_stay_inside_the_model_folder() {
             &external_weight(location),
         );
     }
-    let s = Server::start_with_env(
+    let s = Server::start_store_with_env(
         "default_workers_per_model=1",
-        &[
-            "--model-store",
-            store.path().to_str().unwrap(),
-            "--enable-model-api",
-        ],
+        store.path(),
+        "",
+        &["--enable-model-api"],
         &[("TMPDIR", tmp.path().to_str().unwrap())],
     );
     s.wait_healthy().await;
@@ -379,13 +375,11 @@ async fn unparsable_and_missing_models_get_torchserves_statuses() {
         &manifest,
         &[("model.onnx", &example("model.onnx"))],
     );
-    let s = Server::start_with_env(
+    let s = Server::start_store_with_env(
         "default_workers_per_model=1",
-        &[
-            "--model-store",
-            store.path().to_str().unwrap(),
-            "--enable-model-api",
-        ],
+        store.path(),
+        "",
+        &["--enable-model-api"],
         &[("TMPDIR", tmp.path().to_str().unwrap())],
     );
     s.wait_healthy().await;

@@ -34,14 +34,11 @@ async fn error_of(r: reqwest::Response) -> (u16, Value) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tensor_claiming_a_petabyte_is_a_400_and_the_server_lives_on() {
     let store = store();
-    let s = Server::start(
+    let s = Server::start_store(
         "default_workers_per_model=1",
-        &[
-            "--model-store",
-            store.path().to_str().unwrap(),
-            "--models",
-            "tiny_classifier=onnx,dm.mar",
-        ],
+        store.path(),
+        "tiny_classifier=onnx,dm.mar",
+        &[],
     );
     s.wait_healthy().await;
     let body = claimed_huge_tensor(5, 1000);

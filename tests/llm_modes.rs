@@ -10,34 +10,14 @@ use common::Server;
 use reqwest::Method;
 use std::path::Path;
 
-/// An unpacked model folder (a .mar's layout) with a model-config.yaml and extra files.
+/// A Python model `name` in `store` whose handler is `{name}.py`, with this model-config.yaml and
+/// files.
 fn model_folder(store: &Path, name: &str, yaml: &str, files: &[(&str, &str)]) {
-    let dir = store.join(name);
-    std::fs::create_dir_all(dir.join("MAR-INF")).unwrap();
-    std::fs::write(
-        dir.join("MAR-INF/MANIFEST.json"),
-        format!(
-            r#"{{"runtime": "python", "model": {{"modelName": "{name}", "modelVersion": "1.0", "handler": "{name}.py", "configFile": "model-config.yaml"}}}}"#
-        ),
-    )
-    .unwrap();
-    std::fs::write(dir.join("model-config.yaml"), yaml).unwrap();
-    for (file, text) in files {
-        std::fs::write(dir.join(file), text).unwrap();
-    }
+    common::model_folder(store, name, &format!("{name}.py"), Some(yaml), files);
 }
 
 fn start(store: &Path, models: &str) -> Server {
-    Server::start(
-        "",
-        &[
-            "--model-store",
-            store.to_str().unwrap(),
-            "--models",
-            models,
-            "--enable-model-api",
-        ],
-    )
+    Server::start_store("", store, models, &["--enable-model-api"])
 }
 
 const ASYNC_YAML: &str =
@@ -84,24 +64,20 @@ async fn async_mode_holds_many_requests_in_one_worker_and_matches_replies_by_id(
     s.wait_healthy().await;
     // 8 requests, one worker, a handler that returns only when all 8 are inside it: they all
     // succeed, each with its own answer (replies come back in completion order, "slow" last).
-    let client = s.client.clone();
-    let url = format!("{}/predictions/gather", s.inference);
-    let got = common::concurrently(8, move |i| {
-        let (client, url) = (client.clone(), url.clone());
-        async move {
-            let body = if i == 3 {
-                "slow".to_string()
+    let bodies: Vec<String> = (0..8)
+        .map(|i| {
+            if i == 3 {
+                "slow".into()
             } else {
                 format!("r{i}")
-            };
-            let r = client.post(url).body(body.clone()).send().await.unwrap();
-            (body, r.status().as_u16(), r.text().await.unwrap())
-        }
-    })
-    .await;
-    let pids: std::collections::HashSet<String> = got
+            }
+        })
+        .collect();
+    let got = s.post_all("gather", None, bodies.clone()).await;
+    let pids: std::collections::HashSet<String> = bodies
         .iter()
-        .map(|(body, status, text)| {
+        .zip(&got)
+        .map(|(body, (status, text))| {
             assert_eq!(*status, 200, "{body}: {text}");
             let (echo, pid) = text.split_once(" pid=").unwrap();
             assert_eq!(echo, body);
@@ -117,33 +93,19 @@ async fn async_mode_holds_many_requests_in_one_worker_and_matches_replies_by_id(
 async fn a_failing_request_in_async_mode_fails_only_itself() {
     let store = tempfile::tempdir().unwrap();
     model_folder(store.path(), "gather", ASYNC_YAML, &[("gather.py", GATHER)]);
-    let s = Server::start_with_env(
-        "",
-        &[
-            "--model-store",
-            store.path().to_str().unwrap(),
-            "--models",
-            "gather",
-        ],
-        &[("GATHER_N", "4")],
-    );
+    let s = Server::start_store_with_env("", store.path(), "gather", &[], &[("GATHER_N", "4")]);
     s.wait_healthy().await;
-    let client = s.client.clone();
-    let url = format!("{}/predictions/gather", s.inference);
-    let got = common::concurrently(4, move |i| {
-        let (client, url) = (client.clone(), url.clone());
-        async move {
-            let body = if i == 0 {
-                "fail".to_string()
+    let bodies: Vec<String> = (0..4)
+        .map(|i| {
+            if i == 0 {
+                "fail".into()
             } else {
                 format!("ok{i}")
-            };
-            let r = client.post(url).body(body.clone()).send().await.unwrap();
-            (body, r.status().as_u16(), r.text().await.unwrap())
-        }
-    })
-    .await;
-    for (body, status, text) in &got {
+            }
+        })
+        .collect();
+    let got = s.post_all("gather", None, bodies.clone()).await;
+    for (body, (status, text)) in bodies.iter().zip(&got) {
         if body == "fail" {
             assert_eq!(*status, 503, "{text}");
             let e: serde_json::Value = serde_json::from_str(text).unwrap();
@@ -179,17 +141,8 @@ async fn sync_handlers_in_async_mode_and_async_handlers_in_classic_mode_both_ans
     );
     let s = start(store.path(), "syncy,classic");
     s.wait_healthy().await;
-    let client = s.client.clone();
-    let url = format!("{}/predictions/syncy", s.inference);
     // Three blocking handler calls meet at a barrier: only possible if they run at once.
-    let got = common::concurrently(3, move |_| {
-        let (client, url) = (client.clone(), url.clone());
-        async move {
-            let r = client.post(url).body("x").send().await.unwrap();
-            (r.status().as_u16(), r.text().await.unwrap())
-        }
-    })
-    .await;
+    let got = s.post_all("syncy", None, vec!["x".into(); 3]).await;
     for (status, text) in got {
         assert_eq!((status, text.as_str()), (200, "sync ok"));
     }
@@ -208,14 +161,7 @@ async fn mode_keys_are_checked_at_registration() {
         "asyncCommunication: yes please\n",
         &[("badmode.py", h)],
     );
-    let s = Server::start(
-        "",
-        &[
-            "--model-store",
-            store.path().to_str().unwrap(),
-            "--enable-model-api",
-        ],
-    );
+    let s = Server::start_store("", store.path(), "", &["--enable-model-api"]);
     let (code, e) = s.mgmt(Method::POST, "/models?url=badmode").await;
     assert_eq!(code, 400, "{e}");
     assert!(
@@ -349,24 +295,14 @@ async fn the_llm_example_streams_many_requests_at_once_on_one_worker() {
     let store = llm_store();
     let s = start(store.path(), "llm");
     s.wait_healthy().await;
-    let client = s.client.clone();
-    let url = format!("{}/predictions/llm/1.0/v1/completions", s.inference);
-    let n = 32;
-    let got = common::concurrently(n, move |i| {
-        let (client, url) = (client.clone(), url.clone());
-        async move {
-            let body = serde_json::json!({"prompt": format!("prompt number {i}"), "max_tokens": 6 + i % 5, "stream": true});
-            let mut r = client.post(url).body(body.to_string()).header("content-type", "application/json").send().await.unwrap();
-            assert_eq!(r.status(), 200);
-            let mut all = String::new();
-            while let Some(c) = r.chunk().await.unwrap() {
-                all.push_str(std::str::from_utf8(&c).unwrap());
-            }
-            (i, all)
-        }
-    })
-    .await;
-    for (i, all) in got {
+    let bodies = (0..32)
+        .map(|i| serde_json::json!({"prompt": format!("prompt number {i}"), "max_tokens": 6 + i % 5, "stream": true}).to_string())
+        .collect();
+    let got = s
+        .post_all("llm/1.0/v1/completions", Some("application/json"), bodies)
+        .await;
+    for (i, (status, all)) in got.into_iter().enumerate() {
+        assert_eq!(status, 200, "{all}");
         let ev = events(&all);
         assert_eq!(ev.len(), 6 + i % 5 + 1, "{all}");
         assert_eq!(ev.last().unwrap(), "[DONE]");
@@ -409,23 +345,10 @@ async fn continuous_batching_streams_each_request_until_its_stopping_criterion()
     );
     let s = start(store.path(), "stepper");
     s.wait_healthy().await;
-    let client = s.client.clone();
-    let url = format!("{}/predictions/stepper", s.inference);
     // Six requests, four slots: each streams as many tokens as it asked for.
-    let got = common::concurrently(6, move |i| {
-        let (client, url) = (client.clone(), url.clone());
-        async move {
-            let r = client
-                .post(url)
-                .body(format!("{}", i + 1))
-                .send()
-                .await
-                .unwrap();
-            (i + 1, r.status().as_u16(), r.text().await.unwrap())
-        }
-    })
-    .await;
-    for (n, status, text) in got {
+    let bodies = (1..=6).map(|n| n.to_string()).collect();
+    let got = s.post_all("stepper", None, bodies).await;
+    for (n, (status, text)) in (1..=6).zip(got) {
         assert_eq!(status, 200, "{text}");
         let want: String = (1..=n).map(|k| format!("tok{k} ")).collect();
         assert_eq!(text, want);
@@ -444,27 +367,11 @@ async fn async_communication_from_the_models_key_alone_starts_async_workers() {
         &[("gather.py", GATHER)],
     );
     let props = r#"models={"gather": {"1.0": {"asyncCommunication": true, "minWorkers": 1, "maxWorkers": 1}}}"#;
-    let s = Server::start_with_env(
-        props,
-        &[
-            "--model-store",
-            store.path().to_str().unwrap(),
-            "--models",
-            "gather",
-        ],
-        &[("GATHER_N", "4")],
-    );
+    let s = Server::start_store_with_env(props, store.path(), "gather", &[], &[("GATHER_N", "4")]);
     s.wait_healthy().await;
-    let client = s.client.clone();
-    let url = format!("{}/predictions/gather", s.inference);
-    let got = common::concurrently(4, move |i| {
-        let (client, url) = (client.clone(), url.clone());
-        async move {
-            let r = client.post(url).body(format!("r{i}")).send().await.unwrap();
-            (r.status().as_u16(), r.text().await.unwrap())
-        }
-    })
-    .await;
+    let got = s
+        .post_all("gather", None, (0..4).map(|i| format!("r{i}")).collect())
+        .await;
     for (status, text) in got {
         assert_eq!(status, 200, "{text}");
     }

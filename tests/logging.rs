@@ -48,19 +48,16 @@ fn logs(s: &Server) -> PathBuf {
 
 /// Waits until `file` has a line for which `pred` holds; returns the file's text.
 async fn wait_line(file: &Path, what: &str, pred: impl Fn(&str) -> bool) -> String {
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
+    let what = format!("a line in {} for {what}", file.display());
+    common::wait_until(&what, Duration::from_secs(90), || {
         let text = std::fs::read_to_string(file).unwrap_or_default();
-        if text.lines().any(&pred) {
-            return text;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no line in {} for {what}; file:\n{text}",
-            file.display()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        std::future::ready(if text.lines().any(&pred) {
+            Ok(text)
+        } else {
+            Err(format!("file:\n{text}"))
+        })
+    })
+    .await
 }
 
 #[test]
@@ -331,14 +328,11 @@ def handle(data, context):
 }
 
 fn start_printer(props: &str, store: &Path) -> Server {
-    Server::start(
+    Server::start_store(
         &format!("default_workers_per_model=1\n{props}"),
-        &[
-            "--model-store",
-            store.to_str().unwrap(),
-            "--models",
-            "printer",
-        ],
+        store,
+        "printer",
+        &[],
     )
 }
 

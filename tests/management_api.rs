@@ -22,15 +22,7 @@ async fn list_describe_and_paginate() {
         ("b.mar", demo_manifest("beta", "2.0")),
         ("c.mar", demo_manifest("gamma", "1.0")),
     ]);
-    let s = Server::start(
-        "default_workers_per_model=1",
-        &[
-            "--model-store",
-            store.path().to_str().unwrap(),
-            "--models",
-            "all",
-        ],
-    );
+    let s = Server::start_store("default_workers_per_model=1", store.path(), "all", &[]);
     s.wait_healthy().await;
     let (code, v) = s.mgmt(Method::GET, "/models").await;
     assert_eq!(code, 200);
@@ -199,13 +191,11 @@ async fn register_versions_default_and_unregister() {
         let (code, _) = s.mgmt(Method::DELETE, "/models/m").await;
         assert_eq!(code, 405);
     }
-    let s = Server::start(
+    let s = Server::start_store(
         "default_workers_per_model=1\nallowed_urls=file://.*,http://127\\.0\\.0\\.1:.*",
-        &[
-            "--model-store",
-            store.path().to_str().unwrap(),
-            "--enable-model-api",
-        ],
+        store.path(),
+        "",
+        &["--enable-model-api"],
     );
     s.wait_healthy().await;
     let (code, v) = s
@@ -322,15 +312,11 @@ async fn register_versions_default_and_unregister() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unregister_answers_queued_requests() {
     let store = store_with(&[("q.mar", demo_manifest("q", "1.0"))]);
-    let s = Server::start(
+    let s = Server::start_store(
         "default_workers_per_model=1",
-        &[
-            "--model-store",
-            store.path().to_str().unwrap(),
-            "--models",
-            "q.mar",
-            "--enable-model-api",
-        ],
+        store.path(),
+        "q.mar",
+        &["--enable-model-api"],
     );
     s.wait_healthy().await;
     let url = format!("{}/predictions/q", s.inference);
@@ -389,14 +375,7 @@ async fn bad_archives_are_refused_and_write_nothing_outside() {
         z.write_all(b"pass").unwrap();
         z.finish().unwrap();
     }
-    let s = Server::start(
-        "",
-        &[
-            "--model-store",
-            store.path().to_str().unwrap(),
-            "--enable-model-api",
-        ],
-    );
+    let s = Server::start_store("", store.path(), "", &["--enable-model-api"]);
     for (file, needle) in [
         ("evil.mar", "outside"),
         ("corrupt.mar", "zip"),
@@ -445,14 +424,7 @@ async fn torchserve_register_rules_and_paths() {
         ("m1.mar", demo_manifest("m", "1.0")),
         ("h.mar", demo_manifest("h", "1.0")),
     ]);
-    let s = Server::start(
-        "",
-        &[
-            "--model-store",
-            store.path().to_str().unwrap(),
-            "--enable-model-api",
-        ],
-    );
+    let s = Server::start_store("", store.path(), "", &["--enable-model-api"]);
     s.wait_healthy().await;
     // An empty value is "not given"; `url=` is TorchServe's 404, no url its 400.
     let (code, v) = s.mgmt(Method::GET, "/models?limit=&next_page_token=").await;

@@ -367,27 +367,7 @@ async fn promtool_finds_no_problem_in_oxserve_families() {
     s.wait_healthy().await;
     traffic(&s, 3).await;
     let text = s.scrape().await;
-    let mut child = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let report = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(!report.contains("error while linting"), "{report}");
+    let report = common::promtool_parses(&text);
     let oxserve_problems: Vec<&str> = report.lines().filter(|l| l.contains("oxserve_")).collect();
     assert!(oxserve_problems.is_empty(), "{report}");
     // The only complaints are about TorchServe's own names, kept for compatibility.
@@ -476,14 +456,13 @@ def handle(data, context):
 /// A model store holding the folder model `pm` run by [`PERCENT_HANDLER`].
 fn percent_model_store() -> tempfile::TempDir {
     let store = tempfile::tempdir().unwrap();
-    let dir = store.path().join("pm");
-    std::fs::create_dir_all(dir.join("MAR-INF")).unwrap();
-    std::fs::write(
-        dir.join("MAR-INF/MANIFEST.json"),
-        r#"{"runtime": "python", "model": {"modelName": "pm", "modelVersion": "1.0", "handler": "pm.py"}}"#,
-    )
-    .unwrap();
-    std::fs::write(dir.join("pm.py"), PERCENT_HANDLER).unwrap();
+    common::model_folder(
+        store.path(),
+        "pm",
+        "pm.py",
+        None,
+        &[("pm.py", PERCENT_HANDLER)],
+    );
     store
 }
 

@@ -85,15 +85,7 @@ async fn start(extra: &str) -> Server {
         "default_workers_per_model=1\nmetrics_config={}\n{extra}",
         yaml.display()
     );
-    let s = Server::start(
-        &props,
-        &[
-            "--model-store",
-            store.path().to_str().unwrap(),
-            "--models",
-            "llm=llm.mar",
-        ],
-    );
+    let s = Server::start_store(&props, store.path(), "llm=llm.mar", &[]);
     s.wait_healthy().await;
     // The archive is unpacked at registration; the store folder may go.
     drop(store);

@@ -3,6 +3,8 @@
 //! Needs `python3` (3.8+, standard library only) on PATH. Timeouts are generous and nothing asserts
 //! on timing: waits are "until this is true, or fail after a long time".
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -44,6 +46,12 @@ fn model_dir(name: &str, handler_file: &str, source: &str, handler: &str) -> tem
     .unwrap();
     std::fs::write(dir.path().join(handler_file), source).unwrap();
     dir
+}
+
+/// A model folder named `name` whose handler is the example file `rel` (examples/`rel`).
+fn example_dir(name: &str, rel: &str) -> tempfile::TempDir {
+    let file = Path::new(rel).file_name().unwrap().to_str().unwrap();
+    model_dir(name, file, &example(rel), file)
 }
 
 fn example(rel: &str) -> String {
@@ -136,16 +144,6 @@ async fn infer_died(backend: &mut Box<dyn Backend>, batch: &[InferRequest]) -> S
     }
 }
 
-fn pid_alive(pid: u32) -> bool {
-    // A zombie (killed, not yet reaped by its new parent) counts as gone.
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat
-            .rsplit_once(") ")
-            .is_some_and(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X')),
-        Err(_) => false,
-    }
-}
-
 async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     let start = Instant::now();
     while !cond() {
@@ -159,12 +157,7 @@ async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
 
 #[tokio::test]
 async fn echo_batch_of_three_in_order() {
-    let dir = model_dir(
-        "echo",
-        "echo_handler.py",
-        &example("echo/echo_handler.py"),
-        "echo_handler.py",
-    );
+    let dir = example_dir("echo", "echo/echo_handler.py");
     let mut backend = load(dir.path(), "echo").await;
     assert!(backend.pid().is_some());
     assert!(backend.reports_handler_metrics());
@@ -401,12 +394,7 @@ impl StreamSink for Collect {
 
 #[tokio::test]
 async fn streaming_parts_reach_the_sink_before_the_final_reply() {
-    let dir = model_dir(
-        "stream",
-        "stream_handler.py",
-        &example("streaming/stream_handler.py"),
-        "stream_handler.py",
-    );
+    let dir = example_dir("stream", "streaming/stream_handler.py");
     let mut backend = load(dir.path(), "stream").await;
     let sink = Collect::default();
     let replies = backend.infer(&[text("a"), text("b")], &sink).await.unwrap();
@@ -437,12 +425,7 @@ async fn streaming_parts_reach_the_sink_before_the_final_reply() {
 
 #[tokio::test]
 async fn batching_example_sees_the_whole_batch() {
-    let dir = model_dir(
-        "batch",
-        "batch_handler.py",
-        &example("batching/batch_handler.py"),
-        "batch_handler.py",
-    );
+    let dir = example_dir("batch", "batching/batch_handler.py");
     let mut backend = load(dir.path(), "batch").await;
     let replies = backend
         .infer(&[text("1"), text("2"), text("3")], &NoStream)
@@ -459,12 +442,7 @@ async fn batching_example_sees_the_whole_batch() {
 
 #[tokio::test]
 async fn killed_worker_reports_died() {
-    let dir = model_dir(
-        "echo",
-        "echo_handler.py",
-        &example("echo/echo_handler.py"),
-        "echo_handler.py",
-    );
+    let dir = example_dir("echo", "echo/echo_handler.py");
     let mut backend = load(dir.path(), "echo").await;
     let pid = backend.pid().unwrap();
     // SAFETY: plain syscall on our own child.
@@ -479,7 +457,7 @@ async fn killed_worker_reports_died() {
         backend.infer(&[text("x")], &NoStream).await,
         Err(BackendError::Died(_))
     ));
-    assert!(!pid_alive(pid));
+    assert!(!common::pid_alive(pid.into()));
     backend.shutdown().await;
 }
 
@@ -509,7 +487,7 @@ async fn response_timeout_kills_the_worker() {
     );
     let reason = infer_died(&mut backend, &[text("sleep")]).await;
     assert!(reason.contains("timed out after 2s"), "{reason}");
-    assert!(!pid_alive(pid));
+    assert!(!common::pid_alive(pid.into()));
     backend.shutdown().await;
 }
 
@@ -534,11 +512,17 @@ async fn shutdown_leaves_no_process_behind() {
     let pid = backend.pid().unwrap();
     let replies = backend.infer(&[text("x")], &NoStream).await.unwrap();
     let grandchild: u32 = String::from_utf8_lossy(&replies[0].body).parse().unwrap();
-    assert!(pid_alive(pid) && pid_alive(grandchild));
+    assert!(common::pid_alive(pid.into()) && common::pid_alive(grandchild.into()));
     backend.shutdown().await;
-    assert!(!pid_alive(pid), "worker {pid} survived shutdown");
+    assert!(
+        !common::pid_alive(pid.into()),
+        "worker {pid} survived shutdown"
+    );
     // The handler's own subprocess shares the worker's process group and goes with it.
-    wait_until("the handler's subprocess to go", || !pid_alive(grandchild)).await;
+    wait_until("the handler's subprocess to go", || {
+        !common::pid_alive(grandchild.into())
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -549,8 +533,11 @@ async fn dropping_a_backend_kills_its_process_group() {
     let replies = backend.infer(&[text("x")], &NoStream).await.unwrap();
     let grandchild: u32 = String::from_utf8_lossy(&replies[0].body).parse().unwrap();
     drop(backend);
-    wait_until("the worker to go", || !pid_alive(pid)).await;
-    wait_until("the handler's subprocess to go", || !pid_alive(grandchild)).await;
+    wait_until("the worker to go", || !common::pid_alive(pid.into())).await;
+    wait_until("the handler's subprocess to go", || {
+        !common::pid_alive(grandchild.into())
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -580,12 +567,7 @@ async fn load_errors_are_clear() {
         assert!(m.contains(says), "{name}: {m}");
     }
 
-    let dir = model_dir(
-        "echo",
-        "echo_handler.py",
-        &example("echo/echo_handler.py"),
-        "echo_handler.py",
-    );
+    let dir = example_dir("echo", "echo/echo_handler.py");
     let cfg = config(&[("python_executable", "/nonexistent/python3")]);
     let m = load_error(&loader, &spec(dir.path(), "echo", metrics.clone(), cfg)).await;
     assert!(m.contains("/nonexistent/python3"), "{m}");
@@ -602,12 +584,7 @@ async fn torchserve_runtime_without_torchserve_says_so() {
     let python = bin.path().join("python-without-site");
     std::fs::write(&python, "#!/bin/sh\nexec python3 -S -E \"$@\"\n").unwrap();
     std::fs::set_permissions(&python, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let dir = model_dir(
-        "echo",
-        "echo_handler.py",
-        &example("echo/echo_handler.py"),
-        "echo_handler.py",
-    );
+    let dir = example_dir("echo", "echo/echo_handler.py");
     let cfg = config(&[
         ("worker_runtime", "torchserve"),
         ("python_executable", python.to_str().unwrap()),
@@ -696,12 +673,7 @@ async fn torchserve_worker_when_available() {
     let loader = PythonLoader::new();
     let metrics = Arc::new(Metrics::for_tests());
 
-    let dir = model_dir(
-        "echo",
-        "echo_handler.py",
-        &example("echo/echo_handler.py"),
-        "echo_handler.py",
-    );
+    let dir = example_dir("echo", "echo/echo_handler.py");
     let mut backend = loader
         .load(&spec(dir.path(), "echo", metrics.clone(), cfg()))
         .await
@@ -724,12 +696,7 @@ async fn torchserve_worker_when_available() {
     .await;
     backend.shutdown().await;
 
-    let dir = model_dir(
-        "stream",
-        "stream_handler.py",
-        &example("streaming/stream_handler.py"),
-        "stream_handler.py",
-    );
+    let dir = example_dir("stream", "streaming/stream_handler.py");
     let mut backend = loader
         .load(&spec(dir.path(), "stream", metrics.clone(), cfg()))
         .await
@@ -751,5 +718,5 @@ async fn torchserve_worker_when_available() {
     assert_eq!(&replies[0].body[..], b"ok");
     let pid = backend.pid().unwrap();
     backend.shutdown().await;
-    assert!(!pid_alive(pid));
+    assert!(!common::pid_alive(pid.into()));
 }

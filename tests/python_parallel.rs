@@ -143,18 +143,6 @@ fn descendants(root: u32) -> Vec<u32> {
     out
 }
 
-fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .trim_start()
-            .starts_with('Z'),
-        Err(_) => false,
-    }
-}
-
 /// The LOCAL_RANK in a process's environment, if it has one.
 fn local_rank(pid: u32) -> Option<String> {
     let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
@@ -176,14 +164,7 @@ fn start(store: &std::path::Path, runtime: &str) -> Server {
         "python_executable={}\nworker_runtime={runtime}\ndefault_startup_timeout=300\ndefault_response_timeout=300\n",
         python()
     );
-    Server::start(
-        &props,
-        &[
-            "--model-store",
-            store.to_str().unwrap(),
-            "--enable-model-api",
-        ],
-    )
+    Server::start_store(&props, store, "", &["--enable-model-api"])
 }
 
 async fn register(s: &Server, name: &str) {
@@ -277,7 +258,7 @@ async fn a_torchrun_worker_with_two_ranks_answers_from_rank_0_with_oxserves_runt
         libc::kill(rank1 as i32, libc::SIGKILL);
     }
     wait_until("torchrun and rank 0 gone after rank 1 died", || {
-        old.iter().all(|&p| !alive(p))
+        old.iter().all(|&p| !common::pid_alive(p.into()))
     })
     .await;
     let deadline = Instant::now() + Duration::from_secs(300);
@@ -311,7 +292,7 @@ async fn a_torchrun_worker_with_two_ranks_answers_from_rank_0_with_oxserves_runt
     s.child.kill().unwrap();
     s.child.wait().unwrap();
     wait_until("torchrun and its ranks gone with the server", || {
-        all.iter().all(|&p| !alive(p))
+        all.iter().all(|&p| !common::pid_alive(p.into()))
     })
     .await;
 }
@@ -343,7 +324,7 @@ async fn torchserves_test_parallelism_model_runs_under_torchserves_worker() {
     let (status, body) = s.mgmt(Method::DELETE, "/models/tp_model").await;
     assert_eq!(status, 200, "{body}");
     wait_until("torchrun and its ranks gone after unregister", || {
-        all.iter().all(|&p| !alive(p))
+        all.iter().all(|&p| !common::pid_alive(p.into()))
     })
     .await;
 }
@@ -375,14 +356,7 @@ async fn a_malformed_parallelism_fails_the_registration() {
             ),
         ],
     );
-    let s = Server::start(
-        "",
-        &[
-            "--model-store",
-            store.path().to_str().unwrap(),
-            "--enable-model-api",
-        ],
-    );
+    let s = Server::start_store("", store.path(), "", &["--enable-model-api"]);
     let (status, body) = s
         .mgmt(
             Method::POST,

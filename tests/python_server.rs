@@ -5,40 +5,11 @@ mod common;
 
 use common::Server;
 use reqwest::Method;
-use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-/// The example archives, packaged once per test run by examples/make_archives.sh (which installs
-/// torch-model-archiver 0.12.0 from PyPI into target/mar-venv the first time).
-fn model_store() -> &'static Path {
-    static STORE: OnceLock<PathBuf> = OnceLock::new();
-    STORE.get_or_init(|| {
-        let root = env!("CARGO_MANIFEST_DIR");
-        let store = PathBuf::from(format!("{root}/target/test-model-store"));
-        let out = std::process::Command::new("bash")
-            .arg(format!("{root}/examples/make_archives.sh"))
-            .arg(&store)
-            .output()
-            .expect("run examples/make_archives.sh");
-        assert!(
-            out.status.success(),
-            "make_archives.sh failed:\n{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        for name in ["echo", "batching", "custom_metrics", "streaming", "llm"] {
-            assert!(
-                store.join(format!("{name}.mar")).is_file(),
-                "{name}.mar missing"
-            );
-        }
-        store
-    })
-}
-
 fn start(props: &str, models: &str) -> Server {
-    let store = model_store().to_str().unwrap().to_string();
+    let store = common::example_archives().to_str().unwrap().to_string();
     Server::start(
         props,
         &[
@@ -49,18 +20,6 @@ fn start(props: &str, models: &str) -> Server {
             "--enable-model-api",
         ],
     )
-}
-
-fn alive(pid: u64) -> bool {
-    // A zombie is not alive: it has exited and only waits to be reaped.
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat
-            .rsplit(')')
-            .next()
-            .map(|r| !r.trim_start().starts_with('Z'))
-            .unwrap_or(false),
-        Err(_) => false,
-    }
 }
 
 async fn worker_pids(s: &Server, model: &str) -> Vec<u64> {
@@ -96,7 +55,7 @@ async fn echo_archive_answers_through_a_python_worker() {
     assert_eq!(d[0]["runtime"], "python");
     let pid = d[0]["workers"][0]["pid"].as_u64().unwrap();
     assert_ne!(pid, u64::from(std::process::id()));
-    assert!(alive(pid));
+    assert!(common::pid_alive(pid));
     // HandlerTime and PredictionTime come from the worker runtime with TorchServe's labels.
     let text = s.scrape().await;
     assert!(
@@ -202,43 +161,75 @@ async fn custom_metrics_reach_the_registry_with_their_labels() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn streamed_chunks_arrive_before_the_handler_finishes() {
+async fn the_streaming_example_answers_in_chunks() {
     let s = start("default_workers_per_model=1", "streaming.mar");
     s.wait_healthy().await;
-    let start = Instant::now();
-    let mut r = s
-        .predict("streaming", r#"{"text": "hi", "delay_ms": 400}"#)
-        .await;
+    let mut r = s.predict("streaming", r#"{"text": "hi"}"#).await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["ts_stream_next"], "true");
     let mut chunks = Vec::new();
     while let Some(chunk) = r.chunk().await.unwrap() {
-        chunks.push((
-            start.elapsed(),
-            String::from_utf8_lossy(&chunk).into_owned(),
-        ));
+        chunks.push(String::from_utf8_lossy(&chunk).into_owned());
     }
-    let text: String = chunks.iter().map(|(_, c)| c.as_str()).collect();
-    assert_eq!(text, "hi: part 1\nhi: part 2\nhi: part 3\nhi: done\n");
-    // The handler sleeps 3 x 400 ms after its first part: that part arrived long before the end.
-    let first = chunks.first().unwrap().0;
-    let last = chunks.last().unwrap().0;
-    assert!(
-        last - first >= Duration::from_millis(1000),
-        "chunks: {chunks:?}"
+    assert_eq!(
+        chunks.concat(),
+        "hi: part 1\nhi: part 2\nhi: part 3\nhi: done\n"
     );
     let p = r#"{model_name="streaming",model_version="1.0"}"#;
-    let mut ttfc = None;
-    for _ in 0..50 {
-        ttfc = s
-            .sample(&format!("oxserve_time_to_first_chunk_seconds_count{p}"))
-            .await;
-        if ttfc == Some(1.0) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    s.wait_sample(
+        &format!("oxserve_time_to_first_chunk_seconds_count{p}"),
+        |v| v == 1.0,
+    )
+    .await;
+}
+
+/// A streamed part reaches the client while its handler still runs: this handler sends one part,
+/// then returns only once the file named in the request exists, which the test creates only after
+/// it has read that part. A server that held parts back until the handler returned would never
+/// deliver it (the handler gives up after 100 s and answers "gate never opened"). No timing.
+const GATED: &str = r#"
+import os, time
+from ts.handler_utils.utils import send_intermediate_predict_response
+
+def handle(data, context):
+    if data is None:
+        return None
+    gate = data[0]["body"]
+    gate = gate.decode() if isinstance(gate, (bytes, bytearray)) else str(gate)
+    send_intermediate_predict_response(
+        ["first\n"], context.request_ids, "Intermediate Prediction success", 200, context)
+    deadline = time.time() + 100
+    while not os.path.exists(gate):
+        if time.time() > deadline:
+            return ["gate never opened\n"]
+        time.sleep(0.01)
+    return ["last\n"]
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_part_reaches_the_client_before_the_handler_returns() {
+    let store = tempfile::tempdir().unwrap();
+    model_folder(store.path(), "gated", GATED);
+    let s = Server::start_store("default_workers_per_model=1", store.path(), "gated", &[]);
+    s.wait_healthy().await;
+    let gate = store.path().join("gate");
+    let mut r = s
+        .client
+        .post(format!("{}/predictions/gated", s.inference))
+        .header("content-type", "text/plain")
+        .body(gate.to_str().unwrap().to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let first = r.chunk().await.unwrap().expect("the first part");
+    assert_eq!(&first[..], b"first\n");
+    std::fs::write(&gate, b"").unwrap();
+    let mut rest = Vec::new();
+    while let Some(chunk) = r.chunk().await.unwrap() {
+        rest.extend_from_slice(&chunk);
     }
-    assert_eq!(ttfc, Some(1.0));
+    assert_eq!(String::from_utf8_lossy(&rest), "last\n");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -278,7 +269,10 @@ async fn no_worker_outlives_the_server() {
     assert_eq!(pids.len(), 2);
     assert!(s.stop().success());
     for pid in &pids {
-        assert!(!alive(*pid), "worker {pid} survived SIGTERM of the server");
+        assert!(
+            !common::pid_alive(*pid),
+            "worker {pid} survived SIGTERM of the server"
+        );
     }
     // Killed with SIGKILL: the parent-death signal takes the workers down too.
     let mut s = start("default_workers_per_model=2", "echo.mar");
@@ -287,24 +281,21 @@ async fn no_worker_outlives_the_server() {
     s.child.kill().unwrap();
     s.child.wait().unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while pids.iter().any(|p| alive(*p)) && Instant::now() < deadline {
+    while pids.iter().any(|p| common::pid_alive(*p)) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
     for pid in &pids {
-        assert!(!alive(*pid), "worker {pid} survived SIGKILL of the server");
+        assert!(
+            !common::pid_alive(*pid),
+            "worker {pid} survived SIGKILL of the server"
+        );
     }
 }
 
 /// Writes an unpacked model folder (the layout of a .mar) named `name` with handler `code`.
 fn model_folder(store: &Path, name: &str, code: &str) {
-    let dir = store.join(name);
-    std::fs::create_dir_all(dir.join("MAR-INF")).unwrap();
-    std::fs::write(
-        dir.join("MAR-INF/MANIFEST.json"),
-        format!(r#"{{"runtime": "python", "model": {{"modelName": "{name}", "modelVersion": "1.0", "handler": "{name}.py"}}}}"#),
-    )
-    .unwrap();
-    std::fs::write(dir.join(format!("{name}.py")), code).unwrap();
+    let handler = format!("{name}.py");
+    common::model_folder(store, name, &handler, None, &[(&handler, code)]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -315,15 +306,7 @@ async fn a_worker_dying_mid_batch_fails_it_with_a_5xx_and_is_replaced() {
         "sleepy",
         "import time\n\ndef handle(data, context):\n    if data is None:\n        return None\n    time.sleep(float(data[0].get('body', 0)))\n    return ['awake' for _ in data]\n",
     );
-    let s = Server::start(
-        "default_workers_per_model=1",
-        &[
-            "--model-store",
-            store.path().to_str().unwrap(),
-            "--models",
-            "sleepy",
-        ],
-    );
+    let s = Server::start_store("default_workers_per_model=1", store.path(), "sleepy", &[]);
     s.wait_healthy().await;
     let pid = worker_pids(&s, "sleepy").await[0];
     let slow = {
@@ -386,7 +369,7 @@ async fn a_worker_dying_mid_batch_fails_it_with_a_5xx_and_is_replaced() {
 async fn log_mode_writes_handler_metrics_to_model_metrics_log() {
     let root = env!("CARGO_MANIFEST_DIR");
     let logs = tempfile::tempdir().unwrap();
-    let store = model_store().to_str().unwrap().to_string();
+    let store = common::example_archives().to_str().unwrap().to_string();
     let s = Server::start_with_env(
         &format!("default_workers_per_model=1\nmetrics_mode=log\nmetrics_config={root}/examples/custom_metrics/metrics.yaml"),
         &["--model-store", &store, "--models", "custom_metrics.mar"],
@@ -435,15 +418,7 @@ async fn headers_and_extra_path_reach_the_handler() {
         "peek",
         "def handle(data, context):\n    if data is None:\n        return None\n    return [{\n        'url_path': context.get_request_header(i, 'url_path'),\n        'explain': context.get_request_header(i, 'explain'),\n        'x_custom': context.get_request_header(i, 'x-custom'),\n        'params': sorted(r.keys()),\n    } for i, r in enumerate(data)]\n",
     );
-    let s = Server::start(
-        "default_workers_per_model=1",
-        &[
-            "--model-store",
-            store.path().to_str().unwrap(),
-            "--models",
-            "peek",
-        ],
-    );
+    let s = Server::start_store("default_workers_per_model=1", store.path(), "peek", &[]);
     s.wait_healthy().await;
     let r = s
         .client
@@ -481,13 +456,11 @@ async fn a_synchronous_registration_that_cannot_load_fails_and_is_undone() {
         "broken",
         "import no_such_module_here\n\ndef handle(data, context):\n    return data\n",
     );
-    let s = Server::start(
+    let s = Server::start_store(
         "default_workers_per_model=1",
-        &[
-            "--model-store",
-            store.path().to_str().unwrap(),
-            "--enable-model-api",
-        ],
+        store.path(),
+        "",
+        &["--enable-model-api"],
     );
     s.wait_healthy().await;
     let (code, e) = s
@@ -519,48 +492,24 @@ async fn a_synchronous_registration_that_cannot_load_fails_and_is_undone() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn model_config_yaml_sets_workers_and_reaches_the_handler() {
     let store = tempfile::tempdir().unwrap();
-    let dir = store.path().join("cfg");
-    std::fs::create_dir_all(dir.join("MAR-INF")).unwrap();
-    std::fs::write(
-        dir.join("MAR-INF/MANIFEST.json"),
-        r#"{"runtime": "python", "model": {"modelName": "cfg", "modelVersion": "1.0", "handler": "cfg.py", "configFile": "model-config.yaml"}}"#,
-    )
-    .unwrap();
-    std::fs::write(
-        dir.join("model-config.yaml"),
-        "minWorkers: 2\nmaxWorkers: 3\nbatchSize: 2\nmaxBatchDelay: 77\nresponseTimeout: 30\nhandler:\n  threshold: 0.5\n  labels: [cat, dog]\n",
-    )
-    .unwrap();
-    std::fs::write(
-        dir.join("cfg.py"),
-        "def handle(data, context):\n    if data is None:\n        return None\n    return [context.model_yaml_config['handler'] for _ in data]\n",
-    )
-    .unwrap();
-    // The same layout with a model-config.yaml that is not valid for its worker settings.
-    let bad = store.path().join("bad");
-    std::fs::create_dir_all(bad.join("MAR-INF")).unwrap();
-    std::fs::write(
-        bad.join("MAR-INF/MANIFEST.json"),
-        r#"{"runtime": "python", "model": {"modelName": "bad", "modelVersion": "1.0", "handler": "cfg.py", "configFile": "model-config.yaml"}}"#,
-    )
-    .unwrap();
-    std::fs::write(
-        bad.join("model-config.yaml"),
-        "minWorkers: 3\nmaxWorkers: 1\n",
-    )
-    .unwrap();
-    std::fs::copy(dir.join("cfg.py"), bad.join("cfg.py")).unwrap();
-
-    let s = Server::start(
-        "",
-        &[
-            "--model-store",
-            store.path().to_str().unwrap(),
-            "--models",
-            "cfg",
-            "--enable-model-api",
-        ],
+    let handler = "def handle(data, context):\n    if data is None:\n        return None\n    return [context.model_yaml_config['handler'] for _ in data]\n";
+    common::model_folder(
+        store.path(),
+        "cfg",
+        "cfg.py",
+        Some("minWorkers: 2\nmaxWorkers: 3\nbatchSize: 2\nmaxBatchDelay: 77\nresponseTimeout: 30\nhandler:\n  threshold: 0.5\n  labels: [cat, dog]\n"),
+        &[("cfg.py", handler)],
     );
+    // The same layout with a model-config.yaml that is not valid for its worker settings.
+    common::model_folder(
+        store.path(),
+        "bad",
+        "cfg.py",
+        Some("minWorkers: 3\nmaxWorkers: 1\n"),
+        &[("cfg.py", handler)],
+    );
+
+    let s = Server::start_store("", store.path(), "cfg", &["--enable-model-api"]);
     s.wait_healthy().await;
     let (_, d) = s.mgmt(Method::GET, "/models/cfg").await;
     let d = &d[0];

@@ -96,24 +96,19 @@ async fn a_worker_that_cannot_load_is_shown_in_backoff_without_a_pid() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ping_says_partial_healthy_while_some_minimums_are_not_met() {
     let store = tempfile::tempdir().unwrap();
-    let dir = store.path().join("broken");
-    std::fs::create_dir_all(dir.join("MAR-INF")).unwrap();
-    std::fs::write(
-        dir.join("MAR-INF/MANIFEST.json"),
-        r#"{"runtime": "python", "model": {"modelName": "broken", "modelVersion": "1.0", "handler": "h.py"}}"#,
-    )
-    .unwrap();
-    std::fs::write(dir.join("h.py"), "import no_such_module_here\n").unwrap();
+    common::model_folder(
+        store.path(),
+        "broken",
+        "h.py",
+        None,
+        &[("h.py", "import no_such_module_here\n")],
+    );
     write_mar(store.path(), "good.mar", &demo_manifest("good", "1.0"), &[]);
-    let s = Server::start(
+    let s = Server::start_store(
         "default_workers_per_model=1",
-        &[
-            "--model-store",
-            store.path().to_str().unwrap(),
-            "--enable-model-api",
-            "--models",
-            "good.mar",
-        ],
+        store.path(),
+        "good.mar",
+        &["--enable-model-api"],
     );
     s.wait_healthy().await;
     assert_eq!(ping(&s).await, (200, "Healthy".to_string()));

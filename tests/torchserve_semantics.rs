@@ -74,13 +74,11 @@ class FailingModel(object):
 async fn start_up_failure_is_logged_with_its_traceback(runtime: &str, torchserve_worker: bool) {
     let store = tempfile::tempdir().unwrap();
     model_folder(store.path(), "failing", FAILING);
-    let s = Server::start(
+    let s = Server::start_store(
         &format!("{runtime}default_workers_per_model=1\ndefault_startup_timeout=60"),
-        &[
-            "--model-store",
-            store.path().to_str().unwrap(),
-            "--enable-model-api",
-        ],
+        store.path(),
+        "",
+        &["--enable-model-api"],
     );
     s.wait_healthy().await;
     // Registered without waiting: the load fails in the background, again on every retry.
@@ -166,14 +164,11 @@ async fn json_with_parameters_reaches_the_worker_as_json(runtime: &str) {
     let store = tempfile::tempdir().unwrap();
     // (Not "types": the handler module would shadow Python's own `types`.)
     model_folder(store.path(), "body_types", TYPES);
-    let s = Server::start(
+    let s = Server::start_store(
         &format!("{runtime}default_workers_per_model=1"),
-        &[
-            "--model-store",
-            store.path().to_str().unwrap(),
-            "--models",
-            "body_types",
-        ],
+        store.path(),
+        "body_types",
+        &[],
     );
     s.wait_healthy().await;
     let send = |content_type: &'static str, body: &'static str| {

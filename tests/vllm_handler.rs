@@ -66,19 +66,18 @@ async fn start(store: &Path, name: &str) -> Server {
         &["--model-store", store.to_str().unwrap(), "--models", name],
         &[("PYTHONPATH", standin.to_str().unwrap())],
     );
-    let deadline = Instant::now() + Duration::from_secs(600);
-    loop {
-        let (code, d) = s.mgmt(Method::GET, &format!("/models/{name}")).await;
+    let what = format!("the {name} worker READY");
+    let path = format!("/models/{name}");
+    common::wait_until(&what, Duration::from_secs(600), || async {
+        let (code, d) = s.mgmt(Method::GET, &path).await;
         if code == 200 && d[0]["workers"][0]["status"] == "READY" {
-            return s;
+            Ok(())
+        } else {
+            Err(format!("{code} {d}; log:\n{}", s.log()))
         }
-        assert!(
-            Instant::now() < deadline,
-            "the {name} worker never became READY: {}",
-            s.log()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    })
+    .await;
+    s
 }
 
 /// The stand-in's "model": the n-th generated word is `VOCAB[(crc32(prompt) + 7n) % 20]`

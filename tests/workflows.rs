@@ -16,30 +16,14 @@ fn root() -> &'static str {
     env!("CARGO_MANIFEST_DIR")
 }
 
-fn run_script(script: &str, out: &Path) {
-    let out = std::process::Command::new("bash")
-        .arg(format!("{}/examples/{script}", root()))
-        .arg(out)
-        .output()
-        .expect("run the archive script");
-    assert!(
-        out.status.success(),
-        "{script} failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// echo.mar (examples/make_archives.sh) and echo_pipeline.war (examples/make_workflow_archive.sh),
 /// packaged once per test run into target/.
 fn stores() -> &'static (PathBuf, PathBuf) {
     static STORES: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
     STORES.get_or_init(|| {
-        let models = PathBuf::from(format!("{}/target/test-model-store", root()));
+        let models = common::example_archives().to_path_buf();
         let workflows = PathBuf::from(format!("{}/target/test-workflow-store", root()));
-        run_script("make_archives.sh", &models);
-        run_script("make_workflow_archive.sh", &workflows);
-        assert!(models.join("echo.mar").is_file());
+        common::package_examples("make_workflow_archive.sh", &workflows);
         assert!(workflows.join("echo_pipeline.war").is_file());
         (models, workflows)
     })
@@ -90,17 +74,6 @@ async fn wfpredict(s: &Server, name: &str, body: &str) -> (u16, String) {
         .unwrap();
     let status = r.status().as_u16();
     (status, r.text().await.unwrap())
-}
-
-fn alive(pid: u64) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat
-            .rsplit(')')
-            .next()
-            .map(|r| !r.trim_start().starts_with('Z'))
-            .unwrap_or(false),
-        Err(_) => false,
-    }
 }
 
 /// Writes a .war (zip) of these entries into `dir`.
@@ -200,13 +173,13 @@ async fn a_workflow_registers_its_models_runs_parallel_branches_and_unregisters(
 
     let (_, d) = s.mgmt(Method::GET, "/models/echo_pipeline__left").await;
     let pid = d[0]["workers"][0]["pid"].as_u64().unwrap();
-    assert!(alive(pid));
+    assert!(common::pid_alive(pid));
     let (code, body) = s.mgmt(Method::DELETE, "/workflows/echo_pipeline").await;
     assert_eq!(code, 200, "{body}");
     assert_eq!(body["status"], "Workflow \"echo_pipeline\" unregistered");
     assert!(model_names(&s).await.is_empty());
     let deadline = Instant::now() + Duration::from_secs(60);
-    while alive(pid) {
+    while common::pid_alive(pid) {
         assert!(
             Instant::now() < deadline,
             "worker {pid} outlived its workflow"
@@ -490,14 +463,11 @@ async fn workflows_need_a_store_and_the_model_api() {
     // Without --enable-model-api, registering and unregistering are refused, as for models.
     let (models, _) = stores();
     let store = tempfile::tempdir().unwrap();
-    let s2 = Server::start(
+    let s2 = Server::start_store(
         "",
-        &[
-            "--model-store",
-            models.to_str().unwrap(),
-            "--workflow-store",
-            store.path().to_str().unwrap(),
-        ],
+        models,
+        "",
+        &["--workflow-store", store.path().to_str().unwrap()],
     );
     let (code, body) = post(&s2, "/workflows?url=echo_pipeline.war").await;
     assert_eq!(code, 405, "{body}");

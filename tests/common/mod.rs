@@ -1,6 +1,7 @@
 //! Test harness: the real `oxserve` binary on free loopback ports, driven over real HTTP.
 #![allow(dead_code)]
 
+pub mod grpc;
 pub mod prometheus;
 
 use std::io::{BufRead, BufReader};
@@ -26,7 +27,7 @@ pub struct Server {
 }
 
 /// Properties every test server gets: OS-chosen ports.
-const BASE: &str = "inference_address=http://127.0.0.1:0\nmanagement_address=http://127.0.0.1:0\nmetrics_address=http://127.0.0.1:0\ngrpc_inference_port=0\ngrpc_management_port=0\n";
+pub const BASE: &str = "inference_address=http://127.0.0.1:0\nmanagement_address=http://127.0.0.1:0\nmetrics_address=http://127.0.0.1:0\ngrpc_inference_port=0\ngrpc_management_port=0\n";
 
 /// Token authorization is on by default, as in TorchServe. Most suites test something else and
 /// talk to the server without keys, so [`Server::start`] turns it off in the config (a later
@@ -160,6 +161,57 @@ impl Server {
         }
     }
 
+    /// Starts the server over the model store `store` with these start-up `models` (the
+    /// `--models` value: `name`, `name=file.mar`, comma-separated; `""` for none), these extra
+    /// config.properties lines and these extra CLI arguments (e.g. `--enable-model-api`).
+    pub fn start_store(props: &str, store: &Path, models: &str, args: &[&str]) -> Server {
+        Self::start_store_with_env(props, store, models, args, &[])
+    }
+
+    /// As [`Server::start_store`], with these environment variables for the server (and so its
+    /// workers).
+    pub fn start_store_with_env(
+        props: &str,
+        store: &Path,
+        models: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Server {
+        let mut all = vec!["--model-store", store.to_str().unwrap()];
+        if !models.is_empty() {
+            all.extend(["--models", models]);
+        }
+        all.extend(args);
+        Self::start_with_env(props, &all, env)
+    }
+
+    /// POSTs every body to `/predictions/{path}` at once (with this content type, or none), and
+    /// returns each answer's status and text, in the order of `bodies`.
+    pub async fn post_all(
+        &self,
+        path: &str,
+        content_type: Option<&'static str>,
+        bodies: Vec<String>,
+    ) -> Vec<(u16, String)> {
+        let url = format!("{}/predictions/{path}", self.inference);
+        let requests = bodies.into_iter().map(|body| {
+            let mut r = self.client.post(&url).body(body);
+            if let Some(t) = content_type {
+                r = r.header("content-type", t);
+            }
+            tokio::spawn(async move {
+                let r = r.send().await.unwrap();
+                (r.status().as_u16(), r.text().await.unwrap())
+            })
+        });
+        let handles: Vec<_> = requests.collect();
+        let mut out = Vec::with_capacity(handles.len());
+        for h in handles {
+            out.push(h.await.unwrap());
+        }
+        out
+    }
+
     pub fn path(&self) -> &Path {
         self.dir.path()
     }
@@ -182,25 +234,14 @@ impl Server {
 
     /// Waits until /ping says Healthy.
     pub async fn wait_healthy(&self) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Ok(r) = self
-                .client
-                .get(format!("{}/ping", self.inference))
-                .send()
-                .await
-            {
-                if r.status() == 200 {
-                    return;
-                }
+        let ping = format!("{}/ping", self.inference);
+        wait_until("a healthy server", Duration::from_secs(60), || async {
+            match self.client.get(&ping).send().await {
+                Ok(r) if r.status() == 200 => Ok(()),
+                other => Err(format!("{other:?}; log:\n{}", self.log())),
             }
-            assert!(
-                Instant::now() < deadline,
-                "server never became healthy: {}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        })
+        .await
     }
 
     pub async fn predict(&self, model: &str, body: &str) -> reqwest::Response {
@@ -250,17 +291,13 @@ impl Server {
     /// Waits (60 s at most, then fails naming the sample) until the sample whose line starts with
     /// `prefix` exists with a value `ok` accepts; that value.
     pub async fn wait_sample(&self, prefix: &str, ok: impl Fn(f64) -> bool) -> f64 {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
+        wait_until(prefix, Duration::from_secs(60), || async {
             match self.sample(prefix).await {
-                Some(v) if ok(v) => return v,
-                last => assert!(
-                    Instant::now() < deadline,
-                    "{prefix} never reached the awaited value (last: {last:?})"
-                ),
+                Some(v) if ok(v) => Ok(v),
+                last => Err(format!("{last:?}")),
             }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+        })
+        .await
     }
 
     pub fn log(&self) -> String {
@@ -294,6 +331,27 @@ impl Drop for Server {
     }
 }
 
+/// Polls `probe` (every 50 ms) until it gives `Ok(value)`, for `limit` at most, and returns the
+/// value; past the limit, fails naming `what` and the probe's last `Err` (what it saw). Tests
+/// wait on conditions this way, not with fixed sleeps.
+pub async fn wait_until<T, Fut>(what: &str, limit: Duration, mut probe: impl FnMut() -> Fut) -> T
+where
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        let last = match probe().await {
+            Ok(v) => return v,
+            Err(last) => last,
+        };
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not reached within {limit:?} (last: {last})"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// The value of the first sample line starting with `prefix` in a text exposition. The server
 /// ends every label set with a comma as TorchServe does (`{a="x",}`); a prefix written without
 /// it (`{a="x"}`) matches too, so tests can name series in Prometheus's usual spelling.
@@ -302,6 +360,43 @@ pub fn sample(text: &str, prefix: &str) -> Option<f64> {
         .find(|l| l.starts_with(prefix) || l.replace("\",}", "\"}").starts_with(prefix))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
+}
+
+/// Whether process `pid` runs: a zombie (exited, not reaped yet by its parent) or a dead
+/// process does not.
+pub fn pid_alive(pid: u64) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X')),
+        Err(_) => false,
+    }
+}
+
+/// Writes an unpacked model folder (a .mar's layout) named `name` into the model store `store`:
+/// MAR-INF/MANIFEST.json (Python runtime, version 1.0, this handler), model-config.yaml when
+/// `yaml` is given, and these files. Returns the folder.
+pub fn model_folder(
+    store: &Path,
+    name: &str,
+    handler: &str,
+    yaml: Option<&str>,
+    files: &[(&str, &str)],
+) -> PathBuf {
+    let dir = store.join(name);
+    std::fs::create_dir_all(dir.join("MAR-INF")).unwrap();
+    let mut model =
+        serde_json::json!({"modelName": name, "modelVersion": "1.0", "handler": handler});
+    if let Some(yaml) = yaml {
+        model["configFile"] = "model-config.yaml".into();
+        std::fs::write(dir.join("model-config.yaml"), yaml).unwrap();
+    }
+    let manifest = serde_json::json!({"runtime": "python", "model": model});
+    std::fs::write(dir.join("MAR-INF/MANIFEST.json"), manifest.to_string()).unwrap();
+    for (file, text) in files {
+        std::fs::write(dir.join(file), text).unwrap();
+    }
+    dir
 }
 
 /// Writes a .mar (zip) with this manifest and extra files into `dir`.
@@ -336,6 +431,63 @@ pub fn demo_manifest(name: &str, version: &str) -> serde_json::Value {
     })
 }
 
+/// Runs one of examples/' packaging scripts (`make_archives.sh`, `make_workflow_archive.sh`) with
+/// `out` as its output folder. The scripts install the real torch-model-archiver and
+/// torch-workflow-archiver from PyPI into target/*-venv the first time.
+pub fn package_examples(script: &str, out: &Path) {
+    let root = env!("CARGO_MANIFEST_DIR");
+    run_ok(
+        &format!("examples/{script}"),
+        Command::new("bash")
+            .arg(format!("{root}/examples/{script}"))
+            .arg(out),
+    );
+}
+
+/// Runs a command to its end and returns its stdout; fails naming `what`, with its stdout and
+/// stderr, unless it exits 0.
+pub fn run_ok(what: &str, cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n{stdout}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// The example archives of examples/make_archives.sh (echo, batching, custom_metrics, streaming,
+/// llm, stateful, stateful_stream), packaged once per test binary into target/test-model-store.
+pub fn example_archives() -> &'static Path {
+    static STORE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    STORE.get_or_init(|| {
+        let store = PathBuf::from(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/target/test-model-store"
+        ));
+        package_examples("make_archives.sh", &store);
+        for name in [
+            "echo",
+            "batching",
+            "custom_metrics",
+            "streaming",
+            "llm",
+            "stateful",
+            "stateful_stream",
+        ] {
+            assert!(
+                store.join(format!("{name}.mar")).is_file(),
+                "{name}.mar missing"
+            );
+        }
+        store
+    })
+}
+
 /// Runs a future `n` times concurrently and returns the outputs.
 pub async fn concurrently<F, Fut, T>(n: usize, f: F) -> Vec<T>
 where
@@ -352,8 +504,9 @@ where
 }
 
 /// `promtool check metrics` on an exposition: fails on a parse error only (promtool also lints
-/// TorchServe's names, e.g. counters without `_total`, which are not errors).
-pub fn promtool_parses(text: &str) {
+/// TorchServe's names, e.g. counters without `_total`, which are not errors). Its report (the
+/// lint findings).
+pub fn promtool_parses(text: &str) -> String {
     let mut child = std::process::Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(std::process::Stdio::piped())
@@ -375,4 +528,5 @@ pub fn promtool_parses(text: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(!report.contains("error while linting"), "{report}\n{text}");
+    report
 }

@@ -22,6 +22,8 @@ from collections import OrderedDict
 logger = logging.getLogger(__name__)
 
 
+# The same lru() as ../sequence_batching/stateful_handler.py: each example is one handler file that its
+# archive carries alone (as TorchServe's two examples each carry their own code), so it is not shared.
 def lru(capacity):
     """The part of lru-dict's LRU the example uses, as a bounded OrderedDict (a function, not a
     class: the runtime, like TorchServe's, takes the handler module's only class as the handler)."""

@@ -282,6 +282,7 @@ fn daemonize(config: &Config) -> ExitCode {
             // bad metrics.yaml is reported here, not only in the log.
             let log_start = std::fs::metadata(&log_path).map(|m| m.len()).unwrap_or(0);
             let deadline = Instant::now() + Duration::from_secs(10);
+            let mut bound = String::new();
             loop {
                 if let Ok(Some(status)) = child.try_wait() {
                     let log = std::fs::read(&log_path).unwrap_or_default();
@@ -294,30 +295,41 @@ fn daemonize(config: &Config) -> ExitCode {
                 }
                 let log = std::fs::read(&log_path).unwrap_or_default();
                 let new = String::from_utf8_lossy(&log[(log_start as usize).min(log.len())..]);
-                if new.contains("oxserve listening") || Instant::now() >= deadline {
+                if let Some(line) = new.lines().find(|l| l.contains("oxserve listening")) {
+                    bound = line.to_string();
+                    break;
+                }
+                if Instant::now() >= deadline {
                     break;
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
             let _ = std::fs::write(&pid_file, child.id().to_string());
+            // The addresses the listeners got (port 0 in the config means one the OS chose),
+            // from the server's "oxserve listening" line; the configured ones if it is not there.
+            let addr = |key: &str, configured: std::net::SocketAddr| {
+                listening_addr(&bound, key).unwrap_or_else(|| configured.to_string())
+            };
+            let scheme = |tls: bool| if tls { "https" } else { "http" };
+            let tls = &config.tls_listeners;
+            let inference = addr("inference", config.inference_address);
             println!(
-                "oxserve started (pid {}): inference http://{}, management http://{}, metrics http://{}; logs in {}",
+                "oxserve started (pid {}): inference {}://{}, management {}://{}, metrics {}://{}; logs in {}",
                 child.id(),
-                config.inference_address,
-                config.management_address,
-                config.metrics_address,
+                scheme(tls.inference),
+                inference,
+                scheme(tls.management),
+                addr("management", config.management_address),
+                scheme(tls.metrics),
+                addr("metrics", config.metrics_address),
                 log_dir.display()
             );
             // The child runs in this folder, where it wrote key_file.json before listening.
-            let scheme = if config.tls_listeners.inference {
-                "https"
-            } else {
-                "http"
-            };
+            let scheme = scheme(tls.inference);
             let url = if config.builtin_default_model {
-                format!("{scheme}://{}/predictions/demo", config.inference_address)
+                format!("{scheme}://{inference}/predictions/demo")
             } else {
-                format!("{scheme}://{}/predictions/MODEL", config.inference_address)
+                format!("{scheme}://{inference}/predictions/MODEL")
             };
             let key_file = (!config.disable_token_authorization)
                 .then(|| {
@@ -380,4 +392,12 @@ fn status() -> ExitCode {
             ExitCode::from(3)
         }
     }
+}
+
+/// The address after `key=` in the server's "oxserve listening: inference=A management=B ..."
+/// line.
+fn listening_addr(line: &str, key: &str) -> Option<String> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+        .map(str::to_string)
 }

@@ -133,6 +133,24 @@ fn start_status_stop_in_the_background() {
         serde_json::from_str(&std::fs::read_to_string(&key_file).unwrap()).unwrap();
     let inference_key = keys["inference"]["key"].as_str().unwrap();
     assert!(!said.contains(inference_key), "{said}");
+    // Port 0 in the config: the lines name the ports the OS chose, so the printed URL answers.
+    assert!(!said.contains(":0/") && !said.contains(":0,"), "{said}");
+    let url = said
+        .split_whitespace()
+        .find(|w| w.contains("/predictions/demo"))
+        .map(|w| w.trim_matches(|c| c == '"' || c == '\''))
+        .expect("a prediction URL")
+        .to_string();
+    let answer = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+        .args(["-H", &format!("Authorization: Bearer {inference_key}")])
+        .args(["--retry", "50", "--retry-connrefused", "--retry-delay", "1"])
+        .args(["-d", "{\"text\": \"good\"}", &url])
+        .output()
+        .unwrap();
+    let code = String::from_utf8_lossy(&answer.stdout).to_string();
+    // (curl --retry also retries a 503 while the demo worker starts.)
+    assert_eq!(code, "200", "{url}");
     let pid: i32 = std::fs::read_to_string(&pid_file)
         .unwrap()
         .trim()

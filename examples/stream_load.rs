@@ -8,7 +8,7 @@
 //!     stream_load --url http://127.0.0.1:8080 --path /predictions/llm/1.0/v1/chat/completions \
 //!         [--model NAME] [--streams 64] [--max-tokens 64] [--rounds 3] \
 //!         [--cpu server=PID --cpu worker=PID] [--access-log logs/access_log.log] \
-//!         [--label X] [--json out.jsonl]
+//!         [--label X] [--json out.jsonl] [--dump streams.jsonl]
 //!
 //! Why it exists: the Python client is one asyncio thread that spends 30-34 us of CPU per chunk,
 //! more than oxserve's frontend; at 64 streams the 32nd stream's first chunk waited for the client
@@ -63,6 +63,10 @@ struct Args {
     /// Append the summary as one JSON line to this file
     #[arg(long)]
     json: Option<String>,
+    /// Write one JSON line per stream to this file (request id, wall-clock epoch seconds of the
+    /// write, of each chunk, and the handler's stamps), for a closer look than percentiles
+    #[arg(long)]
+    dump: Option<String>,
 }
 
 /// Head and chunks of a response larger than this are refused: a benchmark reply is small, and a
@@ -452,6 +456,20 @@ fn main() -> Result<()> {
     put("itl_p50_ms", pct(&itl, 50.0).into());
     put("itl_p99_ms", pct(&itl, 99.0).into());
 
+    if let Some(path) = &a.dump {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+        for o in &results {
+            let row = serde_json::json!({
+                "rid": o.rid,
+                "t0": wall(o.t0),
+                "chunks": o.chunks.iter().map(|t| wall(*t)).collect::<Vec<f64>>(),
+                "handler_start": o.handler_start,
+                "engine_first": o.engine_first,
+            });
+            writeln!(f, "{row}")?;
+        }
+        f.flush()?;
+    }
     let line: Vec<String> = s
         .iter()
         .map(|(k, v)| match v.as_f64() {

@@ -78,6 +78,7 @@ grpc_inference_port=$(free_port)
 grpc_management_port=$(free_port)
 model_store=$work/store
 load_models=vllm
+disable_token_authorization=true
 worker_runtime=torchserve
 python_executable=$venv/bin/python
 CFG

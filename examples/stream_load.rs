@@ -26,7 +26,7 @@
 use std::collections::HashMap;
 use std::io::Write as _;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context as _, Result};
 use bytes::{Buf, BytesMut};
@@ -63,6 +63,10 @@ struct Args {
     /// Append the summary as one JSON line to this file
     #[arg(long)]
     json: Option<String>,
+    /// A round that has not ended after this many seconds fails the run (a stuck server must not
+    /// hang the benchmark)
+    #[arg(long, default_value_t = 300.0)]
+    timeout_s: f64,
     /// Write one JSON line per stream to this file (request id, wall-clock epoch seconds of the
     /// write, of each chunk, and the handler's stamps), for a closer look than percentiles
     #[arg(long)]
@@ -132,20 +136,17 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
-/// One stream: connect, wait for every stream of the round to be connected, write the request,
-/// read the response to its end.
-async fn one(
-    addr: String,
-    req: Arc<Vec<u8>>,
-    rid: String,
-    connected: Arc<Barrier>,
-    go: Arc<Barrier>,
-) -> Result<Stream> {
-    let mut sock = TcpStream::connect(&addr)
+async fn connect(addr: &str) -> Result<TcpStream> {
+    let sock = TcpStream::connect(addr)
         .await
         .with_context(|| format!("connecting to {addr}"))?;
     sock.set_nodelay(true)?;
-    connected.wait().await;
+    Ok(sock)
+}
+
+/// One stream on its connection: wait for the round's start, write the request, read the
+/// response to its end.
+async fn one(mut sock: TcpStream, req: Vec<u8>, rid: String, go: Arc<Barrier>) -> Result<Stream> {
     go.wait().await;
     let t0 = Instant::now();
     sock.write_all(&req).await?;
@@ -258,6 +259,12 @@ fn read_access_log(path: &str) -> HashMap<String, (f64, f64)> {
 
 fn main() -> Result<()> {
     let a = Args::parse();
+    if a.streams == 0 || a.rounds == 0 {
+        bail!("--streams and --rounds must be at least 1");
+    }
+    if !(a.timeout_s.is_finite() && a.timeout_s > 0.0) {
+        bail!("--timeout-s must be a positive number of seconds");
+    }
     let rest = a
         .url
         .strip_prefix("http://")
@@ -294,31 +301,28 @@ fn main() -> Result<()> {
     let mut cpu = vec![0.0; procs.len()];
     let mut client_cpu = 0.0;
     for r in 0..a.rounds {
-        // Two barriers: every stream connected (then the CPU counters are read), then all go.
-        let connected = Arc::new(Barrier::new(a.streams + 1));
+        // Every stream connected first (a failed connect ends the run here, before any
+        // waits on the others), then the CPU counters are read, then all start together.
         let go = Arc::new(Barrier::new(a.streams + 1));
-        let tasks: Vec<_> = (0..a.streams)
-            .map(|i| {
-                let rid = format!("bench-{pid}-{r}-{i}");
-                let head = format!(
-                    "POST {} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
-                     Content-Length: {}\r\nx-request-id: {rid}\r\n\r\n",
-                    a.path,
-                    body.len()
-                );
-                let mut bytes = head.into_bytes();
-                bytes.extend_from_slice(&body);
-                rt.spawn(one(
-                    addr.clone(),
-                    Arc::new(bytes),
-                    rid,
-                    connected.clone(),
-                    go.clone(),
-                ))
-            })
-            .collect();
-        let (out, secs, client, used) = rt.block_on(async {
-            connected.wait().await;
+        let round = async {
+            let socks =
+                futures_util::future::try_join_all((0..a.streams).map(|_| connect(&addr))).await?;
+            let tasks: Vec<_> = socks
+                .into_iter()
+                .enumerate()
+                .map(|(i, sock)| {
+                    let rid = format!("bench-{pid}-{r}-{i}");
+                    let head = format!(
+                        "POST {} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+                         Content-Length: {}\r\nx-request-id: {rid}\r\n\r\n",
+                        a.path,
+                        body.len()
+                    );
+                    let mut bytes = head.into_bytes();
+                    bytes.extend_from_slice(&body);
+                    tokio::spawn(one(sock, bytes, rid, go.clone()))
+                })
+                .collect();
             let c0: Vec<f64> = procs
                 .iter()
                 .map(|(_, p)| cpu_seconds(*p).unwrap_or(f64::NAN))
@@ -338,7 +342,12 @@ fn main() -> Result<()> {
                 .map(|((_, p), c)| cpu_seconds(*p).unwrap_or(f64::NAN) - c)
                 .collect();
             anyhow::Ok((out, secs, client, used))
-        })?;
+        };
+        let (out, secs, client, used) = rt
+            .block_on(async {
+                tokio::time::timeout(Duration::from_secs_f64(a.timeout_s), round).await
+            })
+            .map_err(|_| anyhow::anyhow!("round {r} did not end within {} s", a.timeout_s))??;
         wall_s += secs;
         client_cpu += client;
         for (c, u) in cpu.iter_mut().zip(used) {

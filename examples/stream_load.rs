@@ -211,10 +211,7 @@ async fn one(mut sock: TcpStream, req: Vec<u8>, rid: String, go: Arc<Barrier>) -
     }
     // Chunked: parse every chunk wholly in the buffer, then read more.
     loop {
-        loop {
-            let Some(eol) = find(&buf, b"\r\n") else {
-                break;
-            };
+        while let Some(eol) = find(&buf, b"\r\n") {
             let size_text = std::str::from_utf8(&buf[..eol]).unwrap_or("");
             let size_text = size_text.split(';').next().unwrap_or("").trim();
             let size = usize::from_str_radix(size_text, 16)

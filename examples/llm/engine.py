@@ -40,8 +40,8 @@ class Sequence:
         self.first_token_at = None
         self.finish_reason = None
 
-
     def put(self, word):
+        """Hands a word (None: the end) to the consumer, waking it if it waits."""
         self.out.append(word)
         waiter = self.waiter
         if waiter is not None:

@@ -244,9 +244,9 @@ _END_BYTES = _PACK_INT(END)
 def encode_predict_reply(code, message, items):
     """items: list of (request_id, content_type, status, phrase, headers dict, body bytes).
 
-    Built as a list of pieces joined once: this runs for every streamed chunk, and a function
-    call plus a bytearray append per string (the old _put_str) was the largest Python cost per
-    chunk in a profile of 64 streams (bench/llm_worker.py --profile)."""
+    Built as a list of pieces joined once: this runs for every streamed chunk, and a _put_str
+    call (a function call, a pack and two bytearray appends) per string was the largest Python
+    cost per chunk in a profile of 64 streams (bench/llm_worker.py --profile)."""
     pack = _PACK_INT
     message = message.encode("utf-8")
     out = [pack(code), pack(len(message)), message]

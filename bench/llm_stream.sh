@@ -6,11 +6,15 @@
 #   bench/llm_stream.sh                  # builds the release binary
 #   OXSERVE_BIN=/path/to/oxserve STREAMS=64 MAX_TOKENS=64 ROUNDS=3 STEP_MS=10 bench/llm_stream.sh
 #   JSON=results.jsonl LABEL=x bench/llm_stream.sh   # also append the summary as a JSON line
+#   DUMP=streams.jsonl bench/llm_stream.sh     # Rust client: also every stream's times, a line each
+#   CLIENT=python bench/llm_stream.sh    # the Python client (bench/llm_stream.py) instead of the
+#                                        # Rust one (examples/stream_load.rs, the default)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${OXSERVE_BIN:-target/release/oxserve}
 [ -n "${OXSERVE_BIN:-}" ] || cargo build --release --quiet --bin oxserve
 BIN=$(realpath "$BIN")
+. bench/stream_client.sh
 PYTHON=${PYTHON:-python3}
 
 work=$(mktemp -d)
@@ -49,10 +53,10 @@ if [ -n "${PERF:-}" ]; then
   perf record -q -F 2000 -p "${pids[0]}" -o "$work/perf.data" >/dev/null 2>&1 &
   perf_pid=$!
 fi
-python3 bench/llm_stream.py --url "http://127.0.0.1:$IP" --path /predictions/llm/1.0/v1/chat/completions \
+"${CLIENT_CMD[@]}" --url "http://127.0.0.1:$IP" --path /predictions/llm/1.0/v1/chat/completions \
   --cpu "server=${pids[0]}" --cpu "worker=$worker" --access-log "$work/logs/access_log.log" \
   --streams "${STREAMS:-64}" --max-tokens "${MAX_TOKENS:-64}" --rounds "${ROUNDS:-3}" \
-  --label "${LABEL:-oxserve}" ${JSON:+--json "$JSON"}
+  --label "${LABEL:-oxserve}" ${JSON:+--json "$JSON"} ${DUMP:+--dump "$DUMP"}
 if [ -n "${PERF:-}" ]; then
   kill -INT "$perf_pid"; wait "$perf_pid" 2>/dev/null || true
   perf report -i "$work/perf.data" --no-children --sort symbol --percent-limit 0.7 --stdio 2>/dev/null \

@@ -9,6 +9,7 @@
 #
 #   TS_VENV=/work/ts-venv bench/llm_vs_torchserve.sh            # release build of oxserve
 #   OXSERVE_BIN=... STREAMS=64 MAX_TOKENS=64 ROUNDS=2 RUNS=3 STEP_MS=10 bench/llm_vs_torchserve.sh
+#   CLIENT=python ...                    # the Python load client instead of the Rust one
 #
 # Needs: a venv with torchserve 0.12.0, torch-model-archiver and torch (TS_VENV), Java 17.
 set -euo pipefail
@@ -20,6 +21,7 @@ command -v java >/dev/null || { echo "TorchServe needs Java 17" >&2; exit 1; }
 BIN=${OXSERVE_BIN:-target/release/oxserve}
 [ -n "${OXSERVE_BIN:-}" ] || cargo build --release --quiet --bin oxserve
 BIN=$(realpath "$BIN")
+. bench/stream_client.sh
 STREAMS=${STREAMS:-64}; MAX_TOKENS=${MAX_TOKENS:-64}; ROUNDS=${ROUNDS:-2}; RUNS=${RUNS:-3}
 
 work=$(mktemp -d)
@@ -76,6 +78,7 @@ grpc_inference_port=$(free_port)
 grpc_management_port=$(free_port)
 model_store=$work/store
 load_models=vllm
+disable_token_authorization=true
 worker_runtime=torchserve
 python_executable=$venv/bin/python
 CFG
@@ -90,14 +93,14 @@ ox_worker=$(pgrep -f model_service_worker -P "${pids[1]}" | head -1)
 
 out=${JSON:-$work/results.jsonl}
 bench() { # label ip server-pid worker-pid
-  python3 bench/llm_stream.py --url "http://127.0.0.1:$2" --path /predictions/vllm/1.0/v1/chat/completions \
+  "${CLIENT_CMD[@]}" --url "http://127.0.0.1:$2" --path /predictions/vllm/1.0/v1/chat/completions \
     --model standin --streams "$STREAMS" --max-tokens "$MAX_TOKENS" --rounds "$ROUNDS" \
     --cpu "server=$3" --cpu "worker=$4" --label "$1" --json "$out"
 }
 # One warm-up round each (JIT, first-use allocations), not recorded.
-python3 bench/llm_stream.py --url "http://127.0.0.1:$TS_IP" --path /predictions/vllm/1.0/v1/chat/completions \
+"${CLIENT_CMD[@]}" --url "http://127.0.0.1:$TS_IP" --path /predictions/vllm/1.0/v1/chat/completions \
   --model standin --streams "$STREAMS" --max-tokens 8 --rounds 1 >/dev/null
-python3 bench/llm_stream.py --url "http://127.0.0.1:$OX_IP" --path /predictions/vllm/1.0/v1/chat/completions \
+"${CLIENT_CMD[@]}" --url "http://127.0.0.1:$OX_IP" --path /predictions/vllm/1.0/v1/chat/completions \
   --model standin --streams "$STREAMS" --max-tokens 8 --rounds 1 >/dev/null
 for run in $(seq "$RUNS"); do
   bench torchserve "$TS_IP" "$java" "$ts_worker"

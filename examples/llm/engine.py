@@ -32,10 +32,22 @@ class Sequence:
         self.max_tokens = max_tokens
         self.stop = stop
         self.generated = 0
-        self.out = asyncio.Queue()
+        # The words made and not yet taken (None ends the sequence), and the future its consumer
+        # waits on when there are none: an asyncio.Queue does the same with more Python per word.
+        self.out = collections.deque()
+        self.waiter = None
         self.arrived = time.monotonic()
         self.first_token_at = None
         self.finish_reason = None
+
+    def put(self, word):
+        """Hands a word (None: the end) to the consumer, waking it if it waits."""
+        self.out.append(word)
+        waiter = self.waiter
+        if waiter is not None:
+            self.waiter = None
+            if not waiter.done():  # a consumer cancelled while waiting leaves a cancelled one
+                waiter.set_result(None)
 
 
 class Engine:
@@ -56,8 +68,12 @@ class Engine:
             self.task = asyncio.get_running_loop().create_task(self._loop())
         self.waiting.append(seq)
         self.wake.set()
+        out = seq.out
         while True:
-            word = await seq.out.get()
+            if not out:
+                seq.waiter = asyncio.get_running_loop().create_future()
+                await seq.waiter
+            word = out.popleft()
             if word is None:
                 return
             yield word, seq
@@ -76,7 +92,7 @@ class Engine:
             for seq in self.running:
                 if seq.generated >= seq.max_tokens:
                     seq.finish_reason = "length"
-                    seq.out.put_nowait(None)
+                    seq.put(None)
                     continue
                 word = next_word(seq.prompt, seq.generated)
                 seq.generated += 1
@@ -86,9 +102,9 @@ class Engine:
                     seq.finish_reason = "stop"
                 elif seq.generated >= seq.max_tokens:
                     seq.finish_reason = "length"
-                seq.out.put_nowait(word)
+                seq.put(word)
                 if seq.finish_reason:
-                    seq.out.put_nowait(None)
+                    seq.put(None)
                 else:
                     still.append(seq)
             self.running = still

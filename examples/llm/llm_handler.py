@@ -41,8 +41,11 @@ class LlmHandler:
     async def handle(self, data, context):
         if data is None:
             return None
-        # TorchServe's async worker sends one request per message (batchSize 1, as vLLM's);
-        # a larger batch is generated concurrently all the same.
+        # TorchServe's async worker sends one request per message (batchSize 1, as vLLM's): that
+        # one is awaited directly, since gather would wrap it in a task of its own and start it
+        # a loop iteration later. A larger batch is generated concurrently all the same.
+        if len(data) == 1:
+            return [await self._one(0, data[0], context)]
         return list(await asyncio.gather(
             *(self._one(i, request, context) for i, request in enumerate(data))))
 
@@ -80,6 +83,13 @@ class LlmHandler:
         first = True
         if stream:
             context.set_response_content_type(idx, "text/event-stream")
+            # Every chunk but the last differs only in its text: the JSON around the text is
+            # made once per stream, not a json.dumps of the whole chunk per token.
+            # (The text is the chunk's last string: rpartition finds it whatever the model is called.)
+            head, _, tail = json.dumps(self._chunk(rid, created, chat, "\x00", None)).rpartition(
+                '"\\u0000"')
+            head, tail = "data: " + head, tail + "\n\n"
+            request_ids = {idx: context.request_ids[idx]}
         async for word, seq in self.engine.generate(prompt, max_tokens, stop):
             words.append(word)
             if not stream:
@@ -92,12 +102,14 @@ class LlmHandler:
                 context.set_response_header(idx, "x-engine-first-token", "%.6f" % first_wall)
             text = word if first else " " + word
             first = False
-            chunk = self._chunk(rid, created, chat, text, seq.finish_reason)
             if seq.finish_reason:
+                chunk = self._chunk(rid, created, chat, text, seq.finish_reason)
                 chunk["usage"] = self._usage(prompt_tokens, len(words))
+                event = "data: %s\n\n" % json.dumps(chunk)
+            else:
+                event = head + json.dumps(text) + tail
             send_intermediate_predict_response(
-                {idx: "data: %s\n\n" % json.dumps(chunk)}, {idx: context.request_ids[idx]},
-                "Intermediate Prediction success", 200, context)
+                {idx: event}, request_ids, "Intermediate Prediction success", 200, context)
         finish = (seq.finish_reason if seq else None) or "length"
         if stream:
             return "data: [DONE]\n\n"

@@ -11,6 +11,9 @@ class RequestProcessor:
         self._status_code = 200
         self._reason_phrase = None
         self._response_headers = {}
+        # Set once a streamed part of this request has carried the response headers to the
+        # frontend (protocol.create_predict_response): later parts send only ts_stream_next.
+        self.headers_sent = False
 
     def get_request_property(self, key):
         return self._request_headers.get(key)

@@ -237,22 +237,33 @@ def encode_body(value):
     return json.dumps(value, indent=2).encode("utf-8"), "application/json"
 
 
+_PACK_INT = struct.Struct("!i").pack
+_END_BYTES = _PACK_INT(END)
+
+
 def encode_predict_reply(code, message, items):
-    """items: list of (request_id, content_type, status, phrase, headers dict, body bytes)."""
-    out = bytearray(struct.pack("!i", code))
-    _put_str(out, message)
+    """items: list of (request_id, content_type, status, phrase, headers dict, body bytes).
+
+    Built as a list of pieces joined once: this runs for every streamed chunk, and a _put_str
+    call (a function call, a pack and two bytearray appends) per string was the largest Python
+    cost per chunk in a profile of 64 streams (bench/llm_worker.py --profile)."""
+    pack = _PACK_INT
+    message = message.encode("utf-8")
+    out = [pack(code), pack(len(message)), message]
+    add = out.extend
     for request_id, content_type, status, phrase, headers, body in items:
-        _put_str(out, request_id)
-        _put_str(out, content_type or "")
-        out += struct.pack("!i", status)
-        _put_str(out, phrase or "")
-        out += struct.pack("!i", len(headers))
+        request_id = request_id.encode("utf-8")
+        content_type = (content_type or "").encode("utf-8")
+        phrase = (phrase or "").encode("utf-8")
+        add((pack(len(request_id)), request_id, pack(len(content_type)), content_type,
+             pack(status), pack(len(phrase)), phrase, pack(len(headers))))
         for k, v in headers.items():
-            _put_str(out, str(k))
-            _put_str(out, str(v))
-        _put_str(out, body)
-    out += struct.pack("!i", END)
-    return bytes(out)
+            k = str(k).encode("utf-8")
+            v = str(v).encode("utf-8")
+            add((pack(len(k)), k, pack(len(v)), v))
+        add((pack(len(body)), body))
+    out.append(_END_BYTES)
+    return b"".join(out)
 
 
 def create_predict_response(ret, req_id_map, message, code, context=None, ts_stream_next=False):
@@ -261,6 +272,11 @@ def create_predict_response(ret, req_id_map, message, code, context=None, ts_str
     ret is the handler's list of replies (None for a failed batch). With a context, per-request
     status, headers and content type come from it, and ts_stream_next is maintained as TorchServe
     does: "true" on intermediate frames, "false" on the final frame of a request that streamed.
+
+    Unlike TorchServe's worker, the handler's response headers travel only until the first frame
+    of a request has gone: the frontend builds the HTTP response head from the first part and
+    reads nothing but `ts_stream_next` from the later ones, so re-sending every header on every
+    chunk (five per chunk for examples/llm) was encoding work for nothing.
     """
     items = []
     for idx in req_id_map:
@@ -282,11 +298,18 @@ def create_predict_response(ret, req_id_map, message, code, context=None, ts_str
                 headers["ts_stream_next"] = "false" if is_stop else "true"
         elif headers.get("ts_stream_next") == "true":
             headers["ts_stream_next"] = "false"
+        processor = context.request_processor[idx] if context.request_processor else None
+        sent = headers
+        if getattr(processor, "headers_sent", False):
+            mark = headers.get("ts_stream_next")
+            sent = {} if mark is None else {"ts_stream_next": mark}
+        elif processor is not None and headers.get("ts_stream_next") == "true":
+            processor.headers_sent = True
         content_type = context.get_response_content_type(idx)
         if not content_type and implied_type:
             content_type = implied_type
             context.set_response_content_type(idx, content_type)
         status, phrase = context.get_response_status(idx)
         items.append((request_id, content_type, 200 if status is None else status, phrase,
-                      headers, body))
+                      sent, body))
     return encode_predict_reply(code, message, items)

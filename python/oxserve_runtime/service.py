@@ -1,7 +1,6 @@
 """Loads the handler and serves batches over the frontend connection."""
 
 import asyncio
-import copy
 import importlib
 import inspect
 import json
@@ -125,10 +124,14 @@ class CoalescingWriter:
         self._sock.sendall(data)
 
 
+# Under torchrun only rank 0 answers (TorchServe's rule). torchrun sets LOCAL_RANK before the
+# worker starts, so it is read once, not on every streamed chunk.
+_RANK_0 = os.environ.get("LOCAL_RANK", "0") in ("", "0")
+
+
 def send_intermediate_predict_response(ret, req_id_map, message, code, context=None):
     """Sends one streamed part for each request of the batch before handle() returns."""
-    if os.environ.get("LOCAL_RANK", "0") not in ("", "0"):
-        # Under torchrun only rank 0 answers (TorchServe's rule).
+    if not _RANK_0:
         return None
     if context is None or context.cl_socket is None:
         raise RuntimeError("send_intermediate_predict_response needs the handler's context")
@@ -186,6 +189,14 @@ def _entry_points(module, function_name):
     if not hasattr(instance, "handle"):
         raise LoadError("class %s has no handle method" % classes[0].__name__)
     return instance.handle, getattr(instance, "initialize", None)
+
+
+def _clone(context):
+    """A shallow copy of the context, as copy.copy makes it but without its generic protocol
+    (__reduce_ex__, copyreg): once per request in async mode, 64 at once at 64 streams."""
+    ctx = object.__new__(type(context))
+    ctx.__dict__.update(context.__dict__)
+    return ctx
 
 
 class Service:
@@ -249,7 +260,7 @@ class Service:
         gets its own copy of the context (TorchServe's async_service does the same), so
         concurrent requests never see each other's ids or response headers. A plain `def
         handle` runs on a thread so that it cannot stall the other requests."""
-        ctx, req_id_map, data, start = self._prepare(batch, copy.copy(self.context))
+        ctx, req_id_map, data, start = self._prepare(batch, _clone(self.context))
         handler_start = time.time()
         try:
             if inspect.iscoroutinefunction(self.entry):

@@ -8,6 +8,7 @@ import struct
 import unittest
 
 from oxserve_runtime import protocol
+from oxserve_runtime.context import Context, RequestProcessor
 
 
 def frame_str(value):
@@ -75,6 +76,96 @@ class Encode(unittest.TestCase):
     def test_load_reply(self):
         self.assertEqual(protocol.encode_load_reply(200, "ok"),
                          struct.pack("!i", 200) + frame_str("ok") + END)
+
+
+def parse_reply(frame):
+    """A reply frame as (code, message, [(request id, content type, status, headers, body)])."""
+    pos = 0
+
+    def num():
+        nonlocal pos
+        (v,) = struct.unpack_from("!i", frame, pos)
+        pos += 4
+        return v
+
+    def text():
+        nonlocal pos
+        n = num()
+        pos += n
+        return frame[pos - n:pos]
+
+    code, message, items = num(), text().decode(), []
+    while True:
+        n = num()
+        if n == -1:
+            break
+        pos -= 4
+        rid, ctype, status, _phrase = text().decode(), text().decode(), num(), text()
+        headers = {text().decode(): text().decode() for _ in range(num())}
+        items.append((rid, ctype, status, headers, text()))
+    assert pos == len(frame), "trailing bytes"
+    return code, message, items
+
+
+class PredictReply(unittest.TestCase):
+    def stream_context(self):
+        ctx = Context("m", "/models/m", None, 1, None, "test")
+        ctx.request_ids = {0: "r1"}
+        ctx.request_processor = [RequestProcessor({})]
+        ctx.set_response_content_type(0, "text/event-stream")
+        ctx.set_response_header(0, "x-first", "1")
+        return ctx
+
+    def test_headers_go_with_the_first_streamed_part_only(self):
+        ctx = self.stream_context()
+        frames = [protocol.create_predict_response({0: "data: %d\n\n" % i}, {0: "r1"},
+                                                   "Intermediate Prediction success", 200, ctx,
+                                                   ts_stream_next=True) for i in range(2)]
+        frames.append(protocol.create_predict_response(["data: [DONE]\n\n"], {0: "r1"},
+                                                       "Prediction success", 200, ctx))
+        parts = [parse_reply(f)[2][0] for f in frames]
+        self.assertEqual(parts[0], ("r1", "text/event-stream", 200,
+                                    {"content-type": "text/event-stream", "x-first": "1",
+                                     "ts_stream_next": "true"}, b"data: 0\n\n"))
+        # Later parts: the content type field and status still, of the headers only the mark.
+        self.assertEqual(parts[1], ("r1", "text/event-stream", 200, {"ts_stream_next": "true"},
+                                    b"data: 1\n\n"))
+        self.assertEqual(parts[2], ("r1", "text/event-stream", 200, {"ts_stream_next": "false"},
+                                    b"data: [DONE]\n\n"))
+        # The handler's own view of its headers is unchanged by what was left off the wire.
+        self.assertEqual(ctx.get_response_headers(0)["x-first"], "1")
+
+    def test_a_reply_that_does_not_stream_carries_every_header(self):
+        ctx = self.stream_context()
+        code, message, items = parse_reply(protocol.create_predict_response(
+            [{"a": 1}], {0: "r1"}, "Prediction success", 200, ctx))
+        self.assertEqual((code, message), (200, "Prediction success"))
+        self.assertEqual(items, [("r1", "text/event-stream", 200,
+                                  {"content-type": "text/event-stream", "x-first": "1"},
+                                  b'{\n  "a": 1\n}')])
+
+    def test_each_request_of_a_batch_keeps_its_own_headers(self):
+        ctx = self.stream_context()
+        ctx.request_ids = {0: "r1", 1: "r2"}
+        ctx.request_processor.append(RequestProcessor({}))
+        ctx.set_response_header(1, "x-second", "2")
+        first = parse_reply(protocol.create_predict_response(
+            {0: "a", 1: "b"}, ctx.request_ids, "m", 200, ctx, ts_stream_next=True))[2]
+        second = parse_reply(protocol.create_predict_response(
+            {0: "c", 1: "d"}, ctx.request_ids, "m", 200, ctx, ts_stream_next=True))[2]
+        self.assertEqual([i[3] for i in first],
+                         [{"content-type": "text/event-stream", "x-first": "1",
+                           "ts_stream_next": "true"},
+                          {"x-second": "2", "ts_stream_next": "true"}])
+        self.assertEqual([i[3] for i in second], [{"ts_stream_next": "true"}] * 2)
+
+    def test_encoding_matches_the_wire_format(self):
+        frame = protocol.encode_predict_reply(200, "ok", [("r", "t/x", 201, "", {"k": "v"},
+                                                           b"body")])
+        self.assertEqual(frame, struct.pack("!i", 200) + frame_str("ok") + frame_str("r")
+                         + frame_str("t/x") + struct.pack("!i", 201) + frame_str("")
+                         + struct.pack("!i", 1) + frame_str("k") + frame_str("v")
+                         + frame_str("body") + END)
 
 
 if __name__ == "__main__":

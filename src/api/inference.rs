@@ -98,12 +98,21 @@ struct Target {
     explain: bool,
 }
 
+/// The path parameters of the prediction and explanation routes, by name (a struct rather than
+/// a map: no table and no hashing per request).
+#[derive(serde::Deserialize)]
+struct PredictPath {
+    model: String,
+    version: Option<String>,
+    rest: Option<String>,
+}
+
 impl Target {
-    fn from_path(mut params: HashMap<String, String>, explain: bool) -> Target {
+    fn from_path(p: PredictPath, explain: bool) -> Target {
         Target {
-            model: params.remove("model").unwrap_or_default(),
-            version: params.remove("version"),
-            url_path: params.remove("rest"),
+            model: p.model,
+            version: p.version,
+            url_path: p.rest,
             explain,
         }
     }
@@ -111,7 +120,7 @@ impl Target {
 
 async fn predict(
     State(s): State<AppState>,
-    ApiPath(p): ApiPath<HashMap<String, String>>,
+    ApiPath(p): ApiPath<PredictPath>,
     req: Request,
 ) -> Response {
     serve(s, Target::from_path(p, false), req).await
@@ -119,7 +128,7 @@ async fn predict(
 
 async fn explain(
     State(s): State<AppState>,
-    ApiPath(p): ApiPath<HashMap<String, String>>,
+    ApiPath(p): ApiPath<PredictPath>,
     req: Request,
 ) -> Response {
     serve(s, Target::from_path(p, true), req).await
@@ -169,7 +178,7 @@ async fn kserve_v1(
 
 async fn kserve_v2_infer(
     State(s): State<AppState>,
-    ApiPath(p): ApiPath<HashMap<String, String>>,
+    ApiPath(p): ApiPath<PredictPath>,
     req: Request,
 ) -> Response {
     serve(s, Target::from_path(p, false), req).await
@@ -177,7 +186,7 @@ async fn kserve_v2_infer(
 
 async fn kserve_v2_explain(
     State(s): State<AppState>,
-    ApiPath(p): ApiPath<HashMap<String, String>>,
+    ApiPath(p): ApiPath<PredictPath>,
     req: Request,
 ) -> Response {
     serve(s, Target::from_path(p, true), req).await

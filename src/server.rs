@@ -221,8 +221,7 @@ pub async fn run(mut config: Config) -> Result<()> {
         grpc_inference.local_addr()?,
         grpc_management.local_addr()?
     ));
-    let grpc_tasks = crate::grpc::spawn(&state, grpc_inference, grpc_management, stop_rx.clone())
-        .map_err(anyhow::Error::msg)?;
+    let grpc_tasks = crate::grpc::spawn(&state, grpc_inference, grpc_management, stop_rx.clone())?;
     // One parseable line on stdout: tests and scripts read the bound ports from it.
     println!("{line}");
     tracing::info!("{line}");

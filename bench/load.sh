@@ -53,20 +53,30 @@ to_ms() { # wrk latency (123.45us, 1.23ms, 1.2s) -> ms
 }
 
 echo "wrk -t$THREADS -c$CONNS -d$DURATION --latency -s bench/post.lua (22-byte JSON POST)"
+hello_pid=${pids[1]}
+# A process's user and system CPU ticks and its context switches (all threads), from /proc.
+cpu() { echo "$(awk '{print $14, $15}' "/proc/$1/stat") $(awk '/ctxt_switches/ {s+=$2} END {print s}' /proc/"$1"/task/*/status)"; }
+read -r hu0 hs0 hc0 < <(cpu "$hello_pid")
 read -r h_rps h_p50 h_p99 < <(run_wrk "http://127.0.0.1:$HP/predictions/demo")
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$ox_pid/stat"; }
-t0=$(cpu_ticks)
+read -r hu1 hs1 hc1 < <(cpu "$hello_pid")
+h_reqs=$(awk '/requests in/ {print $1}' "$work/wrk.txt")
+read -r ou0 os0 oc0 < <(cpu "$ox_pid")
 read -r o_rps o_p50 o_p99 < <(run_wrk "http://127.0.0.1:$IP/predictions/demo")
-t1=$(cpu_ticks)
+read -r ou1 os1 oc1 < <(cpu "$ox_pid")
 o_reqs=$(awk '/requests in/ {print $1}' "$work/wrk.txt")
 printf '%-28s %12s %10s %10s\n' server req/s p50_ms p99_ms
 printf '%-28s %12s %10s %10s\n' "bare axum (hello_server)" "$h_rps" "$(to_ms "$h_p50")" "$(to_ms "$h_p99")"
 printf '%-28s %12s %10s %10s\n' "oxserve demo model" "$o_rps" "$(to_ms "$o_p50")" "$(to_ms "$o_p99")"
 awk -v o="$o_rps" -v h="$h_rps" -v op="$(to_ms "$o_p50")" -v hp="$(to_ms "$h_p50")" \
   'BEGIN { printf "ratio req/s oxserve/bare: %.2f   p50 difference: %+.3f ms\n", o/h, op-hp }'
-# Server CPU per request: less sensitive than req/s to other load on a shared machine.
-awk -v t="$((t1 - t0))" -v hz="$(getconf CLK_TCK)" -v n="$o_reqs" \
-  'BEGIN { printf "oxserve CPU per request: %.1f us (%d requests)\n", t / hz * 1e6 / n, n }'
+# Server CPU per request: less sensitive than req/s to other load on a shared machine. The split
+# shows where a difference is: system time is the kernel's read and write, alike for both servers.
+per_request() { # name user_ticks system_ticks switches requests
+  awk -v name="$1" -v u="$2" -v s="$3" -v c="$4" -v n="$5" -v hz="$(getconf CLK_TCK)" \
+    'BEGIN { printf "%s CPU per request: %.1f us (user %.1f, system %.1f; %.2f context switches; %d requests)\n", name, (u + s) / hz * 1e6 / n, u / hz * 1e6 / n, s / hz * 1e6 / n, c / n, n }'
+}
+per_request oxserve "$((ou1 - ou0))" "$((os1 - os0))" "$((oc1 - oc0))" "$o_reqs"
+per_request "bare axum" "$((hu1 - hu0))" "$((hs1 - hs0))" "$((hc1 - hc0))" "$h_reqs"
 
 # /metrics while the inference API is saturated: one scraping connection, measured by wrk.
 wrk -t1 -c"$CONNS" -d"$DURATION" -s bench/post.lua "http://127.0.0.1:$IP/predictions/demo" >/dev/null &

@@ -4,28 +4,10 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::Command;
 
+use common::tls::make_cert;
 use common::Server;
-
-/// A self-signed P-256 certificate for 127.0.0.1 in `dir`: key.pem, cert.pem.
-fn make_cert(dir: &Path) {
-    let status = Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
-        .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "2"])
-        .args(["-subj", "/CN=localhost"])
-        .args(["-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"])
-        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
-        .args(["-addext", "extendedKeyUsage=serverAuth", "-keyout"])
-        .arg(dir.join("key.pem"))
-        .arg("-out")
-        .arg(dir.join("cert.pem"))
-        .stderr(std::process::Stdio::null())
-        .status()
-        .expect("openssl CLI");
-    assert!(status.success(), "openssl could not make a certificate");
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_serves_tls_with_the_configured_certificate() {

@@ -32,6 +32,7 @@ use crate::api::error::{ApiError, ErrorKind};
 use crate::config::HttpLimits;
 use crate::logging::access;
 use crate::metrics::Metrics;
+use crate::worker::policy::later;
 
 /// What one listener runs under.
 #[derive(Clone)]
@@ -301,13 +302,7 @@ async fn handle(
     conf: Arc<Listener>,
     guard: InFlight,
 ) -> Result<Response<Body>, Infallible> {
-    let seen = access::Seen::new(
-        std::time::Instant::now(),
-        peer,
-        req.method(),
-        req.uri(),
-        req.version(),
-    );
+    let seen = access::Seen::new(peer, req.method(), req.uri(), req.version());
     let shared = guard.0.clone();
     let mut req = req.map(|b| {
         Body::new(RequestBody {
@@ -599,12 +594,6 @@ impl<S> Watched<S> {
             self.timer.as_mut().reset(deadline);
         }
     }
-}
-
-/// `at + d`, or far in the future when that overflows (a timeout of years).
-fn later(at: Instant, d: Duration) -> Instant {
-    at.checked_add(d)
-        .unwrap_or_else(|| at + Duration::from_secs(86_400 * 365))
 }
 
 impl<S: AsyncWrite + Unpin> Watched<S> {

@@ -37,22 +37,27 @@ pub fn request_id(headers: &HeaderMap) -> Result<String, ApiError> {
     }
 }
 
-/// What the access line needs of the request, taken before the router consumes it.
-pub struct Seen {
-    pub start: Instant,
-    pub remote: SocketAddr,
-    /// None when the access log is off: then nothing is copied.
-    line: Option<(Method, Uri, Version)>,
+/// What the access line needs of the request, taken before the router consumes it: nothing (not
+/// even a clock reading) when the access log is off.
+pub struct Seen(Option<Line>);
+
+struct Line {
+    start: Instant,
+    remote: SocketAddr,
+    method: Method,
+    uri: Uri,
+    version: Version,
 }
 
 impl Seen {
-    pub fn new(start: Instant, remote: SocketAddr, method: &Method, uri: &Uri, v: Version) -> Seen {
-        let line = super::access_enabled().then(|| (method.clone(), uri.clone(), v));
-        Seen {
-            start,
+    pub fn new(remote: SocketAddr, method: &Method, uri: &Uri, version: Version) -> Seen {
+        Seen(super::access_enabled().then(|| Line {
+            start: Instant::now(),
             remote,
-            line,
-        }
+            method: method.clone(),
+            uri: uri.clone(),
+            version,
+        }))
     }
 }
 
@@ -61,25 +66,25 @@ pub fn finish(seen: Seen, id: &str, response: &mut Response) {
     if let Ok(v) = HeaderValue::from_str(id) {
         response.headers_mut().insert(X_REQUEST_ID, v);
     }
-    let Some((method, uri, version)) = seen.line else {
+    let Some(line) = seen.0 else {
         return;
     };
     // A request line in origin form (all but proxies send that) is its path and query as sent.
     let full;
-    let uri = match uri.path_and_query() {
-        Some(p) if uri.scheme().is_none() => p.as_str(),
+    let uri = match line.uri.path_and_query() {
+        Some(p) if line.uri.scheme().is_none() => p.as_str(),
         _ => {
-            full = uri.to_string();
+            full = line.uri.to_string();
             &full
         }
     };
     super::access(&AccessRecord {
-        remote: Some(seen.remote),
-        method: method.as_str(),
+        remote: Some(line.remote),
+        method: line.method.as_str(),
         uri,
-        protocol: protocol(version),
+        protocol: protocol(line.version),
         status: response.status().as_u16(),
-        duration: seen.start.elapsed(),
+        duration: line.start.elapsed(),
         request_id: id,
         model: response.extensions().get::<ModelInfo>(),
     });

@@ -3,6 +3,7 @@
 
 pub mod grpc;
 pub mod prometheus;
+pub mod tls;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

@@ -7,6 +7,8 @@
 #   OXSERVE_BIN=/tmp/oxserve-other bench/load.sh   # another build of oxserve (hello_server must be built)
 #   ACCESS_LOG=false bench/load.sh   # without access_log.log lines (enable_access_log=false)
 #   LOG_FORMAT=json bench/load.sh    # JSON log lines
+#   SCRAPE=false bench/load.sh       # skip the /metrics-under-load part
+#   bench/ab.sh BUILD_A BUILD_B      # alternates builds over several runs of this script, medians
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${DURATION:-10s}
@@ -79,12 +81,14 @@ per_request oxserve "$((ou1 - ou0))" "$((os1 - os0))" "$((oc1 - oc0))" "$o_reqs"
 per_request "bare axum" "$((hu1 - hu0))" "$((hs1 - hs0))" "$((hc1 - hc0))" "$h_reqs"
 
 # /metrics while the inference API is saturated: one scraping connection, measured by wrk.
+if [ "${SCRAPE:-true}" = true ]; then
 wrk -t1 -c"$CONNS" -d"$DURATION" -s bench/post.lua "http://127.0.0.1:$IP/predictions/demo" >/dev/null &
 load=$!
 sleep 1
 wrk -t1 -c1 -d5s --latency "http://127.0.0.1:$XP/metrics" >"$work/scrape.txt"
 wait $load
 awk '$1=="50%" {p50=$2} $1=="99%" {p99=$2} /Requests\/sec/ {rps=$2} END {printf "/metrics under inference saturation: p50 %s p99 %s (%s scrapes/s)\n", p50, p99, rps}' "$work/scrape.txt"
+fi
 
 # What the access log took: every request of the runs above is a line (rolled files included),
 # unless the writer fell behind and dropped some, which the log then says.

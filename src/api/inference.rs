@@ -462,38 +462,9 @@ async fn build_request(
             });
         }
     } else if mime == "multipart/form-data" {
-        let boundary = multer::parse_boundary(&content_type)
-            .map_err(|e| ApiError::bad_request(format!("invalid multipart body: {e}")))?;
-        let stream = futures_util::stream::once(async move { Ok::<Bytes, std::io::Error>(body) });
-        let mut multipart = multer::Multipart::new(stream, boundary);
-        loop {
-            match multipart.next_field().await {
-                Ok(Some(field)) => {
-                    if req.params.len() >= super::MAX_PARAMS {
-                        return Err(super::too_many_params());
-                    }
-                    let name = field.name().unwrap_or("body").to_string();
-                    let ct = field
-                        .content_type()
-                        .map(|m| m.to_string())
-                        .unwrap_or_default();
-                    let value = field.bytes().await.map_err(|e| {
-                        ApiError::bad_request(format!("invalid multipart body: {e}"))
-                    })?;
-                    req.params.push(Param {
-                        name,
-                        content_type: ct,
-                        value,
-                    });
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    return Err(ApiError::bad_request(format!(
-                        "invalid multipart body: {e}"
-                    )))
-                }
-            }
-        }
+        // Boxed: the multipart parser's state is over 1 KB, and every prediction's future would
+        // carry (and be copied with) it, though few requests are multipart.
+        Box::pin(multipart_params(&content_type, body, &mut req.params)).await?;
     } else if !body.is_empty() || req.params.is_empty() {
         // The body's parameter carries the media type alone, as TorchServe's frontend sends it
         // (Netty's getMimeType): its worker decodes JSON only when the type is exactly
@@ -506,6 +477,48 @@ async fn build_request(
         });
     }
     Ok(req)
+}
+
+/// The fields of a multipart/form-data body, appended to `params` (at most MAX_PARAMS in all).
+async fn multipart_params(
+    content_type: &str,
+    body: Bytes,
+    params: &mut Vec<Param>,
+) -> Result<(), ApiError> {
+    let boundary = multer::parse_boundary(content_type)
+        .map_err(|e| ApiError::bad_request(format!("invalid multipart body: {e}")))?;
+    let stream = futures_util::stream::once(async move { Ok::<Bytes, std::io::Error>(body) });
+    let mut multipart = multer::Multipart::new(stream, boundary);
+    loop {
+        match multipart.next_field().await {
+            Ok(Some(field)) => {
+                if params.len() >= super::MAX_PARAMS {
+                    return Err(super::too_many_params());
+                }
+                let name = field.name().unwrap_or("body").to_string();
+                let ct = field
+                    .content_type()
+                    .map(|m| m.to_string())
+                    .unwrap_or_default();
+                let value = field
+                    .bytes()
+                    .await
+                    .map_err(|e| ApiError::bad_request(format!("invalid multipart body: {e}")))?;
+                params.push(Param {
+                    name,
+                    content_type: ct,
+                    value,
+                });
+            }
+            Ok(None) => break,
+            Err(e) => {
+                return Err(ApiError::bad_request(format!(
+                    "invalid multipart body: {e}"
+                )))
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Turns one reply part into response head + body.

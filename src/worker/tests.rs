@@ -344,7 +344,9 @@ async fn close_finishes_running_batches_and_answers_queued_jobs_503() {
     let running = h.submit("running");
     let call = h.call().await;
     let queued: Vec<ReplyRx> = (0..3).map(|i| h.submit(&format!("q{i}"))).collect();
-    h.until(|s| s.queue_len == 3).await;
+    // Describe is answered after the three submits are handled (the queue length is published
+    // without waking waiters: it changes with every request).
+    assert_eq!(h.pool.describe().await.queue_len, 3);
     h.pool.close("going away");
     for rx in queued {
         let (status, body) = answer(rx).await;

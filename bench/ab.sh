@@ -7,7 +7,8 @@
 #
 #   bench/ab.sh /tmp/oxserve-before target/release/oxserve        # RUNS=4 DURATION=5s ACCESS_LOG=false
 #   RUNS=6 ACCESS_LOG=true bench/ab.sh A B C
-#   bench/ab.sh target/release/oxserve:OXSERVE_FOO=1               # BUILD:VAR=VALUE sets a variable for that build
+#   bench/ab.sh target/release/oxserve:"A=1 B=2"                   # BUILD:VAR=VALUE ... sets variables for that build
+#                                                                  # (for both servers: TOKIO_WORKER_THREADS reaches bare axum too)
 #
 # Needs wrk and a release build of examples/hello_server (cargo build --release --example hello_server).
 set -euo pipefail
@@ -21,8 +22,8 @@ for run in $(seq "$RUNS"); do
   for spec in "$@"; do
     bin=${spec%%:*}
     vars=()
-    [ "$spec" = "$bin" ] || vars=("${spec#*:}")
-    line=$(env "${vars[@]}" OXSERVE_BIN="$bin" bench/load.sh 2>&1 | awk -v spec="$spec" -v run="$run" -v load="$(cut -d' ' -f1 /proc/loadavg)" '
+    [ "$spec" = "$bin" ] || read -ra vars <<<"${spec#*:}"
+    line=$(env "${vars[@]}" OXSERVE_BIN="$bin" bench/load.sh 2>&1 | awk -v spec="${spec// /,}" -v run="$run" -v load="$(cut -d' ' -f1 /proc/loadavg)" '
       /^ratio/ { ratio=$4 }
       /^oxserve CPU/ { cpu=$5; user=$8; sys=$10 }
       /^bare axum CPU/ { bcpu=$6 }
@@ -32,10 +33,10 @@ for run in $(seq "$RUNS"); do
 done
 echo "medians over $RUNS runs:"
 for spec in "$@"; do
-  awk -v spec="$spec" '$1 == spec' "$out" | python3 -c '
+  awk -v spec="${spec// /,}" '$1 == spec' "$out" | python3 -c '
 import sys, statistics as st
 rows = [l.split() for l in sys.stdin if l.strip()]
 col = lambda i: st.median(float(r[i]) for r in rows)
 print(f"  {sys.argv[1]:<40} ratio {col(2):.2f}  oxserve {col(3):.1f} us/req (user {col(4):.1f}, system {col(5):.1f})  bare {col(6):.1f} us/req")
-' "$spec"
+' "${spec// /,}"
 done

@@ -8,6 +8,7 @@
 #   ACCESS_LOG=false bench/load.sh   # without access_log.log lines (enable_access_log=false)
 #   LOG_FORMAT=json bench/load.sh    # JSON log lines
 #   SCRAPE=false bench/load.sh       # skip the /metrics-under-load part
+#   FRONTEND_THREADS=1 bench/load.sh # both servers on one runtime thread (oxserve: number_of_netty_threads)
 #   bench/ab.sh BUILD_A BUILD_B      # alternates builds over several runs of this script, medians
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,6 +37,10 @@ default_workers_per_model=${WORKERS:-2}
 enable_access_log=${ACCESS_LOG:-true}
 log_format=${LOG_FORMAT:-text}
 CFG
+if [ -n "${FRONTEND_THREADS:-}" ]; then
+  echo "number_of_netty_threads=$FRONTEND_THREADS" >>"$work/config.properties"
+  export TOKIO_WORKER_THREADS=$FRONTEND_THREADS # the bare server's #[tokio::main] reads it
+fi
 LOG_LOCATION="$work/logs" METRICS_LOCATION="$work/logs" RUST_LOG=warn "$BIN" start --foreground --ts-config "$work/config.properties" >"$work/ox.log" 2>&1 &
 ox_pid=$!
 pids+=($ox_pid)

@@ -219,9 +219,15 @@ fn start(args: StartArgs) -> ExitCode {
         );
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.frontend_threads)
         .enable_all()
         .build()
         .expect("tokio runtime");
+    // TorchServe logs its "Netty threads" at start-up; this is the runtime's own count.
+    tracing::info!(
+        "Frontend threads: {} (number_of_netty_threads)",
+        runtime.metrics().num_workers()
+    );
     let result = runtime.block_on(server::run(config));
     if let Err(e) = &result {
         tracing::error!("{e:#}");

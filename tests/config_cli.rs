@@ -34,6 +34,16 @@ fn invalid_values_name_the_key_and_value() {
         ("job_queue_size=lots\n", "job_queue_size", "lots"),
         ("enable_metrics_api=yes\n", "enable_metrics_api", "yes"),
         ("histogram_buckets=1,0.5\n", "histogram_buckets", "1,0.5"),
+        (
+            "number_of_netty_threads=0\n",
+            "number_of_netty_threads",
+            "0",
+        ),
+        (
+            "number_of_netty_threads=100000\n",
+            "number_of_netty_threads",
+            "100000",
+        ),
     ] {
         let (code, err) = start_expecting_failure(props, &[]);
         assert_eq!(code, 2, "{props}: {err}");
@@ -87,6 +97,31 @@ async fn unknown_keys_warn_and_env_overrides_apply() {
     let (_, d) = s.mgmt(reqwest::Method::GET, "/models/demo").await;
     assert_eq!(d[0]["jobQueueStatus"]["remainingCapacity"], 7);
     assert!(s.log().contains("no_such_key"), "{}", s.log());
+}
+
+/// TorchServe's frontend thread count sets the runtime's worker threads (its log line reads
+/// the runtime, not the key), from the file or from TS_NUMBER_OF_NETTY_THREADS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn number_of_netty_threads_sets_the_frontend_threads() {
+    for (props, env, want) in [
+        ("number_of_netty_threads=1", vec![], 1),
+        (
+            "enable_envvars_config=true\nnumber_of_netty_threads=1",
+            vec![("TS_NUMBER_OF_NETTY_THREADS", "3")],
+            3,
+        ),
+    ] {
+        let s = Server::start_with_env(props, &[], &env);
+        s.wait_healthy().await;
+        let r = s.predict("demo", r#"{"text":"great"}"#).await;
+        assert_eq!(r.status(), 200);
+        let line = format!("Frontend threads: {want} (number_of_netty_threads)");
+        assert!(
+            s.log().contains(&line),
+            "{props}: no {line:?} in\n{}",
+            s.log()
+        );
+    }
 }
 
 #[test]

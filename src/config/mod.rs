@@ -118,6 +118,10 @@ pub struct Config {
     /// register API starts that many workers when set, and none otherwise.
     pub default_workers_per_model_configured: bool,
     pub job_queue_size: usize,
+    /// Threads that run the listeners, their connections and the schedulers
+    /// (`number_of_netty_threads`, TorchServe's frontend event-loop threads); default: one per
+    /// CPU, as in TorchServe.
+    pub frontend_threads: usize,
     pub default_response_timeout: Duration,
     pub default_startup_timeout: Duration,
     pub batch_size: u32,
@@ -223,6 +227,10 @@ pub const MAX_SMALL_FILE_BYTES: u64 = 1024 * 1024;
 /// Ceiling of `job_queue_size`: a queue is a bound the operator chose, but a typo such as an extra
 /// few digits should not silently turn into an unbounded queue.
 pub const MAX_JOB_QUEUE_SIZE: u64 = 1_000_000;
+
+/// Ceiling of `number_of_netty_threads`: a thread per CPU of the largest hosts, not a typo's
+/// hundred thousand threads.
+pub const MAX_FRONTEND_THREADS: u64 = 1024;
 
 /// Ceiling of the timeout keys (seconds; milliseconds for max_batch_delay): a deadline that far
 /// ahead is "never", and larger values overflow clock arithmetic.
@@ -1063,6 +1071,12 @@ impl Config {
             max_workers_per_model,
             "max_workers_per_model",
         )?;
+        let frontend_threads = at_most(
+            "number_of_netty_threads",
+            positive("number_of_netty_threads", cpus.min(MAX_FRONTEND_THREADS))?,
+            MAX_FRONTEND_THREADS,
+            "the limit",
+        )?;
         let job_queue_size = at_most(
             "job_queue_size",
             positive("job_queue_size", 100)?,
@@ -1257,6 +1271,7 @@ impl Config {
             )?,
             default_workers_per_model_configured: get("default_workers_per_model").is_some(),
             job_queue_size: narrow("job_queue_size", job_queue_size)?,
+            frontend_threads: narrow("number_of_netty_threads", frontend_threads)?,
             default_response_timeout: Duration::from_secs(timeout(
                 "default_response_timeout",
                 120,

@@ -35,9 +35,9 @@ fn invalid_values_name_the_key_and_value() {
         ("enable_metrics_api=yes\n", "enable_metrics_api", "yes"),
         ("histogram_buckets=1,0.5\n", "histogram_buckets", "1,0.5"),
         (
-            "number_of_netty_threads=0\n",
+            "number_of_netty_threads=-1\n",
             "number_of_netty_threads",
-            "0",
+            "-1",
         ),
         (
             "number_of_netty_threads=100000\n",
@@ -103,8 +103,11 @@ async fn unknown_keys_warn_and_env_overrides_apply() {
 /// the runtime, not the key), from the file or from TS_NUMBER_OF_NETTY_THREADS.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn number_of_netty_threads_sets_the_frontend_threads() {
+    let cpus = std::thread::available_parallelism().unwrap().get();
     for (props, env, want) in [
         ("number_of_netty_threads=1", vec![], 1),
+        // TorchServe's default value: one per CPU.
+        ("number_of_netty_threads=0", vec![], cpus),
         (
             "enable_envvars_config=true\nnumber_of_netty_threads=1",
             vec![("TS_NUMBER_OF_NETTY_THREADS", "3")],

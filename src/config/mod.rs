@@ -1071,12 +1071,16 @@ impl Config {
             max_workers_per_model,
             "max_workers_per_model",
         )?;
-        let frontend_threads = at_most(
-            "number_of_netty_threads",
-            positive("number_of_netty_threads", cpus.min(MAX_FRONTEND_THREADS))?,
-            MAX_FRONTEND_THREADS,
-            "the limit",
-        )?;
+        // 0 (TorchServe's default value) means one per CPU, as it does in TorchServe.
+        let frontend_threads = match number("number_of_netty_threads", 0)? {
+            0 => cpus.min(MAX_FRONTEND_THREADS),
+            n => at_most(
+                "number_of_netty_threads",
+                n,
+                MAX_FRONTEND_THREADS,
+                "the limit",
+            )?,
+        };
         let job_queue_size = at_most(
             "job_queue_size",
             positive("job_queue_size", 100)?,

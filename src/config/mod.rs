@@ -731,9 +731,15 @@ pub struct Overrides {
     pub ncs: bool,
 }
 
-/// TorchServe keys oxserve accepts without reading them: the config file its snapshots name, and
-/// the keystore's password and type (a keystore is refused with advice, whatever they say).
-const UNREAD_KEYS: &[&str] = &["tsConfigFile", "keystore_pass", "keystore_type"];
+/// TorchServe keys oxserve accepts without reading them: the config file its snapshots name, the
+/// keystore's password and type (a keystore is refused with advice, whatever they say), and
+/// Netty's backend thread count (worker connections run on the frontend threads here).
+const UNREAD_KEYS: &[&str] = &[
+    "tsConfigFile",
+    "keystore_pass",
+    "keystore_type",
+    "netty_client_threads",
+];
 
 /// Every key oxserve knows: the keys [`Config::from_sources`] reads (found once by parsing empty
 /// sources and recording each lookup: the parser reads every key on every parse, so this list

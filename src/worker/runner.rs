@@ -526,9 +526,10 @@ impl Runner {
 }
 
 /// `fut` under a time limit whose timer is armed only if the first poll does not finish it.
-/// An in-process model (the demo, ONNX) answers on its first poll; registering a timer in
-/// tokio's wheel and removing it again per batch showed in the request path's profile. The
-/// limit then runs from the first poll's end, microseconds after the batch was sent.
+/// The built-in demo model answers on its first poll; registering a timer in tokio's wheel and
+/// removing it again per batch showed in the request path's profile. Others (ONNX on the
+/// blocking pool, Python workers) return Pending there, and their limit runs from the first
+/// poll's end, microseconds after the batch was sent.
 async fn within<F: std::future::Future>(
     limit: Duration,
     fut: F,

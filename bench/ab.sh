@@ -13,7 +13,7 @@
 # Needs wrk and a release build of examples/hello_server (cargo build --release --example hello_server).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ $# -ge 1 ] || { sed -n '2,12p' "$0" >&2; exit 2; }
+[ $# -ge 1 ] || { sed -n '2,13p' "$0" >&2; exit 2; }
 RUNS=${RUNS:-4}
 export DURATION=${DURATION:-5s} ACCESS_LOG=${ACCESS_LOG:-false} SCRAPE=false
 out=$(mktemp)

@@ -652,7 +652,6 @@ impl Streamed {
     }
 }
 
-/// The model, version and timings the access log reports for a request.
 /// Hands the access log the model's fields, when its lines carry them (JSON lines only: the
 /// record costs two string copies per request).
 fn tag(r: &mut Response, metrics: &ModelMetrics, t: &Timings) {
@@ -661,6 +660,7 @@ fn tag(r: &mut Response, metrics: &ModelMetrics, t: &Timings) {
     }
 }
 
+/// The model, version and timings the access log reports for a request.
 fn model_info(metrics: &ModelMetrics, t: &Timings) -> ModelInfo {
     ModelInfo {
         model: metrics.model_name.clone(),

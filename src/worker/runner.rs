@@ -431,12 +431,12 @@ impl Runner {
     ) -> Result<SeqNotes, PoolError> {
         let mut seq = SeqNotes::default();
         let metrics = &self.metrics;
-        // One reading for the batch's start and the backend's: between them the requests are
-        // only moved out of their jobs.
-        let batch_start = Instant::now();
-        let backend_start = batch_start;
+        // One reading for the batch's start and the backend's, as in the other modes: between
+        // them the requests are only moved out of their jobs.
+        let start = Instant::now();
         for job in &mut jobs {
-            job.timings.batch_start = Some(batch_start);
+            job.timings.batch_start = Some(start);
+            job.timings.backend_start = Some(start);
         }
         metrics.batch_size.observe(jobs.len() as f64);
         let requests: Vec<InferRequest> = jobs
@@ -449,7 +449,7 @@ impl Runner {
             within(self.spec.model.response_timeout, infer).await
         };
         let backend_end = Instant::now();
-        let backend_time = backend_end - backend_start;
+        let backend_time = backend_end - start;
         metrics.backend_duration.observe(backend_time.as_secs_f64());
         if !backend.reports_handler_metrics() {
             let ms = (backend_time.as_secs_f64() * 100_000.0).round() / 100.0;
@@ -457,7 +457,6 @@ impl Runner {
             metrics.prediction_time.set(ms);
         }
         for job in &mut jobs {
-            job.timings.backend_start = Some(backend_start);
             job.timings.backend_end = Some(backend_end);
         }
         let n = jobs.len();
@@ -514,7 +513,7 @@ impl Runner {
                 Err(e)
             }
         };
-        let frontend = batch_start.elapsed().saturating_sub(backend_time);
+        let frontend = start.elapsed().saturating_sub(backend_time);
         self.spec
             .model
             .metrics

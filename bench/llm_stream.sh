@@ -9,6 +9,10 @@
 #   DUMP=streams.jsonl bench/llm_stream.sh     # Rust client: also every stream's times, a line each
 #   CLIENT=python bench/llm_stream.sh    # the Python client (bench/llm_stream.py) instead of the
 #                                        # Rust one (examples/stream_load.rs, the default)
+#   LLM_EXAMPLE=/tmp/old/examples/llm bench/llm_stream.sh   # another tree's examples/llm
+#   DURATION=20 bench/llm_stream.sh      # closed loop instead of rounds (Rust client): STREAMS
+#                                        # streams kept running for 20 s, lengths varied (SPREAD=0.5),
+#                                        # the first WARMUP=3 s left out of the latency figures
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${OXSERVE_BIN:-target/release/oxserve}
@@ -23,9 +27,11 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 
 trap cleanup EXIT
 
 # examples/llm as an unpacked model folder (the layout of llm.mar; no archiver needed).
+# LLM_EXAMPLE=dir: another copy of examples/llm (e.g. another commit's, to compare handlers).
+example=${LLM_EXAMPLE:-examples/llm}
 mkdir -p "$work/store/llm/MAR-INF"
-cp examples/llm/engine.py examples/llm/llm_handler.py "$work/store/llm/"
-sed "s/step_ms: *[0-9.]*/step_ms: ${STEP_MS:-10}/" examples/llm/model-config.yaml >"$work/store/llm/model-config.yaml"
+cp "$example/engine.py" "$example/llm_handler.py" "$work/store/llm/"
+sed "s/step_ms: *[0-9.]*/step_ms: ${STEP_MS:-10}/" "$example/model-config.yaml" >"$work/store/llm/model-config.yaml"
 echo '{"runtime": "python", "model": {"modelName": "llm", "modelVersion": "1.0", "handler": "llm_handler.py", "configFile": "model-config.yaml"}}' \
   >"$work/store/llm/MAR-INF/MANIFEST.json"
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -56,7 +62,8 @@ fi
 "${CLIENT_CMD[@]}" --url "http://127.0.0.1:$IP" --path /predictions/llm/1.0/v1/chat/completions \
   --cpu "server=${pids[0]}" --cpu "worker=$worker" --access-log "$work/logs/access_log.log" \
   --streams "${STREAMS:-64}" --max-tokens "${MAX_TOKENS:-64}" --rounds "${ROUNDS:-3}" \
-  --label "${LABEL:-oxserve}" ${JSON:+--json "$JSON"} ${DUMP:+--dump "$DUMP"}
+  --label "${LABEL:-oxserve}" ${JSON:+--json "$JSON"} ${DUMP:+--dump "$DUMP"} \
+  ${DURATION:+--duration "$DURATION"} ${WARMUP:+--warmup "$WARMUP"} ${SPREAD:+--spread "$SPREAD"}
 if [ -n "${PERF:-}" ]; then
   kill -INT "$perf_pid"; wait "$perf_pid" 2>/dev/null || true
   perf report -i "$work/perf.data" --no-children --sort symbol --percent-limit 0.7 --stdio 2>/dev/null \

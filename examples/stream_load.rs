@@ -1,5 +1,8 @@
 //! Streaming load generator for bench/llm_stream.sh and bench/llm_vs_torchserve.sh (`CLIENT=rust`):
-//! N chat-completion streams opened at the same moment, every chunk read and timed. The Rust twin
+//! N chat-completion streams opened at the same moment, every chunk read and timed (rounds, the
+//! default: a burst), or N streams kept running for a while, each client opening its next stream
+//! as soon as its last one ended (`--duration`: a closed loop at a concurrency of N, the way
+//! vLLM's `benchmark_serving.py --max-concurrency N` loads a server). The Rust twin
 //! of bench/llm_stream.py: same requests, same `x-request-id` scheme (`bench-<pid>-<round>-<i>`,
 //! so the join with oxserve's JSON access log still works), same fields printed (`key=value`
 //! on one line, and optionally the same JSON line appended to a file), plus the time between
@@ -8,7 +11,16 @@
 //!     stream_load --url http://127.0.0.1:8080 --path /predictions/llm/1.0/v1/chat/completions \
 //!         [--model NAME] [--streams 64] [--max-tokens 64] [--rounds 3] \
 //!         [--cpu server=PID --cpu worker=PID] [--access-log logs/access_log.log] \
-//!         [--label X] [--json out.jsonl] [--dump streams.jsonl]
+//!         [--label X] [--json out.jsonl] [--dump streams.jsonl] \
+//!         [--duration 20 --warmup 3 --spread 0.5]
+//!
+//! Burst and closed loop answer different questions. In a burst every stream arrives in the same
+//! millisecond, so the last one's time to first token includes the frontend's and the worker's
+//! work on all the others' requests and first chunks (the worst case of a thundering herd). In
+//! the closed loop the streams' lengths differ (`--spread`: each request's `max_tokens` drawn
+//! from max_tokens x [1 - spread, 1 + spread]), so after the opening burst (`--warmup` seconds,
+//! left out of every figure but CPU and chunks/s) streams start and end at different steps, as
+//! they do on a deployment serving N users: a new stream arrives alone while N - 1 others run.
 //!
 //! Why it exists: the Python client is one asyncio thread that spends 30-34 us of CPU per chunk,
 //! more than oxserve's frontend; at 64 streams the 32nd stream's first chunk waited for the client
@@ -71,6 +83,19 @@ struct Args {
     /// write, of each chunk, and the handler's stamps), for a closer look than percentiles
     #[arg(long)]
     dump: Option<String>,
+    /// Closed loop instead of rounds: keep --streams streams running for this many seconds, each
+    /// client opening its next stream as soon as its last one ended
+    #[arg(long)]
+    duration: Option<f64>,
+    /// Closed loop: streams started in the first this many seconds (the opening burst) are left
+    /// out of the latency figures
+    #[arg(long, default_value_t = 3.0)]
+    warmup: f64,
+    /// Each request's max_tokens is drawn from max_tokens x [1 - spread, 1 + spread] (a fixed
+    /// sequence of pseudo-random numbers: runs are repeatable). Default 0 for rounds, 0.5 for the
+    /// closed loop
+    #[arg(long)]
+    spread: Option<f64>,
 }
 
 /// Head and chunks of a response larger than this are refused: a benchmark reply is small, and a
@@ -144,10 +169,17 @@ async fn connect(addr: &str) -> Result<TcpStream> {
     Ok(sock)
 }
 
-/// One stream on its connection: wait for the round's start, write the request, read the
-/// response to its end.
-async fn one(mut sock: TcpStream, req: Vec<u8>, rid: String, go: Arc<Barrier>) -> Result<Stream> {
-    go.wait().await;
+/// One stream on its connection: wait for the round's start (if in a round), write the request,
+/// read the response to its end.
+async fn one(
+    mut sock: TcpStream,
+    req: Vec<u8>,
+    rid: String,
+    go: Option<Arc<Barrier>>,
+) -> Result<Stream> {
+    if let Some(go) = go {
+        go.wait().await;
+    }
     let t0 = Instant::now();
     sock.write_all(&req).await?;
     let mut buf = BytesMut::with_capacity(16 * 1024);
@@ -237,6 +269,82 @@ async fn one(mut sock: TcpStream, req: Vec<u8>, rid: String, go: Arc<Barrier>) -
     }
 }
 
+/// What every request of a run has in common, and how its max_tokens varies.
+struct Shape {
+    addr: String,
+    path: String,
+    /// The body without max_tokens.
+    base: serde_json::Value,
+    max_tokens: u32,
+    spread: f64,
+}
+
+impl Shape {
+    /// The whole HTTP request of one stream.
+    fn request(&self, rid: &str, draws: &mut Draws) -> Vec<u8> {
+        let mut body = self.base.clone();
+        let lo = f64::from(self.max_tokens) * (1.0 - self.spread);
+        let span = f64::from(self.max_tokens) * 2.0 * self.spread;
+        let tokens = if self.spread > 0.0 {
+            (lo + span * draws.next()).round().max(1.0) as u32
+        } else {
+            self.max_tokens
+        };
+        body["max_tokens"] = tokens.into();
+        let body = body.to_string();
+        let mut bytes = format!(
+            "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nx-request-id: {rid}\r\n\r\n",
+            self.path,
+            self.addr,
+            body.len()
+        )
+        .into_bytes();
+        bytes.extend_from_slice(body.as_bytes());
+        bytes
+    }
+}
+
+/// Repeatable uniform numbers in [0, 1) (xorshift64*): the same run draws the same lengths.
+struct Draws(u64);
+
+impl Draws {
+    fn new(seed: u64) -> Draws {
+        Draws(seed.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    fn next(&mut self) -> f64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// One client of the closed loop: a stream at a time, the next as soon as the last one ended,
+/// until `stop_at`. A new connection per stream, as the rounds use (the connect is before the
+/// stream's start time).
+async fn closed_loop(
+    shape: Arc<Shape>,
+    pid: u32,
+    client: usize,
+    stop_at: Instant,
+) -> Result<Vec<Stream>> {
+    let mut draws = Draws::new(1000 + client as u64);
+    let mut out = Vec::new();
+    let mut n = 0;
+    while Instant::now() < stop_at {
+        let sock = connect(&shape.addr).await?;
+        let rid = format!("bench-{pid}-c{client}-{n}");
+        let req = shape.request(&rid, &mut draws);
+        out.push(one(sock, req, rid, None).await?);
+        n += 1;
+    }
+    Ok(out)
+}
+
 /// The access log's (queue_ms, duration_ms) by request id.
 fn read_access_log(path: &str) -> HashMap<String, (f64, f64)> {
     let mut out = HashMap::new();
@@ -272,15 +380,26 @@ fn main() -> Result<()> {
         let (k, v) = c.split_once('=').context("--cpu takes name=pid")?;
         procs.push((k.to_string(), v.parse::<u32>().context("--cpu pid")?));
     }
-    let mut req = serde_json::json!({
+    let mut base = serde_json::json!({
         "messages": [{"role": "user", "content": "tell me a story"}],
-        "max_tokens": a.max_tokens,
         "stream": true,
     });
     if let Some(m) = &a.model {
-        req["model"] = m.clone().into();
+        base["model"] = m.clone().into();
     }
-    let body = serde_json::to_vec(&req)?;
+    let spread = a
+        .spread
+        .unwrap_or(if a.duration.is_some() { 0.5 } else { 0.0 });
+    if !(0.0..=1.0).contains(&spread) {
+        bail!("--spread must be from 0 to 1");
+    }
+    let shape = Arc::new(Shape {
+        addr: addr.clone(),
+        path: a.path.clone(),
+        base,
+        max_tokens: a.max_tokens,
+        spread,
+    });
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -297,33 +416,63 @@ fn main() -> Result<()> {
     let mut wall_s = 0.0;
     let mut cpu = vec![0.0; procs.len()];
     let mut client_cpu = 0.0;
-    for r in 0..a.rounds {
+    // Streams that started before this are left out of the latency figures (closed loop only).
+    let mut measured_from = None;
+    let read_cpu = || -> Vec<f64> {
+        procs
+            .iter()
+            .map(|(_, p)| cpu_seconds(*p).unwrap_or(f64::NAN))
+            .collect()
+    };
+    if let Some(duration) = a.duration {
+        if !(duration.is_finite() && duration > 0.0) {
+            bail!("--duration must be a positive number of seconds");
+        }
+        let run = async {
+            let c0 = read_cpu();
+            let client0 = own_cpu_seconds();
+            let t0 = Instant::now();
+            let stop_at = t0 + Duration::from_secs_f64(duration);
+            let clients: Vec<_> = (0..a.streams)
+                .map(|i| tokio::spawn(closed_loop(shape.clone(), pid, i, stop_at)))
+                .collect();
+            let mut out = Vec::new();
+            for c in clients {
+                out.extend(c.await??);
+            }
+            let secs = t0.elapsed().as_secs_f64();
+            let client = own_cpu_seconds() - client0;
+            let used: Vec<f64> = read_cpu().iter().zip(&c0).map(|(c, b)| c - b).collect();
+            anyhow::Ok((out, t0, secs, client, used))
+        };
+        let limit = duration + a.timeout_s;
+        let (out, t0, secs, client, used) = rt
+            .block_on(async { tokio::time::timeout(Duration::from_secs_f64(limit), run).await })
+            .map_err(|_| anyhow::anyhow!("the closed loop did not end within {limit} s"))??;
+        measured_from = Some(t0 + Duration::from_secs_f64(a.warmup.max(0.0)));
+        wall_s = secs;
+        client_cpu = client;
+        cpu = used;
+        results = out;
+    }
+    for r in 0..if a.duration.is_some() { 0 } else { a.rounds } {
         // Every stream connected first (a failed connect ends the run here, before any
         // waits on the others), then the CPU counters are read, then all start together.
         let go = Arc::new(Barrier::new(a.streams + 1));
         let round = async {
             let socks =
                 futures_util::future::try_join_all((0..a.streams).map(|_| connect(&addr))).await?;
+            let mut draws = Draws::new(r as u64);
             let tasks: Vec<_> = socks
                 .into_iter()
                 .enumerate()
                 .map(|(i, sock)| {
                     let rid = format!("bench-{pid}-{r}-{i}");
-                    let head = format!(
-                        "POST {} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
-                         Content-Length: {}\r\nx-request-id: {rid}\r\n\r\n",
-                        a.path,
-                        body.len()
-                    );
-                    let mut bytes = head.into_bytes();
-                    bytes.extend_from_slice(&body);
-                    tokio::spawn(one(sock, bytes, rid, go.clone()))
+                    let bytes = shape.request(&rid, &mut draws);
+                    tokio::spawn(one(sock, bytes, rid, Some(go.clone())))
                 })
                 .collect();
-            let c0: Vec<f64> = procs
-                .iter()
-                .map(|(_, p)| cpu_seconds(*p).unwrap_or(f64::NAN))
-                .collect();
+            let c0 = read_cpu();
             let client0 = own_cpu_seconds();
             let t0 = Instant::now();
             go.wait().await;
@@ -333,11 +482,7 @@ fn main() -> Result<()> {
             }
             let secs = t0.elapsed().as_secs_f64();
             let client = own_cpu_seconds() - client0;
-            let used: Vec<f64> = procs
-                .iter()
-                .zip(&c0)
-                .map(|((_, p), c)| cpu_seconds(*p).unwrap_or(f64::NAN) - c)
-                .collect();
+            let used: Vec<f64> = read_cpu().iter().zip(&c0).map(|(c, b)| c - b).collect();
             anyhow::Ok((out, secs, client, used))
         };
         let (out, secs, client, used) = rt
@@ -351,26 +496,46 @@ fn main() -> Result<()> {
             *c += u;
         }
         for o in out {
-            let o = o?;
-            if o.status != 200 {
-                bail!("{}: status {}", o.rid, o.status);
-            }
-            if o.chunks.is_empty() {
-                bail!("{}: no chunk", o.rid);
-            }
-            results.push(o);
+            results.push(o?);
         }
     }
-
+    for o in &results {
+        if o.status != 200 {
+            bail!("{}: status {}", o.rid, o.status);
+        }
+        if o.chunks.is_empty() {
+            bail!("{}: no chunk", o.rid);
+        }
+    }
     let chunks: usize = results.iter().map(|o| o.chunks.len()).sum();
     let ms = |a: Instant, b: Instant| b.duration_since(a).as_secs_f64() * 1000.0;
-    let ttft: Vec<f64> = results.iter().map(|o| ms(o.t0, o.chunks[0])).collect();
+    // The streams the latency figures are over: all of them in rounds, those started after the
+    // warm-up in the closed loop.
+    let lat: Vec<&Stream> = results
+        .iter()
+        .filter(|o| measured_from.is_none_or(|m| o.t0 >= m))
+        .collect();
+    if lat.is_empty() {
+        bail!("no stream started after the warm-up: make --duration longer than --warmup");
+    }
+    let ttft: Vec<f64> = lat.iter().map(|o| ms(o.t0, o.chunks[0])).collect();
     let mut s: Vec<(String, serde_json::Value)> = Vec::new();
     let mut put = |k: &str, v: serde_json::Value| s.push((k.to_string(), v));
     put("label", a.label.clone().into());
     put("streams", a.streams.into());
-    put("rounds", a.rounds.into());
+    match a.duration {
+        Some(d) => {
+            put("mode", "closed".into());
+            put("duration_s", d.into());
+            put("measured_streams", lat.len().into());
+        }
+        None => {
+            put("mode", "burst".into());
+            put("rounds", a.rounds.into());
+        }
+    }
     put("max_tokens", a.max_tokens.into());
+    put("spread", spread.into());
     put("chunks", chunks.into());
     put("chunks_per_s", (chunks as f64 / wall_s).into());
     put("ttft_p50_ms", pct(&ttft, 50.0).into());
@@ -386,8 +551,9 @@ fn main() -> Result<()> {
         "cpu_us_per_chunk_client",
         (client_cpu / chunks as f64 * 1e6).into(),
     );
-    let timed: Vec<&Stream> = results
+    let timed: Vec<&Stream> = lat
         .iter()
+        .copied()
         .filter(|o| !o.handler_start.is_nan())
         .collect();
     let engine_ms = |o: &Stream| (o.engine_first - o.handler_start) * 1000.0;
@@ -423,8 +589,9 @@ fn main() -> Result<()> {
     }
     if let Some(path) = &a.access_log {
         let log = read_access_log(path);
-        let joined: Vec<(&Stream, (f64, f64))> = results
+        let joined: Vec<(&Stream, (f64, f64))> = lat
             .iter()
+            .copied()
             .filter_map(|o| log.get(&o.rid).map(|l| (o, *l)))
             .collect();
         if !joined.is_empty() {
@@ -455,7 +622,7 @@ fn main() -> Result<()> {
         }
     }
     // Time between consecutive chunks of a stream (not in the Python client's output).
-    let itl: Vec<f64> = results
+    let itl: Vec<f64> = lat
         .iter()
         .flat_map(|o| o.chunks.windows(2).map(|w| ms(w[0], w[1])))
         .collect();

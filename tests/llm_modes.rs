@@ -376,3 +376,99 @@ async fn async_communication_from_the_models_key_alone_starts_async_workers() {
         assert_eq!(status, 200, "{text}");
     }
 }
+
+/// One reply frame may carry a streamed part for each of several requests in flight (oxserve's
+/// runtime: `send_intermediate_parts`, one engine step's chunks for every stream): once all four
+/// requests are inside the worker, the last one to arrive sends one frame with a part for each,
+/// then every request answers on its own. Each client gets its own part, then its own answer.
+const STEP_FRAME: &str = r#"
+import asyncio
+from oxserve_runtime.service import send_intermediate_parts
+
+inside = []
+sent = asyncio.Event()
+
+async def handle(data, context):
+    if data is None:
+        return None
+    body = data[0].get("body")
+    text = body.decode() if isinstance(body, (bytes, bytearray)) else str(body)
+    inside.append((context, text))
+    if len(inside) == 4:
+        send_intermediate_parts([(ctx, 0, "part:%s|" % t) for ctx, t in inside], urgent=True)
+        sent.set()
+    await asyncio.wait_for(sent.wait(), 100)
+    return ["end:%s" % text]
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_frame_carries_streamed_parts_of_many_requests_in_flight() {
+    let store = tempfile::tempdir().unwrap();
+    model_folder(
+        store.path(),
+        "stepframe",
+        ASYNC_YAML,
+        &[("stepframe.py", STEP_FRAME)],
+    );
+    let s = start(store.path(), "stepframe");
+    s.wait_healthy().await;
+    let bodies: Vec<String> = (0..4).map(|i| format!("r{i}")).collect();
+    let got = s.post_all("stepframe", None, bodies.clone()).await;
+    for (body, (status, text)) in bodies.iter().zip(got) {
+        assert_eq!(status, 200, "{text}");
+        assert_eq!(text, format!("part:{body}|end:{body}"));
+    }
+}
+
+/// A frame with more parts than the worker has requests in flight is a broken worker, not
+/// something to decode without bound: the request in flight answers 503, the worker is replaced,
+/// and the server keeps serving.
+const OVERFULL: &str = r#"
+from oxserve_runtime import protocol
+
+def handle(data, context):
+    if data is None:
+        return None
+    body = data[0].get("body")
+    text = body.decode() if isinstance(body, (bytes, bytearray)) else str(body)
+    if text == "flood":
+        items = [(context.request_ids[0] if i == 0 else "ghost-%d" % i, "", 200, "",
+                  {"ts_stream_next": "true"}, b"x") for i in range(3)]
+        context.cl_socket.sendall(protocol.encode_predict_reply(200, "flood", items))
+    return ["ok"]
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_with_more_parts_than_requests_in_flight_is_refused() {
+    let store = tempfile::tempdir().unwrap();
+    model_folder(
+        store.path(),
+        "overfull",
+        ASYNC_YAML,
+        &[("overfull.py", OVERFULL)],
+    );
+    let s = start(store.path(), "overfull");
+    s.wait_healthy().await;
+    let r = s.predict("overfull", "flood").await;
+    assert_eq!(r.status(), 503);
+    let e: serde_json::Value = r.json().await.unwrap();
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap()
+            .contains("more than 1 responses in one frame"),
+        "{e}"
+    );
+    // A new worker takes over and answers.
+    let mut answered = false;
+    for _ in 0..600 {
+        let r = s.predict("overfull", "fine").await;
+        if r.status() == 200 {
+            assert_eq!(r.text().await.unwrap(), "ok");
+            answered = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(answered, "the replaced worker never answered");
+}

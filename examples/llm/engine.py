@@ -10,6 +10,7 @@ prompt and n, so tests can predict every answer.
 import asyncio
 import collections
 import time
+import traceback
 import zlib
 
 VOCAB = ("the quick brown fox jumps over a lazy dog while seven wizards quietly "
@@ -39,6 +40,19 @@ class Sequence:
         self.arrived = time.monotonic()
         self.first_token_at = None
         self.finish_reason = None
+        # Set by Engine.add: who takes this sequence's words (the engine's on_step, a step at a
+        # time), the word of the latest step, and the future that ends with the sequence.
+        self.listener = None
+        self.word = None
+        self.finished = None
+
+    def end(self):
+        """The sequence is over: ends generate()'s iterator, or resolves `finished`."""
+        if self.finished is not None:
+            if not self.finished.done():
+                self.finished.set_result(self.finish_reason)
+        else:
+            self.put(None)
 
     def put(self, word):
         """Hands a word (None: the end) to the consumer, waking it if it waits."""
@@ -51,7 +65,12 @@ class Sequence:
 
 
 class Engine:
-    def __init__(self, max_num_seqs=64, step_s=0.01):
+    """`on_step`, if given, is called once per step with every sequence added by `add` that got
+    a word in that step (its `word`; `finish_reason` set on its last one): a server can then send
+    all of a step's tokens at once, as vLLM's engine hands a step's outputs over together."""
+
+    def __init__(self, max_num_seqs=64, step_s=0.01, on_step=None):
+        self.on_step = on_step
         self.max_num_seqs = max(1, int(max_num_seqs))
         self.step_s = float(step_s)
         self.waiting = collections.deque()
@@ -60,14 +79,28 @@ class Engine:
         self.task = None
         self.steps = 0
 
-    async def generate(self, prompt, max_tokens=16, stop=None):
-        """Yields (word, sequence) per generated word; the sequence's finish_reason is set when
-        the last word is yielded ("length" or "stop")."""
+    def add(self, prompt, max_tokens=16, stop=None, listener=None):
+        """Queues a sequence whose words go to `on_step` (with `listener` on the sequence, for
+        the caller to find its own state); returns it: `await seq.finished` waits for its end."""
+        if self.on_step is None:
+            raise RuntimeError("Engine.add needs an engine made with on_step")
         seq = Sequence(prompt, max(0, int(max_tokens)), stop)
+        seq.listener = listener
+        seq.finished = asyncio.get_running_loop().create_future()
+        self._queue(seq)
+        return seq
+
+    def _queue(self, seq):
         if self.task is None or self.task.done():
             self.task = asyncio.get_running_loop().create_task(self._loop())
         self.waiting.append(seq)
         self.wake.set()
+
+    async def generate(self, prompt, max_tokens=16, stop=None):
+        """Yields (word, sequence) per generated word; the sequence's finish_reason is set when
+        the last word is yielded ("length" or "stop")."""
+        seq = Sequence(prompt, max(0, int(max_tokens)), stop)
+        self._queue(seq)
         out = seq.out
         while True:
             if not out:
@@ -83,28 +116,58 @@ class Engine:
             if not self.running and not self.waiting:
                 self.wake.clear()
                 await self.wake.wait()
-            # Refill freed slots from the waiting queue: continuous batching.
-            while self.waiting and len(self.running) < self.max_num_seqs:
-                self.running.append(self.waiting.popleft())
+            # Refill freed slots from the waiting queue: continuous batching. The sequences
+            # admitted now go first in the step's output, as vLLM's scheduler puts the prefills
+            # ahead of the decodes: their first token is the one a user is waiting for, and
+            # the server sends a step's chunks in this order.
+            admitted = []
+            while self.waiting and len(self.running) + len(admitted) < self.max_num_seqs:
+                admitted.append(self.waiting.popleft())
+            if admitted:
+                self.running = admitted + self.running
             await asyncio.sleep(self.step_s)
             self.steps += 1
-            still = []
+            still, stepped, ended = [], [], []
+            now = time.monotonic()
             for seq in self.running:
                 if seq.generated >= seq.max_tokens:
                     seq.finish_reason = "length"
-                    seq.put(None)
+                    if seq.finished is not None:
+                        ended.append(seq)
+                    else:
+                        seq.end()
                     continue
                 word = next_word(seq.prompt, seq.generated)
                 seq.generated += 1
                 if seq.first_token_at is None:
-                    seq.first_token_at = time.monotonic()
+                    seq.first_token_at = now
                 if seq.stop and word in seq.stop:
                     seq.finish_reason = "stop"
                 elif seq.generated >= seq.max_tokens:
                     seq.finish_reason = "length"
-                seq.put(word)
-                if seq.finish_reason:
-                    seq.put(None)
+                if seq.finished is not None:
+                    seq.word = word
+                    stepped.append(seq)
                 else:
+                    seq.put(word)
+                if not seq.finish_reason:
                     still.append(seq)
+                elif seq.finished is not None:
+                    ended.append(seq)
+                else:
+                    seq.end()
             self.running = still
+            if stepped or ended:
+                # After this task is back to sleep, as generate()'s consumers run: the time the
+                # server takes to send a step's output does not lengthen the step.
+                asyncio.get_running_loop().call_soon(self._hand_over, stepped, ended)
+
+    def _hand_over(self, stepped, ended):
+        if stepped:
+            try:
+                self.on_step(stepped)
+            except Exception:  # pylint: disable=broad-except
+                # One bad listener must not stop the engine for every other sequence.
+                traceback.print_exc()
+        for seq in ended:
+            seq.end()

@@ -13,15 +13,28 @@ Events (`data: {...}` per token, then `data: [DONE]`), one HTTP chunk per event.
 carries the header `x-engine-ttft-ms`: the engine's own time to first token, and the wall-clock
 times (epoch seconds) of the request entering the handler (`x-handler-start`) and of its first
 token (`x-engine-first-token`), which bench/llm_stream.py compares with what clients see.
+
+Under oxserve's own runtime a streamed request's words do not travel through its coroutine: the
+engine hands each step's words for every streamed sequence to `_on_step` at once, which sends
+them in one frame (`send_intermediate_parts`), the way vLLM's engine outputs a whole step; the
+request's coroutine just waits for its sequence to end and answers `[DONE]`. Under TorchServe's
+worker (no such call) each coroutine sends its own chunks.
 """
 
 import asyncio
 import json
 import time
+import types
 import uuid
 
 from engine import Engine, count_tokens
 from ts.handler_utils.utils import send_intermediate_predict_response
+
+try:
+    # oxserve's runtime: one frame for one engine step's chunks of every stream.
+    from oxserve_runtime.service import send_intermediate_parts
+except ImportError:  # TorchServe's worker: a frame per chunk, from each request's coroutine
+    send_intermediate_parts = None
 
 MAX_TOKENS_LIMIT = 4096
 
@@ -34,7 +47,11 @@ class LlmHandler:
 
     def initialize(self, context):
         cfg = (context.model_yaml_config or {}).get("handler", {}) or {}
-        self.engine = Engine(cfg.get("max_num_seqs", 64), cfg.get("step_ms", 10) / 1000.0)
+        # With oxserve's runtime, streamed sequences' words come a whole step at a time
+        # (_on_step) and leave in one frame; otherwise each stream's coroutine sends its own.
+        on_step = self._on_step if send_intermediate_parts is not None else None
+        self.engine = Engine(cfg.get("max_num_seqs", 64), cfg.get("step_ms", 10) / 1000.0,
+                             on_step)
         self.default_max_tokens = int(cfg.get("max_tokens", 16))
         self.model_name = context.model_name
 
@@ -90,6 +107,13 @@ class LlmHandler:
                 '"\\u0000"')
             head, tail = "data: " + head, tail + "\n\n"
             request_ids = {idx: context.request_ids[idx]}
+            if self.engine.on_step is not None:
+                # (Not a class of this module: TorchServe's loader wants exactly one class here.)
+                state = types.SimpleNamespace(
+                    context=context, idx=idx, rid=rid, created=created, chat=chat, head=head,
+                    tail=tail, prompt_tokens=prompt_tokens, handler_start=handler_start, words=0)
+                await self.engine.add(prompt, max_tokens, stop, state).finished
+                return "data: [DONE]\n\n"
         async for word, seq in self.engine.generate(prompt, max_tokens, stop):
             words.append(word)
             if not stream:
@@ -125,6 +149,43 @@ class LlmHandler:
         context.set_response_content_type(idx, "application/json")
         return json.dumps({"id": rid, "object": obj, "created": created,
                            "model": self.model_name, "choices": [choice], "usage": usage})
+
+    def _on_step(self, seqs):
+        """One engine step's words for every streamed sequence: their SSE events in one frame,
+        or two when the step holds first tokens: those go first, on their own (the engine puts
+        newly admitted sequences first), since a user is waiting for them, while the other
+        streams' next tokens can follow a moment later."""
+        firsts = 0
+        while firsts < len(seqs) and seqs[firsts].listener.words == 0:
+            firsts += 1
+        if 0 < firsts < len(seqs):
+            self._send_step(seqs[:firsts], urgent=True)
+            self._send_step(seqs[firsts:])
+        else:
+            self._send_step(seqs)
+
+    def _send_step(self, seqs, urgent=False):
+        parts = []
+        for seq in seqs:
+            st = seq.listener
+            first = st.words == 0
+            st.words += 1
+            if first:
+                ctx, idx = st.context, st.idx
+                ctx.set_response_header(idx, "x-engine-ttft-ms",
+                                        "%.3f" % ((seq.first_token_at - seq.arrived) * 1000))
+                first_wall = time.time() - (time.monotonic() - seq.first_token_at)
+                ctx.set_response_header(idx, "x-handler-start", "%.6f" % st.handler_start)
+                ctx.set_response_header(idx, "x-engine-first-token", "%.6f" % first_wall)
+            text = seq.word if first else " " + seq.word
+            if seq.finish_reason:
+                chunk = self._chunk(st.rid, st.created, st.chat, text, seq.finish_reason)
+                chunk["usage"] = self._usage(st.prompt_tokens, st.words)
+                event = "data: %s\n\n" % json.dumps(chunk)
+            else:
+                event = st.head + json.dumps(text) + st.tail
+            parts.append((st.context, st.idx, event))
+        send_intermediate_parts(parts, urgent=urgent)
 
     def _chunk(self, rid, created, chat, text, finish):
         if chat:

@@ -284,32 +284,36 @@ def create_predict_response(ret, req_id_map, message, code, context=None, ts_str
         if ret is None:
             items.append((request_id, "", code, "", {}, b"error"))
             continue
-        body, implied_type = encode_body(ret[idx])
-        if context is None:
-            items.append((request_id, implied_type or "", code, "", {}, body))
-            continue
-        headers = context.get_response_headers(idx)
-        stopping = getattr(context, "stopping_criteria", None)
-        if ts_stream_next:
-            headers["ts_stream_next"] = "true"
-        elif stopping:
-            is_stop = stopping[idx](ret[idx])
-            if is_stop is not None:
-                headers["ts_stream_next"] = "false" if is_stop else "true"
-        elif headers.get("ts_stream_next") == "true":
-            headers["ts_stream_next"] = "false"
-        processor = context.request_processor[idx] if context.request_processor else None
-        sent = headers
-        if getattr(processor, "headers_sent", False):
-            mark = headers.get("ts_stream_next")
-            sent = {} if mark is None else {"ts_stream_next": mark}
-        elif processor is not None and headers.get("ts_stream_next") == "true":
-            processor.headers_sent = True
-        content_type = context.get_response_content_type(idx)
-        if not content_type and implied_type:
-            content_type = implied_type
-            context.set_response_content_type(idx, content_type)
-        status, phrase = context.get_response_status(idx)
-        items.append((request_id, content_type, 200 if status is None else status, phrase,
-                      sent, body))
+        items.append(predict_item(request_id, ret[idx], code, context, idx, ts_stream_next))
     return encode_predict_reply(code, message, items)
+
+
+def predict_item(request_id, data, code, context, idx, ts_stream_next):
+    """One request's entry of a reply frame: (request id, content type, status, reason phrase,
+    headers, body), its status and headers from the context at index idx."""
+    body, implied_type = encode_body(data)
+    if context is None:
+        return (request_id, implied_type or "", code, "", {}, body)
+    headers = context.get_response_headers(idx)
+    stopping = getattr(context, "stopping_criteria", None)
+    if ts_stream_next:
+        headers["ts_stream_next"] = "true"
+    elif stopping:
+        is_stop = stopping[idx](data)
+        if is_stop is not None:
+            headers["ts_stream_next"] = "false" if is_stop else "true"
+    elif headers.get("ts_stream_next") == "true":
+        headers["ts_stream_next"] = "false"
+    processor = context.request_processor[idx] if context.request_processor else None
+    sent = headers
+    if getattr(processor, "headers_sent", False):
+        mark = headers.get("ts_stream_next")
+        sent = {} if mark is None else {"ts_stream_next": mark}
+    elif processor is not None and headers.get("ts_stream_next") == "true":
+        processor.headers_sent = True
+    content_type = context.get_response_content_type(idx)
+    if not content_type and implied_type:
+        content_type = implied_type
+        context.set_response_content_type(idx, content_type)
+    status, phrase = context.get_response_status(idx)
+    return (request_id, content_type, 200 if status is None else status, phrase, sent, body)

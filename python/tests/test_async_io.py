@@ -144,6 +144,43 @@ class Coalescing(unittest.TestCase):
             a.close()
             b.close()
 
+    def test_an_iterations_first_frame_leaves_at_once_then_batches_grow(self):
+        # The first frame written in a loop iteration is sent at once (a step's first chunk
+        # must not wait for the others to be built), then batches of 4, then MAX_FRAMES; what
+        # is left goes out at the start of the next iteration. `now=True` sends at once.
+        a, b = socket.socketpair()
+        b.setblocking(False)
+        loop = asyncio.new_event_loop()
+
+        def available():
+            try:
+                return b.recv(1 << 16)
+            except BlockingIOError:
+                return b""
+
+        try:
+            writer = CoalescingWriter(a, loop)
+            seen = []
+
+            async def main():
+                for i in range(6):
+                    writer.write(b"<%d>" % i)
+                    seen.append(available())
+                writer.write(b"<now>", now=True)
+                seen.append(available())
+                writer.write(b"<last>")
+                seen.append(available())
+                await asyncio.sleep(0)
+                seen.append(available())
+
+            loop.run_until_complete(main())
+            self.assertEqual(seen, [b"<0>", b"", b"", b"", b"<1><2><3><4>", b"", b"<5><now>",
+                                    b"", b"<last>"])
+        finally:
+            loop.close()
+            a.close()
+            b.close()
+
     def test_write_from_another_thread_is_sent_at_once_after_buffered_frames(self):
         a, b = socket.socketpair()
         loop = asyncio.new_event_loop()

@@ -7,7 +7,7 @@ import socket
 import struct
 import unittest
 
-from oxserve_runtime import protocol
+from oxserve_runtime import protocol, service
 from oxserve_runtime.context import Context, RequestProcessor
 
 
@@ -158,6 +158,38 @@ class PredictReply(unittest.TestCase):
                            "ts_stream_next": "true"},
                           {"x-second": "2", "ts_stream_next": "true"}])
         self.assertEqual([i[3] for i in second], [{"ts_stream_next": "true"}] * 2)
+
+    def test_one_frame_carries_parts_of_many_requests_each_from_its_own_context(self):
+        # send_intermediate_parts: an engine step's chunks for every stream in one frame. Each
+        # request (async mode: a context each, index 0) keeps its own headers, and the first
+        # part of each carries them, later ones only the stream mark.
+        a, b = socket.socketpair()
+        try:
+            contexts = []
+            for rid in ("r1", "r2"):
+                ctx = self.stream_context()
+                ctx.request_ids = {0: rid}
+                ctx.set_response_header(0, "x-id", rid)
+                ctx.cl_socket = a
+                contexts.append(ctx)
+            frames = []
+            for step in range(2):
+                service.send_intermediate_parts(
+                    [(ctx, 0, "data: %s-%d\n\n" % (ctx.request_ids[0], step))
+                     for ctx in contexts])
+                frames.append(b.recv(1 << 16))  # a small frame: one write, one read
+        finally:
+            a.close()
+            b.close()
+        code, message, items = parse_reply(frames[0])
+        self.assertEqual((code, message), (200, "Intermediate Prediction success"))
+        self.assertEqual([(i[0], i[3].get("x-id"), i[3]["ts_stream_next"], i[4]) for i in items],
+                         [("r1", "r1", "true", b"data: r1-0\n\n"),
+                          ("r2", "r2", "true", b"data: r2-0\n\n")])
+        later = parse_reply(frames[1])[2]
+        self.assertEqual([(i[0], i[3], i[4]) for i in later],
+                         [("r1", {"ts_stream_next": "true"}, b"data: r1-1\n\n"),
+                          ("r2", {"ts_stream_next": "true"}, b"data: r2-1\n\n")])
 
     def test_encoding_matches_the_wire_format(self):
         frame = protocol.encode_predict_reply(200, "ok", [("r", "t/x", 201, "", {"k": "v"},

@@ -52,6 +52,10 @@ pub(super) struct PythonBackend {
     /// (sequence + continuous batching runs 2 x batchSize, as TorchServe), and its reply frame
     /// answers each of them.
     pub(super) last_sent: usize,
+    /// Async mode: requests sent and not yet answered by a final part. One reply frame may carry
+    /// a part for each of them (oxserve's runtime sends one engine step's chunks of every stream
+    /// in one frame: `send_intermediate_parts`), so this, not batch_size, bounds its responses.
+    pub(super) in_flight: usize,
     /// Why the worker is unusable, once it is.
     pub(super) dead: Option<String>,
     pub(super) _sock_dir: tempfile::TempDir,
@@ -501,6 +505,9 @@ impl Backend for PythonBackend {
         }
         let frame = protocol::encode_infer(batch);
         self.last_sent = batch.len();
+        if self.async_mode {
+            self.in_flight += batch.len();
+        }
         match timeout(self.response_timeout, self.write_inference(&frame)).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => {
@@ -524,7 +531,7 @@ impl Backend for PythonBackend {
         if let Some(reason) = &self.dead {
             return Err(BackendError::Died(reason.clone()));
         }
-        let most = self.batch_size.max(self.last_sent);
+        let most = self.batch_size.max(self.last_sent).max(self.in_flight);
         let max_frame = self.max_len.saturating_mul(most).saturating_add(1 << 20);
         // Cancel safe: bytes read stay in self.buf, and decoding starts from the buffer.
         let reply = match self.read_reply(max_frame, most).await {
@@ -536,6 +543,18 @@ impl Backend for PythonBackend {
                 return Err(self.died(what).await);
             }
         };
+        if self.async_mode {
+            let finals = if reply.code != 200 {
+                reply.responses.len()
+            } else {
+                reply
+                    .responses
+                    .iter()
+                    .filter(|r| !r.is_intermediate())
+                    .count()
+            };
+            self.in_flight = self.in_flight.saturating_sub(finals);
+        }
         if reply.code != 200 {
             // An error frame names the requests it fails: it answers those, and only those.
             let status = u16::try_from(reply.code)

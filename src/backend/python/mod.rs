@@ -231,7 +231,7 @@ impl BackendLoader for PythonLoader {
             async_mode,
             batch_size: spec.model.batch_size.max(1) as usize,
             last_sent: 0,
-            in_flight: 0,
+            in_flight: Default::default(),
             dead: None,
             _sock_dir: sock_dir,
             _runtime: runtime,

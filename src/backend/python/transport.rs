@@ -52,10 +52,12 @@ pub(super) struct PythonBackend {
     /// (sequence + continuous batching runs 2 x batchSize, as TorchServe), and its reply frame
     /// answers each of them.
     pub(super) last_sent: usize,
-    /// Async mode: requests sent and not yet answered by a final part. One reply frame may carry
-    /// a part for each of them (oxserve's runtime sends one engine step's chunks of every stream
-    /// in one frame: `send_intermediate_parts`), so this, not batch_size, bounds its responses.
-    pub(super) in_flight: usize,
+    /// Async mode: the ids of requests sent and not yet answered by a final part. One reply frame
+    /// may carry a part for each of them (oxserve's runtime sends one engine step's chunks of
+    /// every stream in one frame: `send_intermediate_parts`), so their number, not batch_size,
+    /// bounds its responses. Ids, not a count: a handler that answers a request twice must not
+    /// make the bound drift below the requests really in flight.
+    pub(super) in_flight: std::collections::HashSet<String>,
     /// Why the worker is unusable, once it is.
     pub(super) dead: Option<String>,
     pub(super) _sock_dir: tempfile::TempDir,
@@ -506,7 +508,7 @@ impl Backend for PythonBackend {
         let frame = protocol::encode_infer(batch);
         self.last_sent = batch.len();
         if self.async_mode {
-            self.in_flight += batch.len();
+            self.in_flight.extend(batch.iter().map(|r| r.id.clone()));
         }
         match timeout(self.response_timeout, self.write_inference(&frame)).await {
             Ok(Ok(())) => Ok(()),
@@ -531,7 +533,10 @@ impl Backend for PythonBackend {
         if let Some(reason) = &self.dead {
             return Err(BackendError::Died(reason.clone()));
         }
-        let most = self.batch_size.max(self.last_sent).max(self.in_flight);
+        let most = self
+            .batch_size
+            .max(self.last_sent)
+            .max(self.in_flight.len());
         let max_frame = self.max_len.saturating_mul(most).saturating_add(1 << 20);
         // Cancel safe: bytes read stay in self.buf, and decoding starts from the buffer.
         let reply = match self.read_reply(max_frame, most).await {
@@ -544,16 +549,11 @@ impl Backend for PythonBackend {
             }
         };
         if self.async_mode {
-            let finals = if reply.code != 200 {
-                reply.responses.len()
-            } else {
-                reply
-                    .responses
-                    .iter()
-                    .filter(|r| !r.is_intermediate())
-                    .count()
-            };
-            self.in_flight = self.in_flight.saturating_sub(finals);
+            for r in &reply.responses {
+                if reply.code != 200 || !r.is_intermediate() {
+                    self.in_flight.remove(&r.request_id);
+                }
+            }
         }
         if reply.code != 200 {
             // An error frame names the requests it fails: it answers those, and only those.

@@ -142,6 +142,8 @@ def main():
         assert code == 200, msg
         body = json.dumps({"messages": [{"role": "user", "content": "tell me a story"}],
                            "max_tokens": a.max_tokens, "stream": True}).encode()
+        # `frames` counts reply parts (one per streamed chunk): a frame carried one part each
+        # until examples/llm began sending a whole engine step in one frame.
         added, ttft, engine, frames = [], [], [], 0
         to_handler, to_read = [], []
         cpu = 0.0

@@ -10,6 +10,7 @@
 #   CLIENT=python bench/llm_stream.sh    # the Python client (bench/llm_stream.py) instead of the
 #                                        # Rust one (examples/stream_load.rs, the default)
 #   LLM_EXAMPLE=/tmp/old/examples/llm bench/llm_stream.sh   # another tree's examples/llm
+#   FRONTEND_THREADS=1 bench/llm_stream.sh   # oxserve on one runtime thread (number_of_netty_threads)
 #   DURATION=20 bench/llm_stream.sh      # closed loop instead of rounds (Rust client): STREAMS
 #                                        # streams kept running for 20 s, lengths varied (SPREAD=0.5),
 #                                        # the first WARMUP=3 s left out of the latency figures
@@ -48,6 +49,8 @@ load_models=llm
 log_format=json
 python_executable=$PYTHON
 CFG
+# FRONTEND_THREADS=n: oxserve's runtime threads (number_of_netty_threads; default one per CPU).
+[ -z "${FRONTEND_THREADS:-}" ] || echo "number_of_netty_threads=$FRONTEND_THREADS" >>"$work/config.properties"
 # Run from the scratch folder: the server writes its logs/ folder into its working directory.
 (cd "$work" && RUST_LOG=warn exec "$BIN" start --foreground --ts-config "$work/config.properties" >"$work/ox.log" 2>&1) &
 pids+=($!)

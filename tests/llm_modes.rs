@@ -23,6 +23,16 @@ fn start(store: &Path, models: &str) -> Server {
 const ASYNC_YAML: &str =
     "minWorkers: 1\nmaxWorkers: 1\nasyncCommunication: true\nresponseTimeout: 120\n";
 
+/// A server with one async-mode model `name` whose handler is `handler`, healthy.
+async fn serve_async_model(name: &str, handler: &str) -> (tempfile::TempDir, Server) {
+    let store = tempfile::tempdir().unwrap();
+    let file = format!("{name}.py");
+    model_folder(store.path(), name, ASYNC_YAML, &[(&file, handler)]);
+    let s = start(store.path(), name);
+    s.wait_healthy().await;
+    (store, s)
+}
+
 /// A handler that answers only once `n` requests are inside it at the same time: with one
 /// worker, every request succeeds only if the worker holds all of them at once. "fail" raises at
 /// once (after counting itself in); "slow" waits until a later request has finished.
@@ -58,10 +68,7 @@ async def handle(data, context):
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn async_mode_holds_many_requests_in_one_worker_and_matches_replies_by_id() {
-    let store = tempfile::tempdir().unwrap();
-    model_folder(store.path(), "gather", ASYNC_YAML, &[("gather.py", GATHER)]);
-    let s = start(store.path(), "gather");
-    s.wait_healthy().await;
+    let (_store, s) = serve_async_model("gather", GATHER).await;
     // 8 requests, one worker, a handler that returns only when all 8 are inside it: they all
     // succeed, each with its own answer (replies come back in completion order, "slow" last).
     let bodies: Vec<String> = (0..8)
@@ -403,15 +410,7 @@ async def handle(data, context):
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_frame_carries_streamed_parts_of_many_requests_in_flight() {
-    let store = tempfile::tempdir().unwrap();
-    model_folder(
-        store.path(),
-        "stepframe",
-        ASYNC_YAML,
-        &[("stepframe.py", STEP_FRAME)],
-    );
-    let s = start(store.path(), "stepframe");
-    s.wait_healthy().await;
+    let (_store, s) = serve_async_model("stepframe", STEP_FRAME).await;
     let bodies: Vec<String> = (0..4).map(|i| format!("r{i}")).collect();
     let got = s.post_all("stepframe", None, bodies.clone()).await;
     for (body, (status, text)) in bodies.iter().zip(got) {
@@ -440,15 +439,7 @@ def handle(data, context):
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frame_with_more_parts_than_requests_in_flight_is_refused() {
-    let store = tempfile::tempdir().unwrap();
-    model_folder(
-        store.path(),
-        "overfull",
-        ASYNC_YAML,
-        &[("overfull.py", OVERFULL)],
-    );
-    let s = start(store.path(), "overfull");
-    s.wait_healthy().await;
+    let (_store, s) = serve_async_model("overfull", OVERFULL).await;
     let r = s.predict("overfull", "flood").await;
     assert_eq!(r.status(), 503);
     let e: serde_json::Value = r.json().await.unwrap();

@@ -234,8 +234,8 @@ impl Runner {
                             job.timings.backend_start = Some(now);
                             let mut request = std::mem::take(&mut job.request);
                             request.id = unique_id(&flying, request.id);
-                            requests.push(request.clone());
                             flying.insert(request.id.clone(), (job, deadline));
+                            requests.push(request);
                         }
                         self.metrics.batch_size.observe(requests.len() as f64);
                         let sent = AssertUnwindSafe(backend.send(&requests)).catch_unwind().await;

@@ -47,6 +47,7 @@ grpc_management_port=$(free_port)
 model_store=$work/store
 load_models=llm
 log_format=json
+${ACCESS_LOG:+enable_access_log=$ACCESS_LOG}
 python_executable=$PYTHON
 CFG
 # FRONTEND_THREADS=n: oxserve's runtime threads (number_of_netty_threads; default one per CPU).

@@ -31,7 +31,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::Layer;
 
 use crate::config::{Config, LogFormat};
-use writer::{FileSpec, Writer};
+use writer::{FileSpec, Pace, Writer};
 
 /// TorchServe's logger name for worker output; oxserve's worker output events use it as their
 /// tracing target, so `RUST_LOG=MODEL_LOG=off` silences them on the console.
@@ -74,7 +74,8 @@ pub fn init(config: &Config, console: bool) -> Result<(), InitError> {
             }),
         });
     }
-    let writer = Writer::spawn("oxserve-log-writer", files).map_err(InitError::Files)?;
+    let writer =
+        Writer::spawn("oxserve-log-writer", files, Pace::Batched).map_err(InitError::Files)?;
     let logs = Logs {
         writer,
         format: config.log_format,

@@ -50,6 +50,28 @@ enum Msg {
     Flush(SyncSender<()>),
 }
 
+/// When the writer thread writes what it was sent.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Pace {
+    /// Once lines keep coming, in drains 20 ms apart: the server's own logs (access, model,
+    /// ts_log), where no reader waits for a line and a wake-up per line would cost the request
+    /// path.
+    Batched,
+    /// At once unless traffic is busy (a drain of 32 lines or more): the metric logs, which
+    /// TorchServe's tests (and log-tailing collectors) read right after a reply.
+    Prompt,
+}
+
+impl Pace {
+    /// A drain of at least this many lines keeps the writer in its 20 ms rhythm.
+    fn busy_lines(self) -> usize {
+        match self {
+            Pace::Batched => 1,
+            Pace::Prompt => 32,
+        }
+    }
+}
+
 /// The sending side; cheap to call from any thread, never blocks.
 pub struct Writer {
     tx: SyncSender<Msg>,
@@ -60,7 +82,7 @@ pub struct Writer {
 
 impl Writer {
     /// Creates the folders, opens the files (errors here are start-up errors) and starts the thread.
-    pub fn spawn(name: &str, files: Vec<FileSpec>) -> io::Result<Writer> {
+    pub fn spawn(name: &str, files: Vec<FileSpec>, pace: Pace) -> io::Result<Writer> {
         let mut open = Vec::with_capacity(files.len());
         for spec in files {
             if let Some(dir) = spec.path.parent() {
@@ -79,7 +101,7 @@ impl Writer {
         let in_queue = queued.clone();
         std::thread::Builder::new()
             .name(name.to_string())
-            .spawn(move || run(rx, open, &counts, &in_queue))?;
+            .spawn(move || run(rx, open, &counts, &in_queue, pace.busy_lines()))?;
         Ok(Writer {
             tx,
             dropped,
@@ -117,22 +139,19 @@ impl Writer {
 /// How long the writer sleeps between drains while lines keep coming.
 const BUSY_POLL: Duration = Duration::from_millis(20);
 
-/// A drain of at least this many lines means busy traffic (over ~1,600 lines a second at the
-/// poll's 20 ms): the writer then sleeps before the next drain. A smaller one means light traffic,
-/// and the writer goes back to waiting on the queue, so the next line is written at once.
-const BUSY_LINES: usize = 32;
-
-/// The writer thread. Idle or lightly loaded, it blocks on the queue, so a line is in its file
-/// moments after it was queued (a client that reads model_metrics.log right after its reply, as
-/// TorchServe's tests do, finds the request's lines there); busy, it sleeps between drains
-/// instead of waiting on the queue, so a sender never has to wake it (a futex wake and a context
-/// switch per line cost a quarter of the request rate on two cores) and each drain writes many
-/// lines with one write(2).
+/// The writer thread. Idle, it blocks on the queue, so the first line after a quiet spell wakes
+/// it. After a drain of `busy_lines` or more ([`Pace`]) it sleeps before the next drain instead of
+/// waiting on the queue, so a sender never has to wake it (a futex wake and a context switch per
+/// line cost a quarter of the request rate on two cores) and each drain writes many lines with
+/// one write(2); after a smaller one it waits on the queue again, so the next line is written at
+/// once (a client that reads model_metrics.log right after its reply, as TorchServe's tests do,
+/// finds the request's lines there).
 fn run(
     rx: Receiver<Msg>,
     mut files: Vec<RollingFile>,
     dropped: &[AtomicU64],
     queued: &AtomicUsize,
+    busy_lines: usize,
 ) {
     let mut waiting = Vec::new();
     while let Ok(first) = rx.recv() {
@@ -164,7 +183,7 @@ fn run(
             for done in waiting.drain(..) {
                 let _ = done.send(());
             }
-            if got < BUSY_LINES {
+            if got < busy_lines {
                 break;
             }
             std::thread::sleep(BUSY_POLL);
@@ -380,6 +399,7 @@ mod tests {
                 keep: 1,
                 notice: Some(|n| format!("dropped {n}\n")),
             }],
+            Pace::Batched,
         )
         .unwrap()
     }
@@ -418,6 +438,7 @@ mod tests {
                 keep: 3,
                 notice: None,
             }],
+            Pace::Batched,
         )
         .unwrap();
         let line = "x".repeat(99) + "\n";

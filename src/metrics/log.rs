@@ -11,7 +11,7 @@ use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::registry::{write_value, Series, Sink};
-use crate::logging::writer::{FileSpec, Writer};
+use crate::logging::writer::{FileSpec, Pace, Writer};
 use crate::timefmt::log4j_timestamp;
 
 const KEEP: usize = 5;
@@ -40,7 +40,7 @@ impl LogSink {
         };
         let files = vec![file("ts_metrics.log"), file("model_metrics.log")];
         Ok(LogSink {
-            writer: Writer::spawn("oxserve-metrics-log", files)?,
+            writer: Writer::spawn("oxserve-metrics-log", files, Pace::Prompt)?,
         })
     }
 }

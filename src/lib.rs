@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod model;
 pub mod server;
 pub mod system;
+pub mod tempdir;
 pub mod timefmt;
 pub mod worker;
 pub mod workflow;

@@ -79,6 +79,21 @@ pub async fn run(mut config: Config) -> Result<()> {
         }
     }
     api::http::raise_open_file_limit();
+    // Folders that servers killed without a chance to clean up (SIGKILL, the OOM killer) left in
+    // the temporary folder: an unpacked copy of every model per such death (src/tempdir.rs).
+    let temp = std::env::temp_dir();
+    let swept = tokio::task::spawn_blocking(move || crate::tempdir::sweep_stale(&temp))
+        .await
+        .unwrap_or_default();
+    if !swept.is_empty() {
+        let mut pids = swept.clone();
+        pids.sort_unstable();
+        pids.dedup();
+        tracing::info!(
+            "removed {} temporary folders left by oxserve processes no longer running (pids {pids:?})",
+            swept.len()
+        );
+    }
     // Workers are spread over the GPUs that exist, at most number_of_gpu of them (TorchServe's rule).
     // NVML is loaded once, here; the system sampler then reuses it.
     let gpus = tokio::task::spawn_blocking(crate::system::gpu::GpuCollector::new)

@@ -561,3 +561,67 @@ async fn the_llm_archive_serves_in_async_mode_as_documented() {
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["usage"]["total_tokens"], 5, "{v}");
 }
+
+/// A server killed with SIGKILL cannot remove its temporary folders (the unpacked model, the
+/// Python runtime, the worker sockets); the next server to start in the same temporary folder
+/// removes them, and leaves those of servers still running alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn folders_left_by_a_killed_server_are_removed_by_the_next_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tmp_path = tmp.path().to_str().unwrap().to_string();
+    let store = common::example_archives().to_str().unwrap().to_string();
+    let args = [
+        "--model-store",
+        store.as_str(),
+        "--models",
+        "echo.mar",
+        "--enable-model-api",
+    ];
+    let env = [("TMPDIR", tmp_path.as_str())];
+    let folders = || -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("oxserve-") || n.starts_with("oxs-"))
+            .collect();
+        v.sort();
+        v
+    };
+
+    let mut killed = Server::start_with_env("", &args, &env);
+    killed.wait_healthy().await;
+    let left = folders();
+    for kind in ["oxserve-model-", "oxserve-python-", "oxs-"] {
+        assert!(left.iter().any(|n| n.starts_with(kind)), "{kind}: {left:?}");
+    }
+    killed.child.kill().unwrap();
+    killed.child.wait().unwrap();
+    assert_eq!(folders(), left, "SIGKILL leaves them behind");
+
+    // A server that is running while the next one starts keeps its folders.
+    let running = Server::start_with_env("", &args, &env);
+    running.wait_healthy().await;
+    let mut next = Server::start_with_env("", &args, &env);
+    next.wait_healthy().await;
+    let now = folders();
+    for name in &left {
+        assert!(
+            !now.contains(name),
+            "{name} of the killed server is still there: {now:?}"
+        );
+    }
+    assert!(
+        now.len() >= 2 * left.len(),
+        "the two running servers' folders are kept: {now:?}"
+    );
+    assert!(
+        running
+            .log()
+            .contains("left by oxserve processes no longer running")
+            || next
+                .log()
+                .contains("left by oxserve processes no longer running"),
+        "the sweep is logged"
+    );
+    assert!(next.stop().success());
+}

@@ -48,17 +48,6 @@ impl Limits {
     }
 }
 
-/// A fresh temporary folder only this user can enter (0700), whatever the umask: unpacked models,
-/// the Python runtime and worker sockets live in such folders, and other local users have no
-/// business reading a model or connecting to a worker.
-pub fn private_tempdir(prefix: &str) -> io::Result<tempfile::TempDir> {
-    use std::os::unix::fs::PermissionsExt;
-    tempfile::Builder::new()
-        .prefix(prefix)
-        .permissions(fs::Permissions::from_mode(0o700))
-        .tempdir()
-}
-
 /// `MAR-INF/MANIFEST.json` as torch-model-archiver writes it. Unknown fields are kept out of the way.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -178,7 +167,7 @@ pub fn open_observed(
             _temp: None,
         });
     }
-    let temp = private_tempdir("oxserve-model-")
+    let temp = crate::tempdir::private(crate::tempdir::TempKind::Model)
         .map_err(|e| invalid(path, format!("cannot create a temporary folder: {e}")))?;
     unpack_zip(path, temp.path(), limits, loading)?;
     // Errors name the archive, not the temporary folder it was unpacked into.

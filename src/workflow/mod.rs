@@ -329,7 +329,8 @@ impl Workflows {
         // Unpacking and reading are file work: off the async threads.
         let limits = archive::Limits::from_config(&self.config);
         let (dir, manifest, spec) = tokio::task::spawn_blocking(move || {
-            let dir = archive::private_tempdir("oxserve-workflow-").map_err(WarError::TempDir)?;
+            let dir = crate::tempdir::private(crate::tempdir::TempKind::Workflow)
+                .map_err(WarError::TempDir)?;
             archive::unpack_zip(&path, dir.path(), &limits, None).map_err(WarError::Unzip)?;
             let text = read_small_file(
                 &dir.path().join("WAR-INF").join("MANIFEST.json"),

@@ -75,7 +75,7 @@ pub(super) async fn install(spec: &Arc<ModelSpec>) -> Result<Option<Dependencies
         .await
         .map_err(|e| fail(format!("checking the requirements failed: {e}")))?
         .map_err(|e| fail(e.to_string()))?;
-    let dir = crate::model::archive::private_tempdir("oxserve-pydeps-")
+    let dir = crate::tempdir::private(crate::tempdir::TempKind::PyDeps)
         .map_err(|e| fail(format!("cannot create a folder for the packages: {e}")))?;
 
     let python = &spec.settings.python_executable;

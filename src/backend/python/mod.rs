@@ -150,7 +150,7 @@ impl BackendLoader for PythonLoader {
             .unwrap_or_else(|| "{}".to_string());
 
         // Private (0700): whoever can connect to the socket can drive the worker.
-        let sock_dir = crate::model::archive::private_tempdir("oxs-")
+        let sock_dir = crate::tempdir::private(crate::tempdir::TempKind::Socket)
             .map_err(|e| BackendError::Load(format!("cannot create a socket folder: {e}")))?;
         let sock = sock_dir.path().join(format!(".oxs.sock.{}", spec.id));
         // The last rank's name is the longest.

@@ -79,7 +79,7 @@ pub(super) fn runtime_dir() -> io::Result<Arc<RuntimeDir>> {
     if let Some(rt) = slot.upgrade() {
         return Ok(rt);
     }
-    let dir = crate::model::archive::private_tempdir("oxserve-python-")?;
+    let dir = crate::tempdir::private(crate::tempdir::TempKind::Python)?;
     for (rel, text) in files() {
         let path = dir.path().join(rel);
         if let Some(parent) = path.parent() {

@@ -30,7 +30,8 @@ pub enum TempKind {
     PyDeps,
     /// An unpacked workflow archive.
     Workflow,
-    /// Worker sockets (short: a unix socket path has at most 107 bytes).
+    /// Worker sockets. Short and without an owner (so never swept): a unix socket's path has at
+    /// most 107 bytes, and `$TMPDIR` may be long already. It holds nothing but the sockets.
     Socket,
 }
 
@@ -42,6 +43,11 @@ impl TempKind {
         TempKind::Workflow,
         TempKind::Socket,
     ];
+
+    /// Whether the folder's name carries its owner (and may be swept).
+    fn owned(self) -> bool {
+        self != TempKind::Socket
+    }
 
     fn prefix(self) -> &'static str {
         match self {
@@ -57,8 +63,13 @@ impl TempKind {
 /// A fresh temporary folder only this user can enter (0700), whatever the umask: other local
 /// users have no business reading a model or connecting to a worker. Its name names this process.
 pub fn private(kind: TempKind) -> io::Result<tempfile::TempDir> {
+    let prefix = if kind.owned() {
+        format!("{}{}-", kind.prefix(), own_tag())
+    } else {
+        kind.prefix().to_string()
+    };
     tempfile::Builder::new()
-        .prefix(&format!("{}{}-", kind.prefix(), own_tag()))
+        .prefix(&prefix)
         .permissions(fs::Permissions::from_mode(0o700))
         .tempdir()
 }
@@ -97,6 +108,7 @@ fn start_time(pid: u32) -> Option<u64> {
 fn owner(name: &str) -> Option<(u64, u32, u64)> {
     let rest = TempKind::ALL
         .iter()
+        .filter(|k| k.owned())
         .find_map(|k| name.strip_prefix(k.prefix()))?;
     let (tag, random) = rest.split_once('-')?;
     if random.is_empty() || random.contains('-') {
@@ -171,15 +183,16 @@ mod tests {
 
     #[test]
     fn only_our_names_are_read_as_owned() {
-        assert_eq!(owner("oxs-9.12.345-AbC123"), Some((9, 12, 345)));
+        assert_eq!(owner("oxserve-model-9.12.345-AbC123"), Some((9, 12, 345)));
         assert_eq!(owner("oxserve-python-1.7.8-x"), Some((1, 7, 8)));
         for other in [
-            "oxs-AbC123",                  // an older server's name: no owner, never removed
-            "oxserve-model-12.3-AbC",      // no namespace
-            "oxserve-model-1.12.x-AbC",    // not a number
-            "oxserve-model-1.2.3.4-AbC",   // one field too many
-            "oxserve-model-1.12.3-",       // no random part
-            "oxserve-model-1.12.3-a-b",    // more than tempfile makes
+            "oxserve-model-AbC123",      // an older server's name: no owner, never removed
+            "oxs-9.12.345-AbC123",       // socket folders carry no owner
+            "oxserve-model-12.3-AbC",    // no namespace
+            "oxserve-model-1.12.x-AbC",  // not a number
+            "oxserve-model-1.2.3.4-AbC", // one field too many
+            "oxserve-model-1.12.3-",     // no random part
+            "oxserve-model-1.12.3-a-b",  // more than tempfile makes
             "oxserve-download-1.12.3-abc", // not a kind of ours
             "something-1.12.3-abc",
         ] {
@@ -195,9 +208,10 @@ mod tests {
         let mine = dir.path().join(format!("oxserve-model-{me}-live01"));
         // pid 0 never runs a process of ours; a pid alive with another start time was reused.
         let dead = dir.path().join(format!("oxserve-model-{ns}.0.1-dead01"));
-        let reused = dir
-            .path()
-            .join(format!("oxs-{ns}.{}.1-reuse1", std::process::id()));
+        let reused = dir.path().join(format!(
+            "oxserve-python-{ns}.{}.1-reuse1",
+            std::process::id()
+        ));
         // Another pid namespace (a container sharing the folder): its pids mean nothing here.
         let foreign = dir
             .path()

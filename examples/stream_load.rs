@@ -454,49 +454,51 @@ fn main() -> Result<()> {
         client_cpu = client;
         cpu = used;
         results = out;
-    }
-    for r in 0..if a.duration.is_some() { 0 } else { a.rounds } {
-        // Every stream connected first (a failed connect ends the run here, before any
-        // waits on the others), then the CPU counters are read, then all start together.
-        let go = Arc::new(Barrier::new(a.streams + 1));
-        let round = async {
-            let socks =
-                futures_util::future::try_join_all((0..a.streams).map(|_| connect(&addr))).await?;
-            let mut draws = Draws::new(r as u64);
-            let tasks: Vec<_> = socks
-                .into_iter()
-                .enumerate()
-                .map(|(i, sock)| {
-                    let rid = format!("bench-{pid}-{r}-{i}");
-                    let bytes = shape.request(&rid, &mut draws);
-                    tokio::spawn(one(sock, bytes, rid, Some(go.clone())))
+    } else {
+        for r in 0..a.rounds {
+            // Every stream connected first (a failed connect ends the run here, before any
+            // waits on the others), then the CPU counters are read, then all start together.
+            let go = Arc::new(Barrier::new(a.streams + 1));
+            let round = async {
+                let socks =
+                    futures_util::future::try_join_all((0..a.streams).map(|_| connect(&addr)))
+                        .await?;
+                let mut draws = Draws::new(r as u64);
+                let tasks: Vec<_> = socks
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, sock)| {
+                        let rid = format!("bench-{pid}-{r}-{i}");
+                        let bytes = shape.request(&rid, &mut draws);
+                        tokio::spawn(one(sock, bytes, rid, Some(go.clone())))
+                    })
+                    .collect();
+                let c0 = read_cpu();
+                let client0 = own_cpu_seconds();
+                let t0 = Instant::now();
+                go.wait().await;
+                let mut out = Vec::with_capacity(tasks.len());
+                for t in tasks {
+                    out.push(t.await?);
+                }
+                let secs = t0.elapsed().as_secs_f64();
+                let client = own_cpu_seconds() - client0;
+                let used: Vec<f64> = read_cpu().iter().zip(&c0).map(|(c, b)| c - b).collect();
+                anyhow::Ok((out, secs, client, used))
+            };
+            let (out, secs, client, used) = rt
+                .block_on(async {
+                    tokio::time::timeout(Duration::from_secs_f64(a.timeout_s), round).await
                 })
-                .collect();
-            let c0 = read_cpu();
-            let client0 = own_cpu_seconds();
-            let t0 = Instant::now();
-            go.wait().await;
-            let mut out = Vec::with_capacity(tasks.len());
-            for t in tasks {
-                out.push(t.await?);
+                .map_err(|_| anyhow::anyhow!("round {r} did not end within {} s", a.timeout_s))??;
+            wall_s += secs;
+            client_cpu += client;
+            for (c, u) in cpu.iter_mut().zip(used) {
+                *c += u;
             }
-            let secs = t0.elapsed().as_secs_f64();
-            let client = own_cpu_seconds() - client0;
-            let used: Vec<f64> = read_cpu().iter().zip(&c0).map(|(c, b)| c - b).collect();
-            anyhow::Ok((out, secs, client, used))
-        };
-        let (out, secs, client, used) = rt
-            .block_on(async {
-                tokio::time::timeout(Duration::from_secs_f64(a.timeout_s), round).await
-            })
-            .map_err(|_| anyhow::anyhow!("round {r} did not end within {} s", a.timeout_s))??;
-        wall_s += secs;
-        client_cpu += client;
-        for (c, u) in cpu.iter_mut().zip(used) {
-            *c += u;
-        }
-        for o in out {
-            results.push(o?);
+            for o in out {
+                results.push(o?);
+            }
         }
     }
     for o in &results {

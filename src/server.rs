@@ -82,16 +82,15 @@ pub async fn run(mut config: Config) -> Result<()> {
     // Folders that servers killed without a chance to clean up (SIGKILL, the OOM killer) left in
     // the temporary folder: an unpacked copy of every model per such death (src/tempdir.rs).
     let temp = std::env::temp_dir();
-    let swept = tokio::task::spawn_blocking(move || crate::tempdir::sweep_stale(&temp))
+    let mut pids = tokio::task::spawn_blocking(move || crate::tempdir::sweep_stale(&temp))
         .await
         .unwrap_or_default();
-    if !swept.is_empty() {
-        let mut pids = swept.clone();
+    let folders = pids.len();
+    if folders > 0 {
         pids.sort_unstable();
         pids.dedup();
         tracing::info!(
-            "removed {} temporary folders left by oxserve processes no longer running (pids {pids:?})",
-            swept.len()
+            "removed {folders} temporary folders left by oxserve processes no longer running (pids {pids:?})"
         );
     }
     // Workers are spread over the GPUs that exist, at most number_of_gpu of them (TorchServe's rule).

@@ -132,10 +132,7 @@ class Engine:
             for seq in self.running:
                 if seq.generated >= seq.max_tokens:
                     seq.finish_reason = "length"
-                    if seq.finished is not None:
-                        ended.append(seq)
-                    else:
-                        seq.end()
+                    self._retire(seq, ended)
                     continue
                 word = next_word(seq.prompt, seq.generated)
                 seq.generated += 1
@@ -150,17 +147,23 @@ class Engine:
                     stepped.append(seq)
                 else:
                     seq.put(word)
-                if not seq.finish_reason:
-                    still.append(seq)
-                elif seq.finished is not None:
-                    ended.append(seq)
+                if seq.finish_reason:
+                    self._retire(seq, ended)
                 else:
-                    seq.end()
+                    still.append(seq)
             self.running = still
             if stepped or ended:
                 # After this task is back to sleep, as generate()'s consumers run: the time the
                 # server takes to send a step's output does not lengthen the step.
                 asyncio.get_running_loop().call_soon(self._hand_over, stepped, ended)
+
+    @staticmethod
+    def _retire(seq, ended):
+        """A finished sequence ends now, or, fed to on_step, after its last words are handed over."""
+        if seq.finished is not None:
+            ended.append(seq)
+        else:
+            seq.end()
 
     def _hand_over(self, stepped, ended):
         if stepped:

@@ -139,10 +139,16 @@ def send_intermediate_predict_response(ret, req_id_map, message, code, context=N
     if context is None or context.cl_socket is None:
         raise RuntimeError("send_intermediate_predict_response needs the handler's context")
     frame = create_predict_response(ret, req_id_map, message, code, context, ts_stream_next=True)
+    _send_frame(context, frame)
+    return None
+
+
+def _send_frame(context, frame, now=False):
+    """Through async mode's coalescing writer, or straight onto the socket under its lock."""
     writer = getattr(context, "_oxserve_writer", None)
     if writer is not None:
-        writer.write(frame)
-        return None
+        writer.write(frame, now=now)
+        return
     with _send_lock(context):
         context.cl_socket.sendall(frame)
 
@@ -172,12 +178,7 @@ def send_intermediate_parts(parts, message="Intermediate Prediction success", ur
     context = parts[0][0]
     if context.cl_socket is None:
         raise RuntimeError("send_intermediate_parts needs the handlers' contexts")
-    writer = getattr(context, "_oxserve_writer", None)
-    if writer is not None:
-        writer.write(frame, now=urgent)
-    else:
-        with _send_lock(context):
-            context.cl_socket.sendall(frame)
+    _send_frame(context, frame, now=urgent)
     if urgent:
         os.sched_yield()
     return None

@@ -19,7 +19,6 @@ import os
 import platform
 import socket
 import sys
-import threading
 import traceback
 
 # torchrun's rank of this process on its node (0 without torchrun).
@@ -102,11 +101,13 @@ def serve_async(conn, protocol, service, metrics_config):
     inference message is started on the event loop as it arrives, many run at once, and each
     reply frame (streamed parts included) is sent when it is ready, matched by request id.
 
-    A thread reads the socket so that a handler hogging the loop cannot stop reading. It reads
-    through a buffer and hands every message decoded from what has arrived to the loop in one
-    call (64 requests arriving together are one wake-up of the loop, not 64), and the loop starts
-    them all in the same iteration. Replies go through service.CoalescingWriter: the frames
-    written in one loop iteration leave together, in writes of up to 16 frames."""
+    The event loop itself reads the socket (`add_reader`): a request that arrives alone wakes
+    one thread, the loop's, which decodes it and starts its handler; a reader thread would add a
+    second wake-up, a hand-over of the GIL and the loop's self-pipe to every request. Everything
+    that has arrived is decoded in one callback and started in the next loop iteration.
+    A handler that blocks the loop holds back new requests either way: they are started on the
+    loop. Replies go through service.CoalescingWriter: the frames written in one loop iteration
+    leave together, in writes of up to 16 frames."""
     cmd, msg = protocol.read_message(conn)
     if cmd != protocol.LOAD:
         print("the first message must load the model", file=sys.stderr)
@@ -124,36 +125,34 @@ def serve_async(conn, protocol, service, metrics_config):
             return
         writer.write(frame)
 
-    def start(batches):
-        for batch in batches:
-            loop.create_task(run(batch))
+    inbox = protocol.MessageBuffer()
 
-    decoded = []
+    def stop():
+        loop.remove_reader(conn.fileno())
+        loop.stop()
 
-    def hand_over():
-        # Called by the buffered reader before it may block on the socket.
-        if decoded:
-            batches = decoded[:]
-            decoded.clear()
-            loop.call_soon_threadsafe(start, batches)
-
-    def reader():
-        source = protocol.BufferedConn(conn, on_block=hand_over)
+    def readable():
+        # The socket stays blocking for the writers (sendall from executor threads); this read
+        # alone does not wait.
         try:
-            while True:
-                cmd, msg = protocol.read_message(source)
-                if cmd != protocol.PREDICT:
-                    print("unexpected command %r in async mode" % cmd, file=sys.stderr)
-                    break
-                decoded.append(msg)
-        except protocol.Disconnected:
-            pass
-        except BaseException:  # pylint: disable=broad-except
+            data = conn.recv(1 << 16, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
             traceback.print_exc()
-        hand_over()
-        loop.call_soon_threadsafe(loop.stop)
+            stop()
+            return
+        if not data:
+            stop()
+            return
+        try:
+            for batch in inbox.feed(data):
+                loop.create_task(run(batch))
+        except ValueError as e:
+            print("async mode: %s" % e, file=sys.stderr)
+            stop()
 
-    threading.Thread(target=reader, name="oxserve-reader", daemon=True).start()
+    loop.add_reader(conn.fileno(), readable)
     loop.run_forever()
     return 0
 

@@ -74,7 +74,51 @@ class BufferedConn:
 
 
 class _Short(Exception):
-    """The buffer ends inside the message."""
+    """The buffer ends inside the message; `need`: the buffer length at which the field that did
+    not fit would (0: unknown, try again with any more bytes)."""
+
+    def __init__(self, need=0):
+        super().__init__(need)
+        self.need = need
+
+
+class MessageBuffer:
+    """Async mode's inference messages, decoded from the bytes as they arrive (the event loop
+    reads the socket without waiting): `feed(data)` returns every batch now complete, in order;
+    the start of an incomplete message stays buffered. A large message arriving in many reads
+    is parsed again only once enough bytes are there for the field that did not fit, so its
+    cost stays linear in its size. Raises ValueError on anything but an inference message."""
+
+    def __init__(self):
+        self._pending = bytearray()
+        self._need = 0
+
+    def feed(self, data):
+        if self._pending:
+            self._pending += data
+            if len(self._pending) < self._need:
+                return []
+            buf = bytes(self._pending)
+            self._pending = bytearray()
+        else:
+            buf = data
+        size, pos, batches = len(buf), 0, []
+        self._need = 0
+        while pos < size:
+            if buf[pos] != PREDICT[0]:
+                raise ValueError("unexpected command %r in async mode" % buf[pos:pos + 1])
+            try:
+                batch, end = _parse_predict(buf, pos + 1)
+            except _Short as e:
+                self._need = e.need - pos
+                break
+            except struct.error:  # an int cut off at the end of what has arrived
+                break
+            batches.append(batch)
+            pos = end
+        if pos < size:
+            self._pending = bytearray(buf[pos:])
+        return batches
 
 
 _INT_FROM = struct.Struct("!i").unpack_from
@@ -92,7 +136,7 @@ def _parse_predict(buf, pos):
             raise ValueError("negative string length %d in frame" % length)
         end = pos + length
         if end > size:
-            raise _Short()
+            raise _Short(end)
         return buf[pos:end], end
 
     batch = []

@@ -463,3 +463,47 @@ async fn a_frame_with_more_parts_than_requests_in_flight_is_refused() {
     }
     assert!(answered, "the replaced worker never answered");
 }
+
+/// Large requests in while large replies stream out, many at once: the worker's event loop reads
+/// requests and writes replies, and the frontend does not read replies while it waits to write a
+/// request. A loop that waited in `sendall` with both socket buffers full would wait forever; the
+/// runtime's writer never waits (it keeps what the socket did not take and sends it when it can).
+const BIG_BOTH_WAYS: &str = r#"
+import asyncio
+from ts.handler_utils.utils import send_intermediate_predict_response
+
+async def handle(data, context):
+    if data is None:
+        return None
+    body = data[0].get("body")
+    for i in range(3):
+        send_intermediate_predict_response({0: b"%d" % i * (1 << 20)}, context.request_ids,
+                                           "part", 200, context)
+        await asyncio.sleep(0)
+    return ["len=%d" % len(body)]
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_requests_and_large_streamed_replies_at_once_do_not_stall_the_async_worker() {
+    let store = tempfile::tempdir().unwrap();
+    let yaml = "minWorkers: 1\nmaxWorkers: 1\nasyncCommunication: true\nresponseTimeout: 60\n";
+    model_folder(
+        store.path(),
+        "bigboth",
+        yaml,
+        &[("bigboth.py", BIG_BOTH_WAYS)],
+    );
+    let s = start(store.path(), "bigboth");
+    s.wait_healthy().await;
+    let bodies: Vec<String> = (0..16).map(|i| "b".repeat(2_000_000 + i)).collect();
+    let got = s
+        .post_all("bigboth", Some("application/octet-stream"), bodies.clone())
+        .await;
+    let parts: String = (0..3).map(|i| i.to_string().repeat(1 << 20)).collect();
+    for (body, (status, text)) in bodies.iter().zip(got) {
+        assert_eq!(status, 200, "{}", &text[..text.len().min(300)]);
+        assert_eq!(text.len(), parts.len() + format!("len={}", body.len()).len());
+        assert!(text.starts_with(&parts), "parts out of order or missing");
+        assert!(text.ends_with(&format!("len={}", body.len())));
+    }
+}

@@ -65,9 +65,15 @@ class Sequence:
 
 
 class Engine:
-    """`on_step`, if given, is called once per step with every sequence added by `add` that got
-    a word in that step (its `word`; `finish_reason` set on its last one): a server can then send
-    all of a step's tokens at once, as vLLM's engine hands a step's outputs over together."""
+    """`on_step`, if given, is called with the sequences added by `add` that got a word in a
+    step (its `word`; `finish_reason` set on its last one): a server can then send a step's
+    tokens together, as vLLM's engine hands a step's outputs over together. It is called at most
+    twice per step: first, from inside the step, with the sequences admitted for it (their first
+    tokens, which users are waiting for), then, once the engine is back to sleep, with the rest.
+
+    Steps start every `step_s` like a GPU's, whatever the host does in between: handing a step's
+    output to the server overlaps the next step (vLLM's async output processing) instead of
+    lengthening it."""
 
     def __init__(self, max_num_seqs=64, step_s=0.01, on_step=None):
         self.on_step = on_step
@@ -112,10 +118,12 @@ class Engine:
             yield word, seq
 
     async def _loop(self):
+        next_step = None
         while True:
             if not self.running and not self.waiting:
                 self.wake.clear()
                 await self.wake.wait()
+                next_step = None
             # Refill freed slots from the waiting queue: continuous batching. The sequences
             # admitted now go first in the step's output, as vLLM's scheduler puts the prefills
             # ahead of the decodes: their first token is the one a user is waiting for, and
@@ -125,37 +133,58 @@ class Engine:
                 admitted.append(self.waiting.popleft())
             if admitted:
                 self.running = admitted + self.running
-            await asyncio.sleep(self.step_s)
+            # Steps follow each other every step_s, as on a GPU: the host's work on one step's
+            # output (here: handing it to the server) overlaps the next step, as vLLM's async
+            # output processing does, instead of lengthening it.
+            if next_step is None:
+                next_step = time.monotonic() + self.step_s
+            await asyncio.sleep(max(0.0, next_step - time.monotonic()))
             self.steps += 1
-            still, stepped, ended = [], [], []
             now = time.monotonic()
-            for seq in self.running:
-                if seq.generated >= seq.max_tokens:
-                    seq.finish_reason = "length"
-                    self._retire(seq, ended)
-                    continue
-                word = next_word(seq.prompt, seq.generated)
-                seq.generated += 1
-                if seq.first_token_at is None:
-                    seq.first_token_at = now
-                if seq.stop and word in seq.stop:
-                    seq.finish_reason = "stop"
-                elif seq.generated >= seq.max_tokens:
-                    seq.finish_reason = "length"
-                if seq.finished is not None:
-                    seq.word = word
-                    stepped.append(seq)
-                else:
-                    seq.put(word)
-                if seq.finish_reason:
-                    self._retire(seq, ended)
-                else:
-                    still.append(seq)
-            self.running = still
-            if stepped or ended:
+            next_step += self.step_s
+            if next_step < now:  # the host fell a whole step behind: start again from now
+                next_step = now + self.step_s
+            # The sequences admitted for this step come first: their words are handed over as
+            # soon as they are made, before the rest of the step is worked through (a user is
+            # waiting for a first token; the others' next tokens can follow a moment later).
+            running, self.running = self.running, []
+            first = self._step(running[:len(admitted)], now)
+            if first[0] or first[1]:
+                self._hand_over(*first)
+            rest = self._step(running[len(admitted):], now)
+            if rest[0] or rest[1]:
                 # After this task is back to sleep, as generate()'s consumers run: the time the
                 # server takes to send a step's output does not lengthen the step.
-                asyncio.get_running_loop().call_soon(self._hand_over, stepped, ended)
+                asyncio.get_running_loop().call_soon(self._hand_over, *rest)
+
+    def _step(self, seqs, now):
+        """One token for each of seqs; the running ones go back to self.running. Returns the
+        sequences for on_step and those that ended."""
+        stepped, ended = [], []
+        still = self.running
+        for seq in seqs:
+            if seq.generated >= seq.max_tokens:
+                seq.finish_reason = "length"
+                self._retire(seq, ended)
+                continue
+            word = next_word(seq.prompt, seq.generated)
+            seq.generated += 1
+            if seq.first_token_at is None:
+                seq.first_token_at = now
+            if seq.stop and word in seq.stop:
+                seq.finish_reason = "stop"
+            elif seq.generated >= seq.max_tokens:
+                seq.finish_reason = "length"
+            if seq.finished is not None:
+                seq.word = word
+                stepped.append(seq)
+            else:
+                seq.put(word)
+            if seq.finish_reason:
+                self._retire(seq, ended)
+            else:
+                still.append(seq)
+        return stepped, ended
 
     @staticmethod
     def _retire(seq, ended):

@@ -151,14 +151,16 @@ class LlmHandler:
                            "model": self.model_name, "choices": [choice], "usage": usage})
 
     def _on_step(self, seqs):
-        """One engine step's words for every streamed sequence: their SSE events in one frame,
-        or two when the step holds first tokens: those go first, on their own (the engine puts
-        newly admitted sequences first), since a user is waiting for them, while the other
-        streams' next tokens can follow a moment later."""
+        """Words of one engine step for streamed sequences: their SSE events in one frame. First
+        tokens (the engine hands them over on their own, ahead of the rest of the step, and
+        puts them first) are sent at once with the CPU yielded (`urgent`), since a user is
+        waiting for them, while the other streams' next tokens can follow a moment later."""
         firsts = 0
         while firsts < len(seqs) and seqs[firsts].listener.words == 0:
             firsts += 1
-        if 0 < firsts < len(seqs):
+        if firsts == len(seqs):
+            self._send_step(seqs, urgent=True)
+        elif firsts:
             self._send_step(seqs[:firsts], urgent=True)
             self._send_step(seqs[firsts:])
         else:

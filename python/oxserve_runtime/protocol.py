@@ -21,24 +21,16 @@ class Disconnected(Exception):
 class BufferedConn:
     """A socket's receiving side with a buffer: `recv` hands out buffered bytes first and reads
     the socket in large pieces. read_message asks for every int and string separately; on a raw
-    socket that is one recv syscall (and one GIL release) per field, about twenty per request,
-    which at 64 requests arriving together put them through the reader one slow step at a time.
+    socket that is one recv syscall (and one GIL release) per field, about twenty per request."""
 
-    on_block, if given, is called before every read that may block: the async reader uses it to
-    hand the messages it has decoded so far to the event loop in one go, and never sits on a
-    decoded message while waiting for the next one."""
-
-    def __init__(self, sock, size=1 << 16, on_block=None):
+    def __init__(self, sock, size=1 << 16):
         self._sock = sock
         self._size = size
         self._buf = b""
         self._pos = 0
-        self._on_block = on_block
 
     def recv(self, n):
         if self._pos >= len(self._buf):
-            if self._on_block is not None:
-                self._on_block()
             self._buf = self._sock.recv(self._size)
             self._pos = 0
             if not self._buf:
@@ -47,12 +39,9 @@ class BufferedConn:
         self._pos += len(out)
         return out
 
-
     def fill(self):
         """Makes sure something is buffered (a read that may block); Disconnected at EOF."""
         if self._pos >= len(self._buf):
-            if self._on_block is not None:
-                self._on_block()
             self._buf = self._sock.recv(self._size)
             self._pos = 0
             if not self._buf:

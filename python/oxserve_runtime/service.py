@@ -6,6 +6,7 @@ import inspect
 import json
 import logging
 import os
+import socket
 import sys
 import threading
 import time
@@ -77,7 +78,13 @@ class CoalescingWriter:
     A frame written from another thread (a plain `def handle` runs on the executor) is sent at
     once, together with anything already buffered, so order is kept per connection and a busy
     event loop cannot hold back a thread's frames. Writes happen under the lock, so frames never
-    interleave."""
+    interleave.
+
+    No write ever waits for the socket: what it does not take at once is kept, in order, and
+    sent by the event loop when the socket can take more (`add_writer`). The loop also reads the
+    frontend's requests (oxserve_worker.serve_async), and the frontend does not read replies
+    while it waits to write a request; a loop blocked in `sendall` with both socket buffers full
+    (large requests in, long streams out) would wait for the frontend forever."""
 
     # A step's chunks leave in writes of at most this many frames: waiting for all 64 would make
     # the first streams wait for the last one's Python work; 16 (measured against 4 and no limit
@@ -91,6 +98,9 @@ class CoalescingWriter:
         self._frames = []
         self._scheduled = False
         self._limit = 1
+        # Bytes the socket did not take yet, and whether the loop waits to send them.
+        self._unsent = bytearray()
+        self._watching = False
         # Made on the thread that then runs the loop (serve_async).
         self._loop_thread = threading.get_ident()
 
@@ -119,12 +129,48 @@ class CoalescingWriter:
             self._limit = 1
             self._send_locked()
 
+    def pending(self):
+        """Bytes written and not yet taken by the socket."""
+        with self._lock:
+            return len(self._unsent) + sum(len(f) for f in self._frames)
+
     def _send_locked(self):
         if not self._frames:
             return
         data = self._frames[0] if len(self._frames) == 1 else b"".join(self._frames)
         self._frames.clear()
-        self._sock.sendall(data)
+        if self._unsent:  # earlier bytes still wait for the socket: these go after them
+            self._unsent += data
+            return
+        try:
+            sent = self._sock.send(data, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        if sent < len(data):
+            self._unsent += data[sent:]
+            self._loop.call_soon_threadsafe(self._watch)
+
+    def _watch(self):
+        with self._lock:
+            if self._watching or not self._unsent:
+                return
+            self._watching = True
+        self._loop.add_writer(self._sock.fileno(), self._writable)
+
+    def _writable(self):
+        with self._lock:
+            try:
+                sent = self._sock.send(self._unsent, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                # The frontend is gone; the reader sees the end of the connection and stops.
+                sent = len(self._unsent)
+            del self._unsent[:sent]
+            if self._unsent:
+                return
+            self._watching = False
+        self._loop.remove_writer(self._sock.fileno())
 
 
 # Under torchrun only rank 0 answers (TorchServe's rule). torchrun sets LOCAL_RANK before the

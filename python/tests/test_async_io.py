@@ -8,6 +8,7 @@ import socket
 import struct
 import threading
 import unittest
+from unittest import mock
 
 from oxserve_runtime import protocol
 from oxserve_runtime.service import CoalescingWriter
@@ -38,17 +39,14 @@ def read_all(sock):
 class Buffered(unittest.TestCase):
     def test_many_messages_in_one_read_then_eof(self):
         a, b = socket.socketpair()
-        blocks = []
         try:
             a.sendall(b"".join(predict("r%d" % i, "x" * i) for i in range(50)))
             a.shutdown(socket.SHUT_WR)
-            conn = protocol.BufferedConn(b, size=1 << 16, on_block=lambda: blocks.append(1))
+            conn = protocol.BufferedConn(b, size=1 << 16)
             ids = [protocol.read_message(conn)[1][0]["request_id"] for i in range(50)]
             self.assertEqual(ids, ["r%d" % i for i in range(50)])
             with self.assertRaises(protocol.Disconnected):
                 protocol.read_message(conn)
-            # One read for the 50 messages (one hand-over before it), one more that saw EOF.
-            self.assertEqual(len(blocks), 2)
         finally:
             a.close()
             b.close()
@@ -114,6 +112,60 @@ class Buffered(unittest.TestCase):
         finally:
             a.close()
             b.close()
+
+
+class Messages(unittest.TestCase):
+    """protocol.MessageBuffer: what the async worker's event loop decodes as bytes arrive."""
+
+    def test_messages_fed_a_byte_at_a_time_come_out_whole_and_in_order(self):
+        data = b"".join(predict("r%d" % i, "body %d" % i) for i in range(3))
+        inbox = protocol.MessageBuffer()
+        batches = []
+        for i in range(len(data)):
+            batches.extend(inbox.feed(data[i:i + 1]))
+        self.assertEqual([b[0]["request_id"] for b in batches], ["r0", "r1", "r2"])
+        self.assertEqual([b[0]["params"] for b in batches],
+                         [[("body", "text/plain", "body %d" % i)] for i in range(3)])
+        self.assertEqual([b[0]["headers"] for b in batches], [[("h", "v")]] * 3)
+
+    def test_one_read_with_many_messages_and_a_partial_one(self):
+        data = b"".join(predict("r%d" % i, "x" * i) for i in range(10))
+        extra = predict("late", "y" * 100)
+        inbox = protocol.MessageBuffer()
+        got = inbox.feed(data + extra[:50])
+        self.assertEqual([b[0]["request_id"] for b in got], ["r%d" % i for i in range(10)])
+        got = inbox.feed(extra[50:])
+        self.assertEqual([b[0]["request_id"] for b in got], ["late"])
+        self.assertEqual(inbox.feed(b""), [])
+
+    def test_a_large_message_in_small_pieces_is_parsed_a_few_times_not_once_per_piece(self):
+        body = "z" * (1 << 20)
+        data = predict("big", body)
+        inbox = protocol.MessageBuffer()
+        calls = []
+        real = protocol._parse_predict  # pylint: disable=protected-access
+
+        def counting(buf, pos):
+            calls.append(len(buf))
+            return real(buf, pos)
+
+        got = []
+        with mock.patch.object(protocol, "_parse_predict", counting):
+            for i in range(0, len(data), 1024):
+                got.extend(inbox.feed(data[i:i + 1024]))
+        self.assertEqual(len(got), 1)
+        self.assertEqual(got[0][0]["params"], [("body", "text/plain", body)])
+        # About 1,000 pieces: parsed when the request id, the header, the parameter's name and
+        # type and then the whole body can be there, not on every piece.
+        self.assertLessEqual(len(calls), 8, calls)
+
+    def test_anything_but_an_inference_message_is_refused(self):
+        with self.assertRaises(ValueError):
+            protocol.MessageBuffer().feed(b"L" + frame_str("model"))
+        with self.assertRaises(ValueError):
+            protocol.MessageBuffer().feed(predict("ok", "x") + b"Q")
+        with self.assertRaises(ValueError):  # a negative string length
+            protocol.MessageBuffer().feed(b"I" + frame_str("r") + struct.pack("!i", -7) + b"x" * 40)
 
 
 class Coalescing(unittest.TestCase):
@@ -192,6 +244,53 @@ class Coalescing(unittest.TestCase):
             t.join()
             a.shutdown(socket.SHUT_WR)
             self.assertEqual(read_all(b), b"firstsecond")
+        finally:
+            loop.close()
+            a.close()
+            b.close()
+
+    def test_a_full_socket_never_blocks_a_write_and_the_loop_sends_the_rest_in_order(self):
+        # The event loop also reads the frontend's requests: a write that waited for a full
+        # socket would stop that, and the frontend waits to write a request before it reads
+        # replies. Writes keep what the socket does not take; the loop sends it when it can.
+        a, b = socket.socketpair()
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        loop = asyncio.new_event_loop()
+        received = bytearray()
+        try:
+            writer = CoalescingWriter(a, loop)
+            frames = [(b"<%d>" % i) * 2000 for i in range(100)]
+            expected = b"".join(frames[:50]) + b"thread" + b"".join(frames[50:])
+
+            def reader():
+                while len(received) < len(expected):
+                    chunk = b.recv(1 << 16)
+                    if not chunk:
+                        return
+                    received.extend(chunk)
+
+            async def main():
+                for f in frames[:50]:
+                    writer.write(f, now=True)
+                # Nobody reads yet: the socket is full and most of it waits in the writer.
+                self.assertGreater(writer.pending(), sum(len(f) for f in frames[:50]) // 2)
+                t = threading.Thread(target=writer.write, args=(b"thread",))
+                t.start()
+                t.join()  # returns at once: queued behind the bytes already waiting
+                for f in frames[50:]:
+                    writer.write(f)
+                r = threading.Thread(target=reader)
+                r.start()
+                for _ in range(10000):
+                    if writer.pending() == 0:
+                        break
+                    await asyncio.sleep(0.001)
+                r.join(10)
+
+            loop.run_until_complete(main())
+            self.assertEqual(writer.pending(), 0)
+            self.assertEqual(bytes(received), expected)
         finally:
             loop.close()
             a.close()

@@ -23,9 +23,9 @@ worker (no such call) each coroutine sends its own chunks.
 
 import asyncio
 import json
+import os
 import time
 import types
-import uuid
 
 from engine import Engine, count_tokens
 from ts.handler_utils.utils import send_intermediate_predict_response
@@ -38,8 +38,15 @@ except ImportError:  # TorchServe's worker: a frame per chunk, from each request
 
 MAX_TOKENS_LIMIT = 4096
 
+# Stand-ins for a stream's id and creation time in its chunk template (_templates).
+_ID, _CREATED = json.dumps("\x01"), json.dumps("\x02")
+
 
 class LlmHandler:
+    # First tokens leave in frames of this many: when many streams start in the same step (64
+    # requests arriving together), the first ones need not wait for the last one's chunk to be
+    # built (measured against 4, 64 and growing groups: docs/benchmarks.md).
+    FIRSTS_PER_FRAME = 8
     def __init__(self):
         self.engine = None
         self.model_name = "llm"
@@ -54,6 +61,14 @@ class LlmHandler:
                              on_step)
         self.default_max_tokens = int(cfg.get("max_tokens", 16))
         self.model_name = context.model_name
+        # Every streamed chunk but the last differs only in its text (and its stream's id and
+        # creation time): the JSON around them is made once here, for completions and for chat,
+        # as (head, tail) around the text; a stream fills in its id and time, a token its text.
+        self._templates = {}
+        for chat in (False, True):
+            head, _, tail = json.dumps(self._chunk("\x01", "\x02", chat, "\x00", None)).rpartition(
+                json.dumps("\x00"))
+            self._templates[chat] = ("data: " + head, tail + "\n\n")
 
     async def handle(self, data, context):
         if data is None:
@@ -81,7 +96,7 @@ class LlmHandler:
             messages = body.get("messages")
             if not isinstance(messages, list) or not messages:
                 return self._error(context, idx, 400, "messages must be a non-empty list")
-            prompt = " ".join(str(m.get("content", "")) for m in messages if isinstance(m, dict))
+            prompt = " ".join([str(m.get("content", "")) for m in messages if isinstance(m, dict)])
         else:
             prompt = body.get("prompt")
             if not isinstance(prompt, str):
@@ -93,7 +108,7 @@ class LlmHandler:
         stop = body.get("stop")
         stop = [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else None
         stream = bool(body.get("stream", False))
-        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        rid = ("chatcmpl-" if chat else "cmpl-") + os.urandom(12).hex()
         created = int(time.time())
         prompt_tokens = count_tokens(prompt)
         words, seq = [], None
@@ -103,9 +118,8 @@ class LlmHandler:
             # Every chunk but the last differs only in its text: the JSON around the text is
             # made once per stream, not a json.dumps of the whole chunk per token.
             # (The text is the chunk's last string: rpartition finds it whatever the model is called.)
-            head, _, tail = json.dumps(self._chunk(rid, created, chat, "\x00", None)).rpartition(
-                '"\\u0000"')
-            head, tail = "data: " + head, tail + "\n\n"
+            head, tail = self._templates[chat]
+            head = head.replace(_ID, '"%s"' % rid, 1).replace(_CREATED, str(created), 1)
             request_ids = {idx: context.request_ids[idx]}
             if self.engine.on_step is not None:
                 # (Not a class of this module: TorchServe's loader wants exactly one class here.)
@@ -153,18 +167,16 @@ class LlmHandler:
     def _on_step(self, seqs):
         """Words of one engine step for streamed sequences: their SSE events in one frame. First
         tokens (the engine hands them over on their own, ahead of the rest of the step, and
-        puts them first) are sent at once with the CPU yielded (`urgent`), since a user is
-        waiting for them, while the other streams' next tokens can follow a moment later."""
+        puts them first) are sent at once with the CPU yielded (`urgent`), in frames of
+        FIRSTS_PER_FRAME, since a user is waiting for them, while the other streams' next
+        tokens can follow a moment later."""
         firsts = 0
         while firsts < len(seqs) and seqs[firsts].listener.words == 0:
             firsts += 1
-        if firsts == len(seqs):
-            self._send_step(seqs, urgent=True)
-        elif firsts:
-            self._send_step(seqs[:firsts], urgent=True)
+        for i in range(0, firsts, self.FIRSTS_PER_FRAME):
+            self._send_step(seqs[i:min(firsts, i + self.FIRSTS_PER_FRAME)], urgent=True)
+        if firsts < len(seqs):
             self._send_step(seqs[firsts:])
-        else:
-            self._send_step(seqs)
 
     def _send_step(self, seqs, urgent=False):
         parts = []

@@ -313,6 +313,8 @@ class Service:
         # service_envelope (kserve, kservev2) wraps the entry point, as TorchServe's loader does.
         from .envelope import wrap  # here, not at the top: envelope imports this module
         self.entry = wrap(msg.get("envelope"), self.entry)
+        # Asked once, not for every request in async mode (inspect's check is a few lookups).
+        self._entry_is_coroutine = inspect.iscoroutinefunction(self.entry)
         if init is not None:
             ret = init(self.context)
             if inspect.isawaitable(ret):
@@ -349,7 +351,7 @@ class Service:
         ctx, req_id_map, data, start = self._prepare(batch, _clone(self.context))
         handler_start = time.time()
         try:
-            if inspect.iscoroutinefunction(self.entry):
+            if self._entry_is_coroutine:
                 ret = await self.entry(data, ctx)
             else:
                 ret = await loop.run_in_executor(None, self.entry, data, ctx)

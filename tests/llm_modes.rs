@@ -502,7 +502,10 @@ async fn large_requests_and_large_streamed_replies_at_once_do_not_stall_the_asyn
     let parts: String = (0..3).map(|i| i.to_string().repeat(1 << 20)).collect();
     for (body, (status, text)) in bodies.iter().zip(got) {
         assert_eq!(status, 200, "{}", &text[..text.len().min(300)]);
-        assert_eq!(text.len(), parts.len() + format!("len={}", body.len()).len());
+        assert_eq!(
+            text.len(),
+            parts.len() + format!("len={}", body.len()).len()
+        );
         assert!(text.starts_with(&parts), "parts out of order or missing");
         assert!(text.ends_with(&format!("len={}", body.len())));
     }

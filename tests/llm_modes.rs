@@ -485,16 +485,7 @@ async def handle(data, context):
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_requests_and_large_streamed_replies_at_once_do_not_stall_the_async_worker() {
-    let store = tempfile::tempdir().unwrap();
-    let yaml = "minWorkers: 1\nmaxWorkers: 1\nasyncCommunication: true\nresponseTimeout: 60\n";
-    model_folder(
-        store.path(),
-        "bigboth",
-        yaml,
-        &[("bigboth.py", BIG_BOTH_WAYS)],
-    );
-    let s = start(store.path(), "bigboth");
-    s.wait_healthy().await;
+    let (_store, s) = serve_async_model("bigboth", BIG_BOTH_WAYS).await;
     let bodies: Vec<String> = (0..16).map(|i| "b".repeat(2_000_000 + i)).collect();
     let got = s
         .post_all("bigboth", Some("application/octet-stream"), bodies.clone())

@@ -132,8 +132,8 @@ def serve_async(conn, protocol, service, metrics_config):
         loop.stop()
 
     def readable():
-        # The socket stays blocking for the writers (sendall from executor threads); this read
-        # alone does not wait.
+        # The socket stays blocking (a handler may write to context.cl_socket with sendall);
+        # this read alone does not wait.
         try:
             data = conn.recv(1 << 16, socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):

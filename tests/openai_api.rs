@@ -298,11 +298,22 @@ async fn bad_openai_requests_get_torchserve_errors() {
         (status, j["choices"][0]["text"].as_str()),
         (200, Some("ok"))
     );
-    assert_eq!(
-        s.sample(r#"oxserve_requests_running{model_name="llm",model_version="1.0"}"#)
-            .await,
-        Some(0.0)
-    );
+    // The gauge is the supervisor's state: it learns that a request left the worker just after
+    // the reply went out, so it is read until it settles.
+    common::wait_until(
+        "oxserve_requests_running back to 0",
+        std::time::Duration::from_secs(10),
+        || async {
+            match s
+                .sample(r#"oxserve_requests_running{model_name="llm",model_version="1.0"}"#)
+                .await
+            {
+                Some(v) if v == 0.0 => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
 }
 
 /// Running vs waiting: while a slow stream holds the only worker, the stream is running and a

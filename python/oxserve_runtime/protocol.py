@@ -63,8 +63,8 @@ class BufferedConn:
 
 
 class _Short(Exception):
-    """The buffer ends inside the message; `need`: the buffer length at which the field that did
-    not fit would (0: unknown, try again with any more bytes)."""
+    """The buffer ends inside the message; `need`: the buffer length the field that did not fit
+    needs (0: unknown, try again with any more bytes)."""
 
     def __init__(self, need=0):
         super().__init__(need)

@@ -308,7 +308,7 @@ async fn bad_openai_requests_get_torchserve_errors() {
                 .sample(r#"oxserve_requests_running{model_name="llm",model_version="1.0"}"#)
                 .await
             {
-                Some(v) if v == 0.0 => Ok(()),
+                Some(0.0) => Ok(()),
                 other => Err(format!("{other:?}")),
             }
         },

@@ -297,6 +297,10 @@ impl RollingFile {
             let spawned = std::thread::Builder::new()
                 .name("oxserve-log-gzip".into())
                 .spawn(move || {
+                    // One rolled file at a time: rollovers close together (a burst of lines
+                    // past a small limit) ran their threads at once, and one's prune could
+                    // delete a file another was still writing.
+                    let _one = GZIP.lock().unwrap_or_else(|e| e.into_inner());
                     compress(&plain);
                     prune(&dir, &stem, keep);
                 });
@@ -332,16 +336,23 @@ fn day_month(day: u64) -> String {
     format!("{dom:02}-{}", MONTHS[(month - 1).clamp(0, 11) as usize])
 }
 
-/// Gzips `plain` into `plain.gz` and removes `plain` (kept if compression fails).
+/// Serializes the background compressions and prunes of every writer (see `Writer::roll`).
+static GZIP: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Gzips `plain` into `plain.gz` and removes `plain` (kept if compression fails). The `.gz` keeps
+/// the time of the file's last line, so that prune orders rolled files by when they were
+/// written, not by when their compression ended.
 fn compress(plain: &Path) {
     let gz = gz_of(plain);
     let result = (|| -> io::Result<()> {
         let mut input = File::open(plain)?;
+        let written = input.metadata()?.modified()?;
         let out = File::create(&gz)?;
         let mut enc =
             flate2::write::GzEncoder::new(BufWriter::new(out), flate2::Compression::fast());
         io::copy(&mut input, &mut enc)?;
-        enc.finish()?.flush()
+        let out = enc.finish()?.into_inner().map_err(|e| e.into_error())?;
+        out.set_modified(written)
     })();
     match result {
         Ok(()) => {
@@ -359,22 +370,40 @@ fn prune(dir: &Path, stem: &str, keep: usize) {
     let Ok(entries) = fs::read_dir(dir) else {
         return;
     };
-    let mut rolled: Vec<(SystemTime, PathBuf)> = entries
+    let mut rolled: Vec<(SystemTime, u64, PathBuf)> = entries
         .filter_map(|e| e.ok())
         .filter(|e| {
             let name = e.file_name();
             let name = name.to_string_lossy();
             name.starts_with(&prefix) && name.ends_with(".log.gz")
         })
-        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .filter_map(|e| {
+            let seq = rollover_number(&e.file_name().to_string_lossy(), &prefix);
+            Some((e.metadata().ok()?.modified().ok()?, seq, e.path()))
+        })
         .collect();
     if rolled.len() <= keep {
         return;
     }
+    // Oldest first: by the time of the last line, then (rollovers within the file system's clock
+    // tick share it) by the day's counter, which a name's order gets wrong past 9 (".10" < ".2").
     rolled.sort();
-    for (_, path) in &rolled[..rolled.len() - keep] {
+    for (_, _, path) in &rolled[..rolled.len() - keep] {
         let _ = fs::remove_file(path);
     }
+}
+
+/// The day's rollover counter of a rolled file's name: 1 for `access_log.28-Nov.log.gz`, 2 for
+/// `access_log.28-Nov.2.log.gz`.
+fn rollover_number(name: &str, prefix: &str) -> u64 {
+    let middle = name
+        .strip_prefix(prefix)
+        .and_then(|n| n.strip_suffix(".log.gz"))
+        .unwrap_or("");
+    middle
+        .rsplit_once('.')
+        .and_then(|(_, n)| n.parse().ok())
+        .unwrap_or(1)
 }
 
 #[cfg(test)]
@@ -476,6 +505,47 @@ mod tests {
         wait_for("pruned to 3 and all compressed", || {
             !plain_left(dir.path()) && rolled(dir.path(), "access_log").len() == 3
         });
+    }
+
+    #[test]
+    fn prune_keeps_the_newest_rollovers_even_when_their_times_tie() {
+        let dir = tempfile::tempdir().unwrap();
+        let same = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        for n in 1..=12 {
+            let name = if n == 1 {
+                "access_log.29-Nov.log.gz".to_string()
+            } else {
+                format!("access_log.29-Nov.{n}.log.gz")
+            };
+            File::create(dir.path().join(name))
+                .unwrap()
+                .set_modified(same)
+                .unwrap();
+        }
+        // An older day's file, and a file of another log that prune leaves alone.
+        File::create(dir.path().join("access_log.28-Nov.3.log.gz"))
+            .unwrap()
+            .set_modified(same - Duration::from_secs(86_400))
+            .unwrap();
+        File::create(dir.path().join("ts_log.29-Nov.log.gz")).unwrap();
+        prune(dir.path(), "access_log", 3);
+        assert_eq!(
+            rolled(dir.path(), "access_log"),
+            [
+                "access_log.29-Nov.10.log.gz",
+                "access_log.29-Nov.11.log.gz",
+                "access_log.29-Nov.12.log.gz"
+            ]
+        );
+        assert_eq!(rolled(dir.path(), "ts_log").len(), 1);
+        assert_eq!(
+            rollover_number("access_log.29-Nov.log.gz", "access_log."),
+            1
+        );
+        assert_eq!(
+            rollover_number("access_log.29-Nov.7.log.gz", "access_log."),
+            7
+        );
     }
 
     #[test]

@@ -336,7 +336,7 @@ fn day_month(day: u64) -> String {
     format!("{dom:02}-{}", MONTHS[(month - 1).clamp(0, 11) as usize])
 }
 
-/// Serializes the background compressions and prunes of every writer (see `Writer::roll`).
+/// Serializes the background compressions and prunes of every writer (see `RollingFile::roll`).
 static GZIP: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Gzips `plain` into `plain.gz` and removes `plain` (kept if compression fails). The `.gz` keeps

@@ -153,8 +153,9 @@ class Engine:
                 self._hand_over(*first)
             rest = self._step(running[len(admitted):], now)
             if rest[0] or rest[1]:
-                # After this task is back to sleep, as generate()'s consumers run: the time the
-                # server takes to send a step's output does not lengthen the step.
+                # Once this task has set the next step's timer and is back to sleep, as
+                # generate()'s consumers run: the rest of the step's output waits for the
+                # first tokens, not the engine for the rest.
                 asyncio.get_running_loop().call_soon(self._hand_over, *rest)
 
     def _step(self, seqs, now):

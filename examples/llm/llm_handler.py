@@ -47,6 +47,7 @@ class LlmHandler:
     # requests arriving together), the first ones need not wait for the last one's chunk to be
     # built (measured against 4, 64 and growing groups: docs/benchmarks.md).
     FIRSTS_PER_FRAME = 8
+
     def __init__(self):
         self.engine = None
         self.model_name = "llm"
@@ -64,6 +65,7 @@ class LlmHandler:
         # Every streamed chunk but the last differs only in its text (and its stream's id and
         # creation time): the JSON around them is made once here, for completions and for chat,
         # as (head, tail) around the text; a stream fills in its id and time, a token its text.
+        # (The text is the chunk's last string: rpartition finds it whatever the model is called.)
         self._templates = {}
         for chat in (False, True):
             head, _, tail = json.dumps(self._chunk("\x01", "\x02", chat, "\x00", None)).rpartition(
@@ -115,9 +117,8 @@ class LlmHandler:
         first = True
         if stream:
             context.set_response_content_type(idx, "text/event-stream")
-            # Every chunk but the last differs only in its text: the JSON around the text is
-            # made once per stream, not a json.dumps of the whole chunk per token.
-            # (The text is the chunk's last string: rpartition finds it whatever the model is called.)
+            # This stream's JSON around a token's text: the handler's template (initialize)
+            # with the stream's id and creation time filled in.
             head, tail = self._templates[chat]
             head = head.replace(_ID, '"%s"' % rid, 1).replace(_CREATED, str(created), 1)
             request_ids = {idx: context.request_ids[idx]}

@@ -10,6 +10,8 @@
 #   TS_VENV=/work/ts-venv bench/llm_vs_torchserve.sh            # release build of oxserve
 #   OXSERVE_BIN=... STREAMS=64 MAX_TOKENS=64 ROUNDS=2 RUNS=3 STEP_MS=10 bench/llm_vs_torchserve.sh
 #   CLIENT=python ...                    # the Python load client instead of the Rust one
+#   CEILING=1 ...                        # also TorchServe's worker alone, no frontend, after each
+#                                        # pair (bench/ts_worker_ceiling.py): the most any frontend gets
 #
 # Needs: a venv with torchserve 0.12.0, torch-model-archiver and torch (TS_VENV), Java 17.
 set -euo pipefail
@@ -105,14 +107,20 @@ bench() { # label ip server-pid worker-pid
 for run in $(seq "$RUNS"); do
   bench torchserve "$TS_IP" "$java" "$ts_worker"
   bench oxserve "$OX_IP" "${pids[1]}" "$ox_worker"
+  if [ -n "${CEILING:-}" ]; then
+    python3 bench/ts_worker_ceiling.py --venv "$venv" --model-dir "$work/store/vllm" \
+      --streams "$STREAMS" --max-tokens "$MAX_TOKENS" --rounds $((ROUNDS * 3)) --json "$out"
+  fi
 done
 python3 - "$out" <<'PY'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 med = {}
-for label in ("torchserve", "oxserve"):
+for label in ("torchserve", "oxserve", "worker-alone"):
     rs = [r for r in rows if r["label"] == label]
-    med[label] = {k: statistics.median(r[k] for r in rs) for k in
+    if not rs:
+        continue
+    med[label] = {k: statistics.median(r.get(k, float("nan")) for r in rs) for k in
                   ("chunks_per_s", "ttft_p50_ms", "ttft_p99_ms", "cpu_us_per_chunk_server",
                    "cpu_us_per_chunk_worker", "load_avg")}
     med[label]["runs"] = len(rs)
@@ -127,4 +135,9 @@ t, o = med["torchserve"], med["oxserve"]
 print("oxserve / torchserve: chunks/s x%.2f, TTFT p50 x%.2f, TTFT p99 x%.2f" % (
     o["chunks_per_s"] / t["chunks_per_s"], o["ttft_p50_ms"] / t["ttft_p50_ms"],
     o["ttft_p99_ms"] / t["ttft_p99_ms"]))
+if "worker-alone" in med:
+    w = med["worker-alone"]
+    print("TorchServe's worker alone (no frontend): %.0f chunks/s = x%.2f TorchServe's, "
+          "oxserve reaches %.0f%% of it" % (w["chunks_per_s"], w["chunks_per_s"] / t["chunks_per_s"],
+                                           100 * o["chunks_per_s"] / w["chunks_per_s"]))
 PY

@@ -9,6 +9,9 @@
 #   LOG_FORMAT=json bench/load.sh    # JSON log lines
 #   SCRAPE=false bench/load.sh       # skip the /metrics-under-load part
 #   FRONTEND_THREADS=1 bench/load.sh # both servers on one runtime thread (oxserve: number_of_netty_threads)
+#   PIN=1 bench/load.sh              # servers on CPU 1, wrk (one thread) on CPU 0: the load generator
+#                                    # no longer preempts the server; each server then runs one
+#                                    # runtime thread (its default for one CPU), and is the bottleneck
 #   bench/ab.sh BUILD_A BUILD_B      # alternates builds over several runs of this script, medians
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -41,10 +44,14 @@ if [ -n "${FRONTEND_THREADS:-}" ]; then
   echo "number_of_netty_threads=$FRONTEND_THREADS" >>"$work/config.properties"
   export TOKIO_WORKER_THREADS=$FRONTEND_THREADS # the bare server's #[tokio::main] reads it
 fi
-LOG_LOCATION="$work/logs" METRICS_LOCATION="$work/logs" RUST_LOG=warn "$BIN" start --foreground --ts-config "$work/config.properties" >"$work/ox.log" 2>&1 &
+server_cpu=(); wrk_cpu=()
+if [ "${PIN:-}" = 1 ]; then
+  server_cpu=(taskset -c 1); wrk_cpu=(taskset -c 0); THREADS=1
+fi
+LOG_LOCATION="$work/logs" METRICS_LOCATION="$work/logs" RUST_LOG=warn "${server_cpu[@]}" "$BIN" start --foreground --ts-config "$work/config.properties" >"$work/ox.log" 2>&1 &
 ox_pid=$!
 pids+=($ox_pid)
-target/release/examples/hello_server "127.0.0.1:$HP" >/dev/null 2>&1 &
+"${server_cpu[@]}" target/release/examples/hello_server "127.0.0.1:$HP" >/dev/null 2>&1 &
 pids+=($!)
 for _ in $(seq 100); do
   curl -sf "http://127.0.0.1:$IP/ping" >/dev/null && curl -s -o /dev/null "http://127.0.0.1:$HP/" && break
@@ -52,7 +59,7 @@ for _ in $(seq 100); do
 done
 
 run_wrk() { # url -> "rps p50 p99"
-  wrk -t"$THREADS" -c"$CONNS" -d"$DURATION" --latency -s bench/post.lua "$1" >"$work/wrk.txt"
+  "${wrk_cpu[@]}" wrk -t"$THREADS" -c"$CONNS" -d"$DURATION" --latency -s bench/post.lua "$1" >"$work/wrk.txt"
   awk '/Requests\/sec/ {rps=$2} $1=="50%" {p50=$2} $1=="99%" {p99=$2} END {print rps, p50, p99}' "$work/wrk.txt"
 }
 to_ms() { # wrk latency (123.45us, 1.23ms, 1.2s) -> ms

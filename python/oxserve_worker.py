@@ -14,6 +14,7 @@ for rank 1), every rank answers the load message, and only rank 0 answers infere
 """
 
 import argparse
+import functools
 import logging
 import os
 import platform
@@ -107,7 +108,8 @@ def serve_async(conn, protocol, service, metrics_config):
     that has arrived is decoded in one callback and started in the next loop iteration.
     A handler that blocks the loop holds back new requests either way: they are started on the
     loop. Replies go through service.CoalescingWriter: the frames written in one loop iteration
-    leave together, in writes of up to 16 frames."""
+    leave together, in writes of up to 16 frames. A cancel message (oxserve's, when a client has
+    gone away) cancels the handler's task of that request: see protocol's module docstring."""
     cmd, msg = protocol.read_message(conn)
     if cmd != protocol.LOAD:
         print("the first message must load the model", file=sys.stderr)
@@ -119,11 +121,40 @@ def serve_async(conn, protocol, service, metrics_config):
     writer = service.CoalescingWriter(conn, loop)
     svc.context._oxserve_writer = writer  # pylint: disable=protected-access
 
+    # The task serving each request id, while its handler runs: what a cancel message stops.
+    running = {}
+
     async def run(batch):
         frame = await svc.predict_async(batch, loop)
         if LOCAL_RANK != 0:
             return
         writer.write(frame)
+
+    def start(batch):
+        ids = [request["request_id"] for request in batch]
+        task = loop.create_task(run(batch))
+        for rid in ids:
+            running[rid] = task
+        task.add_done_callback(functools.partial(finished, ids))
+
+    def finished(ids, task):
+        for rid in ids:
+            if running.get(rid) is task:
+                del running[rid]
+        # Cancelled (its clients went away; a task cancelled before it started never ran at
+        # all): the handler saw the CancelledError, and an engine freed the sequence there. The
+        # frontend still gets a final answer for every request, so that it stops counting them
+        # as in flight.
+        if task.cancelled() and LOCAL_RANK == 0:
+            writer.write(protocol.create_predict_response(
+                None, dict(enumerate(ids)), "cancelled: the client closed the request", 499))
+
+    def cancel(rid):
+        # A batch is cancelled once every request of it is: one client going away must not
+        # stop the others' answers. (TorchServe's vLLM recipe sends one request per batch.)
+        task = running.pop(rid, None)
+        if task is not None and task not in running.values():
+            task.cancel()
 
     inbox = protocol.MessageBuffer()
 
@@ -146,8 +177,11 @@ def serve_async(conn, protocol, service, metrics_config):
             stop()
             return
         try:
-            for batch in inbox.feed(data):
-                loop.create_task(run(batch))
+            for cmd, payload in inbox.feed(data):
+                if cmd == protocol.CANCEL:
+                    cancel(payload)
+                else:
+                    start(payload)
         except ValueError as e:
             print("async mode: %s" % e, file=sys.stderr)
             stop()

@@ -501,3 +501,77 @@ async fn large_requests_and_large_streamed_replies_at_once_do_not_stall_the_asyn
         assert!(text.ends_with(&format!("len={}", body.len())));
     }
 }
+
+/// A client that goes away stops its generation: with room for one sequence in the engine and
+/// 50 ms steps, a request of 4096 tokens holds the engine for over 200 s unless its cancellation
+/// reaches the engine, and the next request waits behind it. Both ways a client leaves are
+/// tried: in the middle of a stream (noticed at its next chunk), and while waiting for a whole
+/// reply (noticed by the worker pool's sweep). The requests are counted as cancelled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_goes_away_frees_its_engine_slot() {
+    let store = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/llm");
+    let read = |f: &str| std::fs::read_to_string(root.join(f)).unwrap();
+    let yaml = read("model-config.yaml")
+        .replace("max_num_seqs: 64", "max_num_seqs: 1")
+        .replace("step_ms: 10", "step_ms: 50");
+    assert!(yaml.contains("max_num_seqs: 1") && yaml.contains("step_ms: 50"));
+    model_folder(
+        store.path(),
+        "llm",
+        &yaml,
+        &[
+            ("llm.py", &read("llm_handler.py")),
+            ("engine.py", &read("engine.py")),
+        ],
+    );
+    let s = start(store.path(), "llm");
+    s.wait_healthy().await;
+    let long = |stream: bool| serde_json::json!({"prompt": "tell me everything", "max_tokens": 4096, "stream": stream});
+    let short = || serde_json::json!({"prompt": "hi", "max_tokens": 3});
+    // Generous: the whole test takes about a second when cancellation works, and 200 s per
+    // request when it does not.
+    let limit = std::time::Duration::from_secs(60);
+    let running = "oxserve_requests_running{model_name=\"llm\",model_version=\"1.0\"}";
+
+    // 1. In the middle of a stream.
+    let mut r = post_json(&s, "v1/completions", long(true)).await;
+    assert_eq!(r.status(), 200);
+    let first = r.chunk().await.unwrap().expect("a first chunk");
+    assert!(first.starts_with(b"data: "), "{first:?}");
+    drop(r);
+    let r = tokio::time::timeout(limit, post_json(&s, "v1/completions", short()))
+        .await
+        .expect("the next request still waits: the abandoned stream kept its engine slot");
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["usage"]["completion_tokens"], 3, "{v}");
+
+    // 2. While waiting for a whole reply.
+    let waiting = {
+        let client = s.client.clone();
+        let url = format!("{}/predictions/llm/1.0/v1/completions", s.inference);
+        let body = long(false).to_string();
+        tokio::spawn(async move {
+            client
+                .post(url)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+        })
+    };
+    s.wait_sample(running, |v| v == 1.0).await;
+    waiting.abort();
+    assert!(waiting.await.unwrap_err().is_cancelled());
+    let r = tokio::time::timeout(limit, post_json(&s, "v1/completions", short()))
+        .await
+        .expect("the next request still waits: the abandoned request kept its engine slot");
+    assert_eq!(r.status(), 200);
+
+    let cancelled = "oxserve_requests_cancelled_total{model_name=\"llm\",model_version=\"1.0\"}";
+    s.wait_sample(cancelled, |v| v == 2.0).await;
+    s.wait_sample(running, |v| v == 0.0).await;
+    let log = s.log();
+    assert_eq!(log.matches("client gone: cancelling").count(), 2, "{log}");
+}

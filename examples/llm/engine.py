@@ -45,6 +45,8 @@ class Sequence:
         self.listener = None
         self.word = None
         self.finished = None
+        # Its consumer went away (the client disconnected): the engine drops it at its next step.
+        self.aborted = False
 
     def end(self):
         """The sequence is over: ends generate()'s iterator, or resolves `finished`."""
@@ -104,18 +106,32 @@ class Engine:
 
     async def generate(self, prompt, max_tokens=16, stop=None):
         """Yields (word, sequence) per generated word; the sequence's finish_reason is set when
-        the last word is yielded ("length" or "stop")."""
+        the last word is yielded ("length" or "stop"). A consumer that stops early (cancelled,
+        or closing the generator) frees the sequence's slot."""
         seq = Sequence(prompt, max(0, int(max_tokens)), stop)
         self._queue(seq)
         out = seq.out
-        while True:
-            if not out:
-                seq.waiter = asyncio.get_running_loop().create_future()
-                await seq.waiter
-            word = out.popleft()
-            if word is None:
-                return
-            yield word, seq
+        try:
+            while True:
+                if not out:
+                    seq.waiter = asyncio.get_running_loop().create_future()
+                    await seq.waiter
+                word = out.popleft()
+                if word is None:
+                    return
+                yield word, seq
+        finally:
+            if seq.finish_reason is None:
+                self.abort(seq)
+
+    def abort(self, seq):
+        """Stops a sequence nobody waits for any more (its client went away, as vLLM's
+        engine.abort): it leaves the batch at the next step, and its slot goes to a waiting one."""
+        seq.aborted = True
+        try:
+            self.waiting.remove(seq)
+        except ValueError:
+            pass
 
     async def _loop(self):
         next_step = None
@@ -164,6 +180,8 @@ class Engine:
         stepped, ended = [], []
         still = self.running
         for seq in seqs:
+            if seq.aborted:
+                continue
             if seq.generated >= seq.max_tokens:
                 seq.finish_reason = "length"
                 self._retire(seq, ended)
@@ -196,6 +214,9 @@ class Engine:
             seq.end()
 
     def _hand_over(self, stepped, ended):
+        # A sequence aborted since the step (the rest of a step is handed over a moment later)
+        # has nobody to take its word.
+        stepped = [seq for seq in stepped if not seq.aborted]
         if stepped:
             try:
                 self.on_step(stepped)

@@ -127,7 +127,13 @@ class LlmHandler:
                 state = types.SimpleNamespace(
                     context=context, idx=idx, rid=rid, created=created, chat=chat, head=head,
                     tail=tail, prompt_tokens=prompt_tokens, handler_start=handler_start, words=0)
-                await self.engine.add(prompt, max_tokens, stop, state).finished
+                seq = self.engine.add(prompt, max_tokens, stop, state)
+                try:
+                    await seq.finished
+                except asyncio.CancelledError:
+                    # The client went away (oxserve cancels the request): free the slot.
+                    self.engine.abort(seq)
+                    raise
                 return "data: [DONE]\n\n"
         async for word, seq in self.engine.generate(prompt, max_tokens, stop):
             words.append(word)

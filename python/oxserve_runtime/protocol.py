@@ -3,6 +3,12 @@
 Everything is big-endian. A string is an int32 length followed by that many bytes; a list ends
 with an int32 -1. The frontend sends load (b"L") and inference (b"I") messages; the worker answers
 each with one reply frame (inference replies may be preceded by streamed intermediate frames).
+
+oxserve adds one message, sent only to this runtime (never to TorchServe's worker, which would
+refuse it) and only in async mode: cancel (b"C", then the request id as a string), when the
+client of a request in flight has gone away. The worker cancels that request's handler, if it is
+still running, and answers it with a 499 error frame; a cancel for a request already answered
+is ignored.
 """
 
 import json
@@ -11,6 +17,7 @@ import struct
 
 LOAD = b"L"
 PREDICT = b"I"
+CANCEL = b"C"
 END = -1
 
 
@@ -72,11 +79,12 @@ class _Short(Exception):
 
 
 class MessageBuffer:
-    """Async mode's inference messages, decoded from the bytes as they arrive (the event loop
-    reads the socket without waiting): `feed(data)` returns every batch now complete, in order;
-    the start of an incomplete message stays buffered. A large message arriving in many reads
-    is parsed again only once enough bytes are there for the field that did not fit, so its
-    cost stays linear in its size. Raises ValueError on anything but an inference message."""
+    """Async mode's messages, decoded from the bytes as they arrive (the event loop reads the
+    socket without waiting): `feed(data)` returns every message now complete, in order, as
+    (PREDICT, batch) or (CANCEL, request id); the start of an incomplete message stays buffered.
+    A large message arriving in many reads is parsed again only once enough bytes are there for
+    the field that did not fit, so its cost stays linear in its size. Raises ValueError on any
+    other command."""
 
     def __init__(self):
         self._pending = bytearray()
@@ -91,23 +99,33 @@ class MessageBuffer:
             self._pending = bytearray()
         else:
             buf = data
-        size, pos, batches = len(buf), 0, []
+        size, pos, messages = len(buf), 0, []
         self._need = 0
         while pos < size:
-            if buf[pos] != PREDICT[0]:
-                raise ValueError("unexpected command %r in async mode" % buf[pos:pos + 1])
+            cmd = buf[pos]
             try:
-                batch, end = _parse_predict(buf, pos + 1)
+                if cmd == PREDICT[0]:
+                    batch, end = _parse_predict(buf, pos + 1)
+                    messages.append((PREDICT, batch))
+                elif cmd == CANCEL[0]:
+                    (length,) = _INT_FROM(buf, pos + 1)
+                    if length < 0:
+                        raise ValueError("negative request id length %d in cancel" % length)
+                    end = pos + 5 + length
+                    if end > size:
+                        raise _Short(end)
+                    messages.append((CANCEL, buf[pos + 5:end].decode("utf-8", "replace")))
+                else:
+                    raise ValueError("unexpected command %r in async mode" % buf[pos:pos + 1])
             except _Short as e:
                 self._need = e.need - pos
                 break
             except struct.error:  # an int cut off at the end of what has arrived
                 break
-            batches.append(batch)
             pos = end
         if pos < size:
             self._pending = bytearray(buf[pos:])
-        return batches
+        return messages
 
 
 _INT_FROM = struct.Struct("!i").unpack_from

@@ -261,8 +261,9 @@ def _entry_points(module, function_name):
         if init is None:
             # TorchServe initialises a function entry point by calling it with data=None, and a
             # load whose call raises fails (a missing import, MemoryError): the worker reports it.
+            # (Returned: an `async def handle` gives a coroutine, which the loader runs.)
             def init(ctx):
-                entry(None, ctx)
+                return entry(None, ctx)
         return entry, init
     if function_name:
         raise LoadError("handler module %r has no function %r" % (module.__name__, function_name))

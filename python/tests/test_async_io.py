@@ -114,6 +114,16 @@ class Buffered(unittest.TestCase):
             b.close()
 
 
+def cancel_msg(rid):
+    return b"C" + frame_str(rid)
+
+
+def batches_of(messages):
+    """The batches of a list of (command, payload) messages, which must all be inference ones."""
+    assert all(cmd == protocol.PREDICT for cmd, _ in messages), messages
+    return [batch for _, batch in messages]
+
+
 class Messages(unittest.TestCase):
     """protocol.MessageBuffer: what the async worker's event loop decodes as bytes arrive."""
 
@@ -122,7 +132,7 @@ class Messages(unittest.TestCase):
         inbox = protocol.MessageBuffer()
         batches = []
         for i in range(len(data)):
-            batches.extend(inbox.feed(data[i:i + 1]))
+            batches.extend(batches_of(inbox.feed(data[i:i + 1])))
         self.assertEqual([b[0]["request_id"] for b in batches], ["r0", "r1", "r2"])
         self.assertEqual([b[0]["params"] for b in batches],
                          [[("body", "text/plain", "body %d" % i)] for i in range(3)])
@@ -132,11 +142,25 @@ class Messages(unittest.TestCase):
         data = b"".join(predict("r%d" % i, "x" * i) for i in range(10))
         extra = predict("late", "y" * 100)
         inbox = protocol.MessageBuffer()
-        got = inbox.feed(data + extra[:50])
+        got = batches_of(inbox.feed(data + extra[:50]))
         self.assertEqual([b[0]["request_id"] for b in got], ["r%d" % i for i in range(10)])
-        got = inbox.feed(extra[50:])
+        got = batches_of(inbox.feed(extra[50:]))
         self.assertEqual([b[0]["request_id"] for b in got], ["late"])
         self.assertEqual(inbox.feed(b""), [])
+
+    def test_cancel_messages_come_out_in_order_with_inference_ones(self):
+        data = (predict("a", "x") + cancel_msg("a") + predict("b", "y") + cancel_msg("\u00e9")
+                + cancel_msg(""))
+        for piece in (len(data), 1, 3):
+            inbox = protocol.MessageBuffer()
+            got = []
+            for i in range(0, len(data), piece):
+                got.extend(inbox.feed(data[i:i + piece]))
+            self.assertEqual([(cmd, p if cmd == protocol.CANCEL else p[0]["request_id"])
+                              for cmd, p in got],
+                             [(protocol.PREDICT, "a"), (protocol.CANCEL, "a"),
+                              (protocol.PREDICT, "b"), (protocol.CANCEL, "\u00e9"),
+                              (protocol.CANCEL, "")], piece)
 
     def test_a_large_message_in_small_pieces_is_parsed_a_few_times_not_once_per_piece(self):
         body = "z" * (1 << 20)
@@ -152,20 +176,22 @@ class Messages(unittest.TestCase):
         got = []
         with mock.patch.object(protocol, "_parse_predict", counting):
             for i in range(0, len(data), 1024):
-                got.extend(inbox.feed(data[i:i + 1024]))
+                got.extend(batches_of(inbox.feed(data[i:i + 1024])))
         self.assertEqual(len(got), 1)
         self.assertEqual(got[0][0]["params"], [("body", "text/plain", body)])
         # About 1,000 pieces: parsed when the request id, the header, the parameter's name and
         # type and then the whole body can be there, not on every piece.
         self.assertLessEqual(len(calls), 8, calls)
 
-    def test_anything_but_an_inference_message_is_refused(self):
+    def test_anything_but_an_inference_or_cancel_message_is_refused(self):
         with self.assertRaises(ValueError):
             protocol.MessageBuffer().feed(b"L" + frame_str("model"))
         with self.assertRaises(ValueError):
             protocol.MessageBuffer().feed(predict("ok", "x") + b"Q")
         with self.assertRaises(ValueError):  # a negative string length
             protocol.MessageBuffer().feed(b"I" + frame_str("r") + struct.pack("!i", -7) + b"x" * 40)
+        with self.assertRaises(ValueError):  # a cancel with a negative id length
+            protocol.MessageBuffer().feed(b"C" + struct.pack("!i", -1))
 
 
 class Coalescing(unittest.TestCase):

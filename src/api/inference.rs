@@ -365,7 +365,7 @@ async fn dispatch(
     };
     let in_url = version.is_some();
     match enqueue(&model, request, arrival, in_url) {
-        Ok(rx) => respond(rx, model.metrics.clone(), in_url, openai).await,
+        Ok(rx) => respond(rx, model.metrics.clone(), in_url, openai, arrival).await,
         Err(e) => {
             let mut r = e.into_response();
             tag(&mut r, &model.metrics, &Timings::new(arrival));
@@ -548,8 +548,20 @@ async fn respond(
     metrics: std::sync::Arc<ModelMetrics>,
     in_url: bool,
     openai: bool,
+    arrival: Instant,
 ) -> Response {
-    let (first, rest) = match rx.await {
+    let reply = {
+        let mut waiting = Waiting {
+            metrics: &metrics,
+            arrival,
+            in_url,
+            armed: true,
+        };
+        let reply = rx.await;
+        waiting.armed = false;
+        reply
+    };
+    let (first, rest) = match reply {
         Ok(Reply::Whole(part)) => {
             let mut t = part.timings;
             t.responded = Some(Instant::now());
@@ -582,6 +594,8 @@ async fn respond(
         usage: None,
         openai,
         in_url,
+        status: head.status,
+        ended: false,
     };
     let state = Some((Some(first), rest, stream));
     let stream = futures_util::stream::unfold(state, move |state| async move {
@@ -622,6 +636,47 @@ struct Streamed {
     usage: Option<Usage>,
     openai: bool,
     in_url: bool,
+    /// The status the response head went out with.
+    status: u16,
+    /// Its last part passed (or the worker went away): recorded.
+    ended: bool,
+}
+
+/// A request waiting for its reply. hyper drops the request's future when its client closes the
+/// connection: the request is then recorded here, as cancelled with nginx's 499 (nothing was
+/// sent), and the worker pool sees the reply's receiver gone (an async worker on oxserve's
+/// runtime then stops the handler).
+struct Waiting<'a> {
+    metrics: &'a ModelMetrics,
+    arrival: Instant,
+    in_url: bool,
+    armed: bool,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let mut t = Timings::new(self.arrival);
+            t.responded = Some(Instant::now());
+            self.metrics.record_cancelled(&t, 499, self.in_url);
+        }
+    }
+}
+
+/// A stream dropped before its last part (the client went away) is recorded as cancelled, with
+/// the status its head was sent with.
+impl Drop for Streamed {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.ended = true;
+            let mut t = self.timings;
+            t.responded = Some(Instant::now());
+            self.metrics.record_cancelled(&t, self.status, self.in_url);
+            if let Some(u) = self.usage.take() {
+                self.metrics.record_usage(u);
+            }
+        }
+    }
 }
 
 impl Streamed {
@@ -643,6 +698,7 @@ impl Streamed {
 
     /// The stream ended (last part, or the worker went away: `status` 500).
     fn finish(&mut self, status: u16) {
+        self.ended = true;
         let mut t = self.timings;
         t.responded = Some(Instant::now());
         self.metrics.record_request(&t, status, self.in_url);

@@ -214,6 +214,18 @@ pub trait Backend: Send {
         Err(BackendError::Died("this backend has no async mode".into()))
     }
 
+    /// Async mode: whether [`Backend::cancel`] reaches the handler (oxserve's Python runtime);
+    /// otherwise a request whose client went away runs to its end, as in TorchServe.
+    fn can_cancel(&self) -> bool {
+        false
+    }
+
+    /// Async mode: stops the requests `ids`, sent earlier, whose clients went away. Each still
+    /// gets a final reply part from [`Backend::recv`] (an error part when it was stopped).
+    async fn cancel(&mut self, _ids: &[String]) -> Result<(), BackendError> {
+        Ok(())
+    }
+
     /// Async mode: the parts of the next reply, for any requests sent earlier, in the order the
     /// backend finished them. Must be cancel safe: it is raced against new work arriving.
     async fn recv(&mut self) -> Result<Vec<Part>, BackendError> {

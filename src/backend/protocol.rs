@@ -9,6 +9,9 @@
 //!   parameters as (name, content type, value) ending with -1; after the last request, -1.
 //!   Reply: `i32` code, message, per request: request id, content type, `i32` status, reason
 //!   phrase, `i32` header count and (name, value) pairs, body; the list ends with -1.
+//! - cancel (oxserve's own, not TorchServe's: sent only to oxserve's runtime in async mode):
+//!   `b"C"`, request id. No reply of its own: the request's final reply frame answers it (a 499
+//!   error frame when its handler was still running).
 //!
 //! Decoders take the bytes received so far and return `Ok(None)` while a frame is incomplete, so a
 //! reader can call them again after every read; the `_from` variants also say how many bytes must
@@ -143,6 +146,16 @@ pub fn encode_infer(batch: &[InferRequest]) -> Vec<u8> {
         put_int(&mut out, END);
     }
     put_int(&mut out, END);
+    out
+}
+
+/// Encodes cancel messages, one per request id, in one buffer.
+pub fn encode_cancel(ids: &[String]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(ids.iter().map(|id| 5 + id.len()).sum());
+    for id in ids {
+        out.push(b'C');
+        put_bytes(&mut out, id.as_bytes());
+    }
     out
 }
 
@@ -391,6 +404,15 @@ mod tests {
 \x00\x00\x00\x04body\x00\x00\x00\x0atext/plain\x00\x00\x00\x00\xff\xff\xff\xff\
 \xff\xff\xff\xff";
         assert_eq!(frame, expected);
+    }
+
+    #[test]
+    fn cancel_frames_are_byte_exact() {
+        assert_eq!(
+            encode_cancel(&["a".into(), "bc".into()]),
+            b"C\x00\x00\x00\x01aC\x00\x00\x00\x02bc"
+        );
+        assert!(encode_cancel(&[]).is_empty());
     }
 
     #[test]

@@ -44,6 +44,7 @@ pub const STREAM_CHUNKS: &str = "oxserve_stream_chunks_total";
 pub const PROMPT_TOKENS: &str = "oxserve_prompt_tokens_total";
 pub const GENERATED_TOKENS: &str = "oxserve_generated_tokens_total";
 pub const REQUESTS_RUNNING: &str = "oxserve_requests_running";
+pub const REQUESTS_CANCELLED: &str = "oxserve_requests_cancelled_total";
 pub const BATCH_SIZE: &str = "oxserve_batch_size";
 pub const QUEUE_DEPTH: &str = "oxserve_queue_depth";
 pub const QUEUE_CAPACITY: &str = "oxserve_queue_capacity";
@@ -93,6 +94,7 @@ pub(super) fn own(buckets: &[f64]) -> Vec<FamilyDef> {
         per_model(PROMPT_TOKENS, Counter, "Prompt tokens, from the OpenAI usage object of replies that carry one."),
         per_model(GENERATED_TOKENS, Counter, "Completion (generated) tokens, from the OpenAI usage object of replies that carry one."),
         per_model(REQUESTS_RUNNING, Gauge, "Requests handed to workers and not answered yet (those waiting for one are oxserve_queue_depth)."),
+        per_model(REQUESTS_CANCELLED, Counter, "Prediction requests whose HTTP client went away before the reply was complete (stopped in the worker when it can: async mode on oxserve's runtime)."),
         per_model(BATCH_SIZE, Histogram, "Requests per batch handed to a worker.").buckets(BATCH_BUCKETS),
         per_model(QUEUE_DEPTH, Gauge, "Requests waiting in the model's queue."),
         per_model(QUEUE_CAPACITY, Gauge, "Capacity of the model's queue (job_queue_size)."),

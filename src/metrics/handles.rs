@@ -210,6 +210,8 @@ pub struct ModelMetrics {
     pub(super) stream_chunks: LazyHandle,
     pub(super) prompt_tokens: LazyHandle,
     pub(super) generated_tokens: LazyHandle,
+    /// Requests whose client went away before the reply was complete (created on the first).
+    pub(super) requests_cancelled: LazyHandle,
     pub workers_min: Handle,
     pub workers_max: Handle,
     pub(super) workers: [Handle; 5],
@@ -247,6 +249,13 @@ impl ModelMetrics {
                 .observe(first.saturating_duration_since(t.arrival).as_secs_f64());
         }
         self.responses[status_class(status)].inc();
+    }
+
+    /// Records a request whose client went away before its reply was complete: as a finished
+    /// request (with the status sent, or 499 when nothing was), and as cancelled.
+    pub fn record_cancelled(&self, t: &Timings, status: u16, version_in_url: bool) {
+        self.record_request(t, status, version_in_url);
+        self.requests_cancelled.inc_by(1.0);
     }
 
     /// Records one chunk of a streamed reply; `gap` is the time since the previous chunk (none for

@@ -376,6 +376,7 @@ impl Metrics {
             stream_chunks: lazy(f::STREAM_CHUNKS),
             prompt_tokens: lazy(f::PROMPT_TOKENS),
             generated_tokens: lazy(f::GENERATED_TOKENS),
+            requests_cancelled: lazy(f::REQUESTS_CANCELLED),
             queue_capacity: s(f::QUEUE_CAPACITY),
             workers_min: s(f::WORKERS_MIN),
             workers_max: s(f::WORKERS_MAX),

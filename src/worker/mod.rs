@@ -84,6 +84,16 @@ impl ReplyTx {
             (None, None) => {}
         }
     }
+
+    /// Nobody reads the reply any more: the client went away (its HTTP request future, or the
+    /// stream it was reading, was dropped). False once answered.
+    fn abandoned(&self) -> bool {
+        match (&self.first, &self.rest) {
+            (Some(first), _) => first.is_closed(),
+            (None, Some(rest)) => rest.is_closed(),
+            (None, None) => false,
+        }
+    }
 }
 
 /// A request waiting for, or being served by, a worker.
@@ -148,6 +158,14 @@ impl Job {
     /// Answers the job with a scheduling error.
     pub fn fail(self, error: &PoolError) {
         self.finish(error.response());
+    }
+
+    /// Whether the client went away before the reply was complete.
+    fn abandoned(&self) -> bool {
+        self.reply
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .abandoned()
     }
 
     /// Sends a streamed (not final) part.

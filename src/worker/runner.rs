@@ -194,8 +194,12 @@ impl Runner {
     /// any order, matched by request id. A failed request answers only itself (TorchServe's
     /// frontend sends one request's error to every job in flight on the worker). Each request
     /// has `response_timeout` from its latest reply part: past it, it alone answers 408 and a
-    /// late reply is ignored. Returns when the supervisor stopped the worker and every request
-    /// in flight is answered (Ok), or when the backend died (every one in flight answers 503).
+    /// late reply is ignored. A request whose client went away is cancelled in the worker when
+    /// the backend can ([`Backend::can_cancel`]): noticed when its next streamed part finds no
+    /// reader, or by a sweep every [`CANCEL_SWEEP`] (a whole reply's waiter); it stays in flight
+    /// until the worker's final answer. Returns when the supervisor stopped the worker and every
+    /// request in flight is answered (Ok), or when the backend died (every one in flight answers
+    /// 503).
     async fn run_async(
         &self,
         backend: &mut Box<dyn Backend>,
@@ -204,12 +208,14 @@ impl Runner {
         let slot = self.slot;
         let timeout = self.spec.model.response_timeout;
         let chunk = (self.spec.model.batch_size.max(1)) as usize;
-        let mut flying: HashMap<String, (Job, tokio::time::Instant)> = HashMap::new();
+        let can_cancel = backend.can_cancel();
+        let mut flying: HashMap<String, Flying> = HashMap::new();
         let mut open = true;
-        let died = |flying: &mut HashMap<String, (Job, tokio::time::Instant)>, why: String| {
+        let mut next_sweep = tokio::time::Instant::now() + CANCEL_SWEEP;
+        let died = |flying: &mut HashMap<String, Flying>, why: String| {
             let e = PoolError::WorkerDied(why);
-            for (_, (job, _)) in flying.drain() {
-                job.fail(&e);
+            for (_, f) in flying.drain() {
+                f.job.fail(&e);
             }
             Err(Failure::Died(e.to_string()))
         };
@@ -217,7 +223,12 @@ impl Runner {
             if !open && flying.is_empty() {
                 return Ok(());
             }
-            let next_expiry = flying.values().map(|(_, t)| *t).min();
+            let next_expiry = flying.values().map(|f| f.deadline).min();
+            let wake = match next_expiry {
+                Some(t) if can_cancel => Some(t.min(next_sweep)),
+                other => other,
+            };
+            let mut gone: Vec<String> = Vec::new();
             tokio::select! {
                 batch = batches.recv(), if open => {
                     let Some(mut jobs) = batch else {
@@ -234,7 +245,7 @@ impl Runner {
                             job.timings.backend_start = Some(now);
                             let mut request = std::mem::take(&mut job.request);
                             request.id = unique_id(&flying, request.id);
-                            flying.insert(request.id.clone(), (job, deadline));
+                            flying.insert(request.id.clone(), Flying { job, deadline, cancelled: false });
                             requests.push(request);
                         }
                         self.metrics.batch_size.observe(requests.len() as f64);
@@ -255,7 +266,7 @@ impl Runner {
                     let mut released = 0;
                     for Part { id, response, last } in parts {
                         if last {
-                            let Some((mut job, _)) = flying.remove(&id) else {
+                            let Some(Flying { mut job, .. }) = flying.remove(&id) else {
                                 tracing::warn!(worker = %self.spec.name, request_id = %id, "reply for a request not in flight (timed out?) ignored");
                                 continue;
                             };
@@ -266,26 +277,49 @@ impl Runner {
                             }
                             job.finish(response);
                             released += 1;
-                        } else if let Some((job, deadline)) = flying.get_mut(&id) {
-                            *deadline = super::policy::later(tokio::time::Instant::now(), timeout);
-                            job.send_partial(response);
+                        } else if let Some(f) = flying.get_mut(&id) {
+                            f.deadline = super::policy::later(tokio::time::Instant::now(), timeout);
+                            f.job.send_partial(response);
+                            if can_cancel && !f.cancelled && f.job.abandoned() {
+                                f.cancelled = true;
+                                gone.push(id);
+                            }
                         }
                     }
                     if released > 0 {
                         self.report(Event::Released { slot, n: released, seq: SeqNotes::default() });
                     }
                 }
-                _ = tokio::time::sleep_until(next_expiry.unwrap_or_else(tokio::time::Instant::now)), if next_expiry.is_some() => {
+                _ = tokio::time::sleep_until(wake.unwrap_or_else(tokio::time::Instant::now)), if wake.is_some() => {
                     let now = tokio::time::Instant::now();
-                    let expired: Vec<String> = flying.iter().filter(|(_, (_, t))| *t <= now).map(|(id, _)| id.clone()).collect();
+                    let expired: Vec<String> = flying.iter().filter(|(_, f)| f.deadline <= now).map(|(id, _)| id.clone()).collect();
                     let e = PoolError::RequestTimeout(timeout.as_secs());
                     for id in &expired {
-                        if let Some((job, _)) = flying.remove(id) {
+                        if let Some(f) = flying.remove(id) {
                             tracing::warn!(worker = %self.spec.name, request_id = %id, "{e}");
-                            job.fail(&e);
+                            f.job.fail(&e);
                         }
                     }
-                    self.report(Event::Released { slot, n: expired.len(), seq: SeqNotes::default() });
+                    if !expired.is_empty() {
+                        self.report(Event::Released { slot, n: expired.len(), seq: SeqNotes::default() });
+                    }
+                    if can_cancel && now >= next_sweep {
+                        next_sweep = now + CANCEL_SWEEP;
+                        for (id, f) in flying.iter_mut() {
+                            if !f.cancelled && f.job.abandoned() {
+                                f.cancelled = true;
+                                gone.push(id.clone());
+                            }
+                        }
+                    }
+                }
+            }
+            if !gone.is_empty() {
+                tracing::info!(worker = %self.spec.name, requests = gone.len(), "client gone: cancelling {}", gone.join(", "));
+                match AssertUnwindSafe(backend.cancel(&gone)).catch_unwind().await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => return died(&mut flying, e.to_string()),
+                    Err(p) => return died(&mut flying, format!("panic: {}", panic_message(&*p))),
                 }
             }
         }
@@ -542,6 +576,19 @@ async fn within<F: std::future::Future>(
 
 /// A job in a continuous batch: its id as sent, its headers (resent with every step), the job.
 type Running = (String, Vec<(String, String)>, Job);
+
+/// A job in flight on an async backend.
+struct Flying {
+    job: Job,
+    /// When it answers 408 unless another reply part comes first.
+    deadline: tokio::time::Instant,
+    /// Its client went away and the backend was told to stop it.
+    cancelled: bool,
+}
+
+/// How often async mode looks for requests in flight whose client went away without a streamed
+/// part telling it (a client waiting for a whole reply).
+const CANCEL_SWEEP: Duration = Duration::from_secs(1);
 
 /// `id`, or `id#2`, `id#3`, ... when a request with that id is already in flight on this worker:
 /// replies are matched by id, and clients choose their own `x-request-id`.

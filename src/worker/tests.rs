@@ -588,6 +588,16 @@ impl Backend for AsyncFake {
             .await
             .ok_or_else(|| BackendError::Died("socket closed".into()))
     }
+    fn can_cancel(&self) -> bool {
+        true
+    }
+    /// Shows as a message of ids `cancel:<id>`.
+    async fn cancel(&mut self, ids: &[String]) -> Result<(), BackendError> {
+        let _ = self
+            .sent
+            .send(ids.iter().map(|id| format!("cancel:{id}")).collect());
+        Ok(())
+    }
 }
 
 fn part(id: &str, body: &str, last: bool) -> crate::backend::Part {
@@ -709,6 +719,44 @@ async fn async_mode_times_out_one_request_and_a_crash_fails_only_those_in_flight
         assert_eq!(status, 503, "{body}");
         assert!(body.contains("Worker died"), "{body}");
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn async_mode_cancels_requests_whose_client_went_away_and_waits_for_their_answer() {
+    let mut h = async_harness(10, 1, Duration::from_secs(3600)).await;
+    let (streamed, waiting, kept) = (h.submit("streamed"), h.submit("waiting"), h.submit("kept"));
+    for _ in 0..3 {
+        let _ = h.sent().await;
+    }
+    // A stream whose reader goes away: noticed at its next part.
+    h.parts.send(vec![part("streamed", "t1", false)]).unwrap();
+    let Reply::Stream(_, rest) = streamed.await.unwrap() else {
+        panic!("a stream")
+    };
+    drop(rest);
+    h.parts.send(vec![part("streamed", "t2", false)]).unwrap();
+    assert_eq!(h.sent().await, ["cancel:streamed"]);
+    // A client waiting for a whole reply goes away: the next sweep finds it (the paused clock
+    // moves on to it).
+    drop(waiting);
+    assert_eq!(h.sent().await, ["cancel:waiting"]);
+    // Each is cancelled once; both stay in flight until their final answers; the third request,
+    // whose client is still there, is never cancelled.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    h.parts
+        .send(vec![
+            part("streamed", "", true),
+            part("waiting", "", true),
+            part("kept", "K", true),
+        ])
+        .unwrap();
+    assert_eq!(answer(kept).await, (200, "K".to_string()));
+    assert!(
+        h.sent.try_recv().is_err(),
+        "nothing more reached the backend"
+    );
+    let s = h.pool.describe().await;
+    assert_eq!(statuses(&s), [WorkerStatus::Ready]);
 }
 
 #[tokio::test(start_paused = true)]

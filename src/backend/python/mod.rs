@@ -229,6 +229,7 @@ impl BackendLoader for PythonLoader {
             response_timeout: spec.model.response_timeout,
             max_len: settings.max_response_size.max(1024),
             async_mode,
+            cancellable: async_mode && settings.worker_runtime == WorkerRuntime::Oxserve,
             batch_size: spec.model.batch_size.max(1) as usize,
             last_sent: 0,
             in_flight: Default::default(),

@@ -46,6 +46,9 @@ pub(super) struct PythonBackend {
     pub(super) max_len: usize,
     /// Started with `--async`: many requests in flight ([`Backend::send`] / [`Backend::recv`]).
     pub(super) async_mode: bool,
+    /// Async mode on oxserve's runtime, which takes cancel messages (TorchServe's worker would
+    /// refuse the unknown command and stop reading).
+    pub(super) cancellable: bool,
     /// Requests per inference message at most (and so per reply frame).
     pub(super) batch_size: usize,
     /// Requests in the latest message sent: a continuous step may hold more than batch_size
@@ -279,6 +282,28 @@ impl PythonBackend {
         self.write_to_ranks(frame, all).await
     }
 
+    /// Writes a message (`what`, for the error) where inference messages go, within
+    /// response_timeout; a worker that does not take it is killed.
+    async fn deliver(&mut self, frame: &[u8], what: &str) -> Result<(), BackendError> {
+        match timeout(self.response_timeout, self.write_inference(frame)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                let what = format!("worker {} connection failed: {e}", self.name);
+                Err(self.died(what).await)
+            }
+            Err(_) => {
+                self.kill_and_reap().await;
+                let reason = format!(
+                    "worker {} did not take {what} within {}s; killed",
+                    self.name,
+                    self.response_timeout.as_secs_f64()
+                );
+                self.dead = Some(reason.clone());
+                Err(BackendError::Died(reason))
+            }
+        }
+    }
+
     /// Reads more bytes into the buffer.
     async fn fill(&mut self) -> Result<(), ReadError> {
         let stream = self.stream.as_mut().ok_or(ReadError::Eof)?;
@@ -510,23 +535,26 @@ impl Backend for PythonBackend {
         if self.async_mode {
             self.in_flight.extend(batch.iter().map(|r| r.id.clone()));
         }
-        match timeout(self.response_timeout, self.write_inference(&frame)).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => {
-                let what = format!("worker {} connection failed: {e}", self.name);
-                Err(self.died(what).await)
-            }
-            Err(_) => {
-                self.kill_and_reap().await;
-                let reason = format!(
-                    "worker {} did not take a request within {}s; killed",
-                    self.name,
-                    self.response_timeout.as_secs_f64()
-                );
-                self.dead = Some(reason.clone());
-                Err(BackendError::Died(reason))
-            }
+        self.deliver(&frame, "a request").await
+    }
+
+    fn can_cancel(&self) -> bool {
+        self.cancellable
+    }
+
+    async fn cancel(&mut self, ids: &[String]) -> Result<(), BackendError> {
+        let ids: Vec<String> = ids
+            .iter()
+            .filter(|id| self.in_flight.contains(*id))
+            .cloned()
+            .collect();
+        if !self.cancellable || ids.is_empty() || self.dead.is_some() {
+            return Ok(());
         }
+        // Where the requests went: every rank of a tensor-parallel worker runs them (and must stop
+        // together), else rank 0.
+        self.deliver(&protocol::encode_cancel(&ids), "a cancel")
+            .await
     }
 
     async fn recv(&mut self) -> Result<Vec<Part>, BackendError> {

@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import struct
 import subprocess
 import sys
@@ -30,20 +29,9 @@ import tempfile
 import threading
 import time
 
+from worker_wire import connect, cpu_seconds, load_msg, predict_msg
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def s(v):
-    v = v.encode() if isinstance(v, str) else v
-    return struct.pack("!i", len(v)) + v
-
-
-END = struct.pack("!i", -1)
-
-
-def predict_msg(rid, body):
-    return (b"I" + s(rid) + s("url_path") + s("v1/chat/completions") + END
-            + s("body") + s("application/json") + s(body) + END + END)
 
 
 class Reader:
@@ -87,12 +75,6 @@ class Reader:
             items.append((rid, headers, self.str()))
 
 
-def cpu_seconds(pid):
-    with open("/proc/%d/stat" % pid) as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def pct(values, p):
     values = sorted(values)
     return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
@@ -122,19 +104,8 @@ def main():
         argv = [os.path.abspath(a.worker), "--sock-type", "unix", "--sock-name", sock_name, "--async"]
         proc = subprocess.Popen([sys.executable] + prof + argv, cwd=model, env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        for _ in range(600):
-            try:
-                sock.connect(sock_name)
-                break
-            except OSError:
-                if proc.poll() is not None:
-                    sys.exit("the worker exited with %s before listening" % proc.returncode)
-                time.sleep(0.05)
-        else:
-            sys.exit("the worker did not listen on %s in 30 s" % sock_name)
-        sock.sendall(b"L" + s("llm") + s(model) + struct.pack("!i", 1) + s("llm_handler.py")
-                     + struct.pack("!i", -1) + s("") + b"\x01")
+        sock = connect(sock_name, proc)
+        sock.sendall(load_msg("llm", model, "llm_handler.py"))
         rd = Reader(sock)
         code = rd.int()
         msg = rd.str()

@@ -26,33 +26,15 @@ import json
 import os
 import re
 import shutil
-import socket
 import struct
 import subprocess
 import sys
 import tempfile
 import time
 
+from worker_wire import connect, cpu_seconds, load_msg, predict_msg
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-END = struct.pack("!i", -1)
-
-
-def s(v):
-    v = v.encode() if isinstance(v, str) else v
-    return struct.pack("!i", len(v)) + v
-
-
-def predict_msg(rid, body):
-    return (b"I" + s(rid) + s("url_path") + s("v1/chat/completions") + END
-            + s("body") + s("application/json") + s(body) + END + END)
-
-
-def cpu_seconds(pid):
-    with open("/proc/%d/stat" % pid) as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 class Counter:
     """Counts occurrences of one byte string in a stream that arrives in pieces (an occurrence
     may straddle two pieces)."""
@@ -111,19 +93,8 @@ def main():
          os.path.join(ts[0], "configs", "metrics.yaml"), "--async"],
         cwd=a.model_dir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        for _ in range(600):
-            try:
-                sock.connect(sock_name)
-                break
-            except OSError:
-                if proc.poll() is not None:
-                    sys.exit("the worker exited with %s before listening" % proc.returncode)
-                time.sleep(0.05)
-        else:
-            sys.exit("the worker did not listen in 30 s")
-        sock.sendall(b"L" + s("vllm") + s(a.model_dir) + struct.pack("!i", 1)
-                     + s("vllm_handler") + struct.pack("!i", -1) + s("") + b"\x01")
+        sock = connect(sock_name, proc)
+        sock.sendall(load_msg("vllm", a.model_dir, "vllm_handler"))
         reply = sock.recv(1 << 16)
         code = struct.unpack("!i", reply[:4])[0]
         if code != 200:

@@ -184,6 +184,18 @@ async fn every_dashboard_and_alert_query_returns_data() {
             {
                 let _ = r.bytes().await;
             }
+            // A stream whose client goes away after its first chunk: a cancelled request.
+            if let Ok(mut r) = client
+                .post(format!("{inference}/v1/completions"))
+                .header("content-type", "application/json")
+                .body(
+                    r#"{"model": "llm", "prompt": "a b c d e f", "stream": true, "delay_ms": 100}"#,
+                )
+                .send()
+                .await
+            {
+                let _ = r.chunk().await;
+            }
             let _ = post("{}", "nope").await; // 404
             let _ = post(r#"{"nope": 1}"#, "demo").await; // 400 from the model
                                                           // Three slow requests at once against one worker and a one-slot queue: one 503.

@@ -421,6 +421,13 @@ def llm_dashboard():
                  [(f"sum by (model_name) (oxserve_requests_running{{{M}}})", "{{model_name}} running"),
                   (f"sum by (model_name) (oxserve_queue_depth{{{M}}})", "{{model_name}} waiting")],
                  "short", min_=0, dashed=".* waiting$")
+    d.timeseries("Requests cancelled by clients",
+                 "Requests whose client went away before the reply was complete, per second "
+                 "(oxserve_requests_cancelled_total). In async mode on oxserve's runtime their "
+                 "generation was stopped; elsewhere it ran on for nobody, as in TorchServe.",
+                 [(f"sum by (model_name) (rate(oxserve_requests_cancelled_total{{{M}}}{RI}))",
+                   "{{model_name}}")],
+                 "reqps", min_=0)
     d.timeseries("GPU memory used", "GPUMemoryUsed per DeviceId (the KV cache lives here).",
                  [(f"GPUMemoryUsed{{{HOST}}}", "{{instance}} GPU {{DeviceId}}")], "mbytes", min_=0)
     return d

@@ -668,13 +668,7 @@ impl Drop for Waiting<'_> {
 impl Drop for Streamed {
     fn drop(&mut self) {
         if !self.ended {
-            self.ended = true;
-            let mut t = self.timings;
-            t.responded = Some(Instant::now());
-            self.metrics.record_cancelled(&t, self.status, self.in_url);
-            if let Some(u) = self.usage.take() {
-                self.metrics.record_usage(u);
-            }
+            self.end(self.status, true);
         }
     }
 }
@@ -698,10 +692,19 @@ impl Streamed {
 
     /// The stream ended (last part, or the worker went away: `status` 500).
     fn finish(&mut self, status: u16) {
+        self.end(status, false);
+    }
+
+    /// Records the request once: finished, or `cancelled` by its client.
+    fn end(&mut self, status: u16, cancelled: bool) {
         self.ended = true;
         let mut t = self.timings;
         t.responded = Some(Instant::now());
-        self.metrics.record_request(&t, status, self.in_url);
+        if cancelled {
+            self.metrics.record_cancelled(&t, status, self.in_url);
+        } else {
+            self.metrics.record_request(&t, status, self.in_url);
+        }
         if let Some(u) = self.usage.take() {
             self.metrics.record_usage(u);
         }

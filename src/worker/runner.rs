@@ -280,8 +280,7 @@ impl Runner {
                         } else if let Some(f) = flying.get_mut(&id) {
                             f.deadline = super::policy::later(tokio::time::Instant::now(), timeout);
                             f.job.send_partial(response);
-                            if can_cancel && !f.cancelled && f.job.abandoned() {
-                                f.cancelled = true;
+                            if can_cancel && f.newly_gone() {
                                 gone.push(id);
                             }
                         }
@@ -305,12 +304,7 @@ impl Runner {
                     }
                     if can_cancel && now >= next_sweep {
                         next_sweep = now + CANCEL_SWEEP;
-                        for (id, f) in flying.iter_mut() {
-                            if !f.cancelled && f.job.abandoned() {
-                                f.cancelled = true;
-                                gone.push(id.clone());
-                            }
-                        }
+                        gone.extend(flying.iter_mut().filter_map(|(id, f)| f.newly_gone().then(|| id.clone())));
                     }
                 }
             }
@@ -584,6 +578,18 @@ struct Flying {
     deadline: tokio::time::Instant,
     /// Its client went away and the backend was told to stop it.
     cancelled: bool,
+}
+
+impl Flying {
+    /// Whether its client has gone away since the last look: then it is marked cancelled, so
+    /// that the backend is told once.
+    fn newly_gone(&mut self) -> bool {
+        if self.cancelled || !self.job.abandoned() {
+            return false;
+        }
+        self.cancelled = true;
+        true
+    }
 }
 
 /// How often async mode looks for requests in flight whose client went away without a streamed

@@ -543,12 +543,16 @@ impl Backend for PythonBackend {
     }
 
     async fn cancel(&mut self, ids: &[String]) -> Result<(), BackendError> {
+        if !self.cancellable || self.dead.is_some() {
+            return Ok(());
+        }
+        // Only requests still in flight: one answered meanwhile needs no cancel.
         let ids: Vec<String> = ids
             .iter()
             .filter(|id| self.in_flight.contains(*id))
             .cloned()
             .collect();
-        if !self.cancellable || ids.is_empty() || self.dead.is_some() {
+        if ids.is_empty() {
             return Ok(());
         }
         // Where the requests went: every rank of a tensor-parallel worker runs them (and must stop
